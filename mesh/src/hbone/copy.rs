@@ -1,0 +1,175 @@
+//! Moving bytes between a TCP connection and an HBONE stream (or another TCP connection), each
+//! direction half-closing on its own, with read buffers that grow for bulk transfers.
+
+use std::future::poll_fn;
+use std::io;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use h2::{RecvStream, SendStream};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// First read size: enough for request/response traffic without holding much per connection.
+const INITIAL_BUFFER: usize = 16 * 1024;
+/// Largest read size: bulk transfers reach it after a few full reads.
+const MAX_BUFFER: usize = 256 * 1024;
+
+/// One proxied stream inside an HBONE connection. Dropping it before both ends finished resets
+/// the stream. `_lease` keeps the pooled connection's stream count until the stream is gone.
+pub struct H2Stream {
+    pub send: SendStream<Bytes>,
+    pub recv: RecvStream,
+    pub(crate) _lease: Option<super::pool::Lease>,
+}
+
+impl H2Stream {
+    pub fn new(send: SendStream<Bytes>, recv: RecvStream) -> Self {
+        H2Stream {
+            send,
+            recv,
+            _lease: None,
+        }
+    }
+}
+
+/// Bytes moved by one proxied connection.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Transferred {
+    /// From the TCP side into the other side.
+    pub tcp_to_peer: u64,
+    /// From the other side out to the TCP side.
+    pub peer_to_tcp: u64,
+}
+
+/// Read sizes that start small and grow while reads keep filling the buffer.
+struct AdaptiveBuffer {
+    buf: BytesMut,
+    size: usize,
+}
+
+impl AdaptiveBuffer {
+    fn new() -> Self {
+        AdaptiveBuffer {
+            buf: BytesMut::new(),
+            size: INITIAL_BUFFER,
+        }
+    }
+
+    /// Read once; `None` at end of stream.
+    async fn read<R: AsyncRead + Unpin>(&mut self, r: &mut R) -> io::Result<Option<Bytes>> {
+        // Reuses the allocation once the previous chunk has been written out and dropped.
+        self.buf.reserve(self.size);
+        // The allocation may be larger than asked for; read no more than the current size so
+        // chunks stay within what the peer's frames and our growth policy expect.
+        let n = r.read_buf(&mut (&mut self.buf).limit(self.size)).await?;
+        if n == 0 {
+            return Ok(None);
+        }
+        if n >= self.size && self.size < MAX_BUFFER {
+            self.size *= 4;
+        }
+        Ok(Some(self.buf.split().freeze()))
+    }
+}
+
+/// Proxy between a TCP connection and an HBONE stream until both directions are finished.
+pub async fn tcp_h2(tcp: TcpStream, stream: H2Stream) -> io::Result<Transferred> {
+    let H2Stream {
+        send,
+        recv,
+        _lease: lease,
+    } = stream;
+    let (mut r, mut w) = tcp.into_split();
+    let (up, down) = tokio::try_join!(tcp_to_h2(&mut r, send), h2_to_tcp(recv, &mut w))?;
+    drop(lease);
+    Ok(Transferred {
+        tcp_to_peer: up,
+        peer_to_tcp: down,
+    })
+}
+
+async fn tcp_to_h2<R: AsyncRead + Unpin>(
+    r: &mut R,
+    mut send: SendStream<Bytes>,
+) -> io::Result<u64> {
+    let mut buf = AdaptiveBuffer::new();
+    let mut total = 0u64;
+    while let Some(mut data) = buf.read(r).await? {
+        total += data.len() as u64;
+        while !data.is_empty() {
+            send.reserve_capacity(data.len());
+            let granted = match poll_fn(|cx| send.poll_capacity(cx)).await {
+                Some(r) => r.map_err(h2_io)?,
+                None => return Err(io::Error::new(io::ErrorKind::BrokenPipe, "stream closed")),
+            };
+            if granted == 0 {
+                continue;
+            }
+            let chunk = data.split_to(granted.min(data.len()));
+            send.send_data(chunk, false).map_err(h2_io)?;
+        }
+    }
+    // Half-close: the peer sees END_STREAM and may still answer.
+    send.send_data(Bytes::new(), true).map_err(h2_io)?;
+    Ok(total)
+}
+
+async fn h2_to_tcp<W: AsyncWrite + Unpin>(mut recv: RecvStream, w: &mut W) -> io::Result<u64> {
+    let mut total = 0u64;
+    while let Some(chunk) = recv.data().await {
+        let chunk = chunk.map_err(h2_io)?;
+        let n = chunk.len();
+        w.write_all(&chunk).await?;
+        total += n as u64;
+        // Give the window back only once written, so a slow reader slows the sender.
+        recv.flow_control().release_capacity(n).map_err(h2_io)?;
+    }
+    w.shutdown().await?;
+    Ok(total)
+}
+
+/// Proxy between two TCP connections (plaintext passthrough).
+pub async fn tcp_tcp(mut a: TcpStream, mut b: TcpStream) -> io::Result<Transferred> {
+    let (up, down) =
+        tokio::io::copy_bidirectional_with_sizes(&mut a, &mut b, 64 * 1024, 64 * 1024).await?;
+    Ok(Transferred {
+        tcp_to_peer: up,
+        peer_to_tcp: down,
+    })
+}
+
+fn h2_io(e: h2::Error) -> io::Error {
+    if e.is_io() {
+        e.into_io()
+            .unwrap_or_else(|| io::Error::other("h2 I/O error"))
+    } else {
+        io::Error::other(e)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn buffer_grows_on_full_reads_only() {
+        let data = vec![7u8; 2 * 1024 * 1024];
+        let mut reader = &data[..];
+        let mut buf = AdaptiveBuffer::new();
+        let first = buf.read(&mut reader).await.unwrap().unwrap();
+        assert_eq!(first.len(), INITIAL_BUFFER);
+        assert_eq!(buf.size, INITIAL_BUFFER * 4);
+        let mut sizes = vec![];
+        while let Some(b) = buf.read(&mut reader).await.unwrap() {
+            sizes.push(b.len());
+        }
+        assert!(sizes.iter().all(|&s| s <= MAX_BUFFER));
+        assert_eq!(buf.size, MAX_BUFFER);
+
+        let mut small = &b"hello"[..];
+        let mut buf = AdaptiveBuffer::new();
+        assert_eq!(&buf.read(&mut small).await.unwrap().unwrap()[..], b"hello");
+        assert_eq!(buf.size, INITIAL_BUFFER);
+        assert!(buf.read(&mut small).await.unwrap().is_none());
+    }
+}

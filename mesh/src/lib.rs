@@ -1,0 +1,12 @@
+//! Shared library of the mesh: HBONE, identity and TLS, the socket factory, metrics and admin.
+#![deny(rust_2018_idioms)]
+
+pub mod admin;
+pub mod ca;
+pub mod certs;
+pub mod drain;
+pub mod hbone;
+pub mod identity;
+pub mod metrics;
+pub mod socket;
+pub mod tls;

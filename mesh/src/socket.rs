@@ -1,0 +1,175 @@
+//! The socket factory: every socket a proxy makes goes through here, so the proxy code does not
+//! care which network namespace it serves. A socket stays in the namespace it was created in,
+//! so creating one inside a pod is a brief `setns` of the current thread and back.
+
+use std::fs::File;
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use socket2::{Domain, Protocol, SockRef, Socket, TcpKeepalive, Type};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+
+/// The mark on every socket a proxy makes inside a pod; capture rules skip it.
+pub const PROXY_MARK: u32 = 0x539;
+
+/// Makes sockets in one network namespace, optionally marked.
+#[derive(Clone, Debug)]
+pub struct SocketFactory {
+    netns: Option<Arc<OwnedFd>>,
+    mark: Option<u32>,
+}
+
+impl SocketFactory {
+    /// Sockets in the process's own namespace, unmarked.
+    pub fn host() -> Self {
+        SocketFactory {
+            netns: None,
+            mark: None,
+        }
+    }
+
+    /// Sockets inside the namespace `netns` (an open `/proc/<pid>/ns/net` or `/run/netns/<name>`).
+    pub fn in_netns(netns: OwnedFd, mark: Option<u32>) -> Self {
+        SocketFactory {
+            netns: Some(Arc::new(netns)),
+            mark,
+        }
+    }
+
+    pub fn open_netns(path: &Path, mark: Option<u32>) -> io::Result<Self> {
+        let file = File::open(path)
+            .map_err(|e| io::Error::new(e.kind(), format!("opening {}: {e}", path.display())))?;
+        Ok(Self::in_netns(file.into(), mark))
+    }
+
+    /// Inode of the namespace, which identifies it (e.g. to tell two pods apart).
+    pub fn netns_inode(&self) -> io::Result<u64> {
+        use std::os::unix::fs::MetadataExt;
+        match &self.netns {
+            Some(fd) => Ok(File::from(fd.try_clone()?).metadata()?.ino()),
+            None => Ok(std::fs::metadata("/proc/thread-self/ns/net")?.ino()),
+        }
+    }
+
+    /// Run `f` with the current thread in this factory's namespace, then switch back.
+    pub fn run_in<T>(&self, f: impl FnOnce() -> io::Result<T>) -> io::Result<T> {
+        match &self.netns {
+            None => f(),
+            Some(target) => with_netns(target.as_fd().as_raw_fd(), f),
+        }
+    }
+
+    fn socket(&self, addr: &SocketAddr) -> io::Result<Socket> {
+        self.run_in(|| {
+            let socket = Socket::new(
+                Domain::for_address(*addr),
+                Type::STREAM.nonblocking(),
+                Some(Protocol::TCP),
+            )?;
+            if let Some(mark) = self.mark {
+                socket.set_mark(mark)?;
+            }
+            Ok(socket)
+        })
+    }
+
+    /// A listener with SO_REUSEPORT, so a new proxy can take over the address during an upgrade.
+    pub fn listen(&self, addr: SocketAddr) -> io::Result<TcpListener> {
+        let socket = self.socket(&addr)?;
+        socket.set_reuse_address(true)?;
+        socket.set_reuse_port(true)?;
+        if addr.is_ipv6() {
+            socket.set_only_v6(true)?;
+        }
+        socket
+            .bind(&addr.into())
+            .map_err(|e| io::Error::new(e.kind(), format!("binding {addr}: {e}")))?;
+        socket.listen(1024)?;
+        TcpListener::from_std(socket.into())
+    }
+
+    /// An unconnected TCP socket for callers that need to bind first (e.g. a source address).
+    pub fn tcp_socket(&self, dst: &SocketAddr) -> io::Result<TcpSocket> {
+        let socket = self.socket(dst)?;
+        Ok(TcpSocket::from_std_stream(socket.into()))
+    }
+
+    /// Connect with the mesh's socket options and a 10 s timeout.
+    pub async fn connect(&self, dst: SocketAddr) -> io::Result<TcpStream> {
+        let socket = self.tcp_socket(&dst)?;
+        let stream = match tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(dst)).await {
+            Ok(r) => r?,
+            Err(_) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("connecting to {dst} timed out after {CONNECT_TIMEOUT:?}"),
+                ));
+            }
+        };
+        tune(&stream)?;
+        Ok(stream)
+    }
+}
+
+const CONNECT_TIMEOUT: Duration = crate::hbone::CONNECT_TIMEOUT;
+
+/// TCP_NODELAY and keepalive (180 s idle, 180 s interval, 9 probes) on an accepted or connected socket.
+pub fn tune(stream: &TcpStream) -> io::Result<()> {
+    stream.set_nodelay(true)?;
+    let keepalive = TcpKeepalive::new()
+        .with_time(Duration::from_secs(180))
+        .with_interval(Duration::from_secs(180))
+        .with_retries(9);
+    SockRef::from(stream).set_tcp_keepalive(&keepalive)
+}
+
+/// The destination a connection had before netfilter redirected it (`SO_ORIGINAL_DST`).
+pub fn original_dst(stream: &TcpStream) -> io::Result<SocketAddr> {
+    let sock = SockRef::from(stream);
+    let addr = match stream.local_addr()? {
+        SocketAddr::V4(_) => sock.original_dst_v4()?,
+        SocketAddr::V6(_) => sock.original_dst_v6()?,
+    };
+    addr.as_socket().ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            "SO_ORIGINAL_DST returned no address",
+        )
+    })
+}
+
+thread_local! {
+    /// The namespace this thread started in, to return to after each switch.
+    static HOME_NETNS: io::Result<OwnedFd> = File::open("/proc/thread-self/ns/net").map(OwnedFd::from);
+}
+
+fn with_netns<T>(target: i32, f: impl FnOnce() -> io::Result<T>) -> io::Result<T> {
+    HOME_NETNS.with(|home| {
+        let home = home
+            .as_ref()
+            .map_err(|e| io::Error::new(e.kind(), format!("opening own netns: {e}")))?;
+        setns(target)?;
+        let result = f();
+        if let Err(e) = setns(home.as_raw_fd()) {
+            // A runtime thread left in a pod's namespace would make every later socket there:
+            // nothing sane can continue.
+            eprintln!("fatal: cannot return to own network namespace: {e}");
+            std::process::abort();
+        }
+        result
+    })
+}
+
+fn setns(fd: i32) -> io::Result<()> {
+    // SAFETY: setns only reads the fd; CLONE_NEWNET affects just the calling thread.
+    let rc = unsafe { libc::setns(fd, libc::CLONE_NEWNET) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}

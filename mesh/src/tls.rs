@@ -1,0 +1,364 @@
+//! mTLS for HBONE: rustls client and server configurations that authenticate peers by SPIFFE identity.
+//!
+//! Both sides verify the chain against the workload's roots. The client then requires one of the
+//! server leaf's URI SANs to be an expected identity (DNS and IP SANs are ignored, and no SNI is
+//! sent); the server requires a client certificate from its own trust domain and leaves the rest
+//! to authorization, which sees the peer identity after the handshake.
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::server::{ParsedCertificate, WebPkiClientVerifier};
+use rustls::sign::CertifiedKey;
+use rustls::{
+    ClientConfig, DigitallySignedStruct, DistinguishedName, RootCertStore, ServerConfig,
+    SignatureScheme,
+};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+
+use crate::identity::Identity;
+
+/// ALPN protocol id for HBONE's HTTP/2.
+pub const ALPN_H2: &[u8] = b"h2";
+
+/// TLS 1.3 with the two AES-GCM suites Istio allows; the rest of aws-lc-rs' defaults (key
+/// exchange groups, signature algorithms) are kept.
+pub fn provider() -> Arc<CryptoProvider> {
+    use rustls::crypto::aws_lc_rs as backend;
+    Arc::new(CryptoProvider {
+        cipher_suites: vec![
+            backend::cipher_suite::TLS13_AES_256_GCM_SHA384,
+            backend::cipher_suite::TLS13_AES_128_GCM_SHA256,
+        ],
+        ..backend::default_provider()
+    })
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("building TLS configuration: {0}")]
+    Rustls(#[from] rustls::Error),
+    #[error("building client certificate verifier: {0}")]
+    Verifier(#[from] rustls::server::VerifierBuilderError),
+    #[error("certificate has no SPIFFE URI SAN")]
+    NoIdentity,
+    #[error("reading certificate: {0}")]
+    Parse(String),
+}
+
+/// A workload's certificate, ready to use on either side of a handshake. Immutable: rotation
+/// makes a new one, so in-flight handshakes keep a consistent view.
+pub struct WorkloadCert {
+    pub identity: Identity,
+    pub not_before: SystemTime,
+    pub not_after: SystemTime,
+    /// Leaf first, then intermediates.
+    pub chain: Vec<CertificateDer<'static>>,
+    pub roots: Vec<CertificateDer<'static>>,
+    key: Arc<CertifiedKey>,
+    root_store: Arc<RootCertStore>,
+    provider: Arc<CryptoProvider>,
+    server_config: Arc<ServerConfig>,
+}
+
+impl std::fmt::Debug for WorkloadCert {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WorkloadCert")
+            .field("identity", &self.identity.to_string())
+            .field("not_after", &self.not_after)
+            .finish_non_exhaustive()
+    }
+}
+
+impl WorkloadCert {
+    /// Assemble from a chain (leaf first), its private key and the trust roots. The leaf must carry
+    /// exactly the identity expected, which is how a caller checks what a CA returned.
+    pub fn new(
+        expected: &Identity,
+        chain: Vec<CertificateDer<'static>>,
+        key: PrivateKeyDer<'static>,
+        roots: Vec<CertificateDer<'static>>,
+    ) -> Result<Self, TlsError> {
+        let leaf = chain.first().ok_or(TlsError::NoIdentity)?;
+        let info = LeafInfo::parse(leaf)?;
+        if info.identities.len() != 1 || &info.identities[0] != expected {
+            return Err(TlsError::Parse(format!(
+                "certificate identities {:?} are not exactly {expected}",
+                info.identities
+                    .iter()
+                    .map(|i| i.to_string())
+                    .collect::<Vec<_>>()
+            )));
+        }
+        let provider = provider();
+        let signing = provider.key_provider.load_private_key(key)?;
+        let key = Arc::new(CertifiedKey::new(chain.clone(), signing));
+        let mut store = RootCertStore::empty();
+        for root in &roots {
+            store.add(root.clone())?;
+        }
+        let root_store = Arc::new(store);
+        let server_config = Arc::new(build_server_config(
+            &provider,
+            key.clone(),
+            root_store.clone(),
+            expected.trust_domain.clone(),
+        )?);
+        Ok(WorkloadCert {
+            identity: expected.clone(),
+            not_before: info.not_before,
+            not_after: info.not_after,
+            chain,
+            roots,
+            key,
+            root_store,
+            provider,
+            server_config,
+        })
+    }
+
+    /// The server side of HBONE: presents this identity, requires a client certificate from the
+    /// same trust domain.
+    pub fn server_config(&self) -> Arc<ServerConfig> {
+        self.server_config.clone()
+    }
+
+    /// The client side of HBONE: presents this identity and accepts a server presenting any of
+    /// `expected`.
+    pub fn client_config(&self, expected: Vec<Identity>) -> Result<Arc<ClientConfig>, TlsError> {
+        let verifier = Arc::new(IdentityVerifier {
+            roots: self.root_store.clone(),
+            expected,
+            algs: self.provider.signature_verification_algorithms,
+        });
+        let mut config = ClientConfig::builder_with_provider(self.provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .dangerous()
+            .with_custom_certificate_verifier(verifier)
+            .with_client_cert_resolver(Arc::new(FixedKey(self.key.clone())));
+        config.alpn_protocols = vec![ALPN_H2.to_vec()];
+        config.enable_sni = false;
+        config.resumption = rustls::client::Resumption::disabled();
+        Ok(Arc::new(config))
+    }
+
+    /// Half of the validity period: when rotation is due.
+    pub fn refresh_at(&self) -> SystemTime {
+        let lifetime = self
+            .not_after
+            .duration_since(self.not_before)
+            .unwrap_or_default();
+        self.not_before + lifetime / 2
+    }
+}
+
+fn build_server_config(
+    provider: &Arc<CryptoProvider>,
+    key: Arc<CertifiedKey>,
+    roots: Arc<RootCertStore>,
+    trust_domain: String,
+) -> Result<ServerConfig, TlsError> {
+    let inner = WebPkiClientVerifier::builder_with_provider(roots, provider.clone()).build()?;
+    let verifier = Arc::new(TrustDomainVerifier {
+        inner,
+        trust_domain,
+    });
+    let mut config = ServerConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_cert_resolver(Arc::new(FixedKey(key)));
+    config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    // HBONE peers never resume; do not keep session state for them.
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
+    Ok(config)
+}
+
+/// What HBONE needs to know about a leaf certificate.
+#[derive(Debug, Clone)]
+pub struct LeafInfo {
+    pub identities: Vec<Identity>,
+    pub not_before: SystemTime,
+    pub not_after: SystemTime,
+}
+
+impl LeafInfo {
+    pub fn parse(der: &CertificateDer<'_>) -> Result<LeafInfo, TlsError> {
+        let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref())
+            .map_err(|e| TlsError::Parse(e.to_string()))?;
+        let mut identities = Vec::new();
+        if let Ok(Some(san)) = cert.subject_alternative_name() {
+            for name in &san.value.general_names {
+                if let x509_parser::extensions::GeneralName::URI(uri) = name
+                    && let Ok(id) = uri.parse::<Identity>()
+                {
+                    identities.push(id);
+                }
+            }
+        }
+        let to_system = |t: x509_parser::time::ASN1Time| {
+            let secs = t.timestamp().max(0) as u64;
+            SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(secs)
+        };
+        Ok(LeafInfo {
+            identities,
+            not_before: to_system(cert.validity().not_before),
+            not_after: to_system(cert.validity().not_after),
+        })
+    }
+}
+
+/// The identity of a TLS peer, from the first SPIFFE URI SAN of its leaf.
+pub fn peer_identity(certs: Option<&[CertificateDer<'static>]>) -> Result<Identity, TlsError> {
+    let leaf = certs.and_then(|c| c.first()).ok_or(TlsError::NoIdentity)?;
+    LeafInfo::parse(leaf)?
+        .identities
+        .into_iter()
+        .next()
+        .ok_or(TlsError::NoIdentity)
+}
+
+#[derive(Debug)]
+struct FixedKey(Arc<CertifiedKey>);
+
+impl rustls::client::ResolvesClientCert for FixedKey {
+    fn resolve(&self, _: &[&[u8]], _: &[SignatureScheme]) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.clone())
+    }
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+impl rustls::server::ResolvesServerCert for FixedKey {
+    fn resolve(&self, _: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.clone())
+    }
+}
+
+/// Client-side check: chain to our roots, then an expected SPIFFE identity among the URI SANs.
+#[derive(Debug)]
+struct IdentityVerifier {
+    roots: Arc<RootCertStore>,
+    expected: Vec<Identity>,
+    algs: WebPkiSupportedAlgorithms,
+}
+
+impl ServerCertVerifier for IdentityVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let parsed = ParsedCertificate::try_from(end_entity)?;
+        rustls::client::verify_server_cert_signed_by_trust_anchor(
+            &parsed,
+            &self.roots,
+            intermediates,
+            now,
+            self.algs.all,
+        )?;
+        let info = LeafInfo::parse(end_entity)
+            .map_err(|e| rustls::Error::General(format!("server certificate: {e}")))?;
+        if info.identities.iter().any(|id| self.expected.contains(id)) {
+            Ok(ServerCertVerified::assertion())
+        } else {
+            Err(rustls::Error::General(format!(
+                "server identity {:?} is not one of the expected {:?}",
+                info.identities
+                    .iter()
+                    .map(|i| i.to_string())
+                    .collect::<Vec<_>>(),
+                self.expected
+                    .iter()
+                    .map(|i| i.to_string())
+                    .collect::<Vec<_>>()
+            )))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algs)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algs)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algs.supported_schemes()
+    }
+}
+
+/// Server-side check: webpki chain verification, then the client's SPIFFE trust domain must be ours.
+#[derive(Debug)]
+struct TrustDomainVerifier {
+    inner: Arc<dyn ClientCertVerifier>,
+    trust_domain: String,
+}
+
+impl ClientCertVerifier for TrustDomainVerifier {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.inner
+            .verify_client_cert(end_entity, intermediates, now)?;
+        let info = LeafInfo::parse(end_entity)
+            .map_err(|e| rustls::Error::General(format!("client certificate: {e}")))?;
+        match info.identities.first() {
+            Some(id) if id.trust_domain == self.trust_domain => Ok(ClientCertVerified::assertion()),
+            Some(id) => Err(rustls::Error::General(format!(
+                "client identity {id} is not in trust domain {}",
+                self.trust_domain
+            ))),
+            None => Err(rustls::Error::General(
+                "client certificate has no SPIFFE identity".into(),
+            )),
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}

@@ -1,0 +1,476 @@
+//! A running mesh on the test bed: a development CA, a local config file describing the pods,
+//! one ztunnel process per node, and an echo application in every pod. Shared by the
+//! end-to-end tests, `cargo xtask demo` and `cargo xtask bench`.
+
+use std::fmt::Write as _;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use mesh::ca::DevCa;
+use mesh::identity::Identity;
+use mesh::socket::SocketFactory;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::{PodSpec, Testbed, netns_path};
+
+/// The port every pod's echo application listens on.
+pub const ECHO_PORT: u16 = 8080;
+/// A second application port, used for policies that deny one port and not the other.
+pub const ALT_PORT: u16 = 9090;
+pub const TRUST_DOMAIN: &str = "cluster.local";
+
+/// A pod to create, and whether it is in the mesh.
+#[derive(Debug, Clone)]
+pub struct PodDef {
+    pub name: String,
+    pub namespace: String,
+    pub service_account: String,
+    /// The app label: also the canonical service name.
+    pub app: String,
+    pub node: usize,
+    pub mesh: bool,
+}
+
+impl PodDef {
+    pub fn new(name: &str, app: &str, node: usize, mesh: bool) -> Self {
+        PodDef {
+            name: name.into(),
+            namespace: "demo".into(),
+            service_account: app.into(),
+            app: app.into(),
+            node,
+            mesh,
+        }
+    }
+}
+
+/// A service: a VIP and port in front of the pods with `app`.
+#[derive(Debug, Clone)]
+pub struct ServiceDef {
+    pub name: String,
+    pub namespace: String,
+    pub vip: Ipv4Addr,
+    pub port: u16,
+    pub target_port: u16,
+    pub app: String,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct ClusterSpec {
+    pub nodes: usize,
+    pub pods: Vec<PodDef>,
+    pub services: Vec<ServiceDef>,
+    /// Extra YAML list items under `policies:` (indented by two spaces).
+    pub policies: String,
+    /// Extra ztunnel flags.
+    pub ztunnel_args: Vec<String>,
+}
+
+/// Per-pod application counters, to tell whether a connection reached the app.
+#[derive(Debug, Default)]
+pub struct AppStats {
+    pub accepted: AtomicU64,
+}
+
+pub struct Cluster {
+    pub bed: Testbed,
+    pub spec: ClusterSpec,
+    pub dir: PathBuf,
+    pub config_path: PathBuf,
+    pub ca: DevCa,
+    ztunnels: Vec<Option<Child>>,
+    apps: Vec<(String, Arc<AppStats>)>,
+    app_tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+/// Where the ztunnel binary is: `$ZTUNNEL_BIN`, else the workspace's target directory.
+pub fn ztunnel_binary() -> anyhow::Result<PathBuf> {
+    if let Ok(p) = std::env::var("ZTUNNEL_BIN") {
+        return Ok(PathBuf::from(p));
+    }
+    let target = std::env::var("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
+    for profile in ["release", "debug"] {
+        let p = target.join(profile).join("ztunnel");
+        if p.exists() {
+            return Ok(p);
+        }
+    }
+    bail!(
+        "no ztunnel binary under {}: run `cargo build -p ztunnel` (cargo xtask does it) or set ZTUNNEL_BIN",
+        target.display()
+    )
+}
+
+impl Cluster {
+    /// Build the test bed, write the config, start the apps and one ztunnel per node, and wait
+    /// until every ztunnel is ready. Must run inside a tokio runtime.
+    pub async fn start(spec: ClusterSpec) -> anyhow::Result<Cluster> {
+        let specs: Vec<PodSpec> = spec
+            .pods
+            .iter()
+            .map(|p| PodSpec::new(&p.name, &p.namespace, p.node))
+            .collect();
+        let bed = Testbed::new(spec.nodes, &specs)?;
+        let dir = std::env::temp_dir().join(format!("{}-mesh", bed.prefix));
+        std::fs::create_dir_all(&dir)?;
+        let ca = DevCa::generate(TRUST_DOMAIN)?;
+        ca.save(&dir.join("root.pem"), &dir.join("root-key.pem"))?;
+        let config_path = dir.join("ztunnel.yaml");
+        let mut cluster = Cluster {
+            bed,
+            spec,
+            dir,
+            config_path,
+            ca,
+            ztunnels: vec![],
+            apps: vec![],
+            app_tasks: vec![],
+        };
+        std::fs::write(
+            &cluster.config_path,
+            cluster.config_yaml(&cluster.spec.policies),
+        )?;
+        cluster.start_apps()?;
+        for node in 0..cluster.spec.nodes {
+            let child = cluster.spawn_ztunnel(node)?;
+            cluster.ztunnels.push(Some(child));
+        }
+        for node in 0..cluster.spec.nodes {
+            cluster.wait_ready(node, Duration::from_secs(20)).await?;
+        }
+        Ok(cluster)
+    }
+
+    /// The local config file for the spec, with `policies` as the policy list.
+    pub fn config_yaml(&self, policies: &str) -> String {
+        let mut y = String::from("workloads:\n");
+        for def in &self.spec.pods {
+            let pod = self.bed.pod(&def.name);
+            let services: Vec<&ServiceDef> = self
+                .spec
+                .services
+                .iter()
+                .filter(|s| s.app == def.app)
+                .collect();
+            let _ = writeln!(
+                y,
+                "- uid: {uid}\n  name: {name}\n  namespace: {ns}\n  serviceAccount: {sa}\n  addresses: [\"{ip}\"]\n  node: {node}\n  tunnelProtocol: {proto}\n  canonicalName: {app}\n  canonicalRevision: v1\n  workloadName: {app}-v1\n  workloadType: deployment",
+                uid = pod.uid,
+                name = def.name,
+                ns = def.namespace,
+                sa = def.service_account,
+                ip = pod.ip,
+                node = self.bed.node(def.node).name,
+                proto = if def.mesh { "HBONE" } else { "NONE" },
+                app = def.app,
+            );
+            if !services.is_empty() {
+                y.push_str("  services:\n");
+                for s in services {
+                    let _ = writeln!(
+                        y,
+                        "    {}/{}: {{{}: {}}}",
+                        s.namespace,
+                        hostname(s),
+                        s.port,
+                        s.target_port
+                    );
+                }
+            }
+        }
+        y.push_str("services:\n");
+        for s in &self.spec.services {
+            let _ = writeln!(
+                y,
+                "- name: {}\n  namespace: {}\n  hostname: {}\n  addresses: [\"{}\"]\n  ports: [{{servicePort: {}, targetPort: {}}}]",
+                s.name,
+                s.namespace,
+                hostname(s),
+                s.vip,
+                s.port,
+                s.target_port
+            );
+        }
+        y.push_str("policies:\n");
+        y.push_str(policies);
+        y
+    }
+
+    /// Replace the config file (ztunnel picks it up within a second).
+    pub fn write_config(&self, yaml: &str) -> anyhow::Result<()> {
+        let tmp = self.config_path.with_extension("tmp");
+        std::fs::write(&tmp, yaml)?;
+        std::fs::rename(&tmp, &self.config_path)?;
+        Ok(())
+    }
+
+    fn spawn_ztunnel(&self, node: usize) -> anyhow::Result<Child> {
+        let bin = ztunnel_binary()?;
+        let log = std::fs::File::create(self.ztunnel_log(node))?;
+        let mut cmd = std::process::Command::new(bin);
+        cmd.arg("--node-name")
+            .arg(&self.bed.node(node).name)
+            .arg("--config")
+            .arg(&self.config_path)
+            .arg("--ca-cert")
+            .arg(self.dir.join("root.pem"))
+            .arg("--ca-key")
+            .arg(self.dir.join("root-key.pem"))
+            .arg("--cgroup-root")
+            .arg(self.bed.cgroup_root())
+            .arg("--drain-timeout")
+            .arg("5s")
+            .args(&self.spec.ztunnel_args)
+            .env(
+                "RUST_LOG",
+                std::env::var("ZTUNNEL_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        self.bed.spawn_in_node(node, cmd)
+    }
+
+    pub fn ztunnel_log(&self, node: usize) -> PathBuf {
+        self.dir
+            .join(format!("ztunnel-{}.log", self.bed.node(node).name))
+    }
+
+    pub fn ztunnel_pid(&self, node: usize) -> Option<u32> {
+        self.ztunnels.get(node)?.as_ref().map(|c| c.id())
+    }
+
+    /// SIGTERM a node's ztunnel and wait for it to exit; returns its exit status.
+    pub fn stop_ztunnel(&mut self, node: usize) -> anyhow::Result<std::process::ExitStatus> {
+        let mut child = self.ztunnels[node].take().context("ztunnel not running")?;
+        // SAFETY: plain kill(2) on our own child's pid.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        Ok(child.wait()?)
+    }
+
+    pub async fn restart_ztunnel(&mut self, node: usize) -> anyhow::Result<()> {
+        if self.ztunnels[node].is_some() {
+            self.stop_ztunnel(node)?;
+        }
+        self.ztunnels[node] = Some(self.spawn_ztunnel(node)?);
+        self.wait_ready(node, Duration::from_secs(20)).await
+    }
+
+    pub async fn wait_ready(&self, node: usize, timeout: Duration) -> anyhow::Result<()> {
+        let start = Instant::now();
+        let mut last = String::new();
+        while start.elapsed() < timeout {
+            match self.http_get(node, 15021, "/healthz/ready").await {
+                Ok((200, _)) => return Ok(()),
+                Ok((s, body)) => last = format!("{s} {body}"),
+                Err(e) => last = e.to_string(),
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let log = std::fs::read_to_string(self.ztunnel_log(node)).unwrap_or_default();
+        bail!("ztunnel on node {node} not ready after {timeout:?}: {last}\n--- log ---\n{log}")
+    }
+
+    /// A plain HTTP/1.0 GET to a ztunnel port inside the node's namespace.
+    pub async fn http_get(
+        &self,
+        node: usize,
+        port: u16,
+        path: &str,
+    ) -> anyhow::Result<(u16, String)> {
+        let addr = if port == 15000 {
+            Ipv4Addr::LOCALHOST
+        } else {
+            self.bed.node(node).pod_gateway
+        };
+        let factory = self.node_sockets(node)?;
+        let mut s = factory.connect(SocketAddr::new(addr.into(), port)).await?;
+        s.write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
+            .await?;
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).await?;
+        let text = String::from_utf8_lossy(&buf).to_string();
+        let status = text
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .context("no HTTP status")?;
+        let body = text
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default();
+        Ok((status, body))
+    }
+
+    /// The sum of a metric's samples on a node whose labels contain every `label="value"` given.
+    pub async fn metric(
+        &self,
+        node: usize,
+        name: &str,
+        labels: &[(&str, &str)],
+    ) -> anyhow::Result<f64> {
+        let (_, text) = self.http_get(node, 15020, "/metrics").await?;
+        Ok(sum_metric(&text, name, labels))
+    }
+
+    pub fn node_sockets(&self, node: usize) -> anyhow::Result<SocketFactory> {
+        Ok(SocketFactory::open_netns(
+            &netns_path(&self.bed.node(node).netns),
+            None,
+        )?)
+    }
+
+    /// Sockets made inside a pod, as the pod's application would make them (unmarked, so the
+    /// pod's capture applies).
+    pub fn pod_sockets(&self, pod: &str) -> anyhow::Result<SocketFactory> {
+        Ok(SocketFactory::open_netns(
+            &netns_path(&self.bed.pod(pod).netns),
+            None,
+        )?)
+    }
+
+    pub fn pod_ip(&self, pod: &str) -> IpAddr {
+        IpAddr::V4(self.bed.pod(pod).ip)
+    }
+
+    pub fn identity(&self, pod: &str) -> Identity {
+        let def = self.def(pod);
+        Identity::new(TRUST_DOMAIN, &def.namespace, &def.service_account)
+    }
+
+    pub fn def(&self, pod: &str) -> &PodDef {
+        self.spec
+            .pods
+            .iter()
+            .find(|p| p.name == pod)
+            .unwrap_or_else(|| panic!("no pod {pod} in the cluster spec"))
+    }
+
+    pub fn app_stats(&self, pod: &str) -> Arc<AppStats> {
+        self.apps
+            .iter()
+            .find(|(n, _)| n == pod)
+            .map(|(_, s)| s.clone())
+            .unwrap_or_default()
+    }
+
+    /// From `pod`, connect to `dst`, send `payload`, half-close, and read the whole answer.
+    pub async fn exchange(
+        &self,
+        pod: &str,
+        dst: SocketAddr,
+        payload: &[u8],
+    ) -> anyhow::Result<Vec<u8>> {
+        let s = self.pod_sockets(pod)?.connect(dst).await?;
+        exchange_on(s, payload).await
+    }
+
+    /// Echo servers on ECHO_PORT and ALT_PORT in every pod. Each answers with a line naming the
+    /// pod and the peer address it saw, then echoes until the client half-closes.
+    fn start_apps(&mut self) -> anyhow::Result<()> {
+        for def in self.spec.pods.clone() {
+            let stats = Arc::new(AppStats::default());
+            for port in [ECHO_PORT, ALT_PORT] {
+                let listener = self.bed.in_pod(&def.name, move || {
+                    std::net::TcpListener::bind((Ipv4Addr::UNSPECIFIED, port))
+                })??;
+                listener.set_nonblocking(true)?;
+                let listener = tokio::net::TcpListener::from_std(listener)?;
+                let name = def.name.clone();
+                let stats = stats.clone();
+                self.app_tasks.push(tokio::spawn(async move {
+                    while let Ok((s, peer)) = listener.accept().await {
+                        stats.accepted.fetch_add(1, Ordering::Relaxed);
+                        tokio::spawn(echo(s, format!("pod={name} port={port} peer={peer}\n")));
+                    }
+                }));
+            }
+            self.apps.push((def.name.clone(), stats));
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for t in &self.app_tasks {
+            t.abort();
+        }
+        if std::env::var_os("KEEP_MESH_DIR").is_none() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+fn hostname(s: &ServiceDef) -> String {
+    format!("{}.{}.svc.cluster.local", s.name, s.namespace)
+}
+
+async fn echo(mut s: TcpStream, greeting: String) {
+    let _ = s.set_nodelay(true);
+    if s.write_all(greeting.as_bytes()).await.is_err() {
+        return;
+    }
+    let (mut r, mut w) = s.split();
+    if tokio::io::copy(&mut r, &mut w).await.is_ok() {
+        let _ = w.shutdown().await;
+    }
+}
+
+/// Send, half-close, read to the end.
+pub async fn exchange_on(s: TcpStream, payload: &[u8]) -> anyhow::Result<Vec<u8>> {
+    let (mut r, mut w) = s.into_split();
+    let payload = payload.to_vec();
+    let writer = tokio::spawn(async move {
+        w.write_all(&payload).await?;
+        w.shutdown().await?;
+        Ok::<_, std::io::Error>(w)
+    });
+    let mut out = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(20), r.read_to_end(&mut out)).await;
+    let _ = writer.await;
+    read.context("timed out reading the answer")??;
+    Ok(out)
+}
+
+/// Sum the samples of `name` whose label set contains each given pair.
+pub fn sum_metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .filter(|l| {
+            labels
+                .iter()
+                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn sums_matching_samples() {
+        let text = "# HELP x\nistio_tcp_connections_opened_total{reporter=\"source\",a=\"1\"} 2\nistio_tcp_connections_opened_total{reporter=\"destination\",a=\"1\"} 3\nistio_tcp_connections_opened_totalx{reporter=\"source\"} 9\n";
+        assert_eq!(
+            super::sum_metric(text, "istio_tcp_connections_opened_total", &[("a", "1")]),
+            5.0
+        );
+        assert_eq!(
+            super::sum_metric(
+                text,
+                "istio_tcp_connections_opened_total",
+                &[("reporter", "source")]
+            ),
+            2.0
+        );
+    }
+}

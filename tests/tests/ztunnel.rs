@@ -1,0 +1,337 @@
+//! End-to-end tests of ztunnel on the test bed: real network namespaces, nftables capture,
+//! HBONE with mTLS between node namespaces, authorization, metrics and draining.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::Duration;
+
+use testbed::Testbed;
+use testbed::cluster::{ALT_PORT, Cluster, ClusterSpec, ECHO_PORT, PodDef, ServiceDef};
+
+fn root_or_skip() -> bool {
+    match Testbed::check_privileges() {
+        Ok(()) => true,
+        Err(e) => {
+            eprintln!("skipping: {e}");
+            false
+        }
+    }
+}
+
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+
+/// node1: client (mesh), outsider (not in the mesh); node2: server-a, server-b (mesh, service "echo").
+fn spec(policies: &str) -> ClusterSpec {
+    ClusterSpec {
+        nodes: 2,
+        pods: vec![
+            PodDef::new("client", "client", 0, true),
+            PodDef::new("outsider", "outsider", 0, false),
+            PodDef::new("server-a", "echo", 1, true),
+            PodDef::new("server-b", "echo", 1, true),
+        ],
+        services: vec![ServiceDef {
+            name: "echo".into(),
+            namespace: "demo".into(),
+            vip: VIP,
+            port: 80,
+            target_port: ECHO_PORT,
+            app: "echo".into(),
+        }],
+        policies: policies.into(),
+        ztunnel_args: vec![],
+    }
+}
+
+const DENY_ALT_PORT: &str = "- name: deny-alt-port\n  namespace: demo\n  scope: NAMESPACE\n  action: DENY\n  rules:\n  - clauses:\n    - matches:\n      - destinationPorts: [9090]\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pod_to_pod_over_hbone_with_identity() {
+    if !root_or_skip() {
+        return;
+    }
+    let c = Cluster::start(spec("")).await.unwrap();
+    let server = c.pod_ip("server-a");
+    let mut capture = Some(c.bed.capture(0).unwrap());
+    let payload: Vec<u8> = (0..256 * 1024).map(|i| (i * 7 % 251) as u8).collect();
+    let marker = b"PLAINTEXT-MARKER-0123456789";
+    let mut sent = marker.to_vec();
+    sent.extend_from_slice(&payload);
+    let answer = c
+        .exchange("client", SocketAddr::new(server, ECHO_PORT), &sent)
+        .await
+        .unwrap();
+    let (greeting, echoed) = split_greeting(&answer);
+    assert!(greeting.starts_with("pod=server-a port=8080"), "{greeting}");
+    assert_eq!(echoed, &sent[..], "payload intact");
+    let report = capture.take().unwrap().stop();
+    report.tls_only_on(15008).unwrap();
+    assert!(!report.contains(marker), "plaintext crossed the node link");
+    assert!(report.server_ports().contains(&15008));
+
+    let client_id = c.identity("client").to_string();
+    let seen = c
+        .metric(
+            1,
+            "istio_tcp_connections_opened_total",
+            &[
+                ("reporter", "destination"),
+                ("source_principal", &client_id),
+                ("connection_security_policy", "mutual_tls"),
+            ],
+        )
+        .await
+        .unwrap();
+    assert_eq!(seen, 1.0, "server-side ztunnel saw the client identity");
+    let sent_bytes = c
+        .metric(
+            1,
+            "istio_tcp_sent_bytes_total",
+            &[("reporter", "destination")],
+        )
+        .await
+        .unwrap();
+    assert_eq!(sent_bytes as usize, sent.len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn service_vip_balances_over_healthy_endpoints() {
+    if !root_or_skip() {
+        return;
+    }
+    let c = Cluster::start(spec("")).await.unwrap();
+    let mut seen = std::collections::BTreeSet::new();
+    for i in 0..6 {
+        let msg = format!("via-vip-{i}");
+        let answer = c
+            .exchange("client", SocketAddr::new(VIP.into(), 80), msg.as_bytes())
+            .await
+            .unwrap();
+        let (greeting, echoed) = split_greeting(&answer);
+        assert_eq!(echoed, msg.as_bytes());
+        seen.insert(greeting.split_whitespace().next().unwrap().to_string());
+    }
+    assert_eq!(seen.len(), 2, "both endpoints used: {seen:?}");
+    let by_service = c
+        .metric(
+            0,
+            "istio_tcp_connections_opened_total",
+            &[
+                ("reporter", "source"),
+                ("destination_service", "echo.demo.svc.cluster.local"),
+            ],
+        )
+        .await
+        .unwrap();
+    assert_eq!(by_service, 6.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deny_policy_refuses_before_the_app() {
+    if !root_or_skip() {
+        return;
+    }
+    let c = Cluster::start(spec(DENY_ALT_PORT)).await.unwrap();
+    let server = c.pod_ip("server-a");
+    let before = c
+        .app_stats("server-a")
+        .accepted
+        .load(std::sync::atomic::Ordering::Relaxed);
+    let answer = c
+        .exchange(
+            "client",
+            SocketAddr::new(server, ALT_PORT),
+            b"should not arrive",
+        )
+        .await
+        .unwrap_or_default();
+    assert!(answer.is_empty(), "denied connection got data: {answer:?}");
+    // Allowed port still works.
+    let ok = c
+        .exchange("client", SocketAddr::new(server, ECHO_PORT), b"fine")
+        .await
+        .unwrap();
+    assert!(ok.ends_with(b"fine"));
+    let after = c
+        .app_stats("server-a")
+        .accepted
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(
+        after - before,
+        1,
+        "only the allowed connection reached the app"
+    );
+    let log = std::fs::read_to_string(c.ztunnel_log(0)).unwrap();
+    assert!(log.contains("401"), "client ztunnel saw the 401:\n{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plaintext_from_outside_the_mesh_goes_through_15006() {
+    if !root_or_skip() {
+        return;
+    }
+    let c = Cluster::start(spec("")).await.unwrap();
+    let server = c.pod_ip("server-a");
+    let answer = c
+        .exchange(
+            "outsider",
+            SocketAddr::new(server, ECHO_PORT),
+            b"hello from outside",
+        )
+        .await
+        .unwrap();
+    assert!(answer.ends_with(b"hello from outside"));
+    let plaintext = c
+        .metric(
+            1,
+            "istio_tcp_connections_opened_total",
+            &[
+                ("reporter", "destination"),
+                ("connection_security_policy", "none"),
+            ],
+        )
+        .await
+        .unwrap();
+    assert_eq!(plaintext, 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mesh_pod_reaches_pod_outside_the_mesh_directly() {
+    if !root_or_skip() {
+        return;
+    }
+    let c = Cluster::start(spec("")).await.unwrap();
+    let outsider = c.pod_ip("outsider");
+    let answer = c
+        .exchange(
+            "server-a",
+            SocketAddr::new(outsider, ECHO_PORT),
+            b"to outsider",
+        )
+        .await
+        .unwrap();
+    assert!(answer.ends_with(b"to outsider"));
+    let plain = c
+        .metric(
+            1,
+            "istio_tcp_connections_opened_total",
+            &[
+                ("reporter", "source"),
+                ("connection_security_policy", "none"),
+            ],
+        )
+        .await
+        .unwrap();
+    assert_eq!(plain, 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn config_change_applies_without_restart_and_bad_config_is_kept_out() {
+    if !root_or_skip() {
+        return;
+    }
+    let c = Cluster::start(spec("")).await.unwrap();
+    let server = SocketAddr::new(c.pod_ip("server-a"), ALT_PORT);
+    assert!(!c.exchange("client", server, b"x").await.unwrap().is_empty());
+    // An invalid file is rejected and the previous state stays in force.
+    c.write_config("workloads:\n- uid: x\n  addresses: [\"not-an-ip\"]\n")
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert!(!c.exchange("client", server, b"x").await.unwrap().is_empty());
+    let log = std::fs::read_to_string(c.ztunnel_log(1)).unwrap();
+    assert!(log.contains("configuration rejected"), "{log}");
+    // A DENY policy takes effect on the next connection.
+    c.write_config(&c.config_yaml(DENY_ALT_PORT)).unwrap();
+    let mut denied = false;
+    for _ in 0..40 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if c.exchange("client", server, b"x")
+            .await
+            .unwrap_or_default()
+            .is_empty()
+        {
+            denied = true;
+            break;
+        }
+    }
+    assert!(denied, "DENY policy applied within 4 s");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_open_connections() {
+    if !root_or_skip() {
+        return;
+    }
+    let mut c = Cluster::start(spec("")).await.unwrap();
+    let server = SocketAddr::new(c.pod_ip("server-a"), ECHO_PORT);
+    let s = c
+        .pod_sockets("client")
+        .unwrap()
+        .connect(server)
+        .await
+        .unwrap();
+    // Make sure the tunnel is established before the drain starts.
+    let (mut r, mut w) = s.into_split();
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut greeting = [0u8; 5];
+    r.read_exact(&mut greeting).await.unwrap();
+    let pid = c.ztunnel_pid(1).unwrap();
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The server-side ztunnel is draining: the open connection still carries data.
+    w.write_all(b"after-sigterm").await.unwrap();
+    w.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    r.read_to_end(&mut rest).await.unwrap();
+    assert!(
+        rest.ends_with(b"after-sigterm"),
+        "{:?}",
+        String::from_utf8_lossy(&rest)
+    );
+    let status = c.stop_ztunnel(1).unwrap();
+    assert!(status.success(), "ztunnel exit: {status}");
+    let log = std::fs::read_to_string(c.ztunnel_log(1)).unwrap();
+    assert!(log.contains("all connections finished"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_config_dump_lists_pods_and_certificates() {
+    if !root_or_skip() {
+        return;
+    }
+    let c = Cluster::start(spec("")).await.unwrap();
+    let (status, body) = c.http_get(1, 15000, "/config_dump").await.unwrap();
+    assert_eq!(status, 200);
+    let dump: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let pods: Vec<&str> = dump["enrolledPods"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(pods, vec!["server-a", "server-b"]);
+    let certs = dump["certificates"].as_array().unwrap();
+    assert_eq!(certs.len(), 1, "one identity (sa echo) on node2: {certs:?}");
+    assert_eq!(
+        certs[0]["identity"],
+        "spiffe://cluster.local/ns/demo/sa/echo"
+    );
+    assert!(certs[0]["notAfter"].as_u64().unwrap() > certs[0]["notBefore"].as_u64().unwrap());
+    assert_eq!(dump["workloads"].as_array().unwrap().len(), 4);
+    let _: IpAddr = dump["services"][0]["addresses"][0]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+}
+
+fn split_greeting(answer: &[u8]) -> (String, &[u8]) {
+    let nl = answer
+        .iter()
+        .position(|&b| b == b'\n')
+        .expect("greeting line");
+    (
+        String::from_utf8_lossy(&answer[..nl]).to_string(),
+        &answer[nl + 1..],
+    )
+}

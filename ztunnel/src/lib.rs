@@ -1,0 +1,13 @@
+//! The per-node L4 proxy: in-pod listeners, HBONE between nodes, L4 authorization.
+#![deny(rust_2018_idioms)]
+
+pub mod admin;
+pub mod authorization;
+pub mod config_file;
+pub mod inbound;
+pub mod inpod;
+pub mod metrics;
+pub mod node;
+pub mod outbound;
+pub mod redirect;
+pub mod state;

@@ -1,0 +1,296 @@
+//! The node agent: holds the mesh state, the certificates and the HBONE pool, enrolls this node's
+//! mesh pods (in-pod listeners, then capture rules) and unenrolls them, and drains on shutdown.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use mesh::certs::CertCache;
+use mesh::drain;
+use mesh::hbone::pool::Pool;
+use mesh::identity::Identity;
+use mesh::socket::{PROXY_MARK, SocketFactory};
+use tokio::sync::watch;
+use tracing::{error, info, warn};
+
+use crate::metrics::Metrics;
+use crate::state::{State, TunnelProtocol, Workload};
+use crate::{config_file, inbound, outbound, redirect};
+
+pub const OUTBOUND_PORT: u16 = 15001;
+pub const INBOUND_PLAINTEXT_PORT: u16 = 15006;
+
+/// How pod traffic reaches the in-pod listeners.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Redirect {
+    /// nftables rules in each pod, installed and removed by ztunnel.
+    Nftables,
+    /// No capture rules: applications (or tests) dial the listeners themselves.
+    None,
+}
+
+/// Everything shared by the proxies of all pods on this node.
+pub struct Node {
+    pub name: String,
+    pub state: watch::Receiver<Arc<State>>,
+    pub certs: CertCache,
+    pub pool: Pool,
+    pub metrics: Arc<Metrics>,
+    cgroup_root: PathBuf,
+    redirect: Redirect,
+    pods: Mutex<HashMap<String, Enrolled>>,
+}
+
+/// The proxy side of one enrolled pod, as its handlers see it.
+pub struct Pod {
+    pub node: Arc<Node>,
+    pub uid: String,
+    pub identity: Identity,
+    /// Makes sockets inside the pod, marked so capture skips them.
+    pub sockets: SocketFactory,
+}
+
+impl Pod {
+    /// The pod's current workload record (it can change while the pod runs).
+    pub fn workload(&self) -> Option<Arc<Workload>> {
+        self.node.state.borrow().workload_by_uid(&self.uid).cloned()
+    }
+}
+
+struct Enrolled {
+    name: String,
+    netns: PathBuf,
+    identity: Identity,
+    since: SystemTime,
+    drain: drain::Trigger,
+}
+
+/// A row of the admin dump.
+#[derive(Debug, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PodInfo {
+    pub uid: String,
+    pub name: String,
+    pub identity: String,
+    pub netns: String,
+    pub enrolled_at: u64,
+}
+
+impl Node {
+    pub fn new(
+        name: String,
+        state: watch::Receiver<Arc<State>>,
+        certs: CertCache,
+        cgroup_root: PathBuf,
+        redirect: Redirect,
+    ) -> Arc<Node> {
+        Arc::new(Node {
+            name,
+            state,
+            certs,
+            pool: Pool::new(),
+            metrics: Arc::new(Metrics::default()),
+            cgroup_root,
+            redirect,
+            pods: Mutex::default(),
+        })
+    }
+
+    /// The mesh pods this node should capture: its workloads that speak HBONE.
+    fn wanted(&self) -> Vec<Arc<Workload>> {
+        self.state
+            .borrow()
+            .workloads_on_node(&self.name)
+            .filter(|w| w.tunnel_protocol == TunnelProtocol::Hbone)
+            .cloned()
+            .collect()
+    }
+
+    /// Bring enrollment in line with the state: enroll new pods, unenroll gone ones. Pods that
+    /// cannot be enrolled yet (no process in their cgroup) are retried on the next pass.
+    pub async fn reconcile(self: &Arc<Self>) {
+        let wanted = self.wanted();
+        let stale: Vec<(String, Enrolled)> = {
+            let Ok(mut pods) = self.pods.lock() else {
+                return;
+            };
+            let keep: Vec<&str> = wanted.iter().map(|w| w.uid.as_str()).collect();
+            let gone: Vec<String> = pods
+                .keys()
+                .filter(|uid| !keep.contains(&uid.as_str()))
+                .cloned()
+                .collect();
+            gone.into_iter()
+                .filter_map(|uid| pods.remove(&uid).map(|p| (uid, p)))
+                .collect()
+        };
+        for (uid, pod) in stale {
+            self.unenroll(&uid, pod).await;
+        }
+        for w in wanted {
+            let known = self
+                .pods
+                .lock()
+                .map(|p| p.contains_key(&w.uid))
+                .unwrap_or(true);
+            if known {
+                continue;
+            }
+            match self.enroll(&w) {
+                Ok(e) => {
+                    info!(pod = %w.name, uid = %w.uid, netns = %e.netns.display(), "pod enrolled");
+                    if let Ok(mut pods) = self.pods.lock() {
+                        pods.insert(w.uid.clone(), e);
+                    }
+                }
+                Err(e) => warn!(pod = %w.name, uid = %w.uid, "cannot enroll pod yet: {e}"),
+            }
+        }
+        self.metrics
+            .enrolled_pods
+            .set(self.pods.lock().map(|p| p.len() as i64).unwrap_or(0));
+    }
+
+    /// Listeners first, capture rules last, so captured traffic always finds a listener.
+    fn enroll(self: &Arc<Self>, w: &Workload) -> Result<Enrolled, String> {
+        let netns = crate::inpod::find_netns(&self.cgroup_root, &w.uid)?;
+        let sockets = SocketFactory::open_netns(&netns, Some(PROXY_MARK))
+            .map_err(|e| format!("opening pod netns: {e}"))?;
+        let listen = |ip: IpAddr, port| {
+            sockets
+                .listen(SocketAddr::new(ip, port))
+                .map_err(|e| format!("listening on {port} in the pod: {e}"))
+        };
+        let any = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
+        let outbound_l = listen(IpAddr::V4(Ipv4Addr::LOCALHOST), OUTBOUND_PORT)?;
+        let plaintext_l = listen(any, INBOUND_PLAINTEXT_PORT)?;
+        let hbone_l = listen(any, mesh::hbone::HBONE_PORT)?;
+        let identity = w.identity();
+        self.certs.track(&identity);
+        let pod = Arc::new(Pod {
+            node: self.clone(),
+            uid: w.uid.clone(),
+            identity: identity.clone(),
+            sockets,
+        });
+        let (trigger, watch) = drain::channel();
+        tokio::spawn(outbound::serve(outbound_l, pod.clone(), watch.clone()));
+        tokio::spawn(inbound::serve_plaintext(
+            plaintext_l,
+            pod.clone(),
+            watch.clone(),
+        ));
+        tokio::spawn(inbound::serve_hbone(hbone_l, pod, watch));
+        if self.redirect == Redirect::Nftables
+            && let Err(e) = redirect::install(&netns, PROXY_MARK)
+        {
+            self.certs.untrack(&identity);
+            // Dropping the trigger stops the listeners just started.
+            drop(trigger);
+            return Err(e);
+        }
+        Ok(Enrolled {
+            name: w.name.clone(),
+            netns,
+            identity,
+            since: SystemTime::now(),
+            drain: trigger,
+        })
+    }
+
+    /// Rules first (new connections go direct), then the listeners drain.
+    async fn unenroll(&self, uid: &str, pod: Enrolled) {
+        if self.redirect == Redirect::Nftables
+            && let Err(e) = redirect::remove(&pod.netns)
+        {
+            // The pod may already be gone along with its namespace.
+            warn!(%uid, "removing capture rules: {e}");
+        }
+        self.certs.untrack(&pod.identity);
+        info!(pod = %pod.name, %uid, "pod unenrolled");
+        tokio::spawn(pod.drain.drain(Duration::from_secs(30)));
+    }
+
+    /// Stop every pod's listeners and wait for open connections, up to `deadline`. Capture
+    /// rules stay: while no ztunnel runs, captured connections are refused rather than sent
+    /// around the mesh.
+    pub async fn drain(&self, deadline: Duration) -> bool {
+        let pods: Vec<Enrolled> = match self.pods.lock() {
+            Ok(mut p) => p.drain().map(|(_, e)| e).collect(),
+            Err(_) => vec![],
+        };
+        let waits = pods.into_iter().map(|p| p.drain.drain(deadline));
+        futures_all(waits).await
+    }
+
+    pub fn ready(&self) -> bool {
+        let wanted = self.wanted();
+        let enrolled = self
+            .pods
+            .lock()
+            .map(|p| wanted.iter().all(|w| p.contains_key(&w.uid)))
+            .unwrap_or(false);
+        enrolled && self.certs.all_ready()
+    }
+
+    pub fn pod_dump(&self) -> Vec<PodInfo> {
+        let Ok(pods) = self.pods.lock() else {
+            return vec![];
+        };
+        let mut rows: Vec<PodInfo> = pods
+            .iter()
+            .map(|(uid, p)| PodInfo {
+                uid: uid.clone(),
+                name: p.name.clone(),
+                identity: p.identity.to_string(),
+                netns: p.netns.display().to_string(),
+                enrolled_at: p
+                    .since
+                    .duration_since(SystemTime::UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0),
+            })
+            .collect();
+        rows.sort_by(|a, b| a.name.cmp(&b.name));
+        rows
+    }
+}
+
+async fn futures_all(
+    waits: impl Iterator<Item = impl Future<Output = bool> + Send + 'static>,
+) -> bool {
+    let handles: Vec<_> = waits.map(tokio::spawn).collect();
+    let mut all = true;
+    for h in handles {
+        all &= h.await.unwrap_or(false);
+    }
+    all
+}
+
+/// Follow the local config file: reload when it changes, keep the last good state on error.
+pub async fn watch_config(path: PathBuf, tx: watch::Sender<Arc<State>>, node: Arc<Node>) {
+    let mut last = modified(&path);
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        tick.tick().await;
+        let now = modified(&path);
+        if now != last {
+            last = now;
+            match config_file::load(&path) {
+                Ok(state) => {
+                    info!(path = %path.display(), "configuration reloaded");
+                    tx.send_replace(Arc::new(state));
+                }
+                Err(e) => error!("configuration rejected, keeping the previous one: {e}"),
+            }
+        }
+        node.reconcile().await;
+    }
+}
+
+fn modified(path: &Path) -> Option<SystemTime> {
+    std::fs::metadata(path).and_then(|m| m.modified()).ok()
+}

@@ -1,0 +1,221 @@
+//! Outbound (15001 in each pod): recover where the application was connecting, resolve it to a
+//! workload or a service endpoint, and carry it there over HBONE, or in plain TCP when the
+//! destination is not in the mesh.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use mesh::drain;
+use mesh::hbone::client::{self, HboneError};
+use mesh::hbone::copy;
+use mesh::hbone::pool::Key;
+use mesh::hbone::{Baggage, ConnectRequest, HBONE_PORT};
+use mesh::identity::Identity;
+use tokio::net::{TcpListener, TcpStream};
+use tracing::{debug, info, warn};
+
+use crate::metrics::Peers;
+use crate::node::Pod;
+use crate::state::{Destination, Service, TunnelProtocol, Workload};
+
+pub async fn serve(listener: TcpListener, pod: Arc<Pod>, drain: drain::Watch) {
+    loop {
+        let (tcp, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(e) => { warn!("outbound accept: {e}"); continue; }
+            },
+            _ = drain.signaled() => return,
+        };
+        let pod = pod.clone();
+        let drain = drain.clone();
+        tokio::spawn(async move {
+            if let Err(e) = handle(&pod, tcp, peer).await {
+                info!(src = %peer, "outbound connection failed: {e}");
+            }
+            drop(drain);
+        });
+    }
+}
+
+/// Where a captured connection goes, decided before any byte moves.
+struct Route {
+    /// The address to connect to (endpoint IP and target port).
+    target: SocketAddr,
+    endpoint: Option<Arc<Workload>>,
+    service: Option<Arc<Service>>,
+    hbone: bool,
+}
+
+fn route(dst: SocketAddr, resolved: Destination) -> Result<Route, String> {
+    Ok(match resolved {
+        Destination::Workload { workload, port } => Route {
+            target: SocketAddr::new(dst.ip(), port),
+            hbone: workload.tunnel_protocol == TunnelProtocol::Hbone,
+            endpoint: Some(workload),
+            service: None,
+        },
+        Destination::Service {
+            service,
+            endpoint,
+            target_port,
+        } => {
+            let ip = endpoint
+                .addresses
+                .iter()
+                .find(|a| a.is_ipv4() == dst.is_ipv4())
+                .or(endpoint.addresses.first())
+                .copied()
+                .ok_or_else(|| format!("endpoint {} has no address", endpoint.name))?;
+            Route {
+                target: SocketAddr::new(ip, target_port),
+                hbone: endpoint.tunnel_protocol == TunnelProtocol::Hbone,
+                endpoint: Some(endpoint),
+                service: Some(service),
+            }
+        }
+        Destination::NoHealthyEndpoint { service } => {
+            return Err(format!("service {} has no healthy endpoint", service.key()));
+        }
+        Destination::Passthrough => Route {
+            target: dst,
+            endpoint: None,
+            service: None,
+            hbone: false,
+        },
+    })
+}
+
+/// The established far side of a captured connection.
+enum Upstream {
+    Hbone(mesh::hbone::copy::H2Stream),
+    Tcp(TcpStream),
+}
+
+async fn handle(pod: &Pod, tcp: TcpStream, peer: SocketAddr) -> Result<(), String> {
+    mesh::socket::tune(&tcp).map_err(|e| e.to_string())?;
+    let dst = mesh::socket::original_dst(&tcp).map_err(|e| format!("original destination: {e}"))?;
+    let (source, route) = {
+        let state = pod.node.state.borrow();
+        let source = state.workload_by_uid(&pod.uid).cloned();
+        (source, route(dst, state.resolve(dst))?)
+    };
+    let start = Instant::now();
+    let upstream = if route.hbone {
+        Upstream::Hbone(open_hbone(pod, peer, &route, source.as_deref()).await?)
+    } else {
+        let up = pod
+            .sockets
+            .connect(route.target)
+            .await
+            .map_err(|e| format!("connecting to {}: {e}", route.target))?;
+        Upstream::Tcp(up)
+    };
+    let labels = Peers {
+        reporter: "source",
+        source: source.as_deref(),
+        source_identity: Some(&pod.identity),
+        destination: route.endpoint.as_deref(),
+        service: route.service.as_deref(),
+        mtls: route.hbone,
+    }
+    .labels();
+    let tcp_metrics = &pod.node.metrics.tcp;
+    tcp_metrics.connections_opened.get_or_create(&labels).inc();
+    let result = match upstream {
+        Upstream::Hbone(stream) => copy::tcp_h2(tcp, stream).await,
+        Upstream::Tcp(up) => copy::tcp_tcp(tcp, up).await,
+    };
+    let t = result.as_ref().copied().unwrap_or_default();
+    tcp_metrics.closed(&labels, t.tcp_to_peer, t.peer_to_tcp);
+    info!(
+        target: "access",
+        direction = "outbound",
+        src = %peer,
+        dst = %dst,
+        target = %route.target,
+        hbone = route.hbone,
+        src_identity = %pod.identity,
+        sent = t.tcp_to_peer,
+        received = t.peer_to_tcp,
+        duration_ms = start.elapsed().as_millis() as u64,
+        error = result.as_ref().err().map(|e| e.to_string()),
+        "connection complete"
+    );
+    Ok(())
+}
+
+async fn open_hbone(
+    pod: &Pod,
+    peer: SocketAddr,
+    route: &Route,
+    source: Option<&Workload>,
+) -> Result<mesh::hbone::copy::H2Stream, String> {
+    let endpoint = route.endpoint.as_ref().ok_or("no endpoint")?;
+    let cert = pod
+        .node
+        .certs
+        .get(&pod.identity)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut expected: Vec<Identity> = vec![endpoint.identity()];
+    if let Some(svc) = &route.service {
+        expected.extend(svc.subject_alt_names.iter().filter_map(|s| s.parse().ok()));
+    }
+    expected.sort();
+    expected.dedup();
+    let hbone_addr = SocketAddr::new(route.target.ip(), HBONE_PORT);
+    let key = Key {
+        src_identity: pod.identity.clone(),
+        dst_identities: expected.clone(),
+        dst: hbone_addr,
+        src_ip: peer.ip(),
+    };
+    let req = ConnectRequest {
+        authority: route.target,
+        forwarded_for: Some(peer),
+        host: route.service.as_ref().map(|s| s.hostname.clone()),
+        baggage: source
+            .map(|w| baggage(w).encode())
+            .filter(|b| !b.is_empty()),
+        traceparent: Some(mesh::hbone::traceparent()),
+    };
+    let sockets = pod.sockets.clone();
+    let dial = || async move {
+        let tcp = sockets
+            .connect(hbone_addr)
+            .await
+            .map_err(|source| HboneError::Connect {
+                addr: hbone_addr,
+                source,
+            })?;
+        debug!(%hbone_addr, "new HBONE connection");
+        client::handshake(tcp, cert.client_config(expected)?, hbone_addr).await
+    };
+    pod.node
+        .pool
+        .connect(key, &req, dial)
+        .await
+        .map_err(|e| format!("HBONE to {}: {e}", route.target))
+}
+
+/// Our workload's attributes for the peer's telemetry.
+pub fn baggage(w: &Workload) -> Baggage {
+    Baggage {
+        cluster: w.cluster_id.clone(),
+        namespace: w.namespace.clone(),
+        workload_kind: if w.workload_type.is_empty() {
+            "pod".into()
+        } else {
+            w.workload_type.clone()
+        },
+        workload_name: if w.workload_name.is_empty() {
+            w.name.clone()
+        } else {
+            w.workload_name.clone()
+        },
+        service: w.canonical_name.clone(),
+        version: w.canonical_revision.clone(),
+    }
+}
