@@ -233,7 +233,8 @@ class ServerConnection:
         fields = dict(headers)
         method = fields.get(":method")
         authority = fields.get(":authority")
-        if method != "CONNECT" or not authority:
+        # HBONE's CONNECT carries only :method and :authority (RFC 9113 section 8.5).
+        if method != "CONNECT" or not authority or ":scheme" in fields or ":path" in fields:
             self.conn.send_headers(stream_id, [(":status", "400")], end_stream=True)
             return
         log(

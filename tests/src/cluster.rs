@@ -23,6 +23,8 @@ use crate::{PodSpec, Testbed, netns_path};
 pub const ECHO_PORT: u16 = 8080;
 /// A second application port, used for policies that deny one port and not the other.
 pub const ALT_PORT: u16 = 9090;
+/// A port that reads everything, then answers with the byte count: for throughput.
+pub const SINK_PORT: u16 = 9000;
 pub const TRUST_DOMAIN: &str = "cluster.local";
 
 /// A pod to create, and whether it is in the mesh.
@@ -35,6 +37,9 @@ pub struct PodDef {
     pub app: String,
     pub node: usize,
     pub mesh: bool,
+    /// Speaks HBONE itself (its own server on 15008) instead of through a ztunnel: listed in the
+    /// config with `tunnelProtocol: HBONE` on a node no ztunnel serves.
+    pub own_hbone: bool,
 }
 
 impl PodDef {
@@ -46,6 +51,7 @@ impl PodDef {
             app: app.into(),
             node,
             mesh,
+            own_hbone: false,
         }
     }
 }
@@ -168,8 +174,16 @@ impl Cluster {
                 ns = def.namespace,
                 sa = def.service_account,
                 ip = pod.ip,
-                node = self.bed.node(def.node).name,
-                proto = if def.mesh { "HBONE" } else { "NONE" },
+                node = if def.own_hbone {
+                    "external"
+                } else {
+                    &self.bed.node(def.node).name
+                },
+                proto = if def.mesh || def.own_hbone {
+                    "HBONE"
+                } else {
+                    "NONE"
+                },
                 app = def.app,
             );
             if !services.is_empty() {
@@ -373,12 +387,13 @@ impl Cluster {
         exchange_on(s, payload).await
     }
 
-    /// Echo servers on ECHO_PORT and ALT_PORT in every pod. Each answers with a line naming the
-    /// pod and the peer address it saw, then echoes until the client half-closes.
+    /// Echo servers on ECHO_PORT and ALT_PORT in every pod, each answering with a line naming
+    /// the pod and the peer address it saw, then echoing until the client half-closes; and a
+    /// sink on SINK_PORT.
     fn start_apps(&mut self) -> anyhow::Result<()> {
         for def in self.spec.pods.clone() {
             let stats = Arc::new(AppStats::default());
-            for port in [ECHO_PORT, ALT_PORT] {
+            for port in [ECHO_PORT, ALT_PORT, SINK_PORT] {
                 let listener = self.bed.in_pod(&def.name, move || {
                     std::net::TcpListener::bind((Ipv4Addr::UNSPECIFIED, port))
                 })??;
@@ -389,7 +404,11 @@ impl Cluster {
                 self.app_tasks.push(tokio::spawn(async move {
                     while let Ok((s, peer)) = listener.accept().await {
                         stats.accepted.fetch_add(1, Ordering::Relaxed);
-                        tokio::spawn(echo(s, format!("pod={name} port={port} peer={peer}\n")));
+                        if port == SINK_PORT {
+                            tokio::spawn(sink(s));
+                        } else {
+                            tokio::spawn(echo(s, format!("pod={name} port={port} peer={peer}\n")));
+                        }
                     }
                 }));
             }
@@ -423,6 +442,20 @@ async fn echo(mut s: TcpStream, greeting: String) {
     if tokio::io::copy(&mut r, &mut w).await.is_ok() {
         let _ = w.shutdown().await;
     }
+}
+
+async fn sink(mut s: TcpStream) {
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut total = 0u64;
+    loop {
+        match s.read(&mut buf).await {
+            Ok(0) => break,
+            Ok(n) => total += n as u64,
+            Err(_) => return,
+        }
+    }
+    let _ = s.write_all(format!("{total}\n").as_bytes()).await;
+    let _ = s.shutdown().await;
 }
 
 /// Send, half-close, read to the end.

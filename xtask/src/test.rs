@@ -1,0 +1,41 @@
+//! `cargo xtask test`: everything CI checks, in the order that fails fastest.
+
+use crate::setup::{self, cargo};
+
+pub fn run(no_install: bool) -> anyhow::Result<()> {
+    if !no_install {
+        if setup::is_root() {
+            setup::system_packages()?;
+        } else {
+            println!("not root: skipping package installation; end-to-end tests will skip");
+        }
+        setup::python_h2()?;
+    }
+    step("formatting", cargo().args(["fmt", "--all", "--check"]))?;
+    step(
+        "clippy",
+        cargo().args([
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--locked",
+            "--",
+            "-D",
+            "warnings",
+        ]),
+    )?;
+    let bin = setup::build_ztunnel(false)?;
+    step(
+        "unit and end-to-end tests",
+        cargo()
+            .args(["test", "--workspace", "--locked"])
+            .env("ZTUNNEL_BIN", bin),
+    )?;
+    println!("\nall checks passed");
+    Ok(())
+}
+
+fn step(name: &str, cmd: &mut std::process::Command) -> anyhow::Result<()> {
+    println!("\n==> {name}");
+    setup::run(cmd)
+}
