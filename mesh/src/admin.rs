@@ -54,14 +54,7 @@ pub type Router = Arc<dyn Fn(AdminRequest<'_>) -> Reply + Send + Sync>;
 
 /// Serve `router` on `listener` until `drain` signals.
 pub async fn serve(listener: TcpListener, router: Router, drain: crate::drain::Watch) {
-    loop {
-        let (tcp, peer) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(c) => c,
-                Err(e) => { debug!("admin accept: {e}"); continue; }
-            },
-            _ = drain.signaled() => return,
-        };
+    while let Some((tcp, peer)) = crate::drain::accept(&listener, &drain).await {
         let router = router.clone();
         tokio::spawn(async move {
             let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {

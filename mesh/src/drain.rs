@@ -43,6 +43,27 @@ impl Watch {
     }
 }
 
+/// Accept the next connection on `listener`, or `None` once draining starts. Accept errors
+/// (e.g. EMFILE, a peer resetting before accept) are logged and skipped, not fatal.
+pub async fn accept(
+    listener: &tokio::net::TcpListener,
+    drain: &Watch,
+) -> Option<(tokio::net::TcpStream, std::net::SocketAddr)> {
+    loop {
+        tokio::select! {
+            r = listener.accept() => match r {
+                Ok(c) => return Some(c),
+                Err(e) => {
+                    tracing::warn!("accept on {:?}: {e}", listener.local_addr().ok());
+                    // Back off briefly so a persistent error (EMFILE) does not spin.
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            },
+            _ = drain.signaled() => return None,
+        }
+    }
+}
+
 impl Trigger {
     /// Signal every watcher, then wait until all of them are dropped or `deadline` passes.
     /// Returns whether everything finished in time.

@@ -95,7 +95,8 @@ pub struct Cluster {
     app_tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
-/// Where the ztunnel binary is: `$ZTUNNEL_BIN`, else the workspace's target directory.
+/// Where the ztunnel binary is: `$ZTUNNEL_BIN` (what `cargo xtask` sets after building it),
+/// else the newer of the workspace's debug and release builds.
 pub fn ztunnel_binary() -> anyhow::Result<PathBuf> {
     if let Ok(p) = std::env::var("ZTUNNEL_BIN") {
         return Ok(PathBuf::from(p));
@@ -103,16 +104,24 @@ pub fn ztunnel_binary() -> anyhow::Result<PathBuf> {
     let target = std::env::var("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|_| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
-    for profile in ["release", "debug"] {
-        let p = target.join(profile).join("ztunnel");
-        if p.exists() {
-            return Ok(p);
+    let newest = ["debug", "release"]
+        .iter()
+        .map(|profile| target.join(profile).join("ztunnel"))
+        .filter_map(|p| Some((std::fs::metadata(&p).ok()?.modified().ok()?, p)))
+        .max();
+    match newest {
+        Some((_, p)) => {
+            eprintln!(
+                "using {} (set ZTUNNEL_BIN to choose; cargo xtask test builds it first)",
+                p.display()
+            );
+            Ok(p)
         }
+        None => bail!(
+            "no ztunnel binary under {}: run `cargo build -p ztunnel` (cargo xtask does it) or set ZTUNNEL_BIN",
+            target.display()
+        ),
     }
-    bail!(
-        "no ztunnel binary under {}: run `cargo build -p ztunnel` (cargo xtask does it) or set ZTUNNEL_BIN",
-        target.display()
-    )
 }
 
 impl Cluster {

@@ -41,6 +41,17 @@ use process::{Placement, Tracked};
 /// Name of each node's interface on the underlay, where [`Testbed::capture`] listens.
 pub const UNDERLAY_INTERFACE: &str = "ul0";
 
+/// For end-to-end tests: whether the test bed can run here; if not, says why the test is skipped.
+pub fn can_run() -> bool {
+    match Testbed::check_privileges() {
+        Ok(()) => true,
+        Err(e) => {
+            eprintln!("skipping: {e}");
+            false
+        }
+    }
+}
+
 /// What to create for one pod.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PodSpec {

@@ -6,19 +6,8 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use mesh::identity::Identity;
-use testbed::Testbed;
 use testbed::cluster::{Cluster, ClusterSpec, ECHO_PORT, PodDef};
 use tokio::io::{AsyncBufReadExt, BufReader};
-
-fn root_or_skip() -> bool {
-    match Testbed::check_privileges() {
-        Ok(()) => true,
-        Err(e) => {
-            eprintln!("skipping: {e}");
-            false
-        }
-    }
-}
 
 fn require_python_h2() {
     let ok = std::process::Command::new("python3")
@@ -64,7 +53,7 @@ fn credentials(c: &Cluster, identity: &Identity) -> (String, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_client_to_ztunnel_inbound() {
-    if !root_or_skip() {
+    if !testbed::can_run() {
         return;
     }
     require_python_h2();
@@ -119,7 +108,7 @@ async fn python_client_to_ztunnel_inbound() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ztunnel_outbound_to_python_server() {
-    if !root_or_skip() {
+    if !testbed::can_run() {
         return;
     }
     require_python_h2();

@@ -4,18 +4,7 @@
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
-use testbed::Testbed;
 use testbed::cluster::{ALT_PORT, Cluster, ClusterSpec, ECHO_PORT, PodDef, ServiceDef};
-
-fn root_or_skip() -> bool {
-    match Testbed::check_privileges() {
-        Ok(()) => true,
-        Err(e) => {
-            eprintln!("skipping: {e}");
-            false
-        }
-    }
-}
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 
@@ -46,7 +35,7 @@ const DENY_ALT_PORT: &str = "- name: deny-alt-port\n  namespace: demo\n  scope: 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pod_to_pod_over_hbone_with_identity() {
-    if !root_or_skip() {
+    if !testbed::can_run() {
         return;
     }
     let c = Cluster::start(spec("")).await.unwrap();
@@ -95,7 +84,7 @@ async fn pod_to_pod_over_hbone_with_identity() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn service_vip_balances_over_healthy_endpoints() {
-    if !root_or_skip() {
+    if !testbed::can_run() {
         return;
     }
     let c = Cluster::start(spec("")).await.unwrap();
@@ -127,7 +116,7 @@ async fn service_vip_balances_over_healthy_endpoints() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deny_policy_refuses_before_the_app() {
-    if !root_or_skip() {
+    if !testbed::can_run() {
         return;
     }
     let c = Cluster::start(spec(DENY_ALT_PORT)).await.unwrap();
@@ -166,7 +155,7 @@ async fn deny_policy_refuses_before_the_app() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plaintext_from_outside_the_mesh_goes_through_15006() {
-    if !root_or_skip() {
+    if !testbed::can_run() {
         return;
     }
     let c = Cluster::start(spec("")).await.unwrap();
@@ -196,7 +185,7 @@ async fn plaintext_from_outside_the_mesh_goes_through_15006() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mesh_pod_reaches_pod_outside_the_mesh_directly() {
-    if !root_or_skip() {
+    if !testbed::can_run() {
         return;
     }
     let c = Cluster::start(spec("")).await.unwrap();
@@ -226,7 +215,7 @@ async fn mesh_pod_reaches_pod_outside_the_mesh_directly() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn config_change_applies_without_restart_and_bad_config_is_kept_out() {
-    if !root_or_skip() {
+    if !testbed::can_run() {
         return;
     }
     let c = Cluster::start(spec("")).await.unwrap();
@@ -258,7 +247,7 @@ async fn config_change_applies_without_restart_and_bad_config_is_kept_out() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_open_connections() {
-    if !root_or_skip() {
+    if !testbed::can_run() {
         return;
     }
     let mut c = Cluster::start(spec("")).await.unwrap();
@@ -296,7 +285,7 @@ async fn sigterm_drains_open_connections() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_config_dump_lists_pods_and_certificates() {
-    if !root_or_skip() {
+    if !testbed::can_run() {
         return;
     }
     let c = Cluster::start(spec("")).await.unwrap();

@@ -12,6 +12,10 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 #[derive(Debug, Serialize, Default, Clone)]
 struct PathFigures {
     throughput_gbit_s: f64,
+    /// CPU time of both ztunnels per GiB carried (zero on the direct path).
+    ztunnel_cpu_ms_per_gib: f64,
+    /// CPU time of both ztunnels per 1-byte round trip.
+    ztunnel_cpu_us_per_round_trip: f64,
     latency_p50_us: f64,
     latency_p99_us: f64,
     latency_samples: usize,
@@ -29,6 +33,7 @@ struct ZtunnelFigures {
 #[derive(Debug, Serialize)]
 struct Results {
     seconds_per_measurement: u64,
+    ztunnel_args: Vec<String>,
     direct: PathFigures,
     mesh: PathFigures,
     throughput_ratio: f64,
@@ -39,7 +44,7 @@ struct Results {
     ztunnels: Vec<ZtunnelFigures>,
 }
 
-pub async fn run(bin: PathBuf, seconds: u64) -> anyhow::Result<()> {
+pub async fn run(bin: PathBuf, seconds: u64, ztunnel_args: Vec<String>) -> anyhow::Result<()> {
     testbed::Testbed::check_privileges()?;
     // SAFETY: set before any thread of ours reads the environment for it.
     unsafe { std::env::set_var("ZTUNNEL_BIN", &bin) };
@@ -53,7 +58,7 @@ pub async fn run(bin: PathBuf, seconds: u64) -> anyhow::Result<()> {
         ],
         services: vec![],
         policies: String::new(),
-        ztunnel_args: vec![],
+        ztunnel_args: ztunnel_args.clone(),
     };
     let c = Cluster::start(spec).await?;
     let secs = Duration::from_secs(seconds);
@@ -69,9 +74,18 @@ pub async fn run(bin: PathBuf, seconds: u64) -> anyhow::Result<()> {
     ] {
         println!("measuring {name} ({client} -> {server}) ...");
         let ip = c.pod_ip(server);
+        let cpu = || ztunnel_cpu_seconds(&c);
+        let before = cpu();
+        let (bytes, gbit_s) = throughput(&c, client, SocketAddr::new(ip, SINK_PORT), secs).await?;
+        let per_gib = (cpu() - before) * 1e3 / (bytes as f64 / (1u64 << 30) as f64);
+        let before = cpu();
+        let lat = latency(&c, client, SocketAddr::new(ip, ECHO_PORT), secs).await?;
+        let per_rtt = (cpu() - before) * 1e6 / lat.latency_samples.max(1) as f64;
         let f = PathFigures {
-            throughput_gbit_s: throughput(&c, client, SocketAddr::new(ip, SINK_PORT), secs).await?,
-            ..latency(&c, client, SocketAddr::new(ip, ECHO_PORT), secs).await?
+            throughput_gbit_s: gbit_s,
+            ztunnel_cpu_ms_per_gib: per_gib,
+            ztunnel_cpu_us_per_round_trip: per_rtt,
+            ..lat
         };
         let f = PathFigures {
             connections_per_s: connection_rate(&c, client, SocketAddr::new(ip, ECHO_PORT), secs)
@@ -111,6 +125,7 @@ pub async fn run(bin: PathBuf, seconds: u64) -> anyhow::Result<()> {
 
     let results = Results {
         seconds_per_measurement: seconds,
+        ztunnel_args,
         throughput_ratio: mesh.throughput_gbit_s / direct.throughput_gbit_s,
         added_latency_p50_us: mesh.latency_p50_us - direct.latency_p50_us,
         added_latency_p99_us: mesh.latency_p99_us - direct.latency_p99_us,
@@ -142,6 +157,10 @@ fn print_table(r: &Results) {
         r.throughput_ratio * 100.0
     );
     println!(
+        "{:<44} {:>12} {:>12.0}",
+        "  ztunnel CPU per GiB carried (ms)", "-", r.mesh.ztunnel_cpu_ms_per_gib
+    );
+    println!(
         "{:<44} {:>12.1} {:>12.1} {:>+11.1}",
         "1-byte round trip p50 (µs)  [added]",
         r.direct.latency_p50_us,
@@ -154,6 +173,10 @@ fn print_table(r: &Results) {
         r.direct.latency_p99_us,
         r.mesh.latency_p99_us,
         r.added_latency_p99_us
+    );
+    println!(
+        "{:<44} {:>12} {:>12.1}",
+        "  ztunnel CPU per round trip (µs)", "-", r.mesh.ztunnel_cpu_us_per_round_trip
     );
     println!(
         "{:<44} {:>12.0} {:>12.0} {:>11.0}%",
@@ -174,8 +197,20 @@ fn print_table(r: &Results) {
     }
 }
 
+/// CPU seconds (user + system) both ztunnels have used so far.
+fn ztunnel_cpu_seconds(c: &Cluster) -> f64 {
+    let ticks: u64 = (0..2).filter_map(|n| cpu_ticks(c.ztunnel_pid(n))).sum();
+    ticks as f64 / clock_ticks() as f64
+}
+
 /// Stream as fast as possible for `d`; the sink answers with what it received.
-async fn throughput(c: &Cluster, pod: &str, dst: SocketAddr, d: Duration) -> anyhow::Result<f64> {
+/// Returns (bytes, Gbit/s).
+async fn throughput(
+    c: &Cluster,
+    pod: &str,
+    dst: SocketAddr,
+    d: Duration,
+) -> anyhow::Result<(u64, f64)> {
     let s = c.pod_sockets(pod)?.connect(dst).await?;
     let (r, mut w) = s.into_split();
     let chunk = vec![0x5au8; 256 * 1024];
@@ -187,7 +222,10 @@ async fn throughput(c: &Cluster, pod: &str, dst: SocketAddr, d: Duration) -> any
     let mut line = String::new();
     BufReader::new(r).read_line(&mut line).await?;
     let bytes: u64 = line.trim().parse()?;
-    Ok(bytes as f64 * 8.0 / start.elapsed().as_secs_f64() / 1e9)
+    Ok((
+        bytes,
+        bytes as f64 * 8.0 / start.elapsed().as_secs_f64() / 1e9,
+    ))
 }
 
 /// 1-byte request, 1-byte response, one at a time on one connection.

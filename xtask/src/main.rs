@@ -30,6 +30,9 @@ enum Task {
         /// Seconds per measurement.
         #[arg(long, default_value_t = 3)]
         seconds: u64,
+        /// Extra ztunnel flag for the run (repeatable), e.g. --ztunnel-arg=--worker-threads=1.
+        #[arg(long = "ztunnel-arg", allow_hyphen_values = true)]
+        ztunnel_args: Vec<String>,
     },
     /// Remove test beds left behind by killed runs (namespaces, cgroups, processes).
     CleanTestbed,
@@ -44,10 +47,13 @@ fn main() -> anyhow::Result<()> {
             runtime()?.block_on(demo::run(bin))
         }
         Task::Test { no_install } => test::run(no_install),
-        Task::Bench { seconds } => {
+        Task::Bench {
+            seconds,
+            ztunnel_args,
+        } => {
             setup::system_packages()?;
             let bin = setup::build_ztunnel(true)?;
-            runtime()?.block_on(bench::run(bin, seconds))
+            runtime()?.block_on(bench::run(bin, seconds, ztunnel_args))
         }
         Task::CleanTestbed => {
             println!("{}", testbed::clean_leftovers()?);

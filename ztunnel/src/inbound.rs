@@ -24,14 +24,7 @@ pub async fn serve_hbone(listener: TcpListener, pod: Arc<Pod>, drain: drain::Wat
     let options = Options {
         require_local_authority: true,
     };
-    loop {
-        let (tcp, peer) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(c) => c,
-                Err(e) => { warn!("HBONE accept: {e}"); continue; }
-            },
-            _ = drain.signaled() => return,
-        };
+    while let Some((tcp, peer)) = drain::accept(&listener, &drain).await {
         let _ = mesh::socket::tune(&tcp);
         let pod = pod.clone();
         let handler = handler.clone();
@@ -113,14 +106,7 @@ impl Handler for HboneInbound {
 
 /// Accept captured plaintext connections: authorized without a peer identity.
 pub async fn serve_plaintext(listener: TcpListener, pod: Arc<Pod>, drain: drain::Watch) {
-    loop {
-        let (tcp, peer) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(c) => c,
-                Err(e) => { warn!("plaintext accept: {e}"); continue; }
-            },
-            _ = drain.signaled() => return,
-        };
+    while let Some((tcp, peer)) = drain::accept(&listener, &drain).await {
         let pod = pod.clone();
         let drain = drain.clone();
         tokio::spawn(async move {

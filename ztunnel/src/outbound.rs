@@ -13,21 +13,14 @@ use mesh::hbone::pool::Key;
 use mesh::hbone::{Baggage, ConnectRequest, HBONE_PORT};
 use mesh::identity::Identity;
 use tokio::net::{TcpListener, TcpStream};
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 
 use crate::metrics::Peers;
 use crate::node::Pod;
 use crate::state::{Destination, Service, TunnelProtocol, Workload};
 
 pub async fn serve(listener: TcpListener, pod: Arc<Pod>, drain: drain::Watch) {
-    loop {
-        let (tcp, peer) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(c) => c,
-                Err(e) => { warn!("outbound accept: {e}"); continue; }
-            },
-            _ = drain.signaled() => return,
-        };
+    while let Some((tcp, peer)) = drain::accept(&listener, &drain).await {
         let pod = pod.clone();
         let drain = drain.clone();
         tokio::spawn(async move {
@@ -40,6 +33,7 @@ pub async fn serve(listener: TcpListener, pod: Arc<Pod>, drain: drain::Watch) {
 }
 
 /// Where a captured connection goes, decided before any byte moves.
+#[derive(Debug)]
 struct Route {
     /// The address to connect to (endpoint IP and target port).
     target: SocketAddr,
@@ -217,5 +211,94 @@ pub fn baggage(w: &Workload) -> Baggage {
         },
         service: w.canonical_name.clone(),
         version: w.canonical_revision.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::{Service, State};
+
+    fn workload(name: &str, ip: &str, hbone: bool) -> Workload {
+        Workload {
+            uid: name.into(),
+            name: name.into(),
+            namespace: "ns".into(),
+            addresses: vec![ip.parse().unwrap()],
+            tunnel_protocol: if hbone {
+                TunnelProtocol::Hbone
+            } else {
+                TunnelProtocol::None
+            },
+            services: [(
+                "ns/svc.ns.svc.cluster.local".to_string(),
+                [(80, 8080)].into(),
+            )]
+            .into(),
+            ..Default::default()
+        }
+    }
+
+    fn state() -> State {
+        let svc = Service {
+            name: "svc".into(),
+            namespace: "ns".into(),
+            hostname: "svc.ns.svc.cluster.local".into(),
+            addresses: vec!["10.96.0.1".parse().unwrap()],
+            ports: vec![crate::state::ServicePort {
+                service_port: 80,
+                target_port: 8080,
+                app_protocol: String::new(),
+            }],
+            ..Default::default()
+        };
+        State::new(vec![workload("a", "10.0.0.1", true)], vec![svc], vec![]).unwrap()
+    }
+
+    #[test]
+    fn mesh_workload_goes_over_hbone_to_its_own_address() {
+        let s = state();
+        let dst: SocketAddr = "10.0.0.1:9000".parse().unwrap();
+        let r = route(dst, s.resolve(dst)).unwrap();
+        assert!(r.hbone);
+        assert_eq!(r.target, dst);
+        assert!(r.service.is_none());
+    }
+
+    #[test]
+    fn service_vip_goes_to_endpoint_target_port() {
+        let s = state();
+        let dst: SocketAddr = "10.96.0.1:80".parse().unwrap();
+        let r = route(dst, s.resolve(dst)).unwrap();
+        assert!(r.hbone);
+        assert_eq!(r.target, "10.0.0.1:8080".parse().unwrap());
+        assert_eq!(r.service.unwrap().name, "svc");
+    }
+
+    #[test]
+    fn unknown_address_passes_through_in_plain_tcp() {
+        let s = state();
+        let dst: SocketAddr = "192.0.2.7:443".parse().unwrap();
+        let r = route(dst, s.resolve(dst)).unwrap();
+        assert!(!r.hbone);
+        assert_eq!(r.target, dst);
+    }
+
+    #[test]
+    fn service_without_healthy_endpoint_is_refused() {
+        let svc = Service {
+            name: "empty".into(),
+            namespace: "ns".into(),
+            hostname: "empty.ns.svc.cluster.local".into(),
+            addresses: vec!["10.96.0.2".parse().unwrap()],
+            ..Default::default()
+        };
+        let s = State::new(vec![], vec![svc], vec![]).unwrap();
+        let dst: SocketAddr = "10.96.0.2:80".parse().unwrap();
+        assert!(
+            route(dst, s.resolve(dst))
+                .unwrap_err()
+                .contains("no healthy endpoint")
+        );
     }
 }

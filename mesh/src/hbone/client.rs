@@ -97,7 +97,7 @@ pub async fn handshake(
 ) -> Result<Connection, HboneError> {
     // No SNI is sent (the config disables it); the name only satisfies the API.
     let name = ServerName::IpAddress(addr.ip().into());
-    let tls_conn = tokio_rustls::TlsConnector::from(tls).connect(name, tcp);
+    let tls_conn = tokio_rustls::TlsConnector::from(tls).connect(name, super::buffered(tcp));
     let tls = match tokio::time::timeout(CONNECT_TIMEOUT, tls_conn).await {
         Ok(Ok(s)) => s,
         Ok(Err(source)) => return Err(HboneError::Tls { addr, source }),

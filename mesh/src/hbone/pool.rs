@@ -83,15 +83,41 @@ impl Pool {
     {
         let (conn, lease) = match self.checkout(&key) {
             Some(c) => c,
-            None => {
-                let gate = self.gate(&key);
-                let _dialing = gate.lock().await;
-                match self.checkout(&key) {
-                    Some(c) => c,
-                    None => {
-                        let conn = dial().await?;
-                        self.insert(key, conn)
-                    }
+            None => return self.dial_and_connect(&key, req, dial).await,
+        };
+        match conn.connect(req).await {
+            Ok(mut stream) => {
+                stream._lease = Some(lease);
+                Ok(stream)
+            }
+            // The pooled connection died between checkout and use (peer restarted, GOAWAY):
+            // that is not the caller's failure, so try once on a fresh connection.
+            Err(HboneError::H2 { .. }) if conn.is_closed() => {
+                drop(lease);
+                self.dial_and_connect(&key, req, dial).await
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn dial_and_connect<F, Fut>(
+        &self,
+        key: &Key,
+        req: &ConnectRequest,
+        dial: F,
+    ) -> Result<H2Stream, HboneError>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<Connection, HboneError>>,
+    {
+        let (conn, lease) = {
+            let gate = self.gate(key);
+            let _dialing = gate.lock().await;
+            match self.checkout(key) {
+                Some(c) => c,
+                None => {
+                    let conn = dial().await?;
+                    self.insert(key.clone(), conn)
                 }
             }
         };

@@ -77,7 +77,7 @@ pub async fn serve<H: Handler>(
     let (Some(peer_addr), Some(local_addr)) = (peer_addr, local_addr) else {
         return;
     };
-    let accept = tokio_rustls::TlsAcceptor::from(tls).accept(tcp);
+    let accept = tokio_rustls::TlsAcceptor::from(tls).accept(super::buffered(tcp));
     let tls = match tokio::time::timeout(CONNECT_TIMEOUT, accept).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
