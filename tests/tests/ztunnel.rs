@@ -324,3 +324,46 @@ fn split_greeting(answer: &[u8]) -> (String, &[u8]) {
         &answer[nl + 1..],
     )
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pod_without_process_is_pending_and_node_stays_ready() {
+    if !testbed::can_run() {
+        return;
+    }
+    let c = Cluster::start(spec("")).await.unwrap();
+    let ghost = "- uid: 00000000-0000-4000-8000-00000000dead\n  name: ghost\n  namespace: demo\n  addresses: [\"10.244.2.99\"]\n  node: node2\n  tunnelProtocol: HBONE\n";
+    let yaml = c
+        .config_yaml("")
+        .replacen("workloads:\n", &format!("workloads:\n{ghost}"), 1);
+    c.write_config(&yaml).unwrap();
+    let mut pending = serde_json::Value::Null;
+    for _ in 0..30 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let (_, body) = c.http_get(1, 15000, "/config_dump").await.unwrap();
+        let dump: serde_json::Value = serde_json::from_str(&body).unwrap();
+        if dump["pendingPods"]
+            .as_array()
+            .is_some_and(|p| !p.is_empty())
+        {
+            pending = dump["pendingPods"].clone();
+            break;
+        }
+    }
+    assert_eq!(pending[0]["name"], "ghost", "{pending}");
+    assert!(
+        pending[0]["reason"].as_str().unwrap().contains("no cgroup"),
+        "{pending}"
+    );
+    let (status, _) = c.http_get(1, 15021, "/healthz/ready").await.unwrap();
+    assert_eq!(status, 200);
+    // The real pods are still served.
+    let answer = c
+        .exchange(
+            "client",
+            SocketAddr::new(c.pod_ip("server-a"), ECHO_PORT),
+            b"still here",
+        )
+        .await
+        .unwrap();
+    assert!(answer.ends_with(b"still here"));
+}

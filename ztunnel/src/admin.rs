@@ -23,6 +23,7 @@ pub fn admin(node: Arc<Node>, quit: mpsc::Sender<()>, set_level: SetLevel) -> Ro
                 "policies": state.policies().map(|p| &**p).collect::<Vec<_>>(),
                 "certificates": node.certs.dump(),
                 "enrolledPods": node.pod_dump(),
+                "pendingPods": node.pending_dump(),
             }))
         }
         "/quitquitquit" if req.method == Method::POST => {

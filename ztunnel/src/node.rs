@@ -42,6 +42,9 @@ pub struct Node {
     cgroup_root: PathBuf,
     redirect: Redirect,
     pods: Mutex<HashMap<String, Enrolled>>,
+    /// Pods that should be enrolled but cannot be yet, with the reason (uid → (name, reason)).
+    pending: Mutex<HashMap<String, (String, String)>>,
+    reconciled: std::sync::atomic::AtomicBool,
 }
 
 /// The proxy side of one enrolled pod, as its handlers see it.
@@ -96,6 +99,8 @@ impl Node {
             cgroup_root,
             redirect,
             pods: Mutex::default(),
+            pending: Mutex::default(),
+            reconciled: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -113,14 +118,15 @@ impl Node {
     /// cannot be enrolled yet (no process in their cgroup) are retried on the next pass.
     pub async fn reconcile(self: &Arc<Self>) {
         let wanted = self.wanted();
+        let keep: std::collections::HashSet<String> =
+            wanted.iter().map(|w| w.uid.clone()).collect();
         let stale: Vec<(String, Enrolled)> = {
             let Ok(mut pods) = self.pods.lock() else {
                 return;
             };
-            let keep: Vec<&str> = wanted.iter().map(|w| w.uid.as_str()).collect();
             let gone: Vec<String> = pods
                 .keys()
-                .filter(|uid| !keep.contains(&uid.as_str()))
+                .filter(|uid| !keep.contains(*uid))
                 .cloned()
                 .collect();
             gone.into_iter()
@@ -139,16 +145,33 @@ impl Node {
             if known {
                 continue;
             }
-            match self.enroll(&w) {
+            let result = self.enroll(&w);
+            let Ok(mut pending) = self.pending.lock() else {
+                continue;
+            };
+            match result {
                 Ok(e) => {
                     info!(pod = %w.name, uid = %w.uid, netns = %e.netns.display(), "pod enrolled");
+                    pending.remove(&w.uid);
                     if let Ok(mut pods) = self.pods.lock() {
                         pods.insert(w.uid.clone(), e);
                     }
                 }
-                Err(e) => warn!(pod = %w.name, uid = %w.uid, "cannot enroll pod yet: {e}"),
+                Err(reason) => {
+                    // Retried every pass; say it once per new reason rather than every time.
+                    let changed = pending.get(&w.uid).is_none_or(|(_, r)| *r != reason);
+                    if changed {
+                        warn!(pod = %w.name, uid = %w.uid, "cannot enroll pod yet: {reason}");
+                    }
+                    pending.insert(w.uid.clone(), (w.name.clone(), reason));
+                }
             }
         }
+        if let Ok(mut pending) = self.pending.lock() {
+            pending.retain(|uid, _| keep.contains(uid));
+        }
+        self.reconciled
+            .store(true, std::sync::atomic::Ordering::Release);
         self.metrics
             .enrolled_pods
             .set(self.pods.lock().map(|p| p.len() as i64).unwrap_or(0));
@@ -226,14 +249,23 @@ impl Node {
         futures_all(waits).await
     }
 
+    /// Ready once the first enrollment pass is done and every enrolled pod has its certificate.
+    /// A pod that cannot be enrolled (not started yet) does not hold the node back; it shows
+    /// under `pendingPods` in the admin dump.
     pub fn ready(&self) -> bool {
-        let wanted = self.wanted();
-        let enrolled = self
-            .pods
-            .lock()
-            .map(|p| wanted.iter().all(|w| p.contains_key(&w.uid)))
-            .unwrap_or(false);
-        enrolled && self.certs.all_ready()
+        self.reconciled.load(std::sync::atomic::Ordering::Acquire) && self.certs.all_ready()
+    }
+
+    pub fn pending_dump(&self) -> Vec<serde_json::Value> {
+        let Ok(pending) = self.pending.lock() else {
+            return vec![];
+        };
+        let mut rows: Vec<serde_json::Value> = pending
+            .iter()
+            .map(|(uid, (name, reason))| serde_json::json!({"uid": uid, "name": name, "reason": reason}))
+            .collect();
+        rows.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
+        rows
     }
 
     pub fn pod_dump(&self) -> Vec<PodInfo> {
