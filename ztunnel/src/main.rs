@@ -55,7 +55,8 @@ struct Args {
     /// Log as JSON lines instead of text.
     #[arg(long)]
     log_json: bool,
-    /// Worker threads (0: one per core).
+    /// Worker threads (0: one per core). 1 runs everything on one thread with tokio's
+    /// current-thread scheduler, which saves the cross-thread wakeups of work stealing.
     #[arg(long, default_value_t = 0)]
     worker_threads: usize,
 }
@@ -83,10 +84,16 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let mut rt = tokio::runtime::Builder::new_multi_thread();
-    if args.worker_threads > 0 {
-        rt.worker_threads(args.worker_threads);
-    }
+    let mut rt = match args.worker_threads {
+        1 => tokio::runtime::Builder::new_current_thread(),
+        n => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            if n > 0 {
+                b.worker_threads(n);
+            }
+            b
+        }
+    };
     rt.enable_all().build()?.block_on(run(args))
 }
 
