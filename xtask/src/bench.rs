@@ -33,6 +33,7 @@ struct ZtunnelFigures {
 #[derive(Debug, Serialize)]
 struct Results {
     seconds_per_measurement: u64,
+    rounds: usize,
     ztunnel_args: Vec<String>,
     direct: PathFigures,
     mesh: PathFigures,
@@ -44,7 +45,12 @@ struct Results {
     ztunnels: Vec<ZtunnelFigures>,
 }
 
-pub async fn run(bin: PathBuf, seconds: u64, ztunnel_args: Vec<String>) -> anyhow::Result<()> {
+pub async fn run(
+    bin: PathBuf,
+    seconds: u64,
+    rounds_wanted: usize,
+    ztunnel_args: Vec<String>,
+) -> anyhow::Result<()> {
     testbed::Testbed::check_privileges()?;
     // SAFETY: set before any thread of ours reads the environment for it.
     unsafe { std::env::set_var("ZTUNNEL_BIN", &bin) };
@@ -67,34 +73,22 @@ pub async fn run(bin: PathBuf, seconds: u64, ztunnel_args: Vec<String>) -> anyho
         .map(|n| rss_kib(c.ztunnel_pid(n)).unwrap_or(0))
         .collect();
 
-    let mut figures = Vec::new();
-    for (name, client, server) in [
-        ("direct", "plain-client", "plain-server"),
-        ("mesh", "mesh-client", "mesh-server"),
-    ] {
-        println!("measuring {name} ({client} -> {server}) ...");
-        let ip = c.pod_ip(server);
-        let cpu = || ztunnel_cpu_seconds(&c);
-        let before = cpu();
-        let (bytes, gbit_s) = throughput(&c, client, SocketAddr::new(ip, SINK_PORT), secs).await?;
-        let per_gib = (cpu() - before) * 1e3 / (bytes as f64 / (1u64 << 30) as f64);
-        let before = cpu();
-        let lat = latency(&c, client, SocketAddr::new(ip, ECHO_PORT), secs).await?;
-        let per_rtt = (cpu() - before) * 1e6 / lat.latency_samples.max(1) as f64;
-        let f = PathFigures {
-            throughput_gbit_s: gbit_s,
-            ztunnel_cpu_ms_per_gib: per_gib,
-            ztunnel_cpu_us_per_round_trip: per_rtt,
-            ..lat
-        };
-        let f = PathFigures {
-            connections_per_s: connection_rate(&c, client, SocketAddr::new(ip, ECHO_PORT), secs)
-                .await?,
-            ..f
-        };
-        figures.push(f);
+    // Direct and mesh alternate, round after round, and each figure is the median of its
+    // rounds: a ratio then compares measurements taken seconds apart, not minutes.
+    let mut rounds: [Vec<PathFigures>; 2] = [vec![], vec![]];
+    for round in 1..=rounds_wanted {
+        for (i, (name, client, server)) in [
+            ("direct", "plain-client", "plain-server"),
+            ("mesh", "mesh-client", "mesh-server"),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            println!("round {round}/{rounds_wanted}: {name} ({client} -> {server}) ...");
+            rounds[i].push(measure_path(&c, client, c.pod_ip(server), secs).await?);
+        }
     }
-    let (direct, mesh) = (figures[0].clone(), figures[1].clone());
+    let [direct, mesh] = rounds.map(|r| median(&r));
 
     println!("measuring ztunnel CPU and memory at 1000 req/s of 1 KiB ...");
     let load_for = secs.max(Duration::from_secs(3));
@@ -125,6 +119,7 @@ pub async fn run(bin: PathBuf, seconds: u64, ztunnel_args: Vec<String>) -> anyho
 
     let results = Results {
         seconds_per_measurement: seconds,
+        rounds: rounds_wanted,
         ztunnel_args,
         throughput_ratio: mesh.throughput_gbit_s / direct.throughput_gbit_s,
         added_latency_p50_us: mesh.latency_p50_us - direct.latency_p50_us,
@@ -147,7 +142,7 @@ pub async fn run(bin: PathBuf, seconds: u64, ztunnel_args: Vec<String>) -> anyho
 fn print_table(r: &Results) {
     println!(
         "\n{:<44} {:>12} {:>12} {:>12}",
-        "pod -> pod across nodes", "direct", "mesh", "mesh/direct"
+        "pod -> pod across nodes (medians)", "direct", "mesh", "mesh/direct"
     );
     println!(
         "{:<44} {:>12.2} {:>12.2} {:>11.0}%",
@@ -194,6 +189,46 @@ fn print_table(r: &Results) {
             z.load_rss_kib as f64 / 1024.0,
             z.load_cpu_percent
         );
+    }
+}
+
+async fn measure_path(
+    c: &Cluster,
+    client: &str,
+    ip: std::net::IpAddr,
+    secs: Duration,
+) -> anyhow::Result<PathFigures> {
+    let cpu = || ztunnel_cpu_seconds(c);
+    let before = cpu();
+    let (bytes, gbit_s) = throughput(c, client, SocketAddr::new(ip, SINK_PORT), secs).await?;
+    let per_gib = (cpu() - before) * 1e3 / (bytes as f64 / (1u64 << 30) as f64);
+    let before = cpu();
+    let lat = latency(c, client, SocketAddr::new(ip, ECHO_PORT), secs).await?;
+    let per_rtt = (cpu() - before) * 1e6 / lat.latency_samples.max(1) as f64;
+    Ok(PathFigures {
+        throughput_gbit_s: gbit_s,
+        ztunnel_cpu_ms_per_gib: per_gib,
+        ztunnel_cpu_us_per_round_trip: per_rtt,
+        connections_per_s: connection_rate(c, client, SocketAddr::new(ip, ECHO_PORT), secs).await?,
+        ..lat
+    })
+}
+
+/// Field by field median of several rounds.
+fn median(rounds: &[PathFigures]) -> PathFigures {
+    let mid = |f: fn(&PathFigures) -> f64| {
+        let mut v: Vec<f64> = rounds.iter().map(f).collect();
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    PathFigures {
+        throughput_gbit_s: mid(|p| p.throughput_gbit_s),
+        ztunnel_cpu_ms_per_gib: mid(|p| p.ztunnel_cpu_ms_per_gib),
+        ztunnel_cpu_us_per_round_trip: mid(|p| p.ztunnel_cpu_us_per_round_trip),
+        latency_p50_us: mid(|p| p.latency_p50_us),
+        latency_p99_us: mid(|p| p.latency_p99_us),
+        latency_samples: rounds.iter().map(|p| p.latency_samples).sum(),
+        connections_per_s: mid(|p| p.connections_per_s),
     }
 }
 

@@ -28,8 +28,11 @@ enum Task {
     /// Benchmark direct TCP against the mesh on the test bed; writes target/bench/hbone.json.
     Bench {
         /// Seconds per measurement.
-        #[arg(long, default_value_t = 3)]
+        #[arg(long, default_value_t = 2)]
         seconds: u64,
+        /// Rounds of direct-then-mesh measurements; figures are medians.
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
         /// Extra ztunnel flag for the run (repeatable), e.g. --ztunnel-arg=--worker-threads=1.
         #[arg(long = "ztunnel-arg", allow_hyphen_values = true)]
         ztunnel_args: Vec<String>,
@@ -49,11 +52,12 @@ fn main() -> anyhow::Result<()> {
         Task::Test { no_install } => test::run(no_install),
         Task::Bench {
             seconds,
+            rounds,
             ztunnel_args,
         } => {
             setup::system_packages()?;
             let bin = setup::build_ztunnel(true)?;
-            runtime()?.block_on(bench::run(bin, seconds, ztunnel_args))
+            runtime()?.block_on(bench::run(bin, seconds, rounds.max(1), ztunnel_args))
         }
         Task::CleanTestbed => {
             println!("{}", testbed::clean_leftovers()?);
