@@ -95,7 +95,10 @@ enum Upstream {
 
 async fn handle(pod: &Pod, tcp: TcpStream, peer: SocketAddr) -> Result<(), String> {
     mesh::socket::tune(&tcp).map_err(|e| e.to_string())?;
-    let dst = mesh::socket::original_dst(&tcp).map_err(|e| format!("original destination: {e}"))?;
+    let dst = pod
+        .capture
+        .outbound_original_dst(&tcp)
+        .map_err(|e| format!("original destination: {e}"))?;
     let (source, route) = {
         let state = pod.node.state.borrow();
         let source = state.workload_by_uid(&pod.uid).cloned();
