@@ -1,8 +1,9 @@
-//! `cargo xtask …`: the project's tasks (demo, test, bench, clean-testbed), runnable on a fresh
+//! `cargo xtask …`: the project's tasks (demo, test, bench, build-ebpf, clean-testbed), runnable on a fresh
 //! Debian machine as root.
 
 mod bench;
 mod demo;
+mod ebpf;
 mod setup;
 mod test;
 
@@ -31,6 +32,9 @@ enum Task {
         #[arg(long, default_value_t = 3)]
         seconds: u64,
     },
+    /// Install the eBPF toolchain when missing (Debian, root), build the capture programs and
+    /// print the object's path; ztunnel embeds it when built afterwards.
+    BuildEbpf,
     /// Remove test beds left behind by killed runs (namespaces, cgroups, processes).
     CleanTestbed,
 }
@@ -38,14 +42,20 @@ enum Task {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.task {
+        Task::BuildEbpf => {
+            println!("{}", ebpf::build()?.display());
+            Ok(())
+        }
         Task::Demo => {
             setup::system_packages()?;
+            ebpf::build()?;
             let bin = setup::build_ztunnel(false)?;
             runtime()?.block_on(demo::run(bin))
         }
         Task::Test { no_install } => test::run(no_install),
         Task::Bench { seconds } => {
             setup::system_packages()?;
+            ebpf::build()?;
             let bin = setup::build_ztunnel(true)?;
             runtime()?.block_on(bench::run(bin, seconds))
         }
