@@ -53,7 +53,9 @@ pub async fn run(bin: PathBuf, seconds: u64) -> anyhow::Result<()> {
         ],
         services: vec![],
         policies: String::new(),
-        ztunnel_args: vec![],
+        // The load generator makes its sockets in the test process (netns only, outside the
+        // pods' cgroups), which nftables captures and cgroup eBPF programs would not.
+        ztunnel_args: vec!["--redirect".into(), "nftables".into()],
     };
     let c = Cluster::start(spec).await?;
     let secs = Duration::from_secs(seconds);

@@ -2,6 +2,7 @@
 //! Debian machine as root.
 
 mod bench;
+mod bench_redirect;
 mod demo;
 mod ebpf;
 mod setup;
@@ -26,8 +27,12 @@ enum Task {
         #[arg(long)]
         no_install: bool,
     },
-    /// Benchmark direct TCP against the mesh on the test bed; writes target/bench/hbone.json.
+    /// Benchmark direct TCP against the mesh on the test bed (target/bench/hbone.json), or with
+    /// `redirect`, no capture against eBPF and nftables capture (target/bench/redirect.json).
     Bench {
+        /// `hbone` (default) or `redirect`.
+        #[arg(default_value = "hbone")]
+        which: String,
         /// Seconds per measurement.
         #[arg(long, default_value_t = 3)]
         seconds: u64,
@@ -35,6 +40,14 @@ enum Task {
     /// Install the eBPF toolchain when missing (Debian, root), build the capture programs and
     /// print the object's path; ztunnel embeds it when built afterwards.
     BuildEbpf,
+    /// The load generator of `bench redirect`, run inside a pod (internal).
+    #[command(hide = true)]
+    BenchClient {
+        #[arg(long)]
+        target: std::net::SocketAddr,
+        #[arg(long)]
+        seconds: u64,
+    },
     /// Remove test beds left behind by killed runs (namespaces, cgroups, processes).
     CleanTestbed,
 }
@@ -53,12 +66,17 @@ fn main() -> anyhow::Result<()> {
             runtime()?.block_on(demo::run(bin))
         }
         Task::Test { no_install } => test::run(no_install),
-        Task::Bench { seconds } => {
+        Task::Bench { which, seconds } => {
             setup::system_packages()?;
             ebpf::build()?;
             let bin = setup::build_ztunnel(true)?;
-            runtime()?.block_on(bench::run(bin, seconds))
+            match which.as_str() {
+                "hbone" => runtime()?.block_on(bench::run(bin, seconds)),
+                "redirect" => runtime()?.block_on(bench_redirect::run(bin, seconds)),
+                other => anyhow::bail!("unknown benchmark {other:?}: hbone or redirect"),
+            }
         }
+        Task::BenchClient { target, seconds } => bench_redirect::client(target, seconds),
         Task::CleanTestbed => {
             println!("{}", testbed::clean_leftovers()?);
             Ok(())

@@ -55,6 +55,9 @@ struct Args {
     /// This instance's directory for pinned maps and links, under --bpffs.
     #[arg(long, default_value = "ztunnel")]
     bpf_pin_dir: PathBuf,
+    /// With `--redirect none`: send connections dialed straight to 15001 here (benchmarks).
+    #[arg(long)]
+    no_capture_target: Option<SocketAddr>,
     /// The eBPF object to load instead of the one embedded at build time.
     #[arg(long, env = "ZTUNNEL_EBPF_OBJECT")]
     ebpf_object: Option<PathBuf>,
@@ -137,6 +140,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             pin_dir: args.bpf_pin_dir.clone(),
             log_level: redirect::log_level(initial_level),
         },
+        args.no_capture_target,
     )
     .map_err(|e| anyhow::anyhow!("capture ({mode:?}): {e}"))?;
     let capture_for_level = capture.clone();

@@ -96,9 +96,21 @@ pub struct EbpfSettings {
 
 /// Set up capture for `mode`. `ebpf` fails when any feature is missing; `auto` then falls back
 /// to nftables with a warning naming what is missing.
-pub fn start(mode: Mode, ebpf: &EbpfSettings) -> Result<Arc<dyn Redirector>, String> {
+///
+/// `no_capture_target` (with `Mode::None` only) is where connections dialed straight to 15001
+/// go: the "no capture" baseline of `cargo xtask bench redirect`.
+pub fn start(
+    mode: Mode,
+    ebpf: &EbpfSettings,
+    no_capture_target: Option<SocketAddr>,
+) -> Result<Arc<dyn Redirector>, String> {
+    if no_capture_target.is_some() && mode != Mode::None {
+        return Err("--no-capture-target only goes with --redirect none".into());
+    }
     match mode {
-        Mode::None => Ok(Arc::new(NoCapture)),
+        Mode::None => Ok(Arc::new(NoCapture {
+            target: no_capture_target,
+        })),
         Mode::Nftables => Ok(Arc::new(nftables::Nftables::new()?)),
         Mode::Ebpf => Ok(Arc::new(ebpf::Ebpf::start(ebpf)?)),
         Mode::Auto => match ebpf::Ebpf::start(ebpf) {
@@ -111,9 +123,11 @@ pub fn start(mode: Mode, ebpf: &EbpfSettings) -> Result<Arc<dyn Redirector>, Str
     }
 }
 
-/// `--redirect none`: no capture, but the original destination is still asked of the kernel
-/// (SO_ORIGINAL_DST) so hand-made nftables rules work.
-struct NoCapture;
+/// `--redirect none`: no capture. The original destination is still asked of the kernel
+/// (SO_ORIGINAL_DST) so hand-made nftables rules work, or is the fixed target, if one is set.
+struct NoCapture {
+    target: Option<SocketAddr>,
+}
 
 impl Redirector for NoCapture {
     fn name(&self) -> &'static str {
@@ -121,6 +135,26 @@ impl Redirector for NoCapture {
     }
 
     fn enroll(&self, _pod: &PodTarget<'_>) -> Result<Arc<dyn PodCapture>, String> {
-        Ok(Arc::new(nftables::NetfilterDst))
+        Ok(match self.target {
+            Some(target) => Arc::new(FixedTarget(target)),
+            None => Arc::new(nftables::NetfilterDst),
+        })
+    }
+}
+
+/// Every outbound connection goes to one address; inbound keeps its local address.
+struct FixedTarget(SocketAddr);
+
+impl PodCapture for FixedTarget {
+    fn outbound_original_dst(&self, _stream: &TcpStream) -> io::Result<SocketAddr> {
+        Ok(self.0)
+    }
+
+    fn inbound_original_dst(&self, stream: &TcpStream) -> io::Result<SocketAddr> {
+        stream.local_addr()
+    }
+
+    fn remove(&self) -> Result<(), String> {
+        Ok(())
     }
 }
