@@ -104,6 +104,18 @@ async fn handle(pod: &Pod, tcp: TcpStream, peer: SocketAddr) -> Result<(), Strin
         let source = state.workload_by_uid(&pod.uid).cloned();
         (source, route(dst, state.resolve(dst))?)
     };
+    // eBPF capture rewrites the destination before the source is chosen, so the app's side of
+    // the connection is loopback: the client is really the pod's own address.
+    let peer = match &source {
+        Some(w) if peer.ip().is_loopback() => w
+            .addresses
+            .iter()
+            .find(|a| a.is_ipv4() == peer.is_ipv4())
+            .or(w.addresses.first())
+            .map(|ip| SocketAddr::new(*ip, peer.port()))
+            .unwrap_or(peer),
+        _ => peer,
+    };
     let start = Instant::now();
     let upstream = if route.hbone {
         Upstream::Hbone(open_hbone(pod, peer, &route, source.as_deref()).await?)
