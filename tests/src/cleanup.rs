@@ -67,6 +67,26 @@ pub fn clean_leftovers() -> anyhow::Result<String> {
         done.push(format!("removed cgroups {}", removed.join(", ")));
     }
 
+    // ztunnel pins its eBPF maps and links per instance in `<bpffs>/<prefix>-<node>`.
+    let mut unpinned = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(crate::BPFFS) {
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().to_string();
+            if name
+                .get(..naming::PREFIX_LEN)
+                .is_some_and(naming::is_prefix)
+            {
+                match std::fs::remove_dir_all(e.path()) {
+                    Ok(()) => unpinned.push(name),
+                    Err(err) => failed.push(format!("cannot remove {}: {err}", e.path().display())),
+                }
+            }
+        }
+    }
+    if !unpinned.is_empty() {
+        done.push(format!("removed eBPF pins {}", unpinned.join(", ")));
+    }
+
     match cgroup::unmount_if_unused(cgroup::MOUNT_POINT) {
         Ok(true) if was_mounted => done.push(format!("unmounted {}", cgroup::MOUNT_POINT)),
         Ok(_) => {}

@@ -237,7 +237,10 @@ impl Cluster {
 
     fn spawn_ztunnel(&self, node: usize) -> anyhow::Result<Child> {
         let bin = ztunnel_binary()?;
-        let log = std::fs::File::create(self.ztunnel_log(node))?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.ztunnel_log(node))?;
         let mut cmd = std::process::Command::new(bin);
         cmd.arg("--node-name")
             .arg(&self.bed.node(node).name)
@@ -251,15 +254,23 @@ impl Cluster {
             .arg(self.bed.cgroup_root())
             .arg("--drain-timeout")
             .arg("5s")
-            .args(&self.spec.ztunnel_args)
-            .env(
-                "RUST_LOG",
-                std::env::var("ZTUNNEL_LOG").unwrap_or_else(|_| "info".into()),
-            )
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log);
+            .args(&self.spec.ztunnel_args);
+        if !self.spec.ztunnel_args.iter().any(|a| a == "--bpf-pin-dir") {
+            cmd.arg("--bpf-pin-dir").arg(self.pin_dir_name(node));
+        }
+        cmd.env(
+            "RUST_LOG",
+            std::env::var("ZTUNNEL_LOG").unwrap_or_else(|_| "info".into()),
+        )
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
         self.bed.spawn_in_node(node, cmd)
+    }
+
+    /// This test bed's eBPF pin directory for `node`, relative to [`crate::BPFFS`].
+    pub fn pin_dir_name(&self, node: usize) -> String {
+        format!("{}-{}", self.bed.prefix, self.bed.node(node).name)
     }
 
     pub fn ztunnel_log(&self, node: usize) -> PathBuf {
@@ -392,8 +403,22 @@ impl Cluster {
         dst: SocketAddr,
         payload: &[u8],
     ) -> anyhow::Result<Vec<u8>> {
-        let s = self.pod_sockets(pod)?.connect(dst).await?;
+        let s = self.connect_from(pod, dst).await?;
         exchange_on(s, payload).await
+    }
+
+    /// Connect from `pod` to `dst` with a socket made in the pod's cgroup and netns, as the
+    /// pod's application would (so either capture, eBPF or nftables, applies).
+    pub async fn connect_from(&self, pod: &str, dst: SocketAddr) -> anyhow::Result<TcpStream> {
+        let fd = self.bed.pod_socket(pod, dst.is_ipv6(), None)?;
+        let std = std::net::TcpStream::from(fd);
+        std.set_nonblocking(true)?;
+        let socket = tokio::net::TcpSocket::from_std_stream(std);
+        let s = tokio::time::timeout(Duration::from_secs(10), socket.connect(dst))
+            .await
+            .with_context(|| format!("connecting from {pod} to {dst} timed out"))??;
+        s.set_nodelay(true)?;
+        Ok(s)
     }
 
     /// Echo servers on ECHO_PORT and ALT_PORT in every pod, each answering with a line naming
@@ -434,6 +459,14 @@ impl Drop for Cluster {
         }
         if std::env::var_os("KEEP_MESH_DIR").is_none() {
             let _ = std::fs::remove_dir_all(&self.dir);
+        }
+        // Stop the ztunnels first: they would otherwise keep using the pins.
+        for z in self.ztunnels.iter_mut().flatten() {
+            let _ = z.kill();
+            let _ = z.wait();
+        }
+        for node in 0..self.spec.nodes {
+            let _ = std::fs::remove_dir_all(Path::new(crate::BPFFS).join(self.pin_dir_name(node)));
         }
     }
 }

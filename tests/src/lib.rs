@@ -23,6 +23,7 @@ mod command;
 mod naming;
 mod netns;
 mod packet;
+mod podsocket;
 mod process;
 
 use std::net::Ipv4Addr;
@@ -37,6 +38,9 @@ pub use cleanup::clean_leftovers;
 pub use packet::{TcpFlags, TcpPacket};
 
 use process::{Placement, Tracked};
+
+/// Where ztunnel pins its eBPF state; each test bed's ztunnels use `<prefix>-<node>` in it.
+pub const BPFFS: &str = "/sys/fs/bpf";
 
 /// Name of each node's interface on the underlay, where [`Testbed::capture`] listens.
 pub const UNDERLAY_INTERFACE: &str = "ul0";
@@ -295,6 +299,22 @@ impl Testbed {
     /// [`Testbed::in_netns`] in pod `pod`'s namespace.
     pub fn in_pod<R: Send>(&self, pod: &str, f: impl FnOnce() -> R + Send) -> anyhow::Result<R> {
         netns::run_in(&self.find_pod(pod)?.netns, f)
+    }
+
+    /// A TCP socket made inside pod `pod` as its application would make it: in the pod's
+    /// cgroup (so cgroup eBPF programs apply) and network namespace. `bind_port` binds it to
+    /// that port on the wildcard address first; the error is the kernel's (e.g. EPERM).
+    pub fn pod_socket(
+        &self,
+        pod: &str,
+        v6: bool,
+        bind_port: Option<u16>,
+    ) -> anyhow::Result<std::os::fd::OwnedFd> {
+        let pod = self.find_pod(pod)?;
+        let procs = cgroup::open_procs(&pod.cgroup)?;
+        let netns = netns::open(&pod.netns)?;
+        podsocket::create(&procs, &netns, v6, bind_port)
+            .with_context(|| format!("cannot make a socket in pod {}", pod.name))
     }
 
     /// [`Testbed::in_netns`] in node `node`'s (0-based) namespace.

@@ -252,12 +252,7 @@ async fn sigterm_drains_open_connections() {
     }
     let mut c = Cluster::start(spec("")).await.unwrap();
     let server = SocketAddr::new(c.pod_ip("server-a"), ECHO_PORT);
-    let s = c
-        .pod_sockets("client")
-        .unwrap()
-        .connect(server)
-        .await
-        .unwrap();
+    let s = c.connect_from("client", server).await.unwrap();
     // Make sure the tunnel is established before the drain starts.
     let (mut r, mut w) = s.into_split();
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

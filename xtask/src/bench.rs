@@ -64,7 +64,12 @@ pub async fn run(
         ],
         services: vec![],
         policies: String::new(),
-        ztunnel_args: ztunnel_args.clone(),
+        // The load generator makes its sockets in the test process (netns only, outside the
+        // pods' cgroups), which nftables captures and cgroup eBPF programs would not.
+        ztunnel_args: ["--redirect".to_string(), "nftables".to_string()]
+            .into_iter()
+            .chain(ztunnel_args.iter().cloned())
+            .collect(),
     };
     let c = Cluster::start(spec).await?;
     let secs = Duration::from_secs(seconds);

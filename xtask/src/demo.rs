@@ -68,7 +68,7 @@ pub async fn run(bin: PathBuf) -> anyhow::Result<()> {
     let started = Instant::now();
     let c = Cluster::start(spec).await?;
     println!(
-        "\nMesh up in {:.1}s: {} nodes, one ztunnel per node ({}), capture with nftables inside each mesh pod",
+        "\nMesh up in {:.1}s: {} nodes, one ztunnel per node ({}), capture with eBPF (cgroup connect4/sock_ops on kubepods.slice, sk_lookup per mesh pod)",
         started.elapsed().as_secs_f64(),
         c.spec.nodes,
         bin.display()
@@ -129,6 +129,11 @@ pub async fn run(bin: PathBuf) -> anyhow::Result<()> {
     report.check(
         "(e) pod outside the mesh -> mesh pod through 15006",
         outsider(&c).await,
+    );
+
+    report.check(
+        "(f) capture is eBPF only: no iptables or nftables rule in any pod",
+        no_rules(&c).await,
     );
 
     let failed = report.rows.iter().filter(|r| !r.0).count();
@@ -299,5 +304,57 @@ async fn outsider(c: &Cluster) -> anyhow::Result<String> {
     }
     Ok(format!(
         "outsider (node1, no ztunnel) -> {dst}: captured on 15006 in echo-2, authorized without identity, answered \"{greeting}\"; node2 counts {n} connection(s) with connection_security_policy=\"none\""
+    ))
+}
+
+/// Every ztunnel says it captures with eBPF, and no pod has a netfilter rule.
+async fn no_rules(c: &Cluster) -> anyhow::Result<String> {
+    for node in 0..c.spec.nodes {
+        let (_, body) = c.http_get(node, 15000, "/config_dump").await?;
+        let dump: serde_json::Value = serde_json::from_str(&body)?;
+        if dump["capture"] != "ebpf" {
+            bail!(
+                "{}'s ztunnel captures with {}",
+                c.bed.node(node).name,
+                dump["capture"]
+            );
+        }
+    }
+    let mut checked = vec![];
+    for def in &c.spec.pods {
+        let ns = testbed::netns_path(&c.bed.pod(&def.name).netns);
+        for (tool, args) in [
+            ("nft", &["list", "ruleset"][..]),
+            ("iptables-save", &[][..]),
+        ] {
+            let out = std::process::Command::new("nsenter")
+                .arg(format!("--net={}", ns.display()))
+                .arg(tool)
+                .args(args)
+                .output();
+            let Ok(out) = out else {
+                continue; // the tool is not installed: then it installed no rule either
+            };
+            let text = String::from_utf8_lossy(&out.stdout);
+            let rules: Vec<&str> = text
+                .lines()
+                .filter(|l| {
+                    let l = l.trim();
+                    !l.is_empty()
+                        && !l.starts_with('#')
+                        && !l.starts_with('*')
+                        && !l.starts_with(':')
+                        && l != "COMMIT"
+                })
+                .collect();
+            if !rules.is_empty() {
+                bail!("{tool} in pod {}: {}", def.name, rules.join(" | "));
+            }
+        }
+        checked.push(def.name.as_str());
+    }
+    Ok(format!(
+        "both ztunnels report capture \"ebpf\"; `nft list ruleset` and `iptables-save` are empty in {}",
+        checked.join(", ")
     ))
 }

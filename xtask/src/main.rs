@@ -1,8 +1,10 @@
-//! `cargo xtask …`: the project's tasks (demo, test, bench, clean-testbed), runnable on a fresh
+//! `cargo xtask …`: the project's tasks (demo, test, bench, build-ebpf, clean-testbed), runnable on a fresh
 //! Debian machine as root.
 
 mod bench;
+mod bench_redirect;
 mod demo;
+mod ebpf;
 mod setup;
 mod test;
 
@@ -25,8 +27,12 @@ enum Task {
         #[arg(long)]
         no_install: bool,
     },
-    /// Benchmark direct TCP against the mesh on the test bed; writes target/bench/hbone.json.
+    /// Benchmark direct TCP against the mesh on the test bed (target/bench/hbone.json), or with
+    /// `redirect`, no capture against eBPF and nftables capture (target/bench/redirect.json).
     Bench {
+        /// `hbone` (default) or `redirect`.
+        #[arg(default_value = "hbone")]
+        which: String,
         /// Seconds per measurement.
         #[arg(long, default_value_t = 2)]
         seconds: u64,
@@ -37,6 +43,17 @@ enum Task {
         #[arg(long = "ztunnel-arg", allow_hyphen_values = true)]
         ztunnel_args: Vec<String>,
     },
+    /// Install the eBPF toolchain when missing (Debian, root), build the capture programs and
+    /// print the object's path; ztunnel embeds it when built afterwards.
+    BuildEbpf,
+    /// The load generator of `bench redirect`, run inside a pod (internal).
+    #[command(hide = true)]
+    BenchClient {
+        #[arg(long)]
+        target: std::net::SocketAddr,
+        #[arg(long)]
+        seconds: u64,
+    },
     /// Remove test beds left behind by killed runs (namespaces, cgroups, processes).
     CleanTestbed,
 }
@@ -44,21 +61,35 @@ enum Task {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.task {
+        Task::BuildEbpf => {
+            println!("{}", ebpf::build()?.display());
+            Ok(())
+        }
         Task::Demo => {
             setup::system_packages()?;
+            ebpf::build()?;
             let bin = setup::build_ztunnel(false)?;
             runtime()?.block_on(demo::run(bin))
         }
         Task::Test { no_install } => test::run(no_install),
         Task::Bench {
+            which,
             seconds,
             rounds,
             ztunnel_args,
         } => {
             setup::system_packages()?;
+            ebpf::build()?;
             let bin = setup::build_ztunnel(true)?;
-            runtime()?.block_on(bench::run(bin, seconds, rounds.max(1), ztunnel_args))
+            match which.as_str() {
+                "hbone" => {
+                    runtime()?.block_on(bench::run(bin, seconds, rounds.max(1), ztunnel_args))
+                }
+                "redirect" => runtime()?.block_on(bench_redirect::run(bin, seconds)),
+                other => anyhow::bail!("unknown benchmark {other:?}: hbone or redirect"),
+            }
         }
+        Task::BenchClient { target, seconds } => bench_redirect::client(target, seconds),
         Task::CleanTestbed => {
             println!("{}", testbed::clean_leftovers()?);
             Ok(())

@@ -1,5 +1,6 @@
 //! `cargo xtask test`: everything CI checks, in the order that fails fastest.
 
+use crate::ebpf;
 use crate::setup::{self, cargo};
 
 pub fn run(no_install: bool) -> anyhow::Result<()> {
@@ -12,6 +13,15 @@ pub fn run(no_install: bool) -> anyhow::Result<()> {
         setup::python_h2()?;
     }
     step("formatting", cargo().args(["fmt", "--all", "--check"]))?;
+    // Before ztunnel is built, so that it embeds the object (eBPF capture is the default).
+    println!("\n==> eBPF programs");
+    match ebpf::build() {
+        Ok(object) => println!("built {}", object.display()),
+        Err(e) if !setup::is_root() => {
+            println!("not root: eBPF programs not built ({e:#}); end-to-end tests will skip")
+        }
+        Err(e) => return Err(e),
+    }
     step(
         "clippy",
         cargo().args([

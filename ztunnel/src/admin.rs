@@ -18,6 +18,7 @@ pub fn admin(node: Arc<Node>, quit: mpsc::Sender<()>, set_level: SetLevel) -> Ro
             let state = node.state.borrow().clone();
             Reply::json(&serde_json::json!({
                 "node": node.name,
+                "capture": node.redirect_name(),
                 "workloads": state.workloads().map(|w| &**w).collect::<Vec<_>>(),
                 "services": state.services().map(|s| &**s).collect::<Vec<_>>(),
                 "policies": state.policies().map(|p| &**p).collect::<Vec<_>>(),

@@ -120,8 +120,10 @@ pub async fn serve_plaintext(listener: TcpListener, pod: Arc<Pod>, drain: drain:
 
 async fn plaintext(pod: &Pod, tcp: TcpStream, peer: SocketAddr) -> Result<(), String> {
     let _ = mesh::socket::tune(&tcp);
-    let target =
-        mesh::socket::original_dst(&tcp).map_err(|e| format!("original destination: {e}"))?;
+    let target = pod
+        .capture
+        .inbound_original_dst(&tcp)
+        .map_err(|e| format!("original destination: {e}"))?;
     let workload = pod.workload().ok_or("pod is no longer in the mesh")?;
     let conn = Connection {
         src_identity: None,

@@ -14,7 +14,8 @@ use tokio::sync::{mpsc, watch};
 use tracing::{error, info, warn};
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::prelude::*;
-use ztunnel::node::{Node, Redirect};
+use ztunnel::node::Node;
+use ztunnel::redirect::{self, EbpfSettings, Mode};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -40,9 +41,26 @@ struct Args {
     /// Root of the cgroup v2 hierarchy where pods' cgroups are found (kubelet layout).
     #[arg(long, default_value = "/sys/fs/cgroup")]
     cgroup_root: PathBuf,
-    /// How pod traffic is captured.
-    #[arg(long, value_enum, default_value = "nftables")]
+    /// How pod traffic is captured: `ebpf` refuses to start when the kernel lacks a feature,
+    /// `auto` then falls back to nftables.
+    #[arg(long, value_enum, default_value = "ebpf")]
     redirect: RedirectArg,
+    /// The cgroup holding every pod, where the eBPF cgroup programs attach (default: kubepods.slice
+    /// or kubepods under --cgroup-root).
+    #[arg(long)]
+    pod_cgroup: Option<PathBuf>,
+    /// Where bpffs is mounted (mounted there if it is /sys/fs/bpf and not mounted yet).
+    #[arg(long, default_value = "/sys/fs/bpf")]
+    bpffs: PathBuf,
+    /// This instance's directory for pinned maps and links, under --bpffs.
+    #[arg(long, default_value = "ztunnel")]
+    bpf_pin_dir: PathBuf,
+    /// With `--redirect none`: send connections dialed straight to 15001 here (benchmarks).
+    #[arg(long)]
+    no_capture_target: Option<SocketAddr>,
+    /// The eBPF object to load instead of the one embedded at build time.
+    #[arg(long, env = "ZTUNNEL_EBPF_OBJECT")]
+    ebpf_object: Option<PathBuf>,
     #[arg(long, default_value = "127.0.0.1:15000")]
     admin_addr: SocketAddr,
     #[arg(long, default_value = "0.0.0.0:15020")]
@@ -63,7 +81,9 @@ struct Args {
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
 enum RedirectArg {
+    Ebpf,
     Nftables,
+    Auto,
     None,
 }
 
@@ -99,6 +119,7 @@ fn main() -> anyhow::Result<()> {
 
 async fn run(args: Args) -> anyhow::Result<()> {
     let filter = EnvFilter::try_from_env("RUST_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let initial_level = filter.max_level_hint();
     let (filter, reload) = tracing_subscriber::reload::Layer::new(filter);
     let fmt = tracing_subscriber::fmt::layer()
         .with_target(true)
@@ -109,8 +130,30 @@ async fn run(args: Args) -> anyhow::Result<()> {
     } else {
         registry.with(fmt).init();
     }
+
+    let mode = match args.redirect {
+        RedirectArg::Ebpf => Mode::Ebpf,
+        RedirectArg::Nftables => Mode::Nftables,
+        RedirectArg::Auto => Mode::Auto,
+        RedirectArg::None => Mode::None,
+    };
+    let capture = redirect::start(
+        mode,
+        &EbpfSettings {
+            object: args.ebpf_object.clone(),
+            cgroup_root: args.cgroup_root.clone(),
+            pod_cgroup: args.pod_cgroup.clone(),
+            bpffs: args.bpffs.clone(),
+            pin_dir: args.bpf_pin_dir.clone(),
+            log_level: redirect::log_level(initial_level),
+        },
+        args.no_capture_target,
+    )
+    .map_err(|e| anyhow::anyhow!("capture ({mode:?}): {e}"))?;
+    let capture_for_level = capture.clone();
     let set_level: ztunnel::admin::SetLevel = Arc::new(move |level: &str| {
         let filter = EnvFilter::try_new(level).map_err(|e| e.to_string())?;
+        capture_for_level.set_log_level(redirect::log_level(filter.max_level_hint()));
         reload.reload(filter).map_err(|e| e.to_string())
     });
 
@@ -122,16 +165,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
         ttl: args.cert_ttl,
     }));
     let (state_tx, state_rx) = watch::channel(Arc::new(state));
-    let redirect = match args.redirect {
-        RedirectArg::Nftables => Redirect::Nftables,
-        RedirectArg::None => Redirect::None,
-    };
     let node = Node::new(
         args.node_name.clone(),
         state_rx,
         certs,
         args.cgroup_root.clone(),
-        redirect,
+        capture.clone(),
     );
     let (drain_trigger, drain_watch) = mesh::drain::channel();
     let (quit_tx, mut quit_rx) = mpsc::channel(1);
@@ -157,7 +196,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         state_tx,
         node.clone(),
     ));
-    info!(node = %args.node_name, redirect = ?redirect, "ztunnel started");
+    info!(node = %args.node_name, redirect = capture.name(), "ztunnel started");
 
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;

@@ -1,8 +1,8 @@
 //! The node agent: holds the mesh state, the certificates and the HBONE pool, enrolls this node's
-//! mesh pods (in-pod listeners, then capture rules) and unenrolls them, and drains on shutdown.
+//! mesh pods (in-pod listeners, then capture) and unenrolls them, and drains on shutdown.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
@@ -16,21 +16,12 @@ use tokio::sync::watch;
 use tracing::{error, info, warn};
 
 use crate::metrics::Metrics;
+use crate::redirect::{PodCapture, PodTarget, Redirector};
 use crate::state::{State, TunnelProtocol, Workload};
-use crate::{config_file, inbound, outbound, redirect};
+use crate::{config_file, inbound, outbound};
 
 pub const OUTBOUND_PORT: u16 = 15001;
 pub const INBOUND_PLAINTEXT_PORT: u16 = 15006;
-
-/// How pod traffic reaches the in-pod listeners.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Redirect {
-    /// nftables rules in each pod, installed and removed by ztunnel.
-    Nftables,
-    /// No capture rules: applications (or tests) dial the listeners themselves.
-    None,
-}
 
 /// Everything shared by the proxies of all pods on this node.
 pub struct Node {
@@ -40,7 +31,7 @@ pub struct Node {
     pub pool: Pool,
     pub metrics: Arc<Metrics>,
     cgroup_root: PathBuf,
-    redirect: Redirect,
+    redirect: Arc<dyn Redirector>,
     pods: Mutex<HashMap<String, Enrolled>>,
     /// Pods that should be enrolled but cannot be yet, with the reason (uid → (name, reason)).
     pending: Mutex<HashMap<String, (String, String)>>,
@@ -54,6 +45,8 @@ pub struct Pod {
     pub identity: Identity,
     /// Makes sockets inside the pod, marked so capture skips them.
     pub sockets: SocketFactory,
+    /// The pod's capture: where captured connections were going.
+    pub capture: Arc<dyn PodCapture>,
 }
 
 impl Pod {
@@ -68,6 +61,7 @@ struct Enrolled {
     netns: PathBuf,
     identity: Identity,
     since: SystemTime,
+    capture: Arc<dyn PodCapture>,
     drain: drain::Trigger,
 }
 
@@ -88,7 +82,7 @@ impl Node {
         state: watch::Receiver<Arc<State>>,
         certs: CertCache,
         cgroup_root: PathBuf,
-        redirect: Redirect,
+        redirect: Arc<dyn Redirector>,
     ) -> Arc<Node> {
         Arc::new(Node {
             name,
@@ -114,6 +108,11 @@ impl Node {
             .collect()
     }
 
+    /// The capture in use: `ebpf`, `nftables` or `none`.
+    pub fn redirect_name(&self) -> &'static str {
+        self.redirect.name()
+    }
+
     /// Bring enrollment in line with the state: enroll new pods, unenroll gone ones. Pods that
     /// cannot be enrolled yet (no process in their cgroup) are retried on the next pass.
     pub async fn reconcile(self: &Arc<Self>) {
@@ -136,7 +135,7 @@ impl Node {
         for (uid, pod) in stale {
             self.unenroll(&uid, pod).await;
         }
-        for w in wanted {
+        for w in &wanted {
             let known = self
                 .pods
                 .lock()
@@ -145,13 +144,13 @@ impl Node {
             if known {
                 continue;
             }
-            let result = self.enroll(&w);
+            let result = self.enroll(w);
             let Ok(mut pending) = self.pending.lock() else {
                 continue;
             };
             match result {
                 Ok(e) => {
-                    info!(pod = %w.name, uid = %w.uid, netns = %e.netns.display(), "pod enrolled");
+                    info!(pod = %w.name, uid = %w.uid, netns = %e.netns.display(), capture = self.redirect.name(), "pod enrolled");
                     pending.remove(&w.uid);
                     if let Ok(mut pods) = self.pods.lock() {
                         pods.insert(w.uid.clone(), e);
@@ -167,9 +166,19 @@ impl Node {
                 }
             }
         }
-        if let Ok(mut pending) = self.pending.lock() {
-            pending.retain(|uid, _| keep.contains(uid));
-        }
+        let pending: Vec<String> = match self.pending.lock() {
+            Ok(mut pending) => {
+                pending.retain(|uid, _| keep.contains(uid));
+                pending.keys().cloned().collect()
+            }
+            Err(_) => vec![],
+        };
+        let enrolled: Vec<String> = self
+            .pods
+            .lock()
+            .map(|p| p.keys().cloned().collect())
+            .unwrap_or_default();
+        self.redirect.retain(&enrolled, &pending);
         self.reconciled
             .store(true, std::sync::atomic::Ordering::Release);
         self.metrics
@@ -177,7 +186,7 @@ impl Node {
             .set(self.pods.lock().map(|p| p.len() as i64).unwrap_or(0));
     }
 
-    /// Listeners first, capture rules last, so captured traffic always finds a listener.
+    /// Listeners first, capture last, so captured traffic always finds a listener.
     fn enroll(self: &Arc<Self>, w: &Workload) -> Result<Enrolled, String> {
         let netns = crate::inpod::find_netns(&self.cgroup_root, &w.uid)?;
         let sockets = SocketFactory::open_netns(&netns, Some(PROXY_MARK))
@@ -187,10 +196,31 @@ impl Node {
                 .listen(SocketAddr::new(ip, port))
                 .map_err(|e| format!("listening on {port} in the pod: {e}"))
         };
-        let any = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
-        let outbound_l = listen(IpAddr::V4(Ipv4Addr::LOCALHOST), OUTBOUND_PORT)?;
-        let plaintext_l = listen(any, INBOUND_PLAINTEXT_PORT)?;
-        let hbone_l = listen(any, mesh::hbone::HBONE_PORT)?;
+        // IPv4 always; IPv6 too when the pod has an IPv6 address.
+        let mut families = vec![(
+            IpAddr::V4(Ipv4Addr::LOCALHOST),
+            IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        )];
+        if w.addresses.iter().any(IpAddr::is_ipv6) {
+            families.push((
+                IpAddr::V6(Ipv6Addr::LOCALHOST),
+                IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+            ));
+        }
+        let mut outbound_l = vec![];
+        let mut plaintext_l = vec![];
+        let mut hbone_l = vec![];
+        for (local, any) in families {
+            outbound_l.push(listen(local, OUTBOUND_PORT)?);
+            plaintext_l.push(listen(any, INBOUND_PLAINTEXT_PORT)?);
+            hbone_l.push(listen(any, mesh::hbone::HBONE_PORT)?);
+        }
+        let capture = self.redirect.enroll(&PodTarget {
+            uid: &w.uid,
+            netns: &netns,
+            addresses: &w.addresses,
+            plaintext: &plaintext_l.iter().collect::<Vec<_>>(),
+        })?;
         let identity = w.identity();
         self.certs.track(&identity);
         let pod = Arc::new(Pod {
@@ -198,37 +228,31 @@ impl Node {
             uid: w.uid.clone(),
             identity: identity.clone(),
             sockets,
+            capture: capture.clone(),
         });
         let (trigger, watch) = drain::channel();
-        tokio::spawn(outbound::serve(outbound_l, pod.clone(), watch.clone()));
-        tokio::spawn(inbound::serve_plaintext(
-            plaintext_l,
-            pod.clone(),
-            watch.clone(),
-        ));
-        tokio::spawn(inbound::serve_hbone(hbone_l, pod, watch));
-        if self.redirect == Redirect::Nftables
-            && let Err(e) = redirect::install(&netns, PROXY_MARK)
-        {
-            self.certs.untrack(&identity);
-            // Dropping the trigger stops the listeners just started.
-            drop(trigger);
-            return Err(e);
+        for l in outbound_l {
+            tokio::spawn(outbound::serve(l, pod.clone(), watch.clone()));
+        }
+        for l in plaintext_l {
+            tokio::spawn(inbound::serve_plaintext(l, pod.clone(), watch.clone()));
+        }
+        for l in hbone_l {
+            tokio::spawn(inbound::serve_hbone(l, pod.clone(), watch.clone()));
         }
         Ok(Enrolled {
             name: w.name.clone(),
             netns,
             identity,
             since: SystemTime::now(),
+            capture,
             drain: trigger,
         })
     }
 
-    /// Rules first (new connections go direct), then the listeners drain.
+    /// Capture first (new connections go direct), then the listeners drain.
     async fn unenroll(&self, uid: &str, pod: Enrolled) {
-        if self.redirect == Redirect::Nftables
-            && let Err(e) = redirect::remove(&pod.netns)
-        {
+        if let Err(e) = pod.capture.remove() {
             // The pod may already be gone along with its namespace.
             warn!(%uid, "removing capture rules: {e}");
         }
@@ -238,7 +262,7 @@ impl Node {
     }
 
     /// Stop every pod's listeners and wait for open connections, up to `deadline`. Capture
-    /// rules stay: while no ztunnel runs, captured connections are refused rather than sent
+    /// (rules, or pinned eBPF state) stays: while no ztunnel runs, captured connections are refused rather than sent
     /// around the mesh.
     pub async fn drain(&self, deadline: Duration) -> bool {
         let pods: Vec<Enrolled> = match self.pods.lock() {

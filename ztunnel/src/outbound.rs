@@ -89,11 +89,26 @@ enum Upstream {
 
 async fn handle(pod: &Pod, tcp: TcpStream, peer: SocketAddr) -> Result<(), String> {
     mesh::socket::tune(&tcp).map_err(|e| e.to_string())?;
-    let dst = mesh::socket::original_dst(&tcp).map_err(|e| format!("original destination: {e}"))?;
+    let dst = pod
+        .capture
+        .outbound_original_dst(&tcp)
+        .map_err(|e| format!("original destination: {e}"))?;
     let (source, route) = {
         let state = pod.node.state.borrow();
         let source = state.workload_by_uid(&pod.uid).cloned();
         (source, route(dst, state.resolve(dst))?)
+    };
+    // eBPF capture rewrites the destination before the source is chosen, so the app's side of
+    // the connection is loopback: the client is really the pod's own address.
+    let peer = match &source {
+        Some(w) if peer.ip().is_loopback() => w
+            .addresses
+            .iter()
+            .find(|a| a.is_ipv4() == peer.is_ipv4())
+            .or(w.addresses.first())
+            .map(|ip| SocketAddr::new(*ip, peer.port()))
+            .unwrap_or(peer),
+        _ => peer,
     };
     let start = Instant::now();
     let upstream = if route.hbone {

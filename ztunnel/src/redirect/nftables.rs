@@ -2,13 +2,88 @@
 //! outbound TCP → 15001, inbound TCP (except HBONE on 15008) → 15006, the proxy's own marked
 //! sockets untouched. The fallback for kernels without the eBPF features.
 
-use std::io::Write;
-use std::path::Path;
+use std::io::{self, Write};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::Arc;
+
+use mesh::socket::PROXY_MARK;
+use tokio::net::TcpStream;
+
+use super::{PodCapture, PodTarget, Redirector};
 
 /// The kubelet's probe source address, exempt from capture as in Istio.
 const KUBELET_PROBE_SRC: &str = "169.254.7.127";
 const TABLE: &str = "ztunnel";
+
+/// Capture with nftables rules in each pod.
+pub struct Nftables;
+
+impl Nftables {
+    /// Checks that `nft` and `nsenter` can be run.
+    pub fn new() -> Result<Nftables, String> {
+        for tool in ["nft", "nsenter"] {
+            Command::new(tool)
+                .arg("--version")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .map_err(|e| {
+                    format!("nftables capture needs `{tool}` (package nftables / util-linux): {e}")
+                })?;
+        }
+        Ok(Nftables)
+    }
+}
+
+impl Redirector for Nftables {
+    fn name(&self) -> &'static str {
+        "nftables"
+    }
+
+    fn enroll(&self, pod: &PodTarget<'_>) -> Result<Arc<dyn PodCapture>, String> {
+        install(pod.netns, PROXY_MARK)?;
+        Ok(Arc::new(NftPod {
+            netns: pod.netns.to_path_buf(),
+        }))
+    }
+}
+
+struct NftPod {
+    netns: PathBuf,
+}
+
+impl PodCapture for NftPod {
+    fn outbound_original_dst(&self, stream: &TcpStream) -> io::Result<SocketAddr> {
+        mesh::socket::original_dst(stream)
+    }
+
+    fn inbound_original_dst(&self, stream: &TcpStream) -> io::Result<SocketAddr> {
+        mesh::socket::original_dst(stream)
+    }
+
+    fn remove(&self) -> Result<(), String> {
+        remove(&self.netns)
+    }
+}
+
+/// Original destinations from netfilter (SO_ORIGINAL_DST), for rules ztunnel did not install.
+pub struct NetfilterDst;
+
+impl PodCapture for NetfilterDst {
+    fn outbound_original_dst(&self, stream: &TcpStream) -> io::Result<SocketAddr> {
+        mesh::socket::original_dst(stream)
+    }
+
+    fn inbound_original_dst(&self, stream: &TcpStream) -> io::Result<SocketAddr> {
+        mesh::socket::original_dst(stream)
+    }
+
+    fn remove(&self) -> Result<(), String> {
+        Ok(())
+    }
+}
 
 /// The ruleset for one pod; applying it replaces any previous one atomically.
 pub fn ruleset(mark: u32) -> String {
@@ -38,12 +113,12 @@ table inet {TABLE} {{
 }
 
 /// Install the capture rules in the namespace at `netns`.
-pub fn install(netns: &Path, mark: u32) -> Result<(), String> {
+fn install(netns: &Path, mark: u32) -> Result<(), String> {
     nft(netns, &ruleset(mark))
 }
 
 /// Remove them; new connections then go direct.
-pub fn remove(netns: &Path) -> Result<(), String> {
+fn remove(netns: &Path) -> Result<(), String> {
     nft(
         netns,
         &format!("table inet {TABLE}\ndelete table inet {TABLE}\n"),
