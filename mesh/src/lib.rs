@@ -8,5 +8,6 @@ pub mod drain;
 pub mod hbone;
 pub mod identity;
 pub mod metrics;
+pub mod proto;
 pub mod socket;
 pub mod tls;
