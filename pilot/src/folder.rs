@@ -73,7 +73,10 @@ fn yaml_files(dir: &Path) -> Vec<PathBuf> {
 }
 
 /// What identifies the folder's content without reading it.
-fn fingerprint(dir: &Path) -> Vec<(PathBuf, Option<SystemTime>, u64)> {
+pub type Fingerprint = Vec<(PathBuf, Option<SystemTime>, u64)>;
+
+/// Take this before `load`, and hand it to `watch_folder`, so no change slips between them.
+pub fn fingerprint(dir: &Path) -> Fingerprint {
     yaml_files(dir)
         .into_iter()
         .map(|p| {
@@ -85,11 +88,10 @@ fn fingerprint(dir: &Path) -> Vec<(PathBuf, Option<SystemTime>, u64)> {
         .collect()
 }
 
-/// Publish a snapshot of `dir` now and after every (debounced) change, until the receivers
-/// are gone.
-pub async fn watch_folder(dir: PathBuf, tx: watch::Sender<Arc<Snapshot>>) {
+/// Publish a new snapshot of `dir` after every (debounced) change since `last`, until the
+/// receivers are gone.
+pub async fn watch_folder(dir: PathBuf, mut last: Fingerprint, tx: watch::Sender<Arc<Snapshot>>) {
     let mut generation = tx.borrow().generation;
-    let mut last = fingerprint(&dir);
     loop {
         tokio::time::sleep(POLL).await;
         if tx.is_closed() {
@@ -142,13 +144,12 @@ mod tests {
         )
         .unwrap();
         std::fs::write(dir.join("notes.txt"), "not yaml").unwrap();
+        let fp = fingerprint(&dir);
         let first = load(&dir);
         assert_eq!(first.pods.len(), 1);
         let (tx, mut rx) = watch::channel(Arc::new(first));
         rx.borrow_and_update();
-        let task = tokio::spawn(watch_folder(dir.clone(), tx));
-        // Let the watcher take its first look before the change.
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        let task = tokio::spawn(watch_folder(dir.clone(), fp, tx));
         std::fs::write(
             dir.join("sub/b.yml"),
             "apiVersion: v1\nkind: Pod\nmetadata: {name: b}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: B}\n",

@@ -95,12 +95,13 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         tokens.node_token(node)?;
     }
 
+    let fp = crate::folder::fingerprint(&cfg.folder);
     let first = Arc::new(crate::folder::load(&cfg.folder));
     for p in &first.problems {
         warn!("{p}");
     }
     let (snap_tx, mut snap_rx) = watch::channel(first.clone());
-    tokio::spawn(crate::folder::watch_folder(cfg.folder.clone(), snap_tx));
+    tokio::spawn(crate::folder::watch_folder(cfg.folder.clone(), fp, snap_tx));
     let (pub_tx, pub_rx) = watch::channel(Arc::new(publish(first, &cfg.mesh)));
     {
         let mesh = cfg.mesh.clone();

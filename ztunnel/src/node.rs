@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -42,6 +43,9 @@ pub struct Node {
     cgroup_root: PathBuf,
     redirect: Redirect,
     pods: Mutex<HashMap<String, Enrolled>>,
+    /// False until the configuration source has delivered a first complete view (always true
+    /// for the local file); readiness waits for it.
+    synced: AtomicBool,
 }
 
 /// The proxy side of one enrolled pod, as its handlers see it.
@@ -96,6 +100,7 @@ impl Node {
             cgroup_root,
             redirect,
             pods: Mutex::default(),
+            synced: AtomicBool::new(true),
         })
     }
 
@@ -226,7 +231,18 @@ impl Node {
         futures_all(waits).await
     }
 
+    pub fn set_synced(&self, synced: bool) {
+        self.synced.store(synced, Ordering::Relaxed);
+    }
+
+    pub fn synced(&self) -> bool {
+        self.synced.load(Ordering::Relaxed)
+    }
+
     pub fn ready(&self) -> bool {
+        if !self.synced() {
+            return false;
+        }
         let wanted = self.wanted();
         let enrolled = self
             .pods
@@ -287,6 +303,15 @@ pub async fn watch_config(path: PathBuf, tx: watch::Sender<Arc<State>>, node: Ar
                 Err(e) => error!("configuration rejected, keeping the previous one: {e}"),
             }
         }
+        node.reconcile().await;
+    }
+}
+
+/// Retry enrollment of pods that could not be enrolled yet (no process in their cgroup).
+pub async fn reconcile_periodically(node: Arc<Node>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        tick.tick().await;
         node.reconcile().await;
     }
 }
