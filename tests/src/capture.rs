@@ -255,9 +255,13 @@ impl CaptureReport {
     /// As `tls_only_on`, allowing several ports (HBONE and the control plane's 15012).
     pub fn tls_only_on_ports(&self, ports: &[u16]) -> Result<(), String> {
         let mut problems = Vec::new();
+        let wanted = match ports {
+            [one] => one.to_string(),
+            many => format!("one of {many:?}"),
+        };
         for p in &self.packets {
             if !ports.contains(&p.src.port()) && !ports.contains(&p.dst.port()) {
-                problems.push(format!("{p}: neither port is one of {ports:?}"));
+                problems.push(format!("{p}: neither port is {wanted}"));
             }
         }
 
@@ -294,7 +298,7 @@ impl CaptureReport {
             Ok(())
         } else {
             Err(format!(
-                "{} problem(s) with TLS-only traffic on ports {ports:?}:\n  {}",
+                "{} problem(s) with TLS-only traffic on port {wanted}:\n  {}",
                 problems.len(),
                 problems.join("\n  ")
             ))
