@@ -146,6 +146,45 @@ impl DevCa {
         Ok((cert.pem(), key.serialize_pem()))
     }
 
+    /// Sign a certificate request for `identity`: only the CSR's public key is used; the leaf
+    /// gets Istio's shape whatever else the request asked for. Returns the leaf as PEM.
+    pub fn sign_csr(
+        &self,
+        csr: &rcgen::CertificateSigningRequestParams,
+        identity: &Identity,
+        ttl: Duration,
+    ) -> Result<String, CaError> {
+        let now = SystemTime::now();
+        let params = leaf_params(identity, now - Duration::from_secs(60), now + ttl)?;
+        let request = rcgen::CertificateSigningRequestParams {
+            params,
+            public_key: csr.public_key.clone(),
+        };
+        Ok(request.signed_by(&self.issuer)?.pem())
+    }
+
+    /// A TLS server certificate for the control plane itself (DNS SANs, serverAuth), as PEM
+    /// (cert, key).
+    pub fn issue_server_pem(
+        &self,
+        dns_names: &[String],
+        ttl: Duration,
+    ) -> Result<(String, String), CaError> {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+        let mut params = CertificateParams::new(dns_names.to_vec())?;
+        params.distinguished_name = DistinguishedName::new();
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.use_authority_key_identifier_extension = true;
+        let now = SystemTime::now();
+        params.not_before = (now - Duration::from_secs(60)).into();
+        params.not_after = (now + ttl).into();
+        Ok((
+            params.signed_by(&key, &self.issuer)?.pem(),
+            key.serialize_pem(),
+        ))
+    }
+
     fn sign(
         &self,
         identity: &Identity,
@@ -153,6 +192,18 @@ impl DevCa {
         not_before: SystemTime,
         not_after: SystemTime,
     ) -> Result<rcgen::Certificate, CaError> {
+        let params = leaf_params(identity, not_before, not_after)?;
+        Ok(params.signed_by(key, &self.issuer)?)
+    }
+}
+
+/// Istio's workload certificate shape.
+fn leaf_params(
+    identity: &Identity,
+    not_before: SystemTime,
+    not_after: SystemTime,
+) -> Result<CertificateParams, CaError> {
+    {
         let mut params = CertificateParams::default();
         // Istio's workload certificates carry an empty subject; the identity is the URI SAN.
         params.distinguished_name = DistinguishedName::new();
@@ -172,7 +223,7 @@ impl DevCa {
         fastrand::fill(&mut serial);
         serial[0] &= 0x7f;
         params.serial_number = Some(rcgen::SerialNumber::from_slice(&serial));
-        Ok(params.signed_by(key, &self.issuer)?)
+        Ok(params)
     }
 }
 

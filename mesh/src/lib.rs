@@ -3,10 +3,14 @@
 
 pub mod admin;
 pub mod ca;
+pub mod ca_client;
 pub mod certs;
+pub mod control;
 pub mod drain;
 pub mod hbone;
 pub mod identity;
 pub mod metrics;
+pub mod proto;
 pub mod socket;
 pub mod tls;
+pub mod xds;

@@ -249,10 +249,19 @@ impl CaptureReport {
     /// itself if it carries data). Connections whose SYN was not captured are only checked for
     /// their port. The error lists the offending packets.
     pub fn tls_only_on(&self, port: u16) -> Result<(), String> {
+        self.tls_only_on_ports(&[port])
+    }
+
+    /// As `tls_only_on`, allowing several ports (HBONE and the control plane's 15012).
+    pub fn tls_only_on_ports(&self, ports: &[u16]) -> Result<(), String> {
         let mut problems = Vec::new();
+        let wanted = match ports {
+            [one] => one.to_string(),
+            many => format!("one of {many:?}"),
+        };
         for p in &self.packets {
-            if p.src.port() != port && p.dst.port() != port {
-                problems.push(format!("{p}: neither port is {port}"));
+            if !ports.contains(&p.src.port()) && !ports.contains(&p.dst.port()) {
+                problems.push(format!("{p}: neither port is {wanted}"));
             }
         }
 
@@ -289,7 +298,7 @@ impl CaptureReport {
             Ok(())
         } else {
             Err(format!(
-                "{} problem(s) with TLS-only traffic on port {port}:\n  {}",
+                "{} problem(s) with TLS-only traffic on port {wanted}:\n  {}",
                 problems.len(),
                 problems.join("\n  ")
             ))

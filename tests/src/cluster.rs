@@ -67,8 +67,21 @@ pub struct ServiceDef {
     pub app: String,
 }
 
+/// Where ztunnels get their configuration and certificates.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ControlPlaneMode {
+    /// A local file and the development CA (standalone mode).
+    #[default]
+    File,
+    /// pilot, on node 0, from a folder of Kubernetes YAML.
+    Pilot,
+    /// As `Pilot`, but pilot is not started: the test starts it (`start_pilot`).
+    PilotLater,
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct ClusterSpec {
+    pub control_plane: ControlPlaneMode,
     pub nodes: usize,
     pub pods: Vec<PodDef>,
     pub services: Vec<ServiceDef>,
@@ -91,6 +104,7 @@ pub struct Cluster {
     pub config_path: PathBuf,
     pub ca: DevCa,
     ztunnels: Vec<Option<Child>>,
+    pilot: Option<Child>,
     apps: Vec<(String, Arc<AppStats>)>,
     app_tasks: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -98,27 +112,39 @@ pub struct Cluster {
 /// Where the ztunnel binary is: `$ZTUNNEL_BIN` (what `cargo xtask` sets after building it),
 /// else the newer of the workspace's debug and release builds.
 pub fn ztunnel_binary() -> anyhow::Result<PathBuf> {
-    if let Ok(p) = std::env::var("ZTUNNEL_BIN") {
+    sibling_binary("ZTUNNEL_BIN", "ztunnel")
+}
+
+/// A binary of the workspace: `$<env>`, else next to `$ZTUNNEL_BIN`, else the newer of the
+/// debug and release builds in the target directory.
+fn sibling_binary(env: &str, name: &str) -> anyhow::Result<PathBuf> {
+    if let Ok(p) = std::env::var(env) {
         return Ok(PathBuf::from(p));
+    }
+    if let Ok(z) = std::env::var("ZTUNNEL_BIN") {
+        let p = PathBuf::from(z).with_file_name(name);
+        if p.exists() {
+            return Ok(p);
+        }
     }
     let target = std::env::var("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|_| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
     let newest = ["debug", "release"]
         .iter()
-        .map(|profile| target.join(profile).join("ztunnel"))
+        .map(|profile| target.join(profile).join(name))
         .filter_map(|p| Some((std::fs::metadata(&p).ok()?.modified().ok()?, p)))
         .max();
     match newest {
         Some((_, p)) => {
             eprintln!(
-                "using {} (set ZTUNNEL_BIN to choose; cargo xtask test builds it first)",
+                "using {} (set {env} to choose; cargo xtask test builds it first)",
                 p.display()
             );
             Ok(p)
         }
         None => bail!(
-            "no ztunnel binary under {}: run `cargo build -p ztunnel` (cargo xtask does it) or set ZTUNNEL_BIN",
+            "no {name} binary under {}: run `cargo build -p {name}` (cargo xtask does it) or set {env}",
             target.display()
         ),
     }
@@ -146,6 +172,7 @@ impl Cluster {
             config_path,
             ca,
             ztunnels: vec![],
+            pilot: None,
             apps: vec![],
             app_tasks: vec![],
         };
@@ -153,15 +180,154 @@ impl Cluster {
             &cluster.config_path,
             cluster.config_yaml(&cluster.spec.policies),
         )?;
+        let mode = cluster.spec.control_plane;
+        if mode != ControlPlaneMode::File {
+            // pilot loads the root it finds in its state directory.
+            std::fs::create_dir_all(cluster.pilot_state())?;
+            cluster.ca.save(
+                &cluster.pilot_state().join("root-cert.pem"),
+                &cluster.pilot_state().join("root-key.pem"),
+            )?;
+            std::fs::create_dir_all(cluster.pilot_config())?;
+            std::fs::write(
+                cluster.pilot_config().join("mesh.yaml"),
+                cluster.kubernetes_yaml(),
+            )?;
+        }
         cluster.start_apps()?;
+        if mode == ControlPlaneMode::Pilot {
+            cluster.start_pilot().await?;
+        }
         for node in 0..cluster.spec.nodes {
             let child = cluster.spawn_ztunnel(node)?;
             cluster.ztunnels.push(Some(child));
         }
-        for node in 0..cluster.spec.nodes {
-            cluster.wait_ready(node, Duration::from_secs(20)).await?;
+        if mode != ControlPlaneMode::PilotLater {
+            for node in 0..cluster.spec.nodes {
+                cluster.wait_ready(node, Duration::from_secs(20)).await?;
+            }
         }
         Ok(cluster)
+    }
+
+    /// pilot's folder of Kubernetes YAML.
+    pub fn pilot_config(&self) -> PathBuf {
+        self.dir.join("k8s")
+    }
+
+    fn pilot_state(&self) -> PathBuf {
+        self.dir.join("pilot")
+    }
+
+    pub fn pilot_log(&self) -> PathBuf {
+        self.dir.join("pilot.log")
+    }
+
+    /// pilot's xDS address, as ztunnels dial it: node 0's underlay address.
+    pub fn pilot_addr(&self) -> SocketAddr {
+        SocketAddr::new(self.bed.node(0).underlay_ip.into(), 15012)
+    }
+
+    /// The pods, services and namespace as Kubernetes objects (what `kubectl get -o yaml`
+    /// would show), for pilot.
+    pub fn kubernetes_yaml(&self) -> String {
+        let mut y = String::new();
+        let mut namespaces: Vec<&str> = self
+            .spec
+            .pods
+            .iter()
+            .map(|p| p.namespace.as_str())
+            .collect();
+        namespaces.sort();
+        namespaces.dedup();
+        for ns in namespaces {
+            let _ = writeln!(
+                y,
+                "apiVersion: v1\nkind: Namespace\nmetadata: {{name: {ns}, labels: {{istio.io/dataplane-mode: ambient}}}}\n---"
+            );
+        }
+        for def in &self.spec.pods {
+            let pod = self.bed.pod(&def.name);
+            let mode = if def.mesh {
+                ""
+            } else {
+                ", istio.io/dataplane-mode: none"
+            };
+            let _ = writeln!(
+                y,
+                "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {ns}, uid: {uid}, labels: {{app: {app}, version: v1{mode}}}}}\nspec: {{nodeName: {node}, serviceAccountName: {sa}}}\nstatus: {{phase: Running, podIP: {ip}}}\n---",
+                name = def.name,
+                ns = def.namespace,
+                uid = pod.uid,
+                app = def.app,
+                node = self.bed.node(def.node).name,
+                sa = def.service_account,
+                ip = pod.ip,
+            );
+        }
+        for s in &self.spec.services {
+            let _ = writeln!(
+                y,
+                "apiVersion: v1\nkind: Service\nmetadata: {{name: {}, namespace: {}}}\nspec: {{clusterIP: {}, selector: {{app: {}}}, ports: [{{port: {}, targetPort: {}}}]}}\n---",
+                s.name, s.namespace, s.vip, s.app, s.port, s.target_port
+            );
+        }
+        y
+    }
+
+    /// Write (or replace) a file in pilot's folder, atomically.
+    pub fn write_pilot_file(&self, name: &str, yaml: &str) -> anyhow::Result<()> {
+        let tmp = self.pilot_config().join(format!(".{name}.tmp"));
+        std::fs::write(&tmp, yaml)?;
+        std::fs::rename(&tmp, self.pilot_config().join(name))?;
+        Ok(())
+    }
+
+    /// Start pilot on node 0 and wait until it accepts connections.
+    pub async fn start_pilot(&mut self) -> anyhow::Result<()> {
+        let bin = sibling_binary("PILOT_BIN", "pilot")?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.pilot_log())?;
+        let nodes: Vec<String> = self.bed.nodes.iter().map(|n| n.name.clone()).collect();
+        let mut cmd = std::process::Command::new(bin);
+        cmd.arg("--config-dir")
+            .arg(self.pilot_config())
+            .arg("--state-dir")
+            .arg(self.pilot_state())
+            .arg("--listen")
+            .arg("0.0.0.0:15012")
+            .arg("--debug-addr")
+            .arg("127.0.0.1:15014")
+            .arg("--nodes")
+            .arg(nodes.join(","))
+            .env(
+                "RUST_LOG",
+                std::env::var("PILOT_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        self.pilot = Some(self.bed.spawn_in_node(0, cmd)?);
+        let factory = self.node_sockets(0)?;
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(20) {
+            if factory.connect(self.pilot_addr()).await.is_ok() {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let log = std::fs::read_to_string(self.pilot_log()).unwrap_or_default();
+        bail!("pilot did not start listening\n--- log ---\n{log}")
+    }
+
+    /// Kill pilot at once (as a crash would), without letting it say goodbye.
+    pub fn kill_pilot(&mut self) -> anyhow::Result<()> {
+        let mut child = self.pilot.take().context("pilot not running")?;
+        child.kill()?;
+        child.wait()?;
+        Ok(())
     }
 
     /// The local config file for the spec, with `policies` as the policy list.
@@ -242,15 +408,27 @@ impl Cluster {
             .append(true)
             .open(self.ztunnel_log(node))?;
         let mut cmd = std::process::Command::new(bin);
-        cmd.arg("--node-name")
-            .arg(&self.bed.node(node).name)
-            .arg("--config")
-            .arg(&self.config_path)
-            .arg("--ca-cert")
-            .arg(self.dir.join("root.pem"))
-            .arg("--ca-key")
-            .arg(self.dir.join("root-key.pem"))
-            .arg("--cgroup-root")
+        cmd.arg("--node-name").arg(&self.bed.node(node).name);
+        if self.spec.control_plane == ControlPlaneMode::File {
+            cmd.arg("--config")
+                .arg(&self.config_path)
+                .arg("--ca-cert")
+                .arg(self.dir.join("root.pem"))
+                .arg("--ca-key")
+                .arg(self.dir.join("root-key.pem"));
+        } else {
+            cmd.arg("--xds-address")
+                .arg(format!("https://{}", self.pilot_addr()))
+                .arg("--xds-root-cert")
+                .arg(self.pilot_state().join("root-cert.pem"))
+                .arg("--xds-token-file")
+                .arg(
+                    self.pilot_state()
+                        .join("tokens")
+                        .join(format!("{}.token", self.bed.node(node).name)),
+                );
+        }
+        cmd.arg("--cgroup-root")
             .arg(self.bed.cgroup_root())
             .arg("--drain-timeout")
             .arg("5s")
@@ -320,7 +498,7 @@ impl Cluster {
         port: u16,
         path: &str,
     ) -> anyhow::Result<(u16, String)> {
-        let addr = if port == 15000 {
+        let addr = if port == 15000 || port == 15014 {
             Ipv4Addr::LOCALHOST
         } else {
             self.bed.node(node).pod_gateway
@@ -454,6 +632,10 @@ impl Cluster {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
+        if let Some(mut p) = self.pilot.take() {
+            let _ = p.kill();
+            let _ = p.wait();
+        }
         for t in &self.app_tasks {
             t.abort();
         }

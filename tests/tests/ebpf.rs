@@ -36,6 +36,7 @@ fn spec() -> ClusterSpec {
         services: vec![],
         policies: String::new(),
         ztunnel_args: vec!["--redirect".into(), "ebpf".into()],
+        ..Default::default()
     }
 }
 

@@ -27,6 +27,7 @@ fn spec() -> ClusterSpec {
     let mut py_server = PodDef::new("py-server", "python", 1, false);
     py_server.own_hbone = true;
     ClusterSpec {
+        control_plane: Default::default(),
         nodes: 2,
         pods: vec![
             PodDef::new("client", "client", 0, true),

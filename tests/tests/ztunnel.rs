@@ -11,6 +11,7 @@ const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 /// node1: client (mesh), outsider (not in the mesh); node2: server-a, server-b (mesh, service "echo").
 fn spec(policies: &str) -> ClusterSpec {
     ClusterSpec {
+        control_plane: Default::default(),
         nodes: 2,
         pods: vec![
             PodDef::new("client", "client", 0, true),

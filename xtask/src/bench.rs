@@ -55,6 +55,7 @@ pub async fn run(
     // SAFETY: set before any thread of ours reads the environment for it.
     unsafe { std::env::set_var("ZTUNNEL_BIN", &bin) };
     let spec = ClusterSpec {
+        control_plane: Default::default(),
         nodes: 2,
         pods: vec![
             PodDef::new("mesh-client", "client", 0, true),

@@ -7,19 +7,21 @@ use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use anyhow::bail;
-use testbed::cluster::{ALT_PORT, Cluster, ClusterSpec, ECHO_PORT, PodDef, ServiceDef};
+use testbed::cluster::{
+    ALT_PORT, Cluster, ClusterSpec, ControlPlaneMode, ECHO_PORT, PodDef, ServiceDef,
+};
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 
+/// Written into pilot's folder while the mesh runs: the live change the demo times.
 const DENY_POLICY: &str = "\
-- name: deny-admin-port
-  namespace: demo
-  scope: NAMESPACE
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-admin-port, namespace: demo}
+spec:
   action: DENY
   rules:
-  - clauses:
-    - matches:
-      - destinationPorts: [9090]
+  - to: [{operation: {ports: [\"9090\"]}}]
 ";
 
 struct Report {
@@ -46,6 +48,7 @@ pub async fn run(bin: PathBuf) -> anyhow::Result<()> {
     // SAFETY: set before any thread of ours reads the environment for it.
     unsafe { std::env::set_var("ZTUNNEL_BIN", &bin) };
     let spec = ClusterSpec {
+        control_plane: ControlPlaneMode::Pilot,
         nodes: 2,
         pods: vec![
             PodDef::new("client", "client", 0, true),
@@ -62,16 +65,22 @@ pub async fn run(bin: PathBuf) -> anyhow::Result<()> {
             target_port: ECHO_PORT,
             app: "echo".into(),
         }],
-        policies: DENY_POLICY.into(),
+        policies: String::new(),
         ztunnel_args: vec![],
     };
     let started = Instant::now();
     let c = Cluster::start(spec).await?;
     println!(
-        "\nMesh up in {:.1}s: {} nodes, one ztunnel per node ({}), capture with eBPF (cgroup connect4/sock_ops on kubepods.slice, sk_lookup per mesh pod)",
+        "
+Mesh up in {:.1}s: {} nodes, pilot on node1 (xDS + CA over TLS on {}), one ztunnel per node ({}), capture with eBPF (cgroup connect4/sock_ops on kubepods.slice, sk_lookup per mesh pod)",
         started.elapsed().as_secs_f64(),
         c.spec.nodes,
+        c.pilot_addr(),
         bin.display()
+    );
+    println!(
+        "  pilot serves the Kubernetes YAML in {} (Namespace, Pods, Service)",
+        c.pilot_config().display()
     );
     for (i, node) in c.bed.nodes.iter().enumerate() {
         println!("  {} (underlay {})", node.name, node.underlay_ip);
@@ -86,7 +95,9 @@ pub async fn run(bin: PathBuf) -> anyhow::Result<()> {
         }
     }
     println!("  service echo.demo.svc.cluster.local {VIP}:80 -> echo-1, echo-2 :{ECHO_PORT}");
-    println!("  policy demo/deny-admin-port: DENY any connection to port {ALT_PORT}\n");
+    println!(
+        "  live change: the file deny.yaml (AuthorizationPolicy demo/deny-admin-port, DENY port {ALT_PORT}) is added while the mesh runs\n"
+    );
 
     let mut report = Report { rows: vec![] };
     let mut capture = Some(c.bed.capture(0)?);
@@ -110,20 +121,24 @@ pub async fn run(bin: PathBuf) -> anyhow::Result<()> {
         match link {
             Some(r) => {
                 let flows = r.tcp_ports().len();
-                r.tls_only_on(15008)
+                r.tls_only_on_ports(&[15008, 15012])
                     .map_err(anyhow::Error::msg)
                     .and_then(|()| {
                         if r.contains(marker) {
                             bail!("the payload marker was seen in clear on the link")
                         }
                         Ok(format!(
-                            "{} packets captured on node1's link ({flows} port pairs), all to/from 15008, each flow opening with TLS records; payload marker not seen in clear",
+                            "{} packets captured on node1's link ({flows} port pairs), all to/from 15008 (HBONE) or 15012 (pilot), each flow opening with TLS records; payload marker not seen in clear",
                             r.packets().len()
                         ))
                     })
             }
             None => Err(anyhow::anyhow!("no capture")),
         },
+    );
+    report.check(
+        "(d) live change: a DENY policy file added to pilot's folder takes effect",
+        live_deny(&c).await,
     );
     report.check("(d) DENY policy enforced before the app", deny(&c).await);
     report.check(
@@ -241,6 +256,32 @@ async fn identity_seen(c: &Cluster) -> anyhow::Result<String> {
     Ok(format!(
         "node2's ztunnel: istio_tcp_connections_opened_total{{reporter=\"destination\", source_principal=\"{id}\", connection_security_policy=\"mutual_tls\"}} = {n}"
     ))
+}
+
+/// Write the DENY policy into pilot's folder and time how long until a new connection to
+/// the denied port is refused.
+async fn live_deny(c: &Cluster) -> anyhow::Result<String> {
+    let dst = SocketAddr::new(c.pod_ip("reviews"), ALT_PORT);
+    let before = c.exchange("client", dst, b"x").await?;
+    if before.is_empty() {
+        bail!("port {ALT_PORT} refused before any policy");
+    }
+    let written = Instant::now();
+    c.write_pilot_file("deny.yaml", DENY_POLICY)?;
+    while written.elapsed() < std::time::Duration::from_secs(5) {
+        if c.exchange("client", dst, b"x")
+            .await
+            .unwrap_or_default()
+            .is_empty()
+        {
+            return Ok(format!(
+                "deny.yaml written -> next connection to {dst} refused after {:.0} ms (pilot: folder change, debounce, translation, delta push; ztunnel: apply)",
+                written.elapsed().as_secs_f64() * 1000.0
+            ));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    bail!("the policy had no effect 5 s after the file was written")
 }
 
 async fn deny(c: &Cluster) -> anyhow::Result<String> {

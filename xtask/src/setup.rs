@@ -56,19 +56,29 @@ pub fn python_h2() -> anyhow::Result<()> {
 }
 
 /// Build ztunnel and return the binary's path.
+/// Build ztunnel and pilot (one cargo invocation); returns ztunnel's path, pilot's is beside it.
 pub fn build_ztunnel(release: bool) -> anyhow::Result<PathBuf> {
     let mut cmd = cargo();
-    cmd.args(["build", "--locked", "-p", "ztunnel", "--bin", "ztunnel"]);
+    cmd.args([
+        "build", "--locked", "-p", "ztunnel", "--bin", "ztunnel", "-p", "pilot", "--bin", "pilot",
+    ]);
     if release {
         cmd.arg("--release");
     }
     run(&mut cmd)?;
     let profile = if release { "release" } else { "debug" };
-    let bin = target_dir().join(profile).join("ztunnel");
-    if !bin.exists() {
-        bail!("built ztunnel but {} does not exist", bin.display());
+    for name in ["ztunnel", "pilot"] {
+        let bin = target_dir().join(profile).join(name);
+        if !bin.exists() {
+            bail!("built {name} but {} does not exist", bin.display());
+        }
     }
-    Ok(bin)
+    Ok(target_dir().join(profile).join("ztunnel"))
+}
+
+/// Where `build_ztunnel` put pilot.
+pub fn pilot_beside(ztunnel: &std::path::Path) -> PathBuf {
+    ztunnel.with_file_name("pilot")
 }
 
 pub fn workspace_root() -> PathBuf {

@@ -39,6 +39,7 @@ pub fn run(no_install: bool) -> anyhow::Result<()> {
         "unit and end-to-end tests",
         cargo()
             .args(["test", "--workspace", "--locked"])
+            .env("PILOT_BIN", setup::pilot_beside(&bin))
             .env("ZTUNNEL_BIN", bin),
     )?;
     println!("\nall checks passed");

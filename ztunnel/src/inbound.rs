@@ -93,6 +93,7 @@ impl Handler for HboneInbound {
         .labels();
         run(
             pod,
+            &conn,
             labels,
             client,
             target,
@@ -148,7 +149,7 @@ async fn plaintext(pod: &Pod, tcp: TcpStream, peer: SocketAddr) -> Result<(), St
         mtls: false,
     }
     .labels();
-    run(pod, labels, peer, target, None, None, async move {
+    run(pod, &conn, labels, peer, target, None, None, async move {
         copy::tcp_tcp(app, tcp).await
     })
     .await;
@@ -175,9 +176,30 @@ fn authorize(pod: &Pod, workload: &Workload, conn: &Connection) -> Result<(), Re
     }
 }
 
-/// Count, proxy and log one accepted inbound connection.
+/// Resolves when a new state denies `conn` (a policy added or changed while it is open):
+/// returns the policy that denies it.
+async fn denied_later(pod: &Pod, conn: &Connection) -> String {
+    let mut state = pod.node.state.clone();
+    state.borrow_and_update();
+    loop {
+        if state.changed().await.is_err() {
+            return std::future::pending().await;
+        }
+        let current = state.borrow_and_update().clone();
+        let Some(workload) = current.workload_by_uid(&pod.uid) else {
+            continue;
+        };
+        if let Decision::Deny { policy } = authorization::check(&current, workload, conn) {
+            return policy;
+        }
+    }
+}
+
+/// Count, proxy and log one accepted inbound connection; close it if policies change to deny it.
+#[allow(clippy::too_many_arguments)]
 async fn run(
     pod: &Pod,
+    conn: &Connection,
     labels: mesh::metrics::TcpLabels,
     client: SocketAddr,
     target: SocketAddr,
@@ -188,7 +210,23 @@ async fn run(
     let tcp = &pod.node.metrics.tcp;
     tcp.connections_opened.get_or_create(&labels).inc();
     let start = Instant::now();
-    let result = proxy.await;
+    let result = tokio::select! {
+        r = proxy => r,
+        policy = denied_later(pod, conn) => {
+            info!(
+                target: "access",
+                direction = "inbound",
+                src = %client,
+                dst = %target,
+                %policy,
+                "open connection closed: a policy change denies it"
+            );
+            Err(std::io::Error::new(
+                std::io::ErrorKind::PermissionDenied,
+                format!("denied by {policy} after a policy change"),
+            ))
+        }
+    };
     let t = result.as_ref().copied().unwrap_or_default();
     // From the application's side: what the client sent is what it received.
     tcp.closed(&labels, t.peer_to_tcp, t.tcp_to_peer);

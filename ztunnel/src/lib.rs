@@ -11,3 +11,4 @@ pub mod node;
 pub mod outbound;
 pub mod redirect;
 pub mod state;
+pub mod xds;

@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
+use mesh::ca_client::CaClient;
 use mesh::certs::{CertCache, DevCaSource};
+use mesh::control::ControlPlane;
 use mesh::socket::SocketFactory;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::{mpsc, watch};
@@ -26,15 +28,40 @@ struct Args {
     /// This node's name; the workloads whose `node` matches are enrolled here.
     #[arg(long, env = "NODE_NAME")]
     node_name: String,
+    /// The control plane (pilot): `https://<host>:15012`. With it, configuration comes over
+    /// delta xDS and certificates from its CA; without it, from `--config` and `--ca-cert/--ca-key`.
+    #[arg(long, env = "XDS_ADDRESS")]
+    xds_address: Option<String>,
+    /// PEM root that signs the control plane's serving certificate.
+    #[arg(long, requires = "xds_address")]
+    xds_root_cert: Option<PathBuf>,
+    /// File holding this node's bearer token for the control plane (re-read on each connection).
+    #[arg(long, requires = "xds_address")]
+    xds_token_file: Option<PathBuf>,
+    /// The name the control plane's certificate must carry.
+    #[arg(long, default_value = "pilot.istio-system.svc")]
+    xds_server_name: String,
     /// Local configuration: workloads, services and policies (the shape of Istio's workload API).
-    #[arg(long)]
-    config: PathBuf,
+    #[arg(
+        long,
+        required_unless_present = "xds_address",
+        conflicts_with = "xds_address"
+    )]
+    config: Option<PathBuf>,
     /// Development CA root certificate (PEM).
-    #[arg(long)]
-    ca_cert: PathBuf,
+    #[arg(
+        long,
+        required_unless_present = "xds_address",
+        conflicts_with = "xds_address"
+    )]
+    ca_cert: Option<PathBuf>,
     /// Development CA private key (PEM, PKCS#8).
-    #[arg(long)]
-    ca_key: PathBuf,
+    #[arg(
+        long,
+        required_unless_present = "xds_address",
+        conflicts_with = "xds_address"
+    )]
+    ca_key: Option<PathBuf>,
     /// Lifetime of issued workload certificates; rotated at half-life.
     #[arg(long, default_value = "24h", value_parser = parse_duration)]
     cert_ttl: Duration,
@@ -157,13 +184,46 @@ async fn run(args: Args) -> anyhow::Result<()> {
         reload.reload(filter).map_err(|e| e.to_string())
     });
 
-    let state = ztunnel::config_file::load(&args.config)?;
-    let ca =
-        mesh::ca::DevCa::load(&args.ca_cert, &args.ca_key).context("loading the development CA")?;
-    let certs = CertCache::new(Arc::new(DevCaSource {
-        ca,
-        ttl: args.cert_ttl,
-    }));
+    let control = match &args.xds_address {
+        Some(address) => {
+            let root = args
+                .xds_root_cert
+                .as_ref()
+                .context("--xds-root-cert is required with --xds-address")?;
+            let token_file = args
+                .xds_token_file
+                .clone()
+                .context("--xds-token-file is required with --xds-address")?;
+            Some(ControlPlane {
+                address: address.clone(),
+                root_pem: std::fs::read_to_string(root)
+                    .with_context(|| format!("reading {}", root.display()))?,
+                server_name: args.xds_server_name.clone(),
+                token_file,
+            })
+        }
+        None => None,
+    };
+    let (state, certs) = match (&control, &args.config, &args.ca_cert, &args.ca_key) {
+        (Some(cp), _, _, _) => (
+            ztunnel::state::State::default(),
+            CertCache::new(Arc::new(CaClient {
+                control: cp.clone(),
+                ttl: args.cert_ttl,
+            })),
+        ),
+        (None, Some(config), Some(cert), Some(key)) => {
+            let ca = mesh::ca::DevCa::load(cert, key).context("loading the development CA")?;
+            (
+                ztunnel::config_file::load(config)?,
+                CertCache::new(Arc::new(DevCaSource {
+                    ca,
+                    ttl: args.cert_ttl,
+                })),
+            )
+        }
+        _ => anyhow::bail!("give --xds-address, or --config with --ca-cert and --ca-key"),
+    };
     let (state_tx, state_rx) = watch::channel(Arc::new(state));
     let node = Node::new(
         args.node_name.clone(),
@@ -190,12 +250,33 @@ async fn run(args: Args) -> anyhow::Result<()> {
     serve(args.metrics_addr, ztunnel::admin::metrics(node.clone()))?;
     serve(args.readiness_addr, ztunnel::admin::readiness(node.clone()))?;
 
-    node.reconcile().await;
-    tokio::spawn(ztunnel::node::watch_config(
-        args.config.clone(),
-        state_tx,
-        node.clone(),
-    ));
+    match (&control, &args.config) {
+        (Some(cp), _) => {
+            // Not ready until the first full view of the mesh has arrived.
+            node.set_synced(false);
+            let node_ip = std::env::var("INSTANCE_IP").unwrap_or_else(|_| "0.0.0.0".into());
+            let node_id = format!(
+                "ztunnel~{node_ip}~ztunnel-{}.istio-system~istio-system.svc.cluster.local",
+                args.node_name
+            );
+            let handler = ztunnel::xds::XdsHandler::new(node.clone(), state_tx);
+            tokio::spawn(mesh::xds::run(
+                cp.clone(),
+                mesh::xds::ClientState::new(node_id, ztunnel::xds::types()),
+                Box::new(handler),
+            ));
+            tokio::spawn(ztunnel::node::reconcile_periodically(node.clone()));
+        }
+        (None, Some(config)) => {
+            node.reconcile().await;
+            tokio::spawn(ztunnel::node::watch_config(
+                config.clone(),
+                state_tx,
+                node.clone(),
+            ));
+        }
+        (None, None) => anyhow::bail!("no configuration source"),
+    }
     info!(node = %args.node_name, redirect = capture.name(), "ztunnel started");
 
     let mut term = signal(SignalKind::terminate())?;

@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -35,7 +36,9 @@ pub struct Node {
     pods: Mutex<HashMap<String, Enrolled>>,
     /// Pods that should be enrolled but cannot be yet, with the reason (uid → (name, reason)).
     pending: Mutex<HashMap<String, (String, String)>>,
-    reconciled: std::sync::atomic::AtomicBool,
+    /// False until the configuration source has delivered a first complete view (always true
+    /// for the local file); readiness waits for it.
+    synced: AtomicBool,
 }
 
 /// The proxy side of one enrolled pod, as its handlers see it.
@@ -94,7 +97,7 @@ impl Node {
             redirect,
             pods: Mutex::default(),
             pending: Mutex::default(),
-            reconciled: std::sync::atomic::AtomicBool::new(false),
+            synced: AtomicBool::new(true),
         })
     }
 
@@ -179,8 +182,6 @@ impl Node {
             .map(|p| p.keys().cloned().collect())
             .unwrap_or_default();
         self.redirect.retain(&enrolled, &pending);
-        self.reconciled
-            .store(true, std::sync::atomic::Ordering::Release);
         self.metrics
             .enrolled_pods
             .set(self.pods.lock().map(|p| p.len() as i64).unwrap_or(0));
@@ -273,11 +274,31 @@ impl Node {
         futures_all(waits).await
     }
 
-    /// Ready once the first enrollment pass is done and every enrolled pod has its certificate.
-    /// A pod that cannot be enrolled (not started yet) does not hold the node back; it shows
-    /// under `pendingPods` in the admin dump.
+    pub fn set_synced(&self, synced: bool) {
+        self.synced.store(synced, Ordering::Relaxed);
+    }
+
+    pub fn synced(&self) -> bool {
+        self.synced.load(Ordering::Relaxed)
+    }
+
+    /// Ready once the configuration source is synced, every pod the configuration places here
+    /// has been tried (enrolled, or pending with a reason), and every enrolled pod has its
+    /// certificate. A pod that cannot be enrolled (not started yet) does not hold the node
+    /// back; it shows under `pendingPods` in the admin dump.
     pub fn ready(&self) -> bool {
-        self.reconciled.load(std::sync::atomic::Ordering::Acquire) && self.certs.all_ready()
+        if !self.synced() {
+            return false;
+        }
+        let wanted = self.wanted();
+        let (Ok(pods), Ok(pending)) = (self.pods.lock(), self.pending.lock()) else {
+            return false;
+        };
+        let tried = wanted
+            .iter()
+            .all(|w| pods.contains_key(&w.uid) || pending.contains_key(&w.uid));
+        drop((pods, pending));
+        tried && self.certs.all_ready()
     }
 
     pub fn pending_dump(&self) -> Vec<serde_json::Value> {
@@ -343,6 +364,15 @@ pub async fn watch_config(path: PathBuf, tx: watch::Sender<Arc<State>>, node: Ar
                 Err(e) => error!("configuration rejected, keeping the previous one: {e}"),
             }
         }
+        node.reconcile().await;
+    }
+}
+
+/// Retry enrollment of pods that could not be enrolled yet (no process in their cgroup).
+pub async fn reconcile_periodically(node: Arc<Node>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        tick.tick().await;
         node.reconcile().await;
     }
 }

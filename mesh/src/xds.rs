@@ -1,0 +1,287 @@
+//! A delta ADS client for proxies: the protocol state (versions held, ACK/NACK) kept apart from the reconnecting tonic stream, with backoff from 10 ms to 15 s.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use envoy_types::pb::envoy::config::core::v3::Node;
+use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+use envoy_types::pb::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse,
+};
+use envoy_types::pb::google::rpc::Status;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tracing::{info, warn};
+
+use crate::control::ControlPlane;
+
+pub const FIRST_BACKOFF: Duration = Duration::from_millis(10);
+pub const MAX_BACKOFF: Duration = Duration::from_secs(15);
+/// gRPC's INVALID_ARGUMENT, the code a NACK carries.
+const INVALID_ARGUMENT: i32 = 3;
+
+/// One resource as received.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub name: String,
+    pub version: String,
+    pub body: Vec<u8>,
+}
+
+/// What one response asks the proxy to change, for one type.
+#[derive(Debug, Clone)]
+pub struct Update {
+    pub type_url: String,
+    pub updated: Vec<Received>,
+    pub removed: Vec<String>,
+}
+
+/// Resources a handler refused; the rest of the update was applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejected {
+    pub names: Vec<String>,
+    pub message: String,
+}
+
+/// The proxy side: applies updates to its state.
+pub trait Handler: Send + 'static {
+    /// Apply what is valid; name what is not (it keeps its previous version, and is NACKed).
+    fn apply(&mut self, update: Update) -> Result<(), Rejected>;
+    /// The stream to the control plane went up (`true`) or down.
+    fn connection(&mut self, _up: bool) {}
+}
+
+/// The protocol state of the client: what it holds, by type and name.
+#[derive(Debug)]
+pub struct ClientState {
+    node: Node,
+    types: Vec<String>,
+    held: HashMap<String, HashMap<String, String>>,
+}
+
+impl ClientState {
+    pub fn new(node_id: String, types: Vec<String>) -> Self {
+        ClientState {
+            node: Node {
+                id: node_id,
+                ..Default::default()
+            },
+            types,
+            held: HashMap::new(),
+        }
+    }
+
+    /// The subscriptions that open a stream: wildcard, with what we already hold so that a
+    /// reconnect does not resend everything.
+    pub fn initial_requests(&self) -> Vec<DeltaDiscoveryRequest> {
+        self.types
+            .iter()
+            .enumerate()
+            .map(|(i, t)| DeltaDiscoveryRequest {
+                node: (i == 0).then(|| self.node.clone()),
+                type_url: t.clone(),
+                initial_resource_versions: self
+                    .held
+                    .get(t)
+                    .map(|h| h.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+                    .unwrap_or_default(),
+                ..Default::default()
+            })
+            .collect()
+    }
+
+    /// Apply a response through `handler` and return the ACK or NACK to send.
+    pub fn on_response(
+        &mut self,
+        resp: DeltaDiscoveryResponse,
+        handler: &mut dyn Handler,
+    ) -> DeltaDiscoveryRequest {
+        let update = Update {
+            type_url: resp.type_url.clone(),
+            updated: resp
+                .resources
+                .into_iter()
+                .map(|r| Received {
+                    name: r.name,
+                    version: r.version,
+                    body: r.resource.map(|a| a.value).unwrap_or_default(),
+                })
+                .collect(),
+            removed: resp.removed_resources,
+        };
+        let versions: Vec<(String, String)> = update
+            .updated
+            .iter()
+            .map(|r| (r.name.clone(), r.version.clone()))
+            .collect();
+        let removed = update.removed.clone();
+        let result = handler.apply(update);
+        let held = self.held.entry(resp.type_url.clone()).or_default();
+        let rejected = match &result {
+            Ok(()) => &[][..],
+            Err(r) => r.names.as_slice(),
+        };
+        for (name, version) in versions {
+            if !rejected.contains(&name) {
+                held.insert(name, version);
+            }
+        }
+        for name in removed {
+            held.remove(&name);
+        }
+        DeltaDiscoveryRequest {
+            type_url: resp.type_url,
+            response_nonce: resp.nonce,
+            error_detail: result.err().map(|r| Status {
+                code: INVALID_ARGUMENT,
+                message: r.message,
+                details: vec![],
+            }),
+            ..Default::default()
+        }
+    }
+
+    pub fn held(&self, type_url: &str) -> usize {
+        self.held.get(type_url).map(|h| h.len()).unwrap_or(0)
+    }
+}
+
+/// Follow the control plane forever: connect, subscribe, apply, ACK/NACK; on any failure
+/// reconnect after a backoff that starts at 10 ms and doubles up to 15 s (reset once a
+/// response has been received).
+pub async fn run(cp: ControlPlane, mut state: ClientState, mut handler: Box<dyn Handler>) {
+    let mut backoff = FIRST_BACKOFF;
+    loop {
+        let mut received = false;
+        let result = stream_once(&cp, &mut state, handler.as_mut(), &mut received).await;
+        handler.connection(false);
+        if received {
+            backoff = FIRST_BACKOFF;
+        }
+        match result {
+            Ok(()) => info!(retry_in = ?backoff, "control plane closed the xDS stream"),
+            Err(e) => warn!(retry_in = ?backoff, "xDS stream to {}: {e}", cp.address),
+        }
+        // Jitter, so that a restarted control plane is not hit by every proxy at once.
+        let jitter = backoff.mul_f64(fastrand::f64() * 0.2);
+        tokio::time::sleep(backoff + jitter).await;
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+async fn stream_once(
+    cp: &ControlPlane,
+    state: &mut ClientState,
+    handler: &mut dyn Handler,
+    received: &mut bool,
+) -> anyhow::Result<()> {
+    let channel = cp.endpoint()?.connect().await?;
+    let mut client =
+        AggregatedDiscoveryServiceClient::new(channel).max_decoding_message_size(256 * 1024 * 1024);
+    let (tx, rx) = mpsc::channel(16);
+    for r in state.initial_requests() {
+        tx.send(r).await?;
+    }
+    let mut request = tonic::Request::new(ReceiverStream::new(rx));
+    request.metadata_mut().insert("authorization", cp.bearer()?);
+    let mut responses = client
+        .delta_aggregated_resources(request)
+        .await?
+        .into_inner();
+    handler.connection(true);
+    while let Some(resp) = responses.message().await? {
+        *received = true;
+        let reply = state.on_response(resp, handler);
+        if let Some(e) = &reply.error_detail {
+            warn!(type_url = %reply.type_url, "rejecting (NACK): {}", e.message);
+        }
+        tx.send(reply).await?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use envoy_types::pb::envoy::service::discovery::v3::Resource;
+
+    struct Rejecting;
+
+    impl Handler for Rejecting {
+        fn apply(&mut self, update: Update) -> Result<(), Rejected> {
+            let bad: Vec<String> = update
+                .updated
+                .iter()
+                .filter(|r| r.body == b"bad")
+                .map(|r| r.name.clone())
+                .collect();
+            if bad.is_empty() {
+                Ok(())
+            } else {
+                Err(Rejected {
+                    names: bad,
+                    message: "bad resource".into(),
+                })
+            }
+        }
+    }
+
+    fn resp(
+        nonce: &str,
+        items: &[(&str, &str, &[u8])],
+        removed: &[&str],
+    ) -> DeltaDiscoveryResponse {
+        DeltaDiscoveryResponse {
+            type_url: "t".into(),
+            nonce: nonce.into(),
+            resources: items
+                .iter()
+                .map(|(n, v, b)| Resource {
+                    name: n.to_string(),
+                    version: v.to_string(),
+                    resource: Some(envoy_types::pb::google::protobuf::Any {
+                        type_url: "t".into(),
+                        value: b.to_vec(),
+                    }),
+                    ..Default::default()
+                })
+                .collect(),
+            removed_resources: removed.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn ack_nack_and_initial_versions() {
+        let mut s = ClientState::new(
+            "ztunnel~1.2.3.4~a.b~b.svc.cluster.local".into(),
+            vec!["t".into()],
+        );
+        let first = s.initial_requests();
+        assert_eq!(
+            first[0].node.as_ref().unwrap().id,
+            "ztunnel~1.2.3.4~a.b~b.svc.cluster.local"
+        );
+        assert!(first[0].initial_resource_versions.is_empty());
+        let ack = s.on_response(
+            resp("1", &[("a", "1", b"ok"), ("b", "1", b"ok")], &[]),
+            &mut Rejecting,
+        );
+        assert_eq!(ack.response_nonce, "1");
+        assert!(ack.error_detail.is_none());
+        let nack = s.on_response(
+            resp("2", &[("a", "2", b"bad"), ("c", "1", b"ok")], &["b"]),
+            &mut Rejecting,
+        );
+        assert_eq!(nack.error_detail.unwrap().message, "bad resource");
+        let again = s.initial_requests();
+        let v = &again[0].initial_resource_versions;
+        assert_eq!(
+            v.get("a").map(String::as_str),
+            Some("1"),
+            "the rejected version is not held"
+        );
+        assert_eq!(v.get("c").map(String::as_str), Some("1"));
+        assert!(!v.contains_key("b"));
+    }
+}

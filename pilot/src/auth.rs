@@ -1,0 +1,146 @@
+//! Who is calling: bearer tokens mapped to callers. Locally, pilot writes one token per node to `<state dir>/tokens/<node>.token`.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::RwLock;
+
+use mesh::identity::Identity;
+use tonic::metadata::MetadataMap;
+
+/// An authenticated caller.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Caller {
+    /// The node proxy of `node`: may get config, and certificates for the pods on its node.
+    NodeAgent { node: String },
+    /// A workload acting for itself: may get config, and a certificate for its own identity.
+    Workload { identity: Identity },
+}
+
+/// The local token store. In Kubernetes the same role is played by service-account tokens
+/// checked with a TokenReview (not implemented yet; see the README).
+#[derive(Debug, Default)]
+pub struct Tokens {
+    dir: Option<PathBuf>,
+    by_token: RwLock<HashMap<String, Caller>>,
+}
+
+impl Tokens {
+    /// Tokens kept in `dir` (created if needed); existing node tokens are loaded, so proxies
+    /// keep working across pilot restarts.
+    pub fn open(dir: &Path) -> std::io::Result<Tokens> {
+        std::fs::create_dir_all(dir)?;
+        let tokens = Tokens {
+            dir: Some(dir.to_path_buf()),
+            by_token: RwLock::default(),
+        };
+        for entry in std::fs::read_dir(dir)?.flatten() {
+            let path = entry.path();
+            let Some(node) = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.strip_suffix(".token"))
+            else {
+                continue;
+            };
+            let token = std::fs::read_to_string(&path)?.trim().to_string();
+            if !token.is_empty() {
+                tokens.insert(
+                    token,
+                    Caller::NodeAgent {
+                        node: node.to_string(),
+                    },
+                );
+            }
+        }
+        Ok(tokens)
+    }
+
+    /// In-memory only (tests).
+    pub fn in_memory() -> Tokens {
+        Tokens::default()
+    }
+
+    pub fn insert(&self, token: String, caller: Caller) {
+        if let Ok(mut m) = self.by_token.write() {
+            m.insert(token, caller);
+        }
+    }
+
+    /// The node agent token of `node`, created (and written to `<dir>/<node>.token`, mode
+    /// 0600) the first time.
+    pub fn node_token(&self, node: &str) -> std::io::Result<String> {
+        if let Ok(m) = self.by_token.read()
+            && let Some((t, _)) = m
+                .iter()
+                .find(|(_, c)| matches!(c, Caller::NodeAgent { node: n } if n == node))
+        {
+            return Ok(t.clone());
+        }
+        let mut raw = [0u8; 32];
+        fastrand::fill(&mut raw);
+        let token: String = raw.iter().map(|b| format!("{b:02x}")).collect();
+        if let Some(dir) = &self.dir {
+            use std::os::unix::fs::OpenOptionsExt;
+            let path = dir.join(format!("{node}.token"));
+            let tmp = dir.join(format!(".{node}.token.tmp"));
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&tmp)?;
+            std::io::Write::write_all(&mut f, token.as_bytes())?;
+            std::fs::rename(&tmp, &path)?;
+        }
+        self.insert(
+            token.clone(),
+            Caller::NodeAgent {
+                node: node.to_string(),
+            },
+        );
+        Ok(token)
+    }
+
+    /// `authorization: Bearer <token>` → the caller; anything else is refused.
+    pub fn authenticate(&self, metadata: &MetadataMap) -> Result<Caller, tonic::Status> {
+        let header = metadata
+            .get("authorization")
+            .ok_or_else(|| tonic::Status::unauthenticated("no authorization header"))?;
+        let token = header
+            .to_str()
+            .ok()
+            .and_then(|h| h.strip_prefix("Bearer "))
+            .ok_or_else(|| tonic::Status::unauthenticated("expected a bearer token"))?;
+        self.by_token
+            .read()
+            .ok()
+            .and_then(|m| m.get(token.trim()).cloned())
+            .ok_or_else(|| tonic::Status::unauthenticated("unknown token"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_tokens_persist() {
+        let dir = std::env::temp_dir().join(format!("pilot-tokens-{}", fastrand::u64(..)));
+        let t = Tokens::open(&dir).unwrap();
+        let a = t.node_token("node1").unwrap();
+        assert_eq!(t.node_token("node1").unwrap(), a);
+        let again = Tokens::open(&dir).unwrap();
+        let mut md = MetadataMap::new();
+        md.insert("authorization", format!("Bearer {a}").parse().unwrap());
+        assert_eq!(
+            again.authenticate(&md).unwrap(),
+            Caller::NodeAgent {
+                node: "node1".into()
+            }
+        );
+        md.insert("authorization", "Bearer nope".parse().unwrap());
+        assert!(again.authenticate(&md).is_err());
+        assert!(again.authenticate(&MetadataMap::new()).is_err());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}

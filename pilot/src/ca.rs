@@ -1,0 +1,205 @@
+//! The CA: `istio.v1.auth.IstioCertificateService/CreateCertificate`, with the CSR's shape checked and impersonation limited to node agents for pods on their node.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use mesh::ca::DevCa;
+use mesh::identity::Identity;
+use mesh::proto::ca::istio_certificate_service_server::IstioCertificateService;
+use mesh::proto::ca::{IstioCertificateRequest, IstioCertificateResponse};
+use tokio::sync::watch;
+use tonic::{Request, Response, Status};
+use tracing::{info, warn};
+
+use crate::auth::{Caller, Tokens};
+use crate::server::Published;
+
+/// Metadata key with which a node agent asks for a pod's identity.
+pub const IMPERSONATED_IDENTITY: &str = "ImpersonatedIdentity";
+/// The identity node agents run as, in the root namespace.
+pub const NODE_AGENT_SERVICE_ACCOUNT: &str = "ztunnel";
+
+/// Load the root from `dir` (`root-cert.pem`, `root-key.pem`), or generate and persist one.
+pub fn load_or_create_root(dir: &Path, trust_domain: &str) -> anyhow::Result<DevCa> {
+    let cert = dir.join("root-cert.pem");
+    let key = dir.join("root-key.pem");
+    if cert.exists() && key.exists() {
+        info!(path = %cert.display(), "CA root loaded");
+        return Ok(DevCa::load(&cert, &key)?);
+    }
+    std::fs::create_dir_all(dir)?;
+    let ca = DevCa::generate(trust_domain)?;
+    ca.save(&cert, &key)?;
+    info!(path = %cert.display(), "CA root generated");
+    Ok(ca)
+}
+
+pub struct CaService {
+    pub ca: Arc<DevCa>,
+    pub tokens: Arc<Tokens>,
+    pub published: watch::Receiver<Arc<Published>>,
+    pub trust_domain: String,
+    pub root_namespace: String,
+    pub max_ttl: Duration,
+}
+
+impl CaService {
+    /// Which identity `caller` may get a certificate for, given the request's metadata.
+    fn allowed_identity(
+        &self,
+        caller: &Caller,
+        req: &IstioCertificateRequest,
+    ) -> Result<Identity, Status> {
+        let impersonated = req
+            .metadata
+            .as_ref()
+            .and_then(|m| m.fields.get(IMPERSONATED_IDENTITY))
+            .and_then(|v| match &v.kind {
+                Some(prost_types::value::Kind::StringValue(s)) => Some(s.clone()),
+                _ => None,
+            });
+        match (caller, impersonated) {
+            (Caller::NodeAgent { node }, Some(id)) => {
+                let id: Identity = id.parse().map_err(|e| {
+                    Status::invalid_argument(format!("{IMPERSONATED_IDENTITY}: {e}"))
+                })?;
+                let published = self.published.borrow().clone();
+                let on_node = published.snapshot.pods.values().any(|p| {
+                    &p.node_name == node
+                        && p.meta.namespace == id.namespace
+                        && p.service_account == id.service_account
+                });
+                if id.trust_domain != self.trust_domain || !on_node {
+                    return Err(Status::permission_denied(format!(
+                        "node {node} has no pod running as {id}"
+                    )));
+                }
+                Ok(id)
+            }
+            (Caller::NodeAgent { .. }, None) => Ok(Identity::new(
+                &self.trust_domain,
+                &self.root_namespace,
+                NODE_AGENT_SERVICE_ACCOUNT,
+            )),
+            (Caller::Workload { identity }, None) => Ok(identity.clone()),
+            (Caller::Workload { identity }, Some(_)) => Err(Status::permission_denied(format!(
+                "{identity} is not a node agent: it may not impersonate"
+            ))),
+        }
+    }
+}
+
+/// The shape Istio's CSRs have: ECDSA P-256 with SHA-256, a valid signature, and exactly one
+/// SAN, a URI with a workload SPIFFE id. Returns the parsed request and that id.
+pub fn check_csr(pem: &str) -> Result<(rcgen::CertificateSigningRequestParams, Identity), String> {
+    use x509_parser::prelude::FromDer;
+    let (_, block) = x509_parser::pem::parse_x509_pem(pem.as_bytes())
+        .map_err(|e| format!("csr is not PEM: {e}"))?;
+    if block.label != "CERTIFICATE REQUEST" {
+        return Err(format!(
+            "csr is a PEM {:?} block, not a CERTIFICATE REQUEST",
+            block.label
+        ));
+    }
+    let (_, csr) =
+        x509_parser::certification_request::X509CertificationRequest::from_der(&block.contents)
+            .map_err(|e| format!("csr is not a PKCS#10 request: {e}"))?;
+    let ecdsa_sha256 = x509_parser::oid_registry::OID_SIG_ECDSA_WITH_SHA256;
+    if csr.signature_algorithm.algorithm != ecdsa_sha256 {
+        return Err(format!(
+            "csr is signed with {}, expected ECDSA with SHA-256",
+            csr.signature_algorithm.algorithm
+        ));
+    }
+    let spki = &csr.certification_request_info.subject_pki;
+    let p256 = x509_parser::oid_registry::OID_EC_P256;
+    let curve = spki
+        .algorithm
+        .parameters
+        .as_ref()
+        .and_then(|p| p.as_oid().ok());
+    if curve.as_ref() != Some(&p256) {
+        return Err("csr key is not ECDSA P-256".into());
+    }
+    let params = rcgen::CertificateSigningRequestParams::from_der(&block.contents.clone().into())
+        .map_err(|e| format!("csr rejected: {e}"))?;
+    let mut ids = Vec::new();
+    for san in &params.params.subject_alt_names {
+        match san {
+            rcgen::SanType::URI(uri) => ids.push(uri.as_str().to_string()),
+            other => return Err(format!("csr has a SAN other than a SPIFFE URI: {other:?}")),
+        }
+    }
+    let [id] = ids.as_slice() else {
+        return Err(format!(
+            "csr must have exactly one URI SAN, has {}",
+            ids.len()
+        ));
+    };
+    let id: Identity = id.parse().map_err(|e| format!("csr SAN: {e}"))?;
+    Ok((params, id))
+}
+
+#[tonic::async_trait]
+impl IstioCertificateService for CaService {
+    async fn create_certificate(
+        &self,
+        request: Request<IstioCertificateRequest>,
+    ) -> Result<Response<IstioCertificateResponse>, Status> {
+        let caller = self.tokens.authenticate(request.metadata())?;
+        let req = request.into_inner();
+        let allowed = self.allowed_identity(&caller, &req)?;
+        let (csr, requested) = check_csr(&req.csr).map_err(Status::invalid_argument)?;
+        if requested != allowed {
+            warn!(?caller, %requested, %allowed, "certificate refused");
+            return Err(Status::permission_denied(format!(
+                "the CSR asks for {requested}, but this caller may only get {allowed}"
+            )));
+        }
+        let ttl = match req.validity_duration {
+            d if d <= 0 => Duration::from_secs(24 * 3600),
+            d => Duration::from_secs(d as u64),
+        }
+        .min(self.max_ttl);
+        let leaf = self
+            .ca
+            .sign_csr(&csr, &requested, ttl)
+            .map_err(|e| Status::internal(e.to_string()))?;
+        info!(identity = %requested, ?ttl, ?caller, "certificate issued");
+        Ok(Response::new(IstioCertificateResponse {
+            cert_chain: vec![leaf, self.ca.root_pem().to_string()],
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn csr_for(sans: Vec<rcgen::SanType>) -> String {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut params = rcgen::CertificateParams::default();
+        params.subject_alt_names = sans;
+        params.serialize_request(&key).unwrap().pem().unwrap()
+    }
+
+    #[test]
+    fn csr_shapes() {
+        let uri = |s: &str| rcgen::SanType::URI(s.try_into().unwrap());
+        let (_, id) = check_csr(&csr_for(vec![uri("spiffe://cluster.local/ns/a/sa/b")])).unwrap();
+        assert_eq!(id, Identity::new("cluster.local", "a", "b"));
+        let err = |pem: &str| check_csr(pem).unwrap_err();
+        assert!(err("garbage").contains("not PEM"), "{}", err("garbage"));
+        assert!(err(&csr_for(vec![])).contains("exactly one URI SAN"));
+        assert!(
+            err(&csr_for(vec![rcgen::SanType::DnsName(
+                "x".try_into().unwrap()
+            )]))
+            .contains("other than a SPIFFE URI")
+        );
+        assert!(err(&csr_for(vec![uri("spiffe://cluster.local/x")])).contains("SAN"));
+        let ca = DevCa::generate("cluster.local").unwrap();
+        assert!(err(ca.root_pem()).contains("not a CERTIFICATE REQUEST"));
+    }
+}

@@ -1,0 +1,171 @@
+//! The folder source: a directory of multi-document Kubernetes YAML, watched, each change debounced into one new snapshot.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use crate::k8s::{Problem, parse_documents};
+use crate::model::Snapshot;
+
+/// How often the folder is looked at. Polling a directory's metadata is cheap and behaves the
+/// same on every filesystem (bind mounts, ConfigMap symlink swaps), unlike inotify.
+pub const POLL: Duration = Duration::from_millis(50);
+/// Changes closer together than this become one snapshot (an editor's or `cp`'s several writes).
+pub const DEBOUNCE: Duration = Duration::from_millis(100);
+
+/// Read every `*.yaml` / `*.yml` under `dir` (recursively, in path order) into a snapshot.
+/// Problems in one object never keep the others out.
+pub fn load(dir: &Path) -> Snapshot {
+    let mut objects = Vec::new();
+    let mut problems = Vec::new();
+    for path in yaml_files(dir) {
+        let name = path
+            .strip_prefix(dir)
+            .unwrap_or(&path)
+            .display()
+            .to_string();
+        match std::fs::read_to_string(&path) {
+            Ok(text) => {
+                let parsed = parse_documents(&text, &name);
+                objects.extend(parsed.objects);
+                problems.extend(parsed.problems);
+            }
+            Err(e) => problems.push(Problem {
+                file: name,
+                object: String::new(),
+                field: String::new(),
+                reason: format!("cannot read: {e}"),
+            }),
+        }
+    }
+    Snapshot::build(objects, problems)
+}
+
+fn yaml_files(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let p = e.path();
+            let hidden = p
+                .file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with('.'));
+            if hidden {
+                // Editors' swap files and ConfigMap mounts' `..data` staging directories.
+                continue;
+            }
+            if p.is_dir() {
+                stack.push(p);
+            } else if matches!(p.extension().and_then(|x| x.to_str()), Some("yaml" | "yml")) {
+                out.push(p);
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// What identifies the folder's content without reading it.
+pub type Fingerprint = Vec<(PathBuf, Option<SystemTime>, u64)>;
+
+/// Take this before `load`, and hand it to `watch_folder`, so no change slips between them.
+pub fn fingerprint(dir: &Path) -> Fingerprint {
+    yaml_files(dir)
+        .into_iter()
+        .map(|p| {
+            let m = std::fs::metadata(&p).ok();
+            let mtime = m.as_ref().and_then(|m| m.modified().ok());
+            let len = m.map(|m| m.len()).unwrap_or(0);
+            (p, mtime, len)
+        })
+        .collect()
+}
+
+/// Publish a new snapshot of `dir` after every (debounced) change since `last`, until the
+/// receivers are gone.
+pub async fn watch_folder(dir: PathBuf, mut last: Fingerprint, tx: watch::Sender<Arc<Snapshot>>) {
+    let mut generation = tx.borrow().generation;
+    loop {
+        tokio::time::sleep(POLL).await;
+        if tx.is_closed() {
+            return;
+        }
+        let now = fingerprint(&dir);
+        if now == last {
+            continue;
+        }
+        // Wait for the writes to settle.
+        let mut settled = now;
+        loop {
+            tokio::time::sleep(DEBOUNCE).await;
+            let again = fingerprint(&dir);
+            if again == settled {
+                break;
+            }
+            settled = again;
+        }
+        last = settled;
+        generation += 1;
+        let mut snap = load(&dir);
+        snap.generation = generation;
+        for p in &snap.problems {
+            warn!("{p}");
+        }
+        info!(
+            generation,
+            pods = snap.pods.len(),
+            services = snap.services.len(),
+            policies = snap.policies.len(),
+            problems = snap.problems.len(),
+            "configuration folder changed"
+        );
+        tx.send_replace(Arc::new(snap));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn follows_changes() {
+        let dir = std::env::temp_dir().join(format!("pilot-folder-{}", fastrand::u64(..)));
+        std::fs::create_dir_all(dir.join("sub")).unwrap();
+        std::fs::write(
+            dir.join("a.yaml"),
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: a}\n",
+        )
+        .unwrap();
+        std::fs::write(dir.join("notes.txt"), "not yaml").unwrap();
+        let fp = fingerprint(&dir);
+        let first = load(&dir);
+        assert_eq!(first.pods.len(), 1);
+        let (tx, mut rx) = watch::channel(Arc::new(first));
+        rx.borrow_and_update();
+        let task = tokio::spawn(watch_folder(dir.clone(), fp, tx));
+        std::fs::write(
+            dir.join("sub/b.yml"),
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: b}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: B}\n",
+        )
+        .unwrap();
+        tokio::time::timeout(Duration::from_secs(5), rx.changed())
+            .await
+            .unwrap()
+            .unwrap();
+        let snap = rx.borrow().clone();
+        assert_eq!(snap.generation, 1);
+        assert_eq!(snap.pods.len(), 2);
+        assert_eq!(snap.problems.len(), 1, "{:?}", snap.problems);
+        assert_eq!(snap.problems[0].file, "sub/b.yml");
+        assert_eq!(snap.problems[0].object, "Pod default/B");
+        task.abort();
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}

@@ -1,0 +1,11 @@
+//! The control plane: Kubernetes objects (a folder of YAML) → one model → Istio's workload API over delta xDS, plus the CA.
+#![deny(rust_2018_idioms)]
+
+pub mod auth;
+pub mod ca;
+pub mod folder;
+pub mod k8s;
+pub mod model;
+pub mod server;
+pub mod translate;
+pub mod xds;

@@ -1,0 +1,118 @@
+//! The model: every valid object from the sources, as one immutable snapshot per change.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use crate::k8s::{
+    AuthorizationPolicy, DestinationRule, Gateway, Namespace, Object, Origin, Pod, Problem,
+    Service, VirtualService,
+};
+
+/// `(namespace, name)`; empty namespace for cluster-scoped objects.
+pub type Key = (String, String);
+
+/// One consistent view of the inputs. Built once per (debounced) change and shared as
+/// `Arc<Snapshot>`; translation and the debug endpoint read it, nothing mutates it.
+#[derive(Debug, Default, serde::Serialize)]
+pub struct Snapshot {
+    /// Increases by one per snapshot published, for logs and the debug endpoint.
+    pub generation: u64,
+    pub namespaces: BTreeMap<String, Namespace>,
+    pub pods: BTreeMap<Key, Pod>,
+    pub services: BTreeMap<Key, Service>,
+    pub policies: BTreeMap<Key, AuthorizationPolicy>,
+    pub virtual_services: BTreeMap<Key, VirtualService>,
+    pub destination_rules: BTreeMap<Key, DestinationRule>,
+    pub gateways: BTreeMap<Key, Gateway>,
+    /// Invalid objects and conflicts, each naming file, object and field.
+    pub problems: Vec<Problem>,
+}
+
+impl Snapshot {
+    /// Assemble from parsed objects. The first definition of an object wins; a second one
+    /// (the same kind, namespace and name in another file) is reported and left out.
+    pub fn build(objects: Vec<(Origin, Object)>, mut problems: Vec<Problem>) -> Snapshot {
+        let mut s = Snapshot::default();
+        let mut seen: BTreeMap<(&'static str, Key), Origin> = BTreeMap::new();
+        for (origin, object) in objects {
+            let meta = object.meta();
+            let key = (meta.namespace.clone(), meta.name.clone());
+            let kind = object.kind();
+            if let Some(first) = seen.get(&(kind, key.clone())) {
+                problems.push(Problem {
+                    file: origin.file.clone(),
+                    object: origin.object.clone(),
+                    field: "metadata.name".into(),
+                    reason: format!("already defined in {}", first.file),
+                });
+                continue;
+            }
+            seen.insert((kind, key.clone()), origin);
+            match object {
+                Object::Namespace(o) => {
+                    s.namespaces.insert(key.1, o);
+                }
+                Object::Pod(o) => {
+                    s.pods.insert(key, o);
+                }
+                Object::Service(o) => {
+                    s.services.insert(key, o);
+                }
+                Object::AuthorizationPolicy(o) => {
+                    s.policies.insert(key, o);
+                }
+                Object::VirtualService(o) => {
+                    s.virtual_services.insert(key, o);
+                }
+                Object::DestinationRule(o) => {
+                    s.destination_rules.insert(key, o);
+                }
+                Object::Gateway(o) => {
+                    s.gateways.insert(key, o);
+                }
+            }
+        }
+        problems.sort();
+        s.problems = problems;
+        s
+    }
+
+    pub fn namespace_labels(&self, ns: &str) -> Option<&BTreeMap<String, String>> {
+        self.namespaces.get(ns).map(|n| &n.meta.labels)
+    }
+
+    /// The nodes pods are scheduled on (for node agent tokens).
+    pub fn nodes(&self) -> Vec<String> {
+        let mut nodes: Vec<String> = self
+            .pods
+            .values()
+            .map(|p| p.node_name.clone())
+            .filter(|n| !n.is_empty())
+            .collect();
+        nodes.sort();
+        nodes.dedup();
+        nodes
+    }
+}
+
+pub type SharedSnapshot = Arc<Snapshot>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::k8s::parse_documents;
+
+    #[test]
+    fn duplicates_across_files_are_reported() {
+        let a = parse_documents("apiVersion: v1\nkind: Pod\nmetadata: {name: p}\n", "a.yaml");
+        let b = parse_documents("apiVersion: v1\nkind: Pod\nmetadata: {name: p}\n", "b.yaml");
+        let mut objects = a.objects;
+        objects.extend(b.objects);
+        let s = Snapshot::build(objects, vec![]);
+        assert_eq!(s.pods.len(), 1);
+        assert_eq!(
+            s.problems[0].to_string(),
+            "b.yaml: Pod default/p: field \"metadata.name\": already defined in a.yaml"
+        );
+    }
+}

@@ -1,0 +1,228 @@
+//! Wires the parts together: folder → snapshots → translation → published resources, served over TLS on one port (xDS + CA), plus the debug endpoint.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryServiceServer;
+use mesh::admin::{Reply, Router};
+use mesh::proto::ca::istio_certificate_service_server::IstioCertificateServiceServer;
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use crate::auth::Tokens;
+use crate::ca::CaService;
+use crate::k8s::Problem;
+use crate::model::Snapshot;
+use crate::translate::{MeshOptions, Resources, translate};
+use crate::xds::server::{AdsService, Registry};
+
+/// DNS names on pilot's serving certificate; clients verify one of them.
+pub const SERVER_NAMES: &[&str] = &[
+    "pilot.istio-system.svc",
+    "istiod.istio-system.svc",
+    "localhost",
+];
+
+/// What the xDS server serves: a snapshot and its translation.
+#[derive(Debug, Default)]
+pub struct Published {
+    pub snapshot: Arc<Snapshot>,
+    pub resources: Arc<Resources>,
+    pub problems: Vec<Problem>,
+    pub translate_time: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The folder of Kubernetes YAML.
+    pub folder: PathBuf,
+    /// CA root and node tokens are kept here.
+    pub state_dir: PathBuf,
+    pub listen: SocketAddr,
+    pub debug: Option<SocketAddr>,
+    pub mesh: MeshOptions,
+    pub max_cert_ttl: Duration,
+    /// Nodes to write tokens for even before a pod is scheduled there.
+    pub nodes: Vec<String>,
+}
+
+pub struct Running {
+    pub addr: SocketAddr,
+    pub debug_addr: Option<SocketAddr>,
+    pub root_pem: String,
+    pub tokens: Arc<Tokens>,
+    pub registry: Arc<Registry>,
+    pub published: watch::Receiver<Arc<Published>>,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    server: tokio::task::JoinHandle<()>,
+    _drain: mesh::drain::Trigger,
+}
+
+impl Running {
+    /// Stop serving: open streams are cut, as when the process dies.
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        self.server.abort();
+        let _ = (&mut self.server).await;
+    }
+}
+
+fn publish(snapshot: Arc<Snapshot>, mesh: &MeshOptions) -> Published {
+    let start = Instant::now();
+    let t = translate(&snapshot, mesh);
+    let mut problems = snapshot.problems.clone();
+    problems.extend(t.problems);
+    Published {
+        snapshot,
+        resources: Arc::new(t.resources),
+        problems,
+        translate_time: start.elapsed(),
+    }
+}
+
+pub async fn start(cfg: Config) -> anyhow::Result<Running> {
+    let ca = Arc::new(crate::ca::load_or_create_root(
+        &cfg.state_dir,
+        &cfg.mesh.trust_domain,
+    )?);
+    let tokens = Arc::new(Tokens::open(&cfg.state_dir.join("tokens")).context("node tokens")?);
+    for node in &cfg.nodes {
+        tokens.node_token(node)?;
+    }
+
+    let fp = crate::folder::fingerprint(&cfg.folder);
+    let first = Arc::new(crate::folder::load(&cfg.folder));
+    for p in &first.problems {
+        warn!("{p}");
+    }
+    let (snap_tx, mut snap_rx) = watch::channel(first.clone());
+    tokio::spawn(crate::folder::watch_folder(cfg.folder.clone(), fp, snap_tx));
+    let (pub_tx, pub_rx) = watch::channel(Arc::new(publish(first, &cfg.mesh)));
+    {
+        let mesh = cfg.mesh.clone();
+        let tokens = tokens.clone();
+        tokio::spawn(async move {
+            loop {
+                let snap = snap_rx.borrow_and_update().clone();
+                for node in snap.nodes() {
+                    if let Err(e) = tokens.node_token(&node) {
+                        warn!(%node, "writing node token: {e}");
+                    }
+                }
+                let p = publish(snap, &mesh);
+                info!(
+                    generation = p.snapshot.generation,
+                    addresses = p.resources.addresses.len(),
+                    authorizations = p.resources.authorizations.len(),
+                    took = ?p.translate_time,
+                    "translated"
+                );
+                pub_tx.send_replace(Arc::new(p));
+                if snap_rx.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+    let nodes = pub_rx.borrow().snapshot.nodes();
+    for node in nodes {
+        tokens.node_token(&node)?;
+    }
+
+    let names: Vec<String> = SERVER_NAMES.iter().map(|s| s.to_string()).collect();
+    let (cert, key) = ca.issue_server_pem(&names, Duration::from_secs(365 * 24 * 3600))?;
+    let registry = Arc::new(Registry::default());
+    let ads = AdsService {
+        tokens: tokens.clone(),
+        published: pub_rx.clone(),
+        registry: registry.clone(),
+    };
+    let ca_service = CaService {
+        ca: ca.clone(),
+        tokens: tokens.clone(),
+        published: pub_rx.clone(),
+        trust_domain: cfg.mesh.trust_domain.clone(),
+        root_namespace: cfg.mesh.root_namespace.clone(),
+        max_ttl: cfg.max_cert_ttl,
+    };
+    let listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .with_context(|| format!("listening on {}", cfg.listen))?;
+    let addr = listener.local_addr()?;
+    let (shutdown_tx, shutdown_rx) = tokio::sync::oneshot::channel::<()>();
+    let tls = tonic::transport::ServerTlsConfig::new()
+        .identity(tonic::transport::Identity::from_pem(cert, key));
+    let router = tonic::transport::Server::builder()
+        .tls_config(tls)?
+        .http2_keepalive_interval(Some(Duration::from_secs(10)))
+        .add_service(AggregatedDiscoveryServiceServer::new(ads))
+        .add_service(IstioCertificateServiceServer::new(ca_service));
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let server = tokio::spawn(async move {
+        let stop = async {
+            let _ = shutdown_rx.await;
+        };
+        if let Err(e) = router.serve_with_incoming_shutdown(incoming, stop).await {
+            warn!("xDS server: {e}");
+        }
+    });
+    info!(%addr, "serving xDS and CA over TLS");
+
+    let (drain, drain_watch) = mesh::drain::channel();
+    let mut debug_addr = None;
+    if let Some(d) = cfg.debug {
+        let l = tokio::net::TcpListener::bind(d).await?;
+        debug_addr = Some(l.local_addr()?);
+        tokio::spawn(mesh::admin::serve(
+            l,
+            debug_router(pub_rx.clone(), registry.clone()),
+            drain_watch,
+        ));
+    }
+    Ok(Running {
+        addr,
+        debug_addr,
+        root_pem: ca.root_pem().to_string(),
+        tokens,
+        registry,
+        published: pub_rx,
+        shutdown: Some(shutdown_tx),
+        server,
+        _drain: drain,
+    })
+}
+
+/// `/debug/snapshot`: the model, its problems and every resource's version;
+/// `/debug/connections`: per connected proxy, what was sent, acked and rejected.
+fn debug_router(published: watch::Receiver<Arc<Published>>, registry: Arc<Registry>) -> Router {
+    Arc::new(move |req| match req.path {
+        "/debug/snapshot" => {
+            let p = published.borrow().clone();
+            let versions = |m: &crate::translate::ResourceMap| {
+                m.iter()
+                    .map(|(k, r)| (k.clone(), r.version.clone()))
+                    .collect::<std::collections::BTreeMap<_, _>>()
+            };
+            Reply::json(&serde_json::json!({
+                "generation": p.snapshot.generation,
+                "problems": p.problems.iter().map(|p| p.to_string()).collect::<Vec<_>>(),
+                "translateMicros": p.translate_time.as_micros() as u64,
+                "addresses": versions(&p.resources.addresses),
+                "authorizations": versions(&p.resources.authorizations),
+                "model": &*p.snapshot,
+            }))
+        }
+        "/debug/connections" => Reply::json(&serde_json::json!({
+            "pushes": registry.pushes.load(std::sync::atomic::Ordering::Relaxed),
+            "nacks": registry.nacks.load(std::sync::atomic::Ordering::Relaxed),
+            "connections": registry.report(),
+        })),
+        "/healthz/ready" => Reply::text(http::StatusCode::OK, "ready\n"),
+        _ => Reply::not_found(),
+    })
+}

@@ -1,0 +1,770 @@
+//! Translation of a model snapshot into Istio's workload API: `Address` (workloads, services) and `Authorization` resources, each with a content version.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use mesh::proto::security as pb_sec;
+use mesh::proto::workload as pb;
+use prost::Message;
+
+use crate::k8s::{
+    AuthorizationPolicy, DATAPLANE_MODE, Operation, Pod, PolicyAction, PolicyRule, Problem,
+    Service, Source, TargetPort, USE_WAYPOINT, USE_WAYPOINT_NAMESPACE,
+};
+use crate::model::Snapshot;
+
+/// Mesh-wide settings that translation needs.
+#[derive(Debug, Clone)]
+pub struct MeshOptions {
+    pub cluster_id: String,
+    pub trust_domain: String,
+    /// Kubernetes' cluster domain: services are `<name>.<ns>.svc.<domain>`.
+    pub domain: String,
+    /// Policies without a selector here apply to the whole mesh.
+    pub root_namespace: String,
+}
+
+impl Default for MeshOptions {
+    fn default() -> Self {
+        MeshOptions {
+            cluster_id: "Kubernetes".into(),
+            trust_domain: "cluster.local".into(),
+            domain: "cluster.local".into(),
+            root_namespace: "istio-system".into(),
+        }
+    }
+}
+
+/// One xDS resource, encoded once and shared by every connection that sends it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resource {
+    pub name: String,
+    /// A hash of the encoded bytes: equal content gives an equal version, across restarts too.
+    pub version: String,
+    pub body: Bytes,
+}
+
+impl Resource {
+    fn new(name: String, message: &impl Message) -> Arc<Resource> {
+        let body = Bytes::from(message.encode_to_vec());
+        Arc::new(Resource {
+            name,
+            version: format!("{:016x}", fnv1a(&body)),
+            body,
+        })
+    }
+}
+
+/// Every resource of one type, by name.
+pub type ResourceMap = BTreeMap<String, Arc<Resource>>;
+
+/// What the xDS server serves: one map per type URL.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Resources {
+    pub addresses: ResourceMap,
+    pub authorizations: ResourceMap,
+}
+
+impl Resources {
+    pub fn of_type(&self, type_url: &str) -> Option<&ResourceMap> {
+        match type_url {
+            mesh::proto::ADDRESS_TYPE_URL => Some(&self.addresses),
+            mesh::proto::AUTHORIZATION_TYPE_URL => Some(&self.authorizations),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct Translation {
+    pub resources: Resources,
+    /// Things translation left out, with why (e.g. two pods with one IP).
+    pub problems: Vec<Problem>,
+}
+
+fn fnv1a(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+pub fn translate(s: &Snapshot, o: &MeshOptions) -> Translation {
+    let mut t = Translation::default();
+    let policies = translate_policies(s, o, &mut t.problems);
+    let selecting: Vec<(&AuthorizationPolicy, String)> = s
+        .policies
+        .values()
+        .filter(|p| p.selector.is_some() && policies.contains_key(&key_of(p)))
+        .map(|p| (p, key_of(p)))
+        .collect();
+
+    let mut ip_owner: HashMap<IpAddr, String> = HashMap::new();
+    for svc in s.services.values() {
+        let msg = service(s, o, svc);
+        let name = format!("{}/{}", svc.meta.namespace, msg.hostname);
+        let mut ok = true;
+        for ip in &svc.cluster_ips {
+            if let Some(prev) = ip_owner.get(ip) {
+                t.problems
+                    .push(conflict("Service", &svc.meta, "spec.clusterIP", ip, prev));
+                ok = false;
+            }
+        }
+        if !ok {
+            continue;
+        }
+        for ip in &svc.cluster_ips {
+            ip_owner.insert(
+                *ip,
+                format!("Service {}/{}", svc.meta.namespace, svc.meta.name),
+            );
+        }
+        let address = pb::Address {
+            r#type: Some(pb::address::Type::Service(msg)),
+        };
+        t.resources
+            .addresses
+            .insert(name.clone(), Resource::new(name, &address));
+    }
+    for pod in s.pods.values() {
+        if pod.ips.is_empty() || pod.host_network {
+            // No address of its own yet (or the node's): nothing a proxy could match on.
+            continue;
+        }
+        if let Some((ip, prev)) = pod
+            .ips
+            .iter()
+            .find_map(|ip| ip_owner.get(ip).map(|prev| (ip, prev)))
+        {
+            t.problems
+                .push(conflict("Pod", &pod.meta, "status.podIP", ip, prev));
+            continue;
+        }
+        for ip in &pod.ips {
+            ip_owner.insert(*ip, format!("Pod {}/{}", pod.meta.namespace, pod.meta.name));
+        }
+        let w = workload(s, o, pod, &selecting);
+        let name = w.uid.clone();
+        let address = pb::Address {
+            r#type: Some(pb::address::Type::Workload(w)),
+        };
+        t.resources
+            .addresses
+            .insert(name.clone(), Resource::new(name, &address));
+    }
+    for (name, p) in policies {
+        t.resources
+            .authorizations
+            .insert(name.clone(), Resource::new(name, &p));
+    }
+    t
+}
+
+fn conflict(kind: &str, meta: &crate::k8s::Meta, field: &str, ip: &IpAddr, prev: &str) -> Problem {
+    Problem {
+        file: String::new(),
+        object: format!("{kind} {}/{}", meta.namespace, meta.name),
+        field: field.into(),
+        reason: format!("{ip} is already used by {prev}; left out"),
+    }
+}
+
+fn key_of(p: &AuthorizationPolicy) -> String {
+    format!("{}/{}", p.meta.namespace, p.meta.name)
+}
+
+fn ip_bytes(ip: &IpAddr) -> Vec<u8> {
+    match ip {
+        IpAddr::V4(v4) => v4.octets().to_vec(),
+        IpAddr::V6(v6) => v6.octets().to_vec(),
+    }
+}
+
+fn hostname(o: &MeshOptions, ns: &str, name: &str) -> String {
+    format!("{name}.{ns}.svc.{}", o.domain)
+}
+
+fn selects(selector: &BTreeMap<String, String>, labels: &BTreeMap<String, String>) -> bool {
+    selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+}
+
+/// `istio.io/use-waypoint` on the object, else on its namespace; `none` opts out.
+fn waypoint(
+    s: &Snapshot,
+    o: &MeshOptions,
+    ns: &str,
+    labels: &BTreeMap<String, String>,
+) -> Option<pb::GatewayAddress> {
+    let ns_labels = s.namespace_labels(ns);
+    let (name, from) = match labels.get(USE_WAYPOINT) {
+        Some(n) => (n, labels),
+        None => (ns_labels?.get(USE_WAYPOINT)?, ns_labels?),
+    };
+    if name.is_empty() || name == "none" {
+        return None;
+    }
+    let wp_ns = from
+        .get(USE_WAYPOINT_NAMESPACE)
+        .cloned()
+        .unwrap_or_else(|| ns.to_string());
+    Some(pb::GatewayAddress {
+        destination: Some(pb::gateway_address::Destination::Hostname(
+            pb::NamespacedHostname {
+                hostname: hostname(o, &wp_ns, name),
+                namespace: wp_ns,
+            },
+        )),
+        hbone_mtls_port: u32::from(mesh::hbone::HBONE_PORT),
+    })
+}
+
+fn service(s: &Snapshot, o: &MeshOptions, svc: &Service) -> pb::Service {
+    pb::Service {
+        name: svc.meta.name.clone(),
+        namespace: svc.meta.namespace.clone(),
+        hostname: hostname(o, &svc.meta.namespace, &svc.meta.name),
+        addresses: svc
+            .cluster_ips
+            .iter()
+            .map(|ip| pb::NetworkAddress {
+                network: String::new(),
+                address: ip_bytes(ip),
+            })
+            .collect(),
+        ports: svc
+            .ports
+            .iter()
+            .map(|p| pb::Port {
+                service_port: u32::from(p.port),
+                target_port: match p.target {
+                    TargetPort::Number(n) => u32::from(n),
+                    // Named: each endpoint resolves it against its own container ports.
+                    TargetPort::Name(_) => 0,
+                },
+            })
+            .collect(),
+        subject_alt_names: vec![],
+        waypoint: waypoint(s, o, &svc.meta.namespace, &svc.meta.labels),
+        load_balancing: None,
+        ip_families: 0,
+        canonical: false,
+    }
+}
+
+fn in_ambient(s: &Snapshot, pod: &Pod) -> bool {
+    match pod.meta.labels.get(DATAPLANE_MODE).map(String::as_str) {
+        Some("none") => false,
+        Some("ambient") => true,
+        _ => {
+            s.namespace_labels(&pod.meta.namespace)
+                .and_then(|l| l.get(DATAPLANE_MODE))
+                .map(String::as_str)
+                == Some("ambient")
+        }
+    }
+}
+
+fn first_label<'a>(labels: &'a BTreeMap<String, String>, keys: &[&str]) -> Option<&'a String> {
+    keys.iter().find_map(|k| labels.get(*k))
+}
+
+fn workload(
+    s: &Snapshot,
+    o: &MeshOptions,
+    pod: &Pod,
+    selecting: &[(&AuthorizationPolicy, String)],
+) -> pb::Workload {
+    let ns = &pod.meta.namespace;
+    let labels = &pod.meta.labels;
+    let mut services = BTreeMap::new();
+    for svc in s.services.values() {
+        let Some(selector) = &svc.selector else {
+            continue;
+        };
+        if &svc.meta.namespace != ns || !selects(selector, labels) {
+            continue;
+        }
+        let ports = svc
+            .ports
+            .iter()
+            .filter_map(|p| {
+                let target = match &p.target {
+                    TargetPort::Number(n) => *n,
+                    TargetPort::Name(name) => *pod.named_ports.get(name)?,
+                };
+                Some(pb::Port {
+                    service_port: u32::from(p.port),
+                    target_port: u32::from(target),
+                })
+            })
+            .collect();
+        services.insert(
+            format!("{ns}/{}", hostname(o, ns, &svc.meta.name)),
+            pb::PortList { ports },
+        );
+    }
+    let authorization_policies: Vec<String> = selecting
+        .iter()
+        .filter(|(p, _)| &p.meta.namespace == ns)
+        .filter(|(p, _)| p.selector.as_ref().is_some_and(|sel| selects(sel, labels)))
+        .map(|(_, k)| k.clone())
+        .collect();
+    let healthy =
+        pod.ready != Some(false) && pod.phase.as_deref().is_none_or(|phase| phase == "Running");
+    let (workload_type, workload_name) = match &pod.owner {
+        // A Deployment's pods belong to a ReplicaSet named `<deployment>-<hash>`.
+        Some((kind, name)) if kind == "ReplicaSet" => (
+            pb::WorkloadType::Deployment,
+            name.rsplit_once('-')
+                .map(|(d, _)| d.to_string())
+                .unwrap_or_else(|| name.clone()),
+        ),
+        Some((kind, name)) if kind == "Job" => (pb::WorkloadType::Job, name.clone()),
+        Some((kind, name)) if kind == "CronJob" => (pb::WorkloadType::Cronjob, name.clone()),
+        _ => (pb::WorkloadType::Pod, pod.meta.name.clone()),
+    };
+    let canonical_name = first_label(
+        labels,
+        &[
+            "service.istio.io/canonical-name",
+            "app.kubernetes.io/name",
+            "app",
+        ],
+    )
+    .cloned()
+    .unwrap_or_else(|| workload_name.clone());
+    let canonical_revision = first_label(
+        labels,
+        &[
+            "service.istio.io/canonical-revision",
+            "app.kubernetes.io/version",
+            "version",
+        ],
+    )
+    .cloned()
+    .unwrap_or_else(|| "latest".into());
+    pb::Workload {
+        // ztunnel finds a local pod's network namespace by its Kubernetes UID, so that is the
+        // resource name when the object carries one; otherwise Istio's readable form.
+        uid: pod
+            .meta
+            .uid
+            .clone()
+            .unwrap_or_else(|| format!("{}//Pod/{ns}/{}", o.cluster_id, pod.meta.name)),
+        name: pod.meta.name.clone(),
+        namespace: ns.clone(),
+        addresses: pod.ips.iter().map(ip_bytes).collect(),
+        hostname: String::new(),
+        network: String::new(),
+        tunnel_protocol: if in_ambient(s, pod) {
+            pb::TunnelProtocol::Hbone
+        } else {
+            pb::TunnelProtocol::None
+        } as i32,
+        trust_domain: o.trust_domain.clone(),
+        service_account: pod.service_account.clone(),
+        waypoint: waypoint(s, o, ns, labels),
+        network_gateway: None,
+        node: pod.node_name.clone(),
+        canonical_name,
+        canonical_revision,
+        workload_type: workload_type as i32,
+        workload_name,
+        native_tunnel: false,
+        services,
+        authorization_policies,
+        status: if healthy {
+            pb::WorkloadStatus::Healthy
+        } else {
+            pb::WorkloadStatus::Unhealthy
+        } as i32,
+        cluster_id: o.cluster_id.clone(),
+        locality: None,
+        network_mode: pb::NetworkMode::Standard as i32,
+        capacity: None,
+    }
+}
+
+fn translate_policies(
+    s: &Snapshot,
+    o: &MeshOptions,
+    problems: &mut Vec<Problem>,
+) -> BTreeMap<String, pb_sec::Authorization> {
+    let mut out = BTreeMap::new();
+    for p in s.policies.values() {
+        if !p.target_refs.is_empty() {
+            // Bound to a waypoint or gateway: enforced there, not by the node proxy.
+            continue;
+        }
+        let action = match p.action {
+            PolicyAction::Allow => pb_sec::Action::Allow,
+            PolicyAction::Deny => pb_sec::Action::Deny,
+            other => {
+                problems.push(Problem {
+                    file: String::new(),
+                    object: format!("AuthorizationPolicy {}", key_of(p)),
+                    field: "spec.action".into(),
+                    reason: format!("{other:?} is not enforced by the node proxy; left out"),
+                });
+                continue;
+            }
+        };
+        let scope = if p.selector.is_some() {
+            pb_sec::Scope::WorkloadSelector
+        } else if p.meta.namespace == o.root_namespace {
+            pb_sec::Scope::Global
+        } else {
+            pb_sec::Scope::Namespace
+        };
+        let rules = p.rules.iter().filter_map(|r| rule(r, action)).collect();
+        out.insert(
+            key_of(p),
+            pb_sec::Authorization {
+                name: p.meta.name.clone(),
+                namespace: p.meta.namespace.clone(),
+                scope: scope as i32,
+                action: action as i32,
+                rules,
+                dry_run: p.dry_run,
+            },
+        );
+    }
+    out
+}
+
+/// Conditions a node proxy can check; the rest need the HTTP request (a waypoint).
+const L4_KEYS: &[&str] = &[
+    "source.ip",
+    "remote.ip",
+    "source.namespace",
+    "source.principal",
+    "destination.ip",
+    "destination.port",
+];
+
+fn source_is_l7(src: &Source) -> bool {
+    !src.request_principals.is_empty() || !src.not_request_principals.is_empty()
+}
+
+fn operation_is_l7(op: &Operation) -> bool {
+    !(op.hosts.is_empty()
+        && op.not_hosts.is_empty()
+        && op.methods.is_empty()
+        && op.not_methods.is_empty()
+        && op.paths.is_empty()
+        && op.not_paths.is_empty())
+}
+
+/// One policy rule at L4. A rule that needs L7 attributes can never match at L4: an ALLOW
+/// rule is dropped (allows less); in a DENY rule the L7 attributes are ignored (denies more).
+/// Either way the node proxy fails closed.
+fn rule(r: &PolicyRule, action: pb_sec::Action) -> Option<pb_sec::Rule> {
+    let l7 = r.from.iter().any(source_is_l7)
+        || r.to.iter().any(operation_is_l7)
+        || r.when.iter().any(|c| !L4_KEYS.contains(&c.key.as_str()));
+    if l7 && action == pb_sec::Action::Allow {
+        return None;
+    }
+    let mut clauses = Vec::new();
+    if !r.from.is_empty() {
+        clauses.push(pb_sec::Clause {
+            matches: r.from.iter().map(source_match).collect(),
+        });
+    }
+    if !r.to.is_empty() {
+        clauses.push(pb_sec::Clause {
+            matches: r
+                .to
+                .iter()
+                .map(|op| pb_sec::Match {
+                    destination_ports: op.ports.iter().map(|&p| u32::from(p)).collect(),
+                    not_destination_ports: op.not_ports.iter().map(|&p| u32::from(p)).collect(),
+                    ..Default::default()
+                })
+                .collect(),
+        });
+    }
+    for c in &r.when {
+        let mut m = pb_sec::Match::default();
+        match c.key.as_str() {
+            "source.ip" | "remote.ip" => {
+                m.source_ips = addresses(&c.values);
+                m.not_source_ips = addresses(&c.not_values);
+            }
+            "source.namespace" => {
+                m.namespaces = strings(&c.values);
+                m.not_namespaces = strings(&c.not_values);
+            }
+            "source.principal" => {
+                m.principals = strings(&c.values);
+                m.not_principals = strings(&c.not_values);
+            }
+            "destination.ip" => {
+                m.destination_ips = addresses(&c.values);
+                m.not_destination_ips = addresses(&c.not_values);
+            }
+            "destination.port" => {
+                m.destination_ports = c.values.iter().filter_map(|v| v.parse().ok()).collect();
+                m.not_destination_ports =
+                    c.not_values.iter().filter_map(|v| v.parse().ok()).collect();
+            }
+            // An L7 condition in a DENY rule: ignored, see above.
+            _ => continue,
+        }
+        clauses.push(pb_sec::Clause { matches: vec![m] });
+    }
+    Some(pb_sec::Rule { clauses })
+}
+
+fn source_match(src: &Source) -> pb_sec::Match {
+    let mut source_ips = addresses(&src.ip_blocks);
+    source_ips.extend(addresses(&src.remote_ip_blocks));
+    let mut not_source_ips = addresses(&src.not_ip_blocks);
+    not_source_ips.extend(addresses(&src.not_remote_ip_blocks));
+    pb_sec::Match {
+        namespaces: strings(&src.namespaces),
+        not_namespaces: strings(&src.not_namespaces),
+        principals: strings(&src.principals),
+        not_principals: strings(&src.not_principals),
+        source_ips,
+        not_source_ips,
+        service_accounts: service_accounts(&src.service_accounts),
+        not_service_accounts: service_accounts(&src.not_service_accounts),
+        ..Default::default()
+    }
+}
+
+/// Istio's string forms: `*` any value, `x*` prefix, `*x` suffix, else exact.
+fn string_match(v: &str) -> pb_sec::StringMatch {
+    use pb_sec::string_match::MatchType;
+    let t = if v == "*" {
+        MatchType::Presence(())
+    } else if let Some(p) = v.strip_suffix('*') {
+        MatchType::Prefix(p.to_string())
+    } else if let Some(s) = v.strip_prefix('*') {
+        MatchType::Suffix(s.to_string())
+    } else {
+        MatchType::Exact(v.to_string())
+    };
+    pb_sec::StringMatch {
+        match_type: Some(t),
+    }
+}
+
+fn strings(values: &[String]) -> Vec<pb_sec::StringMatch> {
+    values.iter().map(|v| string_match(v)).collect()
+}
+
+fn service_accounts(values: &[String]) -> Vec<pb_sec::ServiceAccountMatch> {
+    values
+        .iter()
+        .filter_map(|v| v.split_once('/'))
+        .map(|(ns, sa)| pb_sec::ServiceAccountMatch {
+            namespace: ns.to_string(),
+            service_account: sa.to_string(),
+        })
+        .collect()
+}
+
+fn addresses(values: &[String]) -> Vec<pb_sec::Address> {
+    values
+        .iter()
+        .filter_map(|v| parse_cidr(v))
+        .map(|(ip, length)| pb_sec::Address {
+            address: ip_bytes(&ip),
+            length: u32::from(length),
+        })
+        .collect()
+}
+
+/// `ip` or `ip/prefix`.
+pub fn parse_cidr(v: &str) -> Option<(IpAddr, u8)> {
+    let (addr, len) = match v.split_once('/') {
+        Some((a, l)) => (a, Some(l)),
+        None => (v, None),
+    };
+    let ip: IpAddr = addr.parse().ok()?;
+    let max = if ip.is_ipv4() { 32 } else { 128 };
+    let len = match len {
+        None => max,
+        Some(l) if !l.is_empty() && l.bytes().all(|b| b.is_ascii_digit()) => l.parse().ok()?,
+        Some(_) => return None,
+    };
+    (len <= max).then_some((ip, len))
+}
+
+/// A readable, deterministic rendering of every resource (for golden files and debugging).
+pub fn render(resources: &Resources) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    for r in resources.addresses.values() {
+        let _ = writeln!(out, "# Address {} version {}", r.name, r.version);
+        match pb::Address::decode(r.body.clone()) {
+            Ok(a) => {
+                let _ = writeln!(out, "{a:#?}");
+            }
+            Err(e) => {
+                let _ = writeln!(out, "undecodable: {e}");
+            }
+        }
+    }
+    for r in resources.authorizations.values() {
+        let _ = writeln!(out, "# Authorization {} version {}", r.name, r.version);
+        match pb_sec::Authorization::decode(r.body.clone()) {
+            Ok(a) => {
+                let _ = writeln!(out, "{a:#?}");
+            }
+            Err(e) => {
+                let _ = writeln!(out, "undecodable: {e}");
+            }
+        }
+    }
+    out
+}
+
+/// Resource names present in `a` whose version differs from (or is missing in) `b`.
+pub fn changed(a: &ResourceMap, b: &ResourceMap) -> BTreeSet<String> {
+    a.iter()
+        .filter(|(k, r)| b.get(*k).is_none_or(|o| o.version != r.version))
+        .map(|(k, _)| k.clone())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::k8s::parse_documents;
+
+    fn snapshot(text: &str) -> Snapshot {
+        let p = parse_documents(text, "t.yaml");
+        assert!(p.problems.is_empty(), "{:?}", p.problems);
+        Snapshot::build(p.objects, vec![])
+    }
+
+    fn auth(t: &Translation, name: &str) -> pb_sec::Authorization {
+        pb_sec::Authorization::decode(t.resources.authorizations[name].body.clone()).unwrap()
+    }
+
+    #[test]
+    fn l7_rules_fail_closed() {
+        let s = snapshot(
+            r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: allow-get, namespace: a}
+spec:
+  rules:
+  - to: [{operation: {methods: [GET]}}]
+  - from: [{source: {principals: ["cluster.local/ns/a/sa/x"]}}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-post, namespace: a}
+spec:
+  action: DENY
+  rules:
+  - to: [{operation: {methods: [POST], ports: ["8080"]}}]
+"#,
+        );
+        let t = translate(&s, &MeshOptions::default());
+        let allow = auth(&t, "a/allow-get");
+        assert_eq!(allow.rules.len(), 1, "the L7 ALLOW rule is dropped");
+        let deny = auth(&t, "a/deny-post");
+        assert_eq!(deny.action, pb_sec::Action::Deny as i32);
+        assert_eq!(
+            deny.rules[0].clauses[0].matches[0].destination_ports,
+            [8080],
+            "L4 part kept, L7 part ignored"
+        );
+    }
+
+    #[test]
+    fn scopes_and_string_forms() {
+        let s = snapshot(
+            r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: mesh, namespace: istio-system}
+spec: {action: DENY, rules: [{from: [{source: {namespaces: ["*", "pre*", "*suf", "x"]}}]}]}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: ns, namespace: a, annotations: {istio.io/dry-run: "true"}}
+spec: {}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: waypoint-only, namespace: a}
+spec: {targetRefs: [{kind: Gateway, name: waypoint}]}
+"#,
+        );
+        let t = translate(&s, &MeshOptions::default());
+        assert_eq!(t.resources.authorizations.len(), 2);
+        let mesh = auth(&t, "istio-system/mesh");
+        assert_eq!(mesh.scope, pb_sec::Scope::Global as i32);
+        let forms: Vec<_> = mesh.rules[0].clauses[0].matches[0]
+            .namespaces
+            .iter()
+            .map(|m| format!("{:?}", m.match_type))
+            .collect();
+        assert_eq!(
+            forms,
+            [
+                "Some(Presence(()))",
+                "Some(Prefix(\"pre\"))",
+                "Some(Suffix(\"suf\"))",
+                "Some(Exact(\"x\"))"
+            ]
+        );
+        let ns = auth(&t, "a/ns");
+        assert_eq!(ns.scope, pb_sec::Scope::Namespace as i32);
+        assert!(ns.dry_run);
+        assert!(
+            ns.rules.is_empty(),
+            "an ALLOW without rules matches nothing"
+        );
+    }
+
+    #[test]
+    fn versions_follow_content() {
+        let text = "apiVersion: v1\nkind: Service\nmetadata: {name: s, namespace: a}\nspec: {clusterIP: 10.96.0.1, ports: [{port: 80}]}\n";
+        let a = translate(&snapshot(text), &MeshOptions::default());
+        let b = translate(&snapshot(text), &MeshOptions::default());
+        assert_eq!(a.resources, b.resources);
+        let c = translate(
+            &snapshot(&text.replace("port: 80", "port: 81")),
+            &MeshOptions::default(),
+        );
+        assert_eq!(
+            changed(&c.resources.addresses, &a.resources.addresses).len(),
+            1
+        );
+    }
+
+    #[test]
+    fn duplicate_ip_is_reported_and_left_out() {
+        let s = snapshot(
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: a}\nstatus: {podIP: 10.0.0.1}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: b}\nstatus: {podIP: 10.0.0.1}\n",
+        );
+        let t = translate(&s, &MeshOptions::default());
+        assert_eq!(t.resources.addresses.len(), 1);
+        assert!(
+            t.problems[0]
+                .reason
+                .contains("already used by Pod default/a")
+        );
+    }
+
+    #[test]
+    fn cidrs() {
+        assert_eq!(parse_cidr("10.0.0.0/8").unwrap().1, 8);
+        assert_eq!(parse_cidr("10.0.0.1").unwrap().1, 32);
+        assert!(parse_cidr("10.0.0.0/33").is_none());
+        assert!(parse_cidr("x").is_none());
+    }
+}

@@ -1,0 +1,458 @@
+//! pilot over the wire: a real tonic client on TLS against a running pilot, for the delta xDS protocol and the CA.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+use envoy_types::pb::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse,
+};
+use envoy_types::pb::google::rpc::Status;
+use mesh::control::ControlPlane;
+use mesh::identity::Identity;
+use mesh::proto::ca::IstioCertificateRequest;
+use mesh::proto::ca::istio_certificate_service_client::IstioCertificateServiceClient;
+use mesh::proto::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL};
+use pilot::auth::Caller;
+use pilot::server::{Config, Running, start};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Streaming;
+
+struct Env {
+    dir: PathBuf,
+    pilot: Running,
+}
+
+impl Env {
+    async fn start() -> Env {
+        let dir = std::env::temp_dir().join(format!("pilot-it-{}", fastrand::u64(..)));
+        std::fs::create_dir_all(dir.join("config")).unwrap();
+        write(&dir, "ns.yaml", NAMESPACE);
+        write(&dir, "svc.yaml", &service("web", "10.96.0.1", 80));
+        let pilot = start(Config {
+            folder: dir.join("config"),
+            state_dir: dir.join("state"),
+            listen: "127.0.0.1:0".parse().unwrap(),
+            debug: Some("127.0.0.1:0".parse().unwrap()),
+            mesh: Default::default(),
+            max_cert_ttl: Duration::from_secs(3600),
+            nodes: vec!["node1".into(), "node2".into()],
+        })
+        .await
+        .unwrap();
+        Env { dir, pilot }
+    }
+
+    fn control(&self, node: &str) -> ControlPlane {
+        let token_file = self.dir.join("state/tokens").join(format!("{node}.token"));
+        ControlPlane {
+            address: format!("https://{}", self.pilot.addr),
+            root_pem: self.pilot.root_pem.clone(),
+            server_name: "pilot.istio-system.svc".into(),
+            token_file,
+        }
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+const NAMESPACE: &str = "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop, labels: {istio.io/dataplane-mode: ambient}}\n";
+
+fn service(name: &str, vip: &str, port: u16) -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: shop}}\nspec: {{clusterIP: {vip}, selector: {{app: {name}}}, ports: [{{port: {port}}}]}}\n"
+    )
+}
+
+fn pod(name: &str, app: &str, node: &str, ip: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: shop, uid: uid-{name}, labels: {{app: {app}}}}}\nspec: {{nodeName: {node}, serviceAccountName: {app}}}\nstatus: {{podIP: {ip}}}\n"
+    )
+}
+
+fn write(dir: &std::path::Path, file: &str, text: &str) {
+    let tmp = dir.join(format!(".{file}.tmp"));
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(tmp, dir.join("config").join(file)).unwrap();
+}
+
+/// A hand-driven delta ADS stream: the test decides what to ACK or NACK.
+struct Stream {
+    tx: mpsc::Sender<DeltaDiscoveryRequest>,
+    rx: Streaming<DeltaDiscoveryResponse>,
+}
+
+impl Stream {
+    async fn open(
+        cp: &ControlPlane,
+        initial: &[(&str, HashMap<String, String>)],
+    ) -> Result<Stream, tonic::Status> {
+        let channel = cp.endpoint().unwrap().connect().await.unwrap();
+        let mut client = AggregatedDiscoveryServiceClient::new(channel);
+        let (tx, rx) = mpsc::channel(16);
+        for (type_url, versions) in initial {
+            tx.send(DeltaDiscoveryRequest {
+                type_url: type_url.to_string(),
+                initial_resource_versions: versions.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        }
+        let mut req = tonic::Request::new(ReceiverStream::new(rx));
+        req.metadata_mut()
+            .insert("authorization", cp.bearer().unwrap());
+        let rx = client.delta_aggregated_resources(req).await?.into_inner();
+        Ok(Stream { tx, rx })
+    }
+
+    async fn next(&mut self) -> DeltaDiscoveryResponse {
+        tokio::time::timeout(Duration::from_secs(5), self.rx.message())
+            .await
+            .expect("a response within 5 s")
+            .unwrap()
+            .unwrap()
+    }
+
+    async fn nothing_for(&mut self, d: Duration) {
+        if let Ok(r) = tokio::time::timeout(d, self.rx.message()).await {
+            panic!("unexpected response: {r:?}");
+        }
+    }
+
+    async fn ack(&self, r: &DeltaDiscoveryResponse) {
+        self.reply(r, None).await
+    }
+
+    async fn reply(&self, r: &DeltaDiscoveryResponse, error: Option<&str>) {
+        self.tx
+            .send(DeltaDiscoveryRequest {
+                type_url: r.type_url.clone(),
+                response_nonce: r.nonce.clone(),
+                error_detail: error.map(|e| Status {
+                    code: 3,
+                    message: e.into(),
+                    details: vec![],
+                }),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+}
+
+fn names(r: &DeltaDiscoveryResponse) -> Vec<&str> {
+    r.resources.iter().map(|r| r.name.as_str()).collect()
+}
+
+fn versions(r: &DeltaDiscoveryResponse) -> HashMap<String, String> {
+    r.resources
+        .iter()
+        .map(|r| (r.name.clone(), r.version.clone()))
+        .collect()
+}
+
+const WEB: &str = "shop/web.shop.svc.cluster.local";
+
+#[tokio::test]
+async fn ack_incremental_push_and_removal() {
+    let env = Env::start().await;
+    let mut s = Stream::open(
+        &env.control("node1"),
+        &[
+            (ADDRESS_TYPE_URL, HashMap::new()),
+            (AUTHORIZATION_TYPE_URL, HashMap::new()),
+        ],
+    )
+    .await
+    .unwrap();
+    let first = s.next().await;
+    assert_eq!(first.type_url, ADDRESS_TYPE_URL);
+    assert_eq!(names(&first), [WEB]);
+    s.ack(&first).await;
+    let policies = s.next().await;
+    assert_eq!(policies.type_url, AUTHORIZATION_TYPE_URL);
+    assert!(policies.resources.is_empty());
+    s.ack(&policies).await;
+
+    write(
+        &env.dir,
+        "pod.yaml",
+        &pod("web-1", "web", "node1", "10.244.1.5"),
+    );
+    let push = s.next().await;
+    // The pod is new and the service is unchanged: only the pod is sent.
+    assert_eq!(names(&push), ["uid-web-1"]);
+    s.ack(&push).await;
+
+    std::fs::remove_file(env.dir.join("config/pod.yaml")).unwrap();
+    let removal = s.next().await;
+    assert!(removal.resources.is_empty());
+    assert_eq!(removal.removed_resources, ["uid-web-1"]);
+    s.ack(&removal).await;
+    s.nothing_for(Duration::from_millis(300)).await;
+}
+
+#[tokio::test]
+async fn nack_keeps_the_bad_version_out() {
+    let env = Env::start().await;
+    let mut s = Stream::open(&env.control("node1"), &[(ADDRESS_TYPE_URL, HashMap::new())])
+        .await
+        .unwrap();
+    let first = s.next().await;
+    s.ack(&first).await;
+    let good_version = versions(&first)[WEB].clone();
+
+    write(&env.dir, "svc.yaml", &service("web", "10.96.0.1", 81));
+    let bad = s.next().await;
+    assert_eq!(names(&bad), [WEB]);
+    s.reply(&bad, Some("port 81 is unacceptable")).await;
+    // Another change elsewhere: only that one is pushed, the rejected service is not resent.
+    write(
+        &env.dir,
+        "pod.yaml",
+        &pod("web-1", "web", "node1", "10.244.1.5"),
+    );
+    let next = s.next().await;
+    assert_eq!(names(&next), ["uid-web-1"]);
+    s.ack(&next).await;
+
+    let conns = env.pilot.registry.report();
+    let t = &conns[0].types[0];
+    assert_eq!(t.nacks, 1);
+    assert_eq!(
+        t.sent[WEB], good_version,
+        "the previous version stays in force"
+    );
+    assert_eq!(t.last_nack.as_deref(), Some("port 81 is unacceptable"));
+    assert_eq!(
+        env.pilot
+            .registry
+            .nacks
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+
+    // Fixed: the new version goes out.
+    write(&env.dir, "svc.yaml", &service("web", "10.96.0.1", 82));
+    let fixed = s.next().await;
+    // The pod's port list follows its service's, so it changes too.
+    assert_eq!(names(&fixed), [WEB, "uid-web-1"]);
+}
+
+#[tokio::test]
+async fn reconnect_with_versions_resends_nothing_and_clients_differ() {
+    let env = Env::start().await;
+    write(
+        &env.dir,
+        "pod.yaml",
+        &pod("web-1", "web", "node1", "10.244.1.5"),
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let cp = env.control("node1");
+    let mut a = Stream::open(&cp, &[(ADDRESS_TYPE_URL, HashMap::new())])
+        .await
+        .unwrap();
+    let full = a.next().await;
+    assert_eq!(full.resources.len(), 2);
+    a.ack(&full).await;
+    let held = versions(&full);
+    drop(a);
+
+    // Reconnect holding everything: the first response is empty.
+    let mut again = Stream::open(&cp, &[(ADDRESS_TYPE_URL, held.clone())])
+        .await
+        .unwrap();
+    let first = again.next().await;
+    assert!(first.resources.is_empty() && first.removed_resources.is_empty());
+    again.ack(&first).await;
+
+    // A second proxy at an older version (a service it knows at another version, and a pod
+    // that no longer exists) gets exactly the difference.
+    let mut stale = held.clone();
+    stale.insert(WEB.into(), "0000000000000000".into());
+    stale.insert("uid-gone".into(), "1".into());
+    let mut b = Stream::open(&env.control("node2"), &[(ADDRESS_TYPE_URL, stale)])
+        .await
+        .unwrap();
+    let diff = b.next().await;
+    assert_eq!(names(&diff), [WEB]);
+    assert_eq!(diff.removed_resources, ["uid-gone"]);
+    b.ack(&diff).await;
+
+    // Both get the next change.
+    write(
+        &env.dir,
+        "pod2.yaml",
+        &pod("web-2", "web", "node2", "10.244.2.5"),
+    );
+    assert_eq!(names(&again.next().await), ["uid-web-2"]);
+    assert_eq!(names(&b.next().await), ["uid-web-2"]);
+    assert_eq!(env.pilot.registry.report().len(), 2);
+}
+
+#[tokio::test]
+async fn unauthenticated_callers_get_nothing() {
+    let env = Env::start().await;
+    let mut cp = env.control("node1");
+    cp.token_file = env.dir.join("wrong.token");
+    std::fs::write(&cp.token_file, "not-a-token").unwrap();
+    let err = Stream::open(&cp, &[(ADDRESS_TYPE_URL, HashMap::new())])
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(err.code(), tonic::Code::Unauthenticated);
+    let (csr, _) = mesh::ca_client::csr(&Identity::new("cluster.local", "shop", "web")).unwrap();
+    let err = create(&cp, csr, None).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unauthenticated);
+}
+
+async fn create(
+    cp: &ControlPlane,
+    csr: String,
+    impersonate: Option<&str>,
+) -> Result<Vec<String>, tonic::Status> {
+    let channel = cp.endpoint().unwrap().connect().await.unwrap();
+    let mut metadata = prost_types::Struct::default();
+    if let Some(id) = impersonate {
+        metadata.fields.insert(
+            "ImpersonatedIdentity".into(),
+            prost_types::Value {
+                kind: Some(prost_types::value::Kind::StringValue(id.into())),
+            },
+        );
+    }
+    let mut req = tonic::Request::new(IstioCertificateRequest {
+        csr,
+        validity_duration: 7 * 24 * 3600,
+        metadata: Some(metadata),
+    });
+    req.metadata_mut()
+        .insert("authorization", cp.bearer().unwrap());
+    Ok(IstioCertificateServiceClient::new(channel)
+        .create_certificate(req)
+        .await?
+        .into_inner()
+        .cert_chain)
+}
+
+#[tokio::test]
+async fn ca_issues_for_pods_on_the_callers_node_only() {
+    let env = Env::start().await;
+    write(
+        &env.dir,
+        "pod.yaml",
+        &pod("web-1", "web", "node1", "10.244.1.5"),
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let web = Identity::new("cluster.local", "shop", "web");
+    let (csr, key) = mesh::ca_client::csr(&web).unwrap();
+
+    // node1 runs web-1: issued, and the chain verifies with the root.
+    let chain = create(&env.control("node1"), csr.clone(), Some(&web.to_string()))
+        .await
+        .unwrap();
+    assert_eq!(chain.len(), 2);
+    assert_eq!(chain[1], env.pilot.root_pem);
+    let (certs, roots) = mesh::ca_client::parse_chain(&chain).unwrap();
+    let key = rustls_pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into());
+    let cert = mesh::tls::WorkloadCert::new(&web, certs.clone(), key, roots.clone()).unwrap();
+    let lifetime = cert.not_after.duration_since(cert.not_before).unwrap();
+    assert_eq!(
+        lifetime,
+        Duration::from_secs(3660),
+        "TTL capped at 1 h (+1 min back-dating)"
+    );
+    let (_, leaf) = x509_parser::parse_x509_certificate(certs[0].as_ref()).unwrap();
+    let (_, root) = x509_parser::parse_x509_certificate(roots[0].as_ref()).unwrap();
+    leaf.verify_signature(Some(root.public_key()))
+        .expect("the leaf is signed by the root");
+    assert_eq!(leaf.subject().iter().count(), 0);
+
+    // node2 runs no pod as shop/web: refused.
+    let err = create(&env.control("node2"), csr.clone(), Some(&web.to_string()))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied);
+    assert!(
+        err.message().contains("node node2 has no pod running as"),
+        "{}",
+        err.message()
+    );
+
+    // The CSR must be for the identity impersonated.
+    let other = Identity::new("cluster.local", "shop", "other");
+    let (other_csr, _) = mesh::ca_client::csr(&other).unwrap();
+    let err = create(&env.control("node1"), other_csr, Some(&web.to_string()))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied);
+
+    // A workload (not a node agent) may not impersonate, even its own identity.
+    env.pilot.tokens.insert(
+        "workload-token".into(),
+        Caller::Workload {
+            identity: web.clone(),
+        },
+    );
+    let mut as_workload = env.control("node1");
+    as_workload.token_file = env.dir.join("workload.token");
+    std::fs::write(&as_workload.token_file, "workload-token").unwrap();
+    let err = create(&as_workload, csr.clone(), Some(&web.to_string()))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied);
+    assert!(
+        err.message().contains("may not impersonate"),
+        "{}",
+        err.message()
+    );
+    // Without impersonation, for itself: fine.
+    assert!(create(&as_workload, csr, None).await.is_ok());
+}
+
+#[tokio::test]
+async fn malformed_csr_gets_a_clear_error() {
+    let env = Env::start().await;
+    let cp = env.control("node1");
+    let err = create(&cp, "hello".into(), None).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(
+        err.message().contains("csr is not PEM"),
+        "{}",
+        err.message()
+    );
+    let err = create(&cp, env.pilot.root_pem.clone(), None)
+        .await
+        .unwrap_err();
+    assert!(
+        err.message().contains("not a CERTIFICATE REQUEST"),
+        "{}",
+        err.message()
+    );
+}
+
+#[tokio::test]
+async fn restart_keeps_root_and_tokens() {
+    let env = Env::start().await;
+    let token = std::fs::read_to_string(env.dir.join("state/tokens/node1.token")).unwrap();
+    let again = start(Config {
+        folder: env.dir.join("config"),
+        state_dir: env.dir.join("state"),
+        listen: "127.0.0.1:0".parse().unwrap(),
+        debug: None,
+        mesh: Default::default(),
+        max_cert_ttl: Duration::from_secs(3600),
+        nodes: vec![],
+    })
+    .await
+    .unwrap();
+    assert_eq!(again.root_pem, env.pilot.root_pem);
+    assert_eq!(again.tokens.node_token("node1").unwrap(), token);
+}
