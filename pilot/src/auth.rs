@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::RwLock;
+use std::sync::{Mutex, RwLock};
 
 use mesh::identity::Identity;
 use tonic::metadata::MetadataMap;
@@ -22,6 +22,9 @@ pub enum Caller {
 pub struct Tokens {
     dir: Option<PathBuf>,
     by_token: RwLock<HashMap<String, Caller>>,
+    /// Held while a node token is created, so that two callers (start-up and the snapshot
+    /// task) neither write the same temporary file at once nor make two tokens for one node.
+    creating: Mutex<()>,
 }
 
 impl Tokens {
@@ -32,6 +35,7 @@ impl Tokens {
         let tokens = Tokens {
             dir: Some(dir.to_path_buf()),
             by_token: RwLock::default(),
+            creating: Mutex::default(),
         };
         for entry in std::fs::read_dir(dir)?.flatten() {
             let path = entry.path();
@@ -69,12 +73,15 @@ impl Tokens {
     /// The node agent token of `node`, created (and written to `<dir>/<node>.token`, mode
     /// 0600) the first time.
     pub fn node_token(&self, node: &str) -> std::io::Result<String> {
-        if let Ok(m) = self.by_token.read()
-            && let Some((t, _)) = m
-                .iter()
-                .find(|(_, c)| matches!(c, Caller::NodeAgent { node: n } if n == node))
-        {
-            return Ok(t.clone());
+        if let Some(t) = self.existing_node_token(node) {
+            return Ok(t);
+        }
+        let _creating = self
+            .creating
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(t) = self.existing_node_token(node) {
+            return Ok(t);
         }
         let mut raw = [0u8; 32];
         fastrand::fill(&mut raw);
@@ -99,6 +106,13 @@ impl Tokens {
             },
         );
         Ok(token)
+    }
+
+    fn existing_node_token(&self, node: &str) -> Option<String> {
+        let m = self.by_token.read().ok()?;
+        m.iter()
+            .find(|(_, c)| matches!(c, Caller::NodeAgent { node: n } if n == node))
+            .map(|(t, _)| t.clone())
     }
 
     /// `authorization: Bearer <token>` → the caller; anything else is refused.
@@ -141,6 +155,31 @@ mod tests {
         md.insert("authorization", "Bearer nope".parse().unwrap());
         assert!(again.authenticate(&md).is_err());
         assert!(again.authenticate(&MetadataMap::new()).is_err());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// pilot asks for the same nodes' tokens from start-up and from the snapshot task at
+    /// once: every caller must get the one token written to the file, and none an error.
+    #[test]
+    fn concurrent_node_tokens_agree() {
+        let dir = std::env::temp_dir().join(format!("pilot-tokens-{}", fastrand::u64(..)));
+        let t = std::sync::Arc::new(Tokens::open(&dir).unwrap());
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let t = t.clone();
+                std::thread::spawn(move || {
+                    (0..50)
+                        .map(|n| t.node_token(&format!("node-{n}")).unwrap())
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        let results: Vec<Vec<String>> = threads.into_iter().map(|h| h.join().unwrap()).collect();
+        for (n, token) in results[0].iter().enumerate() {
+            assert!(results.iter().all(|r| &r[n] == token));
+            let file = std::fs::read_to_string(dir.join(format!("node-{n}.token"))).unwrap();
+            assert_eq!(file.trim(), token);
+        }
         std::fs::remove_dir_all(dir).unwrap();
     }
 }

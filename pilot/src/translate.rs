@@ -282,11 +282,18 @@ fn workload(
     let ns = &pod.meta.namespace;
     let labels = &pod.meta.labels;
     let mut services = BTreeMap::new();
-    for svc in s.services.values() {
+    // Services select pods of their own namespace only: look at those (the map is ordered by
+    // namespace, then name), not at every service in the mesh for every pod.
+    let in_namespace = s
+        .services
+        .range((ns.clone(), String::new())..)
+        .take_while(|((n, _), _)| n == ns)
+        .map(|(_, svc)| svc);
+    for svc in in_namespace {
         let Some(selector) = &svc.selector else {
             continue;
         };
-        if &svc.meta.namespace != ns || !selects(selector, labels) {
+        if !selects(selector, labels) {
             continue;
         }
         let ports = svc

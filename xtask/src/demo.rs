@@ -55,6 +55,8 @@ pub async fn run(bin: PathBuf) -> anyhow::Result<()> {
             PodDef::new("echo-1", "echo", 0, true),
             PodDef::new("echo-2", "echo", 1, true),
             PodDef::new("reviews", "reviews", 1, true),
+            // Not selected by the service until the demo relabels it `app: echo`.
+            PodDef::new("echo-3", "echo-next", 1, true),
             PodDef::new("outsider", "outsider", 0, false),
         ],
         services: vec![ServiceDef {
@@ -95,6 +97,9 @@ Mesh up in {:.1}s: {} nodes, pilot on node1 (xDS + CA over TLS on {}), one ztunn
         }
     }
     println!("  service echo.demo.svc.cluster.local {VIP}:80 -> echo-1, echo-2 :{ECHO_PORT}");
+    println!(
+        "  live change: pod echo-3 (app echo-next) is relabelled app: echo in pilot's folder while the mesh runs"
+    );
     println!(
         "  live change: the file deny.yaml (AuthorizationPolicy demo/deny-admin-port, DENY port {ALT_PORT}) is added while the mesh runs\n"
     );
@@ -141,6 +146,10 @@ Mesh up in {:.1}s: {} nodes, pilot on node1 (xDS + CA over TLS on {}), one ztunn
         live_deny(&c).await,
     );
     report.check("(d) DENY policy enforced before the app", deny(&c).await);
+    report.check(
+        "(d) live change: a pod added to the service starts receiving traffic",
+        live_endpoint(&c).await,
+    );
     report.check(
         "(e) pod outside the mesh -> mesh pod through 15006",
         outsider(&c).await,
@@ -282,6 +291,49 @@ async fn live_deny(c: &Cluster) -> anyhow::Result<String> {
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
     bail!("the policy had no effect 5 s after the file was written")
+}
+
+/// Relabel echo-3 `app: echo` in pilot's folder and time how long until a request to the
+/// service VIP is answered by it.
+async fn live_endpoint(c: &Cluster) -> anyhow::Result<String> {
+    let vip = SocketAddr::new(VIP.into(), 80);
+    let answered_by = |answer: &[u8]| {
+        let (greeting, _) = split(answer);
+        greeting
+            .split_whitespace()
+            .next()
+            .map(|p| p.trim_start_matches("pod=").to_string())
+            .unwrap_or_default()
+    };
+    for _ in 0..6 {
+        let answer = c.exchange("client", vip, b"before").await?;
+        if answered_by(&answer) == "echo-3" {
+            bail!("echo-3 answered through the VIP before it was added to the service");
+        }
+    }
+    let yaml = c.kubernetes_yaml();
+    let relabelled = yaml.replace("app: echo-next,", "app: echo,");
+    if relabelled == yaml {
+        bail!("echo-3's label not found in the pods' YAML");
+    }
+    let written = Instant::now();
+    c.write_pilot_file("mesh.yaml", &relabelled)?;
+    let mut requests = 0;
+    while written.elapsed() < std::time::Duration::from_secs(5) {
+        requests += 1;
+        let answer = c
+            .exchange("client", vip, b"after")
+            .await
+            .unwrap_or_default();
+        if answered_by(&answer) == "echo-3" {
+            return Ok(format!(
+                "echo-3 relabelled app: echo in mesh.yaml -> a request to {vip} answered by echo-3 after {:.0} ms ({requests} requests; pilot: folder change, translation, delta push of the workload's new services; ztunnel: new endpoint)",
+                written.elapsed().as_secs_f64() * 1000.0
+            ));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    bail!("no request to {vip} reached echo-3 within 5 s of the change")
 }
 
 async fn deny(c: &Cluster) -> anyhow::Result<String> {

@@ -3,6 +3,7 @@
 
 mod bench;
 mod bench_redirect;
+mod bench_xds;
 mod demo;
 mod ebpf;
 mod setup;
@@ -27,10 +28,11 @@ enum Task {
         #[arg(long)]
         no_install: bool,
     },
-    /// Benchmark direct TCP against the mesh on the test bed (target/bench/hbone.json), or with
-    /// `redirect`, no capture against eBPF and nftables capture (target/bench/redirect.json).
+    /// Benchmark direct TCP against the mesh on the test bed (target/bench/hbone.json); with
+    /// `redirect`, no capture against eBPF and nftables capture (target/bench/redirect.json); with
+    /// `xds`, pilot pushing 1k/10k/100k pods to 10 xDS clients (target/bench/xds.json).
     Bench {
-        /// `hbone` (default) or `redirect`.
+        /// `hbone` (default), `redirect` or `xds`.
         #[arg(default_value = "hbone")]
         which: String,
         /// Seconds per measurement.
@@ -54,6 +56,14 @@ enum Task {
         #[arg(long)]
         seconds: u64,
     },
+    /// One size of `bench xds`, in a fresh process (internal).
+    #[command(hide = true)]
+    BenchXdsSize {
+        #[arg(long)]
+        pods: usize,
+        #[arg(long)]
+        pilot: std::path::PathBuf,
+    },
     /// Remove test beds left behind by killed runs (namespaces, cgroups, processes).
     CleanTestbed,
 }
@@ -72,6 +82,11 @@ fn main() -> anyhow::Result<()> {
             runtime()?.block_on(demo::run(bin))
         }
         Task::Test { no_install } => test::run(no_install),
+        Task::Bench { which, .. } if which == "xds" => {
+            let pilot = setup::build_pilot_release()?;
+            bench_xds::run(&pilot, bench_xds::SIZES)
+        }
+        Task::BenchXdsSize { pods, pilot } => runtime()?.block_on(bench_xds::one_size(pilot, pods)),
         Task::Bench {
             which,
             seconds,
@@ -86,7 +101,7 @@ fn main() -> anyhow::Result<()> {
                     runtime()?.block_on(bench::run(bin, seconds, rounds.max(1), ztunnel_args))
                 }
                 "redirect" => runtime()?.block_on(bench_redirect::run(bin, seconds)),
-                other => anyhow::bail!("unknown benchmark {other:?}: hbone or redirect"),
+                other => anyhow::bail!("unknown benchmark {other:?}: hbone, redirect or xds"),
             }
         }
         Task::BenchClient { target, seconds } => bench_redirect::client(target, seconds),

@@ -43,16 +43,27 @@ pub fn system_packages() -> anyhow::Result<()> {
 
 /// The Python `h2` package, for the independent HBONE peer in the interop tests.
 pub fn python_h2() -> anyhow::Result<()> {
+    python_package("h2", "h2")
+}
+
+/// PyPI's `kubernetes-validate` (with the Kubernetes schemas bundled), for the offline
+/// validation of `deploy/` in the tests.
+pub fn kubernetes_validate() -> anyhow::Result<()> {
+    python_package("kubernetes_validate", "kubernetes-validate==1.37.0")
+}
+
+/// `pip install <requirement>` unless `import <module>` already works.
+fn python_package(module: &str, requirement: &str) -> anyhow::Result<()> {
     let has = Command::new("python3")
-        .args(["-c", "import h2"])
+        .args(["-c", &format!("import {module}")])
         .status()
         .map(|s| s.success())
         .unwrap_or(false);
     if has {
         return Ok(());
     }
-    println!("installing Python package h2 (pip)");
-    run(Command::new("python3").args(["-m", "pip", "install", "--quiet", "h2"]))
+    println!("installing Python package {requirement} (pip)");
+    run(Command::new("python3").args(["-m", "pip", "install", "--quiet", requirement]))
 }
 
 /// Build ztunnel and return the binary's path.
@@ -74,6 +85,20 @@ pub fn build_ztunnel(release: bool) -> anyhow::Result<PathBuf> {
         }
     }
     Ok(target_dir().join(profile).join("ztunnel"))
+}
+
+/// Build the release pilot alone (for `bench xds`) and return its path.
+pub fn build_pilot_release() -> anyhow::Result<PathBuf> {
+    run(cargo().args([
+        "build",
+        "--locked",
+        "--release",
+        "-p",
+        "pilot",
+        "--bin",
+        "pilot",
+    ]))?;
+    Ok(target_dir().join("release").join("pilot"))
 }
 
 /// Where `build_ztunnel` put pilot.

@@ -11,6 +11,7 @@ pub fn run(no_install: bool) -> anyhow::Result<()> {
             println!("not root: skipping package installation; end-to-end tests will skip");
         }
         setup::python_h2()?;
+        setup::kubernetes_validate()?;
     }
     step("formatting", cargo().args(["fmt", "--all", "--check"]))?;
     // Before ztunnel is built, so that it embeds the object (eBPF capture is the default).
@@ -35,9 +36,14 @@ pub fn run(no_install: bool) -> anyhow::Result<()> {
         ]),
     )?;
     let bin = setup::build_ztunnel(false)?;
+    let mut tests = cargo();
+    if !no_install {
+        // Installed above: the deploy/ validation must run, not skip.
+        tests.env("REQUIRE_KUBERNETES_VALIDATE", "1");
+    }
     step(
-        "unit and end-to-end tests",
-        cargo()
+        "unit and end-to-end tests (deploy/ manifests validated with kubernetes-validate)",
+        tests
             .args(["test", "--workspace", "--locked"])
             .env("PILOT_BIN", setup::pilot_beside(&bin))
             .env("ZTUNNEL_BIN", bin),
