@@ -67,6 +67,23 @@ pub struct ServiceDef {
     pub app: String,
 }
 
+/// The VIP of the `echo` service the demo and the end-to-end tests use.
+pub const ECHO_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+
+impl ServiceDef {
+    /// `echo.demo` on ECHO_VIP:80, in front of the ECHO_PORT of the pods with `app: echo`.
+    pub fn echo() -> Self {
+        ServiceDef {
+            name: "echo".into(),
+            namespace: "demo".into(),
+            vip: ECHO_VIP,
+            port: 80,
+            target_port: ECHO_PORT,
+            app: "echo".into(),
+        }
+    }
+}
+
 /// Where ztunnels get their configuration and certificates.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum ControlPlaneMode {

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use testbed::Testbed;
 use testbed::cluster::{
-    ALT_PORT, Cluster, ClusterSpec, ControlPlaneMode, ECHO_PORT, PodDef, ServiceDef,
+    ALT_PORT, Cluster, ClusterSpec, ControlPlaneMode, ECHO_PORT, ECHO_VIP, PodDef, ServiceDef,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -19,7 +19,7 @@ fn root_or_skip() -> bool {
     }
 }
 
-const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+const VIP: Ipv4Addr = ECHO_VIP;
 
 fn spec(mode: ControlPlaneMode) -> ClusterSpec {
     ClusterSpec {
@@ -29,14 +29,7 @@ fn spec(mode: ControlPlaneMode) -> ClusterSpec {
             PodDef::new("client", "client", 0, true),
             PodDef::new("server-a", "echo", 1, true),
         ],
-        services: vec![ServiceDef {
-            name: "echo".into(),
-            namespace: "demo".into(),
-            vip: VIP,
-            port: 80,
-            target_port: ECHO_PORT,
-            app: "echo".into(),
-        }],
+        services: vec![ServiceDef::echo()],
         policies: String::new(),
         ztunnel_args: vec![],
     }

@@ -4,9 +4,9 @@
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
-use testbed::cluster::{ALT_PORT, Cluster, ClusterSpec, ECHO_PORT, PodDef, ServiceDef};
+use testbed::cluster::{ALT_PORT, Cluster, ClusterSpec, ECHO_PORT, ECHO_VIP, PodDef, ServiceDef};
 
-const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+const VIP: Ipv4Addr = ECHO_VIP;
 
 /// node1: client (mesh), outsider (not in the mesh); node2: server-a, server-b (mesh, service "echo").
 fn spec(policies: &str) -> ClusterSpec {
@@ -19,14 +19,7 @@ fn spec(policies: &str) -> ClusterSpec {
             PodDef::new("server-a", "echo", 1, true),
             PodDef::new("server-b", "echo", 1, true),
         ],
-        services: vec![ServiceDef {
-            name: "echo".into(),
-            namespace: "demo".into(),
-            vip: VIP,
-            port: 80,
-            target_port: ECHO_PORT,
-            app: "echo".into(),
-        }],
+        services: vec![ServiceDef::echo()],
         policies: policies.into(),
         ztunnel_args: vec![],
     }

@@ -8,10 +8,10 @@ use std::time::Instant;
 
 use anyhow::bail;
 use testbed::cluster::{
-    ALT_PORT, Cluster, ClusterSpec, ControlPlaneMode, ECHO_PORT, PodDef, ServiceDef,
+    ALT_PORT, Cluster, ClusterSpec, ControlPlaneMode, ECHO_PORT, ECHO_VIP, PodDef, ServiceDef,
 };
 
-const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+const VIP: Ipv4Addr = ECHO_VIP;
 
 /// Written into pilot's folder while the mesh runs: the live change the demo times.
 const DENY_POLICY: &str = "\
@@ -59,14 +59,7 @@ pub async fn run(bin: PathBuf) -> anyhow::Result<()> {
             PodDef::new("echo-3", "echo-next", 1, true),
             PodDef::new("outsider", "outsider", 0, false),
         ],
-        services: vec![ServiceDef {
-            name: "echo".into(),
-            namespace: "demo".into(),
-            vip: VIP,
-            port: 80,
-            target_port: ECHO_PORT,
-            app: "echo".into(),
-        }],
+        services: vec![ServiceDef::echo()],
         policies: String::new(),
         ztunnel_args: vec![],
     };

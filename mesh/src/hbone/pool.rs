@@ -85,15 +85,12 @@ impl Pool {
             Some(c) => c,
             None => return self.dial_and_connect(&key, req, dial).await,
         };
-        match conn.connect(req).await {
-            Ok(mut stream) => {
-                stream._lease = Some(lease);
-                Ok(stream)
-            }
+        // A failed `open` has already released its slot.
+        match open(&conn, req, lease).await {
+            Ok(stream) => Ok(stream),
             // The pooled connection died between checkout and use (peer restarted, GOAWAY):
             // that is not the caller's failure, so try once on a fresh connection.
             Err(HboneError::H2 { .. }) if conn.is_closed() => {
-                drop(lease);
                 self.dial_and_connect(&key, req, dial).await
             }
             Err(e) => Err(e),
@@ -121,9 +118,7 @@ impl Pool {
                 }
             }
         };
-        let mut stream = conn.connect(req).await?;
-        stream._lease = Some(lease);
-        Ok(stream)
+        open(&conn, req, lease).await
     }
 
     /// Open connections, for metrics and tests.
@@ -176,6 +171,17 @@ impl Pool {
             Err(_) => Arc::default(),
         }
     }
+}
+
+/// Open a stream on a pooled connection; the stream holds the lease until it is dropped.
+async fn open(
+    conn: &Connection,
+    req: &ConnectRequest,
+    lease: Lease,
+) -> Result<H2Stream, HboneError> {
+    let mut stream = conn.connect(req).await?;
+    stream._lease = Some(lease);
+    Ok(stream)
 }
 
 /// Close connections that have carried no stream for `idle`.

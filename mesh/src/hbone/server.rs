@@ -165,8 +165,8 @@ pub fn validate(
     options: Options,
 ) -> Result<ConnectRequest, Refusal> {
     let request = ConnectRequest::from_http(req)?;
-    let local_ip = canonical(local_addr.ip());
-    let target_ip = canonical(request.authority.ip());
+    let local_ip = local_addr.ip().to_canonical();
+    let target_ip = request.authority.ip().to_canonical();
     if options.require_local_authority && target_ip != local_ip {
         return Err(Refusal::bad_request(format!(
             "authority {} is not this pod's address {local_ip}",
@@ -180,10 +180,6 @@ pub fn validate(
         )));
     }
     Ok(request)
-}
-
-fn canonical(ip: std::net::IpAddr) -> std::net::IpAddr {
-    ip.to_canonical()
 }
 
 /// Convenience for handlers: the status to answer when an upstream connect fails.
