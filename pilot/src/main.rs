@@ -40,6 +40,11 @@ struct Args {
     /// Write node tokens for these nodes at start (comma-separated), before any pod runs there.
     #[arg(long, value_delimiter = ',')]
     nodes: Vec<String>,
+    /// Send `istio.io/dry-run` AuthorizationPolicies to node proxies (which log what they
+    /// would do). Off by default, as in Istio: a node proxy that does not know the `dry_run`
+    /// field would enforce them. Turn on only when every node proxy is ours.
+    #[arg(long)]
+    send_dry_run_policies: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -64,6 +69,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         mesh: MeshOptions {
             cluster_id: args.cluster_id,
             trust_domain: args.trust_domain,
+            send_dry_run: args.send_dry_run_policies,
             ..MeshOptions::default()
         },
         max_cert_ttl: Duration::from_secs(args.max_cert_ttl_secs),

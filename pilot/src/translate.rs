@@ -24,6 +24,11 @@ pub struct MeshOptions {
     pub domain: String,
     /// Policies without a selector here apply to the whole mesh.
     pub root_namespace: String,
+    /// Send `istio.io/dry-run` policies (with `dry_run` set) instead of leaving them out.
+    /// Istio's control plane leaves them out because a node proxy that does not know the
+    /// field ignores it and would enforce the policy; turn this on only when every node proxy
+    /// understands it (ours does: it logs what the policy would have done).
+    pub send_dry_run: bool,
 }
 
 impl Default for MeshOptions {
@@ -33,6 +38,7 @@ impl Default for MeshOptions {
             trust_domain: "cluster.local".into(),
             domain: "cluster.local".into(),
             root_namespace: "istio-system".into(),
+            send_dry_run: false,
         }
     }
 }
@@ -408,6 +414,15 @@ fn translate_policies(
             // Bound to a waypoint or gateway: enforced there, not by the node proxy.
             continue;
         }
+        if p.dry_run && !o.send_dry_run {
+            problems.push(Problem {
+                file: String::new(),
+                object: format!("AuthorizationPolicy {}", key_of(p)),
+                field: "metadata.annotations[istio.io/dry-run]".into(),
+                reason: "dry-run policies are not sent to node proxies unless pilot runs with --send-dry-run-policies (a proxy without dry-run support would enforce them); left out".into(),
+            });
+            continue;
+        }
         let action = match p.action {
             PolicyAction::Allow => pb_sec::Action::Allow,
             PolicyAction::Deny => pb_sec::Action::Deny,
@@ -711,6 +726,23 @@ spec: {targetRefs: [{kind: Gateway, name: waypoint}]}
 "#,
         );
         let t = translate(&s, &MeshOptions::default());
+        assert_eq!(
+            t.resources.authorizations.len(),
+            1,
+            "dry-run left out by default"
+        );
+        assert!(
+            t.problems
+                .iter()
+                .any(|p| p.object == "AuthorizationPolicy a/ns" && p.reason.contains("dry-run"))
+        );
+        let t = translate(
+            &s,
+            &MeshOptions {
+                send_dry_run: true,
+                ..MeshOptions::default()
+            },
+        );
         assert_eq!(t.resources.authorizations.len(), 2);
         let mesh = auth(&t, "istio-system/mesh");
         assert_eq!(mesh.scope, pb_sec::Scope::Global as i32);

@@ -14,6 +14,7 @@ use anyhow::{Context, bail};
 use mesh::ca::DevCa;
 use mesh::identity::Identity;
 use mesh::socket::SocketFactory;
+use serde::Deserialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -40,6 +41,10 @@ pub struct PodDef {
     /// Speaks HBONE itself (its own server on 15008) instead of through a ztunnel: listed in the
     /// config with `tunnelProtocol: HBONE` on a node no ztunnel serves.
     pub own_hbone: bool,
+    /// Pod UID, when a Kubernetes object written beforehand names it (else random).
+    pub uid: Option<String>,
+    /// The address the pod's Kubernetes object gives it: the test bed must assign the same.
+    pub expected_ip: Option<Ipv4Addr>,
 }
 
 impl PodDef {
@@ -52,9 +57,93 @@ impl PodDef {
             node,
             mesh,
             own_hbone: false,
+            uid: None,
+            expected_ip: None,
         }
     }
+
+    /// The Pods in a folder of Kubernetes YAML (as pilot reads it), as pods to create: name,
+    /// namespace, UID, `app` label, service account, node (`spec.nodeName` `nodeN` is node
+    /// index N-1) and address; in the mesh when their namespace is labelled
+    /// `istio.io/dataplane-mode: ambient` and the pod does not opt out.
+    pub fn from_folder(dir: &Path) -> anyhow::Result<Vec<PodDef>> {
+        let mut ambient = std::collections::BTreeSet::new();
+        let mut pods = vec![];
+        let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+            .with_context(|| format!("reading {}", dir.display()))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|e| e == "yaml" || e == "yml"))
+            .collect();
+        files.sort();
+        for file in files {
+            let text = std::fs::read_to_string(&file)?;
+            for doc in serde_yaml_ng::Deserializer::from_str(&text) {
+                let v = serde_yaml_ng::Value::deserialize(doc)
+                    .with_context(|| format!("{}: invalid YAML", file.display()))?;
+                let str_at = |path: &[&str]| -> Option<String> {
+                    let mut cur = &v;
+                    for k in path {
+                        cur = cur.get(*k)?;
+                    }
+                    cur.as_str().map(str::to_owned)
+                };
+                let label = |k: &str| str_at(&["metadata", "labels", k]);
+                match str_at(&["kind"]).as_deref() {
+                    Some("Namespace") if label(DATAPLANE_MODE).as_deref() == Some("ambient") => {
+                        ambient.insert(str_at(&["metadata", "name"]).unwrap_or_default());
+                    }
+                    Some("Pod") => {
+                        let name = str_at(&["metadata", "name"]).unwrap_or_default();
+                        let field = |path: &[&str]| {
+                            str_at(path).with_context(|| {
+                                format!(
+                                    "{}: Pod {name}: {} missing",
+                                    file.display(),
+                                    path.join(".")
+                                )
+                            })
+                        };
+                        let node_name = field(&["spec", "nodeName"])?;
+                        let node = node_name
+                            .strip_prefix("node")
+                            .and_then(|n| n.parse::<usize>().ok())
+                            .filter(|n| *n >= 1)
+                            .with_context(|| {
+                                format!(
+                                    "{}: Pod {name}: spec.nodeName {node_name:?} is not a test-bed node (node1, node2, …)",
+                                    file.display()
+                                )
+                            })?
+                            - 1;
+                        pods.push(PodDef {
+                            namespace: field(&["metadata", "namespace"])?,
+                            service_account: str_at(&["spec", "serviceAccountName"])
+                                .unwrap_or_else(|| "default".into()),
+                            app: label("app").unwrap_or_else(|| name.clone()),
+                            node,
+                            // Settled below, once every namespace is known.
+                            mesh: label(DATAPLANE_MODE).as_deref() != Some("none"),
+                            own_hbone: false,
+                            uid: Some(field(&["metadata", "uid"])?),
+                            expected_ip: Some(field(&["status", "podIP"])?.parse().with_context(
+                                || format!("{}: Pod {name}: status.podIP", file.display()),
+                            )?),
+                            name,
+                        });
+                    }
+                    _ => {}
+                }
+            }
+        }
+        for p in &mut pods {
+            p.mesh &= ambient.contains(&p.namespace);
+        }
+        Ok(pods)
+    }
 }
+
+/// Namespace (and pod) label putting workloads in ambient mode (`none` on a pod opts out).
+const DATAPLANE_MODE: &str = "istio.io/dataplane-mode";
 
 /// A service: a VIP and port in front of the pods with `app`.
 #[derive(Debug, Clone)]
@@ -106,6 +195,11 @@ pub struct ClusterSpec {
     pub policies: String,
     /// Extra ztunnel flags.
     pub ztunnel_args: Vec<String>,
+    /// pilot serves a copy of this folder's YAML instead of objects made from the spec (whose
+    /// pods must then match the folder's: see [`PodDef::from_folder`]).
+    pub pilot_folder: Option<PathBuf>,
+    /// Ports the pods' echo app listens on besides ECHO_PORT, ALT_PORT and SINK_PORT.
+    pub app_ports: Vec<u16>,
 }
 
 /// Per-pod application counters, to tell whether a connection reached the app.
@@ -174,9 +268,24 @@ impl Cluster {
         let specs: Vec<PodSpec> = spec
             .pods
             .iter()
-            .map(|p| PodSpec::new(&p.name, &p.namespace, p.node))
+            .map(|p| PodSpec {
+                uid: p.uid.clone(),
+                ..PodSpec::new(&p.name, &p.namespace, p.node)
+            })
             .collect();
         let bed = Testbed::new(spec.nodes, &specs)?;
+        for def in &spec.pods {
+            let pod = bed.pod(&def.name);
+            if let Some(want) = def.expected_ip
+                && want != pod.ip
+            {
+                bail!(
+                    "pod {} is {want} in its Kubernetes object but the test bed gave it {}: list the pods in the test bed's order (per node, .10 upwards)",
+                    def.name,
+                    pod.ip
+                );
+            }
+        }
         let dir = std::env::temp_dir().join(format!("{}-mesh", bed.prefix));
         std::fs::create_dir_all(&dir)?;
         let ca = DevCa::generate(TRUST_DOMAIN)?;
@@ -206,10 +315,20 @@ impl Cluster {
                 &cluster.pilot_state().join("root-key.pem"),
             )?;
             std::fs::create_dir_all(cluster.pilot_config())?;
-            std::fs::write(
-                cluster.pilot_config().join("mesh.yaml"),
-                cluster.kubernetes_yaml(),
-            )?;
+            match &cluster.spec.pilot_folder {
+                Some(dir) => {
+                    for entry in std::fs::read_dir(dir)? {
+                        let path = entry?.path();
+                        if let Some(name) = path.file_name().filter(|_| path.is_file()) {
+                            std::fs::copy(&path, cluster.pilot_config().join(name))?;
+                        }
+                    }
+                }
+                None => std::fs::write(
+                    cluster.pilot_config().join("mesh.yaml"),
+                    cluster.kubernetes_yaml(),
+                )?,
+            }
         }
         cluster.start_apps()?;
         if mode == ControlPlaneMode::Pilot {
@@ -622,7 +741,11 @@ impl Cluster {
     fn start_apps(&mut self) -> anyhow::Result<()> {
         for def in self.spec.pods.clone() {
             let stats = Arc::new(AppStats::default());
-            for port in [ECHO_PORT, ALT_PORT, SINK_PORT] {
+            let ports: Vec<u16> = [ECHO_PORT, ALT_PORT, SINK_PORT]
+                .into_iter()
+                .chain(self.spec.app_ports.iter().copied())
+                .collect();
+            for port in ports {
                 let listener = self.bed.in_pod(&def.name, move || {
                     std::net::TcpListener::bind((Ipv4Addr::UNSPECIFIED, port))
                 })??;

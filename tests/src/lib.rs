@@ -65,6 +65,8 @@ pub struct PodSpec {
     pub namespace: String,
     /// Index (0-based) of the node the pod runs on.
     pub node: usize,
+    /// Pod UID to use (a Kubernetes object written beforehand names it); random when `None`.
+    pub uid: Option<String>,
 }
 
 impl PodSpec {
@@ -74,6 +76,7 @@ impl PodSpec {
             name: name.to_owned(),
             namespace: namespace.to_owned(),
             node,
+            uid: None,
         }
     }
 }
@@ -592,7 +595,7 @@ impl Testbed {
             &gateway.to_string(),
         ])?;
 
-        let uid = naming::new_pod_uid();
+        let uid = spec.uid.clone().unwrap_or_else(naming::new_pod_uid);
         let container_id = naming::new_container_id();
         let mut scope = PathBuf::new();
         for dir in cgroup::besteffort_pod_dirs(&uid, &container_id) {

@@ -30,8 +30,7 @@ fn spec(mode: ControlPlaneMode) -> ClusterSpec {
             PodDef::new("server-a", "echo", 1, true),
         ],
         services: vec![ServiceDef::echo()],
-        policies: String::new(),
-        ztunnel_args: vec![],
+        ..Default::default()
     }
 }
 

@@ -22,6 +22,7 @@ fn spec(policies: &str) -> ClusterSpec {
         services: vec![ServiceDef::echo()],
         policies: policies.into(),
         ztunnel_args: vec![],
+        ..Default::default()
     }
 }
 

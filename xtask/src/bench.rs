@@ -71,6 +71,7 @@ pub async fn run(
             .into_iter()
             .chain(ztunnel_args.iter().cloned())
             .collect(),
+        ..Default::default()
     };
     let c = Cluster::start(spec).await?;
     // Thousands of short connections per round from one pod to one destination: with the

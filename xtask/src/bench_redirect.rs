@@ -62,7 +62,7 @@ async fn measure(mode: &'static str, seconds: u64) -> anyhow::Result<ClientFigur
         services: vec![],
         policies: String::new(),
         ztunnel_args: args,
-        control_plane: Default::default(),
+        ..Default::default()
     };
     // The server's address is only known once the test bed exists; pod IPs are assigned in
     // order, so a first cluster tells it (and is thrown away) for the no-capture target.

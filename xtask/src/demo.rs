@@ -2,26 +2,39 @@
 //! report, that it does what the product promises.
 
 use std::net::{Ipv4Addr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use anyhow::bail;
-use testbed::cluster::{
-    ALT_PORT, Cluster, ClusterSpec, ControlPlaneMode, ECHO_PORT, ECHO_VIP, PodDef, ServiceDef,
-};
+use anyhow::{Context, bail};
+use testbed::cluster::{Cluster, ClusterSpec, ControlPlaneMode, PodDef};
 
-const VIP: Ipv4Addr = ECHO_VIP;
+/// The example app pilot serves: `deploy/examples/bookinfo`, as a user would `kubectl apply` it.
+const EXAMPLE: &str = "deploy/examples/bookinfo";
+/// The port every bookinfo container serves on, and details' debug port (denied from outside
+/// the namespace by the example's policy).
+const APP_PORT: u16 = 9080;
+const DEBUG_PORT: u16 = 9999;
+/// `reviews.bookinfo`'s ClusterIP and port (targetPort `http`, the pods' 9080).
+const REVIEWS_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 10, 3);
+const REVIEWS_PORT: u16 = 80;
+
+/// The pod the demo adds to the mesh while it runs: in the test bed from the start, in pilot's
+/// folder only when the demo writes this object.
+const NEW_POD: &str = "reviews-v3-2e7a1";
+const NEW_POD_UID: &str = "0b6f2a10-0000-4000-8000-000000000007";
 
 /// Written into pilot's folder while the mesh runs: the live change the demo times.
 const DENY_POLICY: &str = "\
 apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
-metadata: {name: deny-admin-port, namespace: demo}
+metadata: {name: details-not-from-productpage, namespace: bookinfo}
 spec:
+  selector: {matchLabels: {app: details}}
   action: DENY
   rules:
-  - to: [{operation: {ports: [\"9090\"]}}]
+  - from:
+    - source: {principals: [\"cluster.local/ns/bookinfo/sa/bookinfo-productpage\"]}
 ";
 
 struct Report {
@@ -47,21 +60,26 @@ pub async fn run(bin: PathBuf) -> anyhow::Result<()> {
     testbed::Testbed::check_privileges()?;
     // SAFETY: set before any thread of ours reads the environment for it.
     unsafe { std::env::set_var("ZTUNNEL_BIN", &bin) };
+    let example = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join(EXAMPLE);
+    let example = example
+        .canonicalize()
+        .with_context(|| example.display().to_string())?;
+    let mut pods = PodDef::from_folder(&example)?;
+    pods.push(PodDef {
+        namespace: "bookinfo".into(),
+        service_account: "bookinfo-reviews".into(),
+        uid: Some(NEW_POD_UID.into()),
+        ..PodDef::new(NEW_POD, "reviews", 1, true)
+    });
     let spec = ClusterSpec {
         control_plane: ControlPlaneMode::Pilot,
         nodes: 2,
-        pods: vec![
-            PodDef::new("client", "client", 0, true),
-            PodDef::new("echo-1", "echo", 0, true),
-            PodDef::new("echo-2", "echo", 1, true),
-            PodDef::new("reviews", "reviews", 1, true),
-            // Not selected by the service until the demo relabels it `app: echo`.
-            PodDef::new("echo-3", "echo-next", 1, true),
-            PodDef::new("outsider", "outsider", 0, false),
-        ],
-        services: vec![ServiceDef::echo()],
-        policies: String::new(),
-        ztunnel_args: vec![],
+        pods,
+        pilot_folder: Some(example.clone()),
+        app_ports: vec![APP_PORT, DEBUG_PORT],
+        ..Default::default()
     };
     let started = Instant::now();
     let c = Cluster::start(spec).await?;
@@ -74,27 +92,35 @@ Mesh up in {:.1}s: {} nodes, pilot on node1 (xDS + CA over TLS on {}), one ztunn
         bin.display()
     );
     println!(
-        "  pilot serves the Kubernetes YAML in {} (Namespace, Pods, Service)",
+        "  pilot serves a copy of {} (Namespaces, Pods, Services, AuthorizationPolicies, routing) from {}",
+        example.display(),
         c.pilot_config().display()
     );
     for (i, node) in c.bed.nodes.iter().enumerate() {
         println!("  {} (underlay {})", node.name, node.underlay_ip);
         for def in c.spec.pods.iter().filter(|p| p.node == i) {
             let pod = c.bed.pod(&def.name);
-            let what = if def.mesh {
+            let what = if def.name == NEW_POD {
+                "not in pilot's folder yet".into()
+            } else if def.mesh {
                 format!("mesh, {}", c.identity(&def.name))
             } else {
-                "outside the mesh".into()
+                "outside the mesh (istio.io/dataplane-mode: none)".into()
             };
-            println!("    {:<9} {:<12} {what}", def.name, pod.ip);
+            println!("    {:<20} {:<12} {what}", def.name, pod.ip);
         }
     }
-    println!("  service echo.demo.svc.cluster.local {VIP}:80 -> echo-1, echo-2 :{ECHO_PORT}");
     println!(
-        "  live change: pod echo-3 (app echo-next) is relabelled app: echo in pilot's folder while the mesh runs"
+        "  every pod runs an echo app on :{APP_PORT} and :{DEBUG_PORT} that names itself and the peer it saw"
     );
     println!(
-        "  live change: the file deny.yaml (AuthorizationPolicy demo/deny-admin-port, DENY port {ALT_PORT}) is added while the mesh runs\n"
+        "  service reviews.bookinfo {REVIEWS_VIP}:{REVIEWS_PORT} (targetPort http) -> the pods labelled app: reviews"
+    );
+    println!(
+        "  live change: {NEW_POD}.yaml (a Pod app: reviews) is added to pilot's folder while the mesh runs"
+    );
+    println!(
+        "  live change: deny.yaml (AuthorizationPolicy bookinfo/details-not-from-productpage) is added while the mesh runs\n"
     );
 
     let mut report = Report { rows: vec![] };
@@ -135,10 +161,17 @@ Mesh up in {:.1}s: {} nodes, pilot on node1 (xDS + CA over TLS on {}), one ztunn
         },
     );
     report.check(
+        "(d) the example's ALLOW policy: only reviews may call ratings",
+        ratings_from_reviews(&c).await,
+    );
+    report.check(
+        "(d) the example's DENY policy: details' debug port is closed to other namespaces",
+        debug_port(&c).await,
+    );
+    report.check(
         "(d) live change: a DENY policy file added to pilot's folder takes effect",
         live_deny(&c).await,
     );
-    report.check("(d) DENY policy enforced before the app", deny(&c).await);
     report.check(
         "(d) live change: a pod added to the service starts receiving traffic",
         live_endpoint(&c).await,
@@ -147,7 +180,6 @@ Mesh up in {:.1}s: {} nodes, pilot on node1 (xDS + CA over TLS on {}), one ztunn
         "(e) pod outside the mesh -> mesh pod through 15006",
         outsider(&c).await,
     );
-
     report.check(
         "(f) capture is eBPF only: no iptables or nftables rule in any pod",
         no_rules(&c).await,
@@ -193,11 +225,32 @@ fn split(answer: &[u8]) -> (String, &[u8]) {
     }
 }
 
+/// The pod that answered, from the app's greeting (`pod=<name> port=… peer=…`).
+fn answered_by(answer: &[u8]) -> String {
+    let (greeting, _) = split(answer);
+    greeting
+        .split_whitespace()
+        .next()
+        .map(|p| p.trim_start_matches("pod=").to_string())
+        .unwrap_or_default()
+}
+
+/// The full name of the pod whose name starts with `prefix` (`reviews-v1` -> `reviews-v1-5b8c4`).
+fn pod<'a>(c: &'a Cluster, prefix: &'a str) -> &'a str {
+    c.spec
+        .pods
+        .iter()
+        .find(|p| p.name.starts_with(prefix))
+        .map(|p| p.name.as_str())
+        .unwrap_or(prefix)
+}
+
 async fn cross_node(c: &Cluster, marker: &[u8]) -> anyhow::Result<String> {
-    let dst = SocketAddr::new(c.pod_ip("echo-2"), ECHO_PORT);
+    let (from, to) = (pod(c, "productpage"), pod(c, "reviews-v1"));
+    let dst = SocketAddr::new(c.pod_ip(to), APP_PORT);
     let mut payload = marker.to_vec();
     payload.extend((0..64 * 1024).map(|i| (i % 251) as u8));
-    let answer = c.exchange("client", dst, &payload).await?;
+    let answer = c.exchange(from, dst, &payload).await?;
     let (greeting, echoed) = split(&answer);
     if echoed != payload.as_slice() {
         bail!(
@@ -207,40 +260,39 @@ async fn cross_node(c: &Cluster, marker: &[u8]) -> anyhow::Result<String> {
         );
     }
     Ok(format!(
-        "client (node1) -> {dst} (echo-2, node2): {} bytes sent and echoed back intact; app said \"{greeting}\"",
+        "{from} (node1) -> {dst} ({to}, node2): {} bytes sent and echoed back intact; app said \"{greeting}\"",
         payload.len()
     ))
 }
 
 async fn via_vip(c: &Cluster) -> anyhow::Result<String> {
+    let vip = SocketAddr::new(REVIEWS_VIP.into(), REVIEWS_PORT);
     let mut reached = std::collections::BTreeSet::new();
-    for i in 0..4 {
+    for i in 0..6 {
         let msg = format!("request-{i}");
         let answer = c
-            .exchange("client", SocketAddr::new(VIP.into(), 80), msg.as_bytes())
+            .exchange(pod(c, "productpage"), vip, msg.as_bytes())
             .await?;
-        let (greeting, echoed) = split(&answer);
+        let (_, echoed) = split(&answer);
         if echoed != msg.as_bytes() {
             bail!(
                 "request {i} through the VIP came back as {:?}",
                 String::from_utf8_lossy(echoed)
             );
         }
-        if let Some(pod) = greeting.split_whitespace().next() {
-            reached.insert(pod.trim_start_matches("pod=").to_string());
-        }
+        reached.insert(answered_by(&answer));
     }
     if reached.len() < 2 {
-        bail!("4 requests to {VIP}:80 all went to {reached:?}");
+        bail!("6 requests to {vip} all went to {reached:?}");
     }
     Ok(format!(
-        "4 requests to {VIP}:80 answered by {}",
+        "6 requests from productpage to reviews.bookinfo ({vip}, targetPort http = {APP_PORT}) answered by {}",
         reached.into_iter().collect::<Vec<_>>().join(" and ")
     ))
 }
 
 async fn identity_seen(c: &Cluster) -> anyhow::Result<String> {
-    let id = c.identity("client").to_string();
+    let id = c.identity(pod(c, "productpage")).to_string();
     let n = c
         .metric(
             1,
@@ -260,124 +312,165 @@ async fn identity_seen(c: &Cluster) -> anyhow::Result<String> {
     ))
 }
 
-/// Write the DENY policy into pilot's folder and time how long until a new connection to
-/// the denied port is refused.
-async fn live_deny(c: &Cluster) -> anyhow::Result<String> {
-    let dst = SocketAddr::new(c.pod_ip("reviews"), ALT_PORT);
-    let before = c.exchange("client", dst, b"x").await?;
-    if before.is_empty() {
-        bail!("port {ALT_PORT} refused before any policy");
-    }
-    let written = Instant::now();
-    c.write_pilot_file("deny.yaml", DENY_POLICY)?;
-    while written.elapsed() < std::time::Duration::from_secs(5) {
-        if c.exchange("client", dst, b"x")
-            .await
-            .unwrap_or_default()
-            .is_empty()
-        {
-            return Ok(format!(
-                "deny.yaml written -> next connection to {dst} refused after {:.0} ms (pilot: folder change, debounce, translation, delta push; ztunnel: apply)",
-                written.elapsed().as_secs_f64() * 1000.0
-            ));
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
-    bail!("the policy had no effect 5 s after the file was written")
-}
-
-/// Relabel echo-3 `app: echo` in pilot's folder and time how long until a request to the
-/// service VIP is answered by it.
-async fn live_endpoint(c: &Cluster) -> anyhow::Result<String> {
-    let vip = SocketAddr::new(VIP.into(), 80);
-    let answered_by = |answer: &[u8]| {
-        let (greeting, _) = split(answer);
-        greeting
-            .split_whitespace()
-            .next()
-            .map(|p| p.trim_start_matches("pod=").to_string())
-            .unwrap_or_default()
-    };
-    for _ in 0..6 {
-        let answer = c.exchange("client", vip, b"before").await?;
-        if answered_by(&answer) == "echo-3" {
-            bail!("echo-3 answered through the VIP before it was added to the service");
-        }
-    }
-    let yaml = c.kubernetes_yaml();
-    let relabelled = yaml.replace("app: echo-next,", "app: echo,");
-    if relabelled == yaml {
-        bail!("echo-3's label not found in the pods' YAML");
-    }
-    let written = Instant::now();
-    c.write_pilot_file("mesh.yaml", &relabelled)?;
-    let mut requests = 0;
-    while written.elapsed() < std::time::Duration::from_secs(5) {
-        requests += 1;
-        let answer = c
-            .exchange("client", vip, b"after")
-            .await
-            .unwrap_or_default();
-        if answered_by(&answer) == "echo-3" {
-            return Ok(format!(
-                "echo-3 relabelled app: echo in mesh.yaml -> a request to {vip} answered by echo-3 after {:.0} ms ({requests} requests; pilot: folder change, translation, delta push of the workload's new services; ztunnel: new endpoint)",
-                written.elapsed().as_secs_f64() * 1000.0
-            ));
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
-    bail!("no request to {vip} reached echo-3 within 5 s of the change")
-}
-
-async fn deny(c: &Cluster) -> anyhow::Result<String> {
-    let stats = c.app_stats("reviews");
+/// A connection from `from` to `to:port` is refused by the destination's ztunnel: no data,
+/// the app never accepted it, and the ztunnel on `node` logged the 401.
+async fn refused(c: &Cluster, from: &str, to: &str, port: u16) -> anyhow::Result<()> {
+    let stats = c.app_stats(to);
     let before = stats.accepted.load(Ordering::Relaxed);
-    let dst = SocketAddr::new(c.pod_ip("reviews"), ALT_PORT);
+    let dst = SocketAddr::new(c.pod_ip(to), port);
     let answer = c
-        .exchange("client", dst, b"let me in")
+        .exchange(from, dst, b"let me in")
         .await
         .unwrap_or_default();
     if !answer.is_empty() {
         bail!(
-            "the denied connection got an answer: {:?}",
+            "{from} -> {dst}: the denied connection got an answer: {:?}",
             String::from_utf8_lossy(&answer)
         );
     }
     if stats.accepted.load(Ordering::Relaxed) != before {
-        bail!("the app accepted a connection the policy denies");
+        bail!("{to}'s app accepted a connection the policy denies");
     }
-    let log = std::fs::read_to_string(c.ztunnel_log(0))?;
-    if !log
-        .lines()
-        .any(|l| l.contains(&dst.to_string()) && l.contains("401"))
-    {
-        bail!("node1's ztunnel did not log a 401 for {dst}");
+    Ok(())
+}
+
+/// `from` reaches `to:port` and the app answers.
+async fn answers(c: &Cluster, from: &str, to: &str, port: u16) -> anyhow::Result<()> {
+    let dst = SocketAddr::new(c.pod_ip(to), port);
+    let answer = c.exchange(from, dst, b"hello").await?;
+    if !answer.ends_with(b"hello") || answered_by(&answer) != to {
+        bail!(
+            "{from} -> {dst}: unexpected answer {:?}",
+            String::from_utf8_lossy(&answer)
+        );
     }
-    let ok = c
-        .exchange(
-            "client",
-            SocketAddr::new(c.pod_ip("reviews"), ECHO_PORT),
-            b"ok",
-        )
-        .await?;
-    if !ok.ends_with(b"ok") {
-        bail!("the allowed port {ECHO_PORT} did not answer");
+    Ok(())
+}
+
+async fn ratings_from_reviews(c: &Cluster) -> anyhow::Result<String> {
+    let (reviews, ratings, page) = (
+        pod(c, "reviews-v1"),
+        pod(c, "ratings"),
+        pod(c, "productpage"),
+    );
+    answers(c, reviews, ratings, APP_PORT).await?;
+    refused(c, page, ratings, APP_PORT).await?;
+    // The client can see the close before ztunnel has written its log line.
+    let dst = SocketAddr::new(c.pod_ip(ratings), APP_PORT).to_string();
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        let log = std::fs::read_to_string(c.ztunnel_log(0))?;
+        if log.lines().any(|l| l.contains(&dst) && l.contains("401")) {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("node1's ztunnel did not log a 401 for {dst}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
     Ok(format!(
-        "client -> {dst}: node2's ztunnel answered HBONE 401 (policy demo/deny-admin-port), the connection closed with no data and the app never saw it; port {ECHO_PORT} still answers"
+        "bookinfo/ratings-from-reviews: {reviews} -> {ratings}:{APP_PORT} answered; {page} -> {ratings}:{APP_PORT} got HBONE 401 from node2's ztunnel and the app never saw it"
     ))
 }
 
+async fn debug_port(c: &Cluster) -> anyhow::Result<String> {
+    let (legacy, details, page) = (pod(c, "legacy"), pod(c, "details"), pod(c, "productpage"));
+    refused(c, legacy, details, DEBUG_PORT).await?;
+    answers(c, page, details, DEBUG_PORT).await?;
+    answers(c, legacy, details, APP_PORT).await?;
+    Ok(format!(
+        "bookinfo/deny-debug-port: {legacy} (plaintext, no namespace) -> {details}:{DEBUG_PORT} refused; {page} (ns bookinfo) -> :{DEBUG_PORT} answered; {legacy} -> :{APP_PORT} answered"
+    ))
+}
+
+/// Write the DENY policy into pilot's folder and time how long until a new connection from
+/// productpage to details is refused.
+async fn live_deny(c: &Cluster) -> anyhow::Result<String> {
+    let (page, details) = (pod(c, "productpage"), pod(c, "details"));
+    answers(c, page, details, APP_PORT)
+        .await
+        .context("before the change")?;
+    let written = Instant::now();
+    c.write_pilot_file("deny.yaml", DENY_POLICY)?;
+    while written.elapsed() < Duration::from_secs(5) {
+        if refused(c, page, details, APP_PORT).await.is_ok() {
+            let elapsed = written.elapsed();
+            answers(c, pod(c, "legacy"), details, APP_PORT)
+                .await
+                .context("other callers of details after the change")?;
+            return Ok(format!(
+                "deny.yaml written -> the next connection {page} -> {details}:{APP_PORT} refused after {:.0} ms (pilot: folder change, debounce, translation, delta push; ztunnel: apply); other callers still answered",
+                elapsed.as_secs_f64() * 1000.0
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    bail!("the policy had no effect 5 s after the file was written")
+}
+
+/// Add reviews-v3's Pod object to pilot's folder and time how long until a request to the
+/// reviews VIP is answered by it.
+async fn live_endpoint(c: &Cluster) -> anyhow::Result<String> {
+    let vip = SocketAddr::new(REVIEWS_VIP.into(), REVIEWS_PORT);
+    let page = pod(c, "productpage");
+    for _ in 0..6 {
+        let answer = c.exchange(page, vip, b"before").await?;
+        if answered_by(&answer) == NEW_POD {
+            bail!("{NEW_POD} answered through the VIP before it was added");
+        }
+    }
+    let yaml = format!(
+        "apiVersion: v1
+kind: Pod
+metadata:
+  name: {NEW_POD}
+  namespace: bookinfo
+  uid: {NEW_POD_UID}
+  labels: {{app: reviews, version: v3}}
+spec:
+  nodeName: {node}
+  serviceAccountName: bookinfo-reviews
+  containers:
+  - name: reviews
+    image: docker.io/istio/examples-bookinfo-reviews-v3:1.20.2
+    ports: [{{name: http, containerPort: {APP_PORT}}}]
+status:
+  phase: Running
+  podIP: {ip}
+  podIPs: [{{ip: {ip}}}]
+  conditions: [{{type: Ready, status: \"True\"}}]
+",
+        node = c.bed.node(c.def(NEW_POD).node).name,
+        ip = c.pod_ip(NEW_POD),
+    );
+    let written = Instant::now();
+    c.write_pilot_file(&format!("{NEW_POD}.yaml"), &yaml)?;
+    let mut requests = 0;
+    while written.elapsed() < Duration::from_secs(5) {
+        requests += 1;
+        let answer = c.exchange(page, vip, b"after").await.unwrap_or_default();
+        if answered_by(&answer) == NEW_POD {
+            return Ok(format!(
+                "{NEW_POD}.yaml written -> a request to {vip} answered by {NEW_POD} after {:.0} ms ({requests} requests; pilot: new Pod, service endpoints, delta push; ztunnel on node2: enrolls the pod, opens its listeners; ztunnel on node1: new endpoint)",
+                written.elapsed().as_secs_f64() * 1000.0
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    bail!("no request to {vip} reached {NEW_POD} within 5 s of the change")
+}
+
 async fn outsider(c: &Cluster) -> anyhow::Result<String> {
-    let dst = SocketAddr::new(c.pod_ip("echo-2"), ECHO_PORT);
-    let answer = c.exchange("outsider", dst, b"plain hello").await?;
+    let (legacy, details) = (pod(c, "legacy"), pod(c, "details"));
+    let dst = SocketAddr::new(c.pod_ip(details), APP_PORT);
+    let answer = c.exchange(legacy, dst, b"plain hello").await?;
     let (greeting, echoed) = split(&answer);
     if echoed != b"plain hello" {
         bail!("got {:?}", String::from_utf8_lossy(&answer));
     }
     let n = c
         .metric(
-            1,
+            0,
             "istio_tcp_connections_opened_total",
             &[
                 ("reporter", "destination"),
@@ -386,10 +479,10 @@ async fn outsider(c: &Cluster) -> anyhow::Result<String> {
         )
         .await?;
     if n < 1.0 {
-        bail!("node2's ztunnel did not count a plaintext inbound connection");
+        bail!("node1's ztunnel did not count a plaintext inbound connection");
     }
     Ok(format!(
-        "outsider (node1, no ztunnel) -> {dst}: captured on 15006 in echo-2, authorized without identity, answered \"{greeting}\"; node2 counts {n} connection(s) with connection_security_policy=\"none\""
+        "{legacy} (opted out, no ztunnel capture) -> {dst}: captured on 15006 in {details}, authorized without identity, answered \"{greeting}\"; node1 counts {n} connection(s) with connection_security_policy=\"none\""
     ))
 }
 

@@ -39,6 +39,10 @@ pub struct Node {
     /// False until the configuration source has delivered a first complete view (always true
     /// for the local file); readiness waits for it.
     synced: AtomicBool,
+    /// Held for a whole reconcile pass. Passes are started by config updates and by the retry
+    /// timer; two at once would both enroll a new pod, and the loser's listeners, dropped
+    /// after its capture entry was written, would leave the pod failing closed.
+    reconciling: tokio::sync::Mutex<()>,
 }
 
 /// The proxy side of one enrolled pod, as its handlers see it.
@@ -98,6 +102,7 @@ impl Node {
             pods: Mutex::default(),
             pending: Mutex::default(),
             synced: AtomicBool::new(true),
+            reconciling: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -119,6 +124,7 @@ impl Node {
     /// Bring enrollment in line with the state: enroll new pods, unenroll gone ones. Pods that
     /// cannot be enrolled yet (no process in their cgroup) are retried on the next pass.
     pub async fn reconcile(self: &Arc<Self>) {
+        let _turn = self.reconciling.lock().await;
         let wanted = self.wanted();
         let keep: std::collections::HashSet<String> =
             wanted.iter().map(|w| w.uid.clone()).collect();
