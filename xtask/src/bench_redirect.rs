@@ -33,16 +33,29 @@ struct Row {
     figures: ClientFigures,
 }
 
-pub async fn run(bin: PathBuf, seconds: u64) -> anyhow::Result<()> {
+pub async fn run(bin: PathBuf, seconds: u64, rounds: usize) -> anyhow::Result<()> {
     testbed::Testbed::check_privileges()?;
     // SAFETY: set before any thread of ours reads the environment for it.
     unsafe { std::env::set_var("ZTUNNEL_BIN", &bin) };
-    let mut rows = vec![];
-    for mode in ["none", "ebpf", "nftables"] {
-        let figures = measure(mode, seconds).await?;
-        println!("{mode:>9}: {figures:?}");
-        rows.push(Row { mode, figures });
+    const MODES: [&str; 3] = ["none", "ebpf", "nftables"];
+    // Interleaved rounds, so a burst of noise on this shared machine hits every mode alike;
+    // each row is the per-figure median over the rounds.
+    let mut runs: Vec<Vec<ClientFigures>> = vec![vec![]; MODES.len()];
+    for round in 1..=rounds {
+        for (i, mode) in MODES.into_iter().enumerate() {
+            let figures = measure(mode, seconds).await?;
+            println!("round {round}/{rounds} {mode:>9}: {figures:?}");
+            runs[i].push(figures);
+        }
     }
+    let rows: Vec<Row> = MODES
+        .into_iter()
+        .zip(runs)
+        .map(|(mode, runs)| Row {
+            mode,
+            figures: median(&runs),
+        })
+        .collect();
     print_table(&rows);
     let dir = crate::setup::target_dir().join("bench");
     std::fs::create_dir_all(&dir)?;
@@ -123,6 +136,22 @@ fn print_table(rows: &[Row]) {
     println!(
         "\nRatios are to \"none\" (the app dials ztunnel's 15001 itself); lower is better except new conn/s."
     );
+}
+
+/// Each figure's median over the rounds.
+fn median(runs: &[ClientFigures]) -> ClientFigures {
+    let of = |f: fn(&ClientFigures) -> f64| {
+        let mut v: Vec<f64> = runs.iter().map(f).collect();
+        v.sort_by(f64::total_cmp);
+        v.get(v.len() / 2).copied().unwrap_or_default()
+    };
+    ClientFigures {
+        connect_p50_us: of(|f| f.connect_p50_us),
+        connect_p99_us: of(|f| f.connect_p99_us),
+        connections_per_s: of(|f| f.connections_per_s),
+        rr_p50_us: of(|f| f.rr_p50_us),
+        rr_p99_us: of(|f| f.rr_p99_us),
+    }
 }
 
 fn pct(samples: &mut [Duration], p: f64) -> f64 {

@@ -38,7 +38,8 @@ enum Task {
         /// Seconds per measurement.
         #[arg(long, default_value_t = 2)]
         seconds: u64,
-        /// Rounds of direct-then-mesh measurements; figures are medians.
+        /// Rounds of interleaved measurements (direct then mesh; or each capture mode); figures
+        /// are medians.
         #[arg(long, default_value_t = 3)]
         rounds: usize,
         /// Extra ztunnel flag for the run (repeatable), e.g. --ztunnel-arg=--worker-threads=1.
@@ -100,7 +101,7 @@ fn main() -> anyhow::Result<()> {
                 "hbone" => {
                     runtime()?.block_on(bench::run(bin, seconds, rounds.max(1), ztunnel_args))
                 }
-                "redirect" => runtime()?.block_on(bench_redirect::run(bin, seconds)),
+                "redirect" => runtime()?.block_on(bench_redirect::run(bin, seconds, rounds.max(1))),
                 other => anyhow::bail!("unknown benchmark {other:?}: hbone, redirect or xds"),
             }
         }
