@@ -574,10 +574,15 @@ async fn ipv6_socket_dialing_an_ipv4_address_is_captured_as_ipv4() {
         1.0,
         "went through 15001 over HBONE"
     );
+    // It reached ztunnel's IPv4 listener (127.0.0.1:15001, so the source shown is the pod's
+    // IPv4 address), and the original destination is the plain IPv4 address.
+    let client4 = c.pod_ip("client");
     let log = std::fs::read_to_string(c.ztunnel_log(0)).unwrap();
     assert!(
-        log.contains(&format!("dst={server4}:8080")),
-        "the original destination is the plain IPv4 address:\n{log}"
+        log.lines()
+            .any(|l| l.contains(&format!("dst={server4}:8080"))
+                && l.contains(&format!("src={client4}:"))),
+        "{log}"
     );
 }
 
@@ -768,10 +773,11 @@ async fn kubelet_probe_addresses_are_not_captured_in_either_family() {
     let probe4: std::net::IpAddr = "169.254.7.127".parse().unwrap();
     let probe6: std::net::IpAddr = "fd16:9254:7127:1337:ffff:ffff:ffff:ffff".parse().unwrap();
     let node_ns = c.bed.node(1).netns.clone();
-    for (ip, len) in [(probe4, 32), (probe6, 128)] {
+    for (ip, extra) in [(probe4, &[][..]), (probe6, &["nodad"][..])] {
         let status = std::process::Command::new("ip")
-            .args(["-n", &node_ns, "addr", "add", &format!("{ip}/{len}")])
-            .args(["dev", "br0", "nodad"])
+            .args(["-n", &node_ns, "addr", "add", &ip.to_string()])
+            .args(["dev", "br0"])
+            .args(extra)
             .status()
             .unwrap();
         assert!(status.success(), "adding {ip} to node2");
