@@ -8,7 +8,8 @@ use std::time::Instant;
 
 use anyhow::bail;
 use testbed::cluster::{
-    ALT_PORT, Cluster, ClusterSpec, ControlPlaneMode, ECHO_PORT, ECHO_VIP, PodDef, ServiceDef,
+    ALT_PORT, Cluster, ClusterSpec, ControlPlaneMode, ECHO_PORT, ECHO_VIP, ECHO_VIP6, PodDef,
+    ServiceDef,
 };
 
 const VIP: Ipv4Addr = ECHO_VIP;
@@ -78,7 +79,10 @@ Mesh up in {:.1}s: {} nodes, pilot on node1 (xDS + CA over TLS on {}), one ztunn
         c.pilot_config().display()
     );
     for (i, node) in c.bed.nodes.iter().enumerate() {
-        println!("  {} (underlay {})", node.name, node.underlay_ip);
+        println!(
+            "  {} (underlay {}, {})",
+            node.name, node.underlay_ip, node.underlay_ip6
+        );
         for def in c.spec.pods.iter().filter(|p| p.node == i) {
             let pod = c.bed.pod(&def.name);
             let what = if def.mesh {
@@ -86,10 +90,12 @@ Mesh up in {:.1}s: {} nodes, pilot on node1 (xDS + CA over TLS on {}), one ztunn
             } else {
                 "outside the mesh".into()
             };
-            println!("    {:<9} {:<12} {what}", def.name, pod.ip);
+            println!("    {:<9} {:<12} {:<18} {what}", def.name, pod.ip, pod.ip6);
         }
     }
-    println!("  service echo.demo.svc.cluster.local {VIP}:80 -> echo-1, echo-2 :{ECHO_PORT}");
+    println!(
+        "  service echo.demo.svc.cluster.local {VIP}:80 and [{ECHO_VIP6}]:80 (dual-stack) -> echo-1, echo-2 :{ECHO_PORT}"
+    );
     println!(
         "  live change: pod echo-3 (app echo-next) is relabelled app: echo in pilot's folder while the mesh runs"
     );
@@ -108,6 +114,10 @@ Mesh up in {:.1}s: {} nodes, pilot on node1 (xDS + CA over TLS on {}), one ztunn
     report.check(
         "(a) pod -> service VIP, balanced over endpoints",
         via_vip(&c).await,
+    );
+    report.check(
+        "(a) pod -> pod and service over IPv6",
+        over_ipv6(&c, marker).await,
     );
     let link = capture.take().map(|cap| cap.stop());
     report.check(
@@ -236,6 +246,25 @@ async fn via_vip(c: &Cluster) -> anyhow::Result<String> {
     Ok(format!(
         "4 requests to {VIP}:80 answered by {}",
         reached.into_iter().collect::<Vec<_>>().join(" and ")
+    ))
+}
+
+/// The same paths over IPv6: the pods' IPv6 addresses and the service's IPv6 ClusterIP.
+async fn over_ipv6(c: &Cluster, marker: &[u8]) -> anyhow::Result<String> {
+    let dst = SocketAddr::new(c.pod_ip6("echo-2"), ECHO_PORT);
+    let answer = c.exchange("client", dst, marker).await?;
+    let (greeting, echoed) = split(&answer);
+    if echoed != marker || !greeting.starts_with("pod=echo-2") {
+        bail!("{dst} answered {:?}", String::from_utf8_lossy(&answer));
+    }
+    let vip = SocketAddr::new(ECHO_VIP6.into(), 80);
+    let answer = c.exchange("client", vip, b"v6").await?;
+    let (via_vip, echoed) = split(&answer);
+    if echoed != b"v6" || !via_vip.starts_with("pod=echo-") {
+        bail!("{vip} answered {:?}", String::from_utf8_lossy(&answer));
+    }
+    Ok(format!(
+        "client -> {dst}: app said \"{greeting}\"; client -> {vip}: app said \"{via_vip}\""
     ))
 }
 
