@@ -41,6 +41,8 @@ pub struct PodDef {
     /// Speaks HBONE itself (its own server on 15008) instead of through a ztunnel: listed in the
     /// config with `tunnelProtocol: HBONE` on a node no ztunnel serves.
     pub own_hbone: bool,
+    /// Only an IPv6 address, in the test bed and in the configuration; dual-stack otherwise.
+    pub ipv6_only: bool,
 }
 
 impl PodDef {
@@ -53,6 +55,7 @@ impl PodDef {
             node,
             mesh,
             own_hbone: false,
+            ipv6_only: false,
         }
     }
 }
@@ -190,7 +193,10 @@ impl Cluster {
         let specs: Vec<PodSpec> = spec
             .pods
             .iter()
-            .map(|p| PodSpec::new(&p.name, &p.namespace, p.node))
+            .map(|p| PodSpec {
+                ipv6_only: p.ipv6_only,
+                ..PodSpec::new(&p.name, &p.namespace, p.node)
+            })
             .collect();
         let bed = Testbed::new(spec.nodes, &specs)?;
         let dir = std::env::temp_dir().join(format!("{}-mesh", bed.prefix));
@@ -281,6 +287,7 @@ impl Cluster {
         }
         for def in &self.spec.pods {
             let pod = self.bed.pod(&def.name);
+            let addresses = self.pod_addresses(&def.name);
             let mode = if def.mesh {
                 ""
             } else {
@@ -288,15 +295,19 @@ impl Cluster {
             };
             let _ = writeln!(
                 y,
-                "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {ns}, uid: {uid}, labels: {{app: {app}, version: v1{mode}}}}}\nspec: {{nodeName: {node}, serviceAccountName: {sa}}}\nstatus: {{phase: Running, podIP: {ip}, podIPs: [{{ip: {ip}}}, {{ip: \"{ip6}\"}}]}}\n---",
+                "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {ns}, uid: {uid}, labels: {{app: {app}, version: v1{mode}}}}}\nspec: {{nodeName: {node}, serviceAccountName: {sa}}}\nstatus: {{phase: Running, podIP: \"{ip}\", podIPs: [{ips}]}}\n---",
                 name = def.name,
                 ns = def.namespace,
                 uid = pod.uid,
                 app = def.app,
                 node = self.bed.node(def.node).name,
                 sa = def.service_account,
-                ip = pod.ip,
-                ip6 = pod.ip6,
+                ip = addresses[0],
+                ips = addresses
+                    .iter()
+                    .map(|ip| format!("{{ip: \"{ip}\"}}"))
+                    .collect::<Vec<_>>()
+                    .join(", "),
             );
         }
         for s in &self.spec.services {
@@ -395,13 +406,17 @@ impl Cluster {
                 .collect();
             let _ = writeln!(
                 y,
-                "- uid: {uid}\n  name: {name}\n  namespace: {ns}\n  serviceAccount: {sa}\n  addresses: [\"{ip}\", \"{ip6}\"]\n  node: {node}\n  tunnelProtocol: {proto}\n  canonicalName: {app}\n  canonicalRevision: v1\n  workloadName: {app}-v1\n  workloadType: deployment",
+                "- uid: {uid}\n  name: {name}\n  namespace: {ns}\n  serviceAccount: {sa}\n  addresses: [{addresses}]\n  node: {node}\n  tunnelProtocol: {proto}\n  canonicalName: {app}\n  canonicalRevision: v1\n  workloadName: {app}-v1\n  workloadType: deployment",
                 uid = pod.uid,
                 name = def.name,
                 ns = def.namespace,
                 sa = def.service_account,
-                ip = pod.ip,
-                ip6 = pod.ip6,
+                addresses = self
+                    .pod_addresses(&def.name)
+                    .iter()
+                    .map(|ip| format!("\"{ip}\""))
+                    .collect::<Vec<_>>()
+                    .join(", "),
                 node = if def.own_hbone {
                     "external"
                 } else {
@@ -610,6 +625,16 @@ impl Cluster {
     /// The pod's IPv6 address.
     pub fn pod_ip6(&self, pod: &str) -> IpAddr {
         IpAddr::V6(self.bed.pod(pod).ip6)
+    }
+
+    /// The pod's addresses as Kubernetes lists them: IPv4 first when it has one, then IPv6.
+    pub fn pod_addresses(&self, pod: &str) -> Vec<IpAddr> {
+        let p = self.bed.pod(pod);
+        if p.ipv6_only {
+            vec![IpAddr::V6(p.ip6)]
+        } else {
+            vec![IpAddr::V4(p.ip), IpAddr::V6(p.ip6)]
+        }
     }
 
     pub fn identity(&self, pod: &str) -> Identity {

@@ -70,15 +70,19 @@ pub struct PodSpec {
     pub namespace: String,
     /// Index (0-based) of the node the pod runs on.
     pub node: usize,
+    /// Only an IPv6 address on `eth0` (and only an IPv6 default route), as in an IPv6-only
+    /// cluster; dual-stack otherwise.
+    pub ipv6_only: bool,
 }
 
 impl PodSpec {
-    /// A pod `name` in Kubernetes namespace `namespace` on node index `node` (0-based).
+    /// A dual-stack pod `name` in Kubernetes namespace `namespace` on node index `node` (0-based).
     pub fn new(name: &str, namespace: &str, node: usize) -> PodSpec {
         PodSpec {
             name: name.to_owned(),
             namespace: namespace.to_owned(),
             node,
+            ipv6_only: false,
         }
     }
 }
@@ -111,8 +115,10 @@ pub struct Pod {
     pub uid: String,
     /// Index (0-based) of its node in [`Testbed::nodes`].
     pub node: usize,
-    /// IPv4 address of its `eth0`.
+    /// IPv4 address of its `eth0`; planned but not assigned when [`Pod::ipv6_only`].
     pub ip: Ipv4Addr,
+    /// The pod has no IPv4 address (besides loopback) and no IPv4 route.
+    pub ipv6_only: bool,
     /// IPv6 address of its `eth0`.
     pub ip6: Ipv6Addr,
     /// Name of its network namespace (see [`netns_path`]).
@@ -612,26 +618,30 @@ impl Testbed {
         command::ip(&[
             "-n", &node_ns, "link", "set", &host_side, "master", "br0", "up",
         ])?;
-        command::ip(&[
-            "-n",
-            &ns,
-            "addr",
-            "add",
-            &format!("{ip}/{}", addressing::PREFIX_LEN),
-            "dev",
-            "eth0",
-        ])?;
+        if !spec.ipv6_only {
+            command::ip(&[
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("{ip}/{}", addressing::PREFIX_LEN),
+                "dev",
+                "eth0",
+            ])?;
+        }
         add_ip6(&ns, ip6, "eth0")?;
         command::ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
-        command::ip(&[
-            "-n",
-            &ns,
-            "route",
-            "add",
-            "default",
-            "via",
-            &gateway.to_string(),
-        ])?;
+        if !spec.ipv6_only {
+            command::ip(&[
+                "-n",
+                &ns,
+                "route",
+                "add",
+                "default",
+                "via",
+                &gateway.to_string(),
+            ])?;
+        }
         command::ip(&[
             "-n",
             &ns,
@@ -678,6 +688,7 @@ impl Testbed {
             uid,
             node: spec.node,
             ip,
+            ipv6_only: spec.ipv6_only,
             ip6,
             netns: ns,
             cgroup: scope,

@@ -803,3 +803,58 @@ async fn kubelet_probe_addresses_are_not_captured_in_either_family() {
     let plain = [("reporter", "destination")];
     assert_eq!(opened(&c, 1, &plain).await, 0.0, "not through 15006");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ipv6_only_pods_are_enrolled_and_meshed() {
+    if !root_or_skip() {
+        return;
+    }
+    // An IPv6-only client and server (no IPv4 address or route in the pod, one address in
+    // their workloads), a dual-stack bystander outside the mesh, the dual-stack echo service.
+    let mut s = spec();
+    for p in s.pods.iter_mut() {
+        if p.name == "client" || p.name == "server" {
+            p.ipv6_only = true;
+        }
+    }
+    s.services = vec![testbed::cluster::ServiceDef::echo()];
+    let c = Cluster::start(s).await.unwrap();
+    assert!(
+        c.config_yaml("")
+            .contains(&format!("addresses: [\"{}\"]", c.pod_ip6("client")))
+    );
+    let (_, dump) = c.http_get(0, 15000, "/config_dump").await.unwrap();
+    let dump: serde_json::Value = serde_json::from_str(&dump).unwrap();
+    let enrolled: Vec<&str> = dump["enrolledPods"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|p| p["name"].as_str())
+        .collect();
+    assert_eq!(enrolled, ["client"], "{dump}");
+    // Pod to pod and to the service's IPv6 ClusterIP, over HBONE between IPv6 addresses.
+    let dst = v6(&c, "server", ECHO_PORT);
+    let s = c.connect_from("client", dst).await.unwrap();
+    assert_eq!(s.peer_addr().unwrap(), dst);
+    let answer = testbed::cluster::exchange_on(s, b"v6only").await.unwrap();
+    assert!(greeting(&answer).starts_with("pod=server port=8080"));
+    assert!(answer.ends_with(b"v6only"));
+    let vip6 = SocketAddr::new(testbed::cluster::ECHO_VIP6.into(), 80);
+    let answer = c.exchange("client", vip6, b"vip").await.unwrap();
+    assert!(greeting(&answer).starts_with("pod=server port=8080"));
+    let client_id = c.identity("client").to_string();
+    let mtls = [
+        ("reporter", "destination"),
+        ("source_principal", client_id.as_str()),
+        ("connection_security_policy", "mutual_tls"),
+    ];
+    assert_eq!(opened(&c, 1, &mtls).await, 2.0);
+    // Inbound from outside the mesh, captured on the server's IPv6 15006 listener.
+    let answer = c.exchange("bystander", dst, b"in").await.unwrap();
+    assert!(answer.ends_with(b"in"));
+    let plain = [
+        ("reporter", "destination"),
+        ("connection_security_policy", "none"),
+    ];
+    assert_eq!(opened(&c, 1, &plain).await, 1.0);
+}
