@@ -25,7 +25,8 @@ use aya_ebpf::programs::{SkLookupContext, SockAddrContext, SockOpsContext};
 use aya_log_ebpf::{debug, warn};
 use redirect_common::{
     AF_INET, AF_INET6, CONFIG_LEN, CONFIG_LOG_LEVEL, DNS_PORT, HBONE_PORT, INBOUND_PLAINTEXT_PORT,
-    IpKey, KUBELET_PROBE_IP4, KUBELET_PROBE_IP6, LogLevel, OUTBOUND_PORT, OrigDst, PROXY_MARK, PodInfo, PortKey,
+    IpKey, KUBELET_PROBE_IP4, KUBELET_PROBE_IP6, LogLevel, OUTBOUND_PORT, OrigDst, PROXY_MARK,
+    PodInfo, PortKey,
 };
 
 const SOCK_STREAM: u32 = 1;
