@@ -2,7 +2,7 @@
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::io;
-use std::net::SocketAddrV4;
+use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -207,7 +207,7 @@ impl CaptureReport {
         CaptureReport { packets }
     }
 
-    /// Every IPv4 TCP packet seen, in capture order.
+    /// Every TCP packet seen (IPv4 and IPv6), in capture order.
     pub fn packets(&self) -> &[TcpPacket] {
         &self.packets
     }
@@ -265,7 +265,7 @@ impl CaptureReport {
             }
         }
 
-        type Direction = (SocketAddrV4, SocketAddrV4);
+        type Direction = (SocketAddr, SocketAddr);
         let mut initial_seq: HashMap<Direction, u32> = HashMap::new();
         for p in self.packets.iter().filter(|p| p.flags.syn()) {
             initial_seq.entry((p.src, p.dst)).or_insert(p.seq);

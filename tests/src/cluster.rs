@@ -1,9 +1,10 @@
 //! A running mesh on the test bed: a development CA, a local config file describing the pods,
-//! one ztunnel process per node, and an echo application in every pod. Shared by the
+//! one ztunnel process per node, and an echo application in every pod. Pods are dual-stack:
+//! each workload carries its IPv4 and its IPv6 address, and the apps listen on both. Shared by the
 //! end-to-end tests, `cargo xtask demo` and `cargo xtask bench`.
 
 use std::fmt::Write as _;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::sync::Arc;
@@ -45,6 +46,8 @@ pub struct PodDef {
     pub uid: Option<String>,
     /// The address the pod's Kubernetes object gives it: the test bed must assign the same.
     pub expected_ip: Option<Ipv4Addr>,
+    /// Only an IPv6 address, in the test bed and in the configuration; dual-stack otherwise.
+    pub ipv6_only: bool,
 }
 
 impl PodDef {
@@ -59,6 +62,7 @@ impl PodDef {
             own_hbone: false,
             uid: None,
             expected_ip: None,
+            ipv6_only: false,
         }
     }
 
@@ -124,6 +128,7 @@ impl PodDef {
                             // Settled below, once every namespace is known.
                             mesh: label(DATAPLANE_MODE).as_deref() != Some("none"),
                             own_hbone: false,
+                            ipv6_only: false,
                             uid: Some(field(&["metadata", "uid"])?),
                             expected_ip: Some(field(&["status", "podIP"])?.parse().with_context(
                                 || format!("{}: Pod {name}: status.podIP", file.display()),
@@ -151,21 +156,36 @@ pub struct ServiceDef {
     pub name: String,
     pub namespace: String,
     pub vip: Ipv4Addr,
+    /// The IPv6 ClusterIP of a dual-stack service (`ipFamilies: [IPv4, IPv6]`).
+    pub vip6: Option<Ipv6Addr>,
     pub port: u16,
     pub target_port: u16,
     pub app: String,
 }
 
+impl ServiceDef {
+    /// Its ClusterIPs: IPv4 first, as Kubernetes lists a dual-stack service's.
+    pub fn vips(&self) -> Vec<IpAddr> {
+        let mut v = vec![IpAddr::V4(self.vip)];
+        v.extend(self.vip6.map(IpAddr::V6));
+        v
+    }
+}
+
 /// The VIP of the `echo` service the demo and the end-to-end tests use.
 pub const ECHO_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+/// The IPv6 VIP of the `echo` service (`fd00:10:96::a`).
+pub const ECHO_VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x96, 0, 0, 0, 0, 0xa);
 
 impl ServiceDef {
-    /// `echo.demo` on ECHO_VIP:80, in front of the ECHO_PORT of the pods with `app: echo`.
+    /// `echo.demo`, dual-stack on ECHO_VIP:80 and [ECHO_VIP6]:80, in front of the ECHO_PORT of
+    /// the pods with `app: echo`.
     pub fn echo() -> Self {
         ServiceDef {
             name: "echo".into(),
             namespace: "demo".into(),
             vip: ECHO_VIP,
+            vip6: Some(ECHO_VIP6),
             port: 80,
             target_port: ECHO_PORT,
             app: "echo".into(),
@@ -270,6 +290,7 @@ impl Cluster {
             .iter()
             .map(|p| PodSpec {
                 uid: p.uid.clone(),
+                ipv6_only: p.ipv6_only,
                 ..PodSpec::new(&p.name, &p.namespace, p.node)
             })
             .collect();
@@ -384,6 +405,7 @@ impl Cluster {
         }
         for def in &self.spec.pods {
             let pod = self.bed.pod(&def.name);
+            let addresses = self.pod_addresses(&def.name);
             let mode = if def.mesh {
                 ""
             } else {
@@ -391,21 +413,44 @@ impl Cluster {
             };
             let _ = writeln!(
                 y,
-                "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {ns}, uid: {uid}, labels: {{app: {app}, version: v1{mode}}}}}\nspec: {{nodeName: {node}, serviceAccountName: {sa}}}\nstatus: {{phase: Running, podIP: {ip}}}\n---",
+                "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {ns}, uid: {uid}, labels: {{app: {app}, version: v1{mode}}}}}\nspec: {{nodeName: {node}, serviceAccountName: {sa}}}\nstatus: {{phase: Running, podIP: \"{ip}\", podIPs: [{ips}]}}\n---",
                 name = def.name,
                 ns = def.namespace,
                 uid = pod.uid,
                 app = def.app,
                 node = self.bed.node(def.node).name,
                 sa = def.service_account,
-                ip = pod.ip,
+                ip = addresses[0],
+                ips = addresses
+                    .iter()
+                    .map(|ip| format!("{{ip: \"{ip}\"}}"))
+                    .collect::<Vec<_>>()
+                    .join(", "),
             );
         }
         for s in &self.spec.services {
+            let vips = s.vips();
+            let cluster_ips: Vec<String> = vips.iter().map(|ip| format!("\"{ip}\"")).collect();
+            let families: Vec<&str> = vips
+                .iter()
+                .map(|ip| if ip.is_ipv4() { "IPv4" } else { "IPv6" })
+                .collect();
+            let policy = if vips.len() > 1 {
+                "RequireDualStack"
+            } else {
+                "SingleStack"
+            };
             let _ = writeln!(
                 y,
-                "apiVersion: v1\nkind: Service\nmetadata: {{name: {}, namespace: {}}}\nspec: {{clusterIP: {}, selector: {{app: {}}}, ports: [{{port: {}, targetPort: {}}}]}}\n---",
-                s.name, s.namespace, s.vip, s.app, s.port, s.target_port
+                "apiVersion: v1\nkind: Service\nmetadata: {{name: {}, namespace: {}}}\nspec: {{clusterIP: {}, clusterIPs: [{}], ipFamilies: [{}], ipFamilyPolicy: {policy}, selector: {{app: {}}}, ports: [{{port: {}, targetPort: {}}}]}}\n---",
+                s.name,
+                s.namespace,
+                s.vip,
+                cluster_ips.join(", "),
+                families.join(", "),
+                s.app,
+                s.port,
+                s.target_port
             );
         }
         y
@@ -479,12 +524,17 @@ impl Cluster {
                 .collect();
             let _ = writeln!(
                 y,
-                "- uid: {uid}\n  name: {name}\n  namespace: {ns}\n  serviceAccount: {sa}\n  addresses: [\"{ip}\"]\n  node: {node}\n  tunnelProtocol: {proto}\n  canonicalName: {app}\n  canonicalRevision: v1\n  workloadName: {app}-v1\n  workloadType: deployment",
+                "- uid: {uid}\n  name: {name}\n  namespace: {ns}\n  serviceAccount: {sa}\n  addresses: [{addresses}]\n  node: {node}\n  tunnelProtocol: {proto}\n  canonicalName: {app}\n  canonicalRevision: v1\n  workloadName: {app}-v1\n  workloadType: deployment",
                 uid = pod.uid,
                 name = def.name,
                 ns = def.namespace,
                 sa = def.service_account,
-                ip = pod.ip,
+                addresses = self
+                    .pod_addresses(&def.name)
+                    .iter()
+                    .map(|ip| format!("\"{ip}\""))
+                    .collect::<Vec<_>>()
+                    .join(", "),
                 node = if def.own_hbone {
                     "external"
                 } else {
@@ -513,13 +563,14 @@ impl Cluster {
         }
         y.push_str("services:\n");
         for s in &self.spec.services {
+            let vips: Vec<String> = s.vips().iter().map(|ip| format!("\"{ip}\"")).collect();
             let _ = writeln!(
                 y,
-                "- name: {}\n  namespace: {}\n  hostname: {}\n  addresses: [\"{}\"]\n  ports: [{{servicePort: {}, targetPort: {}}}]",
+                "- name: {}\n  namespace: {}\n  hostname: {}\n  addresses: [{}]\n  ports: [{{servicePort: {}, targetPort: {}}}]",
                 s.name,
                 s.namespace,
                 hostname(s),
-                s.vip,
+                vips.join(", "),
                 s.port,
                 s.target_port
             );
@@ -689,6 +740,21 @@ impl Cluster {
         IpAddr::V4(self.bed.pod(pod).ip)
     }
 
+    /// The pod's IPv6 address.
+    pub fn pod_ip6(&self, pod: &str) -> IpAddr {
+        IpAddr::V6(self.bed.pod(pod).ip6)
+    }
+
+    /// The pod's addresses as Kubernetes lists them: IPv4 first when it has one, then IPv6.
+    pub fn pod_addresses(&self, pod: &str) -> Vec<IpAddr> {
+        let p = self.bed.pod(pod);
+        if p.ipv6_only {
+            vec![IpAddr::V6(p.ip6)]
+        } else {
+            vec![IpAddr::V4(p.ip), IpAddr::V6(p.ip6)]
+        }
+    }
+
     pub fn identity(&self, pod: &str) -> Identity {
         let def = self.def(pod);
         Identity::new(TRUST_DOMAIN, &def.namespace, &def.service_account)
@@ -737,19 +803,22 @@ impl Cluster {
 
     /// Echo servers on ECHO_PORT and ALT_PORT in every pod, each answering with a line naming
     /// the pod and the peer address it saw, then echoing until the client half-closes; and a
-    /// sink on SINK_PORT.
+    /// sink on SINK_PORT. Each port is served on IPv4 and IPv6 (two sockets, the IPv6 one
+    /// IPv6-only, so IPv4 peers keep showing as plain IPv4 addresses).
     fn start_apps(&mut self) -> anyhow::Result<()> {
+        let wildcards = [
+            SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), 0),
+            SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), 0),
+        ];
         for def in self.spec.pods.clone() {
             let stats = Arc::new(AppStats::default());
             let ports: Vec<u16> = [ECHO_PORT, ALT_PORT, SINK_PORT]
                 .into_iter()
                 .chain(self.spec.app_ports.iter().copied())
                 .collect();
-            for port in ports {
-                let listener = self.bed.in_pod(&def.name, move || {
-                    std::net::TcpListener::bind((Ipv4Addr::UNSPECIFIED, port))
-                })??;
-                listener.set_nonblocking(true)?;
+            for (port, mut addr) in ports.into_iter().flat_map(|p| wildcards.map(|a| (p, a))) {
+                addr.set_port(port);
+                let listener = self.bed.in_pod(&def.name, move || app_listener(addr))??;
                 let listener = tokio::net::TcpListener::from_std(listener)?;
                 let name = def.name.clone();
                 let stats = stats.clone();
@@ -791,6 +860,24 @@ impl Drop for Cluster {
             let _ = std::fs::remove_dir_all(Path::new(crate::BPFFS).join(self.pin_dir_name(node)));
         }
     }
+}
+
+/// A blocking std listener on `addr`, IPv6-only when `addr` is IPv6.
+fn app_listener(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    let listener: std::net::TcpListener = socket.into();
+    listener.set_nonblocking(true)?;
+    Ok(listener)
 }
 
 fn hostname(s: &ServiceDef) -> String {

@@ -3,11 +3,16 @@
 //! Layout of one [`Testbed`] with prefix `p` (`ztb` and five hex digits):
 //!
 //! - `p-ul`: the underlay, a bridge `br0` joining the nodes;
-//! - `p-nI` (I from 1): node I, with `ul0` = `172.30.0.I/24` on the underlay, a pod bridge
-//!   `br0` = `10.244.I.1/24`, forwarding on and a route to every other node's pod subnet;
-//! - `p-<pod>`: a pod, with `eth0` = `10.244.I.(10+k)/24` bridged into its node's `br0`, and a
-//!   pause process in its cgroup
+//! - `p-nI` (I from 1): node I, with `ul0` = `172.30.0.I/24` and `fd00:172:30::I/64` on the
+//!   underlay, a pod bridge `br0` = `10.244.I.1/24` and `fd00:10:244:I::1/64`, IPv4 and IPv6
+//!   forwarding on and a route to every other node's pod subnets;
+//! - `p-<pod>`: a pod, dual-stack, with `eth0` = `10.244.I.(10+k)/24` and
+//!   `fd00:10:244:I::(10+k)/64` (hex) bridged into its node's `br0`, and a pause process in its
+//!   cgroup
 //!   `<mount>/p/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod<uid>.slice/cri-containerd-<id>.scope`.
+//!
+//! IPv6 addresses are added with `nodad` (and DAD is off in the nodes), so they are usable at
+//! once rather than tentative for a second.
 //!
 //! Everything is removed by [`Testbed::teardown`], which also runs on drop (so on panic);
 //! [`clean_leftovers`] removes what a killed test process left behind.
@@ -26,7 +31,7 @@ mod packet;
 mod podsocket;
 mod process;
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::sync::Mutex;
@@ -67,16 +72,20 @@ pub struct PodSpec {
     pub node: usize,
     /// Pod UID to use (a Kubernetes object written beforehand names it); random when `None`.
     pub uid: Option<String>,
+    /// Only an IPv6 address on `eth0` (and only an IPv6 default route), as in an IPv6-only
+    /// cluster; dual-stack otherwise.
+    pub ipv6_only: bool,
 }
 
 impl PodSpec {
-    /// A pod `name` in Kubernetes namespace `namespace` on node index `node` (0-based).
+    /// A dual-stack pod `name` in Kubernetes namespace `namespace` on node index `node` (0-based).
     pub fn new(name: &str, namespace: &str, node: usize) -> PodSpec {
         PodSpec {
             name: name.to_owned(),
             namespace: namespace.to_owned(),
             node,
             uid: None,
+            ipv6_only: false,
         }
     }
 }
@@ -92,6 +101,10 @@ pub struct Node {
     pub underlay_ip: Ipv4Addr,
     /// Its address on the pod bridge, the default gateway of its pods.
     pub pod_gateway: Ipv4Addr,
+    /// Its IPv6 address on the underlay.
+    pub underlay_ip6: Ipv6Addr,
+    /// Its IPv6 address on the pod bridge, the IPv6 default gateway of its pods.
+    pub pod_gateway6: Ipv6Addr,
 }
 
 /// A pod: a network namespace with one interface, and a cgroup holding its pause process.
@@ -105,8 +118,12 @@ pub struct Pod {
     pub uid: String,
     /// Index (0-based) of its node in [`Testbed::nodes`].
     pub node: usize,
-    /// Address of its `eth0`.
+    /// IPv4 address of its `eth0`; planned but not assigned when [`Pod::ipv6_only`].
     pub ip: Ipv4Addr,
+    /// The pod has no IPv4 address (besides loopback) and no IPv4 route.
+    pub ipv6_only: bool,
+    /// IPv6 address of its `eth0`.
+    pub ip6: Ipv6Addr,
     /// Name of its network namespace (see [`netns_path`]).
     pub netns: String,
     /// Its container's cgroup (the `cri-containerd-<id>.scope` directory).
@@ -325,7 +342,7 @@ impl Testbed {
         netns::run_in(&self.find_node(node)?.netns, f)
     }
 
-    /// Captures the IPv4 TCP packets crossing node `node`'s (0-based) underlay interface
+    /// Captures the IPv4 and IPv6 TCP packets crossing node `node`'s (0-based) underlay interface
     /// [`UNDERLAY_INTERFACE`], until [`Capture::stop`].
     pub fn capture(&self, node: usize) -> anyhow::Result<Capture> {
         Capture::start(&self.find_node(node)?.netns, UNDERLAY_INTERFACE)
@@ -485,9 +502,20 @@ impl Testbed {
         let ul = self.underlay();
         let underlay_ip = addressing::underlay_ip(number);
         let pod_gateway = addressing::pod_gateway(number);
+        let underlay_ip6 = addressing::underlay_ip6(number);
+        let pod_gateway6 = addressing::pod_gateway6(number);
         let plen = addressing::PREFIX_LEN;
 
-        netns::sysctl(&ns, "net.ipv4.ip_forward", "1")?;
+        // DAD off before any link exists, so link-local addresses are not tentative either.
+        netns::sysctl(
+            &ns,
+            &[
+                ("net.ipv4.ip_forward", "1"),
+                ("net.ipv6.conf.all.forwarding", "1"),
+                ("net.ipv6.conf.all.accept_dad", "0"),
+                ("net.ipv6.conf.default.accept_dad", "0"),
+            ],
+        )?;
 
         let port = format!("n{number}");
         command::ip(&[
@@ -514,6 +542,7 @@ impl Testbed {
             "dev",
             UNDERLAY_INTERFACE,
         ])?;
+        add_ip6(&ns, underlay_ip6, UNDERLAY_INTERFACE)?;
         command::ip(&["-n", &ns, "link", "set", UNDERLAY_INTERFACE, "up"])?;
 
         command::ip(&["-n", &ns, "link", "add", "br0", "type", "bridge"])?;
@@ -526,6 +555,7 @@ impl Testbed {
             "dev",
             "br0",
         ])?;
+        add_ip6(&ns, pod_gateway6, "br0")?;
         command::ip(&["-n", &ns, "link", "set", "br0", "up"])?;
 
         self.nodes.push(Node {
@@ -533,6 +563,8 @@ impl Testbed {
             netns: ns,
             underlay_ip,
             pod_gateway,
+            underlay_ip6,
+            pod_gateway6,
         });
         Ok(())
     }
@@ -552,6 +584,18 @@ impl Testbed {
                         "dev",
                         UNDERLAY_INTERFACE,
                     ])?;
+                    command::ip(&[
+                        "-n",
+                        &node.netns,
+                        "-6",
+                        "route",
+                        "add",
+                        &addressing::pod_subnet6(j + 1),
+                        "via",
+                        &other.underlay_ip6.to_string(),
+                        "dev",
+                        UNDERLAY_INTERFACE,
+                    ])?;
                 }
             }
         }
@@ -562,7 +606,9 @@ impl Testbed {
         let number = spec.node + 1;
         let k = self.pods.iter().filter(|p| p.node == spec.node).count();
         let ip = addressing::pod_ip(number, k);
+        let ip6 = addressing::pod_ip6(number, k);
         let gateway = addressing::pod_gateway(number);
+        let gateway6 = addressing::pod_gateway6(number);
         let node_ns = self.nodes[spec.node].netns.clone();
         let ns = self.add_netns(&spec.name)?;
 
@@ -575,24 +621,39 @@ impl Testbed {
         command::ip(&[
             "-n", &node_ns, "link", "set", &host_side, "master", "br0", "up",
         ])?;
-        command::ip(&[
-            "-n",
-            &ns,
-            "addr",
-            "add",
-            &format!("{ip}/{}", addressing::PREFIX_LEN),
-            "dev",
-            "eth0",
-        ])?;
+        if !spec.ipv6_only {
+            command::ip(&[
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("{ip}/{}", addressing::PREFIX_LEN),
+                "dev",
+                "eth0",
+            ])?;
+        }
+        add_ip6(&ns, ip6, "eth0")?;
         command::ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
+        if !spec.ipv6_only {
+            command::ip(&[
+                "-n",
+                &ns,
+                "route",
+                "add",
+                "default",
+                "via",
+                &gateway.to_string(),
+            ])?;
+        }
         command::ip(&[
             "-n",
             &ns,
+            "-6",
             "route",
             "add",
             "default",
             "via",
-            &gateway.to_string(),
+            &gateway6.to_string(),
         ])?;
 
         let uid = spec.uid.clone().unwrap_or_else(naming::new_pod_uid);
@@ -630,6 +691,8 @@ impl Testbed {
             uid,
             node: spec.node,
             ip,
+            ipv6_only: spec.ipv6_only,
+            ip6,
             netns: ns,
             cgroup: scope,
             pause_pid,
@@ -653,6 +716,23 @@ impl std::fmt::Debug for Testbed {
             .field("cgroup_root", &self.cgroup_root)
             .finish_non_exhaustive()
     }
+}
+
+/// Adds `ip` (with the test bed's IPv6 prefix length) to `dev` in namespace `ns`, usable at
+/// once: `nodad` skips duplicate address detection, which would keep it tentative for a second.
+fn add_ip6(ns: &str, ip: Ipv6Addr, dev: &str) -> anyhow::Result<()> {
+    command::ip(&[
+        "-n",
+        ns,
+        "-6",
+        "addr",
+        "add",
+        &format!("{ip}/{}", addressing::PREFIX_LEN6),
+        "dev",
+        dev,
+        "nodad",
+    ])
+    .map(drop)
 }
 
 fn pod_placement(pod: &Pod) -> anyhow::Result<Placement> {

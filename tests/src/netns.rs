@@ -30,14 +30,12 @@ pub(crate) fn delete(name: &str) -> anyhow::Result<()> {
     ip(&["netns", "delete", name]).map(drop)
 }
 
-/// Sets a sysctl inside namespace `name`, leaving the host's value alone.
-pub(crate) fn sysctl(name: &str, key: &str, value: &str) -> anyhow::Result<()> {
-    let setting = format!("{key}={value}");
-    run(
-        "ip",
-        &["netns", "exec", name, "sysctl", "-q", "-w", &setting],
-    )
-    .map(drop)
+/// Sets sysctls inside namespace `name` (one `sysctl` run), leaving the host's values alone.
+pub(crate) fn sysctl(name: &str, settings: &[(&str, &str)]) -> anyhow::Result<()> {
+    let settings: Vec<String> = settings.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    let mut args = vec!["netns", "exec", name, "sysctl", "-q", "-w"];
+    args.extend(settings.iter().map(String::as_str));
+    run("ip", &args).map(drop)
 }
 
 /// Opens namespace `name` for `setns`.

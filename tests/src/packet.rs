@@ -1,9 +1,12 @@
-//! Decoding captured Ethernet frames down to IPv4 TCP segments; pure functions, no I/O.
+//! Decoding captured Ethernet frames down to IPv4 and IPv6 TCP segments; pure functions, no I/O.
 
 use std::fmt;
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 const ETHERTYPE_IPV4: u16 = 0x0800;
+const ETHERTYPE_IPV6: u16 = 0x86dd;
+/// Length of the fixed IPv6 header.
+const IPV6_HEADER_LEN: usize = 40;
 const ETHERTYPE_VLAN: u16 = 0x8100;
 const IPPROTO_TCP: u8 = 6;
 
@@ -76,13 +79,13 @@ impl fmt::Debug for TcpFlags {
     }
 }
 
-/// One IPv4 TCP segment as seen on the wire.
+/// One IPv4 or IPv6 TCP segment as seen on the wire.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TcpPacket {
     /// Source address and port.
-    pub src: SocketAddrV4,
+    pub src: SocketAddr,
     /// Destination address and port.
-    pub dst: SocketAddrV4,
+    pub dst: SocketAddr,
     /// Sequence number.
     pub seq: u32,
     /// Acknowledgment number (meaningful when [`TcpFlags::ACK`] is set).
@@ -123,15 +126,17 @@ pub fn ethernet(frame: &[u8]) -> Option<(u16, &[u8])> {
     Some((ethertype, rest))
 }
 
-/// The fields of an IPv4 header the capture needs.
+/// The fields of an IPv4 or IPv6 header the capture needs.
 #[derive(Debug, PartialEq, Eq)]
-pub struct Ipv4<'a> {
+pub struct IpHeader<'a> {
     /// Source address.
-    pub src: Ipv4Addr,
+    pub src: IpAddr,
     /// Destination address.
-    pub dst: Ipv4Addr,
-    /// Transport protocol number (6 for TCP).
+    pub dst: IpAddr,
+    /// Transport protocol number (6 for TCP); for IPv6 the fixed header's next header.
     pub protocol: u8,
+    /// Length of the IP header.
+    pub header_len: usize,
     /// Length the header claims for the whole datagram; 0 for oversized GSO packets.
     pub total_len: usize,
     /// What follows the header, bounded by `total_len` (so Ethernet padding is dropped) and by
@@ -140,7 +145,7 @@ pub struct Ipv4<'a> {
 }
 
 /// Decodes an IPv4 header. Non-first fragments are rejected: they carry no transport header.
-pub fn ipv4(packet: &[u8]) -> Option<Ipv4<'_>> {
+pub fn ipv4(packet: &[u8]) -> Option<IpHeader<'_>> {
     let first = *packet.first()?;
     if first >> 4 != 4 {
         return None;
@@ -162,12 +167,41 @@ pub fn ipv4(packet: &[u8]) -> Option<Ipv4<'_>> {
     } else {
         total_len.min(packet.len())
     };
-    Some(Ipv4 {
-        src: Ipv4Addr::new(packet[12], packet[13], packet[14], packet[15]),
-        dst: Ipv4Addr::new(packet[16], packet[17], packet[18], packet[19]),
+    Some(IpHeader {
+        src: Ipv4Addr::new(packet[12], packet[13], packet[14], packet[15]).into(),
+        dst: Ipv4Addr::new(packet[16], packet[17], packet[18], packet[19]).into(),
         protocol: packet[9],
+        header_len,
         total_len,
         payload: &packet[header_len..end],
+    })
+}
+
+/// Decodes the fixed IPv6 header. Extension headers are not followed: a packet whose next
+/// header is not the transport is reported with that next header as its protocol.
+pub fn ipv6(packet: &[u8]) -> Option<IpHeader<'_>> {
+    if packet.len() < IPV6_HEADER_LEN || packet[0] >> 4 != 6 {
+        return None;
+    }
+    let payload_len = usize::from(u16::from_be_bytes([packet[4], packet[5]]));
+    let address = |at: usize| -> Option<Ipv6Addr> {
+        let octets: [u8; 16] = packet.get(at..at + 16)?.try_into().ok()?;
+        Some(Ipv6Addr::from(octets))
+    };
+    // A zero payload length is how GSO packets larger than 64 KiB (and jumbograms) appear.
+    let (total_len, end) = if payload_len == 0 {
+        (0, packet.len())
+    } else {
+        let total = IPV6_HEADER_LEN + payload_len;
+        (total, total.min(packet.len()))
+    };
+    Some(IpHeader {
+        src: address(8)?.into(),
+        dst: address(24)?.into(),
+        protocol: packet[6],
+        header_len: IPV6_HEADER_LEN,
+        total_len,
+        payload: &packet[IPV6_HEADER_LEN..end],
     })
 }
 
@@ -218,22 +252,23 @@ pub fn tcp(segment: &[u8]) -> Option<Tcp<'_>> {
     })
 }
 
-/// Decodes an Ethernet frame carrying IPv4 TCP, keeping at most `payload_cap` payload bytes.
+/// Decodes an Ethernet frame carrying IPv4 or IPv6 TCP, keeping at most `payload_cap` payload bytes.
 ///
 /// `wire_len` is the frame's length on the wire, which is more than `frame.len()` when the
 /// capture buffer truncated it; the full payload length is derived from the IP header when it
 /// can be, else from `wire_len`.
 pub fn decode_frame(frame: &[u8], wire_len: usize, payload_cap: usize) -> Option<TcpPacket> {
     let (ethertype, l3) = ethernet(frame)?;
-    if ethertype != ETHERTYPE_IPV4 {
-        return None;
-    }
-    let ip = ipv4(l3)?;
+    let ip = match ethertype {
+        ETHERTYPE_IPV4 => ipv4(l3)?,
+        ETHERTYPE_IPV6 => ipv6(l3)?,
+        _ => return None,
+    };
     if ip.protocol != IPPROTO_TCP {
         return None;
     }
     let seg = tcp(ip.payload)?;
-    let ip_header_len = usize::from(l3[0] & 0x0f) * 4;
+    let ip_header_len = ip.header_len;
     let payload_len = if ip.total_len != 0 {
         ip.total_len.saturating_sub(ip_header_len + seg.header_len)
     } else {
@@ -242,8 +277,8 @@ pub fn decode_frame(frame: &[u8], wire_len: usize, payload_cap: usize) -> Option
     };
     let kept = &seg.payload[..seg.payload.len().min(payload_cap)];
     Some(TcpPacket {
-        src: SocketAddrV4::new(ip.src, seg.src_port),
-        dst: SocketAddrV4::new(ip.dst, seg.dst_port),
+        src: SocketAddr::new(ip.src, seg.src_port),
+        dst: SocketAddr::new(ip.dst, seg.dst_port),
         seq: seg.seq,
         ack: seg.ack,
         flags: seg.flags,
@@ -257,10 +292,11 @@ pub fn decode_frame(frame: &[u8], wire_len: usize, payload_cap: usize) -> Option
 pub(crate) mod tests {
     use super::*;
 
-    /// Builds an Ethernet + IPv4 + TCP frame; `pad` appends Ethernet padding after the datagram.
+    /// Builds an Ethernet + IP + TCP frame (IPv4 or IPv6 as the addresses are); `pad` appends
+    /// Ethernet padding after the datagram.
     pub(crate) fn frame(
-        src: SocketAddrV4,
-        dst: SocketAddrV4,
+        src: SocketAddr,
+        dst: SocketAddr,
         seq: u32,
         flags: u8,
         payload: &[u8],
@@ -269,14 +305,27 @@ pub(crate) mod tests {
         let mut f = Vec::new();
         f.extend_from_slice(&[0x02, 0, 0, 0, 0, 2]); // dst mac
         f.extend_from_slice(&[0x02, 0, 0, 0, 0, 1]); // src mac
-        f.extend_from_slice(&ETHERTYPE_IPV4.to_be_bytes());
-        let total = (20 + 20 + payload.len()) as u16;
-        f.extend_from_slice(&[0x45, 0]);
-        f.extend_from_slice(&total.to_be_bytes());
-        f.extend_from_slice(&[0, 1, 0x40, 0]); // id 1, DF
-        f.extend_from_slice(&[64, IPPROTO_TCP, 0, 0]); // ttl, proto, checksum
-        f.extend_from_slice(&src.ip().octets());
-        f.extend_from_slice(&dst.ip().octets());
+        match (src.ip(), dst.ip()) {
+            (IpAddr::V4(s), IpAddr::V4(d)) => {
+                f.extend_from_slice(&ETHERTYPE_IPV4.to_be_bytes());
+                let total = (20 + 20 + payload.len()) as u16;
+                f.extend_from_slice(&[0x45, 0]);
+                f.extend_from_slice(&total.to_be_bytes());
+                f.extend_from_slice(&[0, 1, 0x40, 0]); // id 1, DF
+                f.extend_from_slice(&[64, IPPROTO_TCP, 0, 0]); // ttl, proto, checksum
+                f.extend_from_slice(&s.octets());
+                f.extend_from_slice(&d.octets());
+            }
+            (IpAddr::V6(s), IpAddr::V6(d)) => {
+                f.extend_from_slice(&ETHERTYPE_IPV6.to_be_bytes());
+                f.extend_from_slice(&[0x60, 0, 0, 0]); // version, class, flow
+                f.extend_from_slice(&((20 + payload.len()) as u16).to_be_bytes());
+                f.extend_from_slice(&[IPPROTO_TCP, 64]); // next header, hop limit
+                f.extend_from_slice(&s.octets());
+                f.extend_from_slice(&d.octets());
+            }
+            _ => panic!("mixed address families"),
+        }
         f.extend_from_slice(&src.port().to_be_bytes());
         f.extend_from_slice(&dst.port().to_be_bytes());
         f.extend_from_slice(&seq.to_be_bytes());
@@ -288,12 +337,36 @@ pub(crate) mod tests {
         f
     }
 
-    fn a() -> SocketAddrV4 {
+    fn a() -> SocketAddr {
         "10.244.1.10:40000".parse().unwrap()
     }
 
-    fn b() -> SocketAddrV4 {
+    fn b() -> SocketAddr {
         "10.244.2.10:8080".parse().unwrap()
+    }
+
+    #[test]
+    fn decodes_ipv6_tcp() {
+        let (c, s): (SocketAddr, SocketAddr) = (
+            "[fd00:10:244:1::a]:40000".parse().unwrap(),
+            "[fd00:10:244:2::a]:15008".parse().unwrap(),
+        );
+        let f = frame(c, s, 9, TcpFlags::SYN, b"v6", 0);
+        let p = decode_frame(&f, f.len(), 256).unwrap();
+        assert_eq!((p.src, p.dst, p.seq), (c, s, 9));
+        assert_eq!(p.payload, b"v6");
+        assert_eq!(p.payload_len, 2);
+
+        // Truncated by the capture buffer: counted from the payload length field.
+        let big = frame(c, s, 9, TcpFlags::ACK, &[7; 500], 0);
+        let p = decode_frame(&big[..120], big.len(), 256).unwrap();
+        assert_eq!(p.payload_len, 500);
+        assert_eq!(p.payload.len(), 120 - 74);
+
+        // An extension header (hop-by-hop, 0) first: not followed, not TCP.
+        let mut hop = f.clone();
+        hop[14 + 6] = 0;
+        assert_eq!(decode_frame(&hop, hop.len(), 256), None);
     }
 
     #[test]
@@ -366,9 +439,13 @@ pub(crate) mod tests {
         udp[14 + 9] = 17;
         assert_eq!(decode_frame(&udp, udp.len(), 256), None);
 
+        // An IPv4 header in a frame that says IPv6, and the other way round.
         let mut v6 = f.clone();
-        v6[14] = 0x60;
+        v6[12..14].copy_from_slice(&ETHERTYPE_IPV6.to_be_bytes());
         assert_eq!(decode_frame(&v6, v6.len(), 256), None);
+        let mut v4 = f.clone();
+        v4[14] = 0x60;
+        assert_eq!(decode_frame(&v4, v4.len(), 256), None);
 
         let mut fragment = f.clone();
         fragment[14 + 7] = 0x10; // offset 16 * 8 bytes

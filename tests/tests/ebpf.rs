@@ -475,3 +475,386 @@ async fn ztunnel_dials_the_app_from_inside_the_pod_without_being_recaptured() {
     }
     assert_eq!(accepted(&c, "server"), 20);
 }
+
+// IPv6: every pod of the test bed is dual-stack (`fd00:10:244:<node>::<n>`), its workload
+// carries both addresses, and ztunnel opens IPv6 listeners next to the IPv4 ones.
+
+/// The IPv6 address of `pod` with `port`.
+fn v6(c: &Cluster, pod: &str, port: u16) -> SocketAddr {
+    SocketAddr::new(c.pod_ip6(pod), port)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ipv6_outbound_capture_carries_hbone_across_nodes_with_identities() {
+    if !root_or_skip() {
+        return;
+    }
+    let c = Cluster::start(spec()).await.unwrap();
+    let dst = v6(&c, "server", ECHO_PORT);
+    let capture = c.bed.capture(0).unwrap();
+    let s = c.connect_from("client", dst).await.unwrap();
+    // getpeername6: the application sees where it connected, not [::1]:15001.
+    assert_eq!(s.peer_addr().unwrap(), dst);
+    let marker = b"IPV6-PLAINTEXT-MARKER";
+    let answer = testbed::cluster::exchange_on(s, marker).await.unwrap();
+    // The server app was reached over IPv6 (which source address it sees depends on how
+    // ztunnel delivers, so only the family is checked here).
+    let g = greeting(&answer);
+    let server6 = c.pod_ip6("server");
+    assert!(
+        g.starts_with("pod=server port=8080") && g.contains("peer=["),
+        "{g}"
+    );
+    assert!(answer.ends_with(marker));
+    // The node link carried only TLS to 15008, over IPv6, never the marker.
+    let report = capture.stop();
+    report.tls_only_on(15008).unwrap();
+    assert!(!report.contains(marker), "plaintext crossed the node link");
+    let client6 = c.pod_ip6("client");
+    assert!(
+        report
+            .packets()
+            .iter()
+            .any(|p| p.src.ip() == client6 && p.dst == SocketAddr::new(server6, 15008)),
+        "no HBONE packet from {client6} to [{server6}]:15008 on the underlay"
+    );
+    // Both ztunnels knew both identities: the source pod from the capture (its netns), the
+    // destination from mTLS.
+    let client_id = c.identity("client").to_string();
+    let src = [
+        ("reporter", "source"),
+        ("source_principal", client_id.as_str()),
+        ("destination_workload", "echo-v1"),
+        ("connection_security_policy", "mutual_tls"),
+    ];
+    assert_eq!(opened(&c, 0, &src).await, 1.0);
+    let dst_side = [
+        ("reporter", "destination"),
+        ("source_principal", client_id.as_str()),
+        ("source_workload", "client-v1"),
+        ("connection_security_policy", "mutual_tls"),
+    ];
+    assert_eq!(opened(&c, 1, &dst_side).await, 1.0);
+    let log = std::fs::read_to_string(c.ztunnel_log(0)).unwrap();
+    assert!(
+        log.contains(&format!("dst={dst}")) && log.contains(&format!("src=[{client6}]:")),
+        "outbound access log with the IPv6 destination and source pod:\n{log}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ipv6_socket_dialing_an_ipv4_address_is_captured_as_ipv4() {
+    if !root_or_skip() {
+        return;
+    }
+    let c = Cluster::start(spec()).await.unwrap();
+    // What dual-stack runtimes do: an AF_INET6 socket connecting to `::ffff:<IPv4>`.
+    let server4 = match c.pod_ip("server") {
+        std::net::IpAddr::V4(ip) => ip,
+        other => panic!("not IPv4: {other}"),
+    };
+    let mapped = SocketAddr::new(server4.to_ipv6_mapped().into(), ECHO_PORT);
+    let s = c.connect_from("client", mapped).await.unwrap();
+    assert_eq!(
+        s.peer_addr().unwrap(),
+        mapped,
+        "getpeername6 shows the mapped address"
+    );
+    let answer = testbed::cluster::exchange_on(s, b"mapped").await.unwrap();
+    assert!(greeting(&answer).starts_with("pod=server port=8080"));
+    assert!(answer.ends_with(b"mapped"));
+    let client_id = c.identity("client").to_string();
+    let src = [
+        ("reporter", "source"),
+        ("source_principal", client_id.as_str()),
+        ("connection_security_policy", "mutual_tls"),
+    ];
+    assert_eq!(
+        opened(&c, 0, &src).await,
+        1.0,
+        "went through 15001 over HBONE"
+    );
+    // It reached ztunnel's IPv4 listener (127.0.0.1:15001, so the source shown is the pod's
+    // IPv4 address), and the original destination is the plain IPv4 address.
+    let client4 = c.pod_ip("client");
+    let log = std::fs::read_to_string(c.ztunnel_log(0)).unwrap();
+    assert!(
+        log.lines()
+            .any(|l| l.contains(&format!("dst={server4}:8080"))
+                && l.contains(&format!("src={client4}:"))),
+        "{log}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ipv6_inbound_capture_lands_on_15006_with_the_original_destination() {
+    if !root_or_skip() {
+        return;
+    }
+    let c = Cluster::start(spec()).await.unwrap();
+    let dst = v6(&c, "server", ECHO_PORT);
+    // From a pod outside the mesh, and from the node: sk_lookup keyed by the IPv6 destination
+    // assigns both to the pod's [::]:15006 listener.
+    let answer = c.exchange("bystander", dst, b"in6").await.unwrap();
+    let g = greeting(&answer);
+    assert!(g.starts_with("pod=server port=8080"), "{g}");
+    assert!(answer.ends_with(b"in6"));
+    let node = c.node_sockets(1).unwrap();
+    let s = node.connect(dst).await.unwrap();
+    let answer = testbed::cluster::exchange_on(s, b"from node6")
+        .await
+        .unwrap();
+    assert!(answer.ends_with(b"from node6"));
+    let plain = [
+        ("reporter", "destination"),
+        ("connection_security_policy", "none"),
+    ];
+    assert_eq!(opened(&c, 1, &plain).await, 2.0);
+    let log = std::fs::read_to_string(c.ztunnel_log(1)).unwrap();
+    let bystander6 = c.pod_ip6("bystander");
+    assert!(
+        log.contains(&format!("dst={dst}")) && log.contains(&format!("src=[{bystander6}]:")),
+        "inbound saw the original IPv6 destination and the client's address:\n{log}"
+    );
+    // [server]:15008 over IPv6 reaches ztunnel's HBONE listener directly, not 15006.
+    let mut s = c
+        .connect_from("bystander", v6(&c, "server", 15008))
+        .await
+        .unwrap();
+    s.write_all(b"GET / HTTP/1.0\r\n\r\n").await.unwrap();
+    let mut buf = vec![];
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await;
+    assert_eq!(opened(&c, 1, &plain).await, 2.0, "15008 was not captured");
+    assert_eq!(
+        accepted(&c, "server"),
+        2,
+        "only the two captured connections"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ipv6_unenrolled_pod_loopback_and_own_address_go_direct() {
+    if !root_or_skip() {
+        return;
+    }
+    let c = Cluster::start(spec()).await.unwrap();
+    // An unenrolled pod's IPv6 traffic is not captured outbound.
+    let answer = c
+        .exchange("outsider", v6(&c, "bystander", ECHO_PORT), b"x6")
+        .await
+        .unwrap();
+    let outsider6 = c.pod_ip6("outsider");
+    let g = greeting(&answer);
+    assert!(
+        g.starts_with("pod=bystander") && g.contains(&format!("peer=[{outsider6}]:")),
+        "{g}"
+    );
+    // In-pod [::1] stays in the pod.
+    let lo = c
+        .bed
+        .in_pod("client", || std::net::TcpListener::bind("[::1]:7777"))
+        .unwrap()
+        .unwrap();
+    let accept = std::thread::spawn(move || lo.accept().map(|(_, peer)| peer));
+    let s = c
+        .connect_from("client", "[::1]:7777".parse().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(s.peer_addr().unwrap(), "[::1]:7777".parse().unwrap());
+    assert!(accept.join().unwrap().unwrap().ip().is_loopback());
+    // The app calling its own IPv6 address reaches itself directly.
+    let own = c.pod_ip6("client");
+    let answer = c
+        .exchange("client", SocketAddr::new(own, ECHO_PORT), b"me6")
+        .await
+        .unwrap();
+    let g = greeting(&answer);
+    assert!(
+        g.starts_with("pod=client") && g.contains(&format!("peer=[{own}]:")),
+        "{g}"
+    );
+    assert_eq!(
+        opened(&c, 0, &[("reporter", "source")]).await,
+        0.0,
+        "nothing went through 15001"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ipv6_cluster_ip_of_a_dual_stack_service_from_pilot() {
+    if !root_or_skip() {
+        return;
+    }
+    let mut s = spec();
+    // pilot translates the Kubernetes objects: Pods with `status.podIPs` (both families) and a
+    // Service with `clusterIPs`/`ipFamilies: [IPv4, IPv6]`.
+    s.control_plane = testbed::cluster::ControlPlaneMode::Pilot;
+    s.services = vec![testbed::cluster::ServiceDef::echo()];
+    let c = Cluster::start(s).await.unwrap();
+    let yaml = c.kubernetes_yaml();
+    assert!(yaml.contains("ipFamilies: [IPv4, IPv6]"), "{yaml}");
+    let vip6 = SocketAddr::new(testbed::cluster::ECHO_VIP6.into(), 80);
+    let answer = c.exchange("client", vip6, b"vip6").await.unwrap();
+    let g = greeting(&answer);
+    let server6 = c.pod_ip6("server");
+    assert!(
+        g.starts_with("pod=server port=8080") && g.contains("peer=["),
+        "the IPv6 VIP leads to the endpoint over IPv6: {g}"
+    );
+    assert!(answer.ends_with(b"vip6"));
+    // The IPv4 ClusterIP of the same service still works.
+    let vip4 = SocketAddr::new(testbed::cluster::ECHO_VIP.into(), 80);
+    let answer = c.exchange("client", vip4, b"vip4").await.unwrap();
+    assert!(greeting(&answer).starts_with("pod=server port=8080"));
+    let client_id = c.identity("client").to_string();
+    let by_service = [
+        ("reporter", "source"),
+        ("source_principal", client_id.as_str()),
+        ("destination_service", "echo.demo.svc.cluster.local"),
+        ("connection_security_policy", "mutual_tls"),
+    ];
+    assert_eq!(opened(&c, 0, &by_service).await, 2.0);
+    let log = std::fs::read_to_string(c.ztunnel_log(0)).unwrap();
+    assert!(
+        log.contains(&format!("dst={vip6}")) && log.contains(&format!("target=[{server6}]:8080")),
+        "{log}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ipv6_capture_with_nftables() {
+    if !root_or_skip() {
+        return;
+    }
+    let mut s = spec();
+    s.ztunnel_args = vec!["--redirect".into(), "nftables".into()];
+    let c = Cluster::start(s).await.unwrap();
+    // Outbound: the output chain redirects to [::1]:15001; SO_ORIGINAL_DST (IPv6) recovers it.
+    let dst = v6(&c, "server", ECHO_PORT);
+    let answer = c.exchange("client", dst, b"nft6").await.unwrap();
+    assert!(greeting(&answer).starts_with("pod=server port=8080"));
+    assert!(answer.ends_with(b"nft6"));
+    let client_id = c.identity("client").to_string();
+    let src = [
+        ("reporter", "source"),
+        ("source_principal", client_id.as_str()),
+        ("connection_security_policy", "mutual_tls"),
+    ];
+    assert_eq!(opened(&c, 0, &src).await, 1.0);
+    // Inbound plaintext from outside the mesh: prerouting redirects to 15006.
+    let answer = c.exchange("bystander", dst, b"in-nft6").await.unwrap();
+    assert!(answer.ends_with(b"in-nft6"));
+    let plain = [
+        ("reporter", "destination"),
+        ("connection_security_policy", "none"),
+    ];
+    assert_eq!(opened(&c, 1, &plain).await, 1.0);
+    let log = std::fs::read_to_string(c.ztunnel_log(1)).unwrap();
+    assert!(log.contains(&format!("dst={dst}")), "{log}");
+    // Captured by the pod's nftables rules (one `inet` table for both families), not eBPF.
+    let ns = testbed::netns_path(&c.bed.pod("client").netns);
+    let out = std::process::Command::new("nsenter")
+        .arg(format!("--net={}", ns.display()))
+        .args(["nft", "list", "ruleset"])
+        .output()
+        .unwrap();
+    let rules = String::from_utf8_lossy(&out.stdout);
+    assert!(rules.contains("table inet ztunnel"), "{rules}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubelet_probe_addresses_are_not_captured_in_either_family() {
+    if !root_or_skip() {
+        return;
+    }
+    let c = Cluster::start(spec()).await.unwrap();
+    // The node owns the addresses kubelet probes come from (Istio's CNI SNATs probes to them);
+    // the pod answers through its default route to the node.
+    let probe4: std::net::IpAddr = "169.254.7.127".parse().unwrap();
+    let probe6: std::net::IpAddr = "fd16:9254:7127:1337:ffff:ffff:ffff:ffff".parse().unwrap();
+    let node_ns = c.bed.node(1).netns.clone();
+    for (ip, extra) in [(probe4, &[][..]), (probe6, &["nodad"][..])] {
+        let status = std::process::Command::new("ip")
+            .args(["-n", &node_ns, "addr", "add", &ip.to_string()])
+            .args(["dev", "br0"])
+            .args(extra)
+            .status()
+            .unwrap();
+        assert!(status.success(), "adding {ip} to node2");
+    }
+    let node = c.node_sockets(1).unwrap();
+    for (src, dst) in [
+        (probe4, SocketAddr::new(c.pod_ip("server"), ECHO_PORT)),
+        (probe6, v6(&c, "server", ECHO_PORT)),
+    ] {
+        let socket = node.tcp_socket(&dst).unwrap();
+        socket.bind(SocketAddr::new(src, 0)).unwrap();
+        let s = tokio::time::timeout(Duration::from_secs(5), socket.connect(dst))
+            .await
+            .unwrap()
+            .unwrap();
+        let answer = testbed::cluster::exchange_on(s, b"probe").await.unwrap();
+        let g = greeting(&answer);
+        // The app saw the probe address itself: nothing in between.
+        let shown = SocketAddr::new(src, 1).to_string();
+        let shown = shown.trim_end_matches(":1");
+        assert!(g.contains(&format!("peer={shown}:")), "{src}: {g}");
+    }
+    let plain = [("reporter", "destination")];
+    assert_eq!(opened(&c, 1, &plain).await, 0.0, "not through 15006");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ipv6_only_pods_are_enrolled_and_meshed() {
+    if !root_or_skip() {
+        return;
+    }
+    // An IPv6-only client and server (no IPv4 address or route in the pod, one address in
+    // their workloads), a dual-stack bystander outside the mesh, the dual-stack echo service.
+    let mut s = spec();
+    for p in s.pods.iter_mut() {
+        if p.name == "client" || p.name == "server" {
+            p.ipv6_only = true;
+        }
+    }
+    s.services = vec![testbed::cluster::ServiceDef::echo()];
+    let c = Cluster::start(s).await.unwrap();
+    assert!(
+        c.config_yaml("")
+            .contains(&format!("addresses: [\"{}\"]", c.pod_ip6("client")))
+    );
+    let (_, dump) = c.http_get(0, 15000, "/config_dump").await.unwrap();
+    let dump: serde_json::Value = serde_json::from_str(&dump).unwrap();
+    let enrolled: Vec<&str> = dump["enrolledPods"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|p| p["name"].as_str())
+        .collect();
+    assert_eq!(enrolled, ["client"], "{dump}");
+    // Pod to pod and to the service's IPv6 ClusterIP, over HBONE between IPv6 addresses.
+    let dst = v6(&c, "server", ECHO_PORT);
+    let s = c.connect_from("client", dst).await.unwrap();
+    assert_eq!(s.peer_addr().unwrap(), dst);
+    let answer = testbed::cluster::exchange_on(s, b"v6only").await.unwrap();
+    assert!(greeting(&answer).starts_with("pod=server port=8080"));
+    assert!(answer.ends_with(b"v6only"));
+    let vip6 = SocketAddr::new(testbed::cluster::ECHO_VIP6.into(), 80);
+    let answer = c.exchange("client", vip6, b"vip").await.unwrap();
+    assert!(greeting(&answer).starts_with("pod=server port=8080"));
+    let client_id = c.identity("client").to_string();
+    let mtls = [
+        ("reporter", "destination"),
+        ("source_principal", client_id.as_str()),
+        ("connection_security_policy", "mutual_tls"),
+    ];
+    assert_eq!(opened(&c, 1, &mtls).await, 2.0);
+    // Inbound from outside the mesh, captured on the server's IPv6 15006 listener.
+    let answer = c.exchange("bystander", dst, b"in").await.unwrap();
+    assert!(answer.ends_with(b"in"));
+    let plain = [
+        ("reporter", "destination"),
+        ("connection_security_policy", "none"),
+    ];
+    assert_eq!(opened(&c, 1, &plain).await, 1.0);
+}

@@ -58,6 +58,69 @@ fn netns_inode(path: impl AsRef<Path>) -> u64 {
         .ino()
 }
 
+/// Dual-stack: right after the test bed is built (no wait for duplicate address detection),
+/// a pod reaches a pod on the other node over IPv6, the server sees the client's own IPv6
+/// address, and the underlay capture decodes the IPv6 packets.
+#[test]
+fn pod_reaches_pod_on_other_node_over_ipv6() {
+    let Some(bed) = testbed(2, &two_by_two()) else {
+        return;
+    };
+    let client = bed.pod("client").clone();
+    let server = bed.pod("server").clone();
+    assert_eq!(
+        client.ip6,
+        "fd00:10:244:1::a".parse::<std::net::Ipv6Addr>().unwrap()
+    );
+    assert_eq!(
+        server.ip6,
+        "fd00:10:244:2::a".parse::<std::net::Ipv6Addr>().unwrap()
+    );
+    assert_eq!(bed.nodes[1].underlay_ip6.to_string(), "fd00:172:30::2");
+
+    let capture = bed.capture(0).unwrap();
+    let listener = bed
+        .in_netns(&server.netns, || {
+            TcpListener::bind((std::net::Ipv6Addr::UNSPECIFIED, 8080))
+        })
+        .unwrap()
+        .unwrap();
+    let echo = std::thread::spawn(move || {
+        let (mut conn, peer) = listener.accept().unwrap();
+        let mut buf = [0u8; 64];
+        let n = conn.read(&mut buf).unwrap();
+        conn.write_all(&buf[..n]).unwrap();
+        peer
+    });
+    let dst = SocketAddr::from((server.ip6, 8080));
+    let mut conn = bed
+        .in_pod("client", || {
+            TcpStream::connect_timeout(&dst, Duration::from_secs(2))
+        })
+        .unwrap()
+        .expect("client pod cannot connect to server pod over IPv6");
+    conn.write_all(b"v6 marker").unwrap();
+    let mut reply = [0u8; 9];
+    conn.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    conn.read_exact(&mut reply).unwrap();
+    assert_eq!(&reply, b"v6 marker");
+    let local = conn.local_addr().unwrap();
+    drop(conn);
+    let peer = echo.join().unwrap();
+    assert_eq!(peer, local);
+    assert_eq!(peer.ip(), std::net::IpAddr::V6(client.ip6));
+
+    let report = capture.stop();
+    assert!(report.contains(b"v6 marker"), "IPv6 payload not captured");
+    assert!(
+        report
+            .packets()
+            .iter()
+            .any(|p| p.src == local && p.dst == dst && p.flags.syn()),
+        "no SYN {local} > {dst} on the underlay"
+    );
+}
+
 #[test]
 fn pod_reaches_pod_on_other_node_and_capture_sees_it() {
     let Some(bed) = testbed(2, &two_by_two()) else {
@@ -119,8 +182,8 @@ fn pod_reaches_pod_on_other_node_and_capture_sees_it() {
             .collect::<Vec<_>>()
             .join("\n")
     );
-    let client_addr = SocketAddrV4::new(client.ip, local.port());
-    let server_addr = SocketAddrV4::new(server.ip, 8080);
+    let client_addr = SocketAddr::from(SocketAddrV4::new(client.ip, local.port()));
+    let server_addr = SocketAddr::from(SocketAddrV4::new(server.ip, 8080));
     assert!(report.server_ports().contains(&8080));
     assert!(report.tcp_ports().contains(&(local.port(), 8080)));
     assert!(report.tcp_ports().contains(&(8080, local.port())));

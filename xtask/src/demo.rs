@@ -1,7 +1,7 @@
 //! `cargo xtask demo`: brings up a small mesh on this machine and checks, with a readable
 //! report, that it does what the product promises.
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -17,6 +17,8 @@ const APP_PORT: u16 = 9080;
 const DEBUG_PORT: u16 = 9999;
 /// `reviews.bookinfo`'s ClusterIP and port (targetPort `http`, the pods' 9080).
 const REVIEWS_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 10, 3);
+/// Its IPv6 ClusterIP (the service is dual-stack, like the pods).
+const REVIEWS_VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x96, 0, 0, 0, 0x10, 0x3);
 const REVIEWS_PORT: u16 = 80;
 
 /// The pod the demo adds to the mesh while it runs: in the test bed from the start, in pilot's
@@ -97,7 +99,10 @@ Mesh up in {:.1}s: {} nodes, pilot on node1 (xDS + CA over TLS on {}), one ztunn
         c.pilot_config().display()
     );
     for (i, node) in c.bed.nodes.iter().enumerate() {
-        println!("  {} (underlay {})", node.name, node.underlay_ip);
+        println!(
+            "  {} (underlay {}, {})",
+            node.name, node.underlay_ip, node.underlay_ip6
+        );
         for def in c.spec.pods.iter().filter(|p| p.node == i) {
             let pod = c.bed.pod(&def.name);
             let what = if def.name == NEW_POD {
@@ -107,7 +112,7 @@ Mesh up in {:.1}s: {} nodes, pilot on node1 (xDS + CA over TLS on {}), one ztunn
             } else {
                 "outside the mesh (istio.io/dataplane-mode: none)".into()
             };
-            println!("    {:<20} {:<12} {what}", def.name, pod.ip);
+            println!("    {:<20} {:<12} {:<18} {what}", def.name, pod.ip, pod.ip6);
         }
     }
     println!(
@@ -134,6 +139,10 @@ Mesh up in {:.1}s: {} nodes, pilot on node1 (xDS + CA over TLS on {}), one ztunn
     report.check(
         "(a) pod -> service VIP, balanced over endpoints",
         via_vip(&c).await,
+    );
+    report.check(
+        "(a) pod -> pod and service over IPv6",
+        over_ipv6(&c, marker).await,
     );
     let link = capture.take().map(|cap| cap.stop());
     report.check(
@@ -291,6 +300,26 @@ async fn via_vip(c: &Cluster) -> anyhow::Result<String> {
     ))
 }
 
+/// The same paths over IPv6: the pods' IPv6 addresses and the service's IPv6 ClusterIP.
+async fn over_ipv6(c: &Cluster, marker: &[u8]) -> anyhow::Result<String> {
+    let (from, to) = (pod(c, "productpage"), pod(c, "reviews-v1"));
+    let dst = SocketAddr::new(c.pod_ip6(to), APP_PORT);
+    let answer = c.exchange(from, dst, marker).await?;
+    let (greeting, echoed) = split(&answer);
+    if echoed != marker || answered_by(&answer) != to {
+        bail!("{dst} answered {:?}", String::from_utf8_lossy(&answer));
+    }
+    let vip = SocketAddr::new(REVIEWS_VIP6.into(), REVIEWS_PORT);
+    let answer = c.exchange(from, vip, b"v6").await?;
+    let (via_vip, echoed) = split(&answer);
+    if echoed != b"v6" || !answered_by(&answer).starts_with("reviews-") {
+        bail!("{vip} answered {:?}", String::from_utf8_lossy(&answer));
+    }
+    Ok(format!(
+        "{from} -> {dst}: app said \"{greeting}\"; {from} -> {vip}: app said \"{via_vip}\""
+    ))
+}
+
 async fn identity_seen(c: &Cluster) -> anyhow::Result<String> {
     let id = c.identity(pod(c, "productpage")).to_string();
     let n = c
@@ -437,11 +466,12 @@ spec:
 status:
   phase: Running
   podIP: {ip}
-  podIPs: [{{ip: {ip}}}]
+  podIPs: [{{ip: {ip}}}, {{ip: '{ip6}'}}]
   conditions: [{{type: Ready, status: \"True\"}}]
 ",
         node = c.bed.node(c.def(NEW_POD).node).name,
         ip = c.pod_ip(NEW_POD),
+        ip6 = c.pod_ip6(NEW_POD),
     );
     let written = Instant::now();
     c.write_pilot_file(&format!("{NEW_POD}.yaml"), &yaml)?;

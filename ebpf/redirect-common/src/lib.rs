@@ -16,6 +16,10 @@ pub const HBONE_PORT: u16 = 15008;
 pub const DNS_PORT: u16 = 15053;
 /// The kubelet's probe source address (169.254.7.127), exempt from capture as in Istio.
 pub const KUBELET_PROBE_IP4: [u8; 4] = [169, 254, 7, 127];
+/// Its IPv6 counterpart, `fd16:9254:7127:1337:ffff:ffff:ffff:ffff` (Istio's choice too).
+pub const KUBELET_PROBE_IP6: [u8; 16] = [
+    0xfd, 0x16, 0x92, 0x54, 0x71, 0x27, 0x13, 0x37, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+];
 
 /// Where a captured connection was going, saved by `connect4/6` under the socket cookie and
 /// copied by `sock_ops` under [`PortKey`] once the client port is known.

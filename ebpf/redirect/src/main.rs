@@ -1,7 +1,8 @@
 //! eBPF programs that send enrolled pods' TCP traffic to ztunnel's in-pod listeners, without iptables.
 //!
 //! - `ztunnel_connect4/6` (cgroup, on the pods' parent cgroup): outbound connects from an
-//!   enrolled netns go to the pod's own 15001; the original destination is kept under the socket
+//!   enrolled netns go to the pod's own 15001 (`127.0.0.1`, `[::1]`, or `[::ffff:127.0.0.1]` for
+//!   an IPv6 socket dialing an IPv4 address); the original destination is kept under the socket
 //!   cookie.
 //! - `ztunnel_sock_ops` (same cgroup): once the client port is known, the original destination is
 //!   copied under {netns cookie, client port}, which is what ztunnel can see after `accept()`.
@@ -24,7 +25,8 @@ use aya_ebpf::programs::{SkLookupContext, SockAddrContext, SockOpsContext};
 use aya_log_ebpf::{debug, warn};
 use redirect_common::{
     AF_INET, AF_INET6, CONFIG_LEN, CONFIG_LOG_LEVEL, DNS_PORT, HBONE_PORT, INBOUND_PLAINTEXT_PORT,
-    IpKey, KUBELET_PROBE_IP4, LogLevel, OUTBOUND_PORT, OrigDst, PROXY_MARK, PodInfo, PortKey,
+    IpKey, KUBELET_PROBE_IP4, KUBELET_PROBE_IP6, LogLevel, OUTBOUND_PORT, OrigDst, PROXY_MARK,
+    PodInfo, PortKey,
 };
 
 const SOCK_STREAM: u32 = 1;
@@ -151,6 +153,9 @@ pub fn ztunnel_connect4(ctx: SockAddrContext) -> i32 {
     ALLOW
 }
 
+/// The third 32-bit word of an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`), as stored.
+const MAPPED4_WORD: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
+
 #[cgroup_sock_addr(connect6)]
 pub fn ztunnel_connect6(ctx: SockAddrContext) -> i32 {
     let Some((netns, pod)) = enrolled_pod(&ctx) else {
@@ -161,14 +166,42 @@ pub fn ztunnel_connect6(ctx: SockAddrContext) -> i32 {
     }
     // SAFETY: reading the context; each word is in network byte order.
     let words = unsafe { (*ctx.sock_addr).user_ip6 };
-    let ip = ip6_bytes(words);
-    let loopback = words[0] == 0 && words[1] == 0 && words[2] == 0 && ip[15] == 1 && ip[12] == 0;
-    let mapped4_loopback = words[0] == 0 && words[1] == 0 && ip[10] == 0xff && ip[12] == 127;
-    let unspecified = words == [0, 0, 0, 0];
-    if loopback || mapped4_loopback || unspecified || ip == pod.ip6 {
+    let port = user_port(&ctx);
+    if words[0] == 0 && words[1] == 0 && words[2] == MAPPED4_WORD {
+        // An IPv6 socket dialing an IPv4 address (`::ffff:a.b.c.d`, what dual-stack runtimes
+        // do): the connection is IPv4, so it goes to the IPv4 listener and is recorded as
+        // IPv4, which is how ztunnel's 15001 sees it.
+        let ip = words[3].to_ne_bytes();
+        if ip[0] == 127 || ip == pod.ip4 || ip == [0, 0, 0, 0] {
+            return ALLOW;
+        }
+        let mut addr = [0u8; 16];
+        addr[..4].copy_from_slice(&ip);
+        save_original(&ctx, netns, addr, port, AF_INET);
+        // SAFETY: writing the fields the kernel lets connect6 rewrite.
+        unsafe {
+            (*ctx.sock_addr).user_ip6 = [0, 0, MAPPED4_WORD, u32::from_ne_bytes([127, 0, 0, 1])];
+            (*ctx.sock_addr).user_port = u32::from(OUTBOUND_PORT.to_be());
+        }
+        if log_enabled(LogLevel::Debug) {
+            debug!(
+                &ctx,
+                "connect6 ::ffff:{:i}:{} -> [::ffff:127.0.0.1]:15001",
+                u32::from_be_bytes(ip),
+                port
+            );
+        }
         return ALLOW;
     }
-    let port = user_port(&ctx);
+    let ip = ip6_bytes(words);
+    let loopback = words[0] == 0
+        && words[1] == 0
+        && words[2] == 0
+        && words[3] == u32::from_ne_bytes([0, 0, 0, 1]);
+    let unspecified = words == [0, 0, 0, 0];
+    if loopback || unspecified || ip == pod.ip6 {
+        return ALLOW;
+    }
     save_original(&ctx, netns, ip, port, AF_INET6);
     // SAFETY: writing the fields the kernel lets connect6 rewrite.
     unsafe {
@@ -253,20 +286,30 @@ pub fn ztunnel_getpeername4(ctx: SockAddrContext) -> i32 {
 
 #[cgroup_sock_addr(getpeername6)]
 pub fn ztunnel_getpeername6(ctx: SockAddrContext) -> i32 {
-    if let Some(orig) = original_peer(&ctx)
-        && orig.family == AF_INET6
-    {
-        let a = orig.addr;
-        // SAFETY: writing the fields getpeername6 may rewrite.
-        unsafe {
-            (*ctx.sock_addr).user_ip6 = [
-                u32::from_ne_bytes([a[0], a[1], a[2], a[3]]),
-                u32::from_ne_bytes([a[4], a[5], a[6], a[7]]),
-                u32::from_ne_bytes([a[8], a[9], a[10], a[11]]),
-                u32::from_ne_bytes([a[12], a[13], a[14], a[15]]),
-            ];
-            (*ctx.sock_addr).user_port = u32::from(orig.port.to_be());
-        }
+    let Some(orig) = original_peer(&ctx) else {
+        return ALLOW;
+    };
+    let a = orig.addr;
+    // An IPv4 destination dialed from an IPv6 socket shows as the IPv4-mapped address it used.
+    let words = if orig.family == AF_INET6 {
+        [
+            u32::from_ne_bytes([a[0], a[1], a[2], a[3]]),
+            u32::from_ne_bytes([a[4], a[5], a[6], a[7]]),
+            u32::from_ne_bytes([a[8], a[9], a[10], a[11]]),
+            u32::from_ne_bytes([a[12], a[13], a[14], a[15]]),
+        ]
+    } else {
+        [
+            0,
+            0,
+            MAPPED4_WORD,
+            u32::from_ne_bytes([a[0], a[1], a[2], a[3]]),
+        ]
+    };
+    // SAFETY: writing the fields getpeername6 may rewrite.
+    unsafe {
+        (*ctx.sock_addr).user_ip6 = words;
+        (*ctx.sock_addr).user_port = u32::from(orig.port.to_be());
     }
     ALLOW
 }
@@ -322,7 +365,8 @@ pub fn ztunnel_sk_lookup(ctx: SkLookupContext) -> u32 {
         }
         IpKey::v4(l.local_ip4.to_ne_bytes())
     } else {
-        if l.remote_ip6 == l.local_ip6 {
+        let remote = ip6_bytes(l.remote_ip6);
+        if l.remote_ip6 == l.local_ip6 || remote == KUBELET_PROBE_IP6 {
             return sk_action::SK_PASS;
         }
         IpKey::v6(ip6_bytes(l.local_ip6))

@@ -13,8 +13,9 @@ use tokio::net::TcpStream;
 
 use super::{PodCapture, PodTarget, Redirector};
 
-/// The kubelet's probe source address, exempt from capture as in Istio.
+/// The kubelet's probe source addresses, exempt from capture as in Istio.
 const KUBELET_PROBE_SRC: &str = "169.254.7.127";
+const KUBELET_PROBE_SRC6: &str = "fd16:9254:7127:1337:ffff:ffff:ffff:ffff";
 const TABLE: &str = "ztunnel";
 
 /// Capture with nftables rules in each pod.
@@ -96,6 +97,7 @@ table inet {TABLE} {{
     meta mark {mark:#x} return
     iifname "lo" return
     ip saddr {KUBELET_PROBE_SRC} return
+    ip6 saddr {KUBELET_PROBE_SRC6} return
     tcp dport 15008 return
     meta l4proto tcp redirect to :15006
   }}
@@ -160,6 +162,7 @@ mod tests {
         let r = super::ruleset(0x539);
         assert!(r.contains("meta mark 0x539 return"));
         assert!(r.contains("tcp dport 15008 return"));
+        assert!(r.contains("ip6 saddr fd16:9254:7127:1337:ffff:ffff:ffff:ffff return"));
         assert!(r.contains("redirect to :15001"));
         assert!(r.contains("redirect to :15006"));
     }

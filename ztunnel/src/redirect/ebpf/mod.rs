@@ -513,7 +513,9 @@ impl PodCapture for EbpfPod {
 
 fn orig_addr(o: &OrigDst) -> SocketAddr {
     let ip = if o.family == AF_INET6 {
-        IpAddr::V6(Ipv6Addr::from(o.addr))
+        // connect6 records IPv4-mapped destinations as IPv4; canonical form in any case, so
+        // routing and policies see one address per destination.
+        IpAddr::V6(Ipv6Addr::from(o.addr)).to_canonical()
     } else {
         IpAddr::V4(Ipv4Addr::new(o.addr[0], o.addr[1], o.addr[2], o.addr[3]))
     };
@@ -536,6 +538,8 @@ mod tests {
         o.family = AF_INET6;
         o.addr = "fd00::1".parse::<Ipv6Addr>().unwrap().octets();
         assert_eq!(orig_addr(&o), "[fd00::1]:8080".parse().unwrap());
+        o.addr = "::ffff:10.244.2.10".parse::<Ipv6Addr>().unwrap().octets();
+        assert_eq!(orig_addr(&o), "10.244.2.10:8080".parse().unwrap());
     }
 
     #[test]
