@@ -4,7 +4,7 @@
 
 use std::fs::File;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::Path;
 use std::sync::Arc;
@@ -15,6 +15,14 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
 /// The mark on every socket a proxy makes inside a pod; capture rules skip it.
 pub const PROXY_MARK: u32 = 0x539;
+
+/// The mark on the sockets that deliver inbound connections to the application from the
+/// client's address ([`SocketFactory::connect_from`]). With `net.ipv4.tcp_fwmark_accept=1` the
+/// application's accepted socket inherits it, and the pod's policy routing (`fwmark` →
+/// `local default dev lo`) brings its replies back to the proxy instead of out to the client.
+/// Distinct from [`PROXY_MARK`], which the proxy's outbound sockets carry and which must keep
+/// the normal routes.
+pub const DELIVERY_MARK: u32 = 0x111;
 
 /// Makes sockets in one network namespace, optionally marked.
 #[derive(Clone, Debug)]
@@ -101,17 +109,109 @@ impl SocketFactory {
     /// Connect with the mesh's socket options and a 10 s timeout.
     pub async fn connect(&self, dst: SocketAddr) -> io::Result<TcpStream> {
         let socket = self.tcp_socket(&dst)?;
-        let stream = match tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(dst)).await {
-            Ok(r) => r?,
-            Err(_) => {
-                return Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    format!("connecting to {dst} timed out after {CONNECT_TIMEOUT:?}"),
-                ));
-            }
+        connect_socket(socket, dst).await
+    }
+
+    /// A socket bound to `src`, an address that need not be this namespace's
+    /// (`IP_TRANSPARENT` + `IP_FREEBIND`), marked `mark` instead of the factory's mark, so
+    /// that policy routing can bring the replies back to it, and bound to the loopback device.
+    /// Needs CAP_NET_ADMIN.
+    ///
+    /// The device matters as much as the mark: a connection to an address of this namespace
+    /// routed without an output device takes the `local` table's route of the interface that
+    /// holds the address (a pod's `eth0`), and the receiving side then reports that interface
+    /// as the one the SYN came in on (`inet_iif`, `sk_lookup`'s `ingress_ifindex`), as if it came
+    /// from outside; an `sk_lookup` capture program would send it to the pod's inbound
+    /// listener, whose answer leaves the pod: the delivery times out. With `SO_BINDTODEVICE lo`
+    /// that route does not match (its device is not `lo`), the `fwmark` rule's
+    /// `local default dev lo` does, and the SYN is reported as arriving on loopback.
+    pub fn transparent_socket(
+        &self,
+        src: IpAddr,
+        dst: &SocketAddr,
+        mark: u32,
+    ) -> io::Result<TcpSocket> {
+        if src.is_ipv4() != dst.is_ipv4() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("source {src} and destination {dst} are of different families"),
+            ));
+        }
+        let socket = self.socket(dst)?;
+        let option = |name: &str, r: io::Result<()>| {
+            r.map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!("setting {name} (needs CAP_NET_ADMIN): {e}"),
+                )
+            })
         };
-        tune(&stream)?;
-        Ok(stream)
+        option("SO_MARK", socket.set_mark(mark))?;
+        match src {
+            IpAddr::V4(_) => {
+                option("IP_TRANSPARENT", socket.set_ip_transparent_v4(true))?;
+                option("IP_FREEBIND", socket.set_freebind_v4(true))?;
+            }
+            IpAddr::V6(_) => {
+                option("IPV6_TRANSPARENT", socket.set_ip_transparent_v6(true))?;
+                option("IPV6_FREEBIND", socket.set_freebind_v6(true))?;
+            }
+        }
+        option("SO_BINDTODEVICE lo", socket.bind_device(Some(b"lo")))?;
+        // The port is picked at connect time, unique per 4-tuple rather than per address, so
+        // many connections from one client do not run out of ports.
+        bind_address_no_port(&socket)?;
+        socket
+            .bind(&SocketAddr::new(src, 0).into())
+            .map_err(|e| io::Error::new(e.kind(), format!("binding {src} (transparent): {e}")))?;
+        Ok(TcpSocket::from_std_stream(socket.into()))
+    }
+
+    /// Connect to `dst` from the address `src` of another host (see [`Self::transparent_socket`]),
+    /// with the mesh's socket options and a 10 s timeout.
+    pub async fn connect_from(
+        &self,
+        src: IpAddr,
+        dst: SocketAddr,
+        mark: u32,
+    ) -> io::Result<TcpStream> {
+        let socket = self.transparent_socket(src, &dst, mark)?;
+        connect_socket(socket, dst).await
+    }
+}
+
+/// Connect `socket` to `dst` with a 10 s timeout, then [`tune`] it.
+pub async fn connect_socket(socket: TcpSocket, dst: SocketAddr) -> io::Result<TcpStream> {
+    let stream = match tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(dst)).await {
+        Ok(r) => r?,
+        Err(_) => {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("connecting to {dst} timed out after {CONNECT_TIMEOUT:?}"),
+            ));
+        }
+    };
+    tune(&stream)?;
+    Ok(stream)
+}
+
+/// `IP_BIND_ADDRESS_NO_PORT` (IPv4 and IPv6), which socket2 does not wrap.
+fn bind_address_no_port(socket: &Socket) -> io::Result<()> {
+    let on: libc::c_int = 1;
+    // SAFETY: a valid fd, and a pointer to a c_int with its length.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            (&on as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
     }
 }
 

@@ -220,6 +220,8 @@ pub struct ClusterSpec {
     pub pilot_folder: Option<PathBuf>,
     /// Ports the pods' echo app listens on besides ECHO_PORT, ALT_PORT and SINK_PORT.
     pub app_ports: Vec<u16>,
+    /// Extra environment variables of the ztunnels (name, value).
+    pub ztunnel_env: Vec<(String, String)>,
 }
 
 /// Per-pod application counters, to tell whether a connection reached the app.
@@ -627,6 +629,7 @@ impl Cluster {
             "RUST_LOG",
             std::env::var("ZTUNNEL_LOG").unwrap_or_else(|_| "info".into()),
         )
+        .envs(self.spec.ztunnel_env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log);
@@ -734,6 +737,33 @@ impl Cluster {
             &netns_path(&self.bed.pod(pod).netns),
             None,
         )?)
+    }
+
+    /// Run `args` (a command and its arguments) inside `pod`'s network namespace; its output.
+    pub fn pod_command(&self, pod: &str, args: &[&str]) -> anyhow::Result<String> {
+        let out = std::process::Command::new("nsenter")
+            .arg(format!(
+                "--net={}",
+                netns_path(&self.bed.pod(pod).netns).display()
+            ))
+            .args(args)
+            .stdin(Stdio::null())
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "{args:?} in {pod}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Whether `pod` has the policy routing of source preservation (the rule for ztunnel's
+    /// delivery mark, and `tcp_fwmark_accept` on).
+    pub fn has_source_routing(&self, pod: &str) -> anyhow::Result<bool> {
+        let rules = self.pod_command(pod, &["ip", "rule", "list"])?;
+        let accept = self.pod_command(pod, &["cat", "/proc/sys/net/ipv4/tcp_fwmark_accept"])?;
+        Ok(rules.contains("fwmark 0x111 lookup 273") && accept.trim() == "1")
     }
 
     pub fn pod_ip(&self, pod: &str) -> IpAddr {

@@ -116,15 +116,27 @@ async fn inbound_capture_lands_on_15006_and_hbone_port_is_untouched() {
         .await
         .unwrap();
     assert!(answer.ends_with(b"in"));
+    let bystander = c.pod_ip("bystander");
+    assert!(
+        greeting(&answer).contains(&format!("peer={bystander}:")),
+        "the app sees the client's address: {}",
+        greeting(&answer)
+    );
     let node = c.node_sockets(1).unwrap();
     let s = node
         .connect(SocketAddr::new(server, ECHO_PORT))
         .await
         .unwrap();
+    let node_ip = s.local_addr().unwrap().ip();
     let answer = testbed::cluster::exchange_on(s, b"from node")
         .await
         .unwrap();
     assert!(answer.ends_with(b"from node"));
+    assert!(
+        greeting(&answer).contains(&format!("peer={node_ip}:")),
+        "the app sees the node's address: {}",
+        greeting(&answer)
+    );
     let plain = [
         ("reporter", "destination"),
         ("connection_security_policy", "none"),
@@ -308,6 +320,7 @@ async fn unenrolled_pod_goes_direct() {
     let mut c = Cluster::start(spec()).await.unwrap();
     let server = SocketAddr::new(c.pod_ip("server"), ECHO_PORT);
     assert!(try_exchange(&c, "client", server).await.is_ok());
+    assert!(c.has_source_routing("client").unwrap());
     let out = [("reporter", "source")];
     assert_eq!(opened(&c, 0, &out).await, 1.0);
     // Take the client out of the mesh.
@@ -338,6 +351,21 @@ async fn unenrolled_pod_goes_direct() {
         ("connection_security_policy", "none"),
     ];
     assert_eq!(opened(&c, 1, &plain).await, 1.0, "arrived as plaintext");
+    let client = c.pod_ip("client");
+    assert!(
+        greeting(&answer).contains(&format!("peer={client}:")),
+        "{}",
+        greeting(&answer)
+    );
+    // The source-preservation routing goes too, once the pod's connections are drained.
+    let start = Instant::now();
+    while c.has_source_routing("client").unwrap() {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "routing not removed"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let pods_dir = Path::new(testbed::BPFFS)
         .join(c.pin_dir_name(0))
         .join("pods");

@@ -46,6 +46,11 @@ async fn pod_to_pod_over_hbone_with_identity() {
         .unwrap();
     let (greeting, echoed) = split_greeting(&answer);
     assert!(greeting.starts_with("pod=server-a port=8080"), "{greeting}");
+    let client = c.pod_ip("client");
+    assert!(
+        greeting.contains(&format!("peer={client}:")),
+        "the app sees the client pod's address: {greeting}"
+    );
     assert_eq!(echoed, &sent[..], "payload intact");
     let report = capture.take().unwrap().stop();
     report.tls_only_on(15008).unwrap();
@@ -164,6 +169,12 @@ async fn plaintext_from_outside_the_mesh_goes_through_15006() {
         .await
         .unwrap();
     assert!(answer.ends_with(b"hello from outside"));
+    let (greeting, _) = split_greeting(&answer);
+    let outsider = c.pod_ip("outsider");
+    assert!(
+        greeting.contains(&format!("peer={outsider}:")),
+        "the app sees the outsider's address: {greeting}"
+    );
     let plaintext = c
         .metric(
             1,
@@ -356,4 +367,150 @@ async fn pod_without_process_is_pending_and_node_stays_ready() {
         .await
         .unwrap();
     assert!(answer.ends_with(b"still here"));
+}
+
+/// Who calls server-a in the source-preservation tests: over HBONE across nodes, over HBONE on
+/// the same node, and as plaintext from outside the mesh (captured into 15006).
+const CALLERS: [&str; 3] = ["client", "server-b", "outsider"];
+
+/// The peer address server-a's application saw for one exchange from `from`.
+async fn peer_seen_by_the_app(c: &Cluster, from: &str) -> IpAddr {
+    let server = SocketAddr::new(c.pod_ip("server-a"), ECHO_PORT);
+    let answer = c.exchange(from, server, b"who am I").await.unwrap();
+    assert!(answer.ends_with(b"who am I"), "{from}: echoed");
+    let (greeting, _) = split_greeting(&answer);
+    let peer = greeting
+        .split_once("peer=")
+        .and_then(|(_, p)| p.parse::<SocketAddr>().ok())
+        .unwrap_or_else(|| panic!("{from}: no peer address in the greeting {greeting:?}"));
+    peer.ip()
+}
+
+/// `rounds` sequential exchanges from each of [`CALLERS`]: each one's peer address as the app
+/// saw it must be `expected(caller)`, and each reached the app exactly once (a delivery
+/// captured again into 15006 would loop, or be counted twice).
+async fn check_app_peers(c: &Cluster, rounds: usize, expected: impl Fn(&str) -> IpAddr) {
+    let before = c
+        .app_stats("server-a")
+        .accepted
+        .load(std::sync::atomic::Ordering::Relaxed);
+    for _ in 0..rounds {
+        for from in CALLERS {
+            let seen = peer_seen_by_the_app(c, from).await;
+            assert_eq!(seen, expected(from), "peer address the app saw for {from}");
+        }
+    }
+    let after = c
+        .app_stats("server-a")
+        .accepted
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(after - before, (rounds * CALLERS.len()) as u64);
+    let inbound = c
+        .metric(
+            1,
+            "istio_tcp_connections_opened_total",
+            &[("reporter", "destination")],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        inbound,
+        (rounds * CALLERS.len()) as f64,
+        "inbound connections on node2: each delivery was proxied once"
+    );
+}
+
+/// `sourcePreserved` of each pod enrolled on node2, from `/config_dump`.
+async fn source_preserved(c: &Cluster) -> Vec<bool> {
+    let (_, body) = c.http_get(1, 15000, "/config_dump").await.unwrap();
+    let dump: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let pods = dump["enrolledPods"].as_array().cloned().unwrap_or_default();
+    assert_eq!(pods.len(), 2, "{body}");
+    pods.iter()
+        .map(|p| p["sourcePreserved"].as_bool().expect("sourcePreserved"))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_app_sees_the_client_address() {
+    if !testbed::can_run() {
+        return;
+    }
+    let c = Cluster::start(spec("")).await.unwrap();
+    assert!(c.has_source_routing("server-a").unwrap());
+    check_app_peers(&c, 3, |from| c.pod_ip(from)).await;
+    assert_eq!(source_preserved(&c).await, vec![true, true]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_app_sees_the_client_address_with_nftables_capture() {
+    if !testbed::can_run() {
+        return;
+    }
+    let mut s = spec("");
+    s.ztunnel_args = vec!["--redirect".into(), "nftables".into()];
+    let c = Cluster::start(s).await.unwrap();
+    assert!(c.has_source_routing("server-a").unwrap());
+    check_app_peers(&c, 3, |from| c.pod_ip(from)).await;
+    assert_eq!(source_preserved(&c).await, vec![true, true]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn preserve_source_off_delivers_from_the_pod_address() {
+    if !testbed::can_run() {
+        return;
+    }
+    let mut s = spec("");
+    s.ztunnel_args = vec!["--preserve-source".into(), "off".into()];
+    let c = Cluster::start(s).await.unwrap();
+    let own = c.pod_ip("server-a");
+    check_app_peers(&c, 1, |_| own).await;
+    assert!(
+        !c.has_source_routing("server-a").unwrap(),
+        "no routing set up"
+    );
+    assert_eq!(source_preserved(&c).await, vec![false, false]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn source_preservation_degrades_with_a_warning_when_it_cannot_be_set_up() {
+    if !testbed::can_run() {
+        return;
+    }
+    // An image without iproute2: the pod routing cannot be made. Only `nsenter` on the PATH.
+    let bin = std::env::temp_dir().join(format!("ztunnel-test-no-ip-{}", std::process::id()));
+    std::fs::create_dir_all(&bin).unwrap();
+    let link = bin.join("nsenter");
+    let _ = std::fs::remove_file(&link);
+    std::os::unix::fs::symlink(which("nsenter"), &link).unwrap();
+    let mut s = spec("");
+    s.ztunnel_env = vec![("PATH".into(), bin.display().to_string())];
+    let c = Cluster::start(s).await.unwrap();
+    let log = std::fs::read_to_string(c.ztunnel_log(1)).unwrap();
+    assert!(
+        log.contains("cannot preserve client addresses") && log.contains("iproute2"),
+        "a warning naming what is missing:\n{log}"
+    );
+    let own = c.pod_ip("server-a");
+    check_app_peers(&c, 1, |_| own).await;
+    assert_eq!(source_preserved(&c).await, vec![false, false]);
+    assert!(
+        !c.has_source_routing("server-a").unwrap(),
+        "nothing half set up"
+    );
+    let accept = c
+        .pod_command("server-a", &["cat", "/proc/sys/net/ipv4/tcp_fwmark_accept"])
+        .unwrap();
+    assert_eq!(accept.trim(), "0", "tcp_fwmark_accept restored");
+    let _ = std::fs::remove_dir_all(&bin);
+}
+
+/// The absolute path of `tool`, from this process's PATH.
+fn which(tool: &str) -> std::path::PathBuf {
+    std::env::var("PATH")
+        .unwrap_or_default()
+        .split(':')
+        .map(|d| std::path::Path::new(d).join(tool))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| panic!("{tool} not on the PATH"))
 }

@@ -193,6 +193,10 @@ Mesh up in {:.1}s: {} nodes, pilot on node1 (xDS + CA over TLS on {}), one ztunn
         "(f) capture is eBPF only: no iptables or nftables rule in any pod",
         no_rules(&c).await,
     );
+    report.check(
+        "(g) the app sees the client's IP as its peer (source address preserved)",
+        app_sees_client(&c).await,
+    );
 
     let failed = report.rows.iter().filter(|r| !r.0).count();
     println!(
@@ -514,6 +518,41 @@ async fn outsider(c: &Cluster) -> anyhow::Result<String> {
     Ok(format!(
         "{legacy} (opted out, no ztunnel capture) -> {dst}: captured on 15006 in {details}, authorized without identity, answered \"{greeting}\"; node1 counts {n} connection(s) with connection_security_policy=\"none\""
     ))
+}
+
+/// For HBONE across nodes (IPv4 and IPv6), HBONE on one node and plaintext from outside the
+/// mesh, the peer address the echo app reports is the caller's pod IP, not the app's own.
+async fn app_sees_client(c: &Cluster) -> anyhow::Result<String> {
+    let (productpage, reviews) = (pod(c, "productpage"), pod(c, "reviews-v1"));
+    let (ratings, legacy, details) = (pod(c, "ratings"), pod(c, "legacy"), pod(c, "details"));
+    let mut seen = vec![];
+    for (from, to, v6, how) in [
+        (productpage, reviews, false, "HBONE across nodes"),
+        (productpage, reviews, true, "HBONE across nodes, IPv6"),
+        (reviews, ratings, false, "HBONE on node2"),
+        (legacy, details, false, "plaintext via 15006"),
+    ] {
+        let (to_ip, from_ip) = if v6 {
+            (c.pod_ip6(to), c.pod_ip6(from))
+        } else {
+            (c.pod_ip(to), c.pod_ip(from))
+        };
+        let dst = SocketAddr::new(to_ip, APP_PORT);
+        let answer = c.exchange(from, dst, b"who am I").await?;
+        let (greeting, _) = split(&answer);
+        let peer = greeting
+            .split_once("peer=")
+            .and_then(|(_, p)| p.parse::<SocketAddr>().ok())
+            .ok_or_else(|| anyhow::anyhow!("{to} answered without a peer address: {greeting:?}"))?;
+        if peer.ip() != from_ip {
+            bail!(
+                "{from} ({from_ip}) -> {to} ({how}): the app saw {} as its peer",
+                peer.ip()
+            );
+        }
+        seen.push(format!("{from} -> {to} ({how}): peer {peer}"));
+    }
+    Ok(seen.join("\n"))
 }
 
 /// Every ztunnel says it captures with eBPF, and no pod has a netfilter rule.

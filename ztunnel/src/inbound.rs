@@ -61,7 +61,9 @@ impl Handler for HboneInbound {
             stream.refuse(&refusal);
             return;
         }
-        let app = match pod.sockets.connect(target).await {
+        // The TCP peer of the HBONE connection: the client pod's address (outbound sockets are
+        // made in the client's netns), the address the policies were checked against.
+        let app = match pod.connect_app(conn.src_ip, target).await {
             Ok(s) => s,
             Err(e) => {
                 stream.refuse(&server::upstream_failed(&e));
@@ -135,8 +137,7 @@ async fn plaintext(pod: &Pod, tcp: TcpStream, peer: SocketAddr) -> Result<(), St
     // Dropping the socket without a byte is how a plaintext client learns it was denied.
     authorize(pod, &workload, &conn).map_err(|r| r.reason)?;
     let app = pod
-        .sockets
-        .connect(target)
+        .connect_app(peer.ip(), target)
         .await
         .map_err(|e| format!("connecting to the application at {target}: {e}"))?;
     let source_workload = pod.node.state.borrow().workload_by_ip(peer.ip()).cloned();

@@ -10,5 +10,6 @@ pub mod metrics;
 pub mod node;
 pub mod outbound;
 pub mod redirect;
+pub mod source;
 pub mod state;
 pub mod xds;

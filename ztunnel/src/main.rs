@@ -82,6 +82,11 @@ struct Args {
     /// This instance's directory for pinned maps and links, under --bpffs.
     #[arg(long, default_value = "ztunnel")]
     bpf_pin_dir: PathBuf,
+    /// Deliver inbound connections to applications from the client's address (IP_TRANSPARENT,
+    /// a mark and pod-local policy routing set up at enrollment). `off`, or when the setup
+    /// fails in a pod (a warning), the application sees the pod's own address.
+    #[arg(long, value_enum, default_value = "on")]
+    preserve_source: OnOff,
     /// With `--redirect none`: send connections dialed straight to 15001 here (benchmarks).
     #[arg(long)]
     no_capture_target: Option<SocketAddr>,
@@ -104,6 +109,12 @@ struct Args {
     /// current-thread scheduler, which saves the cross-thread wakeups of work stealing.
     #[arg(long, default_value_t = 0)]
     worker_threads: usize,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum OnOff {
+    On,
+    Off,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
@@ -231,6 +242,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         certs,
         args.cgroup_root.clone(),
         capture.clone(),
+        args.preserve_source == OnOff::On,
     );
     let (drain_trigger, drain_watch) = mesh::drain::channel();
     let (quit_tx, mut quit_rx) = mpsc::channel(1);

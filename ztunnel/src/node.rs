@@ -18,6 +18,7 @@ use tracing::{error, info, warn};
 
 use crate::metrics::Metrics;
 use crate::redirect::{PodCapture, PodTarget, Redirector};
+use crate::source::PodRouting;
 use crate::state::{State, TunnelProtocol, Workload};
 use crate::{config_file, inbound, outbound};
 
@@ -33,6 +34,8 @@ pub struct Node {
     pub metrics: Arc<Metrics>,
     cgroup_root: PathBuf,
     redirect: Arc<dyn Redirector>,
+    /// Deliver inbound connections to applications from the client's address (`--preserve-source`).
+    preserve_source: bool,
     pods: Mutex<HashMap<String, Enrolled>>,
     /// Pods that should be enrolled but cannot be yet, with the reason (uid → (name, reason)).
     pending: Mutex<HashMap<String, (String, String)>>,
@@ -54,12 +57,25 @@ pub struct Pod {
     pub sockets: SocketFactory,
     /// The pod's capture: where captured connections were going.
     pub capture: Arc<dyn PodCapture>,
+    /// The pod's routing for delivery from the client's address; `None`: off, or could not be
+    /// set up (the application sees the pod's own address).
+    pub routing: Option<Arc<PodRouting>>,
 }
 
 impl Pod {
     /// The pod's current workload record (it can change while the pod runs).
     pub fn workload(&self) -> Option<Arc<Workload>> {
         self.node.state.borrow().workload_by_uid(&self.uid).cloned()
+    }
+
+    /// Connect to the application at `target`, from `client`'s address when source
+    /// preservation is set up in this pod, else from the pod's own.
+    pub async fn connect_app(
+        &self,
+        client: IpAddr,
+        target: SocketAddr,
+    ) -> std::io::Result<tokio::net::TcpStream> {
+        crate::source::connect_app(&self.sockets, self.routing.as_deref(), client, target).await
     }
 }
 
@@ -69,6 +85,7 @@ struct Enrolled {
     identity: Identity,
     since: SystemTime,
     capture: Arc<dyn PodCapture>,
+    routing: Option<Arc<PodRouting>>,
     drain: drain::Trigger,
 }
 
@@ -81,6 +98,8 @@ pub struct PodInfo {
     pub identity: String,
     pub netns: String,
     pub enrolled_at: u64,
+    /// Whether the application sees clients' addresses (source preservation set up).
+    pub source_preserved: bool,
 }
 
 impl Node {
@@ -90,6 +109,7 @@ impl Node {
         certs: CertCache,
         cgroup_root: PathBuf,
         redirect: Arc<dyn Redirector>,
+        preserve_source: bool,
     ) -> Arc<Node> {
         Arc::new(Node {
             name,
@@ -99,6 +119,7 @@ impl Node {
             metrics: Arc::new(Metrics::default()),
             cgroup_root,
             redirect,
+            preserve_source,
             pods: Mutex::default(),
             pending: Mutex::default(),
             synced: AtomicBool::new(true),
@@ -222,6 +243,19 @@ impl Node {
             plaintext_l.push(listen(any, INBOUND_PLAINTEXT_PORT)?);
             hbone_l.push(listen(any, mesh::hbone::HBONE_PORT)?);
         }
+        // Before capture, so the first captured connection is delivered from its client.
+        let routing = if self.preserve_source {
+            let ipv6 = w.addresses.iter().any(IpAddr::is_ipv6);
+            match PodRouting::setup(&netns, &sockets, ipv6) {
+                Ok(r) => Some(Arc::new(r)),
+                Err(e) => {
+                    warn!(pod = %w.name, uid = %w.uid, "cannot preserve client addresses, the application will see the pod's own: {e}");
+                    None
+                }
+            }
+        } else {
+            None
+        };
         let capture = self.redirect.enroll(&PodTarget {
             uid: &w.uid,
             netns: &netns,
@@ -236,6 +270,7 @@ impl Node {
             identity: identity.clone(),
             sockets,
             capture: capture.clone(),
+            routing: routing.clone(),
         });
         let (trigger, watch) = drain::channel();
         for l in outbound_l {
@@ -253,19 +288,39 @@ impl Node {
             identity,
             since: SystemTime::now(),
             capture,
+            routing,
             drain: trigger,
         })
     }
 
     /// Capture first (new connections go direct), then the listeners drain.
-    async fn unenroll(&self, uid: &str, pod: Enrolled) {
+    /// The routing for source preservation goes once the open connections are done (their
+    /// replies need it), unless the pod was enrolled again meanwhile.
+    async fn unenroll(self: &Arc<Self>, uid: &str, pod: Enrolled) {
         if let Err(e) = pod.capture.remove() {
             // The pod may already be gone along with its namespace.
             warn!(%uid, "removing capture rules: {e}");
         }
         self.certs.untrack(&pod.identity);
         info!(pod = %pod.name, %uid, "pod unenrolled");
-        tokio::spawn(pod.drain.drain(Duration::from_secs(30)));
+        let drained = pod.drain.drain(Duration::from_secs(30));
+        let Some(routing) = pod.routing else {
+            tokio::spawn(drained);
+            return;
+        };
+        let node = self.clone();
+        let uid = uid.to_string();
+        tokio::spawn(async move {
+            drained.await;
+            let again = node
+                .pods
+                .lock()
+                .map(|p| p.contains_key(&uid))
+                .unwrap_or(true);
+            if !again && let Err(e) = routing.remove() {
+                warn!(%uid, "removing the routing for source preservation: {e}");
+            }
+        });
     }
 
     /// Stop every pod's listeners and wait for open connections, up to `deadline`. Capture
@@ -335,6 +390,7 @@ impl Node {
                     .duration_since(SystemTime::UNIX_EPOCH)
                     .map(|d| d.as_secs())
                     .unwrap_or(0),
+                source_preserved: p.routing.is_some(),
             })
             .collect();
         rows.sort_by(|a, b| a.name.cmp(&b.name));

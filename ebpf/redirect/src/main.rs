@@ -348,6 +348,8 @@ pub fn ztunnel_bind6(ctx: SockAddrContext) -> i32 {
 pub fn ztunnel_sk_lookup(ctx: SkLookupContext) -> u32 {
     // SAFETY: reading the context the kernel passed us.
     let l = unsafe { &*ctx.lookup };
+    // Loopback includes ztunnel delivering from a client's address (source preservation): its
+    // socket is bound to `lo`, which is what makes the SYN show up here with lo's index.
     if l.protocol != IPPROTO_TCP || l.ingress_ifindex == LOOPBACK_IFINDEX {
         return sk_action::SK_PASS;
     }

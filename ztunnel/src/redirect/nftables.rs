@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 
-use mesh::socket::PROXY_MARK;
+use mesh::socket::{DELIVERY_MARK, PROXY_MARK};
 use tokio::net::TcpStream;
 
 use super::{PodCapture, PodTarget, Redirector};
@@ -104,6 +104,7 @@ table inet {TABLE} {{
   chain output {{
     type nat hook output priority -100; policy accept;
     meta mark {mark:#x} return
+    meta mark {DELIVERY_MARK:#x} return
     ip daddr 127.0.0.0/8 return
     ip6 daddr ::1 return
     fib daddr type local return
@@ -161,6 +162,10 @@ mod tests {
     fn ruleset_skips_marked_and_hbone() {
         let r = super::ruleset(0x539);
         assert!(r.contains("meta mark 0x539 return"));
+        assert!(
+            r.contains("meta mark 0x111 return"),
+            "replies of source-preserved delivery"
+        );
         assert!(r.contains("tcp dport 15008 return"));
         assert!(r.contains("ip6 saddr fd16:9254:7127:1337:ffff:ffff:ffff:ffff return"));
         assert!(r.contains("redirect to :15001"));

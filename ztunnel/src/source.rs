@@ -1,0 +1,229 @@
+//! Source-address preservation: ztunnel delivers an inbound connection to the application from
+//! the client's address, not the pod's own, as Istio does. The delivering socket is
+//! `IP_TRANSPARENT` + `IP_FREEBIND`, bound to the client's IP and marked
+//! [`DELIVERY_MARK`](mesh::socket::DELIVERY_MARK) ([`mesh::socket::SocketFactory::connect_from`]).
+//! Inside the pod's network namespace, set up at enrollment:
+//!
+//! - `net.ipv4.tcp_fwmark_accept=1`: the application's accepted socket takes the mark of the
+//!   SYN, so everything it sends on that connection carries it (IPv4 and IPv6);
+//! - `ip rule add fwmark 0x111 lookup 273` and `ip route add local default dev lo table 273`
+//!   (and their `-6` forms when the pod has an IPv6 address): the application's replies to the
+//!   client's address are delivered locally, to ztunnel's transparent socket, instead of being
+//!   routed out to the client.
+//!
+//! No capture rule is involved: the eBPF programs only see connects (the reply is not one) and
+//! the nftables output chain never sees a reply (conntrack) and skips the mark anyway. When the
+//! setup fails, the pod is enrolled all the same and the application sees the pod's address.
+
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use mesh::socket::{DELIVERY_MARK, SocketFactory};
+use tokio::net::TcpStream;
+use tracing::warn;
+
+/// The pod-local routing table for the replies (0x111, as the mark).
+pub const ROUTE_TABLE: u32 = 273;
+/// Before the main table (32766), after the local one (0).
+pub const RULE_PRIORITY: u32 = 32764;
+
+const FWMARK_ACCEPT: &str = "/proc/sys/net/ipv4/tcp_fwmark_accept";
+
+/// The routing set up in one pod for delivery from the client's address.
+#[derive(Debug)]
+pub struct PodRouting {
+    netns: PathBuf,
+    ipv6: bool,
+    /// `tcp_fwmark_accept` before we set it, when it was not already 1: restored on removal.
+    fwmark_accept_before: Option<String>,
+}
+
+impl PodRouting {
+    /// Set up the pod at `netns` (with its IPv6 rule and route too when `ipv6`). Idempotent, so
+    /// a restarted ztunnel can run it again over what the previous one left.
+    pub fn setup(netns: &Path, sockets: &SocketFactory, ipv6: bool) -> Result<PodRouting, String> {
+        // The delivering socket's options need CAP_NET_ADMIN: find out once, here, rather than
+        // on every connection. Bound but never connected, so it takes no port.
+        let probe_src = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1));
+        let probe_dst = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 9);
+        sockets
+            .transparent_socket(probe_src, &probe_dst, DELIVERY_MARK)
+            .map_err(|e| format!("making a transparent socket in the pod: {e}"))?;
+        let before = sockets
+            .run_in(|| std::fs::read_to_string(FWMARK_ACCEPT))
+            .map_err(|e| format!("reading {FWMARK_ACCEPT} in the pod: {e}"))?;
+        let before = before.trim().to_string();
+        if before != "1" {
+            sockets
+                .run_in(|| std::fs::write(FWMARK_ACCEPT, "1"))
+                .map_err(|e| format!("setting {FWMARK_ACCEPT} in the pod: {e}"))?;
+        }
+        let routing = PodRouting {
+            netns: netns.to_path_buf(),
+            ipv6,
+            fwmark_accept_before: (before != "1").then_some(before),
+        };
+        let result = routing.families().try_for_each(|family| {
+            routing.delete_rules(family);
+            routing.ip(&[
+                family,
+                "rule",
+                "add",
+                "fwmark",
+                &mark(),
+                "lookup",
+                &table(),
+                "pref",
+                &pref(),
+            ])?;
+            let default = if family == "-6" { "::/0" } else { "0.0.0.0/0" };
+            routing.ip(&[
+                family,
+                "route",
+                "replace",
+                "local",
+                default,
+                "dev",
+                "lo",
+                "table",
+                &table(),
+            ])
+        });
+        if let Err(e) = result {
+            let _ = routing.remove();
+            return Err(e);
+        }
+        Ok(routing)
+    }
+
+    /// Whether a connection from `client` to `target` can be delivered from `client`.
+    pub fn covers(&self, client: IpAddr, target: &SocketAddr) -> bool {
+        let usable = !client.is_loopback() && !client.is_unspecified() && !client.is_multicast();
+        usable && client.is_ipv4() == target.is_ipv4() && (client.is_ipv4() || self.ipv6)
+    }
+
+    /// Undo [`Self::setup`]. Errors are reported, not fatal: the pod may be gone already.
+    pub fn remove(&self) -> Result<(), String> {
+        let mut errors = vec![];
+        for family in self.families() {
+            self.delete_rules(family);
+            if let Err(e) = self.ip(&[family, "route", "flush", "table", &table()]) {
+                errors.push(e);
+            }
+        }
+        if let Some(before) = &self.fwmark_accept_before {
+            let restored = SocketFactory::open_netns(&self.netns, None)
+                .and_then(|s| s.run_in(|| std::fs::write(FWMARK_ACCEPT, before)));
+            if let Err(e) = restored {
+                errors.push(format!("restoring {FWMARK_ACCEPT}: {e}"));
+            }
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(errors.join("; "))
+        }
+    }
+
+    fn families(&self) -> impl Iterator<Item = &'static str> {
+        ["-4", "-6"].into_iter().take(if self.ipv6 { 2 } else { 1 })
+    }
+
+    /// Delete our rule as many times as it is there (a crash could leave duplicates).
+    fn delete_rules(&self, family: &str) {
+        let (mark, table, pref) = (mark(), table(), pref());
+        let del: [&str; 9] = [
+            family, "rule", "del", "fwmark", &mark, "lookup", &table, "pref", &pref,
+        ];
+        for _ in 0..16 {
+            if self.ip(&del).is_err() {
+                break;
+            }
+        }
+    }
+
+    fn ip(&self, args: &[&str]) -> Result<(), String> {
+        let out = Command::new("nsenter")
+            .arg(format!("--net={}", self.netns.display()))
+            .arg("ip")
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| format!("running nsenter/ip (is iproute2 installed?): {e}"))?;
+        if out.status.success() {
+            Ok(())
+        } else if out.status.code() == Some(127) {
+            // nsenter's exit status when it cannot find the command.
+            Err("`ip` not found (is iproute2 installed?)".to_string())
+        } else {
+            Err(format!(
+                "`ip {}` in {}: {}",
+                args.join(" "),
+                self.netns.display(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            ))
+        }
+    }
+}
+
+fn mark() -> String {
+    format!("{DELIVERY_MARK:#x}")
+}
+
+fn table() -> String {
+    ROUTE_TABLE.to_string()
+}
+
+fn pref() -> String {
+    RULE_PRIORITY.to_string()
+}
+
+/// Connect to the application at `target` from `client` when `routing` covers it, else (or
+/// when the transparent socket cannot be made) from the pod's own address.
+pub async fn connect_app(
+    sockets: &SocketFactory,
+    routing: Option<&PodRouting>,
+    client: IpAddr,
+    target: SocketAddr,
+) -> io::Result<TcpStream> {
+    if let Some(routing) = routing.filter(|r| r.covers(client, &target)) {
+        match sockets.transparent_socket(client, &target, DELIVERY_MARK) {
+            Ok(socket) => return mesh::socket::connect_socket(socket, target).await,
+            Err(e) => warn!(
+                %client,
+                %target,
+                netns = %routing.netns.display(),
+                "cannot deliver from the client's address, using the pod's: {e}"
+            ),
+        }
+    }
+    sockets.connect(target).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn covers_same_family_real_clients_only() {
+        let r = PodRouting {
+            netns: PathBuf::from("/nonexistent"),
+            ipv6: false,
+            fwmark_accept_before: None,
+        };
+        let v4: SocketAddr = "10.0.0.2:8080".parse().unwrap();
+        let v6: SocketAddr = "[fd00::2]:8080".parse().unwrap();
+        assert!(r.covers("10.0.1.5".parse().unwrap(), &v4));
+        assert!(!r.covers("127.0.0.1".parse().unwrap(), &v4));
+        assert!(!r.covers("0.0.0.0".parse().unwrap(), &v4));
+        assert!(!r.covers("fd00::5".parse().unwrap(), &v4));
+        assert!(
+            !r.covers("fd00::5".parse().unwrap(), &v6),
+            "no IPv6 routing"
+        );
+        let r6 = PodRouting { ipv6: true, ..r };
+        assert!(r6.covers("fd00::5".parse().unwrap(), &v6));
+    }
+}
