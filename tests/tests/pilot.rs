@@ -202,3 +202,48 @@ async fn ztunnel_not_ready_without_pilot_then_recovers() {
         .await
         .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_pod_is_enrolled_once_with_its_source_routing() {
+    if !root_or_skip() {
+        return;
+    }
+    // Every xDS update starts an enrollment pass, and several arrive at once at start-up;
+    // several pods per node make overlapping passes likely.
+    let mut s = spec(ControlPlaneMode::Pilot);
+    s.pods.extend([
+        PodDef::new("client-2", "client", 0, true),
+        PodDef::new("client-3", "client", 0, true),
+        PodDef::new("server-b", "echo", 1, true),
+        PodDef::new("server-c", "echo", 1, true),
+    ]);
+    let c = Cluster::start(s).await.unwrap();
+    // Let the start-up updates and their passes finish.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for def in &c.spec.pods {
+        let log = std::fs::read_to_string(c.ztunnel_log(def.node)).unwrap();
+        let enrolled = log
+            .lines()
+            .filter(|l| l.contains(&format!("pod enrolled pod={} ", def.name)))
+            .count();
+        assert_eq!(
+            enrolled, 1,
+            "{} enrolled {enrolled} times:\n{log}",
+            def.name
+        );
+        assert!(
+            !log.contains("cannot preserve client addresses"),
+            "source routing failed:\n{log}"
+        );
+        assert!(c.has_source_routing(&def.name).unwrap(), "{}", def.name);
+    }
+    let dst = SocketAddr::new(c.pod_ip("server-a"), ECHO_PORT);
+    for from in ["client", "client-2", "client-3"] {
+        let answer = c.exchange(from, dst, b"who").await.unwrap();
+        let greeting = String::from_utf8_lossy(&answer).to_string();
+        assert!(
+            greeting.contains(&format!("peer={}:", c.pod_ip(from))),
+            "{from}: {greeting}"
+        );
+    }
+}

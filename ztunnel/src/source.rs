@@ -1,8 +1,9 @@
 //! Source-address preservation: ztunnel delivers an inbound connection to the application from
 //! the client's address, not the pod's own, as Istio does. The delivering socket is
-//! `IP_TRANSPARENT` + `IP_FREEBIND`, bound to the client's IP and marked
-//! [`DELIVERY_MARK`](mesh::socket::DELIVERY_MARK) ([`mesh::socket::SocketFactory::connect_from`]).
-//! Inside the pod's network namespace, set up at enrollment:
+//! `IP_TRANSPARENT` + `IP_FREEBIND`, bound to the client's IP, marked
+//! [`DELIVERY_MARK`](mesh::socket::DELIVERY_MARK) and bound to the device `lo`
+//! ([`mesh::socket::SocketFactory::transparent_socket`]). Inside the pod's network namespace,
+//! set up at enrollment:
 //!
 //! - `net.ipv4.tcp_fwmark_accept=1`: the application's accepted socket takes the mark of the
 //!   SYN, so everything it sends on that connection carries it (IPv4 and IPv6);
@@ -11,9 +12,12 @@
 //!   client's address are delivered locally, to ztunnel's transparent socket, instead of being
 //!   routed out to the client.
 //!
-//! No capture rule is involved: the eBPF programs only see connects (the reply is not one) and
-//! the nftables output chain never sees a reply (conntrack) and skips the mark anyway. When the
-//! setup fails, the pod is enrolled all the same and the application sees the pod's address.
+//! Capture must leave this traffic alone. eBPF: `connect4` passes connects to the pod's own IP;
+//! `sk_lookup` passes SYNs that arrive on loopback, which the device binding makes the delivery
+//! SYN do (without it the kernel reports the pod's `eth0`); the replies find ztunnel's socket
+//! in the established table, where `sk_lookup` is not consulted. nftables: the output chain
+//! returns on the mark, and replies belong to a conntrack entry. When the setup fails, the pod
+//! is enrolled all the same and the application sees the pod's address.
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
