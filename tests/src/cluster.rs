@@ -224,6 +224,27 @@ pub struct ClusterSpec {
     pub ztunnel_env: Vec<(String, String)>,
 }
 
+/// Source preservation's setup in one pod ([`Cluster::source_routing`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SourceRouting {
+    pub rule4: bool,
+    pub rule6: bool,
+    pub route4: bool,
+    pub route6: bool,
+    pub fwmark_accept: bool,
+}
+
+impl SourceRouting {
+    pub fn complete(&self) -> bool {
+        self.rule4 && self.rule6 && self.route4 && self.route6 && self.fwmark_accept
+    }
+
+    /// None of it: never set up, or removed.
+    pub fn absent(&self) -> bool {
+        !(self.rule4 || self.rule6 || self.route4 || self.route6 || self.fwmark_accept)
+    }
+}
+
 /// Per-pod application counters, to tell whether a connection reached the app.
 #[derive(Debug, Default)]
 pub struct AppStats {
@@ -758,12 +779,33 @@ impl Cluster {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
-    /// Whether `pod` has the policy routing of source preservation (the rule for ztunnel's
-    /// delivery mark, and `tcp_fwmark_accept` on).
-    pub fn has_source_routing(&self, pod: &str) -> anyhow::Result<bool> {
-        let rules = self.pod_command(pod, &["ip", "rule", "list"])?;
+    /// What `pod`'s netns has of source preservation's setup (ztunnel's delivery mark 0x111,
+    /// table 273): each piece, in IPv4 and IPv6.
+    pub fn source_routing(&self, pod: &str) -> anyhow::Result<SourceRouting> {
+        let rule = |family| -> anyhow::Result<bool> {
+            let out = self.pod_command(pod, &["ip", family, "rule", "list"])?;
+            Ok(out.contains("fwmark 0x111 lookup 273"))
+        };
+        // `table all`: asking for table 273 itself fails once it is gone.
+        let route = |family| -> anyhow::Result<bool> {
+            let out = self.pod_command(pod, &["ip", family, "route", "show", "table", "all"])?;
+            Ok(out
+                .lines()
+                .any(|l| l.starts_with("local default dev lo table 273")))
+        };
         let accept = self.pod_command(pod, &["cat", "/proc/sys/net/ipv4/tcp_fwmark_accept"])?;
-        Ok(rules.contains("fwmark 0x111 lookup 273") && accept.trim() == "1")
+        Ok(SourceRouting {
+            rule4: rule("-4")?,
+            rule6: rule("-6")?,
+            route4: route("-4")?,
+            route6: route("-6")?,
+            fwmark_accept: accept.trim() == "1",
+        })
+    }
+
+    /// Whether `pod` has all of source preservation's routing in both families.
+    pub fn has_source_routing(&self, pod: &str) -> anyhow::Result<bool> {
+        Ok(self.source_routing(pod)?.complete())
     }
 
     pub fn pod_ip(&self, pod: &str) -> IpAddr {

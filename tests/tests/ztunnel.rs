@@ -370,14 +370,20 @@ async fn pod_without_process_is_pending_and_node_stays_ready() {
 }
 
 /// Who calls server-a in the source-preservation tests: over HBONE across nodes, over HBONE on
-/// the same node, and as plaintext from outside the mesh (captured into 15006).
+/// the same node, and as plaintext from outside the mesh (captured into 15006); each over IPv4
+/// and over IPv6 (the test bed is dual-stack).
 const CALLERS: [&str; 3] = ["client", "server-b", "outsider"];
 
+/// `pod`'s address in the family asked for.
+fn ip_of(c: &Cluster, pod: &str, v6: bool) -> IpAddr {
+    if v6 { c.pod_ip6(pod) } else { c.pod_ip(pod) }
+}
+
 /// The peer address server-a's application saw for one exchange from `from`.
-async fn peer_seen_by_the_app(c: &Cluster, from: &str) -> IpAddr {
-    let server = SocketAddr::new(c.pod_ip("server-a"), ECHO_PORT);
+async fn peer_seen_by_the_app(c: &Cluster, from: &str, v6: bool) -> IpAddr {
+    let server = SocketAddr::new(ip_of(c, "server-a", v6), ECHO_PORT);
     let answer = c.exchange(from, server, b"who am I").await.unwrap();
-    assert!(answer.ends_with(b"who am I"), "{from}: echoed");
+    assert!(answer.ends_with(b"who am I"), "{from} -> {server}: echoed");
     let (greeting, _) = split_greeting(&answer);
     let peer = greeting
         .split_once("peer=")
@@ -386,25 +392,31 @@ async fn peer_seen_by_the_app(c: &Cluster, from: &str) -> IpAddr {
     peer.ip()
 }
 
-/// `rounds` sequential exchanges from each of [`CALLERS`]: each one's peer address as the app
-/// saw it must be `expected(caller)`, and each reached the app exactly once (a delivery
-/// captured again into 15006 would loop, or be counted twice).
-async fn check_app_peers(c: &Cluster, rounds: usize, expected: impl Fn(&str) -> IpAddr) {
-    let before = c
-        .app_stats("server-a")
-        .accepted
-        .load(std::sync::atomic::Ordering::Relaxed);
+/// `rounds` sequential exchanges from each of [`CALLERS`] in both families: each one's peer
+/// address as the app saw it must be `expected(caller, v6)`, and each reached the app exactly
+/// once (a delivery captured again into 15006 would loop, or be counted twice).
+async fn check_app_peers(c: &Cluster, rounds: usize, expected: impl Fn(&str, bool) -> IpAddr) {
+    let accepted = || {
+        c.app_stats("server-a")
+            .accepted
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    let before = accepted();
     for _ in 0..rounds {
         for from in CALLERS {
-            let seen = peer_seen_by_the_app(c, from).await;
-            assert_eq!(seen, expected(from), "peer address the app saw for {from}");
+            for v6 in [false, true] {
+                let seen = peer_seen_by_the_app(c, from, v6).await;
+                let family = if v6 { "IPv6" } else { "IPv4" };
+                assert_eq!(
+                    seen,
+                    expected(from, v6),
+                    "peer address the app saw for {from} over {family}"
+                );
+            }
         }
     }
-    let after = c
-        .app_stats("server-a")
-        .accepted
-        .load(std::sync::atomic::Ordering::Relaxed);
-    assert_eq!(after - before, (rounds * CALLERS.len()) as u64);
+    let exchanges = rounds * CALLERS.len() * 2;
+    assert_eq!(accepted() - before, exchanges as u64);
     let inbound = c
         .metric(
             1,
@@ -414,8 +426,7 @@ async fn check_app_peers(c: &Cluster, rounds: usize, expected: impl Fn(&str) -> 
         .await
         .unwrap();
     assert_eq!(
-        inbound,
-        (rounds * CALLERS.len()) as f64,
+        inbound, exchanges as f64,
         "inbound connections on node2: each delivery was proxied once"
     );
 }
@@ -438,7 +449,7 @@ async fn the_app_sees_the_client_address() {
     }
     let c = Cluster::start(spec("")).await.unwrap();
     assert!(c.has_source_routing("server-a").unwrap());
-    check_app_peers(&c, 3, |from| c.pod_ip(from)).await;
+    check_app_peers(&c, 3, |from, v6| ip_of(&c, from, v6)).await;
     assert_eq!(source_preserved(&c).await, vec![true, true]);
 }
 
@@ -451,7 +462,7 @@ async fn the_app_sees_the_client_address_with_nftables_capture() {
     s.ztunnel_args = vec!["--redirect".into(), "nftables".into()];
     let c = Cluster::start(s).await.unwrap();
     assert!(c.has_source_routing("server-a").unwrap());
-    check_app_peers(&c, 3, |from| c.pod_ip(from)).await;
+    check_app_peers(&c, 3, |from, v6| ip_of(&c, from, v6)).await;
     assert_eq!(source_preserved(&c).await, vec![true, true]);
 }
 
@@ -463,12 +474,9 @@ async fn preserve_source_off_delivers_from_the_pod_address() {
     let mut s = spec("");
     s.ztunnel_args = vec!["--preserve-source".into(), "off".into()];
     let c = Cluster::start(s).await.unwrap();
-    let own = c.pod_ip("server-a");
-    check_app_peers(&c, 1, |_| own).await;
-    assert!(
-        !c.has_source_routing("server-a").unwrap(),
-        "no routing set up"
-    );
+    check_app_peers(&c, 1, |_, v6| ip_of(&c, "server-a", v6)).await;
+    let routing = c.source_routing("server-a").unwrap();
+    assert!(routing.absent(), "no routing set up: {routing:?}");
     assert_eq!(source_preserved(&c).await, vec![false, false]);
 }
 
@@ -491,17 +499,11 @@ async fn source_preservation_degrades_with_a_warning_when_it_cannot_be_set_up() 
         log.contains("cannot preserve client addresses") && log.contains("iproute2"),
         "a warning naming what is missing:\n{log}"
     );
-    let own = c.pod_ip("server-a");
-    check_app_peers(&c, 1, |_| own).await;
+    check_app_peers(&c, 1, |_, v6| ip_of(&c, "server-a", v6)).await;
     assert_eq!(source_preserved(&c).await, vec![false, false]);
-    assert!(
-        !c.has_source_routing("server-a").unwrap(),
-        "nothing half set up"
-    );
-    let accept = c
-        .pod_command("server-a", &["cat", "/proc/sys/net/ipv4/tcp_fwmark_accept"])
-        .unwrap();
-    assert_eq!(accept.trim(), "0", "tcp_fwmark_accept restored");
+    // tcp_fwmark_accept, set before the rule failed, is put back.
+    let routing = c.source_routing("server-a").unwrap();
+    assert!(routing.absent(), "nothing half set up: {routing:?}");
     let _ = std::fs::remove_dir_all(&bin);
 }
 
