@@ -256,12 +256,20 @@ impl Node {
         } else {
             None
         };
-        let capture = self.redirect.enroll(&PodTarget {
-            uid: &w.uid,
-            netns: &netns,
-            addresses: &w.addresses,
-            plaintext: &plaintext_l.iter().collect::<Vec<_>>(),
-        })?;
+        let capture = self
+            .redirect
+            .enroll(&PodTarget {
+                uid: &w.uid,
+                netns: &netns,
+                addresses: &w.addresses,
+                plaintext: &plaintext_l.iter().collect::<Vec<_>>(),
+            })
+            .inspect_err(|_| {
+                // Retried on the next pass, which sets the routing up again.
+                if let Some(Err(e)) = routing.as_ref().map(|r| r.remove()) {
+                    warn!(pod = %w.name, uid = %w.uid, "removing the routing for source preservation: {e}");
+                }
+            })?;
         let identity = w.identity();
         self.certs.track(&identity);
         let pod = Arc::new(Pod {
@@ -312,6 +320,9 @@ impl Node {
         let uid = uid.to_string();
         tokio::spawn(async move {
             drained.await;
+            // Within a pass, so the pod cannot be enrolled again between the check and the
+            // removal (which would take the new enrollment's routing away).
+            let _turn = node.reconciling.lock().await;
             let again = node
                 .pods
                 .lock()
