@@ -288,7 +288,12 @@ fn redirect_dns6(ctx: &SockAddrContext, pod: &PodInfo, netns: u64, ip: [u8; 16])
     }
     save_original(ctx, &DNS_ORIG, netns, ip, RESOLVER_PORT, AF_INET6);
     let target = if mapped {
-        [0, 0, u32::from_ne_bytes([0, 0, 0xff, 0xff]), u32::from_ne_bytes([127, 0, 0, 1])]
+        [
+            0,
+            0,
+            u32::from_ne_bytes([0, 0, 0xff, 0xff]),
+            u32::from_ne_bytes([127, 0, 0, 1]),
+        ]
     } else {
         [0, 0, 0, u32::from_ne_bytes([0, 0, 0, 1])]
     };
