@@ -55,7 +55,13 @@ pub(crate) fn create(
         // SAFETY: see above.
         unsafe {
             child_main(
-                procs_fd, netns_fd, child_fd, family, kind, bind_port, &addr4, &addr6,
+                procs_fd,
+                netns_fd,
+                child_fd,
+                (family, kind),
+                bind_port,
+                &addr4,
+                &addr6,
             )
         }
     }
@@ -87,8 +93,7 @@ unsafe fn child_main(
     procs: RawFd,
     netns: RawFd,
     chan: RawFd,
-    family: i32,
-    kind: i32,
+    (family, kind): (i32, i32),
     bind_port: Option<u16>,
     addr4: &libc::sockaddr_in,
     addr6: &libc::sockaddr_in6,
