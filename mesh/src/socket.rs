@@ -100,6 +100,33 @@ impl SocketFactory {
         TcpListener::from_std(socket.into())
     }
 
+    /// A UDP socket bound to `addr`: a proxy's in-pod UDP listener (SO_REUSEPORT, as
+    /// [`SocketFactory::listen`]), or with port 0 an ephemeral socket for one upstream exchange.
+    pub fn udp_bind(&self, addr: SocketAddr) -> io::Result<tokio::net::UdpSocket> {
+        let socket = self.run_in(|| {
+            let socket = Socket::new(
+                Domain::for_address(addr),
+                Type::DGRAM.nonblocking(),
+                Some(Protocol::UDP),
+            )?;
+            if let Some(mark) = self.mark {
+                socket.set_mark(mark)?;
+            }
+            Ok(socket)
+        })?;
+        if addr.port() != 0 {
+            socket.set_reuse_address(true)?;
+            socket.set_reuse_port(true)?;
+        }
+        if addr.is_ipv6() {
+            socket.set_only_v6(true)?;
+        }
+        socket
+            .bind(&addr.into())
+            .map_err(|e| io::Error::new(e.kind(), format!("binding UDP {addr}: {e}")))?;
+        tokio::net::UdpSocket::from_std(socket.into())
+    }
+
     /// An unconnected TCP socket for callers that need to bind first (e.g. a source address).
     pub fn tcp_socket(&self, dst: &SocketAddr) -> io::Result<TcpSocket> {
         let socket = self.socket(dst)?;

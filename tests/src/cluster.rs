@@ -646,6 +646,11 @@ impl Cluster {
         if !self.spec.ztunnel_args.iter().any(|a| a == "--bpf-pin-dir") {
             cmd.arg("--bpf-pin-dir").arg(self.pin_dir_name(node));
         }
+        if !self.spec.ztunnel_args.iter().any(|a| a == "--dns-upstream") {
+            // Never the host's resolver: forwarded DNS stays inside the test bed.
+            cmd.arg("--dns-upstream")
+                .arg(SocketAddr::new(self.dns_upstream().into(), 53).to_string());
+        }
         cmd.env(
             "RUST_LOG",
             std::env::var("ZTUNNEL_LOG").unwrap_or_else(|_| "info".into()),
@@ -655,6 +660,13 @@ impl Cluster {
         .stdout(log.try_clone()?)
         .stderr(log);
         self.bed.spawn_in_node(node, cmd)
+    }
+
+    /// Where ztunnels forward DNS they do not answer (unless the spec passes `--dns-upstream`):
+    /// node 0's pod gateway, port 53, in the test bed; nothing listens there unless a test runs
+    /// a server, so forwarded queries fail fast (SERVFAIL).
+    pub fn dns_upstream(&self) -> Ipv4Addr {
+        self.bed.node(0).pod_gateway
     }
 
     /// This test bed's eBPF pin directory for `node`, relative to [`crate::BPFFS`].

@@ -333,8 +333,17 @@ impl Testbed {
         let pod = self.find_pod(pod)?;
         let procs = cgroup::open_procs(&pod.cgroup)?;
         let netns = netns::open(&pod.netns)?;
-        podsocket::create(&procs, &netns, v6, bind_port)
+        podsocket::create(&procs, &netns, v6, false, bind_port)
             .with_context(|| format!("cannot make a socket in pod {}", pod.name))
+    }
+
+    /// [`Testbed::pod_socket`] for a UDP socket (unbound).
+    pub fn pod_udp_socket(&self, pod: &str, v6: bool) -> anyhow::Result<std::os::fd::OwnedFd> {
+        let pod = self.find_pod(pod)?;
+        let procs = cgroup::open_procs(&pod.cgroup)?;
+        let netns = netns::open(&pod.netns)?;
+        podsocket::create(&procs, &netns, v6, true, None)
+            .with_context(|| format!("cannot make a UDP socket in pod {}", pod.name))
     }
 
     /// [`Testbed::in_netns`] in node `node`'s (0-based) namespace.

@@ -9,12 +9,14 @@ use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
-/// Creates a TCP socket (`AF_INET6` when `v6`) inside the cgroup behind `cgroup_procs` and the
-/// network namespace `netns`, optionally bound to `port` on the wildcard address first.
+/// Creates a TCP socket (UDP when `udp`; `AF_INET6` when `v6`) inside the cgroup behind
+/// `cgroup_procs` and the network namespace `netns`, optionally bound to `port` on the wildcard
+/// address first.
 pub(crate) fn create(
     cgroup_procs: &File,
     netns: &File,
     v6: bool,
+    udp: bool,
     bind_port: Option<u16>,
 ) -> io::Result<OwnedFd> {
     let mut pair = [0; 2];
@@ -25,6 +27,11 @@ pub(crate) fn create(
     // SAFETY: both descriptors were just created and are owned here.
     let (parent, child) = unsafe { (OwnedFd::from_raw_fd(pair[0]), OwnedFd::from_raw_fd(pair[1])) };
     let family = if v6 { libc::AF_INET6 } else { libc::AF_INET };
+    let kind = if udp {
+        libc::SOCK_DGRAM
+    } else {
+        libc::SOCK_STREAM
+    };
     // Everything the child needs is prepared before fork: it may only make syscalls.
     let mut addr4: libc::sockaddr_in = unsafe { std::mem::zeroed() };
     addr4.sin_family = libc::AF_INET as libc::sa_family_t;
@@ -48,7 +55,13 @@ pub(crate) fn create(
         // SAFETY: see above.
         unsafe {
             child_main(
-                procs_fd, netns_fd, child_fd, family, bind_port, &addr4, &addr6,
+                procs_fd,
+                netns_fd,
+                child_fd,
+                (family, kind),
+                bind_port,
+                &addr4,
+                &addr6,
             )
         }
     }
@@ -80,7 +93,7 @@ unsafe fn child_main(
     procs: RawFd,
     netns: RawFd,
     chan: RawFd,
-    family: i32,
+    (family, kind): (i32, i32),
     bind_port: Option<u16>,
     addr4: &libc::sockaddr_in,
     addr6: &libc::sockaddr_in6,
@@ -93,7 +106,7 @@ unsafe fn child_main(
         if libc::setns(netns, libc::CLONE_NEWNET) != 0 {
             fail();
         }
-        let s = libc::socket(family, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        let s = libc::socket(family, kind | libc::SOCK_CLOEXEC, 0);
         if s < 0 {
             fail();
         }

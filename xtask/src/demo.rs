@@ -197,6 +197,10 @@ Mesh up in {:.1}s: {} nodes, pilot on node1 (xDS + CA over TLS on {}), one ztunn
         "(g) the app sees the client's IP as its peer (source address preserved)",
         app_sees_client(&c).await,
     );
+    report.check(
+        "(h) a mesh pod resolves a service's name through ztunnel's DNS proxy",
+        dns(&c).await,
+    );
 
     let failed = report.rows.iter().filter(|r| !r.0).count();
     println!(
@@ -604,5 +608,42 @@ async fn no_rules(c: &Cluster) -> anyhow::Result<String> {
     Ok(format!(
         "both ztunnels report capture \"ebpf\"; `nft list ruleset` and `iptables-save` are empty in {}",
         checked.join(", ")
+    ))
+}
+
+/// glibc's resolver in the client pod, with a Kubernetes resolv.conf naming an address where no
+/// resolver runs: only the captured query, answered by the pod's DNS proxy, can resolve `echo`.
+async fn dns(c: &Cluster) -> anyhow::Result<String> {
+    let resolv = c.dir.join("demo-resolv.conf");
+    std::fs::write(
+        &resolv,
+        "nameserver 10.96.0.53\nsearch bookinfo.svc.cluster.local svc.cluster.local cluster.local\noptions ndots:5 timeout:2 attempts:1\n",
+    )?;
+    let mut cmd = tokio::process::Command::new("unshare");
+    // Its own mount namespace, so the bind mount of resolv.conf is this process's alone.
+    cmd.args(["--mount", "--propagation", "private", "sh", "-c"])
+        .arg(r#"mount --bind "$0" /etc/resolv.conf && exec getent ahostsv4 reviews"#)
+        .arg(&resolv)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    let page = pod(c, "productpage");
+    let child = c.bed.spawn_in_pod_async(page, cmd)?;
+    let out = tokio::time::timeout(std::time::Duration::from_secs(10), child.wait_with_output())
+        .await??;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let first = text.split_whitespace().next().unwrap_or("");
+    if !out.status.success() || first != REVIEWS_VIP.to_string() {
+        bail!(
+            "getent ahostsv4 reviews in pod {page}: {} {:?} {}",
+            out.status,
+            text.trim(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let answered = c.metric(0, "istio_dns_requests_total", &[]).await?;
+    Ok(format!(
+        "`getent ahostsv4 reviews` in {page} (resolv.conf: nameserver 10.96.0.53, where nothing listens; search bookinfo.svc.cluster.local …) got reviews.bookinfo's VIP {first} from the pod's DNS proxy ({answered} DNS queries counted by node1's ztunnel)"
     ))
 }

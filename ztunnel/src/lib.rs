@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod authorization;
 pub mod config_file;
+pub mod dns;
 pub mod inbound;
 pub mod inpod;
 pub mod metrics;

@@ -90,6 +90,16 @@ struct Args {
     /// With `--redirect none`: send connections dialed straight to 15001 here (benchmarks).
     #[arg(long)]
     no_capture_target: Option<SocketAddr>,
+    /// Capture the pods' DNS (UDP and TCP to port 53) into a DNS proxy on 15053 in each pod,
+    /// which answers for the mesh's service hostnames and forwards the rest. `off`: UDP 53 is
+    /// untouched and TCP 53 is captured like any TCP, no DNS proxy runs.
+    #[arg(long, value_enum, default_value = "on")]
+    dns_capture: OnOff,
+    /// Upstream resolvers for names the DNS proxy does not know (`IP` or `IP:PORT`, repeat or
+    /// separate with commas); default: the nameservers of ztunnel's own /etc/resolv.conf.
+    /// Queries leave from inside the pod that asked.
+    #[arg(long, value_delimiter = ',', value_parser = parse_upstream)]
+    dns_upstream: Vec<SocketAddr>,
     /// The eBPF object to load instead of the one embedded at build time.
     #[arg(long, env = "ZTUNNEL_EBPF_OBJECT")]
     ebpf_object: Option<PathBuf>,
@@ -123,6 +133,36 @@ enum RedirectArg {
     Nftables,
     Auto,
     None,
+}
+
+fn parse_upstream(s: &str) -> Result<SocketAddr, String> {
+    s.parse::<SocketAddr>()
+        .or_else(|_| {
+            s.parse::<std::net::IpAddr>()
+                .map(|ip| SocketAddr::new(ip, 53))
+        })
+        .map_err(|_| format!("{s:?}: expected an IP address, or IP:PORT ([IPv6]:PORT)"))
+}
+
+/// The DNS proxy's upstreams: the flag, else ztunnel's own resolv.conf.
+fn dns_upstreams(flag: &[SocketAddr]) -> Vec<SocketAddr> {
+    if !flag.is_empty() {
+        return flag.to_vec();
+    }
+    const RESOLV_CONF: &str = "/etc/resolv.conf";
+    let found = std::fs::read_to_string(RESOLV_CONF)
+        .map(|text| ztunnel::dns::resolv_conf_nameservers(&text))
+        .unwrap_or_else(|e| {
+            warn!("reading {RESOLV_CONF}: {e}");
+            vec![]
+        });
+    if found.is_empty() {
+        warn!(
+            "no nameserver in {RESOLV_CONF} and no --dns-upstream: DNS names outside the mesh \
+             will get SERVFAIL"
+        );
+    }
+    found
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -184,6 +224,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             bpffs: args.bpffs.clone(),
             pin_dir: args.bpf_pin_dir.clone(),
             log_level: redirect::log_level(initial_level),
+            dns_capture: args.dns_capture == OnOff::On,
         },
         args.no_capture_target,
     )
@@ -236,6 +277,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
         _ => anyhow::bail!("give --xds-address, or --config with --ca-cert and --ca-key"),
     };
     let (state_tx, state_rx) = watch::channel(Arc::new(state));
+    let dns = (args.dns_capture == OnOff::On).then(|| {
+        let upstreams = dns_upstreams(&args.dns_upstream);
+        info!(?upstreams, "DNS proxy on 15053 in each pod");
+        Arc::new(ztunnel::dns::proxy::DnsProxy::new(upstreams))
+    });
     let node = Node::new(
         args.node_name.clone(),
         state_rx,
@@ -243,6 +289,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         args.cgroup_root.clone(),
         capture.clone(),
         args.preserve_source == OnOff::On,
+        dns,
     );
     let (drain_trigger, drain_watch) = mesh::drain::channel();
     let (quit_tx, mut quit_rx) = mpsc::channel(1);

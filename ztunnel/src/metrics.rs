@@ -1,15 +1,20 @@
-//! ztunnel's metrics: Istio's TCP metrics, labelled from the workloads on each side.
+//! ztunnel's metrics: Istio's TCP and DNS metrics, labelled from the workloads on each side.
 
 use mesh::identity::Identity;
 use mesh::metrics::{TcpLabels, TcpMetrics};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::registry::Registry;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::{Registry, Unit};
 
 use crate::state::{Service, Workload};
 
 pub struct Metrics {
     pub registry: Registry,
     pub tcp: TcpMetrics,
+    pub dns: DnsMetrics,
     pub enrolled_pods: Gauge,
 }
 
@@ -18,6 +23,8 @@ impl Default for Metrics {
         let mut registry = Registry::default();
         let tcp = TcpMetrics::default();
         tcp.register(&mut registry);
+        let dns = DnsMetrics::default();
+        dns.register(&mut registry);
         let enrolled_pods = mesh::metrics::gauge(
             &mut registry,
             "ztunnel_enrolled_pods",
@@ -26,8 +33,69 @@ impl Default for Metrics {
         Metrics {
             registry,
             tcp,
+            dns,
             enrolled_pods,
         }
+    }
+}
+
+/// Istio ztunnel's DNS labels: the query type (`a`, `aaaa`, …), `udp` or `tcp`, and the asking
+/// workload's canonical service and revision.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DnsLabels {
+    pub request_query_type: String,
+    pub request_protocol: String,
+    pub source_canonical_service: String,
+    pub source_canonical_revision: String,
+}
+
+/// Istio ztunnel's DNS metrics. Every query the proxy could read counts in `requests`; those
+/// relayed upstream also in `upstream_requests`, so the ones answered locally are the
+/// difference.
+#[derive(Clone)]
+pub struct DnsMetrics {
+    pub requests: Family<DnsLabels, Counter>,
+    pub upstream_requests: Family<DnsLabels, Counter>,
+    pub upstream_failures: Family<DnsLabels, Counter>,
+    pub upstream_duration: Family<DnsLabels, Histogram>,
+}
+
+impl Default for DnsMetrics {
+    fn default() -> Self {
+        DnsMetrics {
+            requests: Family::default(),
+            upstream_requests: Family::default(),
+            upstream_failures: Family::default(),
+            upstream_duration: Family::new_with_constructor(|| {
+                Histogram::new([0.001, 0.005, 0.01, 0.1, 1.0, 5.0])
+            }),
+        }
+    }
+}
+
+impl DnsMetrics {
+    fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "istio_dns_requests",
+            "DNS queries received by the in-pod DNS proxies",
+            self.requests.clone(),
+        );
+        registry.register(
+            "istio_dns_upstream_requests",
+            "DNS queries forwarded to the upstream resolvers",
+            self.upstream_requests.clone(),
+        );
+        registry.register(
+            "istio_dns_upstream_failures",
+            "DNS queries no upstream resolver answered (SERVFAIL to the client)",
+            self.upstream_failures.clone(),
+        );
+        registry.register_with_unit(
+            "istio_dns_upstream_request_duration",
+            "Time to get a response from upstream",
+            Unit::Seconds,
+            self.upstream_duration.clone(),
+        );
     }
 }
 
@@ -41,7 +109,7 @@ pub struct Peers<'a> {
     pub mtls: bool,
 }
 
-fn or_unknown(s: &str) -> String {
+pub(crate) fn or_unknown(s: &str) -> String {
     if s.is_empty() {
         "unknown".into()
     } else {

@@ -16,6 +16,7 @@ use mesh::socket::{PROXY_MARK, SocketFactory};
 use tokio::sync::watch;
 use tracing::{error, info, warn};
 
+use crate::dns::proxy::{self as dns_proxy, DnsProxy};
 use crate::metrics::Metrics;
 use crate::redirect::{PodCapture, PodTarget, Redirector};
 use crate::source::PodRouting;
@@ -32,6 +33,8 @@ pub struct Node {
     pub certs: CertCache,
     pub pool: Pool,
     pub metrics: Arc<Metrics>,
+    /// The DNS proxy opened in every enrolled pod; `None` with `--dns-capture off`.
+    pub dns: Option<Arc<DnsProxy>>,
     cgroup_root: PathBuf,
     redirect: Arc<dyn Redirector>,
     /// Deliver inbound connections to applications from the client's address (`--preserve-source`).
@@ -110,6 +113,7 @@ impl Node {
         cgroup_root: PathBuf,
         redirect: Arc<dyn Redirector>,
         preserve_source: bool,
+        dns: Option<Arc<DnsProxy>>,
     ) -> Arc<Node> {
         Arc::new(Node {
             name,
@@ -117,6 +121,7 @@ impl Node {
             certs,
             pool: Pool::new(),
             metrics: Arc::new(Metrics::default()),
+            dns,
             cgroup_root,
             redirect,
             preserve_source,
@@ -238,10 +243,15 @@ impl Node {
         let mut outbound_l = vec![];
         let mut plaintext_l = vec![];
         let mut hbone_l = vec![];
+        let mut dns_l = vec![];
         for (local, any) in families {
             outbound_l.push(listen(local, OUTBOUND_PORT)?);
             plaintext_l.push(listen(any, INBOUND_PLAINTEXT_PORT)?);
             hbone_l.push(listen(any, mesh::hbone::HBONE_PORT)?);
+            if self.dns.is_some() {
+                // Captured DNS arrives on loopback only, as captured outbound TCP does.
+                dns_l.push(dns_proxy::listen(&sockets, local)?);
+            }
         }
         // Before capture, so the first captured connection is delivered from its client.
         let routing = if self.preserve_source {
@@ -289,6 +299,22 @@ impl Node {
         }
         for l in hbone_l {
             tokio::spawn(inbound::serve_hbone(l, pod.clone(), watch.clone()));
+        }
+        if let Some(dns) = &self.dns {
+            for (udp, tcp) in dns_l {
+                tokio::spawn(dns_proxy::serve_udp(
+                    udp,
+                    pod.clone(),
+                    dns.clone(),
+                    watch.clone(),
+                ));
+                tokio::spawn(dns_proxy::serve_tcp(
+                    tcp,
+                    pod.clone(),
+                    dns.clone(),
+                    watch.clone(),
+                ));
+            }
         }
         Ok(Enrolled {
             name: w.name.clone(),

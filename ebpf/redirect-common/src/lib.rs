@@ -14,6 +14,8 @@ pub const OUTBOUND_PORT: u16 = 15001;
 pub const INBOUND_PLAINTEXT_PORT: u16 = 15006;
 pub const HBONE_PORT: u16 = 15008;
 pub const DNS_PORT: u16 = 15053;
+/// The port DNS clients send to; captured to [`DNS_PORT`] when DNS capture is on.
+pub const RESOLVER_PORT: u16 = 53;
 /// The kubelet's probe source address (169.254.7.127), exempt from capture as in Istio.
 pub const KUBELET_PROBE_IP4: [u8; 4] = [169, 254, 7, 127];
 /// Its IPv6 counterpart, `fd16:9254:7127:1337:ffff:ffff:ffff:ffff` (Istio's choice too).
@@ -106,6 +108,9 @@ pub fn uid_hash(uid: &str) -> u64 {
 
 /// Index of the log level in the `CONFIG` array; values are [`LogLevel`] as u32.
 pub const CONFIG_LOG_LEVEL: u32 = 0;
+/// Index of the DNS capture switch in the `CONFIG` array: 1 sends UDP and TCP to port 53 to the
+/// pod's DNS proxy on [`DNS_PORT`], 0 leaves UDP 53 alone and treats TCP 53 as any TCP.
+pub const CONFIG_DNS_CAPTURE: u32 = 1;
 /// Number of entries in the `CONFIG` array.
 pub const CONFIG_LEN: u32 = 4;
 

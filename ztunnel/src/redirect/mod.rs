@@ -92,6 +92,8 @@ pub struct EbpfSettings {
     pub pin_dir: PathBuf,
     /// eBPF-side log level.
     pub log_level: redirect_common::LogLevel,
+    /// Capture DNS (UDP and TCP to port 53) into the pods' DNS proxies on 15053.
+    pub dns_capture: bool,
 }
 
 /// Set up capture for `mode`. `ebpf` fails when any feature is missing; `auto` then falls back
@@ -111,13 +113,13 @@ pub fn start(
         Mode::None => Ok(Arc::new(NoCapture {
             target: no_capture_target,
         })),
-        Mode::Nftables => Ok(Arc::new(nftables::Nftables::new()?)),
+        Mode::Nftables => Ok(Arc::new(nftables::Nftables::new(ebpf.dns_capture)?)),
         Mode::Ebpf => Ok(Arc::new(ebpf::Ebpf::start(ebpf)?)),
         Mode::Auto => match ebpf::Ebpf::start(ebpf) {
             Ok(e) => Ok(Arc::new(e)),
             Err(e) => {
                 warn!("eBPF capture unavailable, falling back to nftables: {e}");
-                Ok(Arc::new(nftables::Nftables::new()?))
+                Ok(Arc::new(nftables::Nftables::new(ebpf.dns_capture)?))
             }
         },
     }

@@ -1,6 +1,7 @@
 //! Capture with nftables inside a pod's network namespace, equivalent to Istio's in-pod iptables:
-//! outbound TCP → 15001, inbound TCP (except HBONE on 15008) → 15006, the proxy's own marked
-//! sockets untouched. The fallback for kernels without the eBPF features.
+//! outbound TCP → 15001, inbound TCP (except HBONE on 15008) → 15006, DNS (UDP and TCP to port
+//! 53, when DNS capture is on) → 15053, the proxy's own marked sockets untouched. The fallback
+//! for kernels without the eBPF features.
 
 use std::io::{self, Write};
 use std::net::SocketAddr;
@@ -19,11 +20,13 @@ const KUBELET_PROBE_SRC6: &str = "fd16:9254:7127:1337:ffff:ffff:ffff:ffff";
 const TABLE: &str = "ztunnel";
 
 /// Capture with nftables rules in each pod.
-pub struct Nftables;
+pub struct Nftables {
+    dns_capture: bool,
+}
 
 impl Nftables {
     /// Checks that `nft` and `nsenter` can be run.
-    pub fn new() -> Result<Nftables, String> {
+    pub fn new(dns_capture: bool) -> Result<Nftables, String> {
         for tool in ["nft", "nsenter"] {
             Command::new(tool)
                 .arg("--version")
@@ -34,7 +37,7 @@ impl Nftables {
                     format!("nftables capture needs `{tool}` (package nftables / util-linux): {e}")
                 })?;
         }
-        Ok(Nftables)
+        Ok(Nftables { dns_capture })
     }
 }
 
@@ -44,7 +47,7 @@ impl Redirector for Nftables {
     }
 
     fn enroll(&self, pod: &PodTarget<'_>) -> Result<Arc<dyn PodCapture>, String> {
-        install(pod.netns, PROXY_MARK)?;
+        install(pod.netns, PROXY_MARK, self.dns_capture)?;
         Ok(Arc::new(NftPod {
             netns: pod.netns.to_path_buf(),
         }))
@@ -86,8 +89,16 @@ impl PodCapture for NetfilterDst {
     }
 }
 
-/// The ruleset for one pod; applying it replaces any previous one atomically.
-pub fn ruleset(mark: u32) -> String {
+/// The ruleset for one pod; applying it replaces any previous one atomically. With `dns`, UDP
+/// and TCP to port 53 go to the pod's DNS proxy (conntrack shows the replies as coming from the
+/// resolver the application asked); without it UDP 53 is untouched and TCP 53 is captured like
+/// any TCP.
+pub fn ruleset(mark: u32, dns: bool) -> String {
+    let dns_rules = if dns {
+        "    udp dport 53 redirect to :15053\n    tcp dport 53 redirect to :15053\n"
+    } else {
+        ""
+    };
     format!(
         r#"table inet {TABLE}
 delete table inet {TABLE}
@@ -108,7 +119,7 @@ table inet {TABLE} {{
     ip daddr 127.0.0.0/8 return
     ip6 daddr ::1 return
     fib daddr type local return
-    meta l4proto tcp redirect to :15001
+{dns_rules}    meta l4proto tcp redirect to :15001
   }}
 }}
 "#
@@ -116,8 +127,8 @@ table inet {TABLE} {{
 }
 
 /// Install the capture rules in the namespace at `netns`.
-fn install(netns: &Path, mark: u32) -> Result<(), String> {
-    nft(netns, &ruleset(mark))
+fn install(netns: &Path, mark: u32, dns: bool) -> Result<(), String> {
+    nft(netns, &ruleset(mark, dns))
 }
 
 /// Remove them; new connections then go direct.
@@ -160,7 +171,7 @@ fn nft(netns: &Path, script: &str) -> Result<(), String> {
 mod tests {
     #[test]
     fn ruleset_skips_marked_and_hbone() {
-        let r = super::ruleset(0x539);
+        let r = super::ruleset(0x539, false);
         assert!(r.contains("meta mark 0x539 return"));
         assert!(
             r.contains("meta mark 0x111 return"),
@@ -170,5 +181,20 @@ mod tests {
         assert!(r.contains("ip6 saddr fd16:9254:7127:1337:ffff:ffff:ffff:ffff return"));
         assert!(r.contains("redirect to :15001"));
         assert!(r.contains("redirect to :15006"));
+        assert!(!r.contains("15053"), "{r}");
+    }
+
+    #[test]
+    fn dns_rules_come_after_the_exemptions_and_before_tcp_capture() {
+        let r = super::ruleset(0x539, true);
+        let at = |needle: &str| r.find(needle).unwrap_or_else(|| panic!("{needle}: {r}"));
+        let output = at("chain output");
+        let udp = at("udp dport 53 redirect to :15053");
+        let tcp = at("tcp dport 53 redirect to :15053");
+        // Marked (ztunnel's upstream queries) and loopback first; DNS before TCP → 15001.
+        assert!(output < at("meta mark 0x539 return\n    ip daddr 127.0.0.0/8"));
+        assert!(at("fib daddr type local return") < udp);
+        assert!(tcp < at("meta l4proto tcp redirect to :15001"));
+        assert!(udp > output && tcp > output);
     }
 }

@@ -17,7 +17,8 @@ use aya::maps::{Array, HashMap, MapData, SockHash};
 use aya::programs::links::{CgroupAttachMode, FdLink, PinnedLink};
 use aya::programs::{CgroupSockAddr, SkLookup, SockOps};
 use redirect_common::{
-    AF_INET, AF_INET6, CONFIG_LOG_LEVEL, IpKey, LogLevel, OrigDst, PodInfo, PortKey, uid_hash,
+    AF_INET, AF_INET6, CONFIG_DNS_CAPTURE, CONFIG_LOG_LEVEL, IpKey, LogLevel, OrigDst, PodInfo,
+    PortKey, uid_hash,
 };
 use tokio::io::unix::AsyncFd;
 use tokio::net::{TcpListener, TcpStream};
@@ -41,6 +42,13 @@ const SOCK_ADDR_PROGRAMS: &[&str] = &[
     "ztunnel_getpeername6",
     "ztunnel_bind4",
     "ztunnel_bind6",
+];
+/// The cgroup programs of DNS capture, attached only while it is on (`--dns-capture on`).
+const DNS_PROGRAMS: &[&str] = &[
+    "ztunnel_sendmsg4",
+    "ztunnel_sendmsg6",
+    "ztunnel_recvmsg4",
+    "ztunnel_recvmsg6",
 ];
 const SOCK_OPS_PROGRAM: &str = "ztunnel_sock_ops";
 const SK_LOOKUP_PROGRAM: &str = "ztunnel_sk_lookup";
@@ -79,6 +87,9 @@ impl Ebpf {
         missing.extend(probe::bpffs(&settings.bpffs));
         if missing.is_empty() {
             missing.extend(probe::kernel());
+        }
+        if missing.is_empty() && settings.dns_capture {
+            missing.extend(probe::dns_hooks());
         }
         if !missing.is_empty() {
             return Err(probe::report(&missing));
@@ -121,7 +132,26 @@ impl Ebpf {
         let links_dir = pin_dir.join("cgroup");
         std::fs::create_dir_all(&links_dir)
             .map_err(|e| format!("creating {}: {e}", links_dir.display()))?;
-        for name in SOCK_ADDR_PROGRAMS {
+        // The DNS switch is in place before the programs that read it are attached.
+        let mut config =
+            Array::try_from(take_map(&mut bpf, "CONFIG")?).map_err(|e| e.to_string())?;
+        config
+            .set(CONFIG_DNS_CAPTURE, u32::from(settings.dns_capture), 0)
+            .map_err(|e| format!("setting the DNS capture switch: {e}"))?;
+        let dns: &[&str] = if settings.dns_capture {
+            DNS_PROGRAMS
+        } else {
+            for name in DNS_PROGRAMS {
+                // Left pinned by a run with DNS capture on: unpinning detaches it.
+                let pin = links_dir.join(name);
+                if pin.exists() {
+                    std::fs::remove_file(&pin)
+                        .map_err(|e| format!("unpinning {}: {e}", pin.display()))?;
+                }
+            }
+            &[]
+        };
+        for name in SOCK_ADDR_PROGRAMS.iter().chain(dns) {
             let prog: &mut CgroupSockAddr = program(&mut bpf, name)?;
             prog.load().map_err(|e| load_error(name, &e))?;
             let id = prog
@@ -145,15 +175,12 @@ impl Ebpf {
             let prog: &mut SkLookup = program(&mut bpf, SK_LOOKUP_PROGRAM)?;
             prog.load().map_err(|e| load_error(SK_LOOKUP_PROGRAM, &e))?;
         }
-        let take = |bpf: &mut aya::Ebpf, name: &str| {
-            bpf.take_map(name)
-                .ok_or_else(|| format!("the eBPF object has no map {name}"))
-        };
-        let enrolled = HashMap::try_from(take(&mut bpf, "ENROLLED")?).map_err(|e| e.to_string())?;
-        let inbound = SockHash::try_from(take(&mut bpf, "INBOUND")?).map_err(|e| e.to_string())?;
+        let enrolled =
+            HashMap::try_from(take_map(&mut bpf, "ENROLLED")?).map_err(|e| e.to_string())?;
+        let inbound =
+            SockHash::try_from(take_map(&mut bpf, "INBOUND")?).map_err(|e| e.to_string())?;
         let orig_by_port =
-            HashMap::try_from(take(&mut bpf, "ORIG_BY_PORT")?).map_err(|e| e.to_string())?;
-        let config = Array::try_from(take(&mut bpf, "CONFIG")?).map_err(|e| e.to_string())?;
+            HashMap::try_from(take_map(&mut bpf, "ORIG_BY_PORT")?).map_err(|e| e.to_string())?;
         let ebpf = Ebpf {
             inner: Arc::new(Inner {
                 bpf: Mutex::new(bpf),
@@ -169,6 +196,7 @@ impl Ebpf {
         info!(
             pod_cgroup = %pod_cgroup.display(),
             pins = %pin_dir.display(),
+            dns_capture = settings.dns_capture,
             "eBPF capture loaded"
         );
         Ok(ebpf)
@@ -181,6 +209,11 @@ impl Ebpf {
             warn!("setting the eBPF log level: {e}");
         }
     }
+}
+
+fn take_map(bpf: &mut aya::Ebpf, name: &str) -> Result<aya::maps::Map, String> {
+    bpf.take_map(name)
+        .ok_or_else(|| format!("the eBPF object has no map {name}"))
 }
 
 /// The cgroup that holds every pod, as kubelet names it (systemd or cgroupfs driver).
@@ -231,7 +264,10 @@ fn attach_error(name: &str, cgroup: &Path, e: &aya::programs::ProgramError) -> S
     let mut text = format!("attaching {name} to {}: {e}", cgroup.display());
     let s = format!("{e:?}");
     if s.contains("EINVAL") || s.contains("Invalid argument") {
-        text.push_str(" (link-based cgroup attach needs Linux 5.7, getpeername hooks 5.8)");
+        text.push_str(
+            " (link-based cgroup attach needs Linux 5.7, sendmsg hooks 4.18, recvmsg hooks 5.2, \
+             getpeername hooks 5.8)",
+        );
     } else if s.contains("EPERM") || s.contains("permitted") {
         text.push_str(" (needs CAP_NET_ADMIN and CAP_BPF)");
     }
