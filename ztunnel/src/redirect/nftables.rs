@@ -192,7 +192,9 @@ mod tests {
         let udp = at("udp dport 53 redirect to :15053");
         let tcp = at("tcp dport 53 redirect to :15053");
         // Marked (ztunnel's upstream queries) and loopback first; DNS before TCP → 15001.
-        assert!(output < at("meta mark 0x539 return\n    ip daddr 127.0.0.0/8"));
+        let loopback = at("ip daddr 127.0.0.0/8 return");
+        assert!(output < loopback && loopback < udp);
+        assert!(r[output..udp].contains("meta mark 0x539 return"));
         assert!(at("fib daddr type local return") < udp);
         assert!(tcp < at("meta l4proto tcp redirect to :15001"));
         assert!(udp > output && tcp > output);
