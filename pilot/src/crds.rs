@@ -8,52 +8,73 @@
 use kube::CustomResource;
 use serde::{Deserialize, Serialize};
 
-/// The body of one of these objects: everything besides `apiVersion`, `kind` and `metadata`.
-/// `no_spec` puts these fields at the object's root, so `spec` may be absent (an
-/// AuthorizationPolicy without `spec` is valid: it denies everything its scope covers).
-macro_rules! istio_kind {
-    ($body:ident, $group:literal, $kind:literal, $plural:literal) => {
-        #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
-        #[kube(
-                                            group = $group,
-                                            version = "v1",
-                                            kind = $kind,
-                                            plural = $plural,
-                                            namespaced,
-                                            no_spec,
-                                            schema = "disabled"
-                                        )]
-        pub struct $body {
-            #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
-            pub spec: serde_json::Value,
-        }
-    };
+// Each body is everything besides `apiVersion`, `kind` and `metadata`: `no_spec` puts its
+// fields at the object's root, so `spec` may be absent (an AuthorizationPolicy without `spec`
+// is valid: it denies everything its scope covers).
+
+/// `security.istio.io/v1` AuthorizationPolicy.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[kube(
+    group = "security.istio.io",
+    version = "v1",
+    kind = "AuthorizationPolicy",
+    plural = "authorizationpolicies",
+    namespaced,
+    no_spec,
+    schema = "disabled"
+)]
+pub struct AuthorizationPolicyBody {
+    #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
+    pub spec: serde_json::Value,
 }
 
-istio_kind!(
-    AuthorizationPolicyBody,
-    "security.istio.io",
-    "AuthorizationPolicy",
-    "authorizationpolicies"
-);
-istio_kind!(
-    VirtualServiceBody,
-    "networking.istio.io",
-    "VirtualService",
-    "virtualservices"
-);
-istio_kind!(
-    DestinationRuleBody,
-    "networking.istio.io",
-    "DestinationRule",
-    "destinationrules"
-);
-istio_kind!(
-    GatewayBody,
-    "gateway.networking.k8s.io",
-    "Gateway",
-    "gateways"
-);
+/// `networking.istio.io/v1` VirtualService.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[kube(
+    group = "networking.istio.io",
+    version = "v1",
+    kind = "VirtualService",
+    plural = "virtualservices",
+    namespaced,
+    no_spec,
+    schema = "disabled"
+)]
+pub struct VirtualServiceBody {
+    #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
+    pub spec: serde_json::Value,
+}
+
+/// `networking.istio.io/v1` DestinationRule.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[kube(
+    group = "networking.istio.io",
+    version = "v1",
+    kind = "DestinationRule",
+    plural = "destinationrules",
+    namespaced,
+    no_spec,
+    schema = "disabled"
+)]
+pub struct DestinationRuleBody {
+    #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
+    pub spec: serde_json::Value,
+}
+
+/// `gateway.networking.k8s.io/v1` Gateway.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[kube(
+    group = "gateway.networking.k8s.io",
+    version = "v1",
+    kind = "Gateway",
+    plural = "gateways",
+    namespaced,
+    no_spec,
+    schema = "disabled"
+)]
+pub struct GatewayBody {
+    #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
+    pub spec: serde_json::Value,
+}
 
 #[cfg(test)]
 mod tests {
