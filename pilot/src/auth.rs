@@ -1,11 +1,13 @@
-//! Who is calling: bearer tokens mapped to callers. Locally, pilot writes one token per node to `<state dir>/tokens/<node>.token`.
+//! Who is calling: bearer tokens mapped to callers. Locally, pilot writes one token per node to `<state dir>/tokens/<node>.token`; in Kubernetes, service-account tokens are checked with a TokenReview.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use mesh::identity::Identity;
 use tonic::metadata::MetadataMap;
+
+use crate::token_review::TokenReviewer;
 
 /// An authenticated caller.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -16,8 +18,49 @@ pub enum Caller {
     Workload { identity: Identity },
 }
 
-/// The local token store. In Kubernetes the same role is played by service-account tokens
-/// checked with a TokenReview (not implemented yet; see the README).
+/// How callers are authenticated; the xDS server and the CA ask this, whichever it is.
+#[derive(Debug, Clone)]
+pub enum Authenticator {
+    /// pilot's own node tokens (the folder source).
+    Local(Arc<Tokens>),
+    /// Kubernetes service-account tokens, checked with the API server (the cluster source).
+    TokenReview(Arc<TokenReviewer>),
+}
+
+impl Authenticator {
+    /// `authorization: Bearer <token>` → the caller; anything else is refused.
+    pub async fn authenticate(&self, metadata: &MetadataMap) -> Result<Caller, tonic::Status> {
+        let token = bearer(metadata)?;
+        match self {
+            Authenticator::Local(tokens) => tokens.caller(token),
+            Authenticator::TokenReview(reviewer) => reviewer.authenticate(token).await,
+        }
+    }
+
+    /// The local token store, when pilot uses one.
+    pub fn local(&self) -> Option<&Arc<Tokens>> {
+        match self {
+            Authenticator::Local(tokens) => Some(tokens),
+            Authenticator::TokenReview(_) => None,
+        }
+    }
+}
+
+/// The token of `authorization: Bearer <token>`.
+fn bearer(metadata: &MetadataMap) -> Result<&str, tonic::Status> {
+    let header = metadata
+        .get("authorization")
+        .ok_or_else(|| tonic::Status::unauthenticated("no authorization header"))?;
+    header
+        .to_str()
+        .ok()
+        .and_then(|h| h.strip_prefix("Bearer "))
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| tonic::Status::unauthenticated("expected a bearer token"))
+}
+
+/// The local token store (the folder source): one token per node, written by pilot.
 #[derive(Debug, Default)]
 pub struct Tokens {
     dir: Option<PathBuf>,
@@ -115,20 +158,12 @@ impl Tokens {
             .map(|(t, _)| t.clone())
     }
 
-    /// `authorization: Bearer <token>` → the caller; anything else is refused.
-    pub fn authenticate(&self, metadata: &MetadataMap) -> Result<Caller, tonic::Status> {
-        let header = metadata
-            .get("authorization")
-            .ok_or_else(|| tonic::Status::unauthenticated("no authorization header"))?;
-        let token = header
-            .to_str()
-            .ok()
-            .and_then(|h| h.strip_prefix("Bearer "))
-            .ok_or_else(|| tonic::Status::unauthenticated("expected a bearer token"))?;
+    /// The caller `token` belongs to; an unknown token is refused.
+    pub fn caller(&self, token: &str) -> Result<Caller, tonic::Status> {
         self.by_token
             .read()
             .ok()
-            .and_then(|m| m.get(token.trim()).cloned())
+            .and_then(|m| m.get(token).cloned())
             .ok_or_else(|| tonic::Status::unauthenticated("unknown token"))
     }
 }
@@ -137,24 +172,39 @@ impl Tokens {
 mod tests {
     use super::*;
 
-    #[test]
-    fn node_tokens_persist() {
+    #[tokio::test]
+    async fn node_tokens_persist() {
         let dir = std::env::temp_dir().join(format!("pilot-tokens-{}", fastrand::u64(..)));
         let t = Tokens::open(&dir).unwrap();
         let a = t.node_token("node1").unwrap();
         assert_eq!(t.node_token("node1").unwrap(), a);
-        let again = Tokens::open(&dir).unwrap();
+        let again = Authenticator::Local(Arc::new(Tokens::open(&dir).unwrap()));
         let mut md = MetadataMap::new();
         md.insert("authorization", format!("Bearer {a}").parse().unwrap());
         assert_eq!(
-            again.authenticate(&md).unwrap(),
+            again.authenticate(&md).await.unwrap(),
             Caller::NodeAgent {
                 node: "node1".into()
             }
         );
         md.insert("authorization", "Bearer nope".parse().unwrap());
-        assert!(again.authenticate(&md).is_err());
-        assert!(again.authenticate(&MetadataMap::new()).is_err());
+        assert_eq!(
+            again.authenticate(&md).await.unwrap_err().message(),
+            "unknown token"
+        );
+        md.insert("authorization", "Basic eDp5".parse().unwrap());
+        assert_eq!(
+            again.authenticate(&md).await.unwrap_err().message(),
+            "expected a bearer token"
+        );
+        assert_eq!(
+            again
+                .authenticate(&MetadataMap::new())
+                .await
+                .unwrap_err()
+                .code(),
+            tonic::Code::Unauthenticated
+        );
         std::fs::remove_dir_all(dir).unwrap();
     }
 

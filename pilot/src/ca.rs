@@ -12,12 +12,12 @@ use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 use tracing::{info, warn};
 
-use crate::auth::{Caller, Tokens};
+use crate::auth::{Authenticator, Caller};
 use crate::server::Published;
 
 /// Metadata key with which a node agent asks for a pod's identity.
 pub const IMPERSONATED_IDENTITY: &str = "ImpersonatedIdentity";
-/// The identity node agents run as, in the root namespace.
+/// The service account node agents run as, in the root namespace (when pilot is not told).
 pub const NODE_AGENT_SERVICE_ACCOUNT: &str = "ztunnel";
 
 /// Load the root from `dir` (`root-cert.pem`, `root-key.pem`), or generate and persist one.
@@ -37,10 +37,11 @@ pub fn load_or_create_root(dir: &Path, trust_domain: &str) -> anyhow::Result<Dev
 
 pub struct CaService {
     pub ca: Arc<DevCa>,
-    pub tokens: Arc<Tokens>,
+    pub auth: Authenticator,
     pub published: watch::Receiver<Arc<Published>>,
     pub trust_domain: String,
-    pub root_namespace: String,
+    /// What a node agent gets for itself (without impersonating).
+    pub node_agent: Identity,
     pub max_ttl: Duration,
 }
 
@@ -77,11 +78,7 @@ impl CaService {
                 }
                 Ok(id)
             }
-            (Caller::NodeAgent { .. }, None) => Ok(Identity::new(
-                &self.trust_domain,
-                &self.root_namespace,
-                NODE_AGENT_SERVICE_ACCOUNT,
-            )),
+            (Caller::NodeAgent { .. }, None) => Ok(self.node_agent.clone()),
             (Caller::Workload { identity }, None) => Ok(identity.clone()),
             (Caller::Workload { identity }, Some(_)) => Err(Status::permission_denied(format!(
                 "{identity} is not a node agent: it may not impersonate"
@@ -147,7 +144,7 @@ impl IstioCertificateService for CaService {
         &self,
         request: Request<IstioCertificateRequest>,
     ) -> Result<Response<IstioCertificateResponse>, Status> {
-        let caller = self.tokens.authenticate(request.metadata())?;
+        let caller = self.auth.authenticate(request.metadata()).await?;
         let req = request.into_inner();
         let allowed = self.allowed_identity(&caller, &req)?;
         let (csr, requested) = check_csr(&req.csr).map_err(Status::invalid_argument)?;

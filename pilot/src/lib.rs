@@ -1,11 +1,14 @@
-//! The control plane: Kubernetes objects (a folder of YAML) → one model → Istio's workload API over delta xDS, plus the CA.
+//! The control plane: Kubernetes objects (a folder of YAML, or a cluster's API server) → one model → Istio's workload API over delta xDS, plus the CA.
 #![deny(rust_2018_idioms)]
 
 pub mod auth;
 pub mod ca;
+pub mod cluster;
+pub mod crds;
 pub mod folder;
 pub mod k8s;
 pub mod model;
 pub mod server;
+pub mod token_review;
 pub mod translate;
 pub mod xds;

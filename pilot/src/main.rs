@@ -1,11 +1,12 @@
-//! The pilot binary: serves the mesh configuration in a folder of Kubernetes YAML over xDS, and certificates, until SIGTERM.
+//! The pilot binary: serves the mesh configuration of a folder of Kubernetes YAML, or of a cluster's API server, over xDS, and certificates, until SIGTERM.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::Parser;
-use pilot::server::{Config, start};
+use anyhow::Context;
+use clap::{Parser, ValueEnum};
+use pilot::server::{Config, Kubernetes, Source, start};
 use pilot::translate::MeshOptions;
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::info;
@@ -17,11 +18,21 @@ use tracing_subscriber::EnvFilter;
     about = "The mesh control plane: Kubernetes YAML -> xDS (workloads, services, policies) and certificates"
 )]
 struct Args {
+    /// Where the mesh configuration comes from. `folder`: the YAML in --config-dir, and pilot's
+    /// own node tokens. `kubernetes`: the cluster's API server (kubeconfig from $KUBECONFIG or
+    /// ~/.kube/config, else the pod's in-cluster service account), and service-account tokens
+    /// checked with a TokenReview.
+    #[arg(long, value_enum, default_value_t = SourceKind::Folder)]
+    source: SourceKind,
     /// Folder of Kubernetes YAML (Namespaces, Pods, Services, AuthorizationPolicies, …), watched.
-    #[arg(long)]
-    config_dir: PathBuf,
-    /// Where the CA root (root-cert.pem, root-key.pem) and the node tokens (tokens/<node>.token)
-    /// are kept; created on first start.
+    #[arg(long, required_if_eq("source", "folder"))]
+    config_dir: Option<PathBuf>,
+    /// Kubernetes source: the service account (`namespace/name`) of the node agents (ztunnel),
+    /// whose tokens get certificates for the pods on their node.
+    #[arg(long, default_value = "istio-system/ztunnel")]
+    node_agent: String,
+    /// Where the CA root (root-cert.pem, root-key.pem) and, for the folder source, the node
+    /// tokens (tokens/<node>.token) are kept; created on first start.
     #[arg(long, default_value = "/var/lib/pilot")]
     state_dir: PathBuf,
     /// xDS and CA, over TLS.
@@ -37,7 +48,8 @@ struct Args {
     /// Longest certificate lifetime issued, whatever a caller asks for.
     #[arg(long, default_value_t = 24 * 3600)]
     max_cert_ttl_secs: u64,
-    /// Write node tokens for these nodes at start (comma-separated), before any pod runs there.
+    /// Folder source: write node tokens for these nodes at start (comma-separated), before any
+    /// pod runs there.
     #[arg(long, value_delimiter = ',')]
     nodes: Vec<String>,
     /// Send `istio.io/dry-run` AuthorizationPolicies to node proxies (which log what they
@@ -45,6 +57,12 @@ struct Args {
     /// field would enforce them. Turn on only when every node proxy is ours.
     #[arg(long)]
     send_dry_run_policies: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum SourceKind {
+    Folder,
+    Kubernetes,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -61,8 +79,36 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
+    let source = match (args.source, args.config_dir) {
+        (SourceKind::Folder, Some(dir)) => Source::Folder(dir),
+        (SourceKind::Folder, None) => anyhow::bail!("--source folder needs --config-dir"),
+        (SourceKind::Kubernetes, Some(_)) => {
+            anyhow::bail!(
+                "--config-dir is for --source folder; --source kubernetes reads the cluster"
+            )
+        }
+        (SourceKind::Kubernetes, None) => {
+            let node_agent = args
+                .node_agent
+                .split_once('/')
+                .filter(|(ns, sa)| !ns.is_empty() && !sa.is_empty() && !sa.contains('/'))
+                .map(|(ns, sa)| (ns.to_string(), sa.to_string()))
+                .with_context(|| {
+                    format!(
+                        "--node-agent {:?}: expected <namespace>/<service account>",
+                        args.node_agent
+                    )
+                })?;
+            let config = kube::Config::infer().await.context(
+                "no Kubernetes configuration (kubeconfig or in-cluster service account)",
+            )?;
+            info!(cluster = %config.cluster_url, "Kubernetes source");
+            let client = kube::Client::try_from(config).context("Kubernetes client")?;
+            Source::Kubernetes(Kubernetes { client, node_agent })
+        }
+    };
     let cfg = Config {
-        folder: args.config_dir,
+        source,
         state_dir: args.state_dir,
         listen: args.listen,
         debug: Some(args.debug_addr),

@@ -18,11 +18,17 @@ pub struct Snapshot {
     /// Increases by one per snapshot published, for logs and the debug endpoint.
     pub generation: u64,
     pub namespaces: BTreeMap<String, Namespace>,
+    #[serde(serialize_with = "by_name")]
     pub pods: BTreeMap<Key, Pod>,
+    #[serde(serialize_with = "by_name")]
     pub services: BTreeMap<Key, Service>,
+    #[serde(serialize_with = "by_name")]
     pub policies: BTreeMap<Key, AuthorizationPolicy>,
+    #[serde(serialize_with = "by_name")]
     pub virtual_services: BTreeMap<Key, VirtualService>,
+    #[serde(serialize_with = "by_name")]
     pub destination_rules: BTreeMap<Key, DestinationRule>,
+    #[serde(serialize_with = "by_name")]
     pub gateways: BTreeMap<Key, Gateway>,
     /// Invalid objects and conflicts, each naming file, object and field.
     pub problems: Vec<Problem>,
@@ -97,10 +103,33 @@ impl Snapshot {
 
 pub type SharedSnapshot = Arc<Snapshot>;
 
+/// A map keyed by `(namespace, name)` as one keyed by `namespace/name`: JSON keys are strings
+/// (the debug endpoint serves the model as JSON).
+fn by_name<S: serde::Serializer, V: serde::Serialize>(
+    map: &BTreeMap<Key, V>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    s.collect_map(
+        map.iter()
+            .map(|((ns, name), v)| (format!("{ns}/{name}"), v)),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::k8s::parse_documents;
+
+    #[test]
+    fn serializes_as_json() {
+        let p = parse_documents(
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: p, namespace: shop}\n",
+            "a.yaml",
+        );
+        let s = Snapshot::build(p.objects, vec![]);
+        let v = serde_json::to_value(&s).unwrap();
+        assert_eq!(v["pods"]["shop/p"]["meta"]["name"], "p");
+    }
 
     #[test]
     fn duplicates_across_files_are_reported() {

@@ -1,4 +1,4 @@
-//! Wires the parts together: folder → snapshots → translation → published resources, served over TLS on one port (xDS + CA), plus the debug endpoint.
+//! Wires the parts together: source (folder or cluster) → snapshots → translation → published resources, served over TLS on one port (xDS + CA), plus the debug endpoint.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -8,14 +8,16 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryServiceServer;
 use mesh::admin::{Reply, Router};
+use mesh::identity::Identity;
 use mesh::proto::ca::istio_certificate_service_server::IstioCertificateServiceServer;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use crate::auth::Tokens;
+use crate::auth::{Authenticator, Tokens};
 use crate::ca::CaService;
 use crate::k8s::Problem;
 use crate::model::Snapshot;
+use crate::token_review::TokenReviewer;
 use crate::translate::{MeshOptions, Resources, translate};
 use crate::xds::server::{AdsService, Registry};
 
@@ -35,17 +37,42 @@ pub struct Published {
     pub translate_time: Duration,
 }
 
+/// Where the mesh configuration comes from, and with it how callers are authenticated.
+#[derive(Debug, Clone)]
+pub enum Source {
+    /// A folder of Kubernetes YAML, polled; callers present pilot's own node tokens.
+    Folder(PathBuf),
+    /// A cluster's API server, watched; callers present service-account tokens, checked with
+    /// a TokenReview.
+    Kubernetes(Kubernetes),
+}
+
+#[derive(Clone)]
+pub struct Kubernetes {
+    pub client: kube::Client,
+    /// `(namespace, service account)` of the node agents (ztunnel): their tokens are trusted
+    /// for the pods on their node.
+    pub node_agent: (String, String),
+}
+
+impl std::fmt::Debug for Kubernetes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Kubernetes")
+            .field("node_agent", &self.node_agent)
+            .finish_non_exhaustive()
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// The folder of Kubernetes YAML.
-    pub folder: PathBuf,
-    /// CA root and node tokens are kept here.
+    pub source: Source,
+    /// CA root (and, for the folder source, node tokens) are kept here.
     pub state_dir: PathBuf,
     pub listen: SocketAddr,
     pub debug: Option<SocketAddr>,
     pub mesh: MeshOptions,
     pub max_cert_ttl: Duration,
-    /// Nodes to write tokens for even before a pod is scheduled there.
+    /// Folder source: nodes to write tokens for even before a pod is scheduled there.
     pub nodes: Vec<String>,
 }
 
@@ -53,7 +80,7 @@ pub struct Running {
     pub addr: SocketAddr,
     pub debug_addr: Option<SocketAddr>,
     pub root_pem: String,
-    pub tokens: Arc<Tokens>,
+    pub auth: Authenticator,
     pub registry: Arc<Registry>,
     pub published: watch::Receiver<Arc<Published>>,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
@@ -85,33 +112,74 @@ fn publish(snapshot: Arc<Snapshot>, mesh: &MeshOptions) -> Published {
     }
 }
 
+/// Start the source and, once it has its first complete snapshot, serve. With the Kubernetes
+/// source that waits for the first list of every kind: serving before would withdraw the
+/// workloads not listed yet from every proxy.
 pub async fn start(cfg: Config) -> anyhow::Result<Running> {
     let ca = Arc::new(crate::ca::load_or_create_root(
         &cfg.state_dir,
         &cfg.mesh.trust_domain,
     )?);
-    let tokens = Arc::new(Tokens::open(&cfg.state_dir.join("tokens")).context("node tokens")?);
-    for node in &cfg.nodes {
-        tokens.node_token(node)?;
-    }
-
-    let fp = crate::folder::fingerprint(&cfg.folder);
-    let first = Arc::new(crate::folder::load(&cfg.folder));
-    for p in &first.problems {
-        warn!("{p}");
-    }
-    let (snap_tx, mut snap_rx) = watch::channel(first.clone());
-    tokio::spawn(crate::folder::watch_folder(cfg.folder.clone(), fp, snap_tx));
+    let (mut snap_rx, auth, node_agent) = match &cfg.source {
+        Source::Folder(folder) => {
+            let tokens =
+                Arc::new(Tokens::open(&cfg.state_dir.join("tokens")).context("node tokens")?);
+            for node in &cfg.nodes {
+                tokens.node_token(node)?;
+            }
+            let fp = crate::folder::fingerprint(folder);
+            let first = Arc::new(crate::folder::load(folder));
+            for p in &first.problems {
+                warn!("{p}");
+            }
+            let (snap_tx, snap_rx) = watch::channel(first);
+            tokio::spawn(crate::folder::watch_folder(folder.clone(), fp, snap_tx));
+            let node_agent = Identity::new(
+                &cfg.mesh.trust_domain,
+                &cfg.mesh.root_namespace,
+                crate::ca::NODE_AGENT_SERVICE_ACCOUNT,
+            );
+            (snap_rx, Authenticator::Local(tokens), node_agent)
+        }
+        Source::Kubernetes(k) => {
+            let (snap_tx, mut snap_rx) = watch::channel(Arc::new(Snapshot::default()));
+            tokio::spawn(crate::cluster::watch_cluster(k.client.clone(), snap_tx));
+            info!("waiting for the first list of every kind from the Kubernetes API");
+            snap_rx
+                .changed()
+                .await
+                .context("the Kubernetes source stopped before its first snapshot")?;
+            let reviewer = TokenReviewer::new(
+                k.client.clone(),
+                &cfg.mesh.trust_domain,
+                k.node_agent.clone(),
+                snap_rx.clone(),
+            );
+            let node_agent =
+                Identity::new(&cfg.mesh.trust_domain, &k.node_agent.0, &k.node_agent.1);
+            (
+                snap_rx,
+                Authenticator::TokenReview(Arc::new(reviewer)),
+                node_agent,
+            )
+        }
+    };
+    let first = snap_rx.borrow_and_update().clone();
     let (pub_tx, pub_rx) = watch::channel(Arc::new(publish(first, &cfg.mesh)));
     {
         let mesh = cfg.mesh.clone();
-        let tokens = tokens.clone();
+        let tokens = auth.local().cloned();
         tokio::spawn(async move {
             loop {
+                if snap_rx.changed().await.is_err() {
+                    return;
+                }
                 let snap = snap_rx.borrow_and_update().clone();
-                for node in snap.nodes() {
-                    if let Err(e) = tokens.node_token(&node) {
-                        warn!(%node, "writing node token: {e}");
+                if let Some(tokens) = &tokens {
+                    for node in snap.nodes() {
+                        if let Err(e) = tokens.node_token(&node) {
+                            warn!(%node, "writing node token: {e}");
+                        }
                     }
                 }
                 let p = publish(snap, &mesh);
@@ -123,31 +191,29 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
                     "translated"
                 );
                 pub_tx.send_replace(Arc::new(p));
-                if snap_rx.changed().await.is_err() {
-                    return;
-                }
             }
         });
     }
-    let nodes = pub_rx.borrow().snapshot.nodes();
-    for node in nodes {
-        tokens.node_token(&node)?;
+    if let Some(tokens) = auth.local() {
+        for node in pub_rx.borrow().snapshot.nodes() {
+            tokens.node_token(&node)?;
+        }
     }
 
     let names: Vec<String> = SERVER_NAMES.iter().map(|s| s.to_string()).collect();
     let (cert, key) = ca.issue_server_pem(&names, Duration::from_secs(365 * 24 * 3600))?;
     let registry = Arc::new(Registry::default());
     let ads = AdsService {
-        tokens: tokens.clone(),
+        auth: auth.clone(),
         published: pub_rx.clone(),
         registry: registry.clone(),
     };
     let ca_service = CaService {
         ca: ca.clone(),
-        tokens: tokens.clone(),
+        auth: auth.clone(),
         published: pub_rx.clone(),
         trust_domain: cfg.mesh.trust_domain.clone(),
-        root_namespace: cfg.mesh.root_namespace.clone(),
+        node_agent,
         max_ttl: cfg.max_cert_ttl,
     };
     let listener = tokio::net::TcpListener::bind(cfg.listen)
@@ -188,7 +254,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         addr,
         debug_addr,
         root_pem: ca.root_pem().to_string(),
-        tokens,
+        auth,
         registry,
         published: pub_rx,
         shutdown: Some(shutdown_tx),

@@ -1,24 +1,17 @@
 //! pilot over the wire: a real tonic client on TLS against a running pilot, for the delta xDS protocol and the CA.
 
+mod ads;
+
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
-use envoy_types::pb::envoy::service::discovery::v3::{
-    DeltaDiscoveryRequest, DeltaDiscoveryResponse,
-};
-use envoy_types::pb::google::rpc::Status;
+use ads::{Stream, create, names, versions};
 use mesh::control::ControlPlane;
 use mesh::identity::Identity;
-use mesh::proto::ca::IstioCertificateRequest;
-use mesh::proto::ca::istio_certificate_service_client::IstioCertificateServiceClient;
 use mesh::proto::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL};
 use pilot::auth::Caller;
-use pilot::server::{Config, Running, start};
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
-use tonic::Streaming;
+use pilot::server::{Config, Running, Source, start};
 
 struct Env {
     dir: PathBuf,
@@ -32,7 +25,7 @@ impl Env {
         write(&dir, "ns.yaml", NAMESPACE);
         write(&dir, "svc.yaml", &service("web", "10.96.0.1", 80));
         let pilot = start(Config {
-            folder: dir.join("config"),
+            source: Source::Folder(dir.join("config")),
             state_dir: dir.join("state"),
             listen: "127.0.0.1:0".parse().unwrap(),
             debug: Some("127.0.0.1:0".parse().unwrap()),
@@ -80,82 +73,6 @@ fn write(dir: &std::path::Path, file: &str, text: &str) {
     let tmp = dir.join(format!(".{file}.tmp"));
     std::fs::write(&tmp, text).unwrap();
     std::fs::rename(tmp, dir.join("config").join(file)).unwrap();
-}
-
-/// A hand-driven delta ADS stream: the test decides what to ACK or NACK.
-struct Stream {
-    tx: mpsc::Sender<DeltaDiscoveryRequest>,
-    rx: Streaming<DeltaDiscoveryResponse>,
-}
-
-impl Stream {
-    async fn open(
-        cp: &ControlPlane,
-        initial: &[(&str, HashMap<String, String>)],
-    ) -> Result<Stream, tonic::Status> {
-        let channel = cp.endpoint().unwrap().connect().await.unwrap();
-        let mut client = AggregatedDiscoveryServiceClient::new(channel);
-        let (tx, rx) = mpsc::channel(16);
-        for (type_url, versions) in initial {
-            tx.send(DeltaDiscoveryRequest {
-                type_url: type_url.to_string(),
-                initial_resource_versions: versions.clone(),
-                ..Default::default()
-            })
-            .await
-            .unwrap();
-        }
-        let mut req = tonic::Request::new(ReceiverStream::new(rx));
-        req.metadata_mut()
-            .insert("authorization", cp.bearer().unwrap());
-        let rx = client.delta_aggregated_resources(req).await?.into_inner();
-        Ok(Stream { tx, rx })
-    }
-
-    async fn next(&mut self) -> DeltaDiscoveryResponse {
-        tokio::time::timeout(Duration::from_secs(5), self.rx.message())
-            .await
-            .expect("a response within 5 s")
-            .unwrap()
-            .unwrap()
-    }
-
-    async fn nothing_for(&mut self, d: Duration) {
-        if let Ok(r) = tokio::time::timeout(d, self.rx.message()).await {
-            panic!("unexpected response: {r:?}");
-        }
-    }
-
-    async fn ack(&self, r: &DeltaDiscoveryResponse) {
-        self.reply(r, None).await
-    }
-
-    async fn reply(&self, r: &DeltaDiscoveryResponse, error: Option<&str>) {
-        self.tx
-            .send(DeltaDiscoveryRequest {
-                type_url: r.type_url.clone(),
-                response_nonce: r.nonce.clone(),
-                error_detail: error.map(|e| Status {
-                    code: 3,
-                    message: e.into(),
-                    details: vec![],
-                }),
-                ..Default::default()
-            })
-            .await
-            .unwrap();
-    }
-}
-
-fn names(r: &DeltaDiscoveryResponse) -> Vec<&str> {
-    r.resources.iter().map(|r| r.name.as_str()).collect()
-}
-
-fn versions(r: &DeltaDiscoveryResponse) -> HashMap<String, String> {
-    r.resources
-        .iter()
-        .map(|r| (r.name.clone(), r.version.clone()))
-        .collect()
 }
 
 const WEB: &str = "shop/web.shop.svc.cluster.local";
@@ -313,35 +230,6 @@ async fn unauthenticated_callers_get_nothing() {
     assert_eq!(err.code(), tonic::Code::Unauthenticated);
 }
 
-async fn create(
-    cp: &ControlPlane,
-    csr: String,
-    impersonate: Option<&str>,
-) -> Result<Vec<String>, tonic::Status> {
-    let channel = cp.endpoint().unwrap().connect().await.unwrap();
-    let mut metadata = prost_types::Struct::default();
-    if let Some(id) = impersonate {
-        metadata.fields.insert(
-            "ImpersonatedIdentity".into(),
-            prost_types::Value {
-                kind: Some(prost_types::value::Kind::StringValue(id.into())),
-            },
-        );
-    }
-    let mut req = tonic::Request::new(IstioCertificateRequest {
-        csr,
-        validity_duration: 7 * 24 * 3600,
-        metadata: Some(metadata),
-    });
-    req.metadata_mut()
-        .insert("authorization", cp.bearer().unwrap());
-    Ok(IstioCertificateServiceClient::new(channel)
-        .create_certificate(req)
-        .await?
-        .into_inner()
-        .cert_chain)
-}
-
 #[tokio::test]
 async fn ca_issues_for_pods_on_the_callers_node_only() {
     let env = Env::start().await;
@@ -395,7 +283,7 @@ async fn ca_issues_for_pods_on_the_callers_node_only() {
     assert_eq!(err.code(), tonic::Code::PermissionDenied);
 
     // A workload (not a node agent) may not impersonate, even its own identity.
-    env.pilot.tokens.insert(
+    env.pilot.auth.local().unwrap().insert(
         "workload-token".into(),
         Caller::Workload {
             identity: web.clone(),
@@ -443,7 +331,7 @@ async fn restart_keeps_root_and_tokens() {
     let env = Env::start().await;
     let token = std::fs::read_to_string(env.dir.join("state/tokens/node1.token")).unwrap();
     let again = start(Config {
-        folder: env.dir.join("config"),
+        source: Source::Folder(env.dir.join("config")),
         state_dir: env.dir.join("state"),
         listen: "127.0.0.1:0".parse().unwrap(),
         debug: None,
@@ -454,5 +342,8 @@ async fn restart_keeps_root_and_tokens() {
     .await
     .unwrap();
     assert_eq!(again.root_pem, env.pilot.root_pem);
-    assert_eq!(again.tokens.node_token("node1").unwrap(), token);
+    assert_eq!(
+        again.auth.local().unwrap().node_token("node1").unwrap(),
+        token
+    );
 }

@@ -16,7 +16,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, info, warn};
 
-use crate::auth::Tokens;
+use crate::auth::Authenticator;
 use crate::server::Published;
 use crate::xds::session::{Reply, Session, TypeReport};
 
@@ -61,7 +61,7 @@ impl Registry {
 }
 
 pub struct AdsService {
-    pub tokens: Arc<Tokens>,
+    pub auth: Authenticator,
     pub published: watch::Receiver<Arc<Published>>,
     pub registry: Arc<Registry>,
 }
@@ -87,7 +87,7 @@ impl AggregatedDiscoveryService for AdsService {
         &self,
         request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<DeltaStream>, Status> {
-        let caller = self.tokens.authenticate(request.metadata())?;
+        let caller = self.auth.authenticate(request.metadata()).await?;
         let peer = request.remote_addr();
         let inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(QUEUE);

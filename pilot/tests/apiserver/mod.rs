@@ -1,0 +1,509 @@
+//! A stand-in Kubernetes API server at the network boundary (plain HTTP/1.1 on loopback): list and watch of the kinds pilot reads, resourceVersions, 410 Gone after compaction, and TokenReview.
+//!
+//! It behaves as kube-apiserver does where pilot can tell: lists carry the collection's
+//! `resourceVersion` and items without `apiVersion`/`kind`; `?watch=true&resourceVersion=N`
+//! streams every change after N as chunked JSON lines (`ADDED`, `MODIFIED`, `DELETED`, objects
+//! with their types) and stays open; a watch from a compacted version gets HTTP 200 and one
+//! `ERROR` event with a 410 `Status`; an unserved kind answers 404 with a `Status`. Limits
+//! (`limit`) are not implemented: every list is one page, which the API allows a server to do.
+
+#![allow(dead_code)]
+
+use std::collections::{BTreeMap, HashMap};
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
+use hyper::body::{Frame, Incoming};
+use hyper::{Request, Response, StatusCode};
+use serde_json::{Value, json};
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+
+type Body = BoxBody<Bytes, Infallible>;
+
+/// The kinds served: (apiVersion, kind, collection path across namespaces, namespaced).
+pub const KINDS: [(&str, &str, &str, bool); 7] = [
+    ("v1", "Namespace", "/api/v1/namespaces", false),
+    ("v1", "Pod", "/api/v1/pods", true),
+    ("v1", "Service", "/api/v1/services", true),
+    (
+        "security.istio.io/v1",
+        "AuthorizationPolicy",
+        "/apis/security.istio.io/v1/authorizationpolicies",
+        true,
+    ),
+    (
+        "networking.istio.io/v1",
+        "VirtualService",
+        "/apis/networking.istio.io/v1/virtualservices",
+        true,
+    ),
+    (
+        "networking.istio.io/v1",
+        "DestinationRule",
+        "/apis/networking.istio.io/v1/destinationrules",
+        true,
+    ),
+    (
+        "gateway.networking.k8s.io/v1",
+        "Gateway",
+        "/apis/gateway.networking.k8s.io/v1/gateways",
+        true,
+    ),
+];
+const TOKEN_REVIEWS: &str = "/apis/authentication.k8s.io/v1/tokenreviews";
+
+#[derive(Default)]
+struct Collection {
+    objects: BTreeMap<(String, String), Value>,
+    /// Every change, in order: (resourceVersion, event type, object).
+    events: Vec<(u64, &'static str, Value)>,
+    /// Answer lists and watches with 404 (the CRD is not installed).
+    unserved: bool,
+    /// Answer lists with 500.
+    failing: bool,
+    lists: usize,
+    watches: usize,
+}
+
+/// What TokenReview answers for a token.
+#[derive(Clone, Debug)]
+pub struct TokenInfo {
+    pub username: String,
+    pub audiences: Vec<String>,
+    pub extra: BTreeMap<String, Vec<String>>,
+}
+
+#[derive(Default)]
+struct State {
+    rv: u64,
+    /// Watches from a resourceVersion below this get 410 Gone.
+    compacted: u64,
+    /// Bumped to end every open watch (as an API server restart or a load balancer would).
+    epoch: u64,
+    /// Open watches deliver nothing while set (a client cut off from the server).
+    paused: bool,
+    collections: Vec<Collection>,
+    tokens: HashMap<String, TokenInfo>,
+    reviews: Vec<Value>,
+}
+
+pub struct ApiServer {
+    pub addr: SocketAddr,
+    state: Arc<Mutex<State>>,
+    /// Sent the latest resourceVersion or epoch on every change, to wake the watches.
+    changed: watch::Sender<u64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for ApiServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl ApiServer {
+    pub async fn start() -> ApiServer {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let state = Arc::new(Mutex::new(State {
+            rv: 1000,
+            collections: KINDS.iter().map(|_| Collection::default()).collect(),
+            ..State::default()
+        }));
+        let (changed, _) = watch::channel(0);
+        let server = Server {
+            state: state.clone(),
+            changed: changed.clone(),
+        };
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let server = server.clone();
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |req| {
+                        let server = server.clone();
+                        async move { Ok::<_, Infallible>(server.handle(req).await) }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        ApiServer {
+            addr,
+            state,
+            changed,
+            task,
+        }
+    }
+
+    /// A kube client for this server, as `Config::infer` would make for a real one.
+    pub fn client(&self) -> kube::Client {
+        let url = format!("http://{}", self.addr).parse().unwrap();
+        kube::Client::try_from(kube::Config::new(url)).unwrap()
+    }
+
+    fn kind_index(api_version: &str, kind: &str) -> usize {
+        KINDS
+            .iter()
+            .position(|(a, k, _, _)| *a == api_version && *k == kind)
+            .unwrap_or_else(|| {
+                panic!("the stand-in API server does not serve {api_version} {kind}")
+            })
+    }
+
+    /// Create or replace an object (as `kubectl apply`): namespace defaulted, a uid given when
+    /// it has none, a new resourceVersion.
+    pub fn apply(&self, mut object: Value) {
+        let api_version = object["apiVersion"].as_str().unwrap().to_string();
+        let kind = object["kind"].as_str().unwrap().to_string();
+        let i = Self::kind_index(&api_version, &kind);
+        let mut s = self.state.lock().unwrap();
+        s.rv += 1;
+        let rv = s.rv;
+        let meta = object["metadata"].as_object_mut().unwrap();
+        if KINDS[i].3 && !meta.contains_key("namespace") {
+            meta.insert("namespace".into(), "default".into());
+        }
+        let key = (
+            meta.get("namespace")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_string(),
+            meta["name"].as_str().unwrap().to_string(),
+        );
+        meta.insert("resourceVersion".into(), rv.to_string().into());
+        let c = &mut s.collections[i];
+        let old_uid = c.objects.get(&key).map(|o| o["metadata"]["uid"].clone());
+        let meta = object["metadata"].as_object_mut().unwrap();
+        if !meta.contains_key("uid") {
+            meta.insert(
+                "uid".into(),
+                old_uid.unwrap_or_else(|| format!("uid-{rv}").into()),
+            );
+        }
+        let kind = if c.objects.contains_key(&key) {
+            "MODIFIED"
+        } else {
+            "ADDED"
+        };
+        c.objects.insert(key, object.clone());
+        c.events.push((rv, kind, object));
+        drop(s);
+        self.changed.send_replace(rv);
+    }
+
+    pub fn delete(&self, api_version: &str, kind: &str, namespace: &str, name: &str) {
+        let i = Self::kind_index(api_version, kind);
+        let mut s = self.state.lock().unwrap();
+        s.rv += 1;
+        let rv = s.rv;
+        let c = &mut s.collections[i];
+        let mut object = c
+            .objects
+            .remove(&(namespace.to_string(), name.to_string()))
+            .unwrap_or_else(|| panic!("no {kind} {namespace}/{name} to delete"));
+        object["metadata"]["resourceVersion"] = rv.to_string().into();
+        c.events.push((rv, "DELETED", object));
+        drop(s);
+        self.changed.send_replace(rv);
+    }
+
+    /// Forget the history so far: a watch resuming from before now gets 410 Gone.
+    pub fn compact(&self) {
+        let mut s = self.state.lock().unwrap();
+        s.compacted = s.rv + 1;
+        for c in &mut s.collections {
+            c.events.clear();
+        }
+    }
+
+    /// End every open watch; clients resume from the last resourceVersion they saw.
+    pub fn disconnect_watches(&self) {
+        let mut s = self.state.lock().unwrap();
+        s.epoch += 1;
+        let epoch = s.epoch;
+        drop(s);
+        self.changed.send_replace(u64::MAX - epoch);
+    }
+
+    /// While paused, open watches deliver nothing: changes made meanwhile reach a client only
+    /// if it resumes before they are compacted away.
+    pub fn pause_watches(&self, paused: bool) {
+        self.state.lock().unwrap().paused = paused;
+        self.changed.send_modify(|_| {});
+    }
+
+    pub fn set_served(&self, kind: &str, served: bool) {
+        let i = KINDS.iter().position(|k| k.1 == kind).unwrap();
+        self.state.lock().unwrap().collections[i].unserved = !served;
+    }
+
+    pub fn set_failing(&self, kind: &str, failing: bool) {
+        let i = KINDS.iter().position(|k| k.1 == kind).unwrap();
+        self.state.lock().unwrap().collections[i].failing = failing;
+    }
+
+    /// (lists, watches) requested of `kind` so far.
+    pub fn requests(&self, kind: &str) -> (usize, usize) {
+        let i = KINDS.iter().position(|k| k.1 == kind).unwrap();
+        let s = self.state.lock().unwrap();
+        (s.collections[i].lists, s.collections[i].watches)
+    }
+
+    /// Every object held, with its apiVersion and kind (as `kubectl get -o yaml` shows them).
+    pub fn objects(&self) -> Vec<Value> {
+        let s = self.state.lock().unwrap();
+        s.collections
+            .iter()
+            .flat_map(|c| c.objects.values().cloned())
+            .collect()
+    }
+
+    pub fn add_token(&self, token: &str, info: TokenInfo) {
+        self.state
+            .lock()
+            .unwrap()
+            .tokens
+            .insert(token.to_string(), info);
+    }
+
+    /// The TokenReview requests received, in order.
+    pub fn reviews(&self) -> Vec<Value> {
+        self.state.lock().unwrap().reviews.clone()
+    }
+}
+
+#[derive(Clone)]
+struct Server {
+    state: Arc<Mutex<State>>,
+    changed: watch::Sender<u64>,
+}
+
+fn full(status: StatusCode, body: &Value) -> Response<Body> {
+    Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body.to_string())).boxed())
+        .unwrap()
+}
+
+fn status(code: u16, reason: &str, message: &str) -> Value {
+    json!({
+        "kind": "Status", "apiVersion": "v1", "metadata": {},
+        "status": "Failure", "message": message, "reason": reason, "code": code,
+    })
+}
+
+fn error(code: u16, reason: &str, message: &str) -> Response<Body> {
+    full(
+        StatusCode::from_u16(code).unwrap(),
+        &status(code, reason, message),
+    )
+}
+
+impl Server {
+    async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
+        let path = req.uri().path().to_string();
+        let query: HashMap<String, String> = req
+            .uri()
+            .query()
+            .unwrap_or_default()
+            .split('&')
+            .filter_map(|kv| kv.split_once('='))
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        if path == TOKEN_REVIEWS && req.method() == hyper::Method::POST {
+            let body = req.into_body().collect().await.unwrap().to_bytes();
+            return self.token_review(serde_json::from_slice(&body).unwrap());
+        }
+        let Some(i) = KINDS.iter().position(|k| k.2 == path) else {
+            return error(
+                404,
+                "NotFound",
+                "the server could not find the requested resource",
+            );
+        };
+        if req.method() != hyper::Method::GET {
+            return error(405, "MethodNotAllowed", "only list and watch are served");
+        }
+        if query.get("watch").map(String::as_str) == Some("true") {
+            self.watch(i, &query)
+        } else {
+            self.list(i)
+        }
+    }
+
+    fn list(&self, i: usize) -> Response<Body> {
+        let mut s = self.state.lock().unwrap();
+        let rv = s.rv;
+        let c = &mut s.collections[i];
+        c.lists += 1;
+        if c.unserved {
+            return error(
+                404,
+                "NotFound",
+                "the server could not find the requested resource",
+            );
+        }
+        if c.failing {
+            return error(500, "InternalError", "etcdserver: request timed out");
+        }
+        // List items come without apiVersion and kind, as kube-apiserver sends them.
+        let items: Vec<Value> = c
+            .objects
+            .values()
+            .map(|o| {
+                let mut o = o.clone();
+                let m = o.as_object_mut().unwrap();
+                m.remove("apiVersion");
+                m.remove("kind");
+                o
+            })
+            .collect();
+        let (api_version, kind, _, _) = KINDS[i];
+        full(
+            StatusCode::OK,
+            &json!({
+                "apiVersion": api_version, "kind": format!("{kind}List"),
+                "metadata": {"resourceVersion": rv.to_string()},
+                "items": items,
+            }),
+        )
+    }
+
+    fn watch(&self, i: usize, query: &HashMap<String, String>) -> Response<Body> {
+        let from: u64 = query
+            .get("resourceVersion")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        let timeout = query
+            .get("timeoutSeconds")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(290u64);
+        let (tx, rx) = mpsc::channel::<Result<Frame<Bytes>, Infallible>>(64);
+        let line = |v: &Value| Ok(Frame::data(Bytes::from(format!("{v}\n"))));
+        {
+            let mut s = self.state.lock().unwrap();
+            let c = &mut s.collections[i];
+            c.watches += 1;
+            if c.unserved {
+                return error(
+                    404,
+                    "NotFound",
+                    "the server could not find the requested resource",
+                );
+            }
+            if from < s.compacted {
+                let gone = json!({"type": "ERROR", "object": status(
+                    410, "Expired",
+                    &format!("too old resource version: {from} ({})", s.compacted),
+                )});
+                let _ = tx.try_send(line(&gone));
+                return self.streaming(rx);
+            }
+        }
+        let state = self.state.clone();
+        let mut changed = self.changed.subscribe();
+        tokio::spawn(async move {
+            let epoch = state.lock().unwrap().epoch;
+            let mut last = from;
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(timeout);
+            loop {
+                changed.borrow_and_update();
+                let (events, ended) = {
+                    let s = state.lock().unwrap();
+                    let events: Vec<(u64, Value)> = s.collections[i]
+                        .events
+                        .iter()
+                        .filter(|(rv, _, _)| *rv > last && !s.paused)
+                        .map(|(rv, kind, object)| (*rv, json!({"type": kind, "object": object})))
+                        .collect();
+                    (events, s.epoch != epoch)
+                };
+                if ended {
+                    return;
+                }
+                for (rv, event) in events {
+                    if tx.send(line(&event)).await.is_err() {
+                        return;
+                    }
+                    last = rv;
+                }
+                match tokio::time::timeout_at(deadline, changed.changed()).await {
+                    Ok(Ok(())) => {}
+                    _ => return,
+                }
+            }
+        });
+        self.streaming(rx)
+    }
+
+    fn streaming(&self, rx: mpsc::Receiver<Result<Frame<Bytes>, Infallible>>) -> Response<Body> {
+        Response::builder()
+            .status(StatusCode::OK)
+            .header("content-type", "application/json")
+            .body(BodyExt::boxed(StreamBody::new(ReceiverStream::new(rx))))
+            .unwrap()
+    }
+
+    fn token_review(&self, request: Value) -> Response<Body> {
+        let mut s = self.state.lock().unwrap();
+        s.reviews.push(request.clone());
+        let token = request["spec"]["token"].as_str().unwrap_or_default();
+        let wanted: Vec<String> = request["spec"]["audiences"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|v| v.as_str().map(String::from))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let status = match s.tokens.get(token) {
+            None => json!({"authenticated": false, "error": "invalid bearer token"}),
+            Some(info) => {
+                // As kube-apiserver: the answer's audiences are the intersection, and a token
+                // valid for none of the requested ones is not authenticated.
+                let common: Vec<&String> = info
+                    .audiences
+                    .iter()
+                    .filter(|a| wanted.is_empty() || wanted.contains(a))
+                    .collect();
+                if common.is_empty() {
+                    json!({"authenticated": false, "error": format!(
+                        "token audiences {:?} is invalid for the target audiences {wanted:?}",
+                        info.audiences
+                    )})
+                } else {
+                    json!({
+                        "authenticated": true,
+                        "audiences": common,
+                        "user": {
+                            "username": info.username,
+                            "uid": format!("uid-{}", info.username),
+                            "groups": ["system:serviceaccounts", "system:authenticated"],
+                            "extra": info.extra,
+                        },
+                    })
+                }
+            }
+        };
+        full(
+            StatusCode::CREATED,
+            &json!({
+                "apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview",
+                "metadata": {"creationTimestamp": null},
+                "spec": request["spec"],
+                "status": status,
+            }),
+        )
+    }
+}
