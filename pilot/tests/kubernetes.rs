@@ -634,49 +634,55 @@ fn rbac_matches_the_code() {
     assert_eq!(granted, needed);
 }
 
-/// How the source scales: 10,000 pods over 100 nodes behind 1,000 services, listed through
-/// the stand-in server, then one pod changed. Ignored by default (seconds of CPU on a debug
-/// build); `cargo test -p pilot --test kubernetes -- --ignored --nocapture` prints the figures.
+/// Many pods listed through the stand-in server converge into one snapshot and translation,
+/// and one pod changed afterwards shows in the next snapshot. 2,000 pods behind 200 services by
+/// default (cheap enough for every run); `PILOT_K8S_SCALE_PODS=10000 cargo test -p pilot --test
+/// kubernetes many_pods -- --nocapture` is the run whose figures the README quotes. Timings are
+/// printed, never asserted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore]
-async fn scale_10k_pods() {
+async fn many_pods_converge_and_a_change_follows() {
+    let pods: usize = std::env::var("PILOT_K8S_SCALE_PODS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2_000);
+    let services = pods / 10;
     let server = ApiServer::start().await;
     server.apply(json!({"apiVersion": "v1", "kind": "Namespace",
         "metadata": {"name": "bookinfo", "labels": {"istio.io/dataplane-mode": "ambient"}}}));
-    for s in 0..1000 {
+    for s in 0..services {
         server.apply(json!({"apiVersion": "v1", "kind": "Service",
             "metadata": {"name": format!("svc-{s}"), "namespace": "bookinfo"},
             "spec": {"clusterIP": format!("10.96.{}.{}", s / 250, s % 250 + 1),
                      "selector": {"app": format!("app-{s}")}, "ports": [{"port": 80, "targetPort": 9080}]}}));
     }
-    for p in 0..10_000 {
+    for p in 0..pods {
         let mut o = pod(
             &format!("pod-{p}"),
             &format!("node-{}", p % 100),
             &format!("10.{}.{}.{}", 100 + p / 62500, (p / 250) % 250, p % 250 + 1),
         );
-        o["metadata"]["labels"]["app"] = format!("app-{}", p % 1000).into();
+        o["metadata"]["labels"]["app"] = format!("app-{}", p % services).into();
         server.apply(o);
     }
     let started = std::time::Instant::now();
     let mut rx = watch_cluster(&server);
     let first = next(&mut rx, Duration::from_secs(120)).await;
     let listed = started.elapsed();
-    assert_eq!(first.pods.len(), 10_000);
+    assert_eq!(first.pods.len(), pods);
     let t = std::time::Instant::now();
     let resources = translate(&first, &MeshOptions::default()).resources;
     let translated = t.elapsed();
-    assert_eq!(resources.addresses.len(), 11_000);
+    assert_eq!(resources.addresses.len(), pods + services);
 
     let t = std::time::Instant::now();
     server.apply(pod("pod-0", "node-0", "10.250.0.1"));
-    let changed = next(&mut rx, Duration::from_secs(10)).await;
+    let changed = next(&mut rx, Duration::from_secs(30)).await;
     let one_change = t.elapsed();
     assert_eq!(changed.generation, 2);
+    assert_eq!(changed.pods.len(), pods);
     println!(
-        "10k pods, 1k services: first snapshot {listed:?} after start (list + parse + build), \
+        "{pods} pods, {services} services: first snapshot {listed:?} after start (list + parse + build), \
          translation {translated:?}; one pod modified -> snapshot {one_change:?} (debounce {:?})",
         pilot::cluster::DEBOUNCE
     );
-    assert!(one_change < Duration::from_secs(5));
 }
