@@ -72,12 +72,13 @@ impl SocketFactory {
     }
 
     fn socket(&self, addr: &SocketAddr) -> io::Result<Socket> {
+        self.new_socket(addr, Type::STREAM, Protocol::TCP)
+    }
+
+    /// A non-blocking socket of `ty` made in this factory's namespace, carrying its mark.
+    fn new_socket(&self, addr: &SocketAddr, ty: Type, protocol: Protocol) -> io::Result<Socket> {
         self.run_in(|| {
-            let socket = Socket::new(
-                Domain::for_address(*addr),
-                Type::STREAM.nonblocking(),
-                Some(Protocol::TCP),
-            )?;
+            let socket = Socket::new(Domain::for_address(*addr), ty.nonblocking(), Some(protocol))?;
             if let Some(mark) = self.mark {
                 socket.set_mark(mark)?;
             }
@@ -103,17 +104,7 @@ impl SocketFactory {
     /// A UDP socket bound to `addr`: a proxy's in-pod UDP listener (SO_REUSEPORT, as
     /// [`SocketFactory::listen`]), or with port 0 an ephemeral socket for one upstream exchange.
     pub fn udp_bind(&self, addr: SocketAddr) -> io::Result<tokio::net::UdpSocket> {
-        let socket = self.run_in(|| {
-            let socket = Socket::new(
-                Domain::for_address(addr),
-                Type::DGRAM.nonblocking(),
-                Some(Protocol::UDP),
-            )?;
-            if let Some(mark) = self.mark {
-                socket.set_mark(mark)?;
-            }
-            Ok(socket)
-        })?;
+        let socket = self.new_socket(&addr, Type::DGRAM, Protocol::UDP)?;
         if addr.port() != 0 {
             socket.set_reuse_address(true)?;
             socket.set_reuse_port(true)?;
