@@ -12,5 +12,6 @@ pub mod identity;
 pub mod metrics;
 pub mod proto;
 pub mod socket;
+pub mod state;
 pub mod tls;
 pub mod xds;

@@ -5,7 +5,7 @@ use std::net::IpAddr;
 
 use mesh::identity::Identity;
 
-use crate::state::{Action, Authorization, Cidr, Match, State, StringMatch, Workload};
+use mesh::state::{Action, Authorization, Cidr, Match, State, StringMatch, Workload};
 
 /// What authorization sees of a connection.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -211,7 +211,7 @@ fn ip_field(want: &[Cidr], not: &[Cidr], ip: IpAddr) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::{Clause, Rule, Scope};
+    use mesh::state::{Clause, Rule, Scope};
 
     fn workload() -> Workload {
         Workload {

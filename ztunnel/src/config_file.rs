@@ -6,7 +6,7 @@ use std::path::Path;
 
 use serde::Deserialize;
 
-use crate::state::{
+use mesh::state::{
     Action, Authorization, Cidr, Clause, DEFAULT_CLUSTER_ID, DEFAULT_HBONE_PORT,
     DEFAULT_SERVICE_ACCOUNT, DEFAULT_TRUST_DOMAIN, GatewayAddress, GatewayDestination,
     HealthStatus, Match, Rule, Scope, Service, ServicePort, State, StateError, StringMatch,
@@ -713,7 +713,7 @@ fn convert_match(o: &Object<'_>, at: &str, raw: &RawMatch) -> Result<Match, Conf
 mod tests {
     use super::*;
     use crate::authorization::{self, Connection, Decision};
-    use crate::state::Destination;
+    use mesh::state::Destination;
     use std::path::PathBuf;
 
     fn testdata(name: &str) -> PathBuf {

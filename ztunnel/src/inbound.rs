@@ -16,7 +16,7 @@ use tracing::{info, warn};
 use crate::authorization::{self, Connection, Decision};
 use crate::metrics::Peers;
 use crate::node::Pod;
-use crate::state::Workload;
+use mesh::state::Workload;
 
 /// Accept HBONE connections for the pod; each is served with the pod's current certificate.
 pub async fn serve_hbone(listener: TcpListener, pod: Arc<Pod>, drain: drain::Watch) {

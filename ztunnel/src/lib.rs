@@ -12,5 +12,4 @@ pub mod node;
 pub mod outbound;
 pub mod redirect;
 pub mod source;
-pub mod state;
 pub mod xds;

@@ -258,7 +258,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     };
     let (state, certs) = match (&control, &args.config, &args.ca_cert, &args.ca_key) {
         (Some(cp), _, _, _) => (
-            ztunnel::state::State::default(),
+            mesh::state::State::default(),
             CertCache::new(Arc::new(CaClient {
                 control: cp.clone(),
                 ttl: args.cert_ttl,

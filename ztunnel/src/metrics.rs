@@ -9,7 +9,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Registry, Unit};
 
-use crate::state::{Service, Workload};
+use mesh::state::{Service, Workload};
 
 pub struct Metrics {
     pub registry: Registry,

@@ -20,7 +20,7 @@ use crate::dns::proxy::{self as dns_proxy, DnsProxy};
 use crate::metrics::Metrics;
 use crate::redirect::{PodCapture, PodTarget, Redirector};
 use crate::source::PodRouting;
-use crate::state::{State, TunnelProtocol, Workload};
+use mesh::state::{State, TunnelProtocol, Workload};
 use crate::{config_file, inbound, outbound};
 
 pub const OUTBOUND_PORT: u16 = 15001;

@@ -17,7 +17,7 @@ use tracing::{debug, info};
 
 use crate::metrics::Peers;
 use crate::node::Pod;
-use crate::state::{Destination, Service, TunnelProtocol, Workload};
+use mesh::state::{Destination, Service, TunnelProtocol, Workload};
 
 pub async fn serve(listener: TcpListener, pod: Arc<Pod>, drain: drain::Watch) {
     while let Some((tcp, peer)) = drain::accept(&listener, &drain).await {
@@ -232,7 +232,7 @@ pub fn baggage(w: &Workload) -> Baggage {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::{Service, State};
+    use mesh::state::{Service, State};
 
     fn workload(name: &str, ip: &str, hbone: bool) -> Workload {
         Workload {
@@ -260,7 +260,7 @@ mod tests {
             namespace: "ns".into(),
             hostname: "svc.ns.svc.cluster.local".into(),
             addresses: vec!["10.96.0.1".parse().unwrap()],
-            ports: vec![crate::state::ServicePort {
+            ports: vec![mesh::state::ServicePort {
                 service_port: 80,
                 target_port: 8080,
                 app_protocol: String::new(),

@@ -13,7 +13,7 @@ pub mod proxy;
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 
-use crate::state::State;
+use mesh::state::State;
 
 /// A DNS header is 12 bytes (RFC 1035 4.1.1).
 pub const HEADER_LEN: usize = 12;
@@ -435,7 +435,7 @@ pub fn resolv_conf_nameservers(text: &str) -> Vec<SocketAddr> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::Service;
+    use mesh::state::Service;
 
     /// A query as a stub resolver builds it: ID, RD, one question, optionally EDNS.
     fn query(id: u16, name: &str, qtype: u16, edns: Option<u16>) -> Vec<u8> {

@@ -18,7 +18,7 @@ use super::{
 };
 use crate::metrics::{DnsLabels, or_unknown};
 use crate::node::Pod;
-use crate::state::State;
+use mesh::state::State;
 
 /// The proxy's port in every enrolled pod.
 pub const DNS_PORT: u16 = 15053;

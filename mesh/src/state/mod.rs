@@ -1,4 +1,6 @@
-//! The node proxy's immutable view of the mesh (workloads, services, policies), shaped like Istio's workload API.
+//! The mesh as the proxies see it (workloads, services, L4 policies), shaped like Istio's workload API: one immutable snapshot, shared by ztunnel and the waypoint.
+
+pub mod proto;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -7,7 +9,7 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use mesh::identity::Identity;
+use crate::identity::Identity;
 use serde::{Serialize, Serializer};
 
 /// Istio's default trust domain, used when a workload does not name one.
