@@ -267,7 +267,9 @@ async fn sigterm_drains_open_connections() {
     let pid = c.ztunnel_pid(1).unwrap();
     // SAFETY: kill(2) on our own child.
     unsafe { libc::kill(pid as i32, libc::SIGTERM) };
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Longer than two reconcile ticks (500 ms): a draining ztunnel used to re-enroll its pods
+    // within that time and accept connections its exit then cut.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
     // The server-side ztunnel is draining: the open connection still carries data.
     w.write_all(b"after-sigterm").await.unwrap();
     w.shutdown().await.unwrap();
@@ -282,6 +284,45 @@ async fn sigterm_drains_open_connections() {
     assert!(status.success(), "ztunnel exit: {status}");
     let log = std::fs::read_to_string(c.ztunnel_log(1)).unwrap();
     assert!(log.contains("all connections finished"), "{log}");
+    let after_sigterm = log
+        .split("SIGTERM: draining")
+        .nth(1)
+        .expect("SIGTERM logged");
+    assert!(
+        !after_sigterm.contains("pod enrolled"),
+        "a draining ztunnel enrolled a pod again:\n{after_sigterm}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_port_behind_the_mesh_is_refused_at_once() {
+    if !testbed::can_run() {
+        return;
+    }
+    let c = Cluster::start(spec("")).await.unwrap();
+    // Nothing listens on 7 in server-a. The delivery's reset must come back over `lo` (the
+    // pod reflects the delivery mark on it), so the client's connection ends at once; before,
+    // the reset took the pod's default route and the delivery waited for its 10 s timeout.
+    let dst = SocketAddr::new(c.pod_ip("server-a"), 7);
+    let started = std::time::Instant::now();
+    if let Ok(s) = c.connect_from("client", dst).await {
+        let answer = tokio::time::timeout(
+            Duration::from_secs(8),
+            testbed::cluster::exchange_on(s, b"anyone?"),
+        )
+        .await
+        .expect("the connection to a closed port ended");
+        assert!(answer.map(|a| a.is_empty()).unwrap_or(true));
+    }
+    println!(
+        "closed port: connection ended after {:?}",
+        started.elapsed()
+    );
+    // Unenrolling restores the sysctl; while enrolled it is on in the pod.
+    let reflect = c
+        .pod_command("server-a", &["cat", "/proc/sys/net/ipv4/fwmark_reflect"])
+        .unwrap();
+    assert_eq!(reflect.trim(), "1");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -129,7 +129,7 @@ async fn plaintext(pod: &Pod, tcp: TcpStream, peer: SocketAddr) -> Result<(), St
         .map_err(|e| format!("original destination: {e}"))?;
     let workload = pod.workload().ok_or("pod is no longer in the mesh")?;
     pod.node
-        .refuse_own_listener(target, &tcp, &workload.addresses)?;
+        .refuse_own_listener(target, None, &workload.addresses)?;
     let conn = Connection {
         src_identity: None,
         src_ip: peer.ip(),

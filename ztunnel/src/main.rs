@@ -16,7 +16,7 @@ use tokio::sync::{mpsc, watch};
 use tracing::{error, info, warn};
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::prelude::*;
-use ztunnel::node::Node;
+use ztunnel::node::{Node, NodeOptions};
 use ztunnel::redirect::{self, EbpfSettings, Mode};
 
 #[derive(Parser, Debug)]
@@ -286,11 +286,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
         args.node_name.clone(),
         state_rx,
         certs,
-        args.cgroup_root.clone(),
-        capture.clone(),
-        args.preserve_source == OnOff::On,
-        dns,
-        vec![args.admin_addr, args.metrics_addr, args.readiness_addr],
+        NodeOptions {
+            cgroup_root: args.cgroup_root.clone(),
+            redirect: capture.clone(),
+            preserve_source: args.preserve_source == OnOff::On,
+            dns,
+            admin_listeners: vec![args.admin_addr, args.metrics_addr, args.readiness_addr],
+        },
     );
     let (drain_trigger, drain_watch) = mesh::drain::channel();
     let (quit_tx, mut quit_rx) = mpsc::channel(1);

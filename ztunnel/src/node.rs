@@ -52,6 +52,8 @@ pub struct Node {
     /// The admin, metrics and readiness listeners, in ztunnel's own namespace: never a
     /// destination a pod's connection may be forwarded to.
     admin_listeners: Vec<SocketAddr>,
+    /// Set by `drain`: no reconcile pass enrolls anything after it.
+    draining: AtomicBool,
 }
 
 /// The proxy side of one enrolled pod, as its handlers see it.
@@ -108,17 +110,32 @@ pub struct PodInfo {
     pub source_preserved: bool,
 }
 
+/// How the node proxies its pods, from ztunnel's flags.
+pub struct NodeOptions {
+    pub cgroup_root: PathBuf,
+    pub redirect: Arc<dyn Redirector>,
+    /// Deliver inbound connections from the client's address (`--preserve-source`).
+    pub preserve_source: bool,
+    /// The DNS proxy for every enrolled pod; `None` with `--dns-capture off`.
+    pub dns: Option<Arc<DnsProxy>>,
+    /// The admin, metrics and readiness listeners (never a destination for a pod).
+    pub admin_listeners: Vec<SocketAddr>,
+}
+
 impl Node {
     pub fn new(
         name: String,
         state: watch::Receiver<Arc<State>>,
         certs: CertCache,
-        cgroup_root: PathBuf,
-        redirect: Arc<dyn Redirector>,
-        preserve_source: bool,
-        dns: Option<Arc<DnsProxy>>,
-        admin_listeners: Vec<SocketAddr>,
+        options: NodeOptions,
     ) -> Arc<Node> {
+        let NodeOptions {
+            cgroup_root,
+            redirect,
+            preserve_source,
+            dns,
+            admin_listeners,
+        } = options;
         Arc::new(Node {
             name,
             state,
@@ -134,6 +151,7 @@ impl Node {
             synced: AtomicBool::new(true),
             reconciling: tokio::sync::Mutex::new(()),
             admin_listeners,
+            draining: AtomicBool::new(false),
         })
     }
 
@@ -142,10 +160,9 @@ impl Node {
     pub fn refuse_own_listener(
         &self,
         dst: SocketAddr,
-        accepted: &tokio::net::TcpStream,
+        listener: Option<SocketAddr>,
         pod_addresses: &[std::net::IpAddr],
     ) -> Result<(), String> {
-        let listener = accepted.local_addr().map_err(|e| e.to_string())?;
         let accepted = crate::selfloop::Accepted {
             dst,
             listener,
@@ -183,6 +200,11 @@ impl Node {
     /// cannot be enrolled yet (no process in their cgroup) are retried on the next pass.
     pub async fn reconcile(self: &Arc<Self>) {
         let _turn = self.reconciling.lock().await;
+        // A draining ztunnel keeps its pods' capture for its successor and enrolls nothing:
+        // listeners opened now would accept connections that the exit then cuts.
+        if self.draining.load(Ordering::Acquire) {
+            return;
+        }
         let wanted = self.wanted();
         let keep: std::collections::HashSet<String> =
             wanted.iter().map(|w| w.uid.clone()).collect();
@@ -396,6 +418,9 @@ impl Node {
     /// (rules, or pinned eBPF state) stays: while no ztunnel runs, captured connections are refused rather than sent
     /// around the mesh.
     pub async fn drain(&self, deadline: Duration) -> bool {
+        self.draining.store(true, Ordering::Release);
+        // A pass under way finishes first (it may be enrolling a pod); none runs after.
+        drop(self.reconciling.lock().await);
         let pods: Vec<Enrolled> = match self.pods.lock() {
             Ok(mut p) => p.drain().map(|(_, e)| e).collect(),
             Err(_) => vec![],

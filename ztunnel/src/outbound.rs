@@ -94,8 +94,11 @@ async fn handle(pod: &Pod, tcp: TcpStream, peer: SocketAddr) -> Result<(), Strin
         .outbound_original_dst(&tcp)
         .map_err(|e| format!("original destination: {e}"))?;
     let source = pod.node.state.borrow().workload_by_uid(&pod.uid).cloned();
-    pod.node
-        .refuse_own_listener(dst, &tcp, source.as_ref().map_or(&[][..], |w| &w.addresses))?;
+    pod.node.refuse_own_listener(
+        dst,
+        tcp.local_addr().ok(),
+        source.as_ref().map_or(&[][..], |w| &w.addresses),
+    )?;
     let route = route(dst, pod.node.state.borrow().resolve(dst))?;
     // eBPF capture rewrites the destination before the source is chosen, so the app's side of
     // the connection is loopback: the client is really the pod's own address.

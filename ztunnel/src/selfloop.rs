@@ -12,8 +12,10 @@ use mesh::hbone::PROXY_PORTS;
 pub struct Accepted<'a> {
     /// The original destination the capture reported.
     pub dst: SocketAddr,
-    /// The local address of the accepted socket (the proxy's listener).
-    pub listener: SocketAddr,
+    /// The local address of the accepted socket, when a redirected connection's differs from
+    /// its original destination (outbound). Inbound with eBPF the two are the same by design
+    /// (`sk_lookup` assigns without rewriting), so it is not given there.
+    pub listener: Option<SocketAddr>,
     /// The pod's own addresses.
     pub pod_addresses: &'a [IpAddr],
 }
@@ -27,7 +29,7 @@ pub fn refusal(
     node_local: impl Fn(IpAddr) -> bool,
 ) -> Option<String> {
     let dst = canonical(a.dst);
-    if dst == canonical(a.listener) {
+    if a.listener.map(canonical) == Some(dst) {
         return Some(format!(
             "{dst} is the proxy's own listener (the connection was not redirected)"
         ));
@@ -63,6 +65,10 @@ mod tests {
     use super::*;
 
     fn check(dst: &str, listener: &str) -> Option<String> {
+        check_with(dst, Some(listener))
+    }
+
+    fn check_with(dst: &str, listener: Option<&str>) -> Option<String> {
         let pod: [IpAddr; 2] = ["10.0.1.5".parse().unwrap(), "fd00::1:5".parse().unwrap()];
         let admin: [SocketAddr; 2] = [
             "127.0.0.1:15000".parse().unwrap(),
@@ -71,7 +77,7 @@ mod tests {
         refusal(
             Accepted {
                 dst: dst.parse().unwrap(),
-                listener: listener.parse().unwrap(),
+                listener: listener.map(|l| l.parse().unwrap()),
                 pod_addresses: &pod,
             },
             &admin,
@@ -105,5 +111,8 @@ mod tests {
         // An admin port on an address that is not the node's.
         assert!(check("192.0.2.1:15020", l).is_none());
         assert!(check("10.0.1.5:8080", l).is_none());
+        // Inbound with eBPF: the accepted socket's address is the original destination.
+        assert!(check_with("10.0.1.5:8080", None).is_none());
+        assert!(check_with("10.0.1.5:15006", None).is_some());
     }
 }
