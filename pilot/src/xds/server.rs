@@ -40,7 +40,7 @@ struct Connection {
     node_id: OnceLock<String>,
     caller: String,
     connected_at: u64,
-    session: Arc<Mutex<Session>>,
+    session: Mutex<Session>,
 }
 
 /// The connected proxies, for the debug endpoint.
@@ -122,7 +122,7 @@ impl AggregatedDiscoveryService for AdsService {
             node_id: OnceLock::new(),
             caller: format!("{caller:?}"),
             connected_at,
-            session: Arc::new(Mutex::new(Session::new())),
+            session: Mutex::new(Session::new()),
         });
         if let Ok(mut c) = self.registry.connections.lock() {
             c.insert(id, connection.clone());

@@ -54,6 +54,8 @@ pub struct TypeReport {
     pub sent: BTreeMap<String, String>,
     pub acked: BTreeMap<String, String>,
     pub nacked: BTreeMap<String, String>,
+    /// Removals the client refused (it still holds these), until the next snapshot.
+    pub refused_removals: Vec<String>,
     pub nacks: u64,
     pub last_nack: Option<String>,
     pub responses: u64,
@@ -264,6 +266,11 @@ impl Session {
                 sent: sorted(&t.client),
                 acked: sorted(&t.acked),
                 nacked: sorted(&t.nacked),
+                refused_removals: {
+                    let mut r: Vec<String> = t.removals_refused.iter().cloned().collect();
+                    r.sort();
+                    r
+                },
                 nacks: t.nacks,
                 last_nack: t.last_error.clone(),
                 responses: t.responses,
@@ -488,16 +495,19 @@ mod tests {
             })
         ));
         assert!(again.is_none(), "neither is resent at once");
+        let report = &s.report()[0];
         assert_eq!(
-            s.report()[0].sent.get("a").map(String::as_str),
+            report.sent.get("a").map(String::as_str),
             Some("1"),
             "the client still holds it"
         );
+        assert_eq!(report.refused_removals, ["a"]);
         let retry = s.on_resources(&snap).remove(0);
         assert!(retry.resources.is_empty(), "c's version stays rejected");
         assert_eq!(retry.removed_resources, ["a"]);
         s.on_request(&reply(&retry.nonce, None), &snap);
         assert!(!s.report()[0].acked.contains_key("a"));
+        assert!(s.report()[0].refused_removals.is_empty());
         assert!(s.on_resources(&snap).is_empty());
     }
 
