@@ -1,4 +1,20 @@
 //! A delta ADS client for proxies: the protocol state (versions held, ACK/NACK) kept apart from the reconnecting tonic stream, with backoff from 10 ms to 15 s.
+//!
+//! A NACK names the resources it rejects, so that the control plane knows the rest of the
+//! response was applied (a partial NACK). The names are at the start of
+//! `error_detail.message`, one per line as `rejected: <name>`, and the list ends with an empty
+//! line, followed by the human-readable reasons:
+//!
+//! ```text
+//! rejected: shop/web.shop.svc.cluster.local
+//! rejected: uid-1234
+//!
+//! uid-1234: workload has no address
+//! ```
+//!
+//! A message that does not start that way (Envoy's, or one whose names cannot be written
+//! because a name is empty or holds a line break) means the whole response was rejected.
+//! `nack_message` writes this form and `rejected_names` reads it (pilot uses the latter).
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -39,13 +55,72 @@ pub struct Update {
 /// Resources a handler refused; the rest of the update was applied.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rejected {
+    /// Every resource of the update not applied: updated ones (the previous version stays)
+    /// and removed ones (still held). Empty: nothing of the update was applied.
     pub names: Vec<String>,
     pub message: String,
 }
 
+/// Starts each line of a NACK's list of rejected resources (see the module's documentation).
+pub const REJECTED_PREFIX: &str = "rejected: ";
+
+/// The `error_detail.message` of a NACK rejecting `names` for `reasons`: the names one per
+/// line as `rejected: <name>`, an empty line, then the reasons. When the names cannot be
+/// written unambiguously (none, an empty one, or one with a line break) only the reasons are
+/// sent, which the control plane reads as "the whole response was rejected".
+pub fn nack_message(names: &[String], reasons: &str) -> String {
+    let writable = !names.is_empty()
+        && names
+            .iter()
+            .all(|n| !n.is_empty() && !n.contains(['\n', '\r']));
+    if !writable {
+        // Reasons that happen to look like a list must not be read as one.
+        return if reasons.starts_with(REJECTED_PREFIX) {
+            format!("\n{reasons}")
+        } else {
+            reasons.to_string()
+        };
+    }
+    let mut out = String::with_capacity(
+        names
+            .iter()
+            .map(|n| n.len() + REJECTED_PREFIX.len() + 1)
+            .sum::<usize>()
+            + 1
+            + reasons.len(),
+    );
+    for n in names {
+        out.push_str(REJECTED_PREFIX);
+        out.push_str(n);
+        out.push('\n');
+    }
+    out.push('\n');
+    out.push_str(reasons);
+    out
+}
+
+/// The resources a NACK's message names as rejected, or `None` when it names none in the
+/// form `nack_message` writes: then the whole response counts as rejected.
+pub fn rejected_names(message: &str) -> Option<Vec<&str>> {
+    let mut names = Vec::new();
+    for line in message.split('\n') {
+        if line.is_empty() {
+            // The list ends with an empty line; an empty list is no list.
+            return (!names.is_empty()).then_some(names);
+        }
+        match line.strip_prefix(REJECTED_PREFIX) {
+            Some(name) if !name.is_empty() => names.push(name),
+            _ => return None,
+        }
+    }
+    // No empty line after the names: not this form.
+    None
+}
+
 /// The proxy side: applies updates to its state.
 pub trait Handler: Send + 'static {
-    /// Apply what is valid; name what is not (it keeps its previous version, and is NACKed).
+    /// Apply what is valid; name what is not (an updated resource keeps its previous version,
+    /// a removed one stays), which is NACKed. Naming nothing means nothing was applied.
     fn apply(&mut self, update: Update) -> Result<(), Rejected>;
     /// The stream to the control plane went up (`true`) or down.
     fn connection(&mut self, _up: bool) {}
@@ -117,24 +192,30 @@ impl ClientState {
         let removed = update.removed.clone();
         let result = handler.apply(update);
         let held = self.held.entry(resp.type_url.clone()).or_default();
-        let rejected = match &result {
-            Ok(()) => &[][..],
-            Err(r) => r.names.as_slice(),
+        let rejected: std::collections::HashSet<&str> = match &result {
+            Ok(()) => Default::default(),
+            Err(r) => r.names.iter().map(String::as_str).collect(),
         };
-        for (name, version) in versions {
-            if !rejected.contains(&name) {
-                held.insert(name, version);
+        // A rejection naming nothing rejected all of it: nothing changed.
+        let applied_any = !matches!(&result, Err(r) if r.names.is_empty());
+        if applied_any {
+            for (name, version) in versions {
+                if !rejected.contains(name.as_str()) {
+                    held.insert(name, version);
+                }
             }
-        }
-        for name in removed {
-            held.remove(&name);
+            for name in removed {
+                if !rejected.contains(name.as_str()) {
+                    held.remove(&name);
+                }
+            }
         }
         DeltaDiscoveryRequest {
             type_url: resp.type_url,
             response_nonce: resp.nonce,
             error_detail: result.err().map(|r| Status {
                 code: INVALID_ARGUMENT,
-                message: r.message,
+                message: nack_message(&r.names, &r.message),
                 details: vec![],
             }),
             ..Default::default()
@@ -273,7 +354,10 @@ mod tests {
             resp("2", &[("a", "2", b"bad"), ("c", "1", b"ok")], &["b"]),
             &mut Rejecting,
         );
-        assert_eq!(nack.error_detail.unwrap().message, "bad resource");
+        assert_eq!(
+            nack.error_detail.unwrap().message,
+            "rejected: a\n\nbad resource"
+        );
         let again = s.initial_requests();
         let v = &again[0].initial_resource_versions;
         assert_eq!(
@@ -283,5 +367,93 @@ mod tests {
         );
         assert_eq!(v.get("c").map(String::as_str), Some("1"));
         assert!(!v.contains_key("b"));
+    }
+
+    /// Rejects everything, removals included, naming them (as ztunnel does when an update
+    /// conflicts with what it holds), or naming nothing.
+    struct RejectingAll {
+        name_them: bool,
+    }
+
+    impl Handler for RejectingAll {
+        fn apply(&mut self, update: Update) -> Result<(), Rejected> {
+            let names = if self.name_them {
+                update
+                    .updated
+                    .iter()
+                    .map(|r| r.name.clone())
+                    .chain(update.removed.iter().cloned())
+                    .collect()
+            } else {
+                vec![]
+            };
+            Err(Rejected {
+                names,
+                message: "conflict".into(),
+            })
+        }
+    }
+
+    #[test]
+    fn rejected_removals_and_unnamed_rejections_keep_what_is_held() {
+        for name_them in [true, false] {
+            let mut s = ClientState::new("n".into(), vec!["t".into()]);
+            s.on_response(resp("1", &[("a", "1", b"ok")], &[]), &mut Rejecting);
+            let nack = s.on_response(
+                resp("2", &[("b", "1", b"ok")], &["a"]),
+                &mut RejectingAll { name_them },
+            );
+            let message = nack.error_detail.unwrap().message;
+            if name_them {
+                assert_eq!(message, "rejected: b\nrejected: a\n\nconflict");
+            } else {
+                assert_eq!(message, "conflict");
+                assert_eq!(rejected_names(&message), None);
+            }
+            let v = &s.initial_requests()[0].initial_resource_versions;
+            assert_eq!(v.len(), 1, "{v:?}");
+            assert_eq!(v["a"], "1", "the refused removal leaves it held");
+        }
+    }
+
+    #[test]
+    fn nack_message_round_trips_and_other_messages_name_nothing() {
+        let names = vec![
+            "shop/web.shop.svc.cluster.local".to_string(),
+            "uid-1".into(),
+        ];
+        let m = nack_message(&names, "uid-1: no address\nsecond line");
+        assert_eq!(
+            m,
+            "rejected: shop/web.shop.svc.cluster.local\nrejected: uid-1\n\nuid-1: no address\nsecond line"
+        );
+        assert_eq!(
+            rejected_names(&m),
+            Some(vec!["shop/web.shop.svc.cluster.local", "uid-1"])
+        );
+        // No reasons: still a list.
+        assert_eq!(
+            rejected_names(&nack_message(&names[..1], "")),
+            Some(vec!["shop/web.shop.svc.cluster.local"])
+        );
+        // Envoy's messages, and lists not ended by an empty line or holding other lines.
+        for other in [
+            "",
+            "Proto constraint validation failed (ClusterValidationError.Name: value length must be at least 1 characters)",
+            "rejected: a",
+            "rejected: a\nsomething else\n\nwhy",
+            "rejected: \n\nwhy",
+            "\nrejected: a\n\nwhy",
+        ] {
+            assert_eq!(rejected_names(other), None, "{other:?}");
+        }
+        // Names that cannot be written: only the reasons, read as "all rejected".
+        for bad in [vec![], vec!["a\nb".to_string()], vec![String::new()]] {
+            assert_eq!(rejected_names(&nack_message(&bad, "why")), None);
+        }
+        assert_eq!(
+            rejected_names(&nack_message(&[], "rejected: x\n\nlooks like a list")),
+            None
+        );
     }
 }

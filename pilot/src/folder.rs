@@ -88,6 +88,16 @@ pub fn fingerprint(dir: &Path) -> Fingerprint {
         .collect()
 }
 
+/// Run `f` on `dir` on a blocking thread: reading and parsing files must not hold an async
+/// worker back. Fails only if `f` panicked.
+pub async fn blocking<T: Send + 'static>(
+    dir: &Path,
+    f: impl FnOnce(&Path) -> T + Send + 'static,
+) -> Result<T, tokio::task::JoinError> {
+    let dir = dir.to_path_buf();
+    tokio::task::spawn_blocking(move || f(&dir)).await
+}
+
 /// Publish a new snapshot of `dir` after every (debounced) change since `last`, until the
 /// receivers are gone.
 pub async fn watch_folder(dir: PathBuf, mut last: Fingerprint, tx: watch::Sender<Arc<Snapshot>>) {
@@ -97,7 +107,9 @@ pub async fn watch_folder(dir: PathBuf, mut last: Fingerprint, tx: watch::Sender
         if tx.is_closed() {
             return;
         }
-        let now = fingerprint(&dir);
+        let Some(now) = or_log(blocking(&dir, fingerprint).await) else {
+            continue;
+        };
         if now == last {
             continue;
         }
@@ -105,15 +117,19 @@ pub async fn watch_folder(dir: PathBuf, mut last: Fingerprint, tx: watch::Sender
         let mut settled = now;
         loop {
             tokio::time::sleep(DEBOUNCE).await;
-            let again = fingerprint(&dir);
+            let Some(again) = or_log(blocking(&dir, fingerprint).await) else {
+                continue;
+            };
             if again == settled {
                 break;
             }
             settled = again;
         }
+        let Some(mut snap) = or_log(blocking(&dir, load).await) else {
+            continue;
+        };
         last = settled;
         generation += 1;
-        let mut snap = load(&dir);
         snap.generation = generation;
         for p in &snap.problems {
             warn!("{p}");
@@ -128,6 +144,13 @@ pub async fn watch_folder(dir: PathBuf, mut last: Fingerprint, tx: watch::Sender
         );
         tx.send_replace(Arc::new(snap));
     }
+}
+
+/// The result of a blocking read, or `None` after logging why there is none (a panic while
+/// reading: the folder is read again at the next poll).
+fn or_log<T>(r: Result<T, tokio::task::JoinError>) -> Option<T> {
+    r.map_err(|e| warn!("reading the configuration folder failed: {e}"))
+        .ok()
 }
 
 #[cfg(test)]

@@ -32,6 +32,9 @@ pub struct Snapshot {
     pub gateways: BTreeMap<Key, Gateway>,
     /// Invalid objects and conflicts, each naming file, object and field.
     pub problems: Vec<Problem>,
+    /// Where each object came from, by kind and key: for problems found after parsing.
+    #[serde(skip)]
+    pub origins: BTreeMap<(&'static str, Key), Origin>,
 }
 
 impl Snapshot {
@@ -80,7 +83,16 @@ impl Snapshot {
         }
         problems.sort();
         s.problems = problems;
+        s.origins = seen;
         s
+    }
+
+    /// The file `kind` `key` came from (empty when unknown).
+    pub fn file_of(&self, kind: &'static str, key: &Key) -> &str {
+        self.origins
+            .get(&(kind, key.clone()))
+            .map(|o| o.file.as_str())
+            .unwrap_or_default()
     }
 
     pub fn namespace_labels(&self, ns: &str) -> Option<&BTreeMap<String, String>> {

@@ -1,5 +1,6 @@
 //! Wires the parts together: source (folder or cluster) → snapshots → translation → published resources, served over TLS on one port (xDS + CA), plus the debug endpoint.
 
+use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -99,9 +100,18 @@ impl Running {
     }
 }
 
-fn publish(snapshot: Arc<Snapshot>, mesh: &MeshOptions) -> Published {
+/// Translate `snapshot`. Translation problems are logged once each: `logged` holds those of
+/// the previous translation, which are not logged again (they are on `/debug/snapshot`).
+fn publish(
+    snapshot: Arc<Snapshot>,
+    mesh: &MeshOptions,
+    logged: &mut BTreeSet<Problem>,
+) -> Published {
     let start = Instant::now();
     let t = translate(&snapshot, mesh);
+    for p in not_yet_logged(&t.problems, logged) {
+        warn!("{p}");
+    }
     let mut problems = snapshot.problems.clone();
     problems.extend(t.problems);
     Published {
@@ -110,6 +120,29 @@ fn publish(snapshot: Arc<Snapshot>, mesh: &MeshOptions) -> Published {
         problems,
         translate_time: start.elapsed(),
     }
+}
+
+/// `publish` on a blocking thread: translating a large snapshot takes milliseconds of CPU that
+/// must not hold an async worker (and with it the xDS streams and the CA) back.
+async fn publish_blocking(
+    snapshot: Arc<Snapshot>,
+    mesh: Arc<MeshOptions>,
+    mut logged: BTreeSet<Problem>,
+) -> anyhow::Result<(Published, BTreeSet<Problem>)> {
+    let p = tokio::task::spawn_blocking(move || {
+        let p = publish(snapshot, &mesh, &mut logged);
+        (p, logged)
+    })
+    .await?;
+    Ok(p)
+}
+
+/// The problems not in `logged` (the previous translation's); `logged` becomes `problems`. A
+/// problem that persists is logged once, one that comes back after a fix is logged again.
+fn not_yet_logged<'a>(problems: &'a [Problem], logged: &mut BTreeSet<Problem>) -> Vec<&'a Problem> {
+    let new = problems.iter().filter(|p| !logged.contains(*p)).collect();
+    *logged = problems.iter().cloned().collect();
+    new
 }
 
 /// Start the source and, once it has its first complete snapshot, serve. With the Kubernetes
@@ -127,8 +160,12 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
             for node in &cfg.nodes {
                 tokens.node_token(node)?;
             }
-            let fp = crate::folder::fingerprint(folder);
-            let first = Arc::new(crate::folder::load(folder));
+            let (fp, first) = crate::folder::blocking(folder, |dir| {
+                (crate::folder::fingerprint(dir), crate::folder::load(dir))
+            })
+            .await
+            .context("reading the configuration folder")?;
+            let first = Arc::new(first);
             for p in &first.problems {
                 warn!("{p}");
             }
@@ -165,9 +202,12 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         }
     };
     let first = snap_rx.borrow_and_update().clone();
-    let (pub_tx, pub_rx) = watch::channel(Arc::new(publish(first, &cfg.mesh)));
+    let mesh = Arc::new(cfg.mesh.clone());
+    let (first, mut logged) = publish_blocking(first, mesh.clone(), BTreeSet::new())
+        .await
+        .context("translating the first snapshot")?;
+    let (pub_tx, pub_rx) = watch::channel(Arc::new(first));
     {
-        let mesh = cfg.mesh.clone();
         let tokens = auth.local().cloned();
         tokio::spawn(async move {
             loop {
@@ -182,7 +222,17 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
                         }
                     }
                 }
-                let p = publish(snap, &mesh);
+                let p =
+                    match publish_blocking(snap, mesh.clone(), std::mem::take(&mut logged)).await {
+                        Ok((p, l)) => {
+                            logged = l;
+                            p
+                        }
+                        Err(e) => {
+                            warn!("translation failed, the last translation stays: {e}");
+                            continue;
+                        }
+                    };
                 info!(
                     generation = p.snapshot.generation,
                     addresses = p.resources.addresses.len(),
@@ -264,7 +314,8 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
 }
 
 /// `/debug/snapshot`: the model, its problems and every resource's version;
-/// `/debug/connections`: per connected proxy, what was sent, acked and rejected.
+/// `/debug/connections`: responses and resources sent and NACKs received since start, and per
+/// connected proxy what was sent, acked and rejected (built when asked).
 fn debug_router(published: watch::Receiver<Arc<Published>>, registry: Arc<Registry>) -> Router {
     Arc::new(move |req| match req.path {
         "/debug/snapshot" => {
@@ -285,10 +336,41 @@ fn debug_router(published: watch::Receiver<Arc<Published>>, registry: Arc<Regist
         }
         "/debug/connections" => Reply::json(&serde_json::json!({
             "pushes": registry.pushes.load(std::sync::atomic::Ordering::Relaxed),
+            "resources": registry.resources.load(std::sync::atomic::Ordering::Relaxed),
             "nacks": registry.nacks.load(std::sync::atomic::Ordering::Relaxed),
             "connections": registry.report(),
         })),
         "/healthz/ready" => Reply::text(http::StatusCode::OK, "ready\n"),
         _ => Reply::not_found(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn translation_problems_are_logged_once_per_appearance() {
+        let problem = |object: &str| Problem {
+            file: "a.yaml".into(),
+            object: object.into(),
+            field: "spec.targetRefs".into(),
+            reason: "in force nowhere".into(),
+        };
+        let mut logged = BTreeSet::new();
+        let first = [problem("AuthorizationPolicy a/x")];
+        assert_eq!(not_yet_logged(&first, &mut logged), [&first[0]]);
+        assert!(not_yet_logged(&first, &mut logged).is_empty(), "once");
+        let both = [
+            problem("AuthorizationPolicy a/x"),
+            problem("AuthorizationPolicy a/y"),
+        ];
+        assert_eq!(not_yet_logged(&both, &mut logged), [&both[1]]);
+        assert!(not_yet_logged(&[], &mut logged).is_empty());
+        assert_eq!(
+            not_yet_logged(&first, &mut logged),
+            [&first[0]],
+            "back after a fix: logged again"
+        );
+    }
 }

@@ -1,6 +1,12 @@
 //! Kubernetes service-account tokens checked with a TokenReview (audience `istio-ca`), cached briefly, mapped to callers: the node agent's to its node, any other to its workload identity.
+//!
+//! Unknown tokens cost an API call each, so the calls are bounded: at most
+//! `Limits::concurrent_reviews` at once (further callers wait up to `Limits::queue_wait`, then
+//! get UNAVAILABLE, which clients retry), accepted and refused tokens are remembered in two
+//! separate bounded caches (a flood of bad tokens cannot push out the good ones), and both
+//! caches forget their oldest entries first without scanning.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -8,7 +14,7 @@ use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
 use kube::api::PostParams;
 use kube::{Api, Client};
 use mesh::identity::Identity;
-use tokio::sync::watch;
+use tokio::sync::{Semaphore, watch};
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
@@ -22,11 +28,38 @@ pub const NODE_NAME_EXTRA: &str = "authentication.kubernetes.io/node-name";
 /// Extras of a bound token naming its pod.
 pub const POD_NAME_EXTRA: &str = "authentication.kubernetes.io/pod-name";
 pub const POD_UID_EXTRA: &str = "authentication.kubernetes.io/pod-uid";
-/// How long a review's answer is reused: a proxy opens its xDS stream and asks for several
-/// certificates within moments, each with the same token.
-pub const CACHE_TTL: Duration = Duration::from_secs(60);
-/// At most this many tokens are remembered (a flood of distinct tokens must not grow pilot).
-pub const CACHE_ENTRIES: usize = 4096;
+
+/// How much TokenReview work unknown tokens may cause.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// TokenReview calls in flight at once.
+    pub concurrent_reviews: usize,
+    /// How long a caller waits for its turn before it is told UNAVAILABLE.
+    pub queue_wait: Duration,
+    /// How long an accepted token's review is reused: a proxy opens its xDS stream and asks
+    /// for several certificates within moments, each with the same token.
+    pub accepted_ttl: Duration,
+    /// At most this many accepted tokens are remembered.
+    pub accepted_entries: usize,
+    /// How long a refused token is refused without asking again: short, since a token can be
+    /// refused only until its service account or pod shows up in the API server.
+    pub refused_ttl: Duration,
+    /// At most this many refused tokens are remembered.
+    pub refused_entries: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            concurrent_reviews: 8,
+            queue_wait: Duration::from_secs(2),
+            accepted_ttl: Duration::from_secs(60),
+            accepted_entries: 4096,
+            refused_ttl: Duration::from_secs(10),
+            refused_entries: 1024,
+        }
+    }
+}
 
 /// What the API server said of a token.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -41,6 +74,63 @@ enum Review {
     Refused(String),
 }
 
+/// Reviews remembered for `ttl`, at most `capacity` of them, forgotten oldest first. Entries
+/// are kept in insertion order (which is expiry order, the TTL being one for all), so making
+/// room pops from the front: no scan, whatever the size.
+#[derive(Debug)]
+struct Cache {
+    ttl: Duration,
+    capacity: usize,
+    entries: HashMap<String, (Instant, Review)>,
+    /// Insertion times and tokens; one whose time differs from its entry's is superseded
+    /// (the token was remembered again later) and only takes its place in the bound.
+    order: VecDeque<(Instant, String)>,
+}
+
+impl Cache {
+    fn new(ttl: Duration, capacity: usize) -> Cache {
+        Cache {
+            ttl,
+            capacity: capacity.max(1),
+            entries: HashMap::new(),
+            order: VecDeque::new(),
+        }
+    }
+
+    fn get(&self, token: &str, now: Instant) -> Option<&Review> {
+        self.entries
+            .get(token)
+            .filter(|(at, _)| now.duration_since(*at) < self.ttl)
+            .map(|(_, r)| r)
+    }
+
+    fn insert(&mut self, token: &str, review: Review, now: Instant) {
+        // Every entry has its place in `order`, so bounding `order` bounds the map.
+        while let Some((at, _)) = self.order.front() {
+            if self.order.len() < self.capacity && now.duration_since(*at) < self.ttl {
+                break;
+            }
+            if let Some((at, old)) = self.order.pop_front()
+                && self.entries.get(&old).is_some_and(|(t, _)| *t == at)
+            {
+                self.entries.remove(&old);
+            }
+        }
+        self.entries.insert(token.to_string(), (now, review));
+        self.order.push_back((now, token.to_string()));
+    }
+
+    fn len(&self) -> usize {
+        self.entries.len()
+    }
+}
+
+#[derive(Debug)]
+struct Caches {
+    accepted: Cache,
+    refused: Cache,
+}
+
 #[derive(Debug)]
 pub struct TokenReviewer {
     api: Api<TokenReview>,
@@ -49,7 +139,19 @@ pub struct TokenReviewer {
     node_agent: (String, String),
     /// Where a node agent's pod is looked up when its token does not name the node.
     model: watch::Receiver<Arc<Snapshot>>,
-    cache: Mutex<HashMap<String, (Instant, Review)>>,
+    limits: Limits,
+    /// One permit per TokenReview call in flight.
+    reviews: Semaphore,
+    cache: Mutex<Caches>,
+}
+
+impl Caches {
+    fn new(limits: &Limits) -> Caches {
+        Caches {
+            accepted: Cache::new(limits.accepted_ttl, limits.accepted_entries),
+            refused: Cache::new(limits.refused_ttl, limits.refused_entries),
+        }
+    }
 }
 
 impl TokenReviewer {
@@ -64,19 +166,51 @@ impl TokenReviewer {
             trust_domain: trust_domain.to_string(),
             node_agent,
             model,
-            cache: Mutex::default(),
+            limits: Limits::default(),
+            reviews: Semaphore::new(Limits::default().concurrent_reviews),
+            cache: Mutex::new(Caches::new(&Limits::default())),
         }
     }
 
+    /// The same reviewer with other limits (tests, and operators who need them).
+    pub fn with_limits(mut self, limits: Limits) -> TokenReviewer {
+        self.reviews = Semaphore::new(limits.concurrent_reviews.max(1));
+        self.cache = Mutex::new(Caches::new(&limits));
+        self.limits = limits;
+        self
+    }
+
     /// The caller a bearer token stands for; `Unauthenticated` for a token the API server does
-    /// not accept, `Unavailable` when it cannot be asked.
+    /// not accept, `Unavailable` when it cannot be asked (down, or too many reviews waiting).
     pub async fn authenticate(&self, token: &str) -> Result<Caller, tonic::Status> {
         let review = match self.cached(token) {
             Some(r) => r,
             None => {
-                let r = self.review(token).await?;
-                self.remember(token, r.clone());
-                r
+                let permit = match tokio::time::timeout(
+                    self.limits.queue_wait,
+                    self.reviews.acquire(),
+                )
+                .await
+                {
+                    Ok(Ok(permit)) => permit,
+                    Ok(Err(_)) | Err(_) => {
+                        debug!("TokenReview queue full; caller told to retry");
+                        return Err(tonic::Status::unavailable(format!(
+                            "too many tokens being checked with the Kubernetes API (TokenReview); waited {:?}, retry later",
+                            self.limits.queue_wait
+                        )));
+                    }
+                };
+                // The same token may have been reviewed while this caller waited its turn.
+                match self.cached(token) {
+                    Some(r) => r,
+                    None => {
+                        let r = self.review(token).await?;
+                        drop(permit);
+                        self.remember(token, r.clone());
+                        r
+                    }
+                }
             }
         };
         match review {
@@ -89,41 +223,34 @@ impl TokenReviewer {
         }
     }
 
-    fn cached(&self, token: &str) -> Option<Review> {
-        let cache = self
-            .cache
+    fn caches(&self) -> std::sync::MutexGuard<'_, Caches> {
+        self.cache
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        cache
-            .get(token)
-            .filter(|(at, _)| at.elapsed() < CACHE_TTL)
-            .map(|(_, r)| r.clone())
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn cached(&self, token: &str) -> Option<Review> {
+        let now = Instant::now();
+        let c = self.caches();
+        c.accepted
+            .get(token, now)
+            .or_else(|| c.refused.get(token, now))
+            .cloned()
     }
 
     fn remember(&self, token: &str, review: Review) {
-        let mut cache = self
-            .cache
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if cache.len() >= CACHE_ENTRIES {
-            cache.retain(|_, (at, _)| at.elapsed() < CACHE_TTL);
+        let now = Instant::now();
+        let mut c = self.caches();
+        match review {
+            Review::Refused(_) => c.refused.insert(token, review, now),
+            Review::ServiceAccount { .. } => c.accepted.insert(token, review, now),
         }
-        if cache.len() >= CACHE_ENTRIES {
-            // All fresh: forget the oldest, so the bound holds.
-            if let Some(oldest) = cache
-                .iter()
-                .min_by_key(|(_, (at, _))| *at)
-                .map(|(t, _)| t.clone())
-            {
-                cache.remove(&oldest);
-            }
-        }
-        cache.insert(token.to_string(), (Instant::now(), review));
     }
 
-    /// Number of tokens remembered (for tests and the bound).
+    /// Number of tokens remembered, accepted and refused (for tests and the bound).
     pub fn cached_tokens(&self) -> usize {
-        self.cache.lock().map(|c| c.len()).unwrap_or_default()
+        let c = self.caches();
+        c.accepted.len() + c.refused.len()
     }
 
     async fn review(&self, token: &str) -> Result<Review, tonic::Status> {
@@ -237,8 +364,60 @@ impl TokenReviewer {
 mod tests {
     use super::*;
 
+    fn refused(n: u32) -> Review {
+        Review::Refused(format!("no {n}"))
+    }
+
+    #[test]
+    fn the_cache_is_bounded_and_forgets_the_oldest_first() {
+        let start = Instant::now();
+        let mut c = Cache::new(Duration::from_secs(60), 4);
+        for i in 0..6u32 {
+            c.insert(
+                &format!("t{i}"),
+                refused(i),
+                start + Duration::from_millis(i as u64),
+            );
+        }
+        let now = start + Duration::from_secs(1);
+        assert_eq!(c.len(), 4);
+        assert_eq!(c.order.len(), 4);
+        assert_eq!(c.get("t0", now), None, "the oldest went first");
+        assert_eq!(c.get("t1", now), None);
+        assert_eq!(c.get("t5", now), Some(&refused(5)));
+        // Remembering a token again supersedes its old place: the bound still holds, and the
+        // superseded place does not take the new answer with it.
+        c.insert("t2", refused(22), now);
+        assert_eq!(c.len(), 4);
+        for i in 6..9u32 {
+            c.insert(&format!("t{i}"), refused(i), now);
+        }
+        assert!(c.order.len() <= 4 && c.len() <= 4, "{c:?}");
+        assert_eq!(c.get("t2", now), Some(&refused(22)));
+        assert_eq!(c.get("t8", now), Some(&refused(8)));
+    }
+
+    #[test]
+    fn the_cache_expires_and_drops_expired_entries_on_insert() {
+        let start = Instant::now();
+        let mut c = Cache::new(Duration::from_secs(10), 100);
+        c.insert("a", refused(1), start);
+        c.insert("b", refused(2), start + Duration::from_secs(5));
+        assert_eq!(
+            c.get("a", start + Duration::from_secs(9)),
+            Some(&refused(1))
+        );
+        assert_eq!(c.get("a", start + Duration::from_secs(10)), None, "expired");
+        c.insert("c", refused(3), start + Duration::from_secs(12));
+        assert_eq!(c.len(), 2, "a was dropped, b is still fresh");
+        assert_eq!(
+            c.get("b", start + Duration::from_secs(12)),
+            Some(&refused(2))
+        );
+    }
+
     #[tokio::test]
-    async fn the_cache_is_bounded_and_expires() {
+    async fn refused_tokens_do_not_push_out_accepted_ones() {
         let client =
             Client::try_from(kube::Config::new("http://127.0.0.1:9".parse().unwrap())).unwrap();
         let (_tx, model) = watch::channel(Arc::new(Snapshot::default()));
@@ -247,17 +426,23 @@ mod tests {
             "cluster.local",
             ("istio-system".into(), "ztunnel".into()),
             model,
-        );
-        let refused = Review::Refused("no".into());
-        for i in 0..CACHE_ENTRIES + 10 {
-            r.remember(&format!("t{i}"), refused.clone());
+        )
+        .with_limits(Limits {
+            refused_entries: 10,
+            ..Limits::default()
+        });
+        let good = Review::ServiceAccount {
+            namespace: "shop".into(),
+            name: "web".into(),
+            extra: BTreeMap::new(),
+        };
+        r.remember("good", good.clone());
+        for i in 0..100 {
+            r.remember(&format!("bad{i}"), refused(i));
         }
-        assert_eq!(r.cached_tokens(), CACHE_ENTRIES);
-        assert_eq!(r.cached("t0"), None, "the oldest went first");
-        let last = format!("t{}", CACHE_ENTRIES + 9);
-        assert_eq!(r.cached(&last), Some(refused.clone()));
-        // Older than the TTL: asked again.
-        r.cache.lock().unwrap().get_mut(&last).unwrap().0 -= CACHE_TTL;
-        assert_eq!(r.cached(&last), None);
+        assert_eq!(r.cached_tokens(), 11);
+        assert_eq!(r.cached("good"), Some(good));
+        assert_eq!(r.cached("bad99"), Some(refused(99)));
+        assert_eq!(r.cached("bad0"), None);
     }
 }

@@ -411,12 +411,32 @@ fn translate_policies(
     let mut out = BTreeMap::new();
     for p in s.policies.values() {
         if !p.target_refs.is_empty() {
-            // Bound to a waypoint or gateway: enforced there, not by the node proxy.
+            // Bound to a waypoint or gateway: enforced there, not by the node proxy. No waypoint
+            // enforces policies yet, so say the policy is in force nowhere.
+            problems.push(Problem {
+                file: s
+                    .file_of(
+                        "AuthorizationPolicy",
+                        &(p.meta.namespace.clone(), p.meta.name.clone()),
+                    )
+                    .to_string(),
+                object: format!("AuthorizationPolicy {}", key_of(p)),
+                field: "spec.targetRefs".into(),
+                reason: format!(
+                    "bound to {}: enforced by a waypoint; no waypoint enforces it yet, so it is in force nowhere",
+                    p.target_refs.join(", ")
+                ),
+            });
             continue;
         }
         if p.dry_run && !o.send_dry_run {
             problems.push(Problem {
-                file: String::new(),
+                file: s
+                    .file_of(
+                        "AuthorizationPolicy",
+                        &(p.meta.namespace.clone(), p.meta.name.clone()),
+                    )
+                    .to_string(),
                 object: format!("AuthorizationPolicy {}", key_of(p)),
                 field: "metadata.annotations[istio.io/dry-run]".into(),
                 reason: "dry-run policies are not sent to node proxies unless pilot runs with --send-dry-run-policies (a proxy without dry-run support would enforce them); left out".into(),
@@ -735,6 +755,19 @@ spec: {targetRefs: [{kind: Gateway, name: waypoint}]}
             t.problems
                 .iter()
                 .any(|p| p.object == "AuthorizationPolicy a/ns" && p.reason.contains("dry-run"))
+        );
+        // The policy for a waypoint is in force nowhere yet: said so, naming file and object.
+        let waypoint_only: Vec<String> = t
+            .problems
+            .iter()
+            .filter(|p| p.object == "AuthorizationPolicy a/waypoint-only")
+            .map(|p| p.to_string())
+            .collect();
+        assert_eq!(
+            waypoint_only,
+            [
+                "t.yaml: AuthorizationPolicy a/waypoint-only: field \"spec.targetRefs\": bound to Gateway/waypoint: enforced by a waypoint; no waypoint enforces it yet, so it is in force nowhere"
+            ]
         );
         let t = translate(
             &s,

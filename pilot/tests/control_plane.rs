@@ -6,10 +6,12 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use ads::{Stream, create, names, versions};
+use ads::{Stream, create, http_get, names, versions};
 use mesh::control::ControlPlane;
 use mesh::identity::Identity;
 use mesh::proto::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL};
+use mesh::state::proto::{Converted, address};
+use mesh::xds::{ClientState, Handler, Rejected, Update};
 use pilot::auth::Caller;
 use pilot::server::{Config, Running, Source, start};
 
@@ -345,5 +347,186 @@ async fn restart_keeps_root_and_tokens() {
     assert_eq!(
         again.auth.local().unwrap().node_token("node1").unwrap(),
         token
+    );
+}
+
+/// A proxy that refuses workloads of service account `broken` (as ztunnel refuses an invalid
+/// resource) and applies the rest of each update; every update and its answer go to the test.
+struct Refusing {
+    tx: tokio::sync::mpsc::UnboundedSender<(Update, Result<(), Rejected>)>,
+}
+
+impl Handler for Refusing {
+    fn apply(&mut self, update: Update) -> Result<(), Rejected> {
+        let bad: Vec<String> = update
+            .updated
+            .iter()
+            .filter(|r| {
+                matches!(address(&r.name, &r.body),
+                    Ok(Converted::Workload(w)) if w.service_account == "broken")
+            })
+            .map(|r| r.name.clone())
+            .collect();
+        let result = if bad.is_empty() {
+            Ok(())
+        } else {
+            Err(Rejected {
+                names: bad,
+                message: "service account broken is refused".into(),
+            })
+        };
+        let _ = self.tx.send((update, result.clone()));
+        result
+    }
+}
+
+/// What `/debug/connections` says of the first connection's Address type, once nothing awaits
+/// an ACK.
+async fn settled_address_report(env: &Env) -> serde_json::Value {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let text = http_get(env.pilot.debug_addr.unwrap(), "/debug/connections").await;
+        let body = text.split_once("\r\n\r\n").unwrap().1;
+        let v: serde_json::Value = serde_json::from_str(body).unwrap();
+        let t = &v["connections"][0]["types"][0];
+        if t["awaiting_ack"] == 0 {
+            assert_eq!(t["type_url"], ADDRESS_TYPE_URL);
+            return t.clone();
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "still awaiting: {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// mesh's xDS client against pilot, its handler rejecting one resource of a push of two: pilot
+/// must know the other was applied, so its later removal is sent, and the rejected one is sent
+/// again once fixed.
+#[tokio::test]
+async fn partial_nack_with_a_real_client() {
+    let env = Env::start().await;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let client = tokio::spawn(mesh::xds::run(
+        env.control("node1"),
+        ClientState::new(
+            "ztunnel~10.0.0.1~ztunnel-1.istio-system~istio-system.svc.cluster.local".into(),
+            vec![ADDRESS_TYPE_URL.into()],
+        ),
+        Box::new(Refusing { tx }),
+    ));
+    let mut next = async || {
+        tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .expect("an update within 5 s")
+            .unwrap()
+    };
+    let (first, result) = next().await;
+    assert_eq!(
+        first
+            .updated
+            .iter()
+            .map(|r| r.name.as_str())
+            .collect::<Vec<_>>(),
+        [WEB]
+    );
+    assert!(result.is_ok());
+
+    // One push, one good and one bad workload.
+    let good = pod("web-1", "web", "node1", "10.244.1.5");
+    let broken = |ip: &str| pod("web-2", "broken", "node1", ip);
+    write(
+        &env.dir,
+        "pods.yaml",
+        &format!("{good}---\n{}", broken("10.244.1.6")),
+    );
+    let (push, result) = next().await;
+    let mut pushed: Vec<&str> = push.updated.iter().map(|r| r.name.as_str()).collect();
+    pushed.sort();
+    assert_eq!(pushed, ["uid-web-1", "uid-web-2"]);
+    assert_eq!(result.unwrap_err().names, ["uid-web-2"]);
+    let report = settled_address_report(&env).await;
+    assert!(report["acked"]["uid-web-1"].is_string(), "{report}");
+    assert!(report["sent"]["uid-web-1"].is_string(), "{report}");
+    assert!(report["nacked"]["uid-web-2"].is_string(), "{report}");
+    assert!(report["sent"].get("uid-web-2").is_none(), "{report}");
+
+    // The good one goes away: its removal must reach the client that holds it.
+    write(&env.dir, "pods.yaml", &broken("10.244.1.6"));
+    let (removal, result) = next().await;
+    assert!(
+        removal.updated.is_empty(),
+        "the rejected version is not resent"
+    );
+    assert_eq!(removal.removed, ["uid-web-1"]);
+    assert!(result.is_ok());
+
+    // The bad one fixed: sent, and accepted.
+    write(
+        &env.dir,
+        "pods.yaml",
+        &pod("web-2", "web", "node1", "10.244.1.6"),
+    );
+    let (fixed, result) = next().await;
+    assert_eq!(
+        fixed
+            .updated
+            .iter()
+            .map(|r| r.name.as_str())
+            .collect::<Vec<_>>(),
+        ["uid-web-2"]
+    );
+    assert!(result.is_ok());
+    let report = settled_address_report(&env).await;
+    assert_eq!(
+        report["acked"],
+        serde_json::json!({WEB: report["sent"][WEB], "uid-web-2": fixed.updated[0].version}),
+        "{report}"
+    );
+    assert_eq!(report["nacked"], serde_json::json!({}));
+    assert_eq!(report["nacks"], 1);
+    assert_eq!(
+        report["last_nack"],
+        "rejected: uid-web-2\n\nservice account broken is refused"
+    );
+    client.abort();
+}
+
+/// A policy for a waypoint is enforced nowhere yet: `/debug/snapshot` says so, naming file and
+/// object.
+#[tokio::test]
+async fn waypoint_policy_is_reported() {
+    let env = Env::start().await;
+    write(
+        &env.dir,
+        "policy.yaml",
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: via-waypoint, namespace: shop}\nspec: {targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}], action: DENY, rules: [{}]}\n",
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let problems = loop {
+        let text = http_get(env.pilot.debug_addr.unwrap(), "/debug/snapshot").await;
+        let v: serde_json::Value =
+            serde_json::from_str(text.split_once("\r\n\r\n").unwrap().1).unwrap();
+        if v["generation"].as_u64() >= Some(1) {
+            break v["problems"].clone();
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no new snapshot");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(
+        problems,
+        serde_json::json!([
+            "policy.yaml: AuthorizationPolicy shop/via-waypoint: field \"spec.targetRefs\": bound to Gateway/waypoint: enforced by a waypoint; no waypoint enforces it yet, so it is in force nowhere"
+        ])
+    );
+    assert!(
+        env.pilot
+            .published
+            .borrow()
+            .resources
+            .authorizations
+            .is_empty(),
+        "not sent to node proxies"
     );
 }

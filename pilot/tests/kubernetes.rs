@@ -15,7 +15,7 @@ use mesh::proto::ADDRESS_TYPE_URL;
 use pilot::auth::{Authenticator, Caller};
 use pilot::model::Snapshot;
 use pilot::server::{Config, Kubernetes, Source, start};
-use pilot::token_review::TokenReviewer;
+use pilot::token_review::{Limits, TokenReviewer};
 use pilot::translate::{MeshOptions, render, translate};
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -458,21 +458,141 @@ async fn token_review_callers() {
     assert_eq!(unreachable.cached_tokens(), 0);
 }
 
-/// The response to a plain HTTP/1.1 GET, headers and body.
-async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
-    c.write_all(
-        format!("GET {path} HTTP/1.1\r\nHost: pilot\r\nConnection: close\r\n\r\n").as_bytes(),
-    )
-    .await
-    .unwrap();
-    let mut out = String::new();
-    tokio::time::timeout(Duration::from_secs(5), c.read_to_string(&mut out))
-        .await
-        .unwrap()
-        .unwrap();
-    out
+/// A reviewer with `limits` on an API server with no objects (the tokens need none).
+async fn limited(limits: Limits) -> (ApiServer, Arc<TokenReviewer>) {
+    let server = ApiServer::start().await;
+    let (_, model) = watch::channel(Arc::new(Snapshot::default()));
+    let r = Arc::new(reviewer(&server, model).with_limits(limits));
+    (server, r)
+}
+
+/// Wait until the API server has `n` TokenReviews in flight.
+async fn in_flight(server: &ApiServer, n: usize) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while server.reviews_in_flight().0 != n {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{:?} TokenReviews in flight, waiting for {n}",
+            server.reviews_in_flight()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Unknown tokens arriving at once make at most `concurrent_reviews` TokenReview calls at a
+/// time; a caller that waits longer than `queue_wait` for its turn is told UNAVAILABLE (and
+/// made no call); one whose turn comes in time is answered.
+#[tokio::test]
+async fn token_reviews_are_limited_in_number_and_time() {
+    let (server, r) = limited(Limits {
+        concurrent_reviews: 2,
+        queue_wait: Duration::from_millis(300),
+        ..Limits::default()
+    })
+    .await;
+    server.hold_reviews(true);
+    let calls: Vec<_> = (0..4)
+        .map(|i| {
+            let r = r.clone();
+            tokio::spawn(async move { r.authenticate(&format!("unknown-{i}")).await })
+        })
+        .collect();
+    in_flight(&server, 2).await;
+    // Two hold the permits; the other two give up after their 300 ms.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(server.reviews_in_flight(), (2, 2));
+    server.hold_reviews(false);
+    let mut codes = Vec::new();
+    for c in calls {
+        codes.push(c.await.unwrap().unwrap_err().code());
+    }
+    codes.sort_by_key(|c| *c as i32);
+    assert_eq!(
+        codes,
+        [
+            tonic::Code::Unavailable,
+            tonic::Code::Unavailable,
+            tonic::Code::Unauthenticated,
+            tonic::Code::Unauthenticated
+        ]
+    );
+    assert_eq!(
+        server.reviews().len(),
+        2,
+        "the callers told to retry made no call"
+    );
+
+    // With one permit, a second caller waits for the first and is then answered.
+    let (server, r) = limited(Limits {
+        concurrent_reviews: 1,
+        queue_wait: Duration::from_secs(5),
+        ..Limits::default()
+    })
+    .await;
+    server.add_token("web", sa_token("shop", "web", &[]));
+    server.hold_reviews(true);
+    let first = tokio::spawn({
+        let r = r.clone();
+        async move { r.authenticate("unknown").await }
+    });
+    in_flight(&server, 1).await;
+    let second = tokio::spawn({
+        let r = r.clone();
+        async move { r.authenticate("web").await }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    server.hold_reviews(false);
+    assert_eq!(
+        first.await.unwrap().unwrap_err().code(),
+        tonic::Code::Unauthenticated
+    );
+    assert_eq!(
+        second.await.unwrap().unwrap(),
+        Caller::Workload {
+            identity: Identity::new("cluster.local", "shop", "web")
+        }
+    );
+    assert_eq!(server.reviews_in_flight(), (0, 1), "one call at a time");
+    assert_eq!(server.reviews().len(), 2);
+}
+
+/// Refused tokens are remembered for `refused_ttl` (one call, however often they are
+/// presented) and at most `refused_entries` of them; after that they are asked again.
+#[tokio::test]
+async fn refused_tokens_are_remembered_briefly_and_boundedly() {
+    let (server, r) = limited(Limits {
+        refused_ttl: Duration::from_secs(1),
+        refused_entries: 3,
+        ..Limits::default()
+    })
+    .await;
+    server.add_token("web", sa_token("shop", "web", &[]));
+    r.authenticate("web").await.unwrap();
+    for _ in 0..5 {
+        let e = r.authenticate("bad-0").await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unauthenticated);
+    }
+    assert_eq!(server.reviews().len(), 2, "one call for the refused token");
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    r.authenticate("bad-0").await.unwrap_err();
+    assert_eq!(server.reviews().len(), 3, "asked again after the TTL");
+
+    // More refused tokens than the cache holds: the oldest is asked again, the newest is not,
+    // and the accepted token is still remembered.
+    for i in 1..=3 {
+        r.authenticate(&format!("bad-{i}")).await.unwrap_err();
+    }
+    assert_eq!(server.reviews().len(), 6);
+    assert_eq!(r.cached_tokens(), 4, "three refused and one accepted");
+    r.authenticate("bad-3").await.unwrap_err();
+    r.authenticate("web").await.unwrap();
+    assert_eq!(server.reviews().len(), 6);
+    r.authenticate("bad-0").await.unwrap_err();
+    assert_eq!(
+        server.reviews().len(),
+        7,
+        "the oldest refusal was forgotten"
+    );
 }
 
 /// pilot in Kubernetes mode end to end: a real tonic delta ADS client and CA calls over TLS,
@@ -506,7 +626,7 @@ async fn xds_and_ca_in_kubernetes_mode() {
     .unwrap();
     assert!(matches!(pilot.auth, Authenticator::TokenReview(_)));
     // The debug endpoint shows the cluster's model.
-    let debug = http_get(pilot.debug_addr.unwrap(), "/debug/snapshot").await;
+    let debug = ads::http_get(pilot.debug_addr.unwrap(), "/debug/snapshot").await;
     assert!(debug.starts_with("HTTP/1.1 200"), "{debug}");
     assert!(
         debug.contains("\"bookinfo/productpage-v1-7f9d8\""),

@@ -43,6 +43,16 @@ impl XdsHandler {
     }
 }
 
+/// Every resource an update names, updated and removed: what a wholesale rejection leaves as it was.
+fn all_names(update: &Update) -> Vec<String> {
+    update
+        .updated
+        .iter()
+        .map(|r| r.name.clone())
+        .chain(update.removed.iter().cloned())
+        .collect()
+}
+
 impl Handler for XdsHandler {
     fn apply(&mut self, update: Update) -> Result<(), Rejected> {
         let mut workloads = self.workloads.clone();
@@ -84,7 +94,7 @@ impl Handler for XdsHandler {
             }
             other => {
                 return Err(Rejected {
-                    names: update.updated.iter().map(|r| r.name.clone()).collect(),
+                    names: all_names(&update),
                     message: format!("unexpected type {other}"),
                 });
             }
@@ -97,9 +107,10 @@ impl Handler for XdsHandler {
         let state = match state {
             Ok(s) => s,
             Err(e) => {
-                // The resources conflict with each other: keep everything as it was.
+                // The resources conflict with each other: keep everything as it was, removals
+                // included, and say so (the control plane then knows they are still held).
                 return Err(Rejected {
-                    names: update.updated.iter().map(|r| r.name.clone()).collect(),
+                    names: all_names(&update),
                     message: format!("update rejected, previous state kept: {e}"),
                 });
             }

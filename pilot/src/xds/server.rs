@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::SystemTime;
 
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryService;
@@ -34,30 +34,52 @@ pub struct ConnectionReport {
     pub types: Vec<TypeReport>,
 }
 
+/// One connected proxy as the registry holds it: its session is shared with the task serving
+/// it, so that the debug report is built from it when asked rather than after every message.
+struct Connection {
+    node_id: OnceLock<String>,
+    caller: String,
+    connected_at: u64,
+    session: Mutex<Session>,
+}
+
 /// The connected proxies, for the debug endpoint.
 #[derive(Default)]
 pub struct Registry {
     next: AtomicU64,
-    connections: Mutex<BTreeMap<u64, ConnectionReport>>,
+    connections: Mutex<BTreeMap<u64, Arc<Connection>>>,
     pub nacks: AtomicU64,
+    /// Responses sent.
     pub pushes: AtomicU64,
+    /// Resources those responses carried, updated plus removed.
+    pub resources: AtomicU64,
 }
 
 impl Registry {
+    /// Every connection's state, built now: each session is locked only while its report is
+    /// copied out.
     pub fn report(&self) -> Vec<ConnectionReport> {
-        self.connections
+        let connections: Vec<(u64, Arc<Connection>)> = self
+            .connections
             .lock()
-            .map(|c| c.values().cloned().collect())
-            .unwrap_or_default()
+            .map(|c| c.iter().map(|(id, c)| (*id, c.clone())).collect())
+            .unwrap_or_default();
+        connections
+            .into_iter()
+            .map(|(id, c)| ConnectionReport {
+                id,
+                node_id: c.node_id.get().cloned().unwrap_or_default(),
+                caller: c.caller.clone(),
+                connected_at: c.connected_at,
+                types: lock(&c.session).report(),
+            })
+            .collect()
     }
+}
 
-    fn update(&self, id: u64, f: impl FnOnce(&mut ConnectionReport)) {
-        if let Ok(mut c) = self.connections.lock()
-            && let Some(r) = c.get_mut(&id)
-        {
-            f(r);
-        }
-    }
+/// A session's lock; a panic elsewhere while it was held leaves a state still worth serving.
+fn lock(session: &Mutex<Session>) -> std::sync::MutexGuard<'_, Session> {
+    session.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 pub struct AdsService {
@@ -96,23 +118,20 @@ impl AggregatedDiscoveryService for AdsService {
             .duration_since(SystemTime::UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0);
+        let connection = Arc::new(Connection {
+            node_id: OnceLock::new(),
+            caller: format!("{caller:?}"),
+            connected_at,
+            session: Mutex::new(Session::new()),
+        });
         if let Ok(mut c) = self.registry.connections.lock() {
-            c.insert(
-                id,
-                ConnectionReport {
-                    id,
-                    node_id: String::new(),
-                    caller: format!("{caller:?}"),
-                    connected_at,
-                    types: vec![],
-                },
-            );
+            c.insert(id, connection.clone());
         }
         info!(id, ?peer, ?caller, "proxy connected");
         let registry = self.registry.clone();
         let published = self.published.clone();
         tokio::spawn(async move {
-            let reason = serve(id, inbound, tx, published, registry.clone()).await;
+            let reason = serve(id, connection, inbound, tx, published, registry.clone()).await;
             info!(id, "proxy disconnected: {reason}");
             if let Ok(mut c) = registry.connections.lock() {
                 c.remove(&id);
@@ -125,12 +144,13 @@ impl AggregatedDiscoveryService for AdsService {
 /// One connection until it ends; returns why it ended.
 async fn serve(
     id: u64,
+    connection: Arc<Connection>,
     mut inbound: Streaming<DeltaDiscoveryRequest>,
     tx: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
     mut published: watch::Receiver<Arc<Published>>,
     registry: Arc<Registry>,
 ) -> String {
-    let mut session = Session::new();
+    let session = &connection.session;
     let mut node_id = String::new();
     let mut current = published.borrow_and_update().clone();
     loop {
@@ -145,14 +165,13 @@ async fn serve(
                     && let Some(node) = &req.node
                 {
                     node_id = node.id.clone();
-                    let n = node_id.clone();
-                    registry.update(id, |r| r.node_id = n);
+                    let _ = connection.node_id.set(node_id.clone());
                 }
-                let (reply, response) = session.on_request(&req, &current.resources);
+                let (reply, response) = lock(session).on_request(&req, &current.resources);
                 match reply {
-                    Some(Reply::Nack { type_url, error }) => {
+                    Some(Reply::Nack { type_url, error, rejected, accepted }) => {
                         registry.nacks.fetch_add(1, Ordering::Relaxed);
-                        warn!(id, node = %node_id, %type_url, "proxy rejected a push (NACK): {error}");
+                        warn!(id, node = %node_id, %type_url, rejected, accepted, "proxy rejected a push (NACK): {error}");
                     }
                     Some(Reply::Ack { type_url, resources }) => {
                         debug!(id, %type_url, resources, "ACK");
@@ -167,7 +186,7 @@ async fn serve(
                     return "control plane shutting down".into();
                 }
                 current = published.borrow_and_update().clone();
-                session.on_resources(&current.resources)
+                lock(session).on_resources(&current.resources)
             }
         };
         for r in responses {
@@ -180,11 +199,13 @@ async fn serve(
                 "push"
             );
             registry.pushes.fetch_add(1, Ordering::Relaxed);
+            registry.resources.fetch_add(
+                (r.resources.len() + r.removed_resources.len()) as u64,
+                Ordering::Relaxed,
+            );
             if tx.send(Ok(r)).await.is_err() {
                 return "proxy went away".into();
             }
         }
-        let types = session.report();
-        registry.update(id, |r| r.types = types);
     }
 }

@@ -1,6 +1,13 @@
 //! The delta xDS state of one connected proxy, without sockets: what it holds, what it acked or rejected, and what to send next.
+//!
+//! A NACK may reject only some resources of a response: when its `error_detail.message`
+//! starts with `rejected: <name>` lines ended by an empty line (the form
+//! `mesh::xds::nack_message` writes, read with `mesh::xds::rejected_names`), the named
+//! resources were rejected and every other one of that response was applied. A NACK in any
+//! other form (Envoy's) rejects the whole response. Names it gives that the response did not
+//! hold are ignored.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use envoy_types::pb::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource as XdsResource,
@@ -21,10 +28,23 @@ struct TypeState {
     acked: HashMap<String, String>,
     /// Versions the client rejected: not sent again until the resource changes.
     nacked: HashMap<String, String>,
+    /// Removals the client rejected: it still holds these; the removal is sent again with the
+    /// next snapshot, not at once (which could loop with a client that keeps refusing).
+    removals_refused: HashSet<String>,
     pending: HashMap<String, Vec<Sent>>,
     nacks: u64,
     last_error: Option<String>,
     responses: u64,
+}
+
+impl TypeState {
+    /// The client applied `version` of `name` (`None`: the removal).
+    fn ack(&mut self, name: String, version: Option<String>) {
+        match version {
+            Some(v) => self.acked.insert(name, v),
+            None => self.acked.remove(&name),
+        };
+    }
 }
 
 /// What the debug endpoint shows of one type on one connection.
@@ -34,6 +54,8 @@ pub struct TypeReport {
     pub sent: BTreeMap<String, String>,
     pub acked: BTreeMap<String, String>,
     pub nacked: BTreeMap<String, String>,
+    /// Removals the client refused (it still holds these), until the next snapshot.
+    pub refused_removals: Vec<String>,
     pub nacks: u64,
     pub last_nack: Option<String>,
     pub responses: u64,
@@ -50,6 +72,10 @@ pub enum Reply {
     Nack {
         type_url: String,
         error: String,
+        /// Resources of the response the client rejected.
+        rejected: usize,
+        /// Resources of the response it applied (a partial NACK).
+        accepted: usize,
     },
     /// A nonce we never sent (or already settled): ignored.
     Stale,
@@ -84,15 +110,33 @@ impl Session {
                 None => Reply::Stale,
                 Some(sent) => match &req.error_detail {
                     Some(status) => {
+                        let named: Option<HashSet<&str>> =
+                            mesh::xds::rejected_names(&status.message)
+                                .map(|names| names.into_iter().collect());
+                        let (mut rejected, mut accepted) = (0, 0);
                         for (name, before, version) in sent {
+                            let refused = named.as_ref().is_none_or(|n| n.contains(name.as_str()));
+                            if !refused {
+                                accepted += 1;
+                                t.ack(name, version);
+                                continue;
+                            }
+                            rejected += 1;
+                            // The client keeps what it had, unless a later response already
+                            // changed that name again.
                             if t.client.get(&name) == version.as_ref() {
                                 match before {
                                     Some(v) => t.client.insert(name.clone(), v),
                                     None => t.client.remove(&name),
                                 };
                             }
-                            if let Some(v) = version {
-                                t.nacked.insert(name, v);
+                            match version {
+                                Some(v) => {
+                                    t.nacked.insert(name, v);
+                                }
+                                None => {
+                                    t.removals_refused.insert(name);
+                                }
                             }
                         }
                         t.nacks += 1;
@@ -100,15 +144,14 @@ impl Session {
                         Reply::Nack {
                             type_url: req.type_url.clone(),
                             error: status.message.clone(),
+                            rejected,
+                            accepted,
                         }
                     }
                     None => {
                         let n = sent.len();
                         for (name, _, version) in sent {
-                            match version {
-                                Some(v) => t.acked.insert(name, v),
-                                None => t.acked.remove(&name),
-                            };
+                            t.ack(name, version);
                         }
                         Reply::Ack {
                             type_url: req.type_url.clone(),
@@ -140,6 +183,10 @@ impl Session {
             .iter()
             .filter_map(|type_url| {
                 let current = resources.of_type(type_url)?;
+                if let Some(t) = self.types.get_mut(type_url) {
+                    // Refused removals are tried again, once per snapshot.
+                    t.removals_refused.clear();
+                }
                 self.diff(type_url, current, false)
             })
             .collect()
@@ -179,7 +226,7 @@ impl Session {
         let mut removed: Vec<String> = t
             .client
             .keys()
-            .filter(|n| !current.contains_key(*n))
+            .filter(|n| !current.contains_key(*n) && !t.removals_refused.contains(*n))
             .cloned()
             .collect();
         removed.sort();
@@ -219,6 +266,11 @@ impl Session {
                 sent: sorted(&t.client),
                 acked: sorted(&t.acked),
                 nacked: sorted(&t.nacked),
+                refused_removals: {
+                    let mut r: Vec<String> = t.removals_refused.iter().cloned().collect();
+                    r.sort();
+                    r
+                },
                 nacks: t.nacks,
                 last_nack: t.last_error.clone(),
                 responses: t.responses,
@@ -325,6 +377,138 @@ mod tests {
         );
         let fixed = s.on_resources(&res(&[("a", "3")]));
         assert_eq!(names(&fixed[0]), ["a"]);
+    }
+
+    fn nack_naming(names: &[&str]) -> String {
+        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        mesh::xds::nack_message(&names, "reasons")
+    }
+
+    /// The client applies `a` and rejects `b`: `a` is held, so its removal must be sent; `b`
+    /// is not resent until it changes, and then it is.
+    #[test]
+    fn partial_nack_keeps_what_the_client_applied() {
+        let mut s = Session::new();
+        let (_, first) = s.on_request(&subscribe(&[]), &res(&[]));
+        s.on_request(&reply(&first.unwrap().nonce, None), &res(&[]));
+        let snap = res(&[("a", "1"), ("b", "bad")]);
+        let push = s.on_resources(&snap).remove(0);
+        assert_eq!(names(&push), ["a", "b"]);
+        let (r, again) = s.on_request(&reply(&push.nonce, Some(&nack_naming(&["b"]))), &snap);
+        assert_eq!(
+            r,
+            Some(Reply::Nack {
+                type_url: ADDRESS_TYPE_URL.into(),
+                error: "rejected: b\n\nreasons".into(),
+                rejected: 1,
+                accepted: 1,
+            })
+        );
+        assert!(again.is_none(), "the rejected version is not resent");
+        let report = &s.report()[0];
+        assert_eq!(report.acked.get("a").map(String::as_str), Some("1"));
+        assert_eq!(report.sent.get("a").map(String::as_str), Some("1"));
+        assert!(!report.sent.contains_key("b"), "b was never held");
+        assert_eq!(report.nacked.get("b").map(String::as_str), Some("bad"));
+
+        let snap = res(&[("b", "bad")]);
+        let removal = s.on_resources(&snap).remove(0);
+        assert!(removal.resources.is_empty());
+        assert_eq!(removal.removed_resources, ["a"], "the held one is removed");
+        s.on_request(&reply(&removal.nonce, None), &snap);
+
+        let snap = res(&[("b", "2")]);
+        let fixed = s.on_resources(&snap).remove(0);
+        assert_eq!(names(&fixed), ["b"]);
+        assert!(fixed.removed_resources.is_empty());
+        let (r, _) = s.on_request(&reply(&fixed.nonce, None), &snap);
+        assert!(matches!(r, Some(Reply::Ack { resources: 1, .. })));
+        let report = &s.report()[0];
+        assert_eq!(report.acked, BTreeMap::from([("b".into(), "2".into())]));
+        assert!(report.nacked.is_empty());
+        assert_eq!(report.awaiting_ack, 0);
+    }
+
+    /// Envoy's NACK names nothing: the whole response counts as rejected, so nothing of it is
+    /// held and nothing of it is removed later. Names the response did not hold are ignored.
+    #[test]
+    fn unnamed_nack_rejects_the_whole_response() {
+        let mut s = Session::new();
+        let (_, first) = s.on_request(&subscribe(&[]), &res(&[]));
+        s.on_request(&reply(&first.unwrap().nonce, None), &res(&[]));
+        let snap = res(&[("a", "1"), ("b", "1")]);
+        let push = s.on_resources(&snap).remove(0);
+        let (r, _) = s.on_request(
+            &reply(&push.nonce, Some("Proto constraint validation failed")),
+            &snap,
+        );
+        assert!(matches!(
+            r,
+            Some(Reply::Nack {
+                rejected: 2,
+                accepted: 0,
+                ..
+            })
+        ));
+        assert!(s.report()[0].sent.is_empty());
+        assert!(
+            s.on_resources(&res(&[])).is_empty(),
+            "no removal for what the client never held"
+        );
+
+        let snap = res(&[("c", "1"), ("d", "1")]);
+        let push = s.on_resources(&snap).remove(0);
+        let (r, _) = s.on_request(
+            &reply(&push.nonce, Some(&nack_naming(&["d", "not-sent"]))),
+            &snap,
+        );
+        assert!(matches!(
+            r,
+            Some(Reply::Nack {
+                rejected: 1,
+                accepted: 1,
+                ..
+            })
+        ));
+        assert_eq!(s.report()[0].acked.keys().collect::<Vec<_>>(), ["c"]);
+    }
+
+    /// A client that refuses a removal still holds the resource: the removal is sent again
+    /// with the next snapshot, not straight back (which would loop with a client that refuses).
+    #[test]
+    fn refused_removal_is_retried_with_the_next_snapshot() {
+        let mut s = Session::new();
+        let snap = res(&[("a", "1"), ("b", "1")]);
+        let (_, first) = s.on_request(&subscribe(&[]), &snap);
+        s.on_request(&reply(&first.unwrap().nonce, None), &snap);
+        let snap = res(&[("b", "1"), ("c", "1")]);
+        let push = s.on_resources(&snap).remove(0);
+        assert_eq!(names(&push), ["c"]);
+        assert_eq!(push.removed_resources, ["a"]);
+        let (r, again) = s.on_request(&reply(&push.nonce, Some(&nack_naming(&["c", "a"]))), &snap);
+        assert!(matches!(
+            r,
+            Some(Reply::Nack {
+                rejected: 2,
+                accepted: 0,
+                ..
+            })
+        ));
+        assert!(again.is_none(), "neither is resent at once");
+        let report = &s.report()[0];
+        assert_eq!(
+            report.sent.get("a").map(String::as_str),
+            Some("1"),
+            "the client still holds it"
+        );
+        assert_eq!(report.refused_removals, ["a"]);
+        let retry = s.on_resources(&snap).remove(0);
+        assert!(retry.resources.is_empty(), "c's version stays rejected");
+        assert_eq!(retry.removed_resources, ["a"]);
+        s.on_request(&reply(&retry.nonce, None), &snap);
+        assert!(!s.report()[0].acked.contains_key("a"));
+        assert!(s.report()[0].refused_removals.is_empty());
+        assert!(s.on_resources(&snap).is_empty());
     }
 
     #[test]

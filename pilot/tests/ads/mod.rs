@@ -122,3 +122,20 @@ pub async fn create(
         .into_inner()
         .cert_chain)
 }
+
+/// The response to a plain HTTP/1.1 GET, headers and body.
+pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+    c.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: pilot\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut out = String::new();
+    tokio::time::timeout(Duration::from_secs(5), c.read_to_string(&mut out))
+        .await
+        .unwrap()
+        .unwrap();
+    out
+}

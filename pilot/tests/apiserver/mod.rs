@@ -90,6 +90,9 @@ struct State {
     collections: Vec<Collection>,
     tokens: HashMap<String, TokenInfo>,
     reviews: Vec<Value>,
+    /// TokenReviews being answered now, and the most ever at once.
+    reviews_in_flight: usize,
+    max_reviews_in_flight: usize,
 }
 
 pub struct ApiServer {
@@ -97,6 +100,8 @@ pub struct ApiServer {
     state: Arc<Mutex<State>>,
     /// Sent the latest resourceVersion or epoch on every change, to wake the watches.
     changed: watch::Sender<u64>,
+    /// While `true`, TokenReviews are received (and counted) but not answered.
+    hold_reviews: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -116,9 +121,11 @@ impl ApiServer {
             ..State::default()
         }));
         let (changed, _) = watch::channel(0);
+        let (hold_reviews, _) = watch::channel(false);
         let server = Server {
             state: state.clone(),
             changed: changed.clone(),
+            hold_reviews: hold_reviews.clone(),
         };
         let task = tokio::spawn(async move {
             loop {
@@ -141,6 +148,7 @@ impl ApiServer {
             addr,
             state,
             changed,
+            hold_reviews,
             task,
         }
     }
@@ -280,12 +288,24 @@ impl ApiServer {
     pub fn reviews(&self) -> Vec<Value> {
         self.state.lock().unwrap().reviews.clone()
     }
+
+    /// Hold TokenReview answers back (`true`) or answer them, the held ones included.
+    pub fn hold_reviews(&self, held: bool) {
+        self.hold_reviews.send_replace(held);
+    }
+
+    /// (TokenReviews being answered now, most ever at once).
+    pub fn reviews_in_flight(&self) -> (usize, usize) {
+        let s = self.state.lock().unwrap();
+        (s.reviews_in_flight, s.max_reviews_in_flight)
+    }
 }
 
 #[derive(Clone)]
 struct Server {
     state: Arc<Mutex<State>>,
     changed: watch::Sender<u64>,
+    hold_reviews: watch::Sender<bool>,
 }
 
 fn full(status: StatusCode, body: &Value) -> Response<Body> {
@@ -323,7 +343,16 @@ impl Server {
             .collect();
         if path == TOKEN_REVIEWS && req.method() == hyper::Method::POST {
             let body = req.into_body().collect().await.unwrap().to_bytes();
-            return self.token_review(serde_json::from_slice(&body).unwrap());
+            {
+                let mut s = self.state.lock().unwrap();
+                s.reviews_in_flight += 1;
+                s.max_reviews_in_flight = s.max_reviews_in_flight.max(s.reviews_in_flight);
+            }
+            let mut hold = self.hold_reviews.subscribe();
+            let _ = hold.wait_for(|held| !held).await;
+            let answer = self.token_review(serde_json::from_slice(&body).unwrap());
+            self.state.lock().unwrap().reviews_in_flight -= 1;
+            return answer;
         }
         let Some(i) = KINDS.iter().position(|k| k.2 == path) else {
             return error(
