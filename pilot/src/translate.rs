@@ -939,6 +939,132 @@ spec: {targetRefs: [{kind: Gateway, name: waypoint}]}
         );
     }
 
+    fn waypoint_host(t: &Translation, name: &str) -> Option<String> {
+        let a = pb::Address::decode(t.resources.addresses[name].body.clone()).unwrap();
+        let w = match a.r#type.unwrap() {
+            pb::address::Type::Service(s) => s.waypoint,
+            pb::address::Type::Workload(w) => w.waypoint,
+        }?;
+        match w.destination? {
+            pb::gateway_address::Destination::Hostname(h) => Some(h.hostname),
+            pb::gateway_address::Destination::Address(_) => None,
+        }
+    }
+
+    #[test]
+    fn waypoint_binding_precedence_and_waypoint_for() {
+        let gw = |name: &str, for_: &str| {
+            format!(
+                "---\napiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {{name: {name}, namespace: a, labels: {{istio.io/waypoint-for: {for_}}}}}\nspec: {{gatewayClassName: istio-waypoint, listeners: [{{name: mesh, port: 15008, protocol: HBONE}}]}}\n"
+            )
+        };
+        let svc = |name: &str, ip: &str, label: &str| {
+            format!(
+                "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: a, labels: {{{label}}}}}\nspec: {{clusterIP: {ip}, selector: {{app: {name}}}, ports: [{{name: http, port: 80}}, {{name: tcp, port: 81}}]}}\n"
+            )
+        };
+        let pod = |name: &str, ip: &str, label: &str| {
+            format!(
+                "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: a, labels: {{app: {name}, {label}}}}}\nstatus: {{podIP: {ip}}}\n"
+            )
+        };
+        let text = [
+            "apiVersion: v1\nkind: Namespace\nmetadata: {name: a, labels: {istio.io/use-waypoint: ns-wp}}\n".to_string(),
+            gw("ns-wp", "all"),
+            gw("svc-wp", "service"),
+            gw("wl-wp", "workload"),
+            svc("plain", "10.96.0.1", ""),
+            svc("own", "10.96.0.2", "istio.io/use-waypoint: svc-wp"),
+            svc("wrong-kind", "10.96.0.3", "istio.io/use-waypoint: wl-wp"),
+            svc("opted-out", "10.96.0.4", "istio.io/use-waypoint: none"),
+            svc("missing", "10.96.0.5", "istio.io/use-waypoint: nowhere"),
+            svc("ns-wp", "10.96.0.6", ""),
+            pod("p1", "10.0.0.1", "x: y"),
+            pod("p2", "10.0.0.2", "istio.io/use-waypoint: wl-wp"),
+            pod("p3", "10.0.0.3", "istio.io/use-waypoint: svc-wp"),
+            pod("wp", "10.0.0.4", "gateway.networking.k8s.io/gateway-name: ns-wp"),
+        ]
+        .concat();
+        let t = translate(&snapshot(&text), &MeshOptions::default());
+        let host = |n: &str| waypoint_host(&t, n);
+        let fqdn = |n: &str| Some(format!("{n}.a.svc.cluster.local"));
+        assert_eq!(
+            host("a/plain.a.svc.cluster.local"),
+            fqdn("ns-wp"),
+            "namespace label"
+        );
+        assert_eq!(
+            host("a/own.a.svc.cluster.local"),
+            fqdn("svc-wp"),
+            "service label wins"
+        );
+        assert_eq!(
+            host("a/wrong-kind.a.svc.cluster.local"),
+            None,
+            "a workload waypoint does not take a service, and the namespace's does not step in"
+        );
+        assert_eq!(host("a/opted-out.a.svc.cluster.local"), None);
+        assert_eq!(
+            host("a/missing.a.svc.cluster.local"),
+            None,
+            "no such Gateway"
+        );
+        assert_eq!(
+            host("a/ns-wp.a.svc.cluster.local"),
+            None,
+            "a waypoint's own Service"
+        );
+        assert_eq!(host("Kubernetes//Pod/a/p1"), fqdn("ns-wp"));
+        assert_eq!(
+            host("Kubernetes//Pod/a/p2"),
+            fqdn("wl-wp"),
+            "pod label wins"
+        );
+        assert_eq!(
+            host("Kubernetes//Pod/a/p3"),
+            None,
+            "a service waypoint takes no workload"
+        );
+        assert_eq!(host("Kubernetes//Pod/a/wp"), None, "a waypoint's own pod");
+
+        // Ports carry their protocol.
+        let a = pb::Address::decode(
+            t.resources.addresses["a/plain.a.svc.cluster.local"]
+                .body
+                .clone(),
+        )
+        .unwrap();
+        let Some(pb::address::Type::Service(s)) = a.r#type else {
+            panic!()
+        };
+        assert_eq!(s.ports[0].app_protocol, pb::AppProtocol::Http11 as i32);
+        assert_eq!(s.ports[1].app_protocol, pb::AppProtocol::Unknown as i32);
+    }
+
+    #[test]
+    fn workloads_carry_only_the_labels_source_matches_use() {
+        let pod = "apiVersion: v1\nkind: Pod\nmetadata: {name: p, namespace: a, labels: {app: web, version: v1, team: x}}\nstatus: {podIP: 10.0.0.1}\n";
+        let labels = |t: &Translation| {
+            let a = pb::Address::decode(t.resources.addresses["Kubernetes//Pod/a/p"].body.clone())
+                .unwrap();
+            let Some(pb::address::Type::Workload(w)) = a.r#type else {
+                panic!()
+            };
+            w.labels
+        };
+        let t = translate(&snapshot(pod), &MeshOptions::default());
+        assert!(labels(&t).is_empty(), "no VirtualService uses sourceLabels");
+        let vs = "---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: r, namespace: a}\nspec: {hosts: [web], http: [{match: [{sourceLabels: {version: v1}}], route: [{destination: {host: web}}]}], tcp: [{match: [{sourceLabels: {app: web}}], route: [{destination: {host: web}}]}]}\n";
+        let t = translate(&snapshot(&format!("{pod}{vs}")), &MeshOptions::default());
+        assert_eq!(
+            labels(&t).into_iter().collect::<Vec<_>>(),
+            [
+                ("app".to_string(), "web".to_string()),
+                ("version".to_string(), "v1".to_string())
+            ]
+        );
+    }
+
     #[test]
     fn cidrs() {
         assert_eq!(parse_cidr("10.0.0.0/8").unwrap().1, 8);

@@ -924,20 +924,29 @@ impl Builder<'_> {
     fn tcp_proxy(&mut self, svc: &Service, port: u16, name: &str) -> tcp::TcpProxy {
         let host = fqdn(self.o, &svc.meta.namespace, &svc.meta.name);
         let vss: Vec<VirtualService> = self.virtual_services(svc).into_iter().cloned().collect();
-        let rule: Option<(L4Route, String)> = vss.iter().find_map(|vs| {
-            vs.tcp
+        // As Istio's waypoint: a `tls` rule counts when it has no match or its SNI hosts are
+        // exactly this service (the waypoint cannot look at SNI), and is tried before `tcp`;
+        // source selectors never match at L4.
+        let applies = |m: &crate::routing::L4Match, tls: bool| {
+            m.port.is_none_or(|p| p == port)
+                && (m.gateways.is_empty() || m.gateways.iter().any(|g| g == "mesh"))
+                && m.source_labels.is_empty()
+                && m.source_namespace.is_none()
+                && (!tls || m.sni_hosts == [host.clone()])
+        };
+        let first = |rules: &[L4Route], tls: bool| -> Option<L4Route> {
+            rules
                 .iter()
-                .find(|r| {
-                    r.matches.is_empty()
-                        || r.matches.iter().any(|m| {
-                            m.port.is_none_or(|p| p == port)
-                                && (m.gateways.is_empty() || m.gateways.iter().any(|g| g == "mesh"))
-                                && m.source_labels.is_empty()
-                                && m.source_namespace.is_none()
-                        })
-                })
-                .map(|r| (r.clone(), vs.meta.namespace.clone()))
-        });
+                .find(|r| r.matches.is_empty() || r.matches.iter().any(|m| applies(m, tls)))
+                .cloned()
+        };
+        let rule: Option<(L4Route, String)> = vss
+            .iter()
+            .find_map(|vs| first(&vs.tls, true).map(|r| (r, vs.meta.namespace.clone())))
+            .or_else(|| {
+                vss.iter()
+                    .find_map(|vs| first(&vs.tcp, false).map(|r| (r, vs.meta.namespace.clone())))
+            });
         let spec = match rule {
             None => {
                 tcp::tcp_proxy::ClusterSpecifier::Cluster(inbound_name(port, false, None, &host))
@@ -1808,6 +1817,39 @@ spec:
                 ("inbound-vip|5432|tcp/v1|web.shop.svc.cluster.local", 70),
                 ("inbound-vip|5432|tcp/v2|web.shop.svc.cluster.local", 30)
             ]
+        );
+    }
+
+    #[test]
+    fn tls_rules_for_this_service_come_before_tcp_rules() {
+        let (w, _) = waypoint(
+            r#"
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: web, namespace: shop}
+spec:
+  hosts: [web]
+  tls:
+  - match: [{sniHosts: [other.example.com]}]
+    route: [{destination: {host: other}}]
+  - match: [{sniHosts: [web.shop.svc.cluster.local], port: 5432}]
+    route: [{destination: {host: web, subset: v2}}]
+  tcp:
+  - route: [{destination: {host: web, subset: v1}}]
+"#,
+        );
+        let l = listener::Listener::decode(w.listeners[WEB_TCP].body.clone()).unwrap();
+        let Some(listener::filter::ConfigType::TypedConfig(any)) =
+            &l.filter_chains[0].filters[0].config_type
+        else {
+            panic!()
+        };
+        let t = tcp::TcpProxy::decode(any.value.as_slice()).unwrap();
+        assert_eq!(
+            t.cluster_specifier,
+            Some(tcp::tcp_proxy::ClusterSpecifier::Cluster(
+                "inbound-vip|5432|tcp/v2|web.shop.svc.cluster.local".into()
+            ))
         );
     }
 
