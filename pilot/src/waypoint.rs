@@ -240,6 +240,14 @@ pub fn route_match(m: Option<&HttpMatch>) -> route::RouteMatch {
         Some(StringMatch::Prefix(p)) => PathSpecifier::Prefix(p.clone()),
         Some(StringMatch::Regex(r)) => PathSpecifier::SafeRegex(regex(r)),
     };
+    let mut dynamic_metadata: Vec<_> = m
+        .source_labels
+        .iter()
+        .map(|(k, v)| source_matcher(&["labels", k], v))
+        .collect();
+    if let Some(ns) = &m.source_namespace {
+        dynamic_metadata.push(source_matcher(&["namespace"], ns));
+    }
     let mut headers = Vec::new();
     for (name, v) in [
         (":scheme", &m.scheme),
@@ -251,8 +259,14 @@ pub fn route_match(m: Option<&HttpMatch>) -> route::RouteMatch {
         }
     }
     for (name, v) in &m.headers {
-        // These are the dedicated fields' business (Istio ignores them here).
+        // These are the dedicated fields' business (Istio ignores them here). `@request.auth.
+        // claims.*` keys match JWT claims, which need RequestAuthentication: not supported yet,
+        // so such a condition never matches (fails closed) rather than being dropped.
         if matches!(name.as_str(), "uri" | "scheme" | "method" | "authority") {
+            continue;
+        }
+        if name.starts_with('@') {
+            dynamic_metadata.push(source_matcher(&["unsupported", name], "jwt-claims"));
             continue;
         }
         headers.push(header_matcher(name, v, false));
@@ -274,14 +288,6 @@ pub fn route_match(m: Option<&HttpMatch>) -> route::RouteMatch {
             }
         })
         .collect();
-    let mut dynamic_metadata: Vec<_> = m
-        .source_labels
-        .iter()
-        .map(|(k, v)| source_matcher(&["labels", k], v))
-        .collect();
-    if let Some(ns) = &m.source_namespace {
-        dynamic_metadata.push(source_matcher(&["namespace"], ns));
-    }
     let regex_path = matches!(m.uri, Some(StringMatch::Regex(_)));
     route::RouteMatch {
         // Istio: case-insensitive for exact and prefix only.
@@ -1472,7 +1478,7 @@ spec: {host: web, subsets: [{name: v1, labels: {version: v1}}, {name: v2, labels
       scheme: {exact: http}
       method: {prefix: GE}
       authority: {regex: "web.*"}
-      headers: {x-user: {exact: jason}, x-any: {}}
+      headers: {x-user: {exact: jason}, x-any: {}, "@request.auth.claims.group": {exact: a}}
       withoutHeaders: {x-debug: {exact: "1"}}
       queryParams: {v: {regex: "[0-9]+"}, flag: {}}
     - uri: {regex: "/r/.*"}
@@ -1516,6 +1522,14 @@ spec: {host: web, subsets: [{name: v1, labels: {version: v1}}, {name: v2, labels
         assert!(hs[3].starts_with("x-any ") && hs[3].contains("PresentMatch(true)"));
         assert!(hs[4].starts_with("x-user ") && hs[4].contains("jason"));
         assert!(hs[5].starts_with("!x-debug(missing=empty) "));
+        assert_eq!(
+            m0.dynamic_metadata,
+            [source_matcher(
+                &["unsupported", "@request.auth.claims.group"],
+                "jwt-claims"
+            )],
+            "JWT claims are not supported yet: never matches"
+        );
         let qs: Vec<String> = m0
             .query_parameters
             .iter()
