@@ -1,4 +1,4 @@
-//! Who is calling: bearer tokens mapped to callers. Locally, pilot writes one token per node to `<state dir>/tokens/<node>.token`; in Kubernetes, service-account tokens are checked with a TokenReview.
+//! Who is calling: bearer tokens mapped to callers. Locally, pilot writes one token per node to `<state dir>/tokens/<node>.token` and one per waypoint service account to `<state dir>/tokens/sa/<namespace>.<service account>.token`; in Kubernetes, service-account tokens are checked with a TokenReview.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -60,10 +60,13 @@ fn bearer(metadata: &MetadataMap) -> Result<&str, tonic::Status> {
         .ok_or_else(|| tonic::Status::unauthenticated("expected a bearer token"))
 }
 
-/// The local token store (the folder source): one token per node, written by pilot.
+/// The local token store (the folder source): one token per node and per waypoint service
+/// account, written by pilot.
 #[derive(Debug, Default)]
 pub struct Tokens {
     dir: Option<PathBuf>,
+    /// Of the workload identities service-account tokens stand for.
+    trust_domain: String,
     by_token: RwLock<HashMap<String, Caller>>,
     /// Held while a node token is created, so that two callers (start-up and the snapshot
     /// task) neither write the same temporary file at once nor make two tokens for one node.
@@ -71,15 +74,37 @@ pub struct Tokens {
 }
 
 impl Tokens {
-    /// Tokens kept in `dir` (created if needed); existing node tokens are loaded, so proxies
-    /// keep working across pilot restarts.
-    pub fn open(dir: &Path) -> std::io::Result<Tokens> {
-        std::fs::create_dir_all(dir)?;
+    /// Tokens kept in `dir` (created if needed); existing node and service-account tokens are
+    /// loaded, so proxies keep working across pilot restarts.
+    pub fn open(dir: &Path, trust_domain: &str) -> std::io::Result<Tokens> {
+        std::fs::create_dir_all(dir.join("sa"))?;
         let tokens = Tokens {
             dir: Some(dir.to_path_buf()),
+            trust_domain: trust_domain.to_string(),
             by_token: RwLock::default(),
             creating: Mutex::default(),
         };
+        for entry in std::fs::read_dir(dir.join("sa"))?.flatten() {
+            let path = entry.path();
+            // `<namespace>.<service account>`: namespaces have no dots.
+            let Some((ns, sa)) = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.strip_suffix(".token"))
+                .and_then(|n| n.split_once('.'))
+            else {
+                continue;
+            };
+            let token = std::fs::read_to_string(&path)?.trim().to_string();
+            if !token.is_empty() {
+                tokens.insert(
+                    token,
+                    Caller::Workload {
+                        identity: Identity::new(trust_domain, ns, sa),
+                    },
+                );
+            }
+        }
         for entry in std::fs::read_dir(dir)?.flatten() {
             let path = entry.path();
             let Some(node) = path
@@ -116,14 +141,35 @@ impl Tokens {
     /// The node agent token of `node`, created (and written to `<dir>/<node>.token`, mode
     /// 0600) the first time.
     pub fn node_token(&self, node: &str) -> std::io::Result<String> {
-        if let Some(t) = self.existing_node_token(node) {
+        self.token_for(
+            Caller::NodeAgent {
+                node: node.to_string(),
+            },
+            &format!("{node}.token"),
+        )
+    }
+
+    /// The token of service account `sa` in `ns` (a waypoint's), authenticating as that
+    /// workload identity; created (and written to `<dir>/sa/<ns>.<sa>.token`, mode 0600) the
+    /// first time.
+    pub fn workload_token(&self, ns: &str, sa: &str) -> std::io::Result<String> {
+        self.token_for(
+            Caller::Workload {
+                identity: Identity::new(&self.trust_domain, ns, sa),
+            },
+            &format!("sa/{ns}.{sa}.token"),
+        )
+    }
+
+    fn token_for(&self, caller: Caller, file: &str) -> std::io::Result<String> {
+        if let Some(t) = self.existing(&caller) {
             return Ok(t);
         }
         let _creating = self
             .creating
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(t) = self.existing_node_token(node) {
+        if let Some(t) = self.existing(&caller) {
             return Ok(t);
         }
         let mut raw = [0u8; 32];
@@ -131,8 +177,8 @@ impl Tokens {
         let token: String = raw.iter().map(|b| format!("{b:02x}")).collect();
         if let Some(dir) = &self.dir {
             use std::os::unix::fs::OpenOptionsExt;
-            let path = dir.join(format!("{node}.token"));
-            let tmp = dir.join(format!(".{node}.token.tmp"));
+            let path = dir.join(file);
+            let tmp = dir.join(format!("{file}.tmp"));
             let mut f = std::fs::OpenOptions::new()
                 .write(true)
                 .create(true)
@@ -142,20 +188,13 @@ impl Tokens {
             std::io::Write::write_all(&mut f, token.as_bytes())?;
             std::fs::rename(&tmp, &path)?;
         }
-        self.insert(
-            token.clone(),
-            Caller::NodeAgent {
-                node: node.to_string(),
-            },
-        );
+        self.insert(token.clone(), caller);
         Ok(token)
     }
 
-    fn existing_node_token(&self, node: &str) -> Option<String> {
+    fn existing(&self, caller: &Caller) -> Option<String> {
         let m = self.by_token.read().ok()?;
-        m.iter()
-            .find(|(_, c)| matches!(c, Caller::NodeAgent { node: n } if n == node))
-            .map(|(t, _)| t.clone())
+        m.iter().find(|(_, c)| *c == caller).map(|(t, _)| t.clone())
     }
 
     /// The caller `token` belongs to; an unknown token is refused.
@@ -175,10 +214,10 @@ mod tests {
     #[tokio::test]
     async fn node_tokens_persist() {
         let dir = std::env::temp_dir().join(format!("pilot-tokens-{}", fastrand::u64(..)));
-        let t = Tokens::open(&dir).unwrap();
+        let t = Tokens::open(&dir, "cluster.local").unwrap();
         let a = t.node_token("node1").unwrap();
         assert_eq!(t.node_token("node1").unwrap(), a);
-        let again = Authenticator::Local(Arc::new(Tokens::open(&dir).unwrap()));
+        let again = Authenticator::Local(Arc::new(Tokens::open(&dir, "cluster.local").unwrap()));
         let mut md = MetadataMap::new();
         md.insert("authorization", format!("Bearer {a}").parse().unwrap());
         assert_eq!(
@@ -208,12 +247,36 @@ mod tests {
         std::fs::remove_dir_all(dir).unwrap();
     }
 
+    #[test]
+    fn workload_tokens_persist_as_their_identity() {
+        let dir = std::env::temp_dir().join(format!("pilot-tokens-{}", fastrand::u64(..)));
+        let t = Tokens::open(&dir, "example.org").unwrap();
+        let a = t.workload_token("bookinfo", "waypoint").unwrap();
+        assert_eq!(t.workload_token("bookinfo", "waypoint").unwrap(), a);
+        let path = dir.join("sa/bookinfo.waypoint.token");
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), a);
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        let again = Tokens::open(&dir, "example.org").unwrap();
+        assert_eq!(
+            again.caller(&a).unwrap(),
+            Caller::Workload {
+                identity: Identity::new("example.org", "bookinfo", "waypoint")
+            }
+        );
+        assert_eq!(again.workload_token("bookinfo", "waypoint").unwrap(), a);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
     /// pilot asks for the same nodes' tokens from start-up and from the snapshot task at
     /// once: every caller must get the one token written to the file, and none an error.
     #[test]
     fn concurrent_node_tokens_agree() {
         let dir = std::env::temp_dir().join(format!("pilot-tokens-{}", fastrand::u64(..)));
-        let t = std::sync::Arc::new(Tokens::open(&dir).unwrap());
+        let t = std::sync::Arc::new(Tokens::open(&dir, "cluster.local").unwrap());
         let threads: Vec<_> = (0..4)
             .map(|_| {
                 let t = t.clone();

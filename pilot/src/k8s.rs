@@ -44,7 +44,7 @@ impl fmt::Display for Problem {
 }
 
 impl Origin {
-    fn problem(&self, field: impl Into<String>, reason: impl Into<String>) -> Problem {
+    pub(crate) fn problem(&self, field: impl Into<String>, reason: impl Into<String>) -> Problem {
         Problem {
             file: self.file.clone(),
             object: self.object.clone(),
@@ -173,28 +173,7 @@ pub struct AuthorizationPolicy {
     pub dry_run: bool,
 }
 
-/// Routing objects: validated now, translated for waypoints later.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-pub struct VirtualService {
-    pub meta: Meta,
-    pub hosts: Vec<String>,
-    pub http_routes: usize,
-    pub tcp_routes: usize,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-pub struct DestinationRule {
-    pub meta: Meta,
-    pub host: String,
-    pub subsets: Vec<String>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-pub struct Gateway {
-    pub meta: Meta,
-    pub class: String,
-    pub listeners: Vec<(String, u16, String)>,
-}
+pub use crate::routing::{DestinationRule, Gateway, VirtualService};
 
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub enum Object {
@@ -366,9 +345,13 @@ pub fn parse_object(value: Value, origin: Origin) -> Result<Option<(Origin, Obje
         "AuthorizationPolicy" => {
             Object::AuthorizationPolicy(authorization_policy(&origin, meta, spec)?)
         }
-        "VirtualService" => Object::VirtualService(virtual_service(&origin, meta, spec)?),
-        "DestinationRule" => Object::DestinationRule(destination_rule(&origin, meta, spec)?),
-        "Gateway" => Object::Gateway(gateway(&origin, meta, spec)?),
+        "VirtualService" => {
+            Object::VirtualService(crate::routing::virtual_service(&origin, meta, spec)?)
+        }
+        "DestinationRule" => {
+            Object::DestinationRule(crate::routing::destination_rule(&origin, meta, spec)?)
+        }
+        "Gateway" => Object::Gateway(crate::routing::gateway(&origin, meta, spec)?),
         _ => return Ok(None),
     };
     Ok(Some((origin, object)))
@@ -924,172 +907,6 @@ fn authorization_policy(
         action,
         rules,
         dry_run,
-    })
-}
-
-#[derive(Default, Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct RawVirtualService {
-    #[serde(default)]
-    hosts: Vec<String>,
-    #[serde(default)]
-    http: Vec<RawRoute>,
-    #[serde(default)]
-    tcp: Vec<RawRoute>,
-    #[serde(default)]
-    tls: Vec<RawRoute>,
-}
-
-#[derive(Default, Deserialize)]
-struct RawRoute {
-    #[serde(default)]
-    route: Vec<RawDestinationWeight>,
-}
-
-#[derive(Default, Deserialize)]
-struct RawDestinationWeight {
-    destination: Option<RawDestination>,
-    weight: Option<i64>,
-}
-
-#[derive(Default, Deserialize)]
-struct RawDestination {
-    #[serde(default)]
-    host: String,
-}
-
-fn virtual_service(origin: &Origin, meta: Meta, spec: Value) -> Result<VirtualService, Problem> {
-    let spec: RawVirtualService = typed(origin, "spec", spec)?;
-    if spec.hosts.is_empty() {
-        return Err(origin.problem("spec.hosts", "needs at least one host"));
-    }
-    for (kind, routes) in [("http", &spec.http), ("tcp", &spec.tcp), ("tls", &spec.tls)] {
-        for (i, r) in routes.iter().enumerate() {
-            if r.route.is_empty() {
-                return Err(origin.problem(
-                    format!("spec.{kind}[{i}].route"),
-                    "needs at least one destination",
-                ));
-            }
-            for (j, d) in r.route.iter().enumerate() {
-                let field = format!("spec.{kind}[{i}].route[{j}]");
-                match &d.destination {
-                    Some(dst) if !dst.host.is_empty() => {}
-                    _ => {
-                        return Err(
-                            origin.problem(format!("{field}.destination.host"), "is required")
-                        );
-                    }
-                }
-                if let Some(w) = d.weight
-                    && !(0..=100).contains(&w)
-                {
-                    return Err(origin.problem(
-                        format!("{field}.weight"),
-                        format!("{w} is not between 0 and 100"),
-                    ));
-                }
-            }
-        }
-    }
-    Ok(VirtualService {
-        meta,
-        hosts: spec.hosts,
-        http_routes: spec.http.len(),
-        tcp_routes: spec.tcp.len() + spec.tls.len(),
-    })
-}
-
-#[derive(Default, Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct RawDestinationRule {
-    #[serde(default)]
-    host: String,
-    #[serde(default)]
-    subsets: Vec<RawSubset>,
-}
-
-#[derive(Default, Deserialize)]
-struct RawSubset {
-    #[serde(default)]
-    name: String,
-}
-
-fn destination_rule(origin: &Origin, meta: Meta, spec: Value) -> Result<DestinationRule, Problem> {
-    let spec: RawDestinationRule = typed(origin, "spec", spec)?;
-    if spec.host.is_empty() {
-        return Err(origin.problem("spec.host", "is required"));
-    }
-    let mut subsets = Vec::new();
-    for (i, s) in spec.subsets.iter().enumerate() {
-        if s.name.is_empty() {
-            return Err(origin.problem(format!("spec.subsets[{i}].name"), "is required"));
-        }
-        if subsets.contains(&s.name) {
-            return Err(origin.problem(
-                format!("spec.subsets[{i}].name"),
-                format!("{:?} is defined twice", s.name),
-            ));
-        }
-        subsets.push(s.name.clone());
-    }
-    Ok(DestinationRule {
-        meta,
-        host: spec.host,
-        subsets,
-    })
-}
-
-#[derive(Default, Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct RawGateway {
-    #[serde(default)]
-    gateway_class_name: String,
-    #[serde(default)]
-    listeners: Vec<RawListener>,
-}
-
-#[derive(Default, Deserialize)]
-struct RawListener {
-    #[serde(default)]
-    name: String,
-    port: Option<i64>,
-    #[serde(default)]
-    protocol: String,
-}
-
-fn gateway(origin: &Origin, meta: Meta, spec: Value) -> Result<Gateway, Problem> {
-    let spec: RawGateway = typed(origin, "spec", spec)?;
-    if spec.gateway_class_name.is_empty() {
-        return Err(origin.problem("spec.gatewayClassName", "is required"));
-    }
-    let mut listeners = Vec::new();
-    for (i, l) in spec.listeners.iter().enumerate() {
-        let field = |f: &str| format!("spec.listeners[{i}].{f}");
-        if l.name.is_empty() {
-            return Err(origin.problem(field("name"), "is required"));
-        }
-        let p = port(
-            origin,
-            &field("port"),
-            l.port
-                .ok_or_else(|| origin.problem(field("port"), "is required"))?,
-        )?;
-        if spec.gateway_class_name == "istio-waypoint" && l.protocol != "HBONE" {
-            return Err(origin.problem(
-                field("protocol"),
-                format!("{:?}: a waypoint listens with protocol HBONE", l.protocol),
-            ));
-        }
-        listeners.push((l.name.clone(), p, l.protocol.clone()));
-    }
-    if listeners.is_empty() {
-        return Err(origin.problem("spec.listeners", "needs at least one listener"));
-    }
-    Ok(Gateway {
-        meta,
-        class: spec.gateway_class_name,
-        listeners,
     })
 }
 

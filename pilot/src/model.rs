@@ -81,6 +81,26 @@ impl Snapshot {
                 }
             }
         }
+        // A route to a subset nobody defines would send traffic nowhere: leave the
+        // VirtualService out, as an invalid object.
+        let undefined: Vec<(Key, String, String)> = s
+            .virtual_services
+            .iter()
+            .filter_map(|(key, vs)| {
+                crate::routing::undefined_subset(vs, s.destination_rules.values())
+                    .map(|(field, reason)| (key.clone(), field, reason))
+            })
+            .collect();
+        for (key, field, reason) in undefined {
+            s.virtual_services.remove(&key);
+            let origin = seen.get(&("VirtualService", key.clone()));
+            problems.push(Problem {
+                file: origin.map(|o| o.file.clone()).unwrap_or_default(),
+                object: format!("VirtualService {}/{}", key.0, key.1),
+                field,
+                reason,
+            });
+        }
         problems.sort();
         s.problems = problems;
         s.origins = seen;
@@ -97,6 +117,25 @@ impl Snapshot {
 
     pub fn namespace_labels(&self, ns: &str) -> Option<&BTreeMap<String, String>> {
         self.namespaces.get(ns).map(|n| &n.meta.labels)
+    }
+
+    /// `(namespace, service account)` of the pods of waypoint Gateways (for their tokens).
+    pub fn waypoint_service_accounts(&self) -> Vec<(String, String)> {
+        let mut out: Vec<(String, String)> = self
+            .pods
+            .values()
+            .filter(|p| {
+                p.meta
+                    .labels
+                    .get(crate::routing::GATEWAY_NAME)
+                    .and_then(|g| self.gateways.get(&(p.meta.namespace.clone(), g.clone())))
+                    .is_some_and(|g| g.is_waypoint())
+            })
+            .map(|p| (p.meta.namespace.clone(), p.service_account.clone()))
+            .collect();
+        out.sort();
+        out.dedup();
+        out
     }
 
     /// The nodes pods are scheduled on (for node agent tokens).
@@ -141,6 +180,39 @@ mod tests {
         let s = Snapshot::build(p.objects, vec![]);
         let v = serde_json::to_value(&s).unwrap();
         assert_eq!(v["pods"]["shop/p"]["meta"]["name"], "p");
+    }
+
+    #[test]
+    fn routes_to_undefined_subsets_leave_the_virtual_service_out() {
+        let p = parse_documents(
+            r#"
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: reviews, namespace: bookinfo}
+spec: {hosts: [reviews], http: [{route: [{destination: {host: reviews, subset: v3}}]}]}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: ok, namespace: bookinfo}
+spec: {hosts: [ratings], http: [{route: [{destination: {host: reviews.bookinfo.svc.cluster.local, subset: v1}}]}]}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: reviews, namespace: bookinfo}
+spec: {host: reviews, subsets: [{name: v1, labels: {version: v1}}]}
+"#,
+            "routing.yaml",
+        );
+        let s = Snapshot::build(p.objects, p.problems);
+        assert_eq!(s.virtual_services.len(), 1);
+        assert!(
+            s.virtual_services
+                .contains_key(&("bookinfo".into(), "ok".into()))
+        );
+        assert_eq!(
+            s.problems[0].to_string(),
+            "routing.yaml: VirtualService bookinfo/reviews: field \"spec.http[0].route[0].destination.subset\": subset \"v3\" of host \"reviews\" is defined by no DestinationRule; the VirtualService is left out"
+        );
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! Wires the parts together: source (folder or cluster) → snapshots → translation → published resources, served over TLS on one port (xDS + CA), plus the debug endpoint.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -33,7 +33,11 @@ pub const SERVER_NAMES: &[&str] = &[
 #[derive(Debug, Default)]
 pub struct Published {
     pub snapshot: Arc<Snapshot>,
+    /// What every proxy gets (no Envoy resources).
     pub resources: Arc<Resources>,
+    /// Each waypoint's view (`<namespace>/<gateway>`): the workload API plus its Envoy
+    /// resources, built once per snapshot and shared by its connections.
+    pub waypoints: BTreeMap<String, Arc<Resources>>,
     pub problems: Vec<Problem>,
     pub translate_time: Duration,
 }
@@ -109,14 +113,23 @@ fn publish(
 ) -> Published {
     let start = Instant::now();
     let t = translate(&snapshot, mesh);
-    for p in not_yet_logged(&t.problems, logged) {
+    let w = crate::waypoint::translate(&snapshot, mesh);
+    let translated: Vec<Problem> = t.problems.iter().chain(&w.problems).cloned().collect();
+    for p in not_yet_logged(&translated, logged) {
         warn!("{p}");
     }
     let mut problems = snapshot.problems.clone();
     problems.extend(t.problems);
+    problems.extend(w.problems);
+    let waypoints = w
+        .waypoints
+        .iter()
+        .map(|(k, r)| (k.clone(), Arc::new(t.resources.with_waypoint(r))))
+        .collect();
     Published {
         snapshot,
         resources: Arc::new(t.resources),
+        waypoints,
         problems,
         translate_time: start.elapsed(),
     }
@@ -155,8 +168,10 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
     )?);
     let (mut snap_rx, auth, node_agent) = match &cfg.source {
         Source::Folder(folder) => {
-            let tokens =
-                Arc::new(Tokens::open(&cfg.state_dir.join("tokens")).context("node tokens")?);
+            let tokens = Arc::new(
+                Tokens::open(&cfg.state_dir.join("tokens"), &cfg.mesh.trust_domain)
+                    .context("node tokens")?,
+            );
             for node in &cfg.nodes {
                 tokens.node_token(node)?;
             }
@@ -221,6 +236,11 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
                             warn!(%node, "writing node token: {e}");
                         }
                     }
+                    for (ns, sa) in snap.waypoint_service_accounts() {
+                        if let Err(e) = tokens.workload_token(&ns, &sa) {
+                            warn!(%ns, %sa, "writing waypoint token: {e}");
+                        }
+                    }
                 }
                 let p =
                     match publish_blocking(snap, mesh.clone(), std::mem::take(&mut logged)).await {
@@ -245,8 +265,12 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         });
     }
     if let Some(tokens) = auth.local() {
-        for node in pub_rx.borrow().snapshot.nodes() {
+        let snap = pub_rx.borrow().snapshot.clone();
+        for node in snap.nodes() {
             tokens.node_token(&node)?;
+        }
+        for (ns, sa) in snap.waypoint_service_accounts() {
+            tokens.workload_token(&ns, &sa)?;
         }
     }
 
@@ -331,6 +355,12 @@ fn debug_router(published: watch::Receiver<Arc<Published>>, registry: Arc<Regist
                 "translateMicros": p.translate_time.as_micros() as u64,
                 "addresses": versions(&p.resources.addresses),
                 "authorizations": versions(&p.resources.authorizations),
+                "waypoints": p.waypoints.iter().map(|(k, r)| (k.clone(), serde_json::json!({
+                    "clusters": versions(&r.clusters),
+                    "endpoints": versions(&r.endpoints),
+                    "listeners": versions(&r.listeners),
+                    "routes": versions(&r.routes),
+                }))).collect::<BTreeMap<_, _>>(),
                 "model": &*p.snapshot,
             }))
         }

@@ -11,7 +11,7 @@ use prost::Message;
 
 use crate::k8s::{
     AuthorizationPolicy, DATAPLANE_MODE, Operation, Pod, PolicyAction, PolicyRule, Problem,
-    Service, Source, TargetPort, USE_WAYPOINT, USE_WAYPOINT_NAMESPACE,
+    Service, ServicePort, Source, TargetPort, USE_WAYPOINT, USE_WAYPOINT_NAMESPACE,
 };
 use crate::model::Snapshot;
 
@@ -53,7 +53,7 @@ pub struct Resource {
 }
 
 impl Resource {
-    fn new(name: String, message: &impl Message) -> Arc<Resource> {
+    pub fn new(name: String, message: &impl Message) -> Arc<Resource> {
         let body = Bytes::from(message.encode_to_vec());
         Arc::new(Resource {
             name,
@@ -66,20 +66,71 @@ impl Resource {
 /// Every resource of one type, by name.
 pub type ResourceMap = BTreeMap<String, Arc<Resource>>;
 
-/// What the xDS server serves: one map per type URL.
+/// What the xDS server serves one connection: one map per type URL. The Envoy types are
+/// empty except in a waypoint's view.
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct Resources {
     pub addresses: ResourceMap,
     pub authorizations: ResourceMap,
+    pub clusters: ResourceMap,
+    pub endpoints: ResourceMap,
+    pub listeners: ResourceMap,
+    pub routes: ResourceMap,
 }
 
 impl Resources {
     pub fn of_type(&self, type_url: &str) -> Option<&ResourceMap> {
+        use crate::waypoint as w;
         match type_url {
             mesh::proto::ADDRESS_TYPE_URL => Some(&self.addresses),
             mesh::proto::AUTHORIZATION_TYPE_URL => Some(&self.authorizations),
+            w::CLUSTER_TYPE_URL => Some(&self.clusters),
+            w::ENDPOINT_TYPE_URL => Some(&self.endpoints),
+            w::LISTENER_TYPE_URL => Some(&self.listeners),
+            w::ROUTE_TYPE_URL => Some(&self.routes),
             _ => None,
         }
+    }
+
+    /// A waypoint's view: the workload API for every proxy, plus its own Envoy resources.
+    pub fn with_waypoint(&self, w: &crate::waypoint::WaypointResources) -> Resources {
+        Resources {
+            addresses: self.addresses.clone(),
+            authorizations: self.authorizations.clone(),
+            clusters: w.clusters.clone(),
+            endpoints: w.endpoints.clone(),
+            listeners: w.listeners.clone(),
+            routes: w.routes.clone(),
+        }
+    }
+
+    /// `self` plus the Envoy resources of `old` that `self` no longer has: sending this first
+    /// delivers every update while nothing is removed yet (make before break).
+    pub fn keeping_removed_envoy(&self, old: &Resources) -> Option<Resources> {
+        let pairs = [
+            (&self.clusters, &old.clusters),
+            (&self.endpoints, &old.endpoints),
+            (&self.listeners, &old.listeners),
+            (&self.routes, &old.routes),
+        ];
+        if pairs
+            .iter()
+            .all(|(new, old)| old.keys().all(|k| new.contains_key(k)))
+        {
+            return None;
+        }
+        let mut u = self.clone();
+        for (into, from) in [
+            (&mut u.clusters, &old.clusters),
+            (&mut u.endpoints, &old.endpoints),
+            (&mut u.listeners, &old.listeners),
+            (&mut u.routes, &old.routes),
+        ] {
+            for (k, v) in from {
+                into.entry(k.clone()).or_insert_with(|| v.clone());
+            }
+        }
+        Some(u)
     }
 }
 
@@ -109,6 +160,7 @@ pub fn translate(s: &Snapshot, o: &MeshOptions) -> Translation {
         .map(|p| (p, key_of(p)))
         .collect();
 
+    let label_keys = source_label_keys(s);
     let mut ip_owner: HashMap<IpAddr, String> = HashMap::new();
     for svc in s.services.values() {
         let msg = service(s, o, svc);
@@ -154,7 +206,7 @@ pub fn translate(s: &Snapshot, o: &MeshOptions) -> Translation {
         for ip in &pod.ips {
             ip_owner.insert(*ip, format!("Pod {}/{}", pod.meta.namespace, pod.meta.name));
         }
-        let w = workload(s, o, pod, &selecting);
+        let w = workload(s, o, pod, &selecting, &label_keys);
         let name = w.uid.clone();
         let address = pb::Address {
             r#type: Some(pb::address::Type::Workload(w)),
@@ -199,34 +251,78 @@ fn selects(selector: &BTreeMap<String, String>, labels: &BTreeMap<String, String
     selector.iter().all(|(k, v)| labels.get(k) == Some(v))
 }
 
-/// `istio.io/use-waypoint` on the object, else on its namespace; `none` opts out.
-fn waypoint(
+/// What a waypoint is asked to carry: traffic to a service, or to a workload dialled directly.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Bound {
+    Service,
+    Workload,
+}
+
+/// The waypoint Gateway `(namespace, name)` an object uses, as Istio decides it:
+/// `istio.io/use-waypoint` on the object, else on its namespace (`none` / `#none` opt out);
+/// the Gateway must exist, be a waypoint, and handle this kind of traffic (its
+/// `istio.io/waypoint-for`). An object label naming a waypoint that does not handle its kind
+/// binds nothing (the namespace label does not step in).
+pub fn waypoint_of(
     s: &Snapshot,
-    o: &MeshOptions,
     ns: &str,
     labels: &BTreeMap<String, String>,
-) -> Option<pb::GatewayAddress> {
+    kind: Bound,
+) -> Option<(String, String)> {
     let ns_labels = s.namespace_labels(ns);
     let (name, from) = match labels.get(USE_WAYPOINT) {
         Some(n) => (n, labels),
         None => (ns_labels?.get(USE_WAYPOINT)?, ns_labels?),
     };
-    if name.is_empty() || name == "none" {
+    if name.is_empty() || name == "none" || name == "#none" {
         return None;
     }
     let wp_ns = from
         .get(USE_WAYPOINT_NAMESPACE)
         .cloned()
         .unwrap_or_else(|| ns.to_string());
-    Some(pb::GatewayAddress {
+    let key = (wp_ns, name.clone());
+    let gw = s.gateways.get(&key).filter(|g| g.is_waypoint())?;
+    let handles = match kind {
+        Bound::Service => gw.waypoint_for.services(),
+        Bound::Workload => gw.waypoint_for.workloads(),
+    };
+    handles.then_some(key)
+}
+
+/// The waypoint of a service; a waypoint's own Service is never behind one.
+pub fn service_waypoint(s: &Snapshot, svc: &Service) -> Option<(String, String)> {
+    let own = s
+        .gateways
+        .get(&(svc.meta.namespace.clone(), svc.meta.name.clone()))
+        .is_some_and(|g| g.is_waypoint());
+    if own {
+        return None;
+    }
+    waypoint_of(s, &svc.meta.namespace, &svc.meta.labels, Bound::Service)
+}
+
+/// The workload API's form of `waypoint_of`.
+fn waypoint(
+    s: &Snapshot,
+    o: &MeshOptions,
+    ns: &str,
+    labels: &BTreeMap<String, String>,
+    kind: Bound,
+) -> Option<pb::GatewayAddress> {
+    Some(gateway_address(o, waypoint_of(s, ns, labels, kind)?))
+}
+
+fn gateway_address(o: &MeshOptions, (wp_ns, name): (String, String)) -> pb::GatewayAddress {
+    pb::GatewayAddress {
         destination: Some(pb::gateway_address::Destination::Hostname(
             pb::NamespacedHostname {
-                hostname: hostname(o, &wp_ns, name),
+                hostname: hostname(o, &wp_ns, &name),
                 namespace: wp_ns,
             },
         )),
         hbone_mtls_port: u32::from(mesh::hbone::HBONE_PORT),
-    })
+    }
 }
 
 fn service(s: &Snapshot, o: &MeshOptions, svc: &Service) -> pb::Service {
@@ -252,14 +348,47 @@ fn service(s: &Snapshot, o: &MeshOptions, svc: &Service) -> pb::Service {
                     // Named: each endpoint resolves it against its own container ports.
                     TargetPort::Name(_) => 0,
                 },
+                app_protocol: app_protocol(p) as i32,
             })
             .collect(),
         subject_alt_names: vec![],
-        waypoint: waypoint(s, o, &svc.meta.namespace, &svc.meta.labels),
+        waypoint: service_waypoint(s, svc).map(|key| gateway_address(o, key)),
         load_balancing: None,
         ip_families: 0,
         canonical: false,
     }
+}
+
+/// Istio's decision for a service port (see `mesh::state::AppProtocol::of_port`).
+pub fn app_protocol(p: &ServicePort) -> pb::AppProtocol {
+    use mesh::state::AppProtocol as A;
+    match A::of_port(&p.app_protocol, &p.name) {
+        A::Http11 => pb::AppProtocol::Http11,
+        A::Http2 => pb::AppProtocol::Http2,
+        A::Grpc => pb::AppProtocol::Grpc,
+        A::Tcp => pb::AppProtocol::Tcp,
+        A::Tls => pb::AppProtocol::Tls,
+        A::Unknown => pb::AppProtocol::Unknown,
+    }
+}
+
+/// The label keys some VirtualService's `sourceLabels` refers to: the only labels workloads
+/// carry in the workload API (a waypoint matches client workloads by them).
+pub fn source_label_keys(s: &Snapshot) -> BTreeSet<String> {
+    let mut keys = BTreeSet::new();
+    for vs in s.virtual_services.values() {
+        for r in &vs.http {
+            for m in &r.matches {
+                keys.extend(m.source_labels.keys().cloned());
+            }
+        }
+        for r in vs.tcp.iter().chain(vs.tls.iter()) {
+            for m in &r.matches {
+                keys.extend(m.source_labels.keys().cloned());
+            }
+        }
+    }
+    keys
 }
 
 fn in_ambient(s: &Snapshot, pod: &Pod) -> bool {
@@ -284,6 +413,7 @@ fn workload(
     o: &MeshOptions,
     pod: &Pod,
     selecting: &[(&AuthorizationPolicy, String)],
+    label_keys: &BTreeSet<String>,
 ) -> pb::Workload {
     let ns = &pod.meta.namespace;
     let labels = &pod.meta.labels;
@@ -313,6 +443,7 @@ fn workload(
                 Some(pb::Port {
                     service_port: u32::from(p.port),
                     target_port: u32::from(target),
+                    app_protocol: app_protocol(p) as i32,
                 })
             })
             .collect();
@@ -381,7 +512,12 @@ fn workload(
         } as i32,
         trust_domain: o.trust_domain.clone(),
         service_account: pod.service_account.clone(),
-        waypoint: waypoint(s, o, ns, labels),
+        // A waypoint's own pods are never behind a waypoint.
+        waypoint: if labels.contains_key(crate::routing::GATEWAY_NAME) {
+            None
+        } else {
+            waypoint(s, o, ns, labels, Bound::Workload)
+        },
         network_gateway: None,
         node: pod.node_name.clone(),
         canonical_name,
@@ -400,6 +536,10 @@ fn workload(
         locality: None,
         network_mode: pb::NetworkMode::Standard as i32,
         capacity: None,
+        labels: label_keys
+            .iter()
+            .filter_map(|k| labels.get(k).map(|v| (k.clone(), v.clone())))
+            .collect(),
     }
 }
 
@@ -829,6 +969,132 @@ spec: {targetRefs: [{kind: Gateway, name: waypoint}]}
             t.problems[0]
                 .reason
                 .contains("already used by Pod default/a")
+        );
+    }
+
+    fn waypoint_host(t: &Translation, name: &str) -> Option<String> {
+        let a = pb::Address::decode(t.resources.addresses[name].body.clone()).unwrap();
+        let w = match a.r#type.unwrap() {
+            pb::address::Type::Service(s) => s.waypoint,
+            pb::address::Type::Workload(w) => w.waypoint,
+        }?;
+        match w.destination? {
+            pb::gateway_address::Destination::Hostname(h) => Some(h.hostname),
+            pb::gateway_address::Destination::Address(_) => None,
+        }
+    }
+
+    #[test]
+    fn waypoint_binding_precedence_and_waypoint_for() {
+        let gw = |name: &str, for_: &str| {
+            format!(
+                "---\napiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {{name: {name}, namespace: a, labels: {{istio.io/waypoint-for: {for_}}}}}\nspec: {{gatewayClassName: istio-waypoint, listeners: [{{name: mesh, port: 15008, protocol: HBONE}}]}}\n"
+            )
+        };
+        let svc = |name: &str, ip: &str, label: &str| {
+            format!(
+                "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: a, labels: {{{label}}}}}\nspec: {{clusterIP: {ip}, selector: {{app: {name}}}, ports: [{{name: http, port: 80}}, {{name: tcp, port: 81}}]}}\n"
+            )
+        };
+        let pod = |name: &str, ip: &str, label: &str| {
+            format!(
+                "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: a, labels: {{app: {name}, {label}}}}}\nstatus: {{podIP: {ip}}}\n"
+            )
+        };
+        let text = [
+            "apiVersion: v1\nkind: Namespace\nmetadata: {name: a, labels: {istio.io/use-waypoint: ns-wp}}\n".to_string(),
+            gw("ns-wp", "all"),
+            gw("svc-wp", "service"),
+            gw("wl-wp", "workload"),
+            svc("plain", "10.96.0.1", ""),
+            svc("own", "10.96.0.2", "istio.io/use-waypoint: svc-wp"),
+            svc("wrong-kind", "10.96.0.3", "istio.io/use-waypoint: wl-wp"),
+            svc("opted-out", "10.96.0.4", "istio.io/use-waypoint: none"),
+            svc("missing", "10.96.0.5", "istio.io/use-waypoint: nowhere"),
+            svc("ns-wp", "10.96.0.6", ""),
+            pod("p1", "10.0.0.1", "x: y"),
+            pod("p2", "10.0.0.2", "istio.io/use-waypoint: wl-wp"),
+            pod("p3", "10.0.0.3", "istio.io/use-waypoint: svc-wp"),
+            pod("wp", "10.0.0.4", "gateway.networking.k8s.io/gateway-name: ns-wp"),
+        ]
+        .concat();
+        let t = translate(&snapshot(&text), &MeshOptions::default());
+        let host = |n: &str| waypoint_host(&t, n);
+        let fqdn = |n: &str| Some(format!("{n}.a.svc.cluster.local"));
+        assert_eq!(
+            host("a/plain.a.svc.cluster.local"),
+            fqdn("ns-wp"),
+            "namespace label"
+        );
+        assert_eq!(
+            host("a/own.a.svc.cluster.local"),
+            fqdn("svc-wp"),
+            "service label wins"
+        );
+        assert_eq!(
+            host("a/wrong-kind.a.svc.cluster.local"),
+            None,
+            "a workload waypoint does not take a service, and the namespace's does not step in"
+        );
+        assert_eq!(host("a/opted-out.a.svc.cluster.local"), None);
+        assert_eq!(
+            host("a/missing.a.svc.cluster.local"),
+            None,
+            "no such Gateway"
+        );
+        assert_eq!(
+            host("a/ns-wp.a.svc.cluster.local"),
+            None,
+            "a waypoint's own Service"
+        );
+        assert_eq!(host("Kubernetes//Pod/a/p1"), fqdn("ns-wp"));
+        assert_eq!(
+            host("Kubernetes//Pod/a/p2"),
+            fqdn("wl-wp"),
+            "pod label wins"
+        );
+        assert_eq!(
+            host("Kubernetes//Pod/a/p3"),
+            None,
+            "a service waypoint takes no workload"
+        );
+        assert_eq!(host("Kubernetes//Pod/a/wp"), None, "a waypoint's own pod");
+
+        // Ports carry their protocol.
+        let a = pb::Address::decode(
+            t.resources.addresses["a/plain.a.svc.cluster.local"]
+                .body
+                .clone(),
+        )
+        .unwrap();
+        let Some(pb::address::Type::Service(s)) = a.r#type else {
+            panic!()
+        };
+        assert_eq!(s.ports[0].app_protocol, pb::AppProtocol::Http11 as i32);
+        assert_eq!(s.ports[1].app_protocol, pb::AppProtocol::Unknown as i32);
+    }
+
+    #[test]
+    fn workloads_carry_only_the_labels_source_matches_use() {
+        let pod = "apiVersion: v1\nkind: Pod\nmetadata: {name: p, namespace: a, labels: {app: web, version: v1, team: x}}\nstatus: {podIP: 10.0.0.1}\n";
+        let labels = |t: &Translation| {
+            let a = pb::Address::decode(t.resources.addresses["Kubernetes//Pod/a/p"].body.clone())
+                .unwrap();
+            let Some(pb::address::Type::Workload(w)) = a.r#type else {
+                panic!()
+            };
+            w.labels
+        };
+        let t = translate(&snapshot(pod), &MeshOptions::default());
+        assert!(labels(&t).is_empty(), "no VirtualService uses sourceLabels");
+        let vs = "---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: r, namespace: a}\nspec: {hosts: [web], http: [{match: [{sourceLabels: {version: v1}}], route: [{destination: {host: web}}]}], tcp: [{match: [{sourceLabels: {app: web}}], route: [{destination: {host: web}}]}]}\n";
+        let t = translate(&snapshot(&format!("{pod}{vs}")), &MeshOptions::default());
+        assert_eq!(
+            labels(&t).into_iter().collect::<Vec<_>>(),
+            [
+                ("app".to_string(), "web".to_string()),
+                ("version".to_string(), "v1".to_string())
+            ]
         );
     }
 

@@ -579,6 +579,7 @@ fn convert_workload(
         canonical_revision: raw.canonical_revision,
         workload_type: raw.workload_type,
         workload_name: raw.workload_name,
+        labels: Default::default(),
     })
 }
 
@@ -609,7 +610,7 @@ fn convert_service(origin: &str, index: usize, raw: RawService) -> Result<Servic
         ports.push(ServicePort {
             service_port,
             target_port,
-            app_protocol: p.app_protocol,
+            app_protocol: mesh::state::AppProtocol::of_port(&p.app_protocol, ""),
         });
     }
     let waypoint = raw.waypoint.map(|g| o.gateway("waypoint", g)).transpose()?;

@@ -265,7 +265,7 @@ mod tests {
             ports: vec![mesh::state::ServicePort {
                 service_port: 80,
                 target_port: 8080,
-                app_protocol: String::new(),
+                app_protocol: Default::default(),
             }],
             ..Default::default()
         };

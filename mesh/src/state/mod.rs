@@ -87,6 +87,9 @@ pub struct Workload {
     pub canonical_revision: String,
     pub workload_type: String,
     pub workload_name: String,
+    /// Only the labels some VirtualService `sourceLabels` refers to (an extension of the
+    /// workload API); empty otherwise.
+    pub labels: BTreeMap<String, String>,
 }
 
 impl Default for Workload {
@@ -111,6 +114,7 @@ impl Default for Workload {
             canonical_revision: String::new(),
             workload_type: String::new(),
             workload_name: String::new(),
+            labels: BTreeMap::new(),
         }
     }
 }
@@ -136,7 +140,59 @@ pub struct ServicePort {
     pub service_port: u16,
     /// 0 when unknown (Kubernetes named target ports differ per pod): endpoints then say.
     pub target_port: u16,
-    pub app_protocol: String,
+    pub app_protocol: AppProtocol,
+}
+
+/// A service port's application protocol (the workload API's values).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum AppProtocol {
+    /// Not known: handled as opaque TCP.
+    #[default]
+    Unknown,
+    Http11,
+    Http2,
+    Grpc,
+    Tcp,
+    Tls,
+}
+
+impl AppProtocol {
+    /// Handled as HTTP (L7) by a waypoint; the rest is L4.
+    pub fn is_http(self) -> bool {
+        matches!(
+            self,
+            AppProtocol::Http11 | AppProtocol::Http2 | AppProtocol::Grpc
+        )
+    }
+
+    /// Istio's rule for a Kubernetes service port: `appProtocol` first, else the port name's
+    /// prefix before the first `-` (case-insensitive). TCP, TLS and unknown names stay
+    /// `Unknown` (what Istio's control plane sends for them).
+    pub fn of_port(app_protocol: &str, port_name: &str) -> AppProtocol {
+        let by_name = |n: &str| match n.to_ascii_lowercase().as_str() {
+            "http" => Some(AppProtocol::Http11),
+            "http2" => Some(AppProtocol::Http2),
+            "grpc" | "grpc-web" => Some(AppProtocol::Grpc),
+            _ => None,
+        };
+        match app_protocol {
+            "kubernetes.io/h2c" => return AppProtocol::Http2,
+            "kubernetes.io/ws" => return AppProtocol::Http11,
+            "" => {}
+            other => {
+                if let Some(p) = by_name(other) {
+                    return p;
+                }
+                return AppProtocol::Unknown;
+            }
+        }
+        let lower = port_name.to_ascii_lowercase();
+        if lower.starts_with("grpc-web") {
+            return AppProtocol::Grpc;
+        }
+        by_name(lower.split('-').next().unwrap_or("")).unwrap_or(AppProtocol::Unknown)
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
@@ -677,6 +733,28 @@ impl Serialize for State {
 mod tests {
     use super::*;
 
+    #[test]
+    fn app_protocol_as_istio_decides() {
+        let of = AppProtocol::of_port;
+        assert_eq!(of("", "http"), AppProtocol::Http11);
+        assert_eq!(of("", "HTTP-web"), AppProtocol::Http11);
+        assert_eq!(of("", "http2-x"), AppProtocol::Http2);
+        assert_eq!(of("", "grpc"), AppProtocol::Grpc);
+        assert_eq!(of("", "grpc-web"), AppProtocol::Grpc);
+        assert_eq!(of("", "https"), AppProtocol::Unknown);
+        assert_eq!(of("", "tcp-db"), AppProtocol::Unknown);
+        assert_eq!(of("", ""), AppProtocol::Unknown);
+        assert_eq!(of("kubernetes.io/h2c", "tcp"), AppProtocol::Http2);
+        assert_eq!(of("kubernetes.io/ws", ""), AppProtocol::Http11);
+        assert_eq!(of("http2", "tcp"), AppProtocol::Http2);
+        assert_eq!(
+            of("mysql", "http"),
+            AppProtocol::Unknown,
+            "appProtocol wins"
+        );
+        assert!(AppProtocol::Grpc.is_http() && !AppProtocol::Unknown.is_http());
+    }
+
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()
     }
@@ -713,7 +791,7 @@ mod tests {
                 .map(|&(service_port, target_port)| ServicePort {
                     service_port,
                     target_port,
-                    app_protocol: String::new(),
+                    app_protocol: AppProtocol::Unknown,
                 })
                 .collect(),
             ..Service::default()

@@ -7,7 +7,7 @@ use std::net::IpAddr;
 use prost::Message;
 
 use super::{
-    Action, Authorization, Cidr, Clause, DEFAULT_CLUSTER_ID, DEFAULT_SERVICE_ACCOUNT,
+    Action, AppProtocol, Authorization, Cidr, Clause, DEFAULT_CLUSTER_ID, DEFAULT_SERVICE_ACCOUNT,
     DEFAULT_TRUST_DOMAIN, GatewayAddress, GatewayDestination, HealthStatus, Match, Rule, Scope,
     Service, ServicePort, StringMatch, TunnelProtocol, Workload,
 };
@@ -140,7 +140,20 @@ fn workload(w: pb::Workload) -> Result<Workload, String> {
         canonical_revision: w.canonical_revision,
         workload_type: workload_type.to_string(),
         workload_name: w.workload_name,
+        labels: w.labels.into_iter().collect(),
     })
+}
+
+fn app_protocol(v: i32) -> AppProtocol {
+    match pb::AppProtocol::try_from(v) {
+        Ok(pb::AppProtocol::Http11) => AppProtocol::Http11,
+        Ok(pb::AppProtocol::Http2) => AppProtocol::Http2,
+        Ok(pb::AppProtocol::Grpc) => AppProtocol::Grpc,
+        Ok(pb::AppProtocol::Tcp) => AppProtocol::Tcp,
+        Ok(pb::AppProtocol::Tls) => AppProtocol::Tls,
+        // A newer value we do not know: L4, as for unknown.
+        Ok(pb::AppProtocol::Unknown) | Err(_) => AppProtocol::Unknown,
+    }
 }
 
 fn service(s: pb::Service) -> Result<Service, String> {
@@ -163,7 +176,7 @@ fn service(s: pb::Service) -> Result<Service, String> {
                 Ok(ServicePort {
                     service_port: port(p.service_port, "ports.service_port")?,
                     target_port: port(p.target_port, "ports.target_port")?,
-                    app_protocol: String::new(),
+                    app_protocol: app_protocol(p.app_protocol),
                 })
             })
             .collect::<Result<_, String>>()?,
@@ -280,11 +293,13 @@ mod tests {
                         ports: vec![pb::Port {
                             service_port: 80,
                             target_port: 8080,
+                            app_protocol: pb::AppProtocol::Http2 as i32,
                         }],
                     },
                 )]
                 .into_iter()
                 .collect(),
+                labels: [("version".to_string(), "v1".to_string())].into(),
                 ..Default::default()
             })),
         };
@@ -294,6 +309,26 @@ mod tests {
         assert_eq!(w.service_account, "default");
         assert_eq!(w.tunnel_protocol, TunnelProtocol::Hbone);
         assert_eq!(w.services["ns/s.ns.svc.cluster.local"][&80], 8080);
+        assert_eq!(w.labels["version"], "v1");
+        let s = pb::Address {
+            r#type: Some(pb::address::Type::Service(pb::Service {
+                name: "s".into(),
+                namespace: "ns".into(),
+                hostname: "s.ns.svc.cluster.local".into(),
+                ports: vec![pb::Port {
+                    service_port: 80,
+                    target_port: 8080,
+                    app_protocol: pb::AppProtocol::Grpc as i32,
+                }],
+                ..Default::default()
+            })),
+        };
+        let Converted::Service(s) =
+            address("ns/s.ns.svc.cluster.local", &s.encode_to_vec()).unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(s.ports[0].app_protocol, AppProtocol::Grpc);
         assert!(address("other", &pb::Address::default().encode_to_vec()).is_err());
         let bad_ip = pb::Address {
             r#type: Some(pb::address::Type::Workload(pb::Workload {

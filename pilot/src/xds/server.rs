@@ -16,8 +16,11 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, info, warn};
 
-use crate::auth::Authenticator;
+use crate::auth::{Authenticator, Caller};
+use crate::routing::GATEWAY_NAME;
 use crate::server::Published;
+use crate::translate::Resources;
+use crate::waypoint::ENVOY_TYPE_URLS;
 use crate::xds::session::{Reply, Session, TypeReport};
 
 /// Responses queued per connection. Small on purpose: a slow proxy holds its own task back,
@@ -131,7 +134,7 @@ impl AggregatedDiscoveryService for AdsService {
         let registry = self.registry.clone();
         let published = self.published.clone();
         tokio::spawn(async move {
-            let reason = serve(id, connection, inbound, tx, published, registry.clone()).await;
+            let reason = serve(id, connection, caller, inbound, tx, published, registry.clone()).await;
             info!(id, "proxy disconnected: {reason}");
             if let Ok(mut c) = registry.connections.lock() {
                 c.remove(&id);
@@ -141,10 +144,98 @@ impl AggregatedDiscoveryService for AdsService {
     }
 }
 
+/// The waypoint a node id names: Istio's `router~<ip>~<pod>.<namespace>~<domain>` for a pod
+/// labelled with its Gateway's name. Returns `<namespace>/<gateway>`, or why not.
+pub fn waypoint_of_node(
+    node_id: &str,
+    caller: &Caller,
+    published: &Published,
+) -> Result<Option<String>, String> {
+    let parts: Vec<&str> = node_id.split('~').collect();
+    let [kind, _ip, pod, _domain] = parts.as_slice() else {
+        return Ok(None);
+    };
+    if *kind != "router" {
+        return Ok(None);
+    }
+    let Some((name, ns)) = pod.rsplit_once('.') else {
+        return Err(format!("{pod:?} is not <pod>.<namespace>"));
+    };
+    let Some(pod) = published
+        .snapshot
+        .pods
+        .get(&(ns.to_string(), name.to_string()))
+    else {
+        return Err(format!("no pod {ns}/{name}"));
+    };
+    let Some(gateway) = pod.meta.labels.get(GATEWAY_NAME) else {
+        return Err(format!("pod {ns}/{name} has no {GATEWAY_NAME} label"));
+    };
+    let allowed = match caller {
+        Caller::Workload { identity } => {
+            identity.namespace == pod.meta.namespace
+                && identity.service_account == pod.service_account
+        }
+        Caller::NodeAgent { node } => node == &pod.node_name,
+    };
+    if !allowed {
+        return Err(format!(
+            "caller {caller:?} is not pod {ns}/{name} (service account {})",
+            pod.service_account
+        ));
+    }
+    let key = format!("{ns}/{gateway}");
+    if !published.waypoints.contains_key(&key) {
+        return Err(format!("no waypoint Gateway {key}"));
+    }
+    Ok(Some(key))
+}
+
+/// What this connection is served: its waypoint's view, or what every proxy gets.
+fn view(node_id: &str, caller: &Caller, published: &Published, id: u64) -> Arc<Resources> {
+    match waypoint_of_node(node_id, caller, published) {
+        Ok(Some(key)) => published.waypoints[&key].clone(),
+        Ok(None) => published.resources.clone(),
+        Err(why) => {
+            warn!(id, node = %node_id, "no Envoy resources for this node: {why}");
+            published.resources.clone()
+        }
+    }
+}
+
+/// Rank of a type in make-before-break order; the workload API's types after the Envoy ones.
+fn rank(type_url: &str) -> usize {
+    ENVOY_TYPE_URLS
+        .iter()
+        .position(|t| *t == type_url)
+        .unwrap_or(ENVOY_TYPE_URLS.len())
+}
+
+/// The pushes after a change from `old` to `new`, make before break: every update first
+/// (clusters, endpoints, listeners, routes), then the removals in the reverse order.
+pub fn pushes(
+    session: &mut Session,
+    old: &Resources,
+    new: &Resources,
+) -> Vec<DeltaDiscoveryResponse> {
+    let Some(both) = new.keeping_removed_envoy(old) else {
+        let mut updates = session.on_resources(new);
+        updates.sort_by_key(|r| rank(&r.type_url));
+        return updates;
+    };
+    let mut updates = session.on_resources(&both);
+    updates.sort_by_key(|r| rank(&r.type_url));
+    let mut removals = session.on_resources(new);
+    removals.sort_by_key(|r| std::cmp::Reverse(rank(&r.type_url)));
+    updates.extend(removals);
+    updates
+}
+
 /// One connection until it ends; returns why it ended.
 async fn serve(
     id: u64,
     connection: Arc<Connection>,
+    caller: Caller,
     mut inbound: Streaming<DeltaDiscoveryRequest>,
     tx: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
     mut published: watch::Receiver<Arc<Published>>,
@@ -153,6 +244,7 @@ async fn serve(
     let session = &connection.session;
     let mut node_id = String::new();
     let mut current = published.borrow_and_update().clone();
+    let mut served = current.resources.clone();
     loop {
         let responses = tokio::select! {
             msg = inbound.message() => {
@@ -166,8 +258,9 @@ async fn serve(
                 {
                     node_id = node.id.clone();
                     let _ = connection.node_id.set(node_id.clone());
+                    served = view(&node_id, &caller, &current, id);
                 }
-                let (reply, response) = lock(session).on_request(&req, &current.resources);
+                let (reply, response) = lock(session).on_request(&req, &served);
                 match reply {
                     Some(Reply::Nack { type_url, error, rejected, accepted }) => {
                         registry.nacks.fetch_add(1, Ordering::Relaxed);
@@ -186,7 +279,10 @@ async fn serve(
                     return "control plane shutting down".into();
                 }
                 current = published.borrow_and_update().clone();
-                lock(session).on_resources(&current.resources)
+                let next = view(&node_id, &caller, &current, id);
+                let out = pushes(&mut lock(session), &served, &next);
+                served = next;
+                out
             }
         };
         for r in responses {

@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
+use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
 use envoy_types::pb::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse,
@@ -28,13 +29,26 @@ impl Stream {
         cp: &ControlPlane,
         initial: &[(&str, HashMap<String, String>)],
     ) -> Result<Stream, tonic::Status> {
+        Stream::open_as(cp, "", initial).await
+    }
+
+    /// As `open`, the first request naming the node `node_id` (when not empty).
+    pub async fn open_as(
+        cp: &ControlPlane,
+        node_id: &str,
+        initial: &[(&str, HashMap<String, String>)],
+    ) -> Result<Stream, tonic::Status> {
         let channel = cp.endpoint().unwrap().connect().await.unwrap();
         let mut client = AggregatedDiscoveryServiceClient::new(channel);
         let (tx, rx) = mpsc::channel(16);
-        for (type_url, versions) in initial {
+        for (i, (type_url, versions)) in initial.iter().enumerate() {
             tx.send(DeltaDiscoveryRequest {
                 type_url: type_url.to_string(),
                 initial_resource_versions: versions.clone(),
+                node: (i == 0 && !node_id.is_empty()).then(|| Node {
+                    id: node_id.to_string(),
+                    ..Default::default()
+                }),
                 ..Default::default()
             })
             .await
