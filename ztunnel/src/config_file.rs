@@ -579,6 +579,7 @@ fn convert_workload(
         canonical_revision: raw.canonical_revision,
         workload_type: raw.workload_type,
         workload_name: raw.workload_name,
+        labels: Default::default(),
     })
 }
 

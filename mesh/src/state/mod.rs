@@ -87,6 +87,10 @@ pub struct Workload {
     pub canonical_revision: String,
     pub workload_type: String,
     pub workload_name: String,
+    /// Our extension (`Workload.labels`, field 1000): only the label keys some VirtualService
+    /// `sourceLabels` refers to, so that a waypoint can match them at run time.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
 }
 
 impl Default for Workload {
@@ -111,6 +115,7 @@ impl Default for Workload {
             canonical_revision: String::new(),
             workload_type: String::new(),
             workload_name: String::new(),
+            labels: BTreeMap::new(),
         }
     }
 }
