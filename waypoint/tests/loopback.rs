@@ -538,6 +538,8 @@ struct Bed {
     waypoint_id: Identity,
     waypoint: Arc<waypoint::Waypoint>,
     registry: Registry,
+    /// Publishes new configurations, as the xDS client does.
+    config: watch::Sender<Arc<Config>>,
     _drain: mesh::drain::Trigger,
 }
 
@@ -586,8 +588,7 @@ async fn start() -> Bed {
 
     let waypoint_id = Identity::new(TD, "app", "waypoint");
     let certs = CertCache::new(Arc::new(SharedCa(ca.clone())));
-    let (_tx, rx) = watch::channel(Arc::new(build_config(&net)));
-    std::mem::forget(_tx);
+    let (config_tx, rx) = watch::channel(Arc::new(build_config(&net)));
     let metrics = waypoint::metrics::Metrics::default();
     let mut registry = Registry::default();
     metrics.register(&mut registry);
@@ -618,6 +619,7 @@ async fn start() -> Bed {
         waypoint_id,
         waypoint: wp,
         registry,
+        config: config_tx,
         _drain: trigger,
     }
 }
@@ -881,4 +883,28 @@ async fn websocket_upgrade_passes_through() {
     let mut buf = [0u8; 4];
     io.read_exact(&mut buf).await.unwrap();
     assert_eq!(&buf, b"ping");
+}
+
+#[tokio::test]
+async fn config_change_does_not_fail_requests_in_flight() {
+    let bed = start().await;
+    let mut slow = bed.http1().await;
+    let mut other = bed.http1().await;
+    let in_flight = tokio::spawn(async move {
+        let a = get(&mut slow, "/api/slow", &[]).await;
+        (a, slow)
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Pilot withdraws everything: routes, clusters, listeners.
+    bed.config.send_replace(Arc::new(Config::default()));
+    let (a, mut slow) = in_flight.await.unwrap();
+    assert_eq!(a.status, StatusCode::OK, "the request in flight finishes on its config");
+    assert_eq!(a.json()["name"], "echo-v1");
+    // Open tunnels keep their listener; their next requests see the new (empty) routes.
+    assert_eq!(get(&mut slow, "/api/x", &[]).await.status, StatusCode::NOT_FOUND);
+    assert_eq!(get(&mut other, "/api/x", &[]).await.status, StatusCode::NOT_FOUND);
+    // New tunnels to the withdrawn address are refused.
+    let conn = bed.hbone().await;
+    let err = conn.connect(&bed.connect_request(80)).await.err().unwrap();
+    assert_eq!(err.status(), Some(StatusCode::SERVICE_UNAVAILABLE));
 }
