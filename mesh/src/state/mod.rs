@@ -87,9 +87,8 @@ pub struct Workload {
     pub canonical_revision: String,
     pub workload_type: String,
     pub workload_name: String,
-    /// Our extension (`Workload.labels`, field 1000): only the label keys some VirtualService
-    /// `sourceLabels` refers to, so that a waypoint can match them at run time.
-    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    /// Only the labels some VirtualService `sourceLabels` refers to (an extension of the
+    /// workload API); empty otherwise.
     pub labels: BTreeMap<String, String>,
 }
 
