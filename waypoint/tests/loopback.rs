@@ -898,11 +898,21 @@ async fn config_change_does_not_fail_requests_in_flight() {
     // Pilot withdraws everything: routes, clusters, listeners.
     bed.config.send_replace(Arc::new(Config::default()));
     let (a, mut slow) = in_flight.await.unwrap();
-    assert_eq!(a.status, StatusCode::OK, "the request in flight finishes on its config");
+    assert_eq!(
+        a.status,
+        StatusCode::OK,
+        "the request in flight finishes on its config"
+    );
     assert_eq!(a.json()["name"], "echo-v1");
     // Open tunnels keep their listener; their next requests see the new (empty) routes.
-    assert_eq!(get(&mut slow, "/api/x", &[]).await.status, StatusCode::NOT_FOUND);
-    assert_eq!(get(&mut other, "/api/x", &[]).await.status, StatusCode::NOT_FOUND);
+    assert_eq!(
+        get(&mut slow, "/api/x", &[]).await.status,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        get(&mut other, "/api/x", &[]).await.status,
+        StatusCode::NOT_FOUND
+    );
     // New tunnels to the withdrawn address are refused.
     let conn = bed.hbone().await;
     let err = conn.connect(&bed.connect_request(80)).await.err().unwrap();
