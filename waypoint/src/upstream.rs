@@ -207,6 +207,7 @@ impl Upstream {
                     }
                 });
                 if let Ok(mut m) = self.http.lock() {
+                    prune(&mut m);
                     m.insert((endpoint, Protocol::Http2), Conns::Http2(sender.clone()));
                 }
                 sender.send_request(req).await.map_err(http_err)
@@ -249,6 +250,9 @@ impl Upstream {
 
     fn put_h1(&self, endpoint: SocketAddr, sender: http1::SendRequest<RequestBody>) {
         let Ok(mut m) = self.http.lock() else { return };
+        if !m.contains_key(&(endpoint, Protocol::Http1)) {
+            prune(&mut m);
+        }
         let entry = m
             .entry((endpoint, Protocol::Http1))
             .or_insert_with(|| Conns::Http1(Vec::new()));
@@ -271,7 +275,7 @@ impl Upstream {
         }
     }
 
-    /// HTTP connections kept per endpoint (for tests and the admin page).
+    /// HTTP connections kept (for tests and the admin page).
     pub fn http_connections(&self) -> usize {
         self.http
             .lock()
@@ -285,4 +289,16 @@ impl Upstream {
             })
             .unwrap_or(0)
     }
+}
+
+/// Forget endpoints whose connections have all closed (pods come and go), so the map does not
+/// grow with every address ever used. Called when a new endpoint is added.
+fn prune(m: &mut HashMap<(SocketAddr, Protocol), Conns>) {
+    m.retain(|_, c| match c {
+        Conns::Http1(list) => {
+            list.retain(|s| !s.is_closed());
+            !list.is_empty()
+        }
+        Conns::Http2(s) => !s.is_closed(),
+    });
 }

@@ -788,7 +788,10 @@ async fn http1_routes_rewrites_and_local_replies() {
     assert_eq!(seen.len(), 2, "{seen:?}");
 
     // Upstream HTTP connections are kept alive: one per pod, whatever the request count.
-    assert_eq!(bed.waypoint.upstream.http_connections(), 2);
+    // (A connection may still be finishing its previous response when the next request comes,
+    // hence a little slack; without reuse there would be one per request, 50 here.)
+    let kept = bed.waypoint.upstream.http_connections();
+    assert!((2..=4).contains(&kept), "{kept} upstream HTTP connections");
     assert_eq!(bed.waypoint.upstream.hbone_connections(), 2);
 
     let text = mesh::metrics::encode(&bed.registry);
