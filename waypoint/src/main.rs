@@ -157,7 +157,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     tokio::spawn(mesh::xds::run(
         control,
         mesh::xds::ClientState::new(node_id.clone(), waypoint::xds::types()),
-        Box::new(XdsHandler::new(config_tx, status)),
+        Box::new(XdsHandler::new(config_tx, status.clone())),
     ));
 
     let listener = host
@@ -179,6 +179,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
         _ = term.recv() => info!("SIGTERM: draining"),
         _ = int.recv() => info!("SIGINT: draining"),
     }
+    // Not ready any more: load balancers stop sending while open tunnels finish.
+    status
+        .ready
+        .store(false, std::sync::atomic::Ordering::Release);
     let deadline = Duration::from_secs(args.drain_seconds);
     if drain_trigger.drain(deadline).await {
         info!("all requests and tunnels finished; exiting");

@@ -4,6 +4,7 @@
 //! response body ends.
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -249,6 +250,8 @@ pub async fn handle(
     let upstream_req =
         Request::from_parts(parts, RequestBody::new(body, log.request_bytes.clone()));
 
+    // Envoy's route timeout runs from here until the response has been received in full.
+    let deadline = forward.timeout.map(|t| tokio::time::Instant::now() + t);
     let timeout = forward.timeout.unwrap_or(std::time::Duration::MAX);
     let connect_timeout = cluster.connect_timeout;
     let state = config.state.clone();
@@ -337,7 +340,11 @@ pub async fn handle(
         w,
         tunnel,
         log,
-        Response::from_parts(parts, ResponseBody::upstream(body)),
+        Response::from_parts(
+            parts,
+            // An upgraded connection is not bounded by the route timeout (as in Envoy).
+            ResponseBody::upstream(body, deadline.filter(|_| !upgraded)),
+        ),
     )
 }
 
@@ -491,12 +498,16 @@ pub struct ResponseBody {
     inner: Inner,
     bytes: u64,
     done: Option<Done>,
+    timed_out: bool,
 }
 
 enum Inner {
-    Upstream(Incoming),
+    /// The upstream's body, and when the route timeout ends it.
+    Upstream(Incoming, Option<Pin<Box<tokio::time::Sleep>>>),
     Bytes(Option<Bytes>),
 }
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 struct Done {
     metrics: crate::metrics::Metrics,
@@ -510,27 +521,42 @@ impl ResponseBody {
             inner: Inner::Bytes((!b.is_empty()).then_some(b)),
             bytes: 0,
             done: None,
+            timed_out: false,
         }
     }
-    fn upstream(b: Incoming) -> Self {
+    fn upstream(b: Incoming, deadline: Option<tokio::time::Instant>) -> Self {
         ResponseBody {
-            inner: Inner::Upstream(b),
+            inner: Inner::Upstream(b, deadline.map(|d| Box::pin(tokio::time::sleep_until(d)))),
             bytes: 0,
             done: None,
+            timed_out: false,
         }
     }
 }
 
 impl Body for ResponseBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let r = match &mut self.inner {
-            Inner::Upstream(b) => Pin::new(b).poll_frame(cx),
+            Inner::Upstream(b, deadline) => match Pin::new(b).poll_frame(cx) {
+                Poll::Pending => {
+                    let expired = deadline
+                        .as_mut()
+                        .is_some_and(|d| d.as_mut().poll(cx).is_ready());
+                    if expired {
+                        self.timed_out = true;
+                        // The client sees its stream reset (headers are already out).
+                        return Poll::Ready(Some(Err("upstream response timeout".into())));
+                    }
+                    Poll::Pending
+                }
+                Poll::Ready(r) => Poll::Ready(r.map(|r| r.map_err(BoxError::from))),
+            },
             Inner::Bytes(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
         };
         if let Poll::Ready(Some(Ok(f))) = &r
@@ -543,14 +569,14 @@ impl Body for ResponseBody {
 
     fn is_end_stream(&self) -> bool {
         match &self.inner {
-            Inner::Upstream(b) => b.is_end_stream(),
+            Inner::Upstream(b, _) => b.is_end_stream(),
             Inner::Bytes(b) => b.is_none(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match &self.inner {
-            Inner::Upstream(b) => b.size_hint(),
+            Inner::Upstream(b, _) => b.size_hint(),
             Inner::Bytes(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
         }
     }
@@ -558,7 +584,11 @@ impl Body for ResponseBody {
 
 impl Drop for ResponseBody {
     fn drop(&mut self) {
-        if let Some(done) = self.done.take() {
+        if let Some(mut done) = self.done.take() {
+            if self.timed_out {
+                done.log.flags = "UT";
+                done.labels.response_flags = "UT".into();
+            }
             let request_bytes = done.log.request_bytes.load(Ordering::Relaxed);
             let millis = done.log.start.elapsed().as_secs_f64() * 1000.0;
             done.metrics

@@ -127,6 +127,9 @@ async fn echo(
         .path_and_query()
         .map(|p| p.to_string())
         .unwrap_or_default();
+    if path.contains("slow") {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
     let version = format!("{:?}", req.version());
     let authority = req
         .uri()
@@ -416,6 +419,17 @@ fn routes() -> route_pb::RouteConfiguration {
                 split,
                 r("down", prefix("/down"), Action::Route(to("down"))),
                 r("broken", prefix("/broken"), Action::Route(to("broken"))),
+                r(
+                    "timeout",
+                    prefix("/timeout"),
+                    Action::Route(route_pb::RouteAction {
+                        timeout: Some(envoy_types::pb::google::protobuf::Duration {
+                            seconds: 0,
+                            nanos: 100_000_000,
+                        }),
+                        ..to(V1)
+                    }),
+                ),
                 r("api", prefix("/api"), Action::Route(to(V1))),
                 r("ws", prefix("/ws"), Action::Route(to(V1))),
             ],
@@ -775,6 +789,10 @@ async fn http1_routes_rewrites_and_local_replies() {
         StatusCode::SERVICE_UNAVAILABLE
     );
 
+    // The route timeout (100 ms) ends a slow answer (300 ms) with 504 (UT).
+    let a = get(&mut c, "/timeout/slow", &[]).await;
+    assert_eq!(a.status, StatusCode::GATEWAY_TIMEOUT);
+
     // Weighted split reaches both subsets.
     let mut seen = std::collections::HashSet::new();
     for _ in 0..40 {
@@ -801,6 +819,7 @@ async fn http1_routes_rewrites_and_local_replies() {
     );
     assert!(text.contains("response_flags=\"UH\""));
     assert!(text.contains("response_flags=\"UF\""));
+    assert!(text.contains("response_code=\"504\",grpc_response_status=\"\",response_flags=\"UT\""));
     assert!(text.contains("reporter=\"waypoint\",source_workload=\"sleep\""));
     assert!(text.contains("destination_workload=\"echo-v1\""));
 }
