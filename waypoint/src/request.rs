@@ -271,7 +271,6 @@ pub async fn handle(
                 .send(
                     &state,
                     endpoint.address,
-                    tunnel.client,
                     protocol,
                     connect_timeout,
                     upstream_req,

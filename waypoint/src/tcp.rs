@@ -42,7 +42,7 @@ pub async fn proxy(
         .connect(
             &config.state,
             endpoint.address,
-            tunnel.client,
+            Some(tunnel.client),
             cluster.connect_timeout,
         )
         .await

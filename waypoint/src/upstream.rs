@@ -95,11 +95,12 @@ impl Upstream {
     }
 
     /// One CONNECT stream to `endpoint` (pod IP and target port) through its HBONE listener.
+    /// `client` goes into `forwarded: for=` when the stream carries one client's traffic only.
     pub async fn connect(
         &self,
         state: &State,
         endpoint: SocketAddr,
-        client: SocketAddr,
+        client: Option<SocketAddr>,
         timeout: Duration,
     ) -> Result<H2Stream, UpstreamError> {
         let workload = state
@@ -119,7 +120,7 @@ impl Upstream {
             src_ip: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
         };
         let mut req = ConnectRequest::new(endpoint);
-        req.forwarded_for = Some(client);
+        req.forwarded_for = client;
         let sockets = &self.sockets;
         let dial = || async move {
             let tls = cert.client_config(vec![expected])?;
@@ -138,12 +139,12 @@ impl Upstream {
     }
 
     /// Send a request to `endpoint` on a kept-alive HTTP connection of the client's protocol,
-    /// opening one (over a new CONNECT stream) when none is free.
+    /// opening one (over a new CONNECT stream) when none is free. Those connections are shared
+    /// by every client, so their CONNECT names none (`forwarded` would be wrong for the next).
     pub async fn send(
         &self,
         state: &State,
         endpoint: SocketAddr,
-        client: SocketAddr,
         protocol: Protocol,
         timeout: Duration,
         req: http::Request<RequestBody>,
@@ -169,7 +170,7 @@ impl Upstream {
                     },
                     None => req,
                 };
-                let io = self.connect(state, endpoint, client, timeout).await?;
+                let io = self.connect(state, endpoint, None, timeout).await?;
                 let (mut sender, conn) = http1::handshake(TokioIo::new(H2Io::new(io)))
                     .await
                     .map_err(http_err)?;
@@ -196,7 +197,7 @@ impl Upstream {
                     },
                     None => req,
                 };
-                let io = self.connect(state, endpoint, client, timeout).await?;
+                let io = self.connect(state, endpoint, None, timeout).await?;
                 let (mut sender, conn) = http2::Builder::new(TokioExecutor::new())
                     .handshake(TokioIo::new(H2Io::new(io)))
                     .await
@@ -226,7 +227,7 @@ impl Upstream {
         req: http::Request<RequestBody>,
     ) -> Result<http::Response<hyper::body::Incoming>, UpstreamError> {
         let http_err = |source| UpstreamError::Http { endpoint, source };
-        let io = self.connect(state, endpoint, client, timeout).await?;
+        let io = self.connect(state, endpoint, Some(client), timeout).await?;
         let (mut sender, conn) = http1::handshake(TokioIo::new(H2Io::new(io)))
             .await
             .map_err(http_err)?;
