@@ -4,8 +4,8 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::sync::Mutex;
-use std::time::Duration;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
 
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -24,6 +24,9 @@ use crate::request::RequestBody;
 
 /// Idle HTTP/1.1 connections kept per endpoint.
 const MAX_IDLE_H1: usize = 32;
+/// Kept-alive upstream HTTP connections unused this long are closed by us, before the
+/// application's own idle timeout closes them under a request.
+pub const HTTP_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
@@ -52,10 +55,27 @@ pub enum Protocol {
     Http2,
 }
 
-enum Conns {
-    Http1(Vec<http1::SendRequest<RequestBody>>),
-    Http2(http2::SendRequest<RequestBody>),
+/// A kept connection and when it was last handed out.
+struct Kept<T> {
+    sender: T,
+    used: Instant,
 }
+
+impl<T> Kept<T> {
+    fn new(sender: T) -> Self {
+        Kept {
+            sender,
+            used: Instant::now(),
+        }
+    }
+}
+
+enum Conns {
+    Http1(Vec<Kept<http1::SendRequest<RequestBody>>>),
+    Http2(Kept<http2::SendRequest<RequestBody>>),
+}
+
+type ConnMap = HashMap<(SocketAddr, Protocol), Conns>;
 
 pub struct Upstream {
     identity: Identity,
@@ -64,7 +84,7 @@ pub struct Upstream {
     sockets: SocketFactory,
     /// The port of the destination pods' HBONE listener (15008; tests use others).
     hbone_port: u16,
-    http: Mutex<HashMap<(SocketAddr, Protocol), Conns>>,
+    http: Arc<Mutex<ConnMap>>,
 }
 
 impl Upstream {
@@ -74,14 +94,26 @@ impl Upstream {
     }
 
     pub fn with_hbone_port(identity: Identity, certs: CertCache, hbone_port: u16) -> Self {
+        Upstream::with_options(identity, certs, hbone_port, HTTP_IDLE_TIMEOUT)
+    }
+
+    /// `idle`: how long a kept-alive upstream HTTP connection may stay unused.
+    pub fn with_options(
+        identity: Identity,
+        certs: CertCache,
+        hbone_port: u16,
+        idle: Duration,
+    ) -> Self {
         certs.track(&identity);
+        let http = Arc::new(Mutex::new(HashMap::new()));
+        tokio::spawn(reap(Arc::downgrade(&http), idle));
         Upstream {
             identity,
             certs,
             pool: Pool::new(),
             sockets: SocketFactory::host(),
             hbone_port,
-            http: Mutex::new(HashMap::new()),
+            http,
         }
     }
 
@@ -209,7 +241,10 @@ impl Upstream {
                 });
                 if let Ok(mut m) = self.http.lock() {
                     prune(&mut m);
-                    m.insert((endpoint, Protocol::Http2), Conns::Http2(sender.clone()));
+                    m.insert(
+                        (endpoint, Protocol::Http2),
+                        Conns::Http2(Kept::new(sender.clone())),
+                    );
                 }
                 sender.send_request(req).await.map_err(http_err)
             }
@@ -244,9 +279,9 @@ impl Upstream {
         let Some(Conns::Http1(list)) = m.get_mut(&(endpoint, Protocol::Http1)) else {
             return None;
         };
-        list.retain(|s| !s.is_closed());
-        let i = list.iter().position(|s| s.is_ready())?;
-        Some(list.swap_remove(i))
+        list.retain(|k| !k.sender.is_closed());
+        let i = list.iter().position(|k| k.sender.is_ready())?;
+        Some(list.swap_remove(i).sender)
     }
 
     fn put_h1(&self, endpoint: SocketAddr, sender: http1::SendRequest<RequestBody>) {
@@ -260,14 +295,17 @@ impl Upstream {
         if let Conns::Http1(list) = entry
             && list.len() < MAX_IDLE_H1
         {
-            list.push(sender);
+            list.push(Kept::new(sender));
         }
     }
 
     fn h2(&self, endpoint: SocketAddr) -> Option<http2::SendRequest<RequestBody>> {
         let mut m = self.http.lock().ok()?;
-        match m.get(&(endpoint, Protocol::Http2)) {
-            Some(Conns::Http2(s)) if !s.is_closed() => Some(s.clone()),
+        match m.get_mut(&(endpoint, Protocol::Http2)) {
+            Some(Conns::Http2(k)) if !k.sender.is_closed() => {
+                k.used = Instant::now();
+                Some(k.sender.clone())
+            }
             Some(_) => {
                 m.remove(&(endpoint, Protocol::Http2));
                 None
@@ -283,8 +321,8 @@ impl Upstream {
             .map(|m| {
                 m.values()
                     .map(|c| match c {
-                        Conns::Http1(l) => l.iter().filter(|s| !s.is_closed()).count(),
-                        Conns::Http2(s) => usize::from(!s.is_closed()),
+                        Conns::Http1(l) => l.iter().filter(|k| !k.sender.is_closed()).count(),
+                        Conns::Http2(k) => usize::from(!k.sender.is_closed()),
                     })
                     .sum()
             })
@@ -292,14 +330,36 @@ impl Upstream {
     }
 }
 
+/// Close kept connections unused for `idle`: dropping our handle ends an HTTP/1.1 connection
+/// once its exchange in flight (if any) is done, and an HTTP/2 one once its streams are.
+async fn reap(http: Weak<Mutex<ConnMap>>, idle: Duration) {
+    let period = (idle / 4).max(Duration::from_millis(10));
+    loop {
+        tokio::time::sleep(period).await;
+        let Some(http) = http.upgrade() else { return };
+        let Ok(mut m) = http.lock() else { return };
+        m.retain(|_, c| match c {
+            Conns::Http1(list) => {
+                list.retain(|k| {
+                    // Only an idle connection (no exchange in flight) expires.
+                    let expired = k.sender.is_ready() && k.used.elapsed() >= idle;
+                    !(k.sender.is_closed() || expired)
+                });
+                !list.is_empty()
+            }
+            Conns::Http2(k) => !k.sender.is_closed() && k.used.elapsed() < idle,
+        });
+    }
+}
+
 /// Forget endpoints whose connections have all closed (pods come and go), so the map does not
 /// grow with every address ever used. Called when a new endpoint is added.
-fn prune(m: &mut HashMap<(SocketAddr, Protocol), Conns>) {
+fn prune(m: &mut ConnMap) {
     m.retain(|_, c| match c {
         Conns::Http1(list) => {
-            list.retain(|s| !s.is_closed());
+            list.retain(|k| !k.sender.is_closed());
             !list.is_empty()
         }
-        Conns::Http2(s) => !s.is_closed(),
+        Conns::Http2(k) => !k.sender.is_closed(),
     });
 }

@@ -572,6 +572,11 @@ async fn bind_pair(net: &Net) -> (TcpListener, TcpListener) {
 }
 
 async fn start() -> Bed {
+    start_with(Duration::from_secs(5)).await
+}
+
+/// `idle`: how long the waypoint keeps an unused upstream HTTP connection.
+async fn start_with(idle: Duration) -> Bed {
     let net = Net::new();
     let ca = Arc::new(DevCa::generate(TD).unwrap());
     let (trigger, drain) = mesh::drain::channel();
@@ -608,10 +613,11 @@ async fn start() -> Bed {
     metrics.register(&mut registry);
     let wp = Arc::new(waypoint::Waypoint {
         config: rx,
-        upstream: waypoint::upstream::Upstream::with_hbone_port(
+        upstream: waypoint::upstream::Upstream::with_options(
             waypoint_id.clone(),
             certs.clone(),
             hbone_port,
+            idle,
         ),
         metrics,
     });
@@ -939,4 +945,22 @@ async fn config_change_does_not_fail_requests_in_flight() {
     let conn = bed.hbone().await;
     let err = conn.connect(&bed.connect_request(80)).await.err().unwrap();
     assert_eq!(err.status(), Some(StatusCode::SERVICE_UNAVAILABLE));
+}
+
+#[tokio::test]
+async fn idle_upstream_connections_are_closed() {
+    let bed = start_with(Duration::from_millis(200)).await;
+    let mut c = bed.http1().await;
+    assert_eq!(get(&mut c, "/api/a", &[]).await.json()["name"], "echo-v1");
+    assert_eq!(get(&mut c, "/labels", &[]).await.json()["name"], "echo-v2");
+    assert_eq!(bed.waypoint.upstream.http_connections(), 2);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        bed.waypoint.upstream.http_connections(),
+        0,
+        "closed after 200 ms unused"
+    );
+    // The next request opens a new one.
+    assert_eq!(get(&mut c, "/api/b", &[]).await.json()["name"], "echo-v1");
+    assert_eq!(bed.waypoint.upstream.http_connections(), 1);
 }
