@@ -1,4 +1,4 @@
-//! Certificates from the control plane's CA: a CSR per identity (`ImpersonatedIdentity` for the pods of this node), checked on return.
+//! Certificates from the control plane's CA: a CSR per identity (`ImpersonatedIdentity` for the pods of this node, or the caller's own identity for a waypoint), checked on return.
 
 use std::time::Duration;
 
@@ -54,8 +54,18 @@ pub fn parse_chain(
     Ok((leaf_chain, parse(roots)?))
 }
 
+/// A CA client for the caller's own identity (a waypoint): the CSR is sent without
+/// `ImpersonatedIdentity`, so the CA issues the identity its token authenticates.
+pub struct OwnIdentityCaClient(pub CaClient);
+
+impl CertSource for OwnIdentityCaClient {
+    fn fetch<'a>(&'a self, id: &'a Identity) -> BoxFuture<'a, Result<WorkloadCert, String>> {
+        Box::pin(self.0.request(id, false))
+    }
+}
+
 impl CaClient {
-    async fn request(&self, id: &Identity) -> Result<WorkloadCert, String> {
+    async fn request(&self, id: &Identity, impersonate: bool) -> Result<WorkloadCert, String> {
         let (csr, key) = csr(id)?;
         let channel = self
             .control
@@ -64,17 +74,20 @@ impl CaClient {
             .connect()
             .await
             .map_err(|e| format!("connecting to the CA at {}: {e}", self.control.address))?;
-        let mut metadata = prost_types::Struct::default();
-        metadata.fields.insert(
-            "ImpersonatedIdentity".into(),
-            prost_types::Value {
-                kind: Some(prost_types::value::Kind::StringValue(id.to_string())),
-            },
-        );
+        let metadata = impersonate.then(|| {
+            let mut metadata = prost_types::Struct::default();
+            metadata.fields.insert(
+                "ImpersonatedIdentity".into(),
+                prost_types::Value {
+                    kind: Some(prost_types::value::Kind::StringValue(id.to_string())),
+                },
+            );
+            metadata
+        });
         let mut request = tonic::Request::new(IstioCertificateRequest {
             csr,
             validity_duration: self.ttl.as_secs() as i64,
-            metadata: Some(metadata),
+            metadata,
         });
         request.metadata_mut().insert(
             "authorization",
@@ -94,6 +107,6 @@ impl CaClient {
 
 impl CertSource for CaClient {
     fn fetch<'a>(&'a self, id: &'a Identity) -> BoxFuture<'a, Result<WorkloadCert, String>> {
-        Box::pin(self.request(id))
+        Box::pin(self.request(id, true))
     }
 }

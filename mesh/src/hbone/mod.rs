@@ -5,6 +5,7 @@
 
 pub mod client;
 pub mod copy;
+pub mod io;
 pub mod pool;
 pub mod server;
 

@@ -1,0 +1,656 @@
+//! The waypoint's configuration: one immutable snapshot of listeners, routes, clusters and
+//! endpoints (compiled from Envoy's xDS resources) plus the mesh state (workloads, services).
+//! A request takes the current `Arc<Config>` once and keeps it, so a config change never
+//! disturbs a request or tunnel already in flight.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use envoy_types::pb::envoy::config::cluster::v3 as cluster_pb;
+use envoy_types::pb::envoy::config::core::v3 as envoy_core;
+use envoy_types::pb::envoy::config::endpoint::v3 as endpoint_pb;
+use envoy_types::pb::envoy::config::listener::v3 as listener_pb;
+use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3 as hcm;
+use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3 as tcp_proxy;
+use mesh::state::State;
+use prost::Message;
+
+use crate::route::{self, RouteTable};
+
+pub const LISTENER_TYPE_URL: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
+pub const ROUTE_TYPE_URL: &str = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration";
+pub const CLUSTER_TYPE_URL: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
+pub const ENDPOINT_TYPE_URL: &str =
+    "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
+const HCM_TYPE_URL: &str = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager";
+const TCP_PROXY_TYPE_URL: &str =
+    "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy";
+const ROUTER_FILTER: &str = "envoy.filters.http.router";
+/// Envoy's default when a cluster names none.
+const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// One consistent view of everything the data path needs.
+#[derive(Debug, Default)]
+pub struct Config {
+    pub listeners: BTreeMap<String, Arc<Listener>>,
+    /// Every address of every listener (canonical IP, port).
+    by_address: HashMap<SocketAddr, Arc<Listener>>,
+    pub routes: BTreeMap<String, Arc<RouteTable>>,
+    pub clusters: BTreeMap<String, Arc<Cluster>>,
+    pub state: Arc<State>,
+    /// The resources as received, for the config dump.
+    pub resources: Arc<crate::xds::Resources>,
+}
+
+impl Config {
+    pub fn new(
+        listeners: BTreeMap<String, Arc<Listener>>,
+        routes: BTreeMap<String, Arc<RouteTable>>,
+        clusters: BTreeMap<String, Arc<Cluster>>,
+        state: Arc<State>,
+    ) -> Config {
+        let mut by_address = HashMap::new();
+        for l in listeners.values() {
+            for a in &l.addresses {
+                // Conflicts were rejected when the listener was accepted (see `xds`).
+                by_address.entry(canonical(*a)).or_insert_with(|| l.clone());
+            }
+        }
+        Config {
+            listeners,
+            by_address,
+            routes,
+            clusters,
+            state,
+            resources: Arc::default(),
+        }
+    }
+
+    /// The listener serving a CONNECT authority (a service VIP and port).
+    pub fn listener(&self, addr: SocketAddr) -> Option<&Arc<Listener>> {
+        self.by_address.get(&canonical(addr))
+    }
+}
+
+pub fn canonical(a: SocketAddr) -> SocketAddr {
+    SocketAddr::new(a.ip().to_canonical(), a.port())
+}
+
+#[derive(Debug)]
+pub struct Listener {
+    pub name: String,
+    /// `address` first, then `additional_addresses`.
+    pub addresses: Vec<SocketAddr>,
+    pub kind: ListenerKind,
+}
+
+#[derive(Debug)]
+pub enum ListenerKind {
+    /// HTTP connection manager: routes from RDS by name, or inline.
+    Http { routes: Routes },
+    /// TCP proxy to one cluster or weighted clusters.
+    Tcp { clusters: Vec<(String, u32)> },
+}
+
+#[derive(Debug)]
+pub enum Routes {
+    Rds(String),
+    Inline(Arc<RouteTable>),
+}
+
+#[derive(Debug)]
+pub struct Cluster {
+    pub name: String,
+    pub connect_timeout: Duration,
+    /// Endpoints from the cluster's `ClusterLoadAssignment` (EDS or inline).
+    pub endpoints: Vec<Endpoint>,
+    next: AtomicUsize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    pub address: SocketAddr,
+    pub healthy: bool,
+    /// `filter_metadata["istio"]["workload"]`, when pilot names the workload.
+    pub workload: Option<String>,
+}
+
+impl Cluster {
+    pub fn new(name: String, connect_timeout: Duration, endpoints: Vec<Endpoint>) -> Cluster {
+        Cluster {
+            name,
+            connect_timeout,
+            endpoints,
+            next: AtomicUsize::new(0),
+        }
+    }
+
+    /// The next healthy endpoint, round robin.
+    pub fn pick(&self) -> Option<&Endpoint> {
+        let healthy = self.endpoints.iter().filter(|e| e.healthy).count();
+        if healthy == 0 {
+            return None;
+        }
+        let n = self.next.fetch_add(1, Ordering::Relaxed) % healthy;
+        self.endpoints.iter().filter(|e| e.healthy).nth(n)
+    }
+}
+
+/// What a `Cluster` resource says; endpoints come separately (EDS) unless inline.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClusterDef {
+    pub name: String,
+    pub connect_timeout: Duration,
+    pub eds: bool,
+    pub inline_endpoints: Vec<Endpoint>,
+}
+
+pub fn cluster(body: &[u8], name: &str) -> Result<(cluster_pb::Cluster, ClusterDef), String> {
+    use cluster_pb::cluster::{ClusterDiscoveryType, DiscoveryType};
+    let c = cluster_pb::Cluster::decode(body).map_err(|e| format!("undecodable Cluster: {e}"))?;
+    if c.name != name {
+        return Err(format!(
+            "resource name differs from the cluster name {:?}",
+            c.name
+        ));
+    }
+    let eds = match &c.cluster_discovery_type {
+        Some(ClusterDiscoveryType::Type(t)) => match DiscoveryType::try_from(*t) {
+            Ok(DiscoveryType::Eds) => true,
+            Ok(DiscoveryType::Static) => false,
+            _ => {
+                return Err(format!(
+                    "type: only EDS and STATIC clusters are supported (got {t})"
+                ));
+            }
+        },
+        Some(ClusterDiscoveryType::ClusterType(_)) => {
+            return Err("cluster_type: custom cluster types are not supported".into());
+        }
+        // The proto default is STATIC.
+        None => false,
+    };
+    let connect_timeout = match &c.connect_timeout {
+        Some(d) if d.seconds > 0 || d.nanos > 0 => Duration::new(
+            u64::try_from(d.seconds).map_err(|_| "connect_timeout: negative")?,
+            u32::try_from(d.nanos).map_err(|_| "connect_timeout: negative")?,
+        ),
+        _ => DEFAULT_CONNECT_TIMEOUT,
+    };
+    let inline_endpoints = match &c.load_assignment {
+        Some(la) if !eds => endpoints(la).map_err(|e| format!("load_assignment.{e}"))?,
+        _ => Vec::new(),
+    };
+    let def = ClusterDef {
+        name: c.name.clone(),
+        connect_timeout,
+        eds,
+        inline_endpoints,
+    };
+    Ok((c, def))
+}
+
+pub fn load_assignment(
+    body: &[u8],
+    name: &str,
+) -> Result<(endpoint_pb::ClusterLoadAssignment, Vec<Endpoint>), String> {
+    let la = endpoint_pb::ClusterLoadAssignment::decode(body)
+        .map_err(|e| format!("undecodable ClusterLoadAssignment: {e}"))?;
+    if la.cluster_name != name {
+        return Err(format!(
+            "resource name differs from cluster_name {:?}",
+            la.cluster_name
+        ));
+    }
+    let eps = endpoints(&la)?;
+    Ok((la, eps))
+}
+
+fn endpoints(la: &endpoint_pb::ClusterLoadAssignment) -> Result<Vec<Endpoint>, String> {
+    use endpoint_pb::lb_endpoint::HostIdentifier;
+    let mut out = Vec::new();
+    for (i, locality) in la.endpoints.iter().enumerate() {
+        for (j, lb) in locality.lb_endpoints.iter().enumerate() {
+            let field = || format!("endpoints[{i}].lb_endpoints[{j}]");
+            let ep = match &lb.host_identifier {
+                Some(HostIdentifier::Endpoint(e)) => e,
+                _ => return Err(format!("{}: endpoint address required", field())),
+            };
+            let address = socket_address(ep.address.as_ref())
+                .map_err(|e| format!("{}.endpoint.address: {e}", field()))?;
+            let healthy = matches!(
+                envoy_core::HealthStatus::try_from(lb.health_status),
+                Ok(envoy_core::HealthStatus::Unknown | envoy_core::HealthStatus::Healthy)
+            );
+            let workload = lb
+                .metadata
+                .as_ref()
+                .and_then(|m| m.filter_metadata.get("istio"))
+                .and_then(|s| s.fields.get("workload"))
+                .and_then(|v| match &v.kind {
+                    Some(envoy_types::pb::google::protobuf::value::Kind::StringValue(s)) => {
+                        Some(s.clone())
+                    }
+                    _ => None,
+                });
+            out.push(Endpoint {
+                address,
+                healthy,
+                workload,
+            });
+        }
+    }
+    Ok(out)
+}
+
+fn socket_address(a: Option<&envoy_core::Address>) -> Result<SocketAddr, String> {
+    use envoy_core::address::Address as A;
+    use envoy_core::socket_address::PortSpecifier;
+    let Some(A::SocketAddress(sa)) = a.and_then(|a| a.address.as_ref()) else {
+        return Err("a socket_address is required".into());
+    };
+    let ip: IpAddr = sa
+        .address
+        .parse()
+        .map_err(|_| format!("{:?} is not an IP address", sa.address))?;
+    let port = match sa.port_specifier {
+        Some(PortSpecifier::PortValue(p)) if p > 0 => {
+            u16::try_from(p).map_err(|_| format!("port_value {p} is not a port"))?
+        }
+        _ => return Err("port_value is required".into()),
+    };
+    Ok(SocketAddr::new(ip, port))
+}
+
+pub fn listener(body: &[u8], name: &str) -> Result<(listener_pb::Listener, Listener), String> {
+    let l =
+        listener_pb::Listener::decode(body).map_err(|e| format!("undecodable Listener: {e}"))?;
+    if l.name != name {
+        return Err(format!(
+            "resource name differs from the listener name {:?}",
+            l.name
+        ));
+    }
+    let mut addresses =
+        vec![socket_address(l.address.as_ref()).map_err(|e| format!("address: {e}"))?];
+    for (i, a) in l.additional_addresses.iter().enumerate() {
+        addresses.push(
+            socket_address(a.address.as_ref())
+                .map_err(|e| format!("additional_addresses[{i}]: {e}"))?,
+        );
+    }
+    if l.filter_chain_matcher.is_some() {
+        return Err("filter_chain_matcher: not supported".into());
+    }
+    let [chain] = l.filter_chains.as_slice() else {
+        return Err(format!(
+            "filter_chains: exactly one is supported, got {}",
+            l.filter_chains.len()
+        ));
+    };
+    if chain.transport_socket.is_some() {
+        return Err("filter_chains[0].transport_socket: not supported (HBONE carries TLS)".into());
+    }
+    let Some((last, rest)) = chain.filters.split_last() else {
+        return Err("filter_chains[0].filters: a terminal filter is required".into());
+    };
+    if let Some(f) = rest.first() {
+        return Err(format!(
+            "filter_chains[0].filters: only one network filter is supported, {:?} is extra",
+            f.name
+        ));
+    }
+    let any = match &last.config_type {
+        Some(listener_pb::filter::ConfigType::TypedConfig(a)) => a,
+        _ => return Err(format!("filter {:?}: typed_config required", last.name)),
+    };
+    let kind = match any.type_url.as_str() {
+        HCM_TYPE_URL => {
+            http_listener(&any.value).map_err(|e| format!("filter {:?}: {e}", last.name))?
+        }
+        TCP_PROXY_TYPE_URL => {
+            tcp_listener(&any.value).map_err(|e| format!("filter {:?}: {e}", last.name))?
+        }
+        other => return Err(format!("filter {:?}: unsupported type {other}", last.name)),
+    };
+    let converted = Listener {
+        name: l.name.clone(),
+        addresses,
+        kind,
+    };
+    Ok((l, converted))
+}
+
+fn http_listener(body: &[u8]) -> Result<ListenerKind, String> {
+    use hcm::http_connection_manager::RouteSpecifier;
+    let h = hcm::HttpConnectionManager::decode(body)
+        .map_err(|e| format!("undecodable HttpConnectionManager: {e}"))?;
+    for f in &h.http_filters {
+        if f.name != ROUTER_FILTER {
+            return Err(format!(
+                "http_filters: {:?} is not supported (only {ROUTER_FILTER})",
+                f.name
+            ));
+        }
+    }
+    let routes = match &h.route_specifier {
+        Some(RouteSpecifier::Rds(rds)) if !rds.route_config_name.is_empty() => {
+            Routes::Rds(rds.route_config_name.clone())
+        }
+        Some(RouteSpecifier::RouteConfig(rc)) => Routes::Inline(Arc::new(
+            route::compile(rc).map_err(|e| format!("route_config.{e}"))?,
+        )),
+        _ => {
+            return Err(
+                "route_specifier: rds with a route_config_name, or route_config, is required"
+                    .into(),
+            );
+        }
+    };
+    Ok(ListenerKind::Http { routes })
+}
+
+fn tcp_listener(body: &[u8]) -> Result<ListenerKind, String> {
+    use tcp_proxy::tcp_proxy::ClusterSpecifier;
+    let t = tcp_proxy::TcpProxy::decode(body).map_err(|e| format!("undecodable TcpProxy: {e}"))?;
+    let clusters = match &t.cluster_specifier {
+        Some(ClusterSpecifier::Cluster(c)) if !c.is_empty() => vec![(c.clone(), 1)],
+        Some(ClusterSpecifier::WeightedClusters(w)) => {
+            let clusters: Vec<(String, u32)> = w
+                .clusters
+                .iter()
+                .map(|c| (c.name.clone(), c.weight))
+                .filter(|(_, w)| *w > 0)
+                .collect();
+            if clusters.is_empty() {
+                return Err("weighted_clusters: no cluster with a weight above 0".into());
+            }
+            clusters
+        }
+        _ => return Err("cluster_specifier: cluster or weighted_clusters required".into()),
+    };
+    if t.tunneling_config.is_some() {
+        return Err("tunneling_config: not supported".into());
+    }
+    Ok(ListenerKind::Tcp { clusters })
+}
+
+/// Weighted choice among TCP clusters for a random draw `r`.
+pub fn pick_weighted(clusters: &[(String, u32)], r: u64) -> Option<&str> {
+    let total: u64 = clusters.iter().map(|(_, w)| u64::from(*w)).sum();
+    if total == 0 {
+        return None;
+    }
+    let mut point = r % total;
+    for (c, w) in clusters {
+        if point < u64::from(*w) {
+            return Some(c);
+        }
+        point -= u64::from(*w);
+    }
+    None
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use envoy_types::pb::google::protobuf::{Any, Duration as PbDuration};
+
+    pub fn socket(ip: &str, port: u32) -> envoy_core::Address {
+        envoy_core::Address {
+            address: Some(envoy_core::address::Address::SocketAddress(
+                envoy_core::SocketAddress {
+                    address: ip.into(),
+                    port_specifier: Some(envoy_core::socket_address::PortSpecifier::PortValue(
+                        port,
+                    )),
+                    ..Default::default()
+                },
+            )),
+        }
+    }
+
+    pub fn http_listener_pb(name: &str, vips: &[&str], port: u32) -> listener_pb::Listener {
+        let hcm = hcm::HttpConnectionManager {
+            stat_prefix: name.into(),
+            route_specifier: Some(hcm::http_connection_manager::RouteSpecifier::Rds(
+                hcm::Rds {
+                    route_config_name: name.into(),
+                    config_source: None,
+                },
+            )),
+            http_filters: vec![hcm::HttpFilter {
+                name: ROUTER_FILTER.into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        listener_pb::Listener {
+            name: name.into(),
+            address: Some(socket(vips[0], port)),
+            additional_addresses: vips[1..]
+                .iter()
+                .map(|v| listener_pb::AdditionalAddress {
+                    address: Some(socket(v, port)),
+                    ..Default::default()
+                })
+                .collect(),
+            filter_chains: vec![listener_pb::FilterChain {
+                filters: vec![listener_pb::Filter {
+                    name: "envoy.filters.network.http_connection_manager".into(),
+                    config_type: Some(listener_pb::filter::ConfigType::TypedConfig(Any {
+                        type_url: HCM_TYPE_URL.into(),
+                        value: hcm.encode_to_vec(),
+                    })),
+                }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        }
+    }
+
+    pub fn tcp_listener_pb(
+        name: &str,
+        vip: &str,
+        port: u32,
+        clusters: &[(&str, u32)],
+    ) -> listener_pb::Listener {
+        use tcp_proxy::tcp_proxy::{
+            ClusterSpecifier, WeightedCluster, weighted_cluster::ClusterWeight,
+        };
+        let t = tcp_proxy::TcpProxy {
+            stat_prefix: name.into(),
+            cluster_specifier: Some(ClusterSpecifier::WeightedClusters(WeightedCluster {
+                clusters: clusters
+                    .iter()
+                    .map(|(n, w)| ClusterWeight {
+                        name: n.to_string(),
+                        weight: *w,
+                        ..Default::default()
+                    })
+                    .collect(),
+            })),
+            ..Default::default()
+        };
+        listener_pb::Listener {
+            name: name.into(),
+            address: Some(socket(vip, port)),
+            filter_chains: vec![listener_pb::FilterChain {
+                filters: vec![listener_pb::Filter {
+                    name: "envoy.filters.network.tcp_proxy".into(),
+                    config_type: Some(listener_pb::filter::ConfigType::TypedConfig(Any {
+                        type_url: TCP_PROXY_TYPE_URL.into(),
+                        value: t.encode_to_vec(),
+                    })),
+                }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        }
+    }
+
+    pub fn eds_cluster_pb(name: &str) -> cluster_pb::Cluster {
+        cluster_pb::Cluster {
+            name: name.into(),
+            cluster_discovery_type: Some(cluster_pb::cluster::ClusterDiscoveryType::Type(
+                cluster_pb::cluster::DiscoveryType::Eds as i32,
+            )),
+            connect_timeout: Some(PbDuration {
+                seconds: 10,
+                nanos: 0,
+            }),
+            ..Default::default()
+        }
+    }
+
+    pub fn cla_pb(
+        name: &str,
+        endpoints: &[(&str, u32, bool)],
+    ) -> endpoint_pb::ClusterLoadAssignment {
+        endpoint_pb::ClusterLoadAssignment {
+            cluster_name: name.into(),
+            endpoints: vec![endpoint_pb::LocalityLbEndpoints {
+                lb_endpoints: endpoints
+                    .iter()
+                    .map(|(ip, port, healthy)| endpoint_pb::LbEndpoint {
+                        health_status: if *healthy {
+                            envoy_core::HealthStatus::Healthy
+                        } else {
+                            envoy_core::HealthStatus::Unhealthy
+                        } as i32,
+                        host_identifier: Some(endpoint_pb::lb_endpoint::HostIdentifier::Endpoint(
+                            endpoint_pb::Endpoint {
+                                address: Some(socket(ip, *port)),
+                                ..Default::default()
+                            },
+                        )),
+                        ..Default::default()
+                    })
+                    .collect(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn converts_listeners() {
+        let l = http_listener_pb(
+            "inbound-vip|80|http|a.ns.svc.cluster.local",
+            &["10.96.0.1", "fd00::1"],
+            80,
+        );
+        let (_, conv) = listener(&l.encode_to_vec(), &l.name).unwrap();
+        assert_eq!(conv.addresses.len(), 2);
+        assert!(
+            matches!(&conv.kind, ListenerKind::Http { routes: Routes::Rds(n) } if n == &l.name)
+        );
+        let t = tcp_listener_pb(
+            "inbound-vip|9000|tcp|a",
+            "10.96.0.1",
+            9000,
+            &[("a", 1), ("b", 0)],
+        );
+        let (_, conv) = listener(&t.encode_to_vec(), &t.name).unwrap();
+        let ListenerKind::Tcp { clusters } = &conv.kind else {
+            panic!()
+        };
+        assert_eq!(
+            clusters,
+            &[("a".to_string(), 1)],
+            "weight-0 clusters dropped"
+        );
+
+        let config = Config::new(
+            [("x".to_string(), Arc::new(conv))].into(),
+            BTreeMap::new(),
+            BTreeMap::new(),
+            Arc::default(),
+        );
+        assert!(config.listener("10.96.0.1:9000".parse().unwrap()).is_some());
+        assert!(
+            config
+                .listener("[::ffff:10.96.0.1]:9000".parse().unwrap())
+                .is_some()
+        );
+        assert!(config.listener("10.96.0.1:9001".parse().unwrap()).is_none());
+    }
+
+    #[test]
+    fn rejects_bad_listeners() {
+        let mut l = http_listener_pb("l", &["10.96.0.1"], 80);
+        l.address = None;
+        let e = listener(&l.encode_to_vec(), "l").unwrap_err();
+        assert!(e.starts_with("address:"), "{e}");
+        let l = http_listener_pb("l", &["10.96.0.1"], 80);
+        assert!(
+            listener(&l.encode_to_vec(), "other")
+                .unwrap_err()
+                .contains("differs")
+        );
+        let mut l = http_listener_pb("l", &["10.96.0.1"], 80);
+        l.filter_chains.clear();
+        assert!(
+            listener(&l.encode_to_vec(), "l")
+                .unwrap_err()
+                .contains("filter_chains")
+        );
+        assert!(
+            listener(b"\xff\xff", "l")
+                .unwrap_err()
+                .contains("undecodable")
+        );
+    }
+
+    #[test]
+    fn converts_clusters_and_endpoints() {
+        let c = eds_cluster_pb("inbound-vip|80|http|a");
+        let (_, def) = cluster(&c.encode_to_vec(), &c.name).unwrap();
+        assert!(def.eds);
+        assert_eq!(def.connect_timeout, Duration::from_secs(10));
+        let la = cla_pb(
+            &c.name,
+            &[
+                ("10.0.0.1", 8080, true),
+                ("10.0.0.2", 8080, false),
+                ("10.0.0.3", 8080, true),
+            ],
+        );
+        let (_, eps) = load_assignment(&la.encode_to_vec(), &c.name).unwrap();
+        assert_eq!(eps.len(), 3);
+        assert!(!eps[1].healthy);
+        let cl = Cluster::new(c.name.clone(), def.connect_timeout, eps);
+        let picks: Vec<String> = (0..4)
+            .map(|_| cl.pick().unwrap().address.to_string())
+            .collect();
+        assert_eq!(
+            picks,
+            [
+                "10.0.0.1:8080",
+                "10.0.0.3:8080",
+                "10.0.0.1:8080",
+                "10.0.0.3:8080"
+            ]
+        );
+        let none = Cluster::new("x".into(), def.connect_timeout, vec![]);
+        assert!(none.pick().is_none());
+        let bad = cla_pb(&c.name, &[("not-an-ip", 80, true)]);
+        let e = load_assignment(&bad.encode_to_vec(), &c.name).unwrap_err();
+        assert!(
+            e.contains("endpoints[0].lb_endpoints[0].endpoint.address"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn weighted_tcp() {
+        let c = vec![("a".to_string(), 1), ("b".to_string(), 3)];
+        let hits = (0..4u64)
+            .filter(|r| pick_weighted(&c, *r) == Some("b"))
+            .count();
+        assert_eq!(hits, 3);
+    }
+}

@@ -1,0 +1,652 @@
+//! The HTTP request path inside one HBONE tunnel: hyper serves HTTP/1.1 or HTTP/2 on the
+//! tunnel, and each request goes through `handle`, top to bottom: route lookup, the route's
+//! action, the upstream exchange, header operations, then metrics and the access log when the
+//! response body ends.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::{Instant, SystemTime};
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderValue};
+use http::{Request, Response, StatusCode, Uri, Version};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use mesh::drain;
+use mesh::hbone::io::H2Io;
+use mesh::identity::Identity;
+use mesh::state::{Service, Workload};
+use tracing::{debug, info};
+
+use crate::Waypoint;
+use crate::config::{Config, Listener, ListenerKind, Routes};
+use crate::metrics::Peers;
+use crate::route::{self, Action};
+use crate::upstream::Protocol;
+
+/// Who is on the other end of a tunnel, worked out once when it was accepted.
+#[derive(Debug)]
+pub struct Tunnel {
+    pub listener: Arc<Listener>,
+    /// The CONNECT authority: the service VIP and port the client dialled.
+    pub authority: SocketAddr,
+    /// The original client (`forwarded: for=`, else the HBONE peer).
+    pub client: SocketAddr,
+    pub peer: Identity,
+    pub source_workload: Option<Arc<Workload>>,
+    pub service: Option<Arc<Service>>,
+    /// `istio.source` for route matching.
+    pub source: route::Source,
+}
+
+/// Serve HTTP on an accepted tunnel until the client closes it or the drain ends it.
+pub async fn serve(waypoint: Arc<Waypoint>, tunnel: Arc<Tunnel>, io: H2Io, drain: drain::Watch) {
+    let service = service_fn(move |req| {
+        let waypoint = waypoint.clone();
+        let tunnel = tunnel.clone();
+        async move { Ok::<_, Infallible>(handle(&waypoint, &tunnel, req).await) }
+    });
+    let builder = auto::Builder::new(TokioExecutor::new());
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => if let Err(e) = r { debug!("HTTP in tunnel: {e}") },
+        _ = drain.signaled() => {
+            // Finish the request in flight, refuse new ones (Connection: close / GOAWAY).
+            conn.as_mut().graceful_shutdown();
+            if let Err(e) = conn.await {
+                debug!("HTTP in tunnel while draining: {e}");
+            }
+        }
+    }
+}
+
+/// One request, from route lookup to the response handed back to hyper.
+pub async fn handle(
+    w: &Waypoint,
+    tunnel: &Tunnel,
+    mut req: Request<Incoming>,
+) -> Response<ResponseBody> {
+    let start = Instant::now();
+    let config: Arc<Config> = w.config.borrow().clone();
+    let protocol = if req.version() == Version::HTTP_2 {
+        Protocol::Http2
+    } else {
+        Protocol::Http1
+    };
+    let authority = request_authority(&req);
+    let path = req
+        .uri()
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_string();
+    let scheme = req.uri().scheme_str().unwrap_or("http").to_string();
+    let mut log = Log {
+        start,
+        started: SystemTime::now(),
+        method: req.method().to_string(),
+        authority: authority.clone(),
+        path: path.clone(),
+        protocol,
+        client: tunnel.client,
+        peer: tunnel.peer.to_string(),
+        listener: tunnel.listener.name.clone(),
+        route: String::new(),
+        cluster: String::new(),
+        upstream: None,
+        upstream_workload: None,
+        status: 0,
+        flags: "-",
+        request_bytes: Arc::new(AtomicU64::new(0)),
+        traceparent: header_text(req.headers(), "traceparent"),
+        request_id: header_text(req.headers(), "x-request-id"),
+    };
+
+    let table = match &tunnel.listener.kind {
+        ListenerKind::Http {
+            routes: Routes::Rds(name),
+        } => config.routes.get(name).cloned(),
+        ListenerKind::Http {
+            routes: Routes::Inline(t),
+        } => Some(t.clone()),
+        ListenerKind::Tcp { .. } => None,
+    };
+    let view = route::Request {
+        method: req.method().as_str(),
+        scheme: &scheme,
+        authority: &authority,
+        path: &path,
+        headers: req.headers(),
+        source: &tunnel.source,
+    };
+    let Some((table, (vhost, route))) = table.as_ref().and_then(|t| Some((t, t.find(&view)?)))
+    else {
+        return local_reply(
+            w,
+            tunnel,
+            log,
+            StatusCode::NOT_FOUND,
+            "NR",
+            "no route matched\n",
+        );
+    };
+    log.route = route.name.clone();
+
+    let forward = match &route.action {
+        Action::Direct { status, body } => {
+            let status = StatusCode::from_u16(*status).unwrap_or(StatusCode::OK);
+            let mut rsp = Response::new(ResponseBody::bytes(body.clone()));
+            *rsp.status_mut() = status;
+            for ops in [
+                &route.response_headers,
+                &vhost.response_headers,
+                &table.response_headers,
+            ] {
+                ops.apply(rsp.headers_mut());
+            }
+            return finish(w, tunnel, log, rsp);
+        }
+        Action::Redirect(r) => {
+            let location = route.redirect_location(r, &view);
+            let mut rsp = Response::new(ResponseBody::bytes(Bytes::new()));
+            *rsp.status_mut() =
+                StatusCode::from_u16(r.status).unwrap_or(StatusCode::MOVED_PERMANENTLY);
+            if let Ok(v) = HeaderValue::from_str(&location) {
+                rsp.headers_mut().insert(header::LOCATION, v);
+            }
+            for ops in [
+                &route.response_headers,
+                &vhost.response_headers,
+                &table.response_headers,
+            ] {
+                ops.apply(rsp.headers_mut());
+            }
+            return finish(w, tunnel, log, rsp);
+        }
+        Action::Forward(f) => f,
+    };
+
+    let target = forward.targets.pick(fastrand::u64(..));
+    log.cluster = target.cluster.clone();
+    let Some(cluster) = config.clusters.get(&target.cluster) else {
+        return local_reply(
+            w,
+            tunnel,
+            log,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "NC",
+            "no cluster\n",
+        );
+    };
+    let Some(endpoint) = cluster.pick() else {
+        return local_reply(
+            w,
+            tunnel,
+            log,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "UH",
+            "no healthy upstream\n",
+        );
+    };
+    log.upstream = Some(endpoint.address);
+    log.upstream_workload = config.state.workload_by_ip(endpoint.address.ip()).cloned();
+
+    // The upstream request: hop-by-hop headers dropped, header operations from the most
+    // specific level out, rewrites, then the URI in the form the upstream protocol wants.
+    let client_upgrade = is_upgrade(&req).then(|| hyper::upgrade::on(&mut req));
+    let new_path = route.rewritten_path(forward, &path);
+    let (mut parts, body) = req.into_parts();
+    strip_hop_by_hop(&mut parts.headers, client_upgrade.is_some());
+    for ops in [
+        &target.request_headers,
+        &route.request_headers,
+        &vhost.request_headers,
+        &table.request_headers,
+    ] {
+        ops.apply(&mut parts.headers);
+    }
+    let host = target
+        .host_rewrite
+        .as_ref()
+        .or(forward.host_rewrite.as_ref())
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or(&authority)
+        .to_string();
+    let path = new_path.as_deref().unwrap_or(&path);
+    let uri = match protocol {
+        Protocol::Http1 => {
+            if let Ok(v) = HeaderValue::from_str(&host) {
+                parts.headers.insert(header::HOST, v);
+            }
+            Uri::try_from(path)
+        }
+        Protocol::Http2 => {
+            parts.headers.remove(header::HOST);
+            Uri::try_from(format!("{scheme}://{host}{path}"))
+        }
+    };
+    let Ok(uri) = uri else {
+        return local_reply(
+            w,
+            tunnel,
+            log,
+            StatusCode::BAD_REQUEST,
+            "DPE",
+            "bad request path\n",
+        );
+    };
+    parts.uri = uri;
+    parts.version = match protocol {
+        Protocol::Http1 => Version::HTTP_11,
+        Protocol::Http2 => Version::HTTP_2,
+    };
+    let upstream_req =
+        Request::from_parts(parts, RequestBody::new(body, log.request_bytes.clone()));
+
+    // Envoy's route timeout runs from here until the response has been received in full.
+    let deadline = forward.timeout.map(|t| tokio::time::Instant::now() + t);
+    let timeout = forward.timeout.unwrap_or(std::time::Duration::MAX);
+    let connect_timeout = cluster.connect_timeout;
+    let state = config.state.clone();
+    let exchange = async {
+        if client_upgrade.is_some() {
+            w.upstream
+                .send_upgrade(
+                    &state,
+                    endpoint.address,
+                    tunnel.client,
+                    connect_timeout,
+                    upstream_req,
+                )
+                .await
+        } else {
+            w.upstream
+                .send(
+                    &state,
+                    endpoint.address,
+                    protocol,
+                    connect_timeout,
+                    upstream_req,
+                )
+                .await
+        }
+    };
+    let mut upstream_rsp = match tokio::time::timeout(timeout, exchange).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => {
+            info!(cluster = %target.cluster, endpoint = %endpoint.address, "upstream failed: {e}");
+            return local_reply(
+                w,
+                tunnel,
+                log,
+                StatusCode::SERVICE_UNAVAILABLE,
+                "UF",
+                "upstream connect error\n",
+            );
+        }
+        Err(_) => {
+            return local_reply(
+                w,
+                tunnel,
+                log,
+                StatusCode::GATEWAY_TIMEOUT,
+                "UT",
+                "upstream request timeout\n",
+            );
+        }
+    };
+
+    if upstream_rsp.status() == StatusCode::SWITCHING_PROTOCOLS
+        && let Some(client_upgrade) = client_upgrade
+    {
+        let server_upgrade = hyper::upgrade::on(&mut upstream_rsp);
+        tokio::spawn(async move {
+            match tokio::try_join!(client_upgrade, server_upgrade) {
+                Ok((client, server)) => {
+                    let mut client = TokioIo::new(client);
+                    let mut server = TokioIo::new(server);
+                    if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut server).await {
+                        debug!("upgraded connection: {e}");
+                    }
+                }
+                Err(e) => debug!("upgrade failed: {e}"),
+            }
+        });
+    }
+    let (mut parts, body) = upstream_rsp.into_parts();
+    let upgraded = parts.status == StatusCode::SWITCHING_PROTOCOLS;
+    strip_hop_by_hop(&mut parts.headers, upgraded);
+    for ops in [
+        &target.response_headers,
+        &route.response_headers,
+        &vhost.response_headers,
+        &table.response_headers,
+    ] {
+        ops.apply(&mut parts.headers);
+    }
+    parts.version = match protocol {
+        Protocol::Http1 => Version::HTTP_11,
+        Protocol::Http2 => Version::HTTP_2,
+    };
+    finish(
+        w,
+        tunnel,
+        log,
+        Response::from_parts(
+            parts,
+            // An upgraded connection is not bounded by the route timeout (as in Envoy).
+            ResponseBody::upstream(body, deadline.filter(|_| !upgraded)),
+        ),
+    )
+}
+
+/// A response the waypoint makes itself, with Envoy's response flag for the access log.
+fn local_reply(
+    w: &Waypoint,
+    tunnel: &Tunnel,
+    mut log: Log,
+    status: StatusCode,
+    flags: &'static str,
+    body: &'static str,
+) -> Response<ResponseBody> {
+    log.flags = flags;
+    let mut rsp = Response::new(ResponseBody::bytes(Bytes::from_static(body.as_bytes())));
+    *rsp.status_mut() = status;
+    rsp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    finish(w, tunnel, log, rsp)
+}
+
+/// Attach the record that is written when the response body ends.
+fn finish(
+    w: &Waypoint,
+    tunnel: &Tunnel,
+    mut log: Log,
+    mut rsp: Response<ResponseBody>,
+) -> Response<ResponseBody> {
+    log.status = rsp.status().as_u16();
+    let peers = Peers {
+        source: tunnel.source_workload.as_deref(),
+        source_identity: Some(&tunnel.peer),
+        service: tunnel.service.as_deref(),
+        destination: log.upstream_workload.as_deref(),
+    };
+    let protocol = match log.protocol {
+        Protocol::Http1 => "http",
+        Protocol::Http2 if is_grpc(rsp.headers()) => "grpc",
+        Protocol::Http2 => "http",
+    };
+    let labels = peers.http(protocol, log.status, log.flags);
+    rsp.body_mut().done = Some(Done {
+        metrics: w.metrics.clone(),
+        labels,
+        log,
+    });
+    rsp
+}
+
+fn is_grpc(h: &HeaderMap) -> bool {
+    h.get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc"))
+}
+
+/// `:authority` for HTTP/2 (in the URI), `Host` for HTTP/1.1.
+fn request_authority<B>(req: &Request<B>) -> String {
+    if let Some(a) = req.uri().authority() {
+        return a.as_str().to_string();
+    }
+    header_text(req.headers(), "host").unwrap_or_default()
+}
+
+fn header_text(h: &HeaderMap, name: &str) -> Option<String> {
+    h.get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+}
+
+fn is_upgrade<B>(req: &Request<B>) -> bool {
+    req.version() == Version::HTTP_11
+        && req.headers().contains_key(header::UPGRADE)
+        && connection_has(req.headers(), "upgrade")
+}
+
+fn connection_has(h: &HeaderMap, token: &str) -> bool {
+    h.get_all(header::CONNECTION).iter().any(|v| {
+        v.to_str()
+            .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+    })
+}
+
+/// Headers that belong to one hop (RFC 9110 §7.6.1). An upgrade keeps `Connection: upgrade`
+/// and `Upgrade`; `te: trailers` passes (gRPC needs it).
+fn strip_hop_by_hop(h: &mut HeaderMap, upgrade: bool) {
+    let named: Vec<String> = h
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|t| t.trim().to_ascii_lowercase())
+        .filter(|t| !(t.is_empty() || upgrade && t == "upgrade"))
+        .collect();
+    for n in named {
+        h.remove(n.as_str());
+    }
+    for n in ["keep-alive", "proxy-connection", "transfer-encoding"] {
+        h.remove(n);
+    }
+    if !upgrade {
+        h.remove(header::CONNECTION);
+        h.remove(header::UPGRADE);
+    } else {
+        h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    }
+    if h.get(header::TE).is_some_and(|v| v != "trailers") {
+        h.remove(header::TE);
+    }
+}
+
+/// The request body on its way upstream, counting bytes for metrics.
+pub struct RequestBody {
+    inner: Incoming,
+    bytes: Arc<AtomicU64>,
+}
+
+impl RequestBody {
+    pub fn new(inner: Incoming, bytes: Arc<AtomicU64>) -> Self {
+        RequestBody { inner, bytes }
+    }
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let r = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(f))) = &r
+            && let Some(d) = f.data_ref()
+        {
+            self.bytes.fetch_add(d.len() as u64, Ordering::Relaxed);
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// The response body: the upstream's, or one the waypoint made. When it is dropped (sent in
+/// full, or abandoned) the request is counted and logged.
+pub struct ResponseBody {
+    inner: Inner,
+    bytes: u64,
+    done: Option<Done>,
+    timed_out: bool,
+}
+
+enum Inner {
+    /// The upstream's body, and when the route timeout ends it.
+    Upstream(Incoming, Option<Pin<Box<tokio::time::Sleep>>>),
+    Bytes(Option<Bytes>),
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+struct Done {
+    metrics: crate::metrics::Metrics,
+    labels: crate::metrics::HttpLabels,
+    log: Log,
+}
+
+impl ResponseBody {
+    fn bytes(b: Bytes) -> Self {
+        ResponseBody {
+            inner: Inner::Bytes((!b.is_empty()).then_some(b)),
+            bytes: 0,
+            done: None,
+            timed_out: false,
+        }
+    }
+    fn upstream(b: Incoming, deadline: Option<tokio::time::Instant>) -> Self {
+        ResponseBody {
+            inner: Inner::Upstream(b, deadline.map(|d| Box::pin(tokio::time::sleep_until(d)))),
+            bytes: 0,
+            done: None,
+            timed_out: false,
+        }
+    }
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let r = match &mut self.inner {
+            Inner::Upstream(b, deadline) => match Pin::new(b).poll_frame(cx) {
+                Poll::Pending => {
+                    let expired = deadline
+                        .as_mut()
+                        .is_some_and(|d| d.as_mut().poll(cx).is_ready());
+                    if expired {
+                        self.timed_out = true;
+                        // The client sees its stream reset (headers are already out).
+                        return Poll::Ready(Some(Err("upstream response timeout".into())));
+                    }
+                    Poll::Pending
+                }
+                Poll::Ready(r) => Poll::Ready(r.map(|r| r.map_err(BoxError::from))),
+            },
+            Inner::Bytes(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+        };
+        if let Poll::Ready(Some(Ok(f))) = &r
+            && let Some(d) = f.data_ref()
+        {
+            self.bytes += d.len() as u64;
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.inner {
+            Inner::Upstream(b, _) => b.is_end_stream(),
+            Inner::Bytes(b) => b.is_none(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.inner {
+            Inner::Upstream(b, _) => b.size_hint(),
+            Inner::Bytes(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+        }
+    }
+}
+
+impl Drop for ResponseBody {
+    fn drop(&mut self) {
+        if let Some(mut done) = self.done.take() {
+            if self.timed_out {
+                done.log.flags = "UT";
+                done.labels.response_flags = "UT".into();
+            }
+            let request_bytes = done.log.request_bytes.load(Ordering::Relaxed);
+            let millis = done.log.start.elapsed().as_secs_f64() * 1000.0;
+            done.metrics
+                .request(&done.labels, millis, request_bytes, self.bytes);
+            done.log.write(millis, request_bytes, self.bytes);
+        }
+    }
+}
+
+/// What the access log line says about one request.
+struct Log {
+    start: Instant,
+    started: SystemTime,
+    method: String,
+    authority: String,
+    path: String,
+    protocol: Protocol,
+    client: SocketAddr,
+    peer: String,
+    listener: String,
+    route: String,
+    cluster: String,
+    upstream: Option<SocketAddr>,
+    upstream_workload: Option<Arc<Workload>>,
+    status: u16,
+    flags: &'static str,
+    request_bytes: Arc<AtomicU64>,
+    traceparent: Option<String>,
+    request_id: Option<String>,
+}
+
+impl Log {
+    fn write(&self, millis: f64, received: u64, sent: u64) {
+        let start = self
+            .started
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_millis() as u64;
+        let line = serde_json::json!({
+            "start_time_ms": start,
+            "method": self.method,
+            "authority": self.authority,
+            "path": self.path,
+            "protocol": match self.protocol { Protocol::Http1 => "HTTP/1.1", Protocol::Http2 => "HTTP/2" },
+            "response_code": self.status,
+            "response_flags": self.flags,
+            "bytes_received": received,
+            "bytes_sent": sent,
+            "duration_ms": (millis * 1000.0).round() / 1000.0,
+            "downstream_remote_address": self.client.to_string(),
+            "downstream_peer_principal": self.peer,
+            "listener": self.listener,
+            "route_name": self.route,
+            "upstream_cluster": self.cluster,
+            "upstream_host": self.upstream.map(|u| u.to_string()),
+            "upstream_workload": self.upstream_workload.as_ref().map(|w| format!("{}/{}", w.namespace, w.name)),
+            "traceparent": self.traceparent,
+            "x_request_id": self.request_id,
+        });
+        info!(target: "access", "{line}");
+    }
+}
