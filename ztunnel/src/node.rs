@@ -20,8 +20,8 @@ use crate::dns::proxy::{self as dns_proxy, DnsProxy};
 use crate::metrics::Metrics;
 use crate::redirect::{PodCapture, PodTarget, Redirector};
 use crate::source::PodRouting;
-use mesh::state::{State, TunnelProtocol, Workload};
 use crate::{config_file, inbound, outbound};
+use mesh::state::{State, TunnelProtocol, Workload};
 
 pub const OUTBOUND_PORT: u16 = 15001;
 pub const INBOUND_PLAINTEXT_PORT: u16 = 15006;

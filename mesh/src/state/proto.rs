@@ -6,13 +6,13 @@ use std::net::IpAddr;
 
 use prost::Message;
 
-use crate::proto::security as pb_sec;
-use crate::proto::workload as pb;
 use super::{
     Action, Authorization, Cidr, Clause, DEFAULT_CLUSTER_ID, DEFAULT_SERVICE_ACCOUNT,
     DEFAULT_TRUST_DOMAIN, GatewayAddress, GatewayDestination, HealthStatus, Match, Rule, Scope,
     Service, ServicePort, StringMatch, TunnelProtocol, Workload,
 };
+use crate::proto::security as pb_sec;
+use crate::proto::workload as pb;
 
 /// One decoded `Address`.
 pub enum Converted {
