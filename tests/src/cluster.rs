@@ -354,7 +354,14 @@ pub fn ztunnel_binary() -> anyhow::Result<PathBuf> {
 /// Where the waypoint binary is: `$WAYPOINT_BIN`, else next to `$ZTUNNEL_BIN`, else the newer
 /// of the workspace's debug and release builds.
 pub fn waypoint_binary() -> anyhow::Result<PathBuf> {
-    sibling_binary("WAYPOINT_BIN", "waypoint")
+    let p = sibling_binary("WAYPOINT_BIN", "waypoint")?;
+    if !p.is_file() {
+        bail!(
+            "the waypoint binary {} does not exist: run `cargo build -p waypoint` or set WAYPOINT_BIN",
+            p.display()
+        );
+    }
+    Ok(p)
 }
 
 /// What the test bed tells a waypoint process about itself and where pilot is.
@@ -1354,6 +1361,57 @@ pub fn sum_metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    #[test]
+    fn waypoint_flags() {
+        let launch = WaypointLaunch {
+            pilot: "172.30.0.1:15012".parse().unwrap(),
+            root_cert: "/m/pilot/root-cert.pem".into(),
+            token_file: "/m/pilot/tokens/sa/demo.waypoint.token".into(),
+            pod_ip: "10.244.2.10".parse().unwrap(),
+            pod_name: "waypoint-a".into(),
+            pod_namespace: "demo".into(),
+            service_account: "waypoint".into(),
+        };
+        assert_eq!(
+            launch.args().join(" "),
+            "--xds-address https://172.30.0.1:15012 --xds-root-cert /m/pilot/root-cert.pem \
+             --xds-token-file /m/pilot/tokens/sa/demo.waypoint.token --pod-ip 10.244.2.10 \
+             --pod-name waypoint-a --pod-namespace demo --service-account waypoint \
+             --listen [::]:15008 --admin-addr 10.244.2.10:15000 \
+             --metrics-addr 10.244.2.10:15020 --readiness-addr 10.244.2.10:15021"
+        );
+    }
+
+    #[test]
+    fn waypoint_pods_and_services() {
+        let p = PodDef::waypoint("waypoint-a", "waypoint", 1);
+        assert_eq!(p.gateway(), Some("waypoint"));
+        assert!(!p.mesh);
+        assert_eq!(p.service_account, "waypoint");
+        assert_eq!(PodDef::new("a", "a", 0, true).gateway(), None);
+        let s = ServiceDef::waypoint("waypoint", Ipv4Addr::new(10, 96, 0, 20));
+        assert_eq!(
+            (s.port, s.target_port, s.app.as_str()),
+            (15008, 15008, "waypoint")
+        );
+        let bound = ServiceDef::echo().use_waypoint("waypoint");
+        assert_eq!(bound.labels["istio.io/use-waypoint"], "waypoint");
+        let gw = waypoint_gateway_yaml("waypoint", "demo", "all");
+        let v: serde_yaml_ng::Value =
+            serde_yaml_ng::from_str(gw.trim_end().trim_end_matches("---")).unwrap();
+        assert_eq!(
+            v["spec"]["gatewayClassName"].as_str(),
+            Some("istio-waypoint")
+        );
+        assert_eq!(
+            v["metadata"]["labels"]["istio.io/waypoint-for"].as_str(),
+            Some("all")
+        );
+        assert_eq!(v["spec"]["listeners"][0]["port"].as_u64(), Some(15008));
+    }
+
     #[test]
     fn sums_matching_samples() {
         let text = "# HELP x\nistio_tcp_connections_opened_total{reporter=\"source\",a=\"1\"} 2\nistio_tcp_connections_opened_total{reporter=\"destination\",a=\"1\"} 3\nistio_tcp_connections_opened_totalx{reporter=\"source\"} 9\n";

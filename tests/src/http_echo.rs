@@ -47,7 +47,10 @@ pub async fn serve(tcp: TcpStream, pod: Arc<str>, peer: SocketAddr) {
         let pod = pod.clone();
         async move { Ok::<_, Infallible>(answer(req, &pod, peer).await) }
     });
-    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    // Clients that half-close after their request (as `Cluster::exchange` does) still get the
+    // answer.
+    builder.http1().half_close(true);
     let _ = builder
         .serve_connection_with_upgrades(TokioIo::new(tcp), service)
         .await;
@@ -204,11 +207,12 @@ mod tests {
             }
         });
 
-        // HTTP/1.1, with a status override.
+        // HTTP/1.1, with a status override; the client half-closes after its request.
         let mut s = TcpStream::connect(addr).await.unwrap();
         s.write_all(b"GET /hello?status=503 HTTP/1.1\r\nHost: svc:80\r\nConnection: close\r\n\r\n")
             .await
             .unwrap();
+        s.shutdown().await.unwrap();
         let mut out = String::new();
         s.read_to_string(&mut out).await.unwrap();
         assert!(out.starts_with("HTTP/1.1 503"), "{out}");

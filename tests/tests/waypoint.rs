@@ -14,8 +14,8 @@ use mesh::hbone::server::{self, Handler, InboundStream, Options};
 use mesh::identity::Identity;
 use mesh::socket::SocketFactory;
 use testbed::cluster::{
-    Cluster, ClusterSpec, ControlPlaneMode, ECHO_PORT, ECHO_VIP, PodDef, ServiceDef, TRUST_DOMAIN,
-    waypoint_gateway_yaml,
+    Cluster, ClusterSpec, ControlPlaneMode, ECHO_PORT, ECHO_VIP, HTTP_PORT, PodDef, ServiceDef,
+    TRUST_DOMAIN, waypoint_gateway_yaml,
 };
 
 const WAYPOINT_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 20);
@@ -198,10 +198,31 @@ async fn traffic_to_a_bound_service_or_pod_goes_through_its_waypoint() {
     assert_eq!(seen[1].authority, bound);
     assert_eq!(seen[1].host, None);
 
+    // HTTP to the pod's HTTP echo app, through the waypoint too.
+    let http = SocketAddr::new(c.pod_ip("bound"), HTTP_PORT);
+    let answer = c
+        .exchange(
+            "client",
+            http,
+            b"GET /hello?x=1 HTTP/1.1\r\nHost: bound\r\nConnection: close\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&answer);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    let body: serde_json::Value =
+        serde_json::from_str(text.split_once("\r\n\r\n").unwrap().1).unwrap();
+    assert_eq!(body["pod"], "bound");
+    assert_eq!(body["path"], "/hello?x=1");
+    assert_eq!(body["authority"], "bound");
+    let seen = waypoint.seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 3, "{seen:?}");
+    assert_eq!(seen[2].authority, http);
+
     // A pod not bound to any waypoint is reached directly.
     let answer = c.exchange("client", server_a, b"direct").await.unwrap();
     assert!(String::from_utf8_lossy(&answer).ends_with("direct"));
-    assert_eq!(waypoint.seen.lock().unwrap().len(), 2);
+    assert_eq!(waypoint.seen.lock().unwrap().len(), 3);
 
     // The client's ztunnel counts the waypoint as the destination, for the dialled service.
     let to_waypoint = c
