@@ -286,3 +286,82 @@ async fn pool_reuses_connection_for_sequential_streams() {
     })
     .await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pool_dials_afresh_after_goaway() {
+    within(20, async {
+        let server = start_server(&new_ca(), Behavior::Forward).await;
+        let cert = server.client_cert.clone();
+        let app = echo_app().await;
+        let pool = Pool::new();
+        let dials = Arc::new(AtomicUsize::new(0));
+        let open = || {
+            pooled(
+                &pool,
+                server.addr,
+                key(&server),
+                cert.clone(),
+                app,
+                dials.clone(),
+            )
+        };
+        // A long-lived stream on the first connection, which then gets GOAWAY.
+        let long = open().await;
+        server.goaway_open_connections();
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        // The pooled connection still has free slots, but takes no new stream: the next
+        // requests go to a new connection, and none fails.
+        for i in 0..3 {
+            let msg = format!("after goaway {i}");
+            let stream = open().await;
+            assert_eq!(exchange(stream, msg.as_bytes()).await, msg.as_bytes());
+        }
+        assert_eq!(
+            dials.load(Ordering::SeqCst),
+            2,
+            "one fresh dial after GOAWAY"
+        );
+        // The stream opened before the GOAWAY runs to completion.
+        assert_eq!(exchange(long, b"still open").await, b"still open");
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_dial_is_reported_to_every_waiter_at_once() {
+    within(20, async {
+        let pool = Pool::new();
+        let dials = Arc::new(AtomicUsize::new(0));
+        let key = Key {
+            src_identity: client_id(),
+            dst_identities: vec![server_id()],
+            dst: "127.0.0.1:9".parse().unwrap(),
+            src_ip: "127.0.0.1".parse().unwrap(),
+        };
+        // Ten callers at once; the dial they queue behind takes 300 ms and fails.
+        let mut waiting = tokio::task::JoinSet::new();
+        for _ in 0..10 {
+            let (pool, key, dials) = (pool.clone(), key.clone(), dials.clone());
+            waiting.spawn(async move {
+                pool.connect(
+                    key.clone(),
+                    &ConnectRequest::new("127.0.0.1:80".parse().unwrap()),
+                    || async move {
+                        dials.fetch_add(1, Ordering::SeqCst);
+                        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+                        Err(HboneError::TlsTimeout { addr: key.dst })
+                    },
+                )
+                .await
+                .err()
+                .expect("the dial fails")
+            });
+        }
+        let started = std::time::Instant::now();
+        let errors = waiting.join_all().await;
+        assert_eq!(dials.load(Ordering::SeqCst), 1, "one dial for ten waiters");
+        assert!(errors.iter().all(|e| e.to_string().contains("timed out")));
+        println!("ten waiters failed after {:?}", started.elapsed());
+    })
+    .await
+}

@@ -55,6 +55,10 @@ pub const UNDERLAY_INTERFACE: &str = "ul0";
 pub fn can_run() -> bool {
     match Testbed::check_privileges() {
         Ok(()) => true,
+        // In CI a test that cannot run is a failure, never a silent `ok`.
+        Err(e) if std::env::var("CI").is_ok_and(|v| v == "true") => {
+            panic!("CI=true and this end-to-end test cannot run: {e}")
+        }
         Err(e) => {
             eprintln!("skipping: {e}");
             false

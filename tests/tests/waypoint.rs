@@ -9,10 +9,11 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use mesh::hbone::copy;
 use mesh::hbone::server::{self, Handler, InboundStream, Options};
+use mesh::hbone::{ConnectRequest, Refusal, client, copy};
 use mesh::identity::Identity;
 use mesh::socket::SocketFactory;
+use mesh::tls::WorkloadCert;
 use testbed::cluster::{
     Cluster, ClusterSpec, ControlPlaneMode, ECHO_PORT, ECHO_VIP, HTTP_PORT, PodDef, ServiceDef,
     TRUST_DOMAIN, waypoint_gateway_yaml,
@@ -68,51 +69,95 @@ struct Seen {
     local_addr: SocketAddr,
 }
 
-/// The stand-in waypoint: records the CONNECT, then relays it in plain TCP from the waypoint
-/// pod (the destination pod's ztunnel takes it on 15006) to `upstream` of the authority.
+/// The stand-in waypoint: records the CONNECT, then relays it as a waypoint does, over HBONE
+/// with its own identity to the endpoint pod's 15008 (authority `<pod IP>:<port>`), which that
+/// pod's ztunnel takes like any HBONE peer. The two tunnels are joined through a loopback TCP
+/// connection inside the waypoint pod, so `copy::tcp_h2` moves the bytes on both sides.
 struct StandIn {
     seen: Mutex<Vec<Seen>>,
     sockets: SocketFactory,
-    /// Service VIP:port → endpoint; any other authority is dialled as it is.
-    upstream: Vec<(SocketAddr, SocketAddr)>,
+    cert: Arc<WorkloadCert>,
+    /// CONNECT authority → (endpoint, its identity). Anything else is answered 503, as a
+    /// waypoint answers an address it does not serve.
+    routes: Vec<(SocketAddr, SocketAddr, Identity)>,
+}
+
+impl StandIn {
+    async fn upstream(
+        &self,
+        endpoint: SocketAddr,
+        identity: Identity,
+        client: Option<SocketAddr>,
+    ) -> Result<copy::H2Stream, String> {
+        let hbone = SocketAddr::new(endpoint.ip(), mesh::hbone::HBONE_PORT);
+        let tcp = self
+            .sockets
+            .connect(hbone)
+            .await
+            .map_err(|e| e.to_string())?;
+        let tls = self
+            .cert
+            .client_config(vec![identity])
+            .map_err(|e| e.to_string())?;
+        let conn = client::handshake(tcp, tls, hbone)
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut req = ConnectRequest::new(endpoint);
+        req.forwarded_for = client;
+        conn.connect(&req).await.map_err(|e| e.to_string())
+    }
 }
 
 impl Handler for StandIn {
     async fn handle(&self, stream: InboundStream) {
         let authority = stream.request.authority;
+        let forwarded_for = stream.request.forwarded_for;
         self.seen.lock().unwrap().push(Seen {
             authority,
             peer: stream.peer.clone(),
-            forwarded_for: stream.request.forwarded_for,
+            forwarded_for,
             host: stream.request.host.clone(),
             local_addr: stream.local_addr,
         });
-        let target = self
-            .upstream
+        let Some((_, endpoint, identity)) = self
+            .routes
             .iter()
-            .find(|(vip, _)| *vip == authority)
-            .map(|(_, ep)| *ep)
-            .unwrap_or(authority);
-        match self.sockets.connect(target).await {
-            Ok(tcp) => {
-                if let Ok(h2) = stream.accept(None) {
-                    let _ = copy::tcp_h2(tcp, h2).await;
-                }
+            .find(|(a, _, _)| *a == authority)
+            .cloned()
+        else {
+            stream.refuse(&Refusal::unavailable(format!(
+                "{authority} is not served here"
+            )));
+            return;
+        };
+        let up = match self.upstream(endpoint, identity, forwarded_for).await {
+            Ok(up) => up,
+            Err(e) => {
+                stream.refuse(&Refusal::unavailable(e));
+                return;
             }
-            Err(e) => stream.refuse(&server::upstream_failed(&e)),
+        };
+        let joint = self.sockets.listen("127.0.0.1:0".parse().unwrap()).unwrap();
+        let joint_addr = joint.local_addr().unwrap();
+        let (a, b) = tokio::join!(self.sockets.connect(joint_addr), joint.accept());
+        let (Ok(a), Ok((b, _))) = (a, b) else {
+            return;
+        };
+        if let Ok(down) = stream.accept(None) {
+            let _ = tokio::join!(copy::tcp_h2(a, down), copy::tcp_h2(b, up));
         }
     }
 }
 
 /// Serve HBONE on `pod`'s 15008 as `identity` (a certificate from the cluster's CA, which pilot
-/// also signs with), relaying `upstream` as [`StandIn`] does.
+/// also signs with), relaying `routes` as [`StandIn`] does.
 fn stand_in_waypoint(
     c: &Cluster,
     pod: &str,
     identity: &Identity,
-    upstream: Vec<(SocketAddr, SocketAddr)>,
+    routes: Vec<(SocketAddr, SocketAddr, Identity)>,
 ) -> (Arc<StandIn>, tokio::task::JoinHandle<()>) {
-    let cert = c.ca.issue(identity, Duration::from_secs(3600)).unwrap();
+    let cert = Arc::new(c.ca.issue(identity, Duration::from_secs(3600)).unwrap());
     let tls = cert.server_config();
     let sockets = c.pod_sockets(pod).unwrap();
     let listener = sockets
@@ -121,7 +166,8 @@ fn stand_in_waypoint(
     let handler = Arc::new(StandIn {
         seen: Mutex::default(),
         sockets,
-        upstream,
+        cert,
+        routes,
     });
     let h = handler.clone();
     let task = tokio::spawn(async move {
@@ -154,12 +200,14 @@ async fn traffic_to_a_bound_service_or_pod_goes_through_its_waypoint() {
     let c = Cluster::start(spec()).await.unwrap();
     let vip = SocketAddr::new(ECHO_VIP.into(), 80);
     let server_a = SocketAddr::new(c.pod_ip("server-a"), ECHO_PORT);
-    let (waypoint, _task) = stand_in_waypoint(
-        &c,
-        "waypoint-a",
-        &waypoint_identity(),
-        vec![(vip, server_a)],
-    );
+    let bound = SocketAddr::new(c.pod_ip("bound"), ECHO_PORT);
+    let bound_http = SocketAddr::new(c.pod_ip("bound"), HTTP_PORT);
+    let routes = vec![
+        (vip, server_a, c.identity("server-a")),
+        (bound, bound, c.identity("bound")),
+        (bound_http, bound_http, c.identity("bound")),
+    ];
+    let (waypoint, _task) = stand_in_waypoint(&c, "waypoint-a", &waypoint_identity(), routes);
 
     // A service VIP: tunnelled to the waypoint pod, authority the VIP, relayed to the endpoint.
     let answer = c
@@ -189,7 +237,6 @@ async fn traffic_to_a_bound_service_or_pod_goes_through_its_waypoint() {
     );
 
     // A pod bound to the waypoint, dialled by its IP: authority the pod's address.
-    let bound = SocketAddr::new(c.pod_ip("bound"), ECHO_PORT);
     let answer = c.exchange("client", bound, b"to the pod").await.unwrap();
     let text = String::from_utf8_lossy(&answer);
     assert!(text.starts_with("pod=bound port=8080"), "{text}");
@@ -199,11 +246,10 @@ async fn traffic_to_a_bound_service_or_pod_goes_through_its_waypoint() {
     assert_eq!(seen[1].host, None);
 
     // HTTP to the pod's HTTP echo app, through the waypoint too.
-    let http = SocketAddr::new(c.pod_ip("bound"), HTTP_PORT);
     let answer = c
         .exchange(
             "client",
-            http,
+            bound_http,
             b"GET /hello?x=1 HTTP/1.1\r\nHost: bound\r\nConnection: close\r\n\r\n",
         )
         .await
@@ -217,7 +263,7 @@ async fn traffic_to_a_bound_service_or_pod_goes_through_its_waypoint() {
     assert_eq!(body["authority"], "bound");
     let seen = waypoint.seen.lock().unwrap().clone();
     assert_eq!(seen.len(), 3, "{seen:?}");
-    assert_eq!(seen[2].authority, http);
+    assert_eq!(seen[2].authority, bound_http);
 
     // A pod not bound to any waypoint is reached directly.
     let answer = c.exchange("client", server_a, b"direct").await.unwrap();
@@ -239,6 +285,20 @@ async fn traffic_to_a_bound_service_or_pod_goes_through_its_waypoint() {
         .await
         .unwrap();
     assert_eq!(to_waypoint, 1.0);
+    // The destination pods' ztunnel took the waypoint's tunnels like any HBONE peer's.
+    let from_waypoint = c
+        .metric(
+            1,
+            "istio_tcp_connections_opened_total",
+            &[
+                ("reporter", "destination"),
+                ("source_principal", &waypoint_identity().to_string()),
+                ("connection_security_policy", "mutual_tls"),
+            ],
+        )
+        .await
+        .unwrap();
+    assert_eq!(from_waypoint, 3.0);
     let log = std::fs::read_to_string(c.ztunnel_log(0)).unwrap();
     let waypoint_addr = format!("waypoint=\"{}:15008\"", c.pod_ip("waypoint-a"));
     assert!(
@@ -276,7 +336,8 @@ async fn no_waypoint_to_take_the_connection_refuses_it() {
     let impostor = Identity::new(TRUST_DOMAIN, "demo", "impostor");
     let vip = SocketAddr::new(ECHO_VIP.into(), 80);
     let server_a = SocketAddr::new(c.pod_ip("server-a"), ECHO_PORT);
-    let (waypoint, _task) = stand_in_waypoint(&c, "waypoint-a", &impostor, vec![(vip, server_a)]);
+    let routes = vec![(vip, server_a, c.identity("server-a"))];
+    let (waypoint, _task) = stand_in_waypoint(&c, "waypoint-a", &impostor, routes);
     let answer = c
         .exchange("client", vip, b"must not arrive either")
         .await

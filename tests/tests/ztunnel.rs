@@ -516,3 +516,100 @@ fn which(tool: &str) -> std::path::PathBuf {
         .find(|p| p.is_file())
         .unwrap_or_else(|| panic!("{tool} not on the PATH"))
 }
+
+/// Number of open file descriptors of a process.
+fn fd_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+/// From the mesh pod `client`, connect to each of ztunnel's own listeners (in the pod, and the
+/// node's metrics port): every connection must end within seconds, ztunnel must not open
+/// sockets for it, and every one that reached a proxy listener is counted as refused.
+async fn own_listeners_refused(c: &Cluster) {
+    let pod = c.pod_ip("client");
+    let pod6 = c.pod_ip6("client");
+    let node = c.bed.node(0).pod_gateway;
+    let pid = c.ztunnel_pid(0).expect("ztunnel running");
+    let before = fd_count(pid);
+    let targets: Vec<SocketAddr> = vec![
+        "127.0.0.1:15001".parse().unwrap(),
+        "[::1]:15001".parse().unwrap(),
+        SocketAddr::new(pod, 15001),
+        SocketAddr::new(pod, 15006),
+        SocketAddr::new(pod, 15008),
+        SocketAddr::new(pod, 15053),
+        SocketAddr::new(pod6, 15001),
+        SocketAddr::new(pod6, 15006),
+        SocketAddr::new(node.into(), 15020),
+        SocketAddr::new(node.into(), 15021),
+    ];
+    for dst in &targets {
+        let started = std::time::Instant::now();
+        // Refused at connect, or accepted and then closed without an answer: both are fine;
+        // what is not is a connection that stays open or an answer from a proxy port.
+        if let Ok(s) = c.connect_from("client", *dst).await {
+            let answer = tokio::time::timeout(
+                Duration::from_secs(5),
+                testbed::cluster::exchange_on(s, b"GET / HTTP/1.0\r\n\r\n"),
+            )
+            .await
+            .unwrap_or_else(|_| panic!("connection to {dst} still open after 5 s"));
+            if let Ok(answer) = answer {
+                // The pod's HBONE port is a TLS server that peers must reach: to plaintext it
+                // answers with a TLS alert (0x15) and closes. Nothing else may answer.
+                let tls_alert = dst.port() == 15008 && answer.first() == Some(&0x15);
+                assert!(
+                    answer.is_empty() || tls_alert,
+                    "{dst} answered: {:?}",
+                    String::from_utf8_lossy(&answer)
+                );
+            }
+        }
+        println!("{dst}: ended after {:?}", started.elapsed());
+    }
+    // Held open for a moment: a loop would have opened thousands of sockets by now.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let after = fd_count(pid);
+    println!("ztunnel file descriptors: {before} before, {after} after");
+    assert!(
+        after < before + 20,
+        "ztunnel went from {before} to {after} fds"
+    );
+    let refused = c
+        .metric(0, "ztunnel_self_loop_connections_refused_total", &[])
+        .await
+        .unwrap();
+    println!("refused as aimed at ztunnel's own listeners: {refused}");
+    assert!(
+        refused >= 1.0,
+        "the guard refused at least the loopback case"
+    );
+    // The mesh still works afterwards.
+    let answer = c
+        .exchange("client", SocketAddr::new(VIP.into(), 80), b"still-fine")
+        .await
+        .unwrap();
+    assert!(split_greeting(&answer).1 == b"still-fine");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_to_ztunnels_own_listeners_are_refused() {
+    if !testbed::can_run() {
+        return;
+    }
+    let c = Cluster::start(spec("")).await.unwrap();
+    own_listeners_refused(&c).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_to_ztunnels_own_listeners_are_refused_with_nftables_capture() {
+    if !testbed::can_run() {
+        return;
+    }
+    let mut s = spec("");
+    s.ztunnel_args = vec!["--redirect".into(), "nftables".into()];
+    let c = Cluster::start(s).await.unwrap();
+    own_listeners_refused(&c).await;
+}

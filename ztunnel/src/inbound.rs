@@ -128,6 +128,8 @@ async fn plaintext(pod: &Pod, tcp: TcpStream, peer: SocketAddr) -> Result<(), St
         .inbound_original_dst(&tcp)
         .map_err(|e| format!("original destination: {e}"))?;
     let workload = pod.workload().ok_or("pod is no longer in the mesh")?;
+    pod.node
+        .refuse_own_listener(target, &tcp, &workload.addresses)?;
     let conn = Connection {
         src_identity: None,
         src_ip: peer.ip(),

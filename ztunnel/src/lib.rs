@@ -11,5 +11,6 @@ pub mod metrics;
 pub mod node;
 pub mod outbound;
 pub mod redirect;
+pub mod selfloop;
 pub mod source;
 pub mod xds;

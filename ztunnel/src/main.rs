@@ -290,6 +290,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         capture.clone(),
         args.preserve_source == OnOff::On,
         dns,
+        vec![args.admin_addr, args.metrics_addr, args.readiness_addr],
     );
     let (drain_trigger, drain_watch) = mesh::drain::channel();
     let (quit_tx, mut quit_rx) = mpsc::channel(1);

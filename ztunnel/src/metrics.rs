@@ -16,6 +16,8 @@ pub struct Metrics {
     pub tcp: TcpMetrics,
     pub dns: DnsMetrics,
     pub enrolled_pods: Gauge,
+    /// Connections refused because they were aimed at one of ztunnel's own listeners.
+    pub self_loops_refused: Counter,
 }
 
 impl Default for Metrics {
@@ -30,11 +32,18 @@ impl Default for Metrics {
             "ztunnel_enrolled_pods",
             "Pods on this node whose traffic this ztunnel captures",
         );
+        let self_loops_refused = Counter::default();
+        registry.register(
+            "ztunnel_self_loop_connections_refused",
+            "Captured connections refused because their destination was one of ztunnel's own listeners",
+            self_loops_refused.clone(),
+        );
         Metrics {
             registry,
             tcp,
             dns,
             enrolled_pods,
+            self_loops_refused,
         }
     }
 }

@@ -49,6 +49,9 @@ pub struct Node {
     /// timer; two at once would both enroll a new pod, and the loser's listeners, dropped
     /// after its capture entry was written, would leave the pod failing closed.
     reconciling: tokio::sync::Mutex<()>,
+    /// The admin, metrics and readiness listeners, in ztunnel's own namespace: never a
+    /// destination a pod's connection may be forwarded to.
+    admin_listeners: Vec<SocketAddr>,
 }
 
 /// The proxy side of one enrolled pod, as its handlers see it.
@@ -114,6 +117,7 @@ impl Node {
         redirect: Arc<dyn Redirector>,
         preserve_source: bool,
         dns: Option<Arc<DnsProxy>>,
+        admin_listeners: Vec<SocketAddr>,
     ) -> Arc<Node> {
         Arc::new(Node {
             name,
@@ -129,7 +133,35 @@ impl Node {
             pending: Mutex::default(),
             synced: AtomicBool::new(true),
             reconciling: tokio::sync::Mutex::new(()),
+            admin_listeners,
         })
+    }
+
+    /// Refuses a captured connection aimed at one of our own listeners (see `selfloop`); the
+    /// refusal is counted and logged by the caller.
+    pub fn refuse_own_listener(
+        &self,
+        dst: SocketAddr,
+        accepted: &tokio::net::TcpStream,
+        pod_addresses: &[std::net::IpAddr],
+    ) -> Result<(), String> {
+        let listener = accepted.local_addr().map_err(|e| e.to_string())?;
+        let accepted = crate::selfloop::Accepted {
+            dst,
+            listener,
+            pod_addresses,
+        };
+        match crate::selfloop::refusal(
+            accepted,
+            &self.admin_listeners,
+            crate::selfloop::is_local_address,
+        ) {
+            None => Ok(()),
+            Some(why) => {
+                self.metrics.self_loops_refused.inc();
+                Err(format!("refused: {why}"))
+            }
+        }
     }
 
     /// The mesh pods this node should capture: its workloads that speak HBONE.

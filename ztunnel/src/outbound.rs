@@ -119,12 +119,13 @@ async fn handle(pod: &Pod, tcp: TcpStream, peer: SocketAddr) -> Result<(), Strin
         .capture
         .outbound_original_dst(&tcp)
         .map_err(|e| format!("original destination: {e}"))?;
-    let (source, route) = {
-        let state = pod.node.state.borrow();
-        let source = state.workload_by_uid(&pod.uid).cloned();
-        let resolved = state.resolve_from(source.as_deref(), dst);
-        (source, route(dst, resolved)?)
-    };
+    let source = pod.node.state.borrow().workload_by_uid(&pod.uid).cloned();
+    pod.node
+        .refuse_own_listener(dst, &tcp, source.as_ref().map_or(&[][..], |w| &w.addresses))?;
+    let route = route(
+        dst,
+        pod.node.state.borrow().resolve_from(source.as_deref(), dst),
+    )?;
     // eBPF capture rewrites the destination before the source is chosen, so the app's side of
     // the connection is loopback: the client is really the pod's own address.
     let peer = match &source {

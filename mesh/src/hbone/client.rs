@@ -44,6 +44,10 @@ pub enum HboneError {
         addr: SocketAddr,
         status: StatusCode,
     },
+    /// Another caller's dial to the same destination, which this one waited for, failed:
+    /// reported to every waiter at once instead of each redialing in turn.
+    #[error("{reason} (a dial this connection waited for)")]
+    DialFailed { addr: SocketAddr, reason: String },
     #[error("building TLS configuration: {0}")]
     Config(#[from] crate::tls::TlsError),
 }
@@ -67,7 +71,9 @@ pub struct Connection {
 }
 
 impl Connection {
-    /// True once the connection's driver ended (peer went away, GOAWAY, missed pings).
+    /// True once the connection takes no new streams: its driver ended (peer went away,
+    /// missed pings), or the peer sent GOAWAY (it is draining: its open streams go on, but a
+    /// new one must go to a new connection).
     pub fn is_closed(&self) -> bool {
         self.closed.load(Ordering::Acquire)
     }
@@ -75,7 +81,13 @@ impl Connection {
     /// Open one CONNECT stream and wait for the peer's answer.
     pub async fn connect(&self, req: &ConnectRequest) -> Result<H2Stream, HboneError> {
         let addr = self.addr;
-        let h2 = |source| HboneError::H2 { addr, source };
+        let h2 = |source: h2::Error| {
+            // GOAWAY (graceful or not) or a broken transport: no stream will open here again.
+            if source.is_go_away() || source.is_io() {
+                self.closed.store(true, Ordering::Release);
+            }
+            HboneError::H2 { addr, source }
+        };
         let mut send = self.send.clone().ready().await.map_err(h2)?;
         let (response, stream) = send.send_request(req.to_http(), false).map_err(h2)?;
         let response = response.await.map_err(h2)?;

@@ -25,6 +25,9 @@ pub const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
 pub const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
 pub const MAX_FRAME_SIZE: u32 = 1024 * 1024;
 pub const SERVER_MAX_CONCURRENT_STREAMS: u32 = 200;
+/// Largest header list an HBONE peer may send: a CONNECT carries a handful of short headers
+/// (authority, forwarded, baggage, traceparent), so h2's 16 MiB default only serves abuse.
+pub const HEADER_LIST_LIMIT: u32 = 16 * 1024;
 /// A client opens a new connection rather than put more than this many streams on one.
 pub const CLIENT_MAX_STREAMS: usize = 100;
 pub const PING_INTERVAL: Duration = Duration::from_secs(10);

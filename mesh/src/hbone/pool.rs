@@ -35,6 +35,9 @@ struct Inner {
     /// One dial at a time per key, so a burst of new streams shares the first new connection
     /// instead of each opening its own.
     dialing: Mutex<HashMap<Key, Arc<tokio::sync::Mutex<()>>>>,
+    /// The last failed dial per key, with when it ended: callers that were waiting behind it
+    /// get its error at once.
+    failures: Mutex<HashMap<Key, (Instant, String)>>,
 }
 
 struct Entry {
@@ -108,17 +111,38 @@ impl Pool {
         Fut: Future<Output = Result<Connection, HboneError>>,
     {
         let (conn, lease) = {
+            let waiting_since = Instant::now();
             let gate = self.gate(key);
             let _dialing = gate.lock().await;
             match self.checkout(key) {
                 Some(c) => c,
                 None => {
-                    let conn = dial().await?;
-                    self.insert(key.clone(), conn)
+                    if let Some(reason) = self.failed_since(key, waiting_since) {
+                        return Err(HboneError::DialFailed {
+                            addr: key.dst,
+                            reason,
+                        });
+                    }
+                    match dial().await {
+                        Ok(conn) => self.insert(key.clone(), conn),
+                        Err(e) => {
+                            if let Ok(mut f) = self.inner.failures.lock() {
+                                f.insert(key.clone(), (Instant::now(), e.to_string()));
+                            }
+                            return Err(e);
+                        }
+                    }
                 }
             }
         };
         open(&conn, req, lease).await
+    }
+
+    /// The error of a dial for `key` that ended after `since`, if one failed.
+    fn failed_since(&self, key: &Key, since: Instant) -> Option<String> {
+        let failures = self.inner.failures.lock().ok()?;
+        let (at, reason) = failures.get(key)?;
+        (*at >= since).then(|| reason.clone())
     }
 
     /// Open connections, for metrics and tests.
@@ -201,6 +225,9 @@ async fn reap(inner: Weak<Inner>, idle: Duration) {
             });
             if let Ok(mut gates) = inner.dialing.lock() {
                 gates.retain(|k, g| conns.contains_key(k) || Arc::strong_count(g) > 1);
+            }
+            if let Ok(mut failures) = inner.failures.lock() {
+                failures.retain(|_, (at, _)| now.saturating_duration_since(*at) < period);
             }
         }
     }

@@ -13,8 +13,8 @@ use tracing::{debug, warn};
 
 use super::copy::H2Stream;
 use super::{
-    CONNECT_TIMEOUT, CONNECTION_WINDOW, ConnectRequest, MAX_FRAME_SIZE, PROXY_PORTS, Refusal,
-    SERVER_MAX_CONCURRENT_STREAMS, STREAM_WINDOW,
+    CONNECT_TIMEOUT, CONNECTION_WINDOW, ConnectRequest, HEADER_LIST_LIMIT, MAX_FRAME_SIZE,
+    PROXY_PORTS, Refusal, SERVER_MAX_CONCURRENT_STREAMS, STREAM_WINDOW,
 };
 use crate::drain;
 use crate::identity::Identity;
@@ -96,17 +96,22 @@ pub async fn serve<H: Handler>(
             return;
         }
     };
-    let mut conn = match h2::server::Builder::new()
+    let handshake = h2::server::Builder::new()
         .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_frame_size(MAX_FRAME_SIZE)
         .max_concurrent_streams(SERVER_MAX_CONCURRENT_STREAMS)
-        .handshake::<_, Bytes>(tls)
-        .await
-    {
-        Ok(c) => c,
-        Err(e) => {
+        .max_header_list_size(HEADER_LIST_LIMIT)
+        .handshake::<_, Bytes>(tls);
+    // A client that completed TLS and then sends nothing must not hold the socket forever.
+    let mut conn = match tokio::time::timeout(CONNECT_TIMEOUT, handshake).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => {
             warn!(%peer_addr, %peer, "HBONE HTTP/2 handshake failed: {e}");
+            return;
+        }
+        Err(_) => {
+            warn!(%peer_addr, %peer, "HBONE client sent no HTTP/2 preface in time");
             return;
         }
     };

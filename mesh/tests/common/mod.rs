@@ -97,7 +97,17 @@ pub struct TestServer {
     pub accepted: Arc<AtomicUsize>,
     /// A certificate for `client_id()` from the server's CA, for clients to present.
     pub client_cert: Arc<WorkloadCert>,
-    _trigger: drain::Trigger,
+    /// The drain of the connections accepted so far; new ones get the one installed last.
+    drain: Arc<Mutex<(drain::Trigger, drain::Watch)>>,
+}
+
+impl TestServer {
+    /// Send GOAWAY on every connection accepted so far (as a draining peer does), while the
+    /// listener keeps accepting new ones.
+    pub fn goaway_open_connections(&self) {
+        let old = std::mem::replace(&mut *self.drain.lock().unwrap(), drain::channel());
+        drop(old);
+    }
 }
 
 /// Serve as `server_id()` with a certificate from `ca`.
@@ -116,22 +126,17 @@ pub async fn start_server(ca: &DevCa, behavior: Behavior) -> TestServer {
         seen: Mutex::new(Vec::new()),
     });
     let accepted = Arc::new(AtomicUsize::new(0));
-    let (trigger, watch) = drain::channel();
+    let drain = Arc::new(Mutex::new(drain::channel()));
     let tls = cert.server_config();
     let options = Options {
         require_local_authority: true,
     };
-    let (h, count) = (handler.clone(), accepted.clone());
+    let (h, count, current) = (handler.clone(), accepted.clone(), drain.clone());
     tokio::spawn(async move {
         while let Ok((tcp, _)) = listener.accept().await {
             count.fetch_add(1, Ordering::SeqCst);
-            tokio::spawn(server::serve(
-                tcp,
-                tls.clone(),
-                options,
-                h.clone(),
-                watch.clone(),
-            ));
+            let watch = current.lock().unwrap().1.clone();
+            tokio::spawn(server::serve(tcp, tls.clone(), options, h.clone(), watch));
         }
     });
     TestServer {
@@ -139,7 +144,7 @@ pub async fn start_server(ca: &DevCa, behavior: Behavior) -> TestServer {
         handler,
         accepted,
         client_cert,
-        _trigger: trigger,
+        drain,
     }
 }
 
