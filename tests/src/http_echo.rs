@@ -6,7 +6,10 @@
 //! "body"}` (`headers` maps each name to its values in order). Query parameters steer the answer
 //! for fault and retry tests: `status=<code>` answers that status (same JSON), `delay_ms=<n>`
 //! waits first. A request with `Upgrade` (HTTP/1.1) is answered `101` with the same `Upgrade`
-//! value, and the connection then echoes bytes until the client half-closes.
+//! value, and the connection then echoes bytes until the client half-closes. A gRPC request
+//! (`content-type: application/grpc…`, any method path) is answered as a unary call: `200`, one
+//! length-prefixed message holding the same JSON, and trailers `grpc-status` (0, or the
+//! `grpc-status` query parameter) and `grpc-message`.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -16,6 +19,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderMap, Request, Response, StatusCode, header};
+use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -56,7 +60,13 @@ pub async fn serve(tcp: TcpStream, pod: Arc<str>, peer: SocketAddr) {
         .await;
 }
 
-async fn answer(mut req: Request<Incoming>, pod: &str, peer: SocketAddr) -> Response<Full<Bytes>> {
+type Body = BoxBody<Bytes, Infallible>;
+
+fn full(bytes: impl Into<Bytes>) -> Body {
+    Full::new(bytes.into()).boxed()
+}
+
+async fn answer(mut req: Request<Incoming>, pod: &str, peer: SocketAddr) -> Response<Body> {
     if let Some(upgrade) = req.headers().get(header::UPGRADE).cloned() {
         let on_upgrade = hyper::upgrade::on(&mut req);
         tokio::spawn(async move {
@@ -68,7 +78,7 @@ async fn answer(mut req: Request<Incoming>, pod: &str, peer: SocketAddr) -> Resp
                 }
             }
         });
-        let mut rsp = Response::new(Full::new(Bytes::new()));
+        let mut rsp = Response::new(full(Bytes::new()));
         *rsp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
         rsp.headers_mut().insert(header::UPGRADE, upgrade);
         rsp.headers_mut().insert(
@@ -93,11 +103,41 @@ async fn answer(mut req: Request<Incoming>, pod: &str, peer: SocketAddr) -> Resp
         .unwrap_or(StatusCode::OK);
     let echo = describe(pod, &parts, peer, &body);
     let json = serde_json::to_vec(&echo).unwrap_or_default();
-    let mut rsp = Response::new(Full::new(Bytes::from(json)));
+    let grpc = parts
+        .headers
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+    if grpc {
+        let code = query_param(query, "grpc-status").unwrap_or("0").to_string();
+        return grpc_answer(&json, code);
+    }
+    let mut rsp = Response::new(full(json));
     *rsp.status_mut() = status;
     rsp.headers_mut().insert(
         header::CONTENT_TYPE,
         header::HeaderValue::from_static("application/json"),
+    );
+    rsp
+}
+
+/// A unary gRPC answer: one uncompressed length-prefixed message, then the status trailers.
+fn grpc_answer(message: &[u8], code: String) -> Response<Body> {
+    let mut framed = Vec::with_capacity(5 + message.len());
+    framed.push(0);
+    framed.extend_from_slice(&(message.len() as u32).to_be_bytes());
+    framed.extend_from_slice(message);
+    let mut trailers = HeaderMap::new();
+    if let Ok(v) = header::HeaderValue::from_str(&code) {
+        trailers.insert("grpc-status", v);
+    }
+    trailers.insert("grpc-message", header::HeaderValue::from_static("echo"));
+    let body = Full::new(Bytes::from(framed))
+        .with_trailers(async move { Some(Ok(trailers)) })
+        .boxed();
+    let mut rsp = Response::new(body);
+    rsp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/grpc"),
     );
     rsp
 }
@@ -248,6 +288,35 @@ mod tests {
         assert_eq!(body["authority"], "svc2:8080");
         assert_eq!(body["method"], "PUT");
         assert_eq!(body["body"], "payload");
+
+        // gRPC: one framed message with the JSON, then status trailers.
+        let req = Request::builder()
+            .method("POST")
+            .uri("http://svc2:8080/echo.Echo/Say?grpc-status=14")
+            .header("content-type", "application/grpc")
+            .body(())
+            .unwrap();
+        let (rsp, mut send) = client.send_request(req, false).unwrap();
+        send.send_data(Bytes::from_static(b"\0\0\0\0\0"), true)
+            .unwrap();
+        let rsp = rsp.await.unwrap();
+        assert_eq!(rsp.status(), StatusCode::OK);
+        assert_eq!(rsp.headers()["content-type"], "application/grpc");
+        let mut body = rsp.into_body();
+        let mut bytes = Vec::new();
+        while let Some(chunk) = body.data().await {
+            let chunk = chunk.unwrap();
+            let _ = body.flow_control().release_capacity(chunk.len());
+            bytes.extend_from_slice(&chunk);
+        }
+        let trailers = body.trailers().await.unwrap().unwrap();
+        assert_eq!(trailers["grpc-status"], "14");
+        assert_eq!(bytes[0], 0, "uncompressed");
+        let len = u32::from_be_bytes(bytes[1..5].try_into().unwrap()) as usize;
+        assert_eq!(len, bytes.len() - 5);
+        let msg: serde_json::Value = serde_json::from_slice(&bytes[5..]).unwrap();
+        assert_eq!(msg["path"], "/echo.Echo/Say?grpc-status=14");
+        assert_eq!(msg["pod"], "pod-x");
 
         // Upgrade, then raw bytes echoed.
         let mut s = TcpStream::connect(addr).await.unwrap();
