@@ -1165,6 +1165,27 @@ impl Cluster {
         exchange_on(s, payload).await
     }
 
+    /// From `pod`, one HTTP/1.1 request `GET <path>` with `Host: <host>` and extra `headers` to
+    /// `dst` (through the pod's capture), then the status, the response headers (lower-case
+    /// names) and the body. For the HTTP echo app ([`crate::http_echo`]) or anything speaking
+    /// HTTP/1.1 on the way (a waypoint).
+    pub async fn http_get_from(
+        &self,
+        pod: &str,
+        dst: SocketAddr,
+        host: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> anyhow::Result<HttpAnswer> {
+        let mut req = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n");
+        for (k, v) in headers {
+            let _ = write!(req, "{k}: {v}\r\n");
+        }
+        req.push_str("\r\n");
+        let raw = self.exchange(pod, dst, req.as_bytes()).await?;
+        HttpAnswer::parse(&raw)
+    }
+
     /// Connect from `pod` to `dst` with a socket made in the pod's cgroup and netns, as the
     /// pod's application would (so either capture, eBPF or nftables, applies).
     pub async fn connect_from(&self, pod: &str, dst: SocketAddr) -> anyhow::Result<TcpStream> {
@@ -1305,6 +1326,93 @@ async fn sink(mut s: TcpStream) {
     let _ = s.shutdown().await;
 }
 
+/// An HTTP/1.1 response read to the end of the connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpAnswer {
+    pub status: u16,
+    /// Lower-case names, in order.
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl HttpAnswer {
+    /// Parse a whole response (`Connection: close`, so the body runs to the end; chunked
+    /// bodies are decoded).
+    pub fn parse(raw: &[u8]) -> anyhow::Result<HttpAnswer> {
+        let split = raw
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .with_context(|| {
+                format!(
+                    "no HTTP response head in {:?}",
+                    String::from_utf8_lossy(raw)
+                )
+            })?;
+        let head = String::from_utf8_lossy(&raw[..split]);
+        let mut lines = head.split("\r\n");
+        let status_line = lines.next().unwrap_or_default();
+        let status = status_line
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .with_context(|| format!("bad status line {status_line:?}"))?;
+        let headers: Vec<(String, String)> = lines
+            .filter_map(|l| l.split_once(':'))
+            .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+            .collect();
+        let mut body = raw[split + 4..].to_vec();
+        if headers
+            .iter()
+            .any(|(k, v)| k == "transfer-encoding" && v.eq_ignore_ascii_case("chunked"))
+        {
+            body = dechunk(&body)?;
+        }
+        Ok(HttpAnswer {
+            status,
+            headers,
+            body,
+        })
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The body as JSON (the HTTP echo app's report).
+    pub fn json(&self) -> anyhow::Result<serde_json::Value> {
+        serde_json::from_slice(&self.body).with_context(|| {
+            format!(
+                "HTTP {} body is not JSON: {:?}",
+                self.status,
+                String::from_utf8_lossy(&self.body)
+            )
+        })
+    }
+}
+
+fn dechunk(mut data: &[u8]) -> anyhow::Result<Vec<u8>> {
+    let mut out = Vec::new();
+    loop {
+        let line_end = data
+            .windows(2)
+            .position(|w| w == b"\r\n")
+            .context("truncated chunk size")?;
+        let size_text = String::from_utf8_lossy(&data[..line_end]);
+        let size = usize::from_str_radix(size_text.split(';').next().unwrap_or("").trim(), 16)
+            .with_context(|| format!("bad chunk size {size_text:?}"))?;
+        data = &data[line_end + 2..];
+        if size == 0 {
+            return Ok(out);
+        }
+        anyhow::ensure!(data.len() >= size + 2, "truncated chunk");
+        out.extend_from_slice(&data[..size]);
+        data = &data[size + 2..];
+    }
+}
+
 /// A plain HTTP/1.0 GET to `addr` with a socket from `factory`: status and body.
 async fn http_get_at(
     factory: &SocketFactory,
@@ -1410,6 +1518,25 @@ mod tests {
             Some("all")
         );
         assert_eq!(v["spec"]["listeners"][0]["port"].as_u64(), Some(15008));
+    }
+
+    #[test]
+    fn parses_http_answers() {
+        let a = HttpAnswer::parse(
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\ncontent-length: 9\r\n\r\n{\"a\": 1}",
+        )
+        .unwrap();
+        assert_eq!(a.status, 200);
+        assert_eq!(a.header("content-type"), Some("application/json"));
+        assert_eq!(a.json().unwrap()["a"], 1);
+        let chunked = HttpAnswer::parse(
+            b"HTTP/1.1 503 Service Unavailable\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nno h\r\n5;x=y\r\nealth\r\n0\r\n\r\n",
+        )
+        .unwrap();
+        assert_eq!(chunked.status, 503);
+        assert_eq!(chunked.body, b"no health");
+        assert!(HttpAnswer::parse(b"").is_err());
+        assert!(HttpAnswer::parse(b"HTTP/1.1 OK\r\n\r\n").is_err());
     }
 
     #[test]

@@ -247,17 +247,18 @@ async fn traffic_to_a_bound_service_or_pod_goes_through_its_waypoint() {
 
     // HTTP to the pod's HTTP echo app, through the waypoint too.
     let answer = c
-        .exchange(
+        .http_get_from(
             "client",
             bound_http,
-            b"GET /hello?x=1 HTTP/1.1\r\nHost: bound\r\nConnection: close\r\n\r\n",
+            "bound",
+            "/hello?x=1",
+            &[("x-test", "1")],
         )
         .await
         .unwrap();
-    let text = String::from_utf8_lossy(&answer);
-    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
-    let body: serde_json::Value =
-        serde_json::from_str(text.split_once("\r\n\r\n").unwrap().1).unwrap();
+    assert_eq!(answer.status, 200);
+    let body = answer.json().unwrap();
+    assert_eq!(body["headers"]["x-test"][0], "1");
     assert_eq!(body["pod"], "bound");
     assert_eq!(body["path"], "/hello?x=1");
     assert_eq!(body["authority"], "bound");
