@@ -1,8 +1,11 @@
 //! A running mesh on the test bed: a development CA, a local config file describing the pods,
-//! one ztunnel process per node, and an echo application in every pod. Pods are dual-stack:
-//! each workload carries its IPv4 and its IPv6 address, and the apps listen on both. Shared by the
-//! end-to-end tests, `cargo xtask demo` and `cargo xtask bench`.
+//! one ztunnel process per node, and an echo application in every pod (TCP on ECHO_PORT,
+//! ALT_PORT and SINK_PORT, HTTP on HTTP_PORT). Pods are dual-stack: each workload carries its
+//! IPv4 and its IPv6 address, and the apps listen on both. With pilot, waypoint pods (labelled
+//! `gateway.networking.k8s.io/gateway-name`) can run the `waypoint` binary instead of an app.
+//! Shared by the end-to-end tests, `cargo xtask demo` and `cargo xtask bench`.
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -27,6 +30,10 @@ pub const ECHO_PORT: u16 = 8080;
 pub const ALT_PORT: u16 = 9090;
 /// A port that reads everything, then answers with the byte count: for throughput.
 pub const SINK_PORT: u16 = 9000;
+/// The port every pod's HTTP echo application listens on (see [`crate::http_echo`]).
+pub const HTTP_PORT: u16 = 8000;
+/// The label naming the Gateway a waypoint pod belongs to.
+pub const GATEWAY_NAME_LABEL: &str = "gateway.networking.k8s.io/gateway-name";
 pub const TRUST_DOMAIN: &str = "cluster.local";
 
 /// A pod to create, and whether it is in the mesh.
@@ -48,6 +55,8 @@ pub struct PodDef {
     pub expected_ip: Option<Ipv4Addr>,
     /// Only an IPv6 address, in the test bed and in the configuration; dual-stack otherwise.
     pub ipv6_only: bool,
+    /// Kubernetes labels besides `app` and `version` (and the dataplane-mode opt-out).
+    pub labels: BTreeMap<String, String>,
 }
 
 impl PodDef {
@@ -63,7 +72,21 @@ impl PodDef {
             uid: None,
             expected_ip: None,
             ipv6_only: false,
+            labels: BTreeMap::new(),
         }
+    }
+
+    /// A pod of waypoint `gateway` (namespace `demo`, service account and `app` the gateway's
+    /// name, as Istio deploys them): never captured, labelled with [`GATEWAY_NAME_LABEL`].
+    pub fn waypoint(name: &str, gateway: &str, node: usize) -> Self {
+        let mut p = PodDef::new(name, gateway, node, false);
+        p.labels.insert(GATEWAY_NAME_LABEL.into(), gateway.into());
+        p
+    }
+
+    /// The Gateway this pod is a waypoint of, if it is one.
+    pub fn gateway(&self) -> Option<&str> {
+        self.labels.get(GATEWAY_NAME_LABEL).map(String::as_str)
     }
 
     /// The Pods in a folder of Kubernetes YAML (as pilot reads it), as pods to create: name,
@@ -129,6 +152,17 @@ impl PodDef {
                             mesh: label(DATAPLANE_MODE).as_deref() != Some("none"),
                             own_hbone: false,
                             ipv6_only: false,
+                            labels: v
+                                .get("metadata")
+                                .and_then(|m| m.get("labels"))
+                                .and_then(|l| l.as_mapping())
+                                .into_iter()
+                                .flatten()
+                                .filter_map(|(k, v)| {
+                                    Some((k.as_str()?.to_owned(), v.as_str()?.to_owned()))
+                                })
+                                .filter(|(k, _)| k != "app" && k != "version")
+                                .collect(),
                             uid: Some(field(&["metadata", "uid"])?),
                             expected_ip: Some(field(&["status", "podIP"])?.parse().with_context(
                                 || format!("{}: Pod {name}: status.podIP", file.display()),
@@ -161,6 +195,10 @@ pub struct ServiceDef {
     pub port: u16,
     pub target_port: u16,
     pub app: String,
+    /// The port's name (`http`, `tcp`, `mesh`, …: it decides the protocol); unnamed when empty.
+    pub port_name: String,
+    /// Kubernetes labels (e.g. `istio.io/use-waypoint`).
+    pub labels: BTreeMap<String, String>,
 }
 
 impl ServiceDef {
@@ -189,8 +227,41 @@ impl ServiceDef {
             port: 80,
             target_port: ECHO_PORT,
             app: "echo".into(),
+            port_name: String::new(),
+            labels: BTreeMap::new(),
         }
     }
+
+    /// The Service of waypoint `gateway` in namespace `demo`: port 15008 named `mesh`, in front
+    /// of the pods made with [`PodDef::waypoint`] for it.
+    pub fn waypoint(gateway: &str, vip: Ipv4Addr) -> Self {
+        ServiceDef {
+            name: gateway.into(),
+            namespace: "demo".into(),
+            vip,
+            vip6: None,
+            port: mesh::hbone::HBONE_PORT,
+            target_port: mesh::hbone::HBONE_PORT,
+            app: gateway.into(),
+            port_name: "mesh".into(),
+            labels: BTreeMap::new(),
+        }
+    }
+
+    /// Bind this service to waypoint `gateway` (label `istio.io/use-waypoint`).
+    pub fn use_waypoint(mut self, gateway: &str) -> Self {
+        self.labels
+            .insert("istio.io/use-waypoint".into(), gateway.into());
+        self
+    }
+}
+
+/// The Gateway object of a waypoint named `name` in `namespace`, as `istioctl waypoint generate`
+/// writes it (for [`ClusterSpec::pilot_yaml`]).
+pub fn waypoint_gateway_yaml(name: &str, namespace: &str, waypoint_for: &str) -> String {
+    format!(
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {{name: {name}, namespace: {namespace}, labels: {{istio.io/waypoint-for: {waypoint_for}}}}}\nspec: {{gatewayClassName: istio-waypoint, listeners: [{{name: mesh, port: 15008, protocol: HBONE}}]}}\n---\n"
+    )
 }
 
 /// Where ztunnels get their configuration and certificates.
@@ -222,6 +293,15 @@ pub struct ClusterSpec {
     pub app_ports: Vec<u16>,
     /// Extra environment variables of the ztunnels (name, value).
     pub ztunnel_env: Vec<(String, String)>,
+    /// Ports the pods' HTTP echo app listens on besides HTTP_PORT.
+    pub http_ports: Vec<u16>,
+    /// Extra Kubernetes objects for pilot (Gateways, VirtualServices, …), appended to those
+    /// made from the spec; YAML documents each ending with `---`.
+    pub pilot_yaml: String,
+    /// Run the `waypoint` binary in every waypoint pod ([`PodDef::gateway`]) once pilot is up
+    /// (with `PilotLater`, call [`Cluster::start_waypoints`] after `start_pilot`). Without it,
+    /// waypoint pods run nothing: a test may serve their 15008 itself.
+    pub start_waypoints: bool,
 }
 
 /// Source preservation's setup in one pod ([`Cluster::source_routing`]).
@@ -259,6 +339,8 @@ pub struct Cluster {
     pub ca: DevCa,
     ztunnels: Vec<Option<Child>>,
     pilot: Option<Child>,
+    /// Waypoint processes by pod name.
+    waypoints: Vec<(String, Child)>,
     apps: Vec<(String, Arc<AppStats>)>,
     app_tasks: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -267,6 +349,66 @@ pub struct Cluster {
 /// else the newer of the workspace's debug and release builds.
 pub fn ztunnel_binary() -> anyhow::Result<PathBuf> {
     sibling_binary("ZTUNNEL_BIN", "ztunnel")
+}
+
+/// Where the waypoint binary is: `$WAYPOINT_BIN`, else next to `$ZTUNNEL_BIN`, else the newer
+/// of the workspace's debug and release builds.
+pub fn waypoint_binary() -> anyhow::Result<PathBuf> {
+    let p = sibling_binary("WAYPOINT_BIN", "waypoint")?;
+    if !p.is_file() {
+        bail!(
+            "the waypoint binary {} does not exist: run `cargo build -p waypoint` or set WAYPOINT_BIN",
+            p.display()
+        );
+    }
+    Ok(p)
+}
+
+/// What the test bed tells a waypoint process about itself and where pilot is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WaypointLaunch {
+    pub pilot: SocketAddr,
+    pub root_cert: PathBuf,
+    pub token_file: PathBuf,
+    pub pod_ip: IpAddr,
+    pub pod_name: String,
+    pub pod_namespace: String,
+    pub service_account: String,
+}
+
+impl WaypointLaunch {
+    /// The command-line flags: xDS and CA at pilot, the pod's identity, HBONE on `[::]:15008`,
+    /// and admin, metrics and readiness on the pod's own address (15000, 15020, 15021).
+    pub fn args(&self) -> Vec<String> {
+        let on_pod = |port: u16| SocketAddr::new(self.pod_ip, port).to_string();
+        let mut args: Vec<String> = vec![
+            "--xds-address".into(),
+            format!("https://{}", self.pilot),
+            "--xds-root-cert".into(),
+            self.root_cert.display().to_string(),
+            "--xds-token-file".into(),
+            self.token_file.display().to_string(),
+            "--pod-ip".into(),
+            self.pod_ip.to_string(),
+            "--pod-name".into(),
+            self.pod_name.clone(),
+            "--pod-namespace".into(),
+            self.pod_namespace.clone(),
+            "--service-account".into(),
+            self.service_account.clone(),
+            "--listen".into(),
+            SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), mesh::hbone::HBONE_PORT).to_string(),
+        ];
+        for (flag, port) in [
+            ("--admin-addr", 15000),
+            ("--metrics-addr", 15020),
+            ("--readiness-addr", 15021),
+        ] {
+            args.push(flag.into());
+            args.push(on_pod(port));
+        }
+        args
+    }
 }
 
 /// A binary of the workspace: `$<env>`, else next to `$ZTUNNEL_BIN`, else the newer of the
@@ -343,6 +485,7 @@ impl Cluster {
             ca,
             ztunnels: vec![],
             pilot: None,
+            waypoints: vec![],
             apps: vec![],
             app_tasks: vec![],
         };
@@ -387,7 +530,156 @@ impl Cluster {
                 cluster.wait_ready(node, Duration::from_secs(20)).await?;
             }
         }
+        if mode == ControlPlaneMode::Pilot && cluster.spec.start_waypoints {
+            cluster.start_waypoints().await?;
+        }
         Ok(cluster)
+    }
+
+    /// The waypoint pods of the spec (those with [`GATEWAY_NAME_LABEL`]), by name.
+    pub fn waypoint_pods(&self) -> Vec<String> {
+        self.spec
+            .pods
+            .iter()
+            .filter(|p| p.gateway().is_some())
+            .map(|p| p.name.clone())
+            .collect()
+    }
+
+    /// Start the `waypoint` binary in every waypoint pod not running one, and wait until each
+    /// is ready. Needs pilot (for xDS, its certificate, and the service account's token).
+    pub async fn start_waypoints(&mut self) -> anyhow::Result<()> {
+        if self.spec.control_plane == ControlPlaneMode::File {
+            bail!("waypoints need pilot: set ClusterSpec::control_plane to Pilot or PilotLater");
+        }
+        for pod in self.waypoint_pods() {
+            if !self.waypoints.iter().any(|(n, _)| *n == pod) {
+                self.start_waypoint(&pod)?;
+            }
+        }
+        for pod in self.waypoint_pods() {
+            self.wait_waypoint_ready(&pod, Duration::from_secs(20))
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// How the test bed launches the waypoint in `pod`.
+    pub fn waypoint_launch(&self, pod: &str) -> WaypointLaunch {
+        let def = self.def(pod);
+        WaypointLaunch {
+            pilot: self.pilot_addr(),
+            root_cert: self.pilot_state().join("root-cert.pem"),
+            token_file: self
+                .pilot_state()
+                .join("tokens")
+                .join("sa")
+                .join(format!("{}.{}.token", def.namespace, def.service_account)),
+            pod_ip: self.pod_addresses(pod)[0],
+            pod_name: def.name.clone(),
+            pod_namespace: def.namespace.clone(),
+            service_account: def.service_account.clone(),
+        }
+    }
+
+    /// Start the `waypoint` binary inside `pod` (its cgroup and netns), logging to
+    /// [`Cluster::waypoint_log`]; does not wait for it to be ready.
+    pub fn start_waypoint(&mut self, pod: &str) -> anyhow::Result<()> {
+        let bin = waypoint_binary()?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.waypoint_log(pod))?;
+        let mut cmd = std::process::Command::new(&bin);
+        cmd.args(self.waypoint_launch(pod).args())
+            .env(
+                "RUST_LOG",
+                std::env::var("WAYPOINT_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        let child = self
+            .bed
+            .spawn_in_pod(pod, cmd)
+            .with_context(|| format!("starting the waypoint {} in pod {pod}", bin.display()))?;
+        self.waypoints.push((pod.to_string(), child));
+        Ok(())
+    }
+
+    /// SIGTERM the waypoint in `pod` and wait for it to exit; returns its exit status.
+    pub fn stop_waypoint(&mut self, pod: &str) -> anyhow::Result<std::process::ExitStatus> {
+        let i = self
+            .waypoints
+            .iter()
+            .position(|(n, _)| n == pod)
+            .with_context(|| format!("no waypoint running in pod {pod}"))?;
+        let (_, mut child) = self.waypoints.remove(i);
+        // SAFETY: plain kill(2) on our own child's pid.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        Ok(child.wait()?)
+    }
+
+    pub fn waypoint_log(&self, pod: &str) -> PathBuf {
+        self.dir.join(format!("waypoint-{pod}.log"))
+    }
+
+    pub fn waypoint_pid(&self, pod: &str) -> Option<u32> {
+        self.waypoints
+            .iter()
+            .find(|(n, _)| n == pod)
+            .map(|(_, c)| c.id())
+    }
+
+    /// Wait until the waypoint in `pod` answers 200 on `/healthz/ready` (port 15021 on the
+    /// pod's address); fails early, with its log, if the process exits.
+    pub async fn wait_waypoint_ready(
+        &mut self,
+        pod: &str,
+        timeout: Duration,
+    ) -> anyhow::Result<()> {
+        let addr = SocketAddr::new(self.pod_addresses(pod)[0], 15021);
+        let factory = self.node_sockets(self.def(pod).node)?;
+        let start = Instant::now();
+        let mut last = String::new();
+        while start.elapsed() < timeout {
+            let exited = self
+                .waypoints
+                .iter_mut()
+                .find(|(n, _)| n == pod)
+                .map(|(_, c)| c.try_wait())
+                .transpose()?
+                .flatten();
+            if let Some(status) = exited {
+                last = format!("exited with {status}");
+                break;
+            }
+            match http_get_at(&factory, addr, "/healthz/ready").await {
+                Ok((200, _)) => return Ok(()),
+                Ok((s, body)) => last = format!("{s} {body}"),
+                Err(e) => last = e.to_string(),
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let log = std::fs::read_to_string(self.waypoint_log(pod)).unwrap_or_default();
+        bail!("waypoint in pod {pod} not ready after {timeout:?}: {last}\n--- log ---\n{log}")
+    }
+
+    /// A plain HTTP/1.0 GET to `port` on `pod`'s address, from its node (for waypoint pods'
+    /// admin, metrics and readiness ports).
+    pub async fn pod_http_get(
+        &self,
+        pod: &str,
+        port: u16,
+        path: &str,
+    ) -> anyhow::Result<(u16, String)> {
+        let factory = self.node_sockets(self.def(pod).node)?;
+        http_get_at(
+            &factory,
+            SocketAddr::new(self.pod_addresses(pod)[0], port),
+            path,
+        )
+        .await
     }
 
     /// pilot's folder of Kubernetes YAML.
@@ -429,11 +721,16 @@ impl Cluster {
         for def in &self.spec.pods {
             let pod = self.bed.pod(&def.name);
             let addresses = self.pod_addresses(&def.name);
-            let mode = if def.mesh {
-                ""
+            let mut mode = if def.mesh {
+                String::new()
             } else {
-                ", istio.io/dataplane-mode: none"
+                ", istio.io/dataplane-mode: none".to_string()
             };
+            for (k, v) in &def.labels {
+                if !matches!(k.as_str(), "app" | "version" | DATAPLANE_MODE) {
+                    let _ = write!(mode, ", {k:?}: {v:?}");
+                }
+            }
             let _ = writeln!(
                 y,
                 "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {ns}, uid: {uid}, labels: {{app: {app}, version: v1{mode}}}}}\nspec: {{nodeName: {node}, serviceAccountName: {sa}}}\nstatus: {{phase: Running, podIP: \"{ip}\", podIPs: [{ips}]}}\n---",
@@ -463,11 +760,22 @@ impl Cluster {
             } else {
                 "SingleStack"
             };
+            let labels: Vec<String> = s
+                .labels
+                .iter()
+                .map(|(k, v)| format!("{k:?}: {v:?}"))
+                .collect();
+            let port_name = if s.port_name.is_empty() {
+                String::new()
+            } else {
+                format!("name: {:?}, ", s.port_name)
+            };
             let _ = writeln!(
                 y,
-                "apiVersion: v1\nkind: Service\nmetadata: {{name: {}, namespace: {}}}\nspec: {{clusterIP: {}, clusterIPs: [{}], ipFamilies: [{}], ipFamilyPolicy: {policy}, selector: {{app: {}}}, ports: [{{port: {}, targetPort: {}}}]}}\n---",
+                "apiVersion: v1\nkind: Service\nmetadata: {{name: {}, namespace: {}, labels: {{{}}}}}\nspec: {{clusterIP: {}, clusterIPs: [{}], ipFamilies: [{}], ipFamilyPolicy: {policy}, selector: {{app: {}}}, ports: [{{{port_name}port: {}, targetPort: {}}}]}}\n---",
                 s.name,
                 s.namespace,
+                labels.join(", "),
                 s.vip,
                 cluster_ips.join(", "),
                 families.join(", "),
@@ -476,6 +784,7 @@ impl Cluster {
                 s.target_port
             );
         }
+        y.push_str(&self.spec.pilot_yaml);
         y
     }
 
@@ -727,22 +1036,7 @@ impl Cluster {
             self.bed.node(node).pod_gateway
         };
         let factory = self.node_sockets(node)?;
-        let mut s = factory.connect(SocketAddr::new(addr.into(), port)).await?;
-        s.write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
-            .await?;
-        let mut buf = Vec::new();
-        s.read_to_end(&mut buf).await?;
-        let text = String::from_utf8_lossy(&buf).to_string();
-        let status = text
-            .split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .context("no HTTP status")?;
-        let body = text
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_string())
-            .unwrap_or_default();
-        Ok((status, body))
+        http_get_at(&factory, SocketAddr::new(addr.into(), port), path).await
     }
 
     /// The sum of a metric's samples on a node whose labels contain every `label="value"` given.
@@ -871,6 +1165,27 @@ impl Cluster {
         exchange_on(s, payload).await
     }
 
+    /// From `pod`, one HTTP/1.1 request `GET <path>` with `Host: <host>` and extra `headers` to
+    /// `dst` (through the pod's capture), then the status, the response headers (lower-case
+    /// names) and the body. For the HTTP echo app ([`crate::http_echo`]) or anything speaking
+    /// HTTP/1.1 on the way (a waypoint).
+    pub async fn http_get_from(
+        &self,
+        pod: &str,
+        dst: SocketAddr,
+        host: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> anyhow::Result<HttpAnswer> {
+        let mut req = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n");
+        for (k, v) in headers {
+            let _ = write!(req, "{k}: {v}\r\n");
+        }
+        req.push_str("\r\n");
+        let raw = self.exchange(pod, dst, req.as_bytes()).await?;
+        HttpAnswer::parse(&raw)
+    }
+
     /// Connect from `pod` to `dst` with a socket made in the pod's cgroup and netns, as the
     /// pod's application would (so either capture, eBPF or nftables, applies).
     pub async fn connect_from(&self, pod: &str, dst: SocketAddr) -> anyhow::Result<TcpStream> {
@@ -886,9 +1201,11 @@ impl Cluster {
     }
 
     /// Echo servers on ECHO_PORT and ALT_PORT in every pod, each answering with a line naming
-    /// the pod and the peer address it saw, then echoing until the client half-closes; and a
-    /// sink on SINK_PORT. Each port is served on IPv4 and IPv6 (two sockets, the IPv6 one
-    /// IPv6-only, so IPv4 peers keep showing as plain IPv4 addresses).
+    /// the pod and the peer address it saw, then echoing until the client half-closes; a sink
+    /// on SINK_PORT; and the HTTP echo app ([`crate::http_echo`]) on HTTP_PORT and the spec's
+    /// `http_ports`. Each port is served on IPv4 and IPv6 (two sockets, the IPv6 one
+    /// IPv6-only, so IPv4 peers keep showing as plain IPv4 addresses). Waypoint pods run no
+    /// app: they are the proxy's.
     fn start_apps(&mut self) -> anyhow::Result<()> {
         let wildcards = [
             SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), 0),
@@ -896,20 +1213,32 @@ impl Cluster {
         ];
         for def in self.spec.pods.clone() {
             let stats = Arc::new(AppStats::default());
+            if def.gateway().is_some() {
+                self.apps.push((def.name.clone(), stats));
+                continue;
+            }
+            let http_ports: Vec<u16> = std::iter::once(HTTP_PORT)
+                .chain(self.spec.http_ports.iter().copied())
+                .collect();
             let ports: Vec<u16> = [ECHO_PORT, ALT_PORT, SINK_PORT]
                 .into_iter()
                 .chain(self.spec.app_ports.iter().copied())
+                .chain(http_ports.iter().copied())
                 .collect();
+            let pod_name: Arc<str> = Arc::from(def.name.as_str());
             for (port, mut addr) in ports.into_iter().flat_map(|p| wildcards.map(|a| (p, a))) {
                 addr.set_port(port);
                 let listener = self.bed.in_pod(&def.name, move || app_listener(addr))??;
                 let listener = tokio::net::TcpListener::from_std(listener)?;
-                let name = def.name.clone();
+                let name = pod_name.clone();
                 let stats = stats.clone();
+                let http = http_ports.contains(&port);
                 self.app_tasks.push(tokio::spawn(async move {
                     while let Ok((s, peer)) = listener.accept().await {
                         stats.accepted.fetch_add(1, Ordering::Relaxed);
-                        if port == SINK_PORT {
+                        if http {
+                            tokio::spawn(crate::http_echo::serve(s, name.clone(), peer));
+                        } else if port == SINK_PORT {
                             tokio::spawn(sink(s));
                         } else {
                             tokio::spawn(echo(s, format!("pod={name} port={port} peer={peer}\n")));
@@ -928,6 +1257,10 @@ impl Drop for Cluster {
         if let Some(mut p) = self.pilot.take() {
             let _ = p.kill();
             let _ = p.wait();
+        }
+        for (_, w) in &mut self.waypoints {
+            let _ = w.kill();
+            let _ = w.wait();
         }
         for t in &self.app_tasks {
             t.abort();
@@ -993,6 +1326,117 @@ async fn sink(mut s: TcpStream) {
     let _ = s.shutdown().await;
 }
 
+/// An HTTP/1.1 response read to the end of the connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpAnswer {
+    pub status: u16,
+    /// Lower-case names, in order.
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl HttpAnswer {
+    /// Parse a whole response (`Connection: close`, so the body runs to the end; chunked
+    /// bodies are decoded).
+    pub fn parse(raw: &[u8]) -> anyhow::Result<HttpAnswer> {
+        let split = raw
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .with_context(|| {
+                format!(
+                    "no HTTP response head in {:?}",
+                    String::from_utf8_lossy(raw)
+                )
+            })?;
+        let head = String::from_utf8_lossy(&raw[..split]);
+        let mut lines = head.split("\r\n");
+        let status_line = lines.next().unwrap_or_default();
+        let status = status_line
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .with_context(|| format!("bad status line {status_line:?}"))?;
+        let headers: Vec<(String, String)> = lines
+            .filter_map(|l| l.split_once(':'))
+            .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+            .collect();
+        let mut body = raw[split + 4..].to_vec();
+        if headers
+            .iter()
+            .any(|(k, v)| k == "transfer-encoding" && v.eq_ignore_ascii_case("chunked"))
+        {
+            body = dechunk(&body)?;
+        }
+        Ok(HttpAnswer {
+            status,
+            headers,
+            body,
+        })
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The body as JSON (the HTTP echo app's report).
+    pub fn json(&self) -> anyhow::Result<serde_json::Value> {
+        serde_json::from_slice(&self.body).with_context(|| {
+            format!(
+                "HTTP {} body is not JSON: {:?}",
+                self.status,
+                String::from_utf8_lossy(&self.body)
+            )
+        })
+    }
+}
+
+fn dechunk(mut data: &[u8]) -> anyhow::Result<Vec<u8>> {
+    let mut out = Vec::new();
+    loop {
+        let line_end = data
+            .windows(2)
+            .position(|w| w == b"\r\n")
+            .context("truncated chunk size")?;
+        let size_text = String::from_utf8_lossy(&data[..line_end]);
+        let size = usize::from_str_radix(size_text.split(';').next().unwrap_or("").trim(), 16)
+            .with_context(|| format!("bad chunk size {size_text:?}"))?;
+        data = &data[line_end + 2..];
+        if size == 0 {
+            return Ok(out);
+        }
+        anyhow::ensure!(data.len() >= size + 2, "truncated chunk");
+        out.extend_from_slice(&data[..size]);
+        data = &data[size + 2..];
+    }
+}
+
+/// A plain HTTP/1.0 GET to `addr` with a socket from `factory`: status and body.
+async fn http_get_at(
+    factory: &SocketFactory,
+    addr: SocketAddr,
+    path: &str,
+) -> anyhow::Result<(u16, String)> {
+    let mut s = factory.connect(addr).await?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
+        .await?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await?;
+    let text = String::from_utf8_lossy(&buf).to_string();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .context("no HTTP status")?;
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
 /// Send, half-close, read to the end.
 pub async fn exchange_on(s: TcpStream, payload: &[u8]) -> anyhow::Result<Vec<u8>> {
     let (mut r, mut w) = s.into_split();
@@ -1025,6 +1469,76 @@ pub fn sum_metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    #[test]
+    fn waypoint_flags() {
+        let launch = WaypointLaunch {
+            pilot: "172.30.0.1:15012".parse().unwrap(),
+            root_cert: "/m/pilot/root-cert.pem".into(),
+            token_file: "/m/pilot/tokens/sa/demo.waypoint.token".into(),
+            pod_ip: "10.244.2.10".parse().unwrap(),
+            pod_name: "waypoint-a".into(),
+            pod_namespace: "demo".into(),
+            service_account: "waypoint".into(),
+        };
+        assert_eq!(
+            launch.args().join(" "),
+            "--xds-address https://172.30.0.1:15012 --xds-root-cert /m/pilot/root-cert.pem \
+             --xds-token-file /m/pilot/tokens/sa/demo.waypoint.token --pod-ip 10.244.2.10 \
+             --pod-name waypoint-a --pod-namespace demo --service-account waypoint \
+             --listen [::]:15008 --admin-addr 10.244.2.10:15000 \
+             --metrics-addr 10.244.2.10:15020 --readiness-addr 10.244.2.10:15021"
+        );
+    }
+
+    #[test]
+    fn waypoint_pods_and_services() {
+        let p = PodDef::waypoint("waypoint-a", "waypoint", 1);
+        assert_eq!(p.gateway(), Some("waypoint"));
+        assert!(!p.mesh);
+        assert_eq!(p.service_account, "waypoint");
+        assert_eq!(PodDef::new("a", "a", 0, true).gateway(), None);
+        let s = ServiceDef::waypoint("waypoint", Ipv4Addr::new(10, 96, 0, 20));
+        assert_eq!(
+            (s.port, s.target_port, s.app.as_str()),
+            (15008, 15008, "waypoint")
+        );
+        let bound = ServiceDef::echo().use_waypoint("waypoint");
+        assert_eq!(bound.labels["istio.io/use-waypoint"], "waypoint");
+        let gw = waypoint_gateway_yaml("waypoint", "demo", "all");
+        let v: serde_yaml_ng::Value =
+            serde_yaml_ng::from_str(gw.trim_end().trim_end_matches("---")).unwrap();
+        assert_eq!(
+            v["spec"]["gatewayClassName"].as_str(),
+            Some("istio-waypoint")
+        );
+        assert_eq!(
+            v["metadata"]["labels"]["istio.io/waypoint-for"].as_str(),
+            Some("all")
+        );
+        assert_eq!(v["spec"]["listeners"][0]["port"].as_u64(), Some(15008));
+    }
+
+    #[test]
+    fn parses_http_answers() {
+        let a = HttpAnswer::parse(
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\ncontent-length: 9\r\n\r\n{\"a\": 1}",
+        )
+        .unwrap();
+        assert_eq!(a.status, 200);
+        assert_eq!(a.header("content-type"), Some("application/json"));
+        assert_eq!(a.json().unwrap()["a"], 1);
+        let chunked = HttpAnswer::parse(
+            b"HTTP/1.1 503 Service Unavailable\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nno h\r\n5;x=y\r\nealth\r\n0\r\n\r\n",
+        )
+        .unwrap();
+        assert_eq!(chunked.status, 503);
+        assert_eq!(chunked.body, b"no health");
+        assert!(HttpAnswer::parse(b"").is_err());
+        assert!(HttpAnswer::parse(b"HTTP/1.1 OK\r\n\r\n").is_err());
+    }
+
     #[test]
     fn sums_matching_samples() {
         let text = "# HELP x\nistio_tcp_connections_opened_total{reporter=\"source\",a=\"1\"} 2\nistio_tcp_connections_opened_total{reporter=\"destination\",a=\"1\"} 3\nistio_tcp_connections_opened_totalx{reporter=\"source\"} 9\n";

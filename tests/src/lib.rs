@@ -25,6 +25,7 @@ mod cgroup;
 mod cleanup;
 pub mod cluster;
 mod command;
+pub mod http_echo;
 mod naming;
 mod netns;
 mod packet;

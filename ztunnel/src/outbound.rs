@@ -35,11 +35,16 @@ pub async fn serve(listener: TcpListener, pod: Arc<Pod>, drain: drain::Watch) {
 /// Where a captured connection goes, decided before any byte moves.
 #[derive(Debug)]
 struct Route {
-    /// The address to connect to (endpoint IP and target port).
+    /// The address to connect to (endpoint IP and target port); over HBONE, the CONNECT
+    /// authority (the original destination when going through a waypoint).
     target: SocketAddr,
+    /// The workload at the far end of the tunnel or connection: the waypoint pod when going
+    /// through one (its identity is the one to expect).
     endpoint: Option<Arc<Workload>>,
     service: Option<Arc<Service>>,
     hbone: bool,
+    /// Where the HBONE connection goes when not to `target`'s own 15008: the waypoint pod's.
+    waypoint: Option<SocketAddr>,
 }
 
 fn route(dst: SocketAddr, resolved: Destination) -> Result<Route, String> {
@@ -49,6 +54,7 @@ fn route(dst: SocketAddr, resolved: Destination) -> Result<Route, String> {
             hbone: workload.tunnel_protocol == TunnelProtocol::Hbone,
             endpoint: Some(workload),
             service: None,
+            waypoint: None,
         },
         Destination::Service {
             service,
@@ -67,6 +73,7 @@ fn route(dst: SocketAddr, resolved: Destination) -> Result<Route, String> {
                 hbone: endpoint.tunnel_protocol == TunnelProtocol::Hbone,
                 endpoint: Some(endpoint),
                 service: Some(service),
+                waypoint: None,
             }
         }
         Destination::NoHealthyEndpoint { service } => {
@@ -77,7 +84,26 @@ fn route(dst: SocketAddr, resolved: Destination) -> Result<Route, String> {
             endpoint: None,
             service: None,
             hbone: false,
+            waypoint: None,
         },
+        // The waypoint is always reached over HBONE, whatever its pod's own tunnel protocol
+        // (waypoint pods are not captured), and is told the destination as the client saw it.
+        Destination::Waypoint {
+            waypoint,
+            address,
+            service,
+        } => Route {
+            target: dst,
+            endpoint: Some(waypoint),
+            service,
+            hbone: true,
+            waypoint: Some(address),
+        },
+        Destination::WaypointUnavailable { gateway, reason } => {
+            return Err(format!(
+                "{dst} is bound to waypoint {gateway}, which cannot take the connection: {reason}; refused (traffic never bypasses its waypoint)"
+            ));
+        }
     })
 }
 
@@ -99,7 +125,10 @@ async fn handle(pod: &Pod, tcp: TcpStream, peer: SocketAddr) -> Result<(), Strin
         tcp.local_addr().ok(),
         source.as_ref().map_or(&[][..], |w| &w.addresses),
     )?;
-    let route = route(dst, pod.node.state.borrow().resolve(dst))?;
+    let route = route(
+        dst,
+        pod.node.state.borrow().resolve_from(source.as_deref(), dst),
+    )?;
     // eBPF capture rewrites the destination before the source is chosen, so the app's side of
     // the connection is loopback: the client is really the pod's own address.
     let peer = match &source {
@@ -147,6 +176,7 @@ async fn handle(pod: &Pod, tcp: TcpStream, peer: SocketAddr) -> Result<(), Strin
         dst = %dst,
         target = %route.target,
         hbone = route.hbone,
+        waypoint = route.waypoint.map(|w| w.to_string()),
         src_identity = %pod.identity,
         sent = t.tcp_to_peer,
         received = t.peer_to_tcp,
@@ -171,12 +201,15 @@ async fn open_hbone(
         .await
         .map_err(|e| e.to_string())?;
     let mut expected: Vec<Identity> = vec![endpoint.identity()];
-    if let Some(svc) = &route.service {
+    // The service's SANs name its endpoints, not its waypoint.
+    if let Some(svc) = route.service.as_ref().filter(|_| route.waypoint.is_none()) {
         expected.extend(svc.subject_alt_names.iter().filter_map(|s| s.parse().ok()));
     }
     expected.sort();
     expected.dedup();
-    let hbone_addr = SocketAddr::new(route.target.ip(), HBONE_PORT);
+    let hbone_addr = route
+        .waypoint
+        .unwrap_or_else(|| SocketAddr::new(route.target.ip(), HBONE_PORT));
     let key = Key {
         src_identity: pod.identity.clone(),
         dst_identities: expected.clone(),
@@ -299,6 +332,70 @@ mod tests {
         let r = route(dst, s.resolve(dst)).unwrap();
         assert!(!r.hbone);
         assert_eq!(r.target, dst);
+    }
+
+    /// `svc` bound to waypoint `ns/wp`, whose one pod is not in the mesh (as waypoint pods are).
+    fn waypoint_state(wp_pods: usize) -> State {
+        let base = state();
+        let svc =
+            Arc::unwrap_or_clone(base.service("ns/svc.ns.svc.cluster.local").unwrap().clone());
+        let svc = Service {
+            waypoint: Some(mesh::state::GatewayAddress::new(
+                mesh::state::GatewayDestination::Hostname {
+                    namespace: "ns".into(),
+                    hostname: "wp.ns.svc.cluster.local".into(),
+                },
+            )),
+            ..svc
+        };
+        let wp_svc = Service {
+            name: "wp".into(),
+            namespace: "ns".into(),
+            hostname: "wp.ns.svc.cluster.local".into(),
+            addresses: vec!["10.96.0.9".parse().unwrap()],
+            ..Default::default()
+        };
+        let mut workloads = vec![workload("a", "10.0.0.1", true)];
+        for i in 0..wp_pods {
+            let mut w = workload(&format!("wp-{i}"), &format!("10.0.9.{}", i + 1), false);
+            w.services = [(
+                "ns/wp.ns.svc.cluster.local".to_string(),
+                [(15008, 15008)].into(),
+            )]
+            .into();
+            w.service_account = "wp".into();
+            workloads.push(w);
+        }
+        State::new(workloads, vec![svc, wp_svc], vec![]).unwrap()
+    }
+
+    #[test]
+    fn service_with_waypoint_tunnels_to_the_waypoint_with_the_vip_as_authority() {
+        let s = waypoint_state(1);
+        let dst: SocketAddr = "10.96.0.1:80".parse().unwrap();
+        let r = route(dst, s.resolve_from(None, dst)).unwrap();
+        assert!(r.hbone, "a waypoint is always reached over HBONE");
+        assert_eq!(r.target, dst, "authority is the VIP, not an endpoint");
+        assert_eq!(r.waypoint, Some("10.0.9.1:15008".parse().unwrap()));
+        let wp = r.endpoint.unwrap();
+        assert_eq!(
+            wp.identity().to_string(),
+            "spiffe://cluster.local/ns/ns/sa/wp"
+        );
+        assert_eq!(r.service.unwrap().name, "svc");
+    }
+
+    #[test]
+    fn service_with_waypoint_but_no_waypoint_pod_is_refused() {
+        let s = waypoint_state(0);
+        let dst: SocketAddr = "10.96.0.1:80".parse().unwrap();
+        let err = route(dst, s.resolve_from(None, dst)).unwrap_err();
+        assert!(
+            err.contains("waypoint ns/wp.ns.svc.cluster.local:15008")
+                && err.contains("no healthy endpoint")
+                && err.contains("refused"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -211,7 +211,7 @@ pub struct Service {
 impl Service {
     /// The xDS resource name, which is also what workloads use to refer to the service.
     pub fn key(&self) -> String {
-        format!("{}/{}", self.namespace, self.hostname)
+        service_key(&self.namespace, &self.hostname)
     }
 
     pub fn port(&self, service_port: u16) -> Option<&ServicePort> {
@@ -442,6 +442,54 @@ pub enum Destination {
     },
     /// Not a mesh address: send it where it was going.
     Passthrough,
+    /// The destination (the service dialled by VIP, or the pod dialled by IP) is bound to a
+    /// waypoint: tunnel to one of the waypoint's pods, with the original destination as the
+    /// CONNECT authority. Only [`State::resolve_from`] answers this.
+    Waypoint {
+        /// The waypoint pod chosen (round robin over the healthy ones); the server identity to
+        /// expect is its own.
+        waypoint: Arc<Workload>,
+        /// Where to open HBONE: the waypoint pod's address (in the destination's address family
+        /// when it has one) and the gateway's `hbone_mtls_port`.
+        address: SocketAddr,
+        /// The service dialled, when the client dialled a VIP.
+        service: Option<Arc<Service>>,
+    },
+    /// The destination is bound to a waypoint that cannot take the connection: refuse it.
+    /// Going around the waypoint would skip the policies it enforces, so there is no fallback.
+    WaypointUnavailable {
+        gateway: GatewayAddress,
+        reason: WaypointError,
+    },
+}
+
+/// Why a waypoint cannot take a connection.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WaypointError {
+    #[error("its service {0:?} is unknown")]
+    UnknownService(String),
+    #[error("its service {0:?} has no healthy endpoint")]
+    NoHealthyEndpoint(String),
+    #[error("its address {0} is neither a workload nor a service")]
+    UnknownAddress(IpAddr),
+    #[error("its workload {0} has no address")]
+    NoAddress(String),
+}
+
+impl fmt::Display for GatewayAddress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.destination {
+            GatewayDestination::Address(ip) => {
+                write!(f, "{}", SocketAddr::new(*ip, self.hbone_mtls_port))
+            }
+            GatewayDestination::Hostname {
+                namespace,
+                hostname,
+            } => {
+                write!(f, "{namespace}/{hostname}:{}", self.hbone_mtls_port)
+            }
+        }
+    }
 }
 
 /// One immutable snapshot of the mesh. Build it once, share it as `Arc<State>`, and build a
@@ -630,6 +678,8 @@ impl State {
             .unwrap_or_default()
     }
 
+    /// Where a connection to `dst` leads, ignoring waypoints: the workload with that address,
+    /// a healthy endpoint of the service with that VIP (round robin), or outside the mesh.
     pub fn resolve(&self, dst: SocketAddr) -> Destination {
         let ip = dst.ip();
         let port = dst.port();
@@ -643,22 +693,7 @@ impl State {
             return Destination::Passthrough;
         };
         let key = service.key();
-        let healthy = || {
-            self.endpoints
-                .get(&key)
-                .into_iter()
-                .flatten()
-                .filter(|w| w.status == HealthStatus::Healthy)
-        };
-        // Counting, then taking the nth, avoids allocating a candidate list per connection.
-        let count = healthy().count();
-        if count == 0 {
-            return Destination::NoHealthyEndpoint {
-                service: service.clone(),
-            };
-        }
-        let n = self.next_endpoint.fetch_add(1, Ordering::Relaxed) % count;
-        let Some(endpoint) = healthy().nth(n) else {
+        let Some(endpoint) = self.pick_healthy(&key) else {
             return Destination::NoHealthyEndpoint {
                 service: service.clone(),
             };
@@ -680,6 +715,117 @@ impl State {
             endpoint: endpoint.clone(),
             target_port,
         }
+    }
+
+    /// Where a node proxy sends a connection from `source` (the client pod's workload, when
+    /// known) to `dst`: like [`State::resolve`], except that a destination bound to a waypoint
+    /// (a service dialled by VIP whose `waypoint` is set, or a pod dialled by IP whose workload
+    /// has one) resolves to that waypoint. A waypoint's own traffic is never sent back to it.
+    pub fn resolve_from(&self, source: Option<&Workload>, dst: SocketAddr) -> Destination {
+        let ip = dst.ip();
+        let (gateway, service) = if let Some(w) = self.workload_by_ip(ip) {
+            (w.waypoint.as_ref(), None)
+        } else if let Some(s) = self.service_by_vip(ip) {
+            (s.waypoint.as_ref(), Some(s))
+        } else {
+            (None, None)
+        };
+        let Some(gateway) = gateway else {
+            return self.resolve(dst);
+        };
+        if source.is_some_and(|s| self.is_waypoint(s, gateway)) {
+            return self.resolve(dst);
+        }
+        match self.waypoint_pod(gateway) {
+            Ok(waypoint) => {
+                let Some(pod_ip) = pick_address(&waypoint.addresses, dst) else {
+                    return Destination::WaypointUnavailable {
+                        gateway: gateway.clone(),
+                        reason: WaypointError::NoAddress(waypoint.describe()),
+                    };
+                };
+                Destination::Waypoint {
+                    address: SocketAddr::new(pod_ip, gateway.hbone_mtls_port),
+                    waypoint,
+                    service: service.cloned(),
+                }
+            }
+            Err(reason) => Destination::WaypointUnavailable {
+                gateway: gateway.clone(),
+                reason,
+            },
+        }
+    }
+
+    /// Whether `workload` is (a pod of) the waypoint `gateway` names.
+    fn is_waypoint(&self, workload: &Workload, gateway: &GatewayAddress) -> bool {
+        match &gateway.destination {
+            GatewayDestination::Hostname {
+                namespace,
+                hostname,
+            } => workload
+                .services
+                .contains_key(&service_key(namespace, hostname)),
+            GatewayDestination::Address(ip) => {
+                let ip = ip.to_canonical();
+                workload.addresses.iter().any(|a| a.to_canonical() == ip)
+                    || self
+                        .service_by_vip(ip)
+                        .is_some_and(|s| workload.services.contains_key(&s.key()))
+            }
+        }
+    }
+
+    /// One healthy pod of the waypoint `gateway` names: an endpoint of its service (by
+    /// hostname, or by VIP for an address), or the workload with that address.
+    fn waypoint_pod(&self, gateway: &GatewayAddress) -> Result<Arc<Workload>, WaypointError> {
+        let key = match &gateway.destination {
+            GatewayDestination::Hostname {
+                namespace,
+                hostname,
+            } => {
+                let key = service_key(namespace, hostname);
+                if !self.services.contains_key(&key) {
+                    return Err(WaypointError::UnknownService(key));
+                }
+                key
+            }
+            GatewayDestination::Address(ip) => {
+                if let Some(w) = self.workload_by_ip(*ip) {
+                    return match w.status {
+                        HealthStatus::Healthy => Ok(w.clone()),
+                        HealthStatus::Unhealthy => {
+                            Err(WaypointError::NoHealthyEndpoint(w.describe()))
+                        }
+                    };
+                }
+                match self.service_by_vip(*ip) {
+                    Some(s) => s.key(),
+                    None => return Err(WaypointError::UnknownAddress(*ip)),
+                }
+            }
+        };
+        self.pick_healthy(&key)
+            .cloned()
+            .ok_or(WaypointError::NoHealthyEndpoint(key))
+    }
+
+    /// The next healthy endpoint of the service `key`, round robin.
+    fn pick_healthy(&self, key: &str) -> Option<&Arc<Workload>> {
+        let healthy = || {
+            self.endpoints
+                .get(key)
+                .into_iter()
+                .flatten()
+                .filter(|w| w.status == HealthStatus::Healthy)
+        };
+        // Counting, then taking the nth, avoids allocating a candidate list per connection.
+        let count = healthy().count();
+        if count == 0 {
+            return None;
+        }
+        let n = self.next_endpoint.fetch_add(1, Ordering::Relaxed) % count;
+        healthy().nth(n)
     }
 
     /// The policies that apply to traffic for `workload`, each once: mesh-wide (GLOBAL) ones,
@@ -709,6 +855,20 @@ impl State {
         });
         global.chain(namespace).chain(named).map(|p| p.as_ref())
     }
+}
+
+/// A service's key from its namespace and hostname (see [`Service::key`]).
+fn service_key(namespace: &str, hostname: &str) -> String {
+    format!("{namespace}/{hostname}")
+}
+
+/// The address of `addresses` to reach `dst`'s family with, else the first one.
+fn pick_address(addresses: &[IpAddr], dst: SocketAddr) -> Option<IpAddr> {
+    addresses
+        .iter()
+        .find(|a| a.is_ipv4() == dst.is_ipv4())
+        .or(addresses.first())
+        .copied()
 }
 
 /// The `/config_dump` shape.
@@ -1061,6 +1221,241 @@ mod tests {
         let state = State::new(vec![sick], vec![svc], vec![]).unwrap();
         match state.resolve(sa("10.96.0.1:80")) {
             Destination::NoHealthyEndpoint { service } => assert_eq!(service.name, "s"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// `default/waypoint` with pods wp-a, wp-b (healthy) and wp-c (unhealthy); `reviews` bound
+    /// to it; pod `bound` bound to it as a workload; `client` a plain mesh pod.
+    fn waypoint_state() -> State {
+        let wp_svc = service("default", "waypoint", "10.96.0.99", &[(15008, 15008)]);
+        let mut reviews = service("default", "reviews", "10.96.0.1", &[(9080, 9080)]);
+        reviews.addresses.push(ip("fd00::96:1"));
+        let gateway = GatewayAddress::new(GatewayDestination::Hostname {
+            namespace: "default".into(),
+            hostname: "waypoint.default.svc.cluster.local".into(),
+        });
+        reviews.waypoint = Some(gateway.clone());
+        let mut wp_a = endpoint_of(
+            workload("default", "wp-a", "10.0.1.1"),
+            &wp_svc,
+            &[(15008, 15008)],
+        );
+        wp_a.addresses.push(ip("fd00::1:1"));
+        let wp_b = endpoint_of(
+            workload("default", "wp-b", "10.0.1.2"),
+            &wp_svc,
+            &[(15008, 15008)],
+        );
+        let mut wp_c = endpoint_of(
+            workload("default", "wp-c", "10.0.1.3"),
+            &wp_svc,
+            &[(15008, 15008)],
+        );
+        wp_c.status = HealthStatus::Unhealthy;
+        let r1 = endpoint_of(
+            workload("default", "r1", "10.0.0.1"),
+            &reviews,
+            &[(9080, 9080)],
+        );
+        let mut bound = workload("default", "bound", "10.0.0.2");
+        bound.waypoint = Some(GatewayAddress {
+            hbone_mtls_port: 15009,
+            ..gateway
+        });
+        let client = workload("default", "client", "10.0.0.3");
+        State::new(
+            vec![wp_a, wp_b, wp_c, r1, bound, client],
+            vec![wp_svc, reviews],
+            vec![],
+        )
+        .unwrap()
+    }
+
+    fn waypoint_of(d: Destination) -> (String, SocketAddr, Option<String>) {
+        match d {
+            Destination::Waypoint {
+                waypoint,
+                address,
+                service,
+            } => (
+                waypoint.name.clone(),
+                address,
+                service.map(|s| s.name.clone()),
+            ),
+            other => panic!("expected a waypoint, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn service_with_waypoint_resolves_to_its_healthy_pods_round_robin() {
+        let state = waypoint_state();
+        let client = state.workload_by_ip(ip("10.0.0.3")).cloned();
+        let mut seen = Vec::new();
+        for _ in 0..4 {
+            let (name, address, service) =
+                waypoint_of(state.resolve_from(client.as_deref(), sa("10.96.0.1:9080")));
+            assert_eq!(service.as_deref(), Some("reviews"));
+            assert_eq!(address.port(), 15008);
+            let pod = state.workload_by_ip(address.ip()).unwrap();
+            assert_eq!(pod.name, name, "address is the chosen pod's");
+            seen.push(name);
+        }
+        assert!(!seen.contains(&"wp-c".to_string()), "{seen:?}");
+        assert_ne!(seen[0], seen[1]);
+        assert_eq!(seen[0], seen[2]);
+        // A client that is not a known workload is steered too.
+        waypoint_of(state.resolve_from(None, sa("10.96.0.1:9080")));
+        // `resolve` itself ignores waypoints.
+        assert!(matches!(
+            state.resolve(sa("10.96.0.1:9080")),
+            Destination::Service { .. }
+        ));
+    }
+
+    #[test]
+    fn waypoint_address_follows_the_destination_family() {
+        let state = waypoint_state();
+        for _ in 0..2 {
+            let (name, address, _) = waypoint_of(state.resolve_from(None, sa("[fd00::96:1]:9080")));
+            let want = if name == "wp-a" {
+                "fd00::1:1"
+            } else {
+                "10.0.1.2"
+            };
+            assert_eq!(address.ip(), ip(want), "{name}");
+        }
+    }
+
+    #[test]
+    fn pod_with_workload_waypoint_resolves_to_the_waypoint_port_it_names() {
+        let state = waypoint_state();
+        let (_, address, service) = waypoint_of(state.resolve_from(None, sa("10.0.0.2:8080")));
+        assert_eq!(address.port(), 15009);
+        assert_eq!(service, None);
+        // Pods without a waypoint, and addresses outside the mesh, are not steered.
+        assert!(matches!(
+            state.resolve_from(None, sa("10.0.0.1:9080")),
+            Destination::Workload { .. }
+        ));
+        assert_eq!(
+            state.resolve_from(None, sa("192.0.2.1:80")),
+            Destination::Passthrough
+        );
+    }
+
+    #[test]
+    fn the_waypoint_itself_goes_direct() {
+        let state = waypoint_state();
+        let wp = state.workload_by_ip(ip("10.0.1.2")).cloned();
+        match state.resolve_from(wp.as_deref(), sa("10.96.0.1:9080")) {
+            Destination::Service { endpoint, .. } => assert_eq!(endpoint.name, "r1"),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            state.resolve_from(wp.as_deref(), sa("10.0.0.2:8080")),
+            Destination::Workload { .. }
+        ));
+    }
+
+    #[test]
+    fn waypoint_by_address() {
+        let wp_svc = service("default", "waypoint", "10.96.0.99", &[(15008, 15008)]);
+        let wp = endpoint_of(
+            workload("default", "wp", "10.0.1.1"),
+            &wp_svc,
+            &[(15008, 15008)],
+        );
+        let mut by_pod = service("default", "by-pod", "10.96.0.1", &[(80, 80)]);
+        by_pod.waypoint = Some(GatewayAddress::new(GatewayDestination::Address(ip(
+            "10.0.1.1",
+        ))));
+        let mut by_vip = service("default", "by-vip", "10.96.0.2", &[(80, 80)]);
+        by_vip.waypoint = Some(GatewayAddress::new(GatewayDestination::Address(ip(
+            "10.96.0.99",
+        ))));
+        let mut unknown = service("default", "unknown", "10.96.0.3", &[(80, 80)]);
+        unknown.waypoint = Some(GatewayAddress::new(GatewayDestination::Address(ip(
+            "192.0.2.9",
+        ))));
+        let state = State::new(
+            vec![wp.clone()],
+            vec![wp_svc, by_pod, by_vip, unknown],
+            vec![],
+        )
+        .unwrap();
+        for vip in ["10.96.0.1:80", "10.96.0.2:80"] {
+            let (name, address, _) = waypoint_of(state.resolve_from(None, sa(vip)));
+            assert_eq!(
+                (name.as_str(), address),
+                ("wp", sa("10.0.1.1:15008")),
+                "{vip}"
+            );
+        }
+        match state.resolve_from(None, sa("10.96.0.3:80")) {
+            Destination::WaypointUnavailable { reason, .. } => {
+                assert_eq!(reason, WaypointError::UnknownAddress(ip("192.0.2.9")))
+            }
+            other => panic!("{other:?}"),
+        }
+        // The waypoint pod, identified by its address or its service's VIP, goes direct.
+        assert!(matches!(
+            state.resolve_from(Some(&wp), sa("10.96.0.1:80")),
+            Destination::NoHealthyEndpoint { .. }
+        ));
+        assert!(matches!(
+            state.resolve_from(Some(&wp), sa("10.96.0.2:80")),
+            Destination::NoHealthyEndpoint { .. }
+        ));
+    }
+
+    #[test]
+    fn waypoint_without_healthy_pod_refuses_instead_of_bypassing() {
+        let mut reviews = service("default", "reviews", "10.96.0.1", &[(9080, 9080)]);
+        let r1 = endpoint_of(
+            workload("default", "r1", "10.0.0.1"),
+            &reviews,
+            &[(9080, 9080)],
+        );
+        let wp_svc = service("default", "waypoint", "10.96.0.99", &[(15008, 15008)]);
+        let mut sick = endpoint_of(
+            workload("default", "wp", "10.0.1.1"),
+            &wp_svc,
+            &[(15008, 15008)],
+        );
+        sick.status = HealthStatus::Unhealthy;
+        reviews.waypoint = Some(GatewayAddress::new(GatewayDestination::Hostname {
+            namespace: "default".into(),
+            hostname: "waypoint.default.svc.cluster.local".into(),
+        }));
+        let state = State::new(
+            vec![r1.clone(), sick],
+            vec![reviews.clone(), wp_svc],
+            vec![],
+        )
+        .unwrap();
+        match state.resolve_from(None, sa("10.96.0.1:9080")) {
+            Destination::WaypointUnavailable { gateway, reason } => {
+                assert_eq!(
+                    reason,
+                    WaypointError::NoHealthyEndpoint(
+                        "default/waypoint.default.svc.cluster.local".into()
+                    )
+                );
+                assert_eq!(
+                    format!("{gateway}: {reason}"),
+                    "default/waypoint.default.svc.cluster.local:15008: its service \"default/waypoint.default.svc.cluster.local\" has no healthy endpoint"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        // Waypoint service unknown altogether.
+        let state = State::new(vec![r1], vec![reviews], vec![]).unwrap();
+        match state.resolve_from(None, sa("10.96.0.1:9080")) {
+            Destination::WaypointUnavailable { reason, .. } => assert_eq!(
+                reason,
+                WaypointError::UnknownService("default/waypoint.default.svc.cluster.local".into())
+            ),
             other => panic!("{other:?}"),
         }
     }
