@@ -533,7 +533,7 @@ fn build_config(net: &Net) -> Config {
             ports: vec![ServicePort {
                 service_port: 80,
                 target_port: 8080,
-                app_protocol: String::new(),
+                app_protocol: Default::default(),
             }],
             ..Default::default()
         }],

@@ -134,7 +134,16 @@ impl AggregatedDiscoveryService for AdsService {
         let registry = self.registry.clone();
         let published = self.published.clone();
         tokio::spawn(async move {
-            let reason = serve(id, connection, caller, inbound, tx, published, registry.clone()).await;
+            let reason = serve(
+                id,
+                connection,
+                caller,
+                inbound,
+                tx,
+                published,
+                registry.clone(),
+            )
+            .await;
             info!(id, "proxy disconnected: {reason}");
             if let Ok(mut c) = registry.connections.lock() {
                 c.remove(&id);
