@@ -387,6 +387,18 @@ fn web_pod(name: &str, version: &str) -> PodDef {
 /// `web-tcp` subsets v1/v2; `web-tcp` has a weighted TCP route, `web-none` a VirtualService
 /// whose only rule matches nothing sent to it. The `web` VirtualService is the test's file.
 fn real_spec() -> ClusterSpec {
+    real_spec_with(true)
+}
+
+/// `web`'s DestinationRule (subsets v1 and v2), with `v2_labels` as subset v2's labels.
+fn web_dr(v2_labels: &str) -> String {
+    format!(
+        "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: web, namespace: demo}}\nspec: {{host: web, subsets: [{{name: v1, labels: {{version: v1}}}}, {{name: v2, labels: {v2_labels}}}]}}\n"
+    )
+}
+
+/// [`real_spec`], with `web`'s DestinationRule left for the test to write when not `web_dr`.
+fn real_spec_with(with_web_dr: bool) -> ClusterSpec {
     let mut blue = PodDef::new("client-blue", "client", 0, true);
     blue.labels.insert("team".into(), "blue".into());
     let dr = |host: &str| {
@@ -432,7 +444,11 @@ spec:
             web_service("web-none", WEB_NONE_VIP, "http", HTTP_PORT),
         ],
         pilot_yaml: waypoint_gateway_yaml("waypoint", "demo", "service")
-            + &dr("web")
+            + &if with_web_dr {
+                dr("web")
+            } else {
+                String::new()
+            }
             + &dr("web-tcp")
             + routing,
         start_waypoints: true,
@@ -799,4 +815,131 @@ async fn http_grpc_upgrade_and_tcp_through_the_real_waypoint() {
         1.0,
         "{metrics}"
     );
+}
+
+/// Poll pilot's `/debug/snapshot` until a problem contains `needle`; that problem.
+async fn until_problem(c: &Cluster, needle: &str) -> String {
+    let start = std::time::Instant::now();
+    let mut last = serde_json::Value::Null;
+    while start.elapsed() < Duration::from_secs(20) {
+        if let Ok((200, body)) = c.http_get(0, 15014, "/debug/snapshot").await
+            && let Ok(v) = serde_json::from_str::<serde_json::Value>(&body)
+        {
+            if let Some(p) = v["problems"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|p| p.as_str())
+                .find(|p| p.contains(needle))
+            {
+                return p.to_string();
+            }
+            last = v["problems"].clone();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("no problem with {needle:?} on pilot's /debug/snapshot: {last}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn route_changes_and_bad_config_at_the_real_waypoint() {
+    if !testbed::can_run() {
+        return;
+    }
+    let c = Cluster::start(real_spec_with(false)).await.unwrap();
+    c.write_pilot_file("dr-web.yaml", &web_dr("{version: v2}"))
+        .unwrap();
+    c.write_pilot_file("vs-web.yaml", WEB_VS).unwrap();
+    until_status(&c, "/unavailable", 503).await;
+
+    // 5. A route change while a long request is in flight: the request completes on its
+    // route; new requests follow the new one.
+    let long = async {
+        let (a, j) = get_web(&c, "client", "/slow?delay_ms=3000", &[]).await;
+        (a.status, j["pod"].clone())
+    };
+    let change = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        c.write_pilot_file("vs-web.yaml", &web_vs_all_to("v2"))
+            .unwrap();
+        until_routed(&c, "client", "/", &[], "web-v2").await
+    };
+    let ((status, pod), took) = tokio::join!(long, change);
+    println!("route change: the first request on the new route {took:?} after writing the file");
+    assert_eq!((status, pod.as_str()), (200, Some("web-v1")));
+    for _ in 0..4 {
+        let (_, j) = get_web(&c, "client", "/", &[]).await;
+        assert_eq!(j["pod"], "web-v2", "{j}");
+    }
+
+    // 7. Invalid edits: each is reported naming file, object and field, and the last good
+    // routes (everything to v2) stay.
+    let still_routed = || async {
+        for headers in [&[][..], &[("end-user", "jason")][..]] {
+            let (a, j) = get_web(&c, "client", "/", headers).await;
+            assert_eq!((a.status, j["pod"].as_str()), (200, Some("web-v2")), "{j}");
+        }
+    };
+    let route = |r: &str| {
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: web, namespace: demo}}\nspec: {{hosts: [web], http: [{r}]}}\n"
+        )
+    };
+    let bad_edits = [
+        (
+            route(
+                "{match: [{uri: {regex: \"(\"}}], route: [{destination: {host: web, subset: v1}}]}",
+            ),
+            "field \"spec.http[0].match[0].uri.regex\": invalid regex",
+        ),
+        (
+            route("{route: [{destination: {host: web, subset: v9}}]}"),
+            "field \"spec.http[0].route[0].destination.subset\": subset \"v9\"",
+        ),
+        (
+            route(
+                "{route: [{destination: {host: web, subset: v1}, weight: -5}, {destination: {host: web, subset: v2}, weight: 105}]}",
+            ),
+            "field \"spec.http[0].route[0].weight\": -5 is not between 0 and 100",
+        ),
+        (
+            route("{match: {uri: {prefix: /}}, route: [{destination: {host: web, subset: v1}}]}"),
+            "field \"spec.http[0].match\"",
+        ),
+    ];
+    for (yaml, field) in bad_edits {
+        c.write_pilot_file("vs-web.yaml", &yaml).unwrap();
+        let p = until_problem(&c, field).await;
+        println!("{p}");
+        assert!(
+            p.starts_with("vs-web.yaml: VirtualService demo/web: ")
+                && p.ends_with("; the last good version stays"),
+            "{p}"
+        );
+        // Give a (wrong) push time to arrive before checking none came.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        still_routed().await;
+    }
+    // A bad DestinationRule edit keeps its last good subsets too.
+    c.write_pilot_file("dr-web.yaml", &web_dr("[version, v2]"))
+        .unwrap();
+    let p = until_problem(&c, "DestinationRule demo/web").await;
+    println!("{p}");
+    assert!(
+        p.starts_with("dr-web.yaml: DestinationRule demo/web: field \"spec.subsets[1].labels\"")
+            && p.ends_with("; the last good version stays"),
+        "{p}"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    still_routed().await;
+
+    // Fixed: the new routes apply, and the problems are gone.
+    c.write_pilot_file("dr-web.yaml", &web_dr("{version: v2}"))
+        .unwrap();
+    c.write_pilot_file("vs-web.yaml", &web_vs_all_to("v1"))
+        .unwrap();
+    until_routed(&c, "client", "/", &[], "web-v1").await;
+    let (_, body) = c.http_get(0, 15014, "/debug/snapshot").await.unwrap();
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["problems"], serde_json::json!([]), "{}", v["problems"]);
 }
