@@ -32,6 +32,8 @@ pub struct Node {
     pub state: watch::Receiver<Arc<State>>,
     pub certs: CertCache,
     pub pool: Pool,
+    /// Handshake slots of every pod's 15008, node-wide (`mesh::hbone::admission`).
+    pub hbone_admission: mesh::hbone::admission::Admitter,
     pub metrics: Arc<Metrics>,
     /// The DNS proxy opened in every enrolled pod; `None` with `--dns-capture off`.
     pub dns: Option<Arc<DnsProxy>>,
@@ -141,6 +143,7 @@ impl Node {
             state,
             certs,
             pool: Pool::new(),
+            hbone_admission: Default::default(),
             metrics: Arc::new(Metrics::default()),
             dns,
             cgroup_root,
