@@ -150,8 +150,9 @@ async fn plaintext(pod: &Pod, tcp: TcpStream, peer: SocketAddr) -> Result<(), St
     };
     // Dropping the socket without a byte is how a plaintext client learns it was denied.
     authorize(pod, &workload, &conn).map_err(|r| r.reason)?;
+    let _live = pod.plaintext_clients.enter(peer);
     let app = pod
-        .connect_app(peer.ip(), target)
+        .connect_app_plaintext(peer.ip(), target)
         .await
         .map_err(|e| format!("connecting to the application at {target}: {e}"))?;
     let source_workload = pod.node.state.borrow().workload_by_ip(peer.ip()).cloned();
