@@ -160,6 +160,61 @@ fn h2_io(e: h2::Error) -> io::Error {
 mod tests {
     use super::*;
 
+    /// The peer answers, ends its stream and resets ours (as an HTTP proxy does after a
+    /// `Connection: close` answer) before the client's FIN: the copy still ends well, with
+    /// the answer delivered, instead of failing on the FIN it can no longer send.
+    #[tokio::test]
+    async fn a_peer_that_answers_and_resets_first_still_delivers() {
+        let (client_io, server_io) = tokio::io::duplex(64 * 1024);
+        let server = tokio::spawn(async move {
+            let mut conn = h2::server::handshake(server_io).await.unwrap();
+            let (req, mut respond) = conn.accept().await.unwrap().unwrap();
+            let driver = tokio::spawn(async move { while conn.accept().await.is_some() {} });
+            // The tunnel's 200 first, as HBONE's CONNECT answer.
+            let mut send = respond
+                .send_response(http::Response::new(()), false)
+                .unwrap();
+            let mut body = req.into_body();
+            let first = body.data().await.unwrap().unwrap();
+            assert_eq!(&first[..], b"request");
+            send.send_data(Bytes::from_static(b"answer"), true).unwrap();
+            // Dropping the unfinished request body resets the stream (CANCEL).
+            drop(body);
+            driver
+        });
+        let (mut h2_client, conn) = h2::client::handshake(client_io).await.unwrap();
+        tokio::spawn(conn);
+        let (rsp, send) = h2_client
+            .send_request(http::Request::new(()), false)
+            .unwrap();
+
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut app = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (tcp, _) = listener.accept().await.unwrap();
+        app.write_all(b"request").await.unwrap();
+        let copy = tokio::spawn(async move {
+            let recv = rsp.await.unwrap().into_body();
+            tcp_h2(tcp, H2Stream::new(send, recv)).await
+        });
+        let mut answer = Vec::new();
+        // The whole answer, then the end of it, before the app half-closes.
+        let mut buf = [0u8; 64];
+        while answer.len() < 6 {
+            let n = app.read(&mut buf).await.unwrap();
+            assert!(n > 0);
+            answer.extend_from_slice(&buf[..n]);
+        }
+        assert_eq!(answer, b"answer");
+        let _driver = server.await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        app.shutdown().await.unwrap();
+        assert_eq!(app.read(&mut buf).await.unwrap(), 0);
+        let done = copy.await.unwrap().unwrap();
+        assert_eq!((done.tcp_to_peer, done.peer_to_tcp), (7, 6));
+    }
+
     #[tokio::test]
     async fn buffer_grows_on_full_reads_only() {
         let data = vec![7u8; 2 * 1024 * 1024];
