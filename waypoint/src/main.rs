@@ -215,3 +215,19 @@ fn both_families(addr: SocketAddr) -> Vec<SocketAddr> {
         vec![addr]
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_ipv6_wildcard_listens_on_both_families() {
+        let any6: SocketAddr = "[::]:15008".parse().unwrap();
+        assert_eq!(
+            both_families(any6),
+            [any6, "0.0.0.0:15008".parse().unwrap()]
+        );
+        let pod: SocketAddr = "10.0.0.1:15021".parse().unwrap();
+        assert_eq!(both_families(pod), [pod]);
+    }
+}
