@@ -169,7 +169,8 @@ mod tests {
         let server = tokio::spawn(async move {
             let mut conn = h2::server::handshake(server_io).await.unwrap();
             let (req, mut respond) = conn.accept().await.unwrap().unwrap();
-            let driver = tokio::spawn(async move { while conn.accept().await.is_some() {} });
+            // Keeps the connection going (a detached task).
+            tokio::spawn(async move { while conn.accept().await.is_some() {} });
             // The tunnel's 200 first, as HBONE's CONNECT answer.
             let mut send = respond
                 .send_response(http::Response::new(()), false)
@@ -180,7 +181,6 @@ mod tests {
             send.send_data(Bytes::from_static(b"answer"), true).unwrap();
             // Dropping the unfinished request body resets the stream (CANCEL).
             drop(body);
-            driver
         });
         let (mut h2_client, conn) = h2::client::handshake(client_io).await.unwrap();
         tokio::spawn(conn);
@@ -207,7 +207,7 @@ mod tests {
             answer.extend_from_slice(&buf[..n]);
         }
         assert_eq!(answer, b"answer");
-        let _driver = server.await.unwrap();
+        server.await.unwrap();
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         app.shutdown().await.unwrap();
         assert_eq!(app.read(&mut buf).await.unwrap(), 0);
