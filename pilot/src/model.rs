@@ -301,6 +301,47 @@ spec: {host: reviews, subsets: [{name: v1, labels: {version: v1}}]}
     }
 
     #[test]
+    fn problems_name_the_object_they_keep() {
+        let key = |ns: &str, n: &str| (ns.to_string(), n.to_string());
+        assert_eq!(
+            object_key("VirtualService shop/r"),
+            Some(("VirtualService", key("shop", "r")))
+        );
+        assert_eq!(
+            object_key("Namespace shop"),
+            Some(("Namespace", key("", "shop")))
+        );
+        assert_eq!(object_key("document 3"), None);
+        assert_eq!(object_key("document 1 items[0]"), None);
+        assert_eq!(object_key("Pod shop"), None);
+
+        // A Service made invalid keeps its ports (a broken `metadata` names no object, so
+        // it cannot be kept: that problem names the document).
+        let svc = |ports: &str| {
+            parse_documents(
+                &format!(
+                    "apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: shop}}\nspec: {{clusterIP: 10.0.0.9, ports: {ports}}}\n"
+                ),
+                "svc.yaml",
+            )
+        };
+        let good = svc("[{port: 80}]");
+        let previous = Snapshot::build(good.objects, good.problems);
+        let bad = svc("oops");
+        let mut now = Snapshot::build(bad.objects, bad.problems);
+        assert!(now.services.is_empty(), "{:?}", now.problems);
+        now.keep_last_good(&previous);
+        assert_eq!(now.services[&key("shop", "web")].ports.len(), 1);
+        assert!(
+            now.problems[0]
+                .reason
+                .ends_with("; the last good version stays"),
+            "{:?}",
+            now.problems
+        );
+    }
+
+    #[test]
     fn duplicates_across_files_are_reported() {
         let a = parse_documents("apiVersion: v1\nkind: Pod\nmetadata: {name: p}\n", "a.yaml");
         let b = parse_documents("apiVersion: v1\nkind: Pod\nmetadata: {name: p}\n", "b.yaml");

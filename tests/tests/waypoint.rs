@@ -1,8 +1,10 @@
 //! End-to-end tests of ztunnel's side of waypoints, on the test bed with pilot: a client's
 //! connection to a service bound to a waypoint (or to a pod bound to one) is tunnelled to a
 //! waypoint pod's 15008 with the original destination as CONNECT authority, and refused when
-//! the waypoint has no healthy pod. The waypoint pod here runs a stand-in HBONE server built from
-//! `mesh::hbone::server` that records each CONNECT and relays it to the real endpoint.
+//! the waypoint has no healthy pod. The first tests' waypoint pod runs a stand-in HBONE server
+//! built from `mesh::hbone::server` that records each CONNECT and relays it to the real
+//! endpoint; the later ones run the real `waypoint` binary with pilot's routes (HTTP/1.1,
+//! HTTP/2, gRPC, upgrades, TCP, route changes, invalid edits, config dump, metrics).
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::atomic::Ordering;
