@@ -107,6 +107,10 @@ pub async fn tcp_h2(
     })
 }
 
+/// Ends without error when the peer stops taking data (it answered and closed or reset its
+/// stream, as an HTTP proxy does after a `Connection: close` answer): the client's late bytes or
+/// FIN have nowhere to go, and failing here would cut the other direction off before the
+/// peer's answer is delivered. A broken connection still shows in that other direction.
 async fn tcp_to_h2<R: AsyncRead + Unpin>(
     r: &mut R,
     mut send: SendStream<Bytes>,
@@ -120,18 +124,21 @@ async fn tcp_to_h2<R: AsyncRead + Unpin>(
         while !data.is_empty() {
             send.reserve_capacity(data.len());
             let granted = match poll_fn(|cx| send.poll_capacity(cx)).await {
-                Some(r) => r.map_err(h2_io)?,
-                None => return Err(io::Error::new(io::ErrorKind::BrokenPipe, "stream closed")),
+                Some(Ok(n)) => n,
+                Some(Err(_)) | None => return Ok(total),
             };
             if granted == 0 {
                 continue;
             }
             let chunk = data.split_to(granted.min(data.len()));
-            send.send_data(chunk, false).map_err(h2_io)?;
+            if send.send_data(chunk, false).is_err() {
+                return Ok(total);
+            }
         }
     }
-    // Half-close: the peer sees END_STREAM and may still answer.
-    send.send_data(Bytes::new(), true).map_err(h2_io)?;
+    // Half-close: the peer sees END_STREAM and may still answer. A peer that already ended
+    // its stream needs no FIN.
+    let _ = send.send_data(Bytes::new(), true);
     Ok(total)
 }
 
