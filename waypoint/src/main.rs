@@ -160,16 +160,27 @@ async fn run(args: Args) -> anyhow::Result<()> {
         Box::new(XdsHandler::new(config_tx, status.clone())),
     ));
 
-    let listener = host
-        .listen(args.listen)
-        .with_context(|| format!("listening on {}", args.listen))?;
-    tokio::spawn(waypoint::inbound::serve(
-        listener,
-        waypoint,
-        certs,
-        identity.clone(),
-        drain_watch.clone(),
-    ));
+    // IPv6 listeners are IPv6-only (mesh::socket): `[::]` means both families, so the IPv4
+    // wildcard gets its own listener.
+    let mut addrs = vec![args.listen];
+    if args.listen.ip() == std::net::IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED) {
+        addrs.push(SocketAddr::new(
+            std::net::Ipv4Addr::UNSPECIFIED.into(),
+            args.listen.port(),
+        ));
+    }
+    for addr in addrs {
+        let listener = host
+            .listen(addr)
+            .with_context(|| format!("listening on {addr}"))?;
+        tokio::spawn(waypoint::inbound::serve(
+            listener,
+            waypoint.clone(),
+            certs.clone(),
+            identity.clone(),
+            drain_watch.clone(),
+        ));
+    }
     drop(drain_watch);
     info!(%node_id, %identity, listen = %args.listen, "waypoint started");
 

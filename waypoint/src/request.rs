@@ -53,7 +53,10 @@ pub async fn serve(waypoint: Arc<Waypoint>, tunnel: Arc<Tunnel>, io: H2Io, drain
         let tunnel = tunnel.clone();
         async move { Ok::<_, Infallible>(handle(&waypoint, &tunnel, req).await) }
     });
-    let builder = auto::Builder::new(TokioExecutor::new());
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    // A client may half-close after its request (the end of the CONNECT stream's data): the
+    // response is still owed, as a plain HTTP/1.1 server would send it.
+    builder.http1().half_close(true);
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
     tokio::pin!(conn);
     tokio::select! {

@@ -10,6 +10,8 @@ const TOOLS: &[(&str, &str)] = &[
     ("ip", "iproute2"),
     ("nft", "nftables"),
     ("nsenter", "util-linux"),
+    // For `cargo xtask exec <pod> -- curl …` into the demo mesh.
+    ("curl", "curl"),
 ];
 
 /// Install missing system packages (needs root and apt).
@@ -66,19 +68,20 @@ fn python_package(module: &str, requirement: &str) -> anyhow::Result<()> {
     run(Command::new("python3").args(["-m", "pip", "install", "--quiet", requirement]))
 }
 
-/// Build ztunnel and return the binary's path.
-/// Build ztunnel and pilot (one cargo invocation); returns ztunnel's path, pilot's is beside it.
+/// Build ztunnel, pilot and the waypoint (one cargo invocation); returns ztunnel's path, the
+/// others are beside it.
 pub fn build_ztunnel(release: bool) -> anyhow::Result<PathBuf> {
     let mut cmd = cargo();
     cmd.args([
         "build", "--locked", "-p", "ztunnel", "--bin", "ztunnel", "-p", "pilot", "--bin", "pilot",
+        "-p", "waypoint", "--bin", "waypoint",
     ]);
     if release {
         cmd.arg("--release");
     }
     run(&mut cmd)?;
     let profile = if release { "release" } else { "debug" };
-    for name in ["ztunnel", "pilot"] {
+    for name in ["ztunnel", "pilot", "waypoint"] {
         let bin = target_dir().join(profile).join(name);
         if !bin.exists() {
             bail!("built {name} but {} does not exist", bin.display());
