@@ -536,9 +536,16 @@ async fn ratings_from_reviews(c: &Cluster) -> anyhow::Result<String> {
     let peer = json["peer"]
         .as_str()
         .and_then(|p| p.parse::<SocketAddr>().ok());
-    if status != 200 || answered != ratings || peer.map(|p| p.ip()) != Some(waypoint) {
+    let tag = json["headers"]["x-bookinfo-route"][0]
+        .as_str()
+        .unwrap_or_default();
+    if status != 200
+        || answered != ratings
+        || peer.map(|p| p.ip()) != Some(waypoint)
+        || tag != "ratings-via-waypoint"
+    {
         bail!(
-            "{reviews} -> ratings {vip}: {status} {json} (expected {ratings}, from the waypoint {waypoint})"
+            "{reviews} -> ratings {vip}: {status} {json} (expected {ratings}, from the waypoint {waypoint}, with the header x-bookinfo-route its VirtualService sets)"
         );
     }
     answers(c, reviews, ratings, TCP_PORT).await?;
@@ -557,7 +564,7 @@ async fn ratings_from_reviews(c: &Cluster) -> anyhow::Result<String> {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     Ok(format!(
-        "bookinfo/ratings-from-reviews (principals bookinfo-reviews and waypoint): {reviews} -> ratings.bookinfo {vip}: HTTP {status} from {ratings} via the waypoint (the app saw {WAYPOINT_POD} {waypoint} as its peer); {reviews} -> {dst} directly answered; {page} -> {dst} directly got HBONE 401 from node2's ztunnel and the app never saw it
+        "bookinfo/ratings-from-reviews (principals bookinfo-reviews and waypoint): {reviews} -> ratings.bookinfo {vip}: HTTP {status} from {ratings} via the waypoint (the app saw {WAYPOINT_POD} {waypoint} as its peer, and the header x-bookinfo-route: {tag} set by VirtualService bookinfo/ratings); {reviews} -> {dst} directly answered; {page} -> {dst} directly got HBONE 401 from node2's ztunnel and the app never saw it
 (the waypoint does not enforce AuthorizationPolicy yet: through the VIP, ratings' ztunnel checks the waypoint's identity)"
     ))
 }
