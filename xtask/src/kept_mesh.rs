@@ -292,6 +292,12 @@ pub fn down() -> anyhow::Result<String> {
         done.push(format!("stopped the demo (pid {})", state.pid));
     }
     done.push(testbed::clean_testbed(&state.prefix)?);
+    // A demo that died without its teardown leaves its directory (logs, pilot's folder).
+    if state.dir.exists() {
+        std::fs::remove_dir_all(&state.dir)
+            .with_context(|| format!("removing {}", state.dir.display()))?;
+        done.push(format!("removed {}", state.dir.display()));
+    }
     let _ = std::fs::remove_file(STATE_FILE);
     Ok(done.join("\n"))
 }
