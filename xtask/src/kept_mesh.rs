@@ -293,7 +293,11 @@ pub fn down() -> anyhow::Result<String> {
     }
     done.push(testbed::clean_testbed(&state.prefix)?);
     // A demo that died without its teardown leaves its directory (logs, pilot's folder).
-    if state.dir.exists() {
+    let own_dir = state
+        .dir
+        .file_name()
+        .is_some_and(|n| *n == *format!("{}-mesh", state.prefix));
+    if own_dir && state.dir.exists() {
         std::fs::remove_dir_all(&state.dir)
             .with_context(|| format!("removing {}", state.dir.display()))?;
         done.push(format!("removed {}", state.dir.display()));
