@@ -148,6 +148,7 @@ impl SocketFactory {
         src: IpAddr,
         dst: &SocketAddr,
         mark: u32,
+        port: u16,
     ) -> io::Result<TcpSocket> {
         if src.is_ipv4() != dst.is_ipv4() {
             return Err(io::Error::new(
@@ -176,11 +177,13 @@ impl SocketFactory {
             }
         }
         option("SO_BINDTODEVICE lo", socket.bind_device(Some(b"lo")))?;
-        // The port is picked at connect time, unique per 4-tuple rather than per address, so
-        // many connections from one client do not run out of ports.
-        bind_address_no_port(&socket)?;
+        // Port 0: picked at connect time, unique per 4-tuple rather than per address, so many
+        // connections from one client do not run out of ports. A given port binds now.
+        if port == 0 {
+            bind_address_no_port(&socket)?;
+        }
         socket
-            .bind(&SocketAddr::new(src, 0).into())
+            .bind(&SocketAddr::new(src, port).into())
             .map_err(|e| io::Error::new(e.kind(), format!("binding {src} (transparent): {e}")))?;
         Ok(TcpSocket::from_std_stream(socket.into()))
     }
@@ -193,7 +196,7 @@ impl SocketFactory {
         dst: SocketAddr,
         mark: u32,
     ) -> io::Result<TcpStream> {
-        let socket = self.transparent_socket(src, &dst, mark)?;
+        let socket = self.transparent_socket(src, &dst, mark, 0)?;
         connect_socket(socket, dst).await
     }
 }

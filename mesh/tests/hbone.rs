@@ -365,3 +365,68 @@ async fn a_failed_dial_is_reported_to_every_waiter_at_once() {
     })
     .await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handshake_slots_bound_idle_connections() {
+    use mesh::hbone::admission::{Admitter, Limits};
+    use mesh::hbone::server::{self, Options};
+    use tokio::io::AsyncReadExt;
+    within(20, async {
+        let ca = new_ca();
+        let cert = ca.issue(&server_id(), TTL).unwrap();
+        let client_cert = ca.issue(&client_id(), TTL).unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let admitter = Admitter::new(Limits {
+            total: 2,
+            per_source: 2,
+        });
+        let refused = Arc::new(AtomicUsize::new(0));
+        let handler = Arc::new(TestHandler {
+            behavior: Behavior::Forward,
+            seen: Default::default(),
+        });
+        let (_trigger, watch) = mesh::drain::channel();
+        let (a, r, tls) = (admitter.clone(), refused.clone(), cert.server_config());
+        tokio::spawn(async move {
+            while let Ok((tcp, peer)) = listener.accept().await {
+                match a.admit(peer.ip()) {
+                    Ok(admission) => {
+                        let options = Options {
+                            require_local_authority: true,
+                        };
+                        let (tls, h, w) = (tls.clone(), handler.clone(), watch.clone());
+                        tokio::spawn(server::serve_admitted(tcp, tls, options, h, w, admission));
+                    }
+                    Err(_) => {
+                        r.fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+            }
+        });
+        // Two connections that never start TLS hold both slots.
+        let idle1 = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let _idle2 = tokio::net::TcpStream::connect(addr).await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        assert_eq!(admitter.in_progress(), 2);
+        // A third is closed at once, not held until the TLS timeout.
+        let mut third = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut buf = [0u8; 1];
+        let n = tokio::time::timeout(std::time::Duration::from_secs(2), third.read(&mut buf))
+            .await
+            .expect("closed at once");
+        assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
+        assert_eq!(refused.load(Ordering::SeqCst), 1);
+        // One idle client gives up: its slot comes back and a real client gets through.
+        drop(idle1);
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        let app = echo_app().await;
+        let stream = connect_once(addr, &client_cert, &ConnectRequest::new(app))
+            .await
+            .expect("a real client is admitted");
+        assert_eq!(exchange(stream, b"admitted").await, b"admitted");
+        // Authenticated and on HTTP/2: it no longer holds a handshake slot.
+        assert_eq!(admitter.in_progress(), 1);
+    })
+    .await
+}

@@ -355,7 +355,9 @@ fn service(s: &Snapshot, o: &MeshOptions, svc: &Service) -> pb::Service {
         waypoint: service_waypoint(s, svc).map(|key| gateway_address(o, key)),
         load_balancing: None,
         ip_families: 0,
-        canonical: false,
+        // A Kubernetes Service is the canonical owner of its hostname (as istiod marks it); a
+        // ServiceEntry for the same name would not be.
+        canonical: true,
     }
 }
 

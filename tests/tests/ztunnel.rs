@@ -187,6 +187,28 @@ async fn plaintext_from_outside_the_mesh_goes_through_15006() {
         .await
         .unwrap();
     assert_eq!(plaintext, 1.0);
+
+    // Many plaintext clients at once, delivered from their own address: a delivery's port
+    // never lands on a live client's port (29 of 3000 such connections used to fail).
+    let dst = SocketAddr::new(server, ECHO_PORT);
+    let mut failed = 0;
+    for batch in 0..10 {
+        let mut open = tokio::task::JoinSet::new();
+        for i in 0..100 {
+            let s = c.connect_from("outsider", dst).await.unwrap();
+            let msg = format!("batch {batch} client {i}");
+            open.spawn(async move {
+                let answer = tokio::time::timeout(
+                    Duration::from_secs(10),
+                    testbed::cluster::exchange_on(s, msg.as_bytes()),
+                )
+                .await;
+                matches!(answer, Ok(Ok(a)) if a.ends_with(msg.as_bytes()))
+            });
+        }
+        failed += open.join_all().await.into_iter().filter(|ok| !ok).count();
+    }
+    assert_eq!(failed, 0, "plaintext connections failed out of 1000");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

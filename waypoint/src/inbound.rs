@@ -34,7 +34,16 @@ pub async fn serve(
     let options = Options {
         require_local_authority: false,
     };
+    // Unauthenticated connections are bounded as on ztunnel's 15008 (`mesh::hbone::admission`).
+    let admitter = mesh::hbone::admission::Admitter::default();
     while let Some((tcp, peer)) = drain::accept(&listener, &drain).await {
+        let admission = match admitter.admit(peer.ip()) {
+            Ok(a) => a,
+            Err(refused) => {
+                tracing::debug!(%peer, reason = refused.label(), "HBONE connection refused: too many handshakes in progress");
+                continue;
+            }
+        };
         let _ = mesh::socket::tune(&tcp);
         let handler = handler.clone();
         let drain = drain.clone();
@@ -42,7 +51,10 @@ pub async fn serve(
         let identity = identity.clone();
         tokio::spawn(async move {
             match certs.get(&identity).await {
-                Ok(cert) => server::serve(tcp, cert.server_config(), options, handler, drain).await,
+                Ok(cert) => {
+                    let tls = cert.server_config();
+                    server::serve_admitted(tcp, tls, options, handler, drain, admission).await
+                }
                 Err(e) => warn!(%peer, "HBONE connection dropped: {e}"),
             }
         });

@@ -374,7 +374,7 @@ async fn steady_load(c: &Cluster, pod: &str, dst: SocketAddr, d: Duration) -> an
     Ok(())
 }
 
-fn rss_kib(pid: Option<u32>) -> Option<u64> {
+pub(crate) fn rss_kib(pid: Option<u32>) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{}/status", pid?)).ok()?;
     status
         .lines()
@@ -382,7 +382,7 @@ fn rss_kib(pid: Option<u32>) -> Option<u64> {
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
 }
 
-fn cpu_ticks(pid: Option<u32>) -> Option<u64> {
+pub(crate) fn cpu_ticks(pid: Option<u32>) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{}/stat", pid?)).ok()?;
     // Fields after the parenthesised command name; utime and stime are the 14th and 15th.
     let rest = &stat[stat.rfind(')')? + 2..];
@@ -390,7 +390,7 @@ fn cpu_ticks(pid: Option<u32>) -> Option<u64> {
     Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
 }
 
-fn clock_ticks() -> i64 {
+pub(crate) fn clock_ticks() -> i64 {
     // SAFETY: sysconf has no preconditions.
     unsafe { libc::sysconf(libc::_SC_CLK_TCK) }
 }

@@ -3,6 +3,7 @@
 
 mod bench;
 mod bench_redirect;
+mod bench_waypoint;
 mod bench_xds;
 mod demo;
 mod ebpf;
@@ -49,9 +50,11 @@ enum Task {
     },
     /// Benchmark direct TCP against the mesh on the test bed (target/bench/hbone.json); with
     /// `redirect`, no capture against eBPF and nftables capture (target/bench/redirect.json); with
-    /// `xds`, pilot pushing 1k/10k/100k pods to 10 xDS clients (target/bench/xds.json).
+    /// `xds`, pilot pushing 1k/10k/100k pods to 10 xDS clients (target/bench/xds.json); with
+    /// `waypoint`, HTTP direct, through ztunnels (L4) and through a waypoint (L7)
+    /// (target/bench/waypoint.json).
     Bench {
-        /// `hbone` (default), `redirect` or `xds`.
+        /// `hbone` (default), `redirect`, `waypoint` or `xds`.
         #[arg(default_value = "hbone")]
         which: String,
         /// Seconds per measurement.
@@ -126,7 +129,10 @@ fn main() -> anyhow::Result<()> {
                     runtime()?.block_on(bench::run(bin, seconds, rounds.max(1), ztunnel_args))
                 }
                 "redirect" => runtime()?.block_on(bench_redirect::run(bin, seconds, rounds.max(1))),
-                other => anyhow::bail!("unknown benchmark {other:?}: hbone, redirect or xds"),
+                "waypoint" => runtime()?.block_on(bench_waypoint::run(bin, seconds, rounds.max(1))),
+                other => {
+                    anyhow::bail!("unknown benchmark {other:?}: hbone, redirect, waypoint or xds")
+                }
             }
         }
         Task::BenchClient { target, seconds } => bench_redirect::client(target, seconds),

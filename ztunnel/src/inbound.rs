@@ -11,7 +11,7 @@ use mesh::hbone::server::{self, Handler, InboundStream, Options};
 use mesh::hbone::{Baggage, Refusal, copy};
 use mesh::identity::Identity;
 use tokio::net::{TcpListener, TcpStream};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::authorization::{self, Connection, Decision};
 use crate::metrics::Peers;
@@ -25,13 +25,25 @@ pub async fn serve_hbone(listener: TcpListener, pod: Arc<Pod>, drain: drain::Wat
         require_local_authority: true,
     };
     while let Some((tcp, peer)) = drain::accept(&listener, &drain).await {
+        // Not authenticated yet: it takes a handshake slot or is closed at once.
+        let admission = match pod.node.hbone_admission.admit(peer.ip()) {
+            Ok(a) => a,
+            Err(refused) => {
+                pod.node.metrics.hbone_refused(refused);
+                debug!(%peer, reason = refused.label(), "HBONE connection refused: too many handshakes in progress");
+                continue;
+            }
+        };
         let _ = mesh::socket::tune(&tcp);
         let pod = pod.clone();
         let handler = handler.clone();
         let drain = drain.clone();
         tokio::spawn(async move {
             match pod.node.certs.get(&pod.identity).await {
-                Ok(cert) => server::serve(tcp, cert.server_config(), options, handler, drain).await,
+                Ok(cert) => {
+                    let tls = cert.server_config();
+                    server::serve_admitted(tcp, tls, options, handler, drain, admission).await
+                }
                 Err(e) => warn!(%peer, "HBONE connection dropped: {e}"),
             }
         });
@@ -138,8 +150,9 @@ async fn plaintext(pod: &Pod, tcp: TcpStream, peer: SocketAddr) -> Result<(), St
     };
     // Dropping the socket without a byte is how a plaintext client learns it was denied.
     authorize(pod, &workload, &conn).map_err(|r| r.reason)?;
+    let _live = pod.plaintext_clients.enter(peer);
     let app = pod
-        .connect_app(peer.ip(), target)
+        .connect_app_plaintext(peer.ip(), target)
         .await
         .map_err(|e| format!("connecting to the application at {target}: {e}"))?;
     let source_workload = pod.node.state.borrow().workload_by_ip(peer.ip()).cloned();

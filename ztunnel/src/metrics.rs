@@ -18,6 +18,24 @@ pub struct Metrics {
     pub enrolled_pods: Gauge,
     /// Connections refused because they were aimed at one of ztunnel's own listeners.
     pub self_loops_refused: Counter,
+    /// HBONE connections closed before TLS because the handshake caps were reached.
+    pub hbone_handshakes_refused: Family<RefusedLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusedLabels {
+    /// `total` or `per_source`.
+    pub reason: &'static str,
+}
+
+impl Metrics {
+    pub fn hbone_refused(&self, why: mesh::hbone::admission::Refused) {
+        self.hbone_handshakes_refused
+            .get_or_create(&RefusedLabels {
+                reason: why.label(),
+            })
+            .inc();
+    }
 }
 
 impl Default for Metrics {
@@ -38,12 +56,19 @@ impl Default for Metrics {
             "Captured connections refused because their destination was one of ztunnel's own listeners",
             self_loops_refused.clone(),
         );
+        let hbone_handshakes_refused = Family::<RefusedLabels, Counter>::default();
+        registry.register(
+            "ztunnel_hbone_handshakes_refused",
+            "HBONE connections closed before TLS because too many handshakes were in progress (overall or from one source)",
+            hbone_handshakes_refused.clone(),
+        );
         Metrics {
             registry,
             tcp,
             dns,
             enrolled_pods,
             self_loops_refused,
+            hbone_handshakes_refused,
         }
     }
 }

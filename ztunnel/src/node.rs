@@ -32,6 +32,8 @@ pub struct Node {
     pub state: watch::Receiver<Arc<State>>,
     pub certs: CertCache,
     pub pool: Pool,
+    /// Handshake slots of every pod's 15008, node-wide (`mesh::hbone::admission`).
+    pub hbone_admission: mesh::hbone::admission::Admitter,
     pub metrics: Arc<Metrics>,
     /// The DNS proxy opened in every enrolled pod; `None` with `--dns-capture off`.
     pub dns: Option<Arc<DnsProxy>>,
@@ -68,6 +70,8 @@ pub struct Pod {
     /// The pod's routing for delivery from the client's address; `None`: off, or could not be
     /// set up (the application sees the pod's own address).
     pub routing: Option<Arc<PodRouting>>,
+    /// Plaintext clients connected through 15006 now (their ports are not for deliveries).
+    pub plaintext_clients: Arc<crate::source::LiveClients>,
 }
 
 impl Pod {
@@ -83,7 +87,20 @@ impl Pod {
         client: IpAddr,
         target: SocketAddr,
     ) -> std::io::Result<tokio::net::TcpStream> {
-        crate::source::connect_app(&self.sockets, self.routing.as_deref(), client, target).await
+        crate::source::connect_app(&self.sockets, self.routing.as_deref(), client, target, None)
+            .await
+    }
+
+    /// As [`Self::connect_app`] for a plaintext client connected from `client`: the delivery
+    /// avoids the ports of the pod's live plaintext clients of that address.
+    pub async fn connect_app_plaintext(
+        &self,
+        client: IpAddr,
+        target: SocketAddr,
+    ) -> std::io::Result<tokio::net::TcpStream> {
+        let live = Some(&*self.plaintext_clients);
+        crate::source::connect_app(&self.sockets, self.routing.as_deref(), client, target, live)
+            .await
     }
 }
 
@@ -141,6 +158,7 @@ impl Node {
             state,
             certs,
             pool: Pool::new(),
+            hbone_admission: Default::default(),
             metrics: Arc::new(Metrics::default()),
             dns,
             cgroup_root,
@@ -343,6 +361,7 @@ impl Node {
             sockets,
             capture: capture.clone(),
             routing: routing.clone(),
+            plaintext_clients: Default::default(),
         });
         let (trigger, watch) = drain::channel();
         for l in outbound_l {

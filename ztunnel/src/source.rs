@@ -19,10 +19,12 @@
 //! returns on the mark, and replies belong to a conntrack entry. When the setup fails, the pod
 //! is enrolled all the same and the application sees the pod's address.
 
+use std::collections::HashSet;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use mesh::socket::{DELIVERY_MARK, SocketFactory};
 use tokio::net::TcpStream;
@@ -62,7 +64,7 @@ impl PodRouting {
         let probe_src = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1));
         let probe_dst = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 9);
         sockets
-            .transparent_socket(probe_src, &probe_dst, DELIVERY_MARK)
+            .transparent_socket(probe_src, &probe_dst, DELIVERY_MARK, 0)
             .map_err(|e| format!("making a transparent socket in the pod: {e}"))?;
         let before = sockets
             .run_in(|| std::fs::read_to_string(FWMARK_ACCEPT))
@@ -220,16 +222,91 @@ fn pref() -> String {
     RULE_PRIORITY.to_string()
 }
 
+/// The plaintext clients connected to a pod right now, by address and port. They reach the
+/// application's port from their own address, so a delivery from that address must not use one
+/// of their ports: its packets would be taken for theirs (the kernel, picking a port for the
+/// delivery, cannot see that clash, as the client's connection is the other way round).
+#[derive(Debug, Default)]
+pub struct LiveClients(Mutex<HashSet<SocketAddr>>);
+
+/// Held while a plaintext client is connected; removes it when dropped.
+pub struct LiveClient {
+    set: Arc<LiveClients>,
+    client: SocketAddr,
+}
+
+impl LiveClients {
+    pub fn enter(self: &Arc<Self>, client: SocketAddr) -> LiveClient {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(client);
+        LiveClient {
+            set: self.clone(),
+            client,
+        }
+    }
+
+    fn taken(&self, client: IpAddr, port: u16) -> bool {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains(&SocketAddr::new(client, port))
+    }
+}
+
+impl Drop for LiveClient {
+    fn drop(&mut self) {
+        self.set
+            .0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&self.client);
+    }
+}
+
+/// Ports tried for a delivery from a plaintext client's address (Linux's default ephemeral
+/// range), and how many draws before leaving the choice to the kernel.
+const DELIVERY_PORTS: std::ops::Range<u16> = 32768..61000;
+const DELIVERY_PORT_DRAWS: usize = 16;
+
+/// A port from `draw` that `taken` does not hold, within a few draws.
+fn pick_port(taken: impl Fn(u16) -> bool, mut draw: impl FnMut() -> u16) -> Option<u16> {
+    (0..DELIVERY_PORT_DRAWS)
+        .map(|_| draw())
+        .find(|p| !taken(*p))
+}
+
 /// Connect to the application at `target` from `client` when `routing` covers it, else (or
-/// when the transparent socket cannot be made) from the pod's own address.
+/// when the transparent socket cannot be made) from the pod's own address. With `live` (a
+/// plaintext client), the delivery's port is one no live client of that address holds.
 pub async fn connect_app(
     sockets: &SocketFactory,
     routing: Option<&PodRouting>,
     client: IpAddr,
     target: SocketAddr,
+    live: Option<&LiveClients>,
 ) -> io::Result<TcpStream> {
     if let Some(routing) = routing.filter(|r| r.covers(client, &target)) {
-        match sockets.transparent_socket(client, &target, DELIVERY_MARK) {
+        let mut socket = Err(io::Error::other("no port"));
+        if let Some(live) = live {
+            for _ in 0..DELIVERY_PORT_DRAWS {
+                let Some(port) =
+                    pick_port(|p| live.taken(client, p), || fastrand::u16(DELIVERY_PORTS))
+                else {
+                    break;
+                };
+                // In use by another delivery from the same client: draw again.
+                socket = sockets.transparent_socket(client, &target, DELIVERY_MARK, port);
+                if !matches!(&socket, Err(e) if e.kind() == io::ErrorKind::AddrInUse) {
+                    break;
+                }
+            }
+        }
+        if socket.is_err() {
+            socket = sockets.transparent_socket(client, &target, DELIVERY_MARK, 0);
+        }
+        match socket {
             Ok(socket) => return mesh::socket::connect_socket(socket, target).await,
             Err(e) => warn!(
                 %client,
@@ -245,6 +322,21 @@ pub async fn connect_app(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn delivery_ports_avoid_live_clients() {
+        let live = Arc::new(LiveClients::default());
+        let client: IpAddr = "192.0.2.7".parse().unwrap();
+        let guard = live.enter(SocketAddr::new(client, 40000));
+        let mut draws = [40000u16, 40000, 40001].into_iter();
+        let port = pick_port(|p| live.taken(client, p), || draws.next().unwrap_or(0));
+        assert_eq!(port, Some(40001));
+        // Another address's client does not hold the port; a departed client neither.
+        assert!(!live.taken("192.0.2.8".parse().unwrap(), 40000));
+        drop(guard);
+        assert!(!live.taken(client, 40000));
+        assert_eq!(pick_port(|_| true, || 40000), None);
+    }
 
     #[test]
     fn covers_same_family_real_clients_only() {

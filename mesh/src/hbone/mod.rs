@@ -3,6 +3,7 @@
 //! This file holds the protocol itself (request and header encoding, status codes, settings)
 //! with no I/O; `client`, `server` and `pool` put it on sockets, `copy` moves the bytes.
 
+pub mod admission;
 pub mod client;
 pub mod copy;
 pub mod io;

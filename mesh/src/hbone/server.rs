@@ -72,6 +72,30 @@ pub async fn serve<H: Handler>(
     handler: Arc<H>,
     drain: drain::Watch,
 ) {
+    serve_inner(tcp, tls, options, handler, drain, None).await
+}
+
+/// As [`serve`], holding `admission` (a handshake slot, see [`super::admission`]) until the
+/// client is authenticated and HTTP/2 is up.
+pub async fn serve_admitted<H: Handler>(
+    tcp: TcpStream,
+    tls: Arc<rustls::ServerConfig>,
+    options: Options,
+    handler: Arc<H>,
+    drain: drain::Watch,
+    admission: super::admission::Admission,
+) {
+    serve_inner(tcp, tls, options, handler, drain, Some(admission)).await
+}
+
+async fn serve_inner<H: Handler>(
+    tcp: TcpStream,
+    tls: Arc<rustls::ServerConfig>,
+    options: Options,
+    handler: Arc<H>,
+    drain: drain::Watch,
+    admission: Option<super::admission::Admission>,
+) {
     let peer_addr = tcp.peer_addr().ok();
     let local_addr = tcp.local_addr().ok();
     let (Some(peer_addr), Some(local_addr)) = (peer_addr, local_addr) else {
@@ -115,6 +139,8 @@ pub async fn serve<H: Handler>(
             return;
         }
     };
+    // Authenticated and speaking HTTP/2: no longer a handshake in progress.
+    drop(admission);
     let ping = super::client::keepalive(conn.ping_pong());
     tokio::pin!(ping);
     let mut draining = false;
