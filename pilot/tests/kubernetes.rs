@@ -123,7 +123,7 @@ async fn bookinfo_from_the_cluster_is_the_folders_model() {
     let snap = next(&mut rx, Duration::from_secs(10)).await;
     assert_eq!(snap.generation, 1);
     assert!(snap.problems.is_empty(), "{:?}", snap.problems);
-    assert_eq!(snap.pods.len(), 7);
+    assert_eq!(snap.pods.len(), 8);
     assert_eq!(snap.policies.len(), 3);
     assert_eq!(
         (
@@ -171,7 +171,7 @@ async fn nothing_is_published_before_every_kind_is_listed() {
     server.set_failing("Gateway", false);
     let snap = next(&mut rx, Duration::from_secs(15)).await;
     assert_eq!(snap.generation, 1);
-    assert_eq!(snap.pods.len(), 7);
+    assert_eq!(snap.pods.len(), 8);
     assert_eq!(snap.gateways.len(), 1);
 }
 
@@ -182,13 +182,13 @@ async fn a_kind_not_installed_counts_as_empty() {
     server.set_served("DestinationRule", false);
     let mut rx = watch_cluster(&server);
     let snap = next(&mut rx, Duration::from_secs(10)).await;
-    assert_eq!(snap.pods.len(), 7);
+    assert_eq!(snap.pods.len(), 8);
     assert!(snap.destination_rules.is_empty());
 
     // Once it is served, its objects come in (at the watcher's next try).
     server.set_served("DestinationRule", true);
     let snap = until(&mut rx, |s| s.destination_rules.len() == 1).await;
-    assert_eq!(snap.pods.len(), 7);
+    assert_eq!(snap.pods.len(), 8);
 }
 
 #[tokio::test]
@@ -239,7 +239,7 @@ async fn pod_changes_and_problems() {
             "kubernetes: Pod bookinfo/broken: field \"status.podIP\": \"10.244.1\" is not an IP address",
         ]
     );
-    assert_eq!(bad.pods.len(), 8);
+    assert_eq!(bad.pods.len(), 9);
     assert_eq!(bad.policies.len(), 3);
     // Fixed in place: the problem goes, the policy comes in.
     server.apply(json!({
@@ -278,7 +278,7 @@ async fn relist_after_410_converges_and_failures_keep_the_last_objects() {
         pod_names(s).contains(&"ratings-v2-1") && !pod_names(s).contains(&"details-v1-6c7d9")
     })
     .await;
-    assert_eq!(s.pods.len(), 7);
+    assert_eq!(s.pods.len(), 8);
     assert!(
         server.requests("Pod").0 > pod_lists,
         "pods were listed again"
@@ -302,10 +302,10 @@ async fn relist_after_410_converges_and_failures_keep_the_last_objects() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let kept = rx.borrow().clone();
-    assert_eq!(kept.pods.len(), 7, "the failing relist took pods away");
+    assert_eq!(kept.pods.len(), 8, "the failing relist took pods away");
     server.set_failing("Pod", false);
     let s = until(&mut rx, |s| pod_names(s).contains(&"ratings-v2-2")).await;
-    assert_eq!(s.pods.len(), 8);
+    assert_eq!(s.pods.len(), 9);
 }
 
 fn reviewer(server: &ApiServer, model: watch::Receiver<Arc<Snapshot>>) -> TokenReviewer {
@@ -658,7 +658,7 @@ async fn xds_and_ca_in_kubernetes_mode() {
         .unwrap();
     let first = s.next().await;
     // Every bookinfo pod and service (the waypoint's included).
-    assert_eq!(first.resources.len(), 7 + 5, "{:?}", ads::names(&first));
+    assert_eq!(first.resources.len(), 8 + 5, "{:?}", ads::names(&first));
     s.ack(&first).await;
 
     server.apply(pod("ratings-v2-1", "node1", "10.244.1.20"));
