@@ -240,6 +240,12 @@ spec:
   - name: redirect-request-port
     match: [{uri: {prefix: /redir/request-port}}]
     redirect: {authority: other.example, derivePort: FROM_REQUEST_PORT, redirectCode: 302}
+  - name: redirect-explicit-default-port
+    match: [{uri: {prefix: /redir/explicit80}}]
+    redirect: {port: 80, authority: a.example}
+  - name: redirect-request-port-https
+    match: [{uri: {prefix: /redir/rp-https}}]
+    redirect: {derivePort: FROM_REQUEST_PORT, scheme: https}
   - name: redirect-uri
     match: [{uri: {prefix: /redir/uri}}]
     redirect: {uri: /moved, redirectCode: 308}
@@ -318,6 +324,10 @@ async fn echo(name: &'static str, req: Request<Incoming>) -> Response<Full<Bytes
     // Repeated headers in the order received, joined as one would fold them.
     let mut headers: BTreeMap<String, String> = BTreeMap::new();
     for (k, v) in req.headers() {
+        // Reported as the authority: HTTP/1.1 carries it as `host`, HTTP/2 as `:authority`.
+        if k == http::header::HOST {
+            continue;
+        }
         let v = v.to_str().unwrap_or("<binary>");
         headers
             .entry(k.to_string())
@@ -771,6 +781,9 @@ fn cases() -> Vec<Case> {
         host("/redir/port/x", "web.shop.svc.cluster.local:80"),
         get("/redir/request-port"),
         host("/redir/request-port", "web.shop.svc.cluster.local:8080"),
+        host("/redir/explicit80", "web.shop.svc.cluster.local:8080"),
+        get("/redir/rp-https"),
+        host("/redir/rp-https", "web.shop.svc.cluster.local:8080"),
         get("/redir/uri?keep=1"),
         get("/redir/scheme/x"),
         host("/redir/scheme/x", "web.shop.svc.cluster.local:8080"),
@@ -868,29 +881,53 @@ fn seen(status: StatusCode, headers: &http::HeaderMap, body: &[u8]) -> Seen {
     }
 }
 
-fn request(case: &Case) -> Request<Empty<Bytes>> {
-    let mut req = Request::builder()
-        .method(case.method)
-        .uri(case.path)
-        .header("host", case.host.unwrap_or(HOST));
+/// How the client speaks to the proxy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Client {
+    Http1,
+    /// HTTP/2 with prior knowledge (h2c); the authority travels as `:authority`.
+    Http2,
+}
+
+fn request(case: &Case, client: Client) -> Request<Empty<Bytes>> {
+    let host = case.host.unwrap_or(HOST);
+    let mut req = Request::builder().method(case.method);
+    req = match client {
+        Client::Http1 => req.uri(case.path).header("host", host),
+        Client::Http2 => req.uri(format!("http://{host}{}", case.path)),
+    };
     for (k, v) in case.headers {
         req = req.header(*k, *v);
     }
     req.body(Empty::new()).unwrap()
 }
 
-async fn exchange<I>(io: I, req: Request<Empty<Bytes>>) -> Result<Seen, String>
+async fn exchange<I>(io: I, req: Request<Empty<Bytes>>, client: Client) -> Result<Seen, String>
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+    let answer = async {
+        match client {
+            Client::Http1 => {
+                let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+                    .await
+                    .map_err(|e| e.to_string())?;
+                tokio::spawn(conn);
+                sender.send_request(req).await.map_err(|e| e.to_string())
+            }
+            Client::Http2 => {
+                let (mut sender, conn) =
+                    hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(io))
+                        .await
+                        .map_err(|e| e.to_string())?;
+                tokio::spawn(conn);
+                sender.send_request(req).await.map_err(|e| e.to_string())
+            }
+        }
+    };
+    let rsp = tokio::time::timeout(Duration::from_secs(10), answer)
         .await
-        .map_err(|e| e.to_string())?;
-    tokio::spawn(conn);
-    let rsp = tokio::time::timeout(Duration::from_secs(10), sender.send_request(req))
-        .await
-        .map_err(|_| "no answer in 10 s".to_string())?
-        .map_err(|e| e.to_string())?;
+        .map_err(|_| "no answer in 10 s".to_string())??;
     let (parts, body) = rsp.into_parts();
     let body = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
     Ok(seen(parts.status, &parts.headers, &body))
@@ -904,14 +941,14 @@ struct Clients {
 }
 
 impl Clients {
-    async fn envoy(&self, case: &Case) -> Result<Seen, String> {
+    async fn envoy(&self, case: &Case, client: Client) -> Result<Seen, String> {
         let tcp = TcpStream::connect(self.envoy)
             .await
             .map_err(|e| e.to_string())?;
-        exchange(tcp, request(case)).await
+        exchange(tcp, request(case, client), client).await
     }
 
-    async fn ours(&self, case: &Case) -> Result<Seen, String> {
+    async fn ours(&self, case: &Case, client: Client) -> Result<Seen, String> {
         let mut connect = ConnectRequest::new(self.vip);
         connect.forwarded_for = Some(self.source);
         let stream = self
@@ -919,7 +956,7 @@ impl Clients {
             .connect(&connect)
             .await
             .map_err(|e| format!("CONNECT: {e}"))?;
-        exchange(H2Io::new(stream), request(case)).await
+        exchange(H2Io::new(stream), request(case, client), client).await
     }
 }
 
@@ -1047,7 +1084,10 @@ async fn waypoint_routes_as_envoy_does() {
         let probe = get("/exact");
         let start = Instant::now();
         loop {
-            let (e, o) = (clients.envoy(&probe).await, clients.ours(&probe).await);
+            let (e, o) = (
+                clients.envoy(&probe, Client::Http1).await,
+                clients.ours(&probe, Client::Http1).await,
+            );
             if matches!((&e, &o), (Ok(e), Ok(o)) if e.status == 200 && o.status == 200) {
                 break;
             }
@@ -1059,7 +1099,8 @@ async fn waypoint_routes_as_envoy_does() {
             );
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        compare(&clients).await
+        compare(&clients, Client::Http1).await?;
+        compare(&clients, Client::Http2).await
     };
     let outcome = tokio::select! {
         r = run => r,
@@ -1079,12 +1120,16 @@ fn tail(text: &str, lines: usize) -> String {
 }
 
 /// Every case through both, then the weighted split as a distribution.
-async fn compare(clients: &Clients) -> Result<(), String> {
+async fn compare(clients: &Clients, client: Client) -> Result<(), String> {
     let cases = cases();
     assert!(cases.len() >= 40);
+    eprintln!("--- {client:?} ---");
     let mut differences = Vec::new();
     for case in &cases {
-        let (e, o) = (clients.envoy(case).await, clients.ours(case).await);
+        let (e, o) = (
+            clients.envoy(case, client).await,
+            clients.ours(case, client).await,
+        );
         let line = format!("{:<58} envoy: {}", describe(case), summary(&e));
         eprintln!("{line}");
         if e.is_err() {
@@ -1108,8 +1153,8 @@ async fn compare(clients: &Clients) -> Result<(), String> {
     let mut shapes: BTreeMap<String, Seen> = BTreeMap::new();
     for _ in 0..200 {
         for (who, r) in [
-            ("envoy", clients.envoy(&split).await),
-            ("ours", clients.ours(&split).await),
+            ("envoy", clients.envoy(&split, client).await),
+            ("ours", clients.ours(&split, client).await),
         ] {
             let s = r.map_err(|e| format!("{who} /split: {e}"))?;
             let subset = s
@@ -1153,7 +1198,7 @@ async fn compare(clients: &Clients) -> Result<(), String> {
         Ok(())
     } else {
         Err(format!(
-            "{} differences from Envoy:\n{}",
+            "{} differences from Envoy ({client:?} client):\n{}",
             differences.len(),
             differences.join("\n")
         ))

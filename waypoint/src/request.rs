@@ -400,6 +400,13 @@ fn finish(
     mut rsp: Response<ResponseBody>,
 ) -> Response<ResponseBody> {
     log.status = rsp.status().as_u16();
+    // A response to HEAD has no body; HTTP/2 would send ours as DATA (a stream error for the
+    // client). Upstream answers to HEAD come without one already.
+    if log.method == "HEAD"
+        && let Inner::Bytes(b) = &mut rsp.body_mut().inner
+    {
+        *b = None;
+    }
     let peers = Peers {
         source: tunnel.source_workload.as_deref(),
         source_identity: Some(&tunnel.peer),
