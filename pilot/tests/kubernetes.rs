@@ -614,6 +614,7 @@ async fn xds_and_ca_in_kubernetes_mode() {
         source: Source::Kubernetes(Kubernetes {
             client: server.client(),
             node_agent: ("istio-system".into(), "ztunnel".into()),
+            waypoints: None,
         }),
         state_dir: dir.join("state"),
         listen: "127.0.0.1:0".parse().unwrap(),
@@ -751,7 +752,118 @@ fn rbac_matches_the_code() {
         }
     }
     needed.insert("authentication.k8s.io tokenreviews create".to_string());
+    for (group, resource) in pilot::provision::applied_resources() {
+        // What server-side apply needs: PATCH, which may create, and get.
+        for verb in ["get", "patch", "create"] {
+            needed.insert(format!("{group} {resource} {verb}"));
+        }
+    }
     assert_eq!(granted, needed);
+}
+
+fn gateway(name: &str, class: &str) -> Value {
+    json!({
+        "apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
+        "metadata": {"name": name, "namespace": "bookinfo"},
+        "spec": {"gatewayClassName": class,
+                 "listeners": [{"name": "mesh", "port": 15008, "protocol": "HBONE"}]},
+    })
+}
+
+/// Server-side applied objects by path, once `n` are there (within 20 s).
+async fn applied(server: &ApiServer, n: usize) -> BTreeMap<String, apiserver::Applied> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let a = server.applied();
+        if a.len() >= n {
+            return a;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{n} objects applied within 20 s; have {:?}",
+            a.keys()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A waypoint Gateway in the cluster gets its ServiceAccount, Deployment and Service by
+/// server-side apply (field manager `pilot`, owned by the Gateway); another Gateway gets
+/// nothing; an unrelated change re-applies nothing; a new waypoint gets its own.
+#[tokio::test]
+async fn waypoint_gateways_are_provisioned() {
+    let server = server_with(vec![
+        gateway("reviews-wp", "istio-waypoint"),
+        gateway("ingress", "istio"),
+    ])
+    .await;
+    let rx = watch_cluster(&server);
+    let opts = pilot::provision::Options {
+        image: "registry.local/waypoint:1".into(),
+        xds_address: "https://pilot.istio-system.svc:15012".into(),
+    };
+    tokio::spawn(pilot::provision::provision(server.client(), rx, opts));
+    let a = applied(&server, 3).await;
+    let gw_uid = server
+        .objects()
+        .into_iter()
+        .find(|o| o["metadata"]["name"] == "reviews-wp")
+        .unwrap()["metadata"]["uid"]
+        .clone();
+    let paths: Vec<&str> = a.keys().map(String::as_str).collect();
+    assert_eq!(
+        paths,
+        [
+            "/api/v1/namespaces/bookinfo/serviceaccounts/reviews-wp",
+            "/api/v1/namespaces/bookinfo/services/reviews-wp",
+            "/apis/apps/v1/namespaces/bookinfo/deployments/reviews-wp",
+        ]
+    );
+    for applied in a.values() {
+        assert_eq!(applied.field_manager, "pilot");
+        assert!(applied.force);
+        let meta = &applied.object["metadata"];
+        assert_eq!(
+            meta["ownerReferences"],
+            json!([{"apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
+                    "name": "reviews-wp", "uid": gw_uid}])
+        );
+        assert_eq!(
+            meta["labels"],
+            json!({"gateway.networking.k8s.io/gateway-name": "reviews-wp",
+                   "istio.io/dataplane-mode": "none"})
+        );
+    }
+    let dep = &a["/apis/apps/v1/namespaces/bookinfo/deployments/reviews-wp"].object;
+    let pod_spec = &dep["spec"]["template"]["spec"];
+    assert_eq!(pod_spec["serviceAccountName"], "reviews-wp");
+    assert_eq!(
+        pod_spec["containers"][0]["image"],
+        "registry.local/waypoint:1"
+    );
+    assert_eq!(
+        pod_spec["containers"][0]["args"],
+        json!([
+            "--xds-address=https://pilot.istio-system.svc:15012",
+            "--xds-root-cert=/var/run/secrets/istio/root-cert.pem",
+            "--xds-token-file=/var/run/secrets/tokens/istio-token",
+        ])
+    );
+    let svc = &a["/api/v1/namespaces/bookinfo/services/reviews-wp"].object;
+    assert_eq!(
+        svc["spec"]["selector"],
+        json!({"gateway.networking.k8s.io/gateway-name": "reviews-wp"})
+    );
+    assert_eq!(svc["spec"]["ports"][0]["name"], "mesh");
+    assert_eq!(svc["spec"]["ports"][0]["port"], 15008);
+
+    // An unrelated change: a new snapshot, nothing applied again.
+    server.apply(pod("ratings-1", "node1", "10.0.0.9"));
+    server.apply(gateway("details-wp", "istio-waypoint"));
+    let a = applied(&server, 6).await;
+    assert_eq!(a.len(), 6, "{:?}", a.keys());
+    assert!(a.values().all(|x| x.count == 1), "{a:?}");
+    assert!(a.contains_key("/apis/apps/v1/namespaces/bookinfo/deployments/details-wp"));
 }
 
 /// Many pods listed through the stand-in server converge into one snapshot and translation,
