@@ -918,3 +918,87 @@ async fn many_pods_converge_and_a_change_follows() {
         pilot::cluster::DEBOUNCE
     );
 }
+
+/// An apply that fails is tried again with the next snapshot, and then succeeds.
+#[tokio::test]
+async fn failed_waypoint_applies_are_retried_on_the_next_snapshot() {
+    let server = server_with(vec![gateway("reviews-wp", "istio-waypoint")]).await;
+    server.set_apply_failing(true);
+    let rx = watch_cluster(&server);
+    tokio::spawn(pilot::provision::provision(
+        server.client(),
+        rx,
+        pilot::provision::Options::default(),
+    ));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    // kube does not retry a 500 itself: one request per object.
+    while server.apply_requests() < 3 {
+        assert!(tokio::time::Instant::now() < deadline, "applies tried");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(server.applied().is_empty());
+    server.set_apply_failing(false);
+    server.apply(pod("ratings-1", "node1", "10.0.0.9"));
+    let a = applied(&server, 3).await;
+    assert_eq!(a.len(), 3);
+    assert!(a.contains_key("/apis/apps/v1/namespaces/bookinfo/deployments/reviews-wp"));
+}
+
+/// The objects pilot applies for a waypoint pass `kubernetes-validate --strict` (the schemas of
+/// the Kubernetes version tests/tests/deploy.rs validates `deploy/` against), when installed;
+/// `REQUIRE_KUBERNETES_VALIDATE` (set by `cargo xtask test`) makes a missing tool a failure.
+#[test]
+fn waypoint_objects_pass_kubernetes_validate() {
+    let mut cmd = std::process::Command::new("python3");
+    cmd.args(["-m", "kubernetes_validate"]);
+    let found = cmd
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !found {
+        assert!(
+            std::env::var_os("REQUIRE_KUBERNETES_VALIDATE").is_none(),
+            "kubernetes-validate is required but not found"
+        );
+        eprintln!("skipping: kubernetes-validate not installed");
+        return;
+    }
+    let mut gw = gateway("reviews-wp", "istio-waypoint");
+    gw["metadata"]["uid"] = "6a1f3c1e-0000-4000-8000-000000000001".into();
+    let origin = pilot::k8s::Origin {
+        file: "test".into(),
+        object: "Gateway bookinfo/reviews-wp".into(),
+    };
+    let Ok(Some((_, pilot::k8s::Object::Gateway(gw)))) =
+        pilot::k8s::parse_object(serde_yaml_ng::to_value(&gw).unwrap(), origin)
+    else {
+        panic!("not a gateway")
+    };
+    let objects = pilot::provision::objects(&gw, &pilot::provision::Options::default())
+        .unwrap()
+        .unwrap();
+    let dir = std::env::temp_dir().join(format!("pilot-provision-{}", fastrand::u64(..)));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut files = Vec::new();
+    for o in &objects {
+        let f = dir.join(format!("{}.yaml", o["kind"].as_str().unwrap()));
+        std::fs::write(&f, serde_yaml_ng::to_string(o).unwrap()).unwrap();
+        files.push(f);
+    }
+    let out = std::process::Command::new("python3")
+        .args(["-m", "kubernetes_validate", "--strict", "-k", "1.33.0"])
+        .args(&files)
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let passed = text
+        .lines()
+        .filter(|l| l.starts_with("INFO") && l.contains(" passed "))
+        .count();
+    assert!(out.status.success() && passed == 3, "{text}");
+}

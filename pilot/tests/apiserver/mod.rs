@@ -96,6 +96,9 @@ struct State {
     /// Server-side applied objects by request path, with the `fieldManager` and `force` of
     /// their last apply.
     applied: BTreeMap<String, Applied>,
+    /// Answer server-side applies with 500 (counted in `apply_requests`, nothing stored).
+    apply_failing: bool,
+    apply_requests: usize,
 }
 
 /// An object received by server-side apply (as the server stored it), and how.
@@ -320,6 +323,16 @@ impl ApiServer {
         self.state.lock().unwrap().applied.clone()
     }
 
+    /// Answer server-side applies with 500 (`true`) or serve them.
+    pub fn set_apply_failing(&self, failing: bool) {
+        self.state.lock().unwrap().apply_failing = failing;
+    }
+
+    /// Server-side apply requests received so far, failed ones included.
+    pub fn apply_requests(&self) -> usize {
+        self.state.lock().unwrap().apply_requests
+    }
+
     /// (TokenReviews being answered now, most ever at once).
     pub fn reviews_in_flight(&self) -> (usize, usize) {
         let s = self.state.lock().unwrap();
@@ -410,6 +423,13 @@ impl Server {
         path: &str,
         query: &HashMap<String, String>,
     ) -> Response<Body> {
+        {
+            let mut s = self.state.lock().unwrap();
+            s.apply_requests += 1;
+            if s.apply_failing {
+                return error(500, "InternalError", "etcdserver: request timed out");
+            }
+        }
         let content_type = req
             .headers()
             .get("content-type")
