@@ -185,6 +185,10 @@ spec:
     match: [{uri: {prefix: /and}, headers: {x-a: {exact: "1"}, x-b: {exact: "2"}}}]
     route: [{destination: {host: web, subset: v2}}]
     headers: {response: {set: {x-rule: header-and}}}
+  - name: header-joined
+    match: [{uri: {prefix: /joined}, headers: {x-j: {exact: "a,b"}}}]
+    route: [{destination: {host: web, subset: v2}}]
+    headers: {response: {set: {x-rule: header-joined}}}
   - name: without
     match: [{uri: {prefix: /without}, withoutHeaders: {x-debug: {exact: "1"}}}]
     route: [{destination: {host: web, subset: v2}}]
@@ -845,6 +849,21 @@ fn cases() -> Vec<Case> {
             ],
         ),
         get("/hostset"),
+        // paths are matched as sent: no decoding, no normalisation
+        get("/%70refix/a"),
+        get("/prefix/../exact"),
+        get("//exact"),
+        // header names are case-insensitive; repeated headers match as one joined value
+        with("/headers", &[("X-Exact", "a")]),
+        with("/headers", &[("x-exact", "a"), ("x-exact", "b")]),
+        with("/headers", &[("x-prefix", "pre"), ("x-prefix", "x")]),
+        with("/joined", &[("x-j", "a"), ("x-j", "b")]),
+        with("/joined", &[("x-j", "a,b")]),
+        with("/without", &[("x-debug", "0"), ("x-debug", "1")]),
+        with("/without", &[("x-debug", "1"), ("x-debug", "0")]),
+        // query parameter names are case-sensitive
+        get("/query?V=1"),
+        get("/query?a=b&v=1#frag"),
         // nothing special: the catch-all
         get("/nothing"),
         // the `grpc` port: HTTP/2 to the app whatever the client speaks

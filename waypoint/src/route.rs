@@ -3,7 +3,6 @@
 //! matching route wins, and the route's action (forward to a cluster, redirect, direct response)
 //! with its rewrites and header operations.
 
-use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
@@ -37,30 +36,20 @@ impl Request<'_> {
         self.path.split_once('?').map_or("", |(_, q)| q)
     }
 
-    /// A header's value as Envoy's matchers see it: pseudo-headers by name, several values of a
-    /// header joined with `,`.
-    fn header(&self, name: &str) -> Option<Cow<'_, str>> {
+    /// Whether any value of a header satisfies `hit` (pseudo-headers by name), or `None` when
+    /// the request has no such header. Envoy (1.40, the CVE-2026-26308 fix) matches each value
+    /// of a repeated header on its own, not their `,`-joined concatenation.
+    fn any_header_value(&self, name: &str, mut hit: impl FnMut(&str) -> bool) -> Option<bool> {
         match name {
-            ":method" => return Some(Cow::Borrowed(self.method)),
-            ":scheme" => return Some(Cow::Borrowed(self.scheme)),
-            ":path" => return Some(Cow::Borrowed(self.path)),
-            ":authority" | "host" => return Some(Cow::Borrowed(self.authority)),
+            ":method" => return Some(hit(self.method)),
+            ":scheme" => return Some(hit(self.scheme)),
+            ":path" => return Some(hit(self.path)),
+            ":authority" | "host" => return Some(hit(self.authority)),
             _ => {}
         }
-        let mut values = self.headers.get_all(name).iter();
-        let first = values.next()?;
-        let first = String::from_utf8_lossy(first.as_bytes());
-        match values.next() {
-            None => Some(first),
-            Some(second) => {
-                let mut all = first.into_owned();
-                for v in std::iter::once(second).chain(values) {
-                    all.push(',');
-                    all.push_str(&String::from_utf8_lossy(v.as_bytes()));
-                }
-                Some(Cow::Owned(all))
-            }
-        }
+        let mut values = self.headers.get_all(name).iter().peekable();
+        values.peek()?;
+        Some(values.any(|v| hit(&String::from_utf8_lossy(v.as_bytes()))))
     }
 }
 
@@ -479,23 +468,23 @@ fn starts_with(s: &str, prefix: &str, case_sensitive: bool) -> bool {
 
 impl HeaderMatcher {
     fn matches(&self, req: &Request<'_>) -> bool {
-        let value = req.header(&self.name);
-        if let HeaderSpec::Present(want) = self.spec {
-            return (value.is_some() == want) != self.invert;
-        }
-        let value = match value {
-            Some(v) => v,
-            None if self.missing_as_empty => Cow::Borrowed(""),
-            // An absent header matches nothing, inverted or not (Envoy).
-            None => return false,
-        };
-        let hit = match &self.spec {
-            HeaderSpec::Value(m) => m.matches(&value),
+        let one = |value: &str| match &self.spec {
+            HeaderSpec::Value(m) => m.matches(value),
             HeaderSpec::Range(start, end) => value
                 .trim()
                 .parse::<i64>()
                 .is_ok_and(|n| *start <= n && n < *end),
             HeaderSpec::Present(_) => true,
+        };
+        let hit = req.any_header_value(&self.name, one);
+        if let HeaderSpec::Present(want) = self.spec {
+            return (hit.is_some() == want) != self.invert;
+        }
+        let hit = match hit {
+            Some(h) => h,
+            None if self.missing_as_empty => one(""),
+            // An absent header matches nothing, inverted or not (Envoy).
+            None => return false,
         };
         hit != self.invert
     }
@@ -1310,9 +1299,18 @@ mod tests {
         ));
         assert!(hit(&sm, &Req::new("/").header("x", "HELLO")).is_some());
 
-        // Several values are joined with ',' before matching.
+        // Each value of a repeated header is matched on its own (Envoy 1.40), never their
+        // `,`-joined concatenation; an inverted matcher fails if any value matches.
         let joined = header_route(hm("x", H::ExactMatch("a,b".into())));
-        assert!(hit(&joined, &Req::new("/").header("x", "a").header("x", "b")).is_some());
+        assert!(hit(&joined, &Req::new("/").header("x", "a").header("x", "b")).is_none());
+        assert!(hit(&joined, &Req::new("/").header("x", "a,b")).is_some());
+        let any = header_route(hm("x", H::ExactMatch("b".into())));
+        assert!(hit(&any, &Req::new("/").header("x", "a").header("x", "b")).is_some());
+        let mut not_b = hm("x", H::ExactMatch("b".into()));
+        not_b.invert_match = true;
+        let not_b = header_route(not_b);
+        assert!(hit(&not_b, &Req::new("/").header("x", "a")).is_some());
+        assert!(hit(&not_b, &Req::new("/").header("x", "a").header("x", "b")).is_none());
 
         let present = header_route(hm("x", H::PresentMatch(true)));
         assert!(hit(&present, &Req::new("/").header("x", "")).is_some());
