@@ -185,6 +185,10 @@ spec:
     match: [{uri: {prefix: /and}, headers: {x-a: {exact: "1"}, x-b: {exact: "2"}}}]
     route: [{destination: {host: web, subset: v2}}]
     headers: {response: {set: {x-rule: header-and}}}
+  - name: header-star
+    match: [{uri: {prefix: /star}, headers: {x-star: {regex: "*"}}}]
+    route: [{destination: {host: web, subset: v2}}]
+    headers: {response: {set: {x-rule: header-star}}}
   - name: header-joined
     match: [{uri: {prefix: /joined}, headers: {x-j: {exact: "a,b"}}}]
     route: [{destination: {host: web, subset: v2}}]
@@ -857,6 +861,9 @@ fn cases() -> Vec<Case> {
         with("/headers", &[("X-Exact", "a")]),
         with("/headers", &[("x-exact", "a"), ("x-exact", "b")]),
         with("/headers", &[("x-prefix", "pre"), ("x-prefix", "x")]),
+        // Istio's regex `*`: present
+        with("/star", &[("x-star", "")]),
+        get("/star"),
         with("/joined", &[("x-j", "a"), ("x-j", "b")]),
         with("/joined", &[("x-j", "a,b")]),
         with("/without", &[("x-debug", "0"), ("x-debug", "1")]),
