@@ -122,7 +122,7 @@ spec:
   - name: exact
     match: [{name: plain, uri: {exact: /exact}}]
     route: [{destination: {host: web, subset: v1}}]
-    headers: {response: {set: {x-rule: exact}}}
+    headers: {response: {set: {x-rule: exact, x-route-name: "%ROUTE_NAME%", x-pct: "100%%"}}}
   - name: exact-nocase
     match: [{uri: {exact: /Case}, ignoreUriCase: true}]
     route: [{destination: {host: web, subset: v2}}]
@@ -233,7 +233,7 @@ spec:
       headers: {request: {set: {x-dest: v1, x-both: dest}}, response: {set: {x-dest: v1}}}
     - destination: {host: web, subset: v2}
       weight: 30
-      headers: {request: {set: {x-dest: v2, host: v2.rewritten}}, response: {add: {x-dest: v2}}}
+      headers: {request: {set: {x-dest: v2, host: v2.rewritten}}, response: {add: {x-dest: v2, x-route-name: "%ROUTE_NAME%"}}}
     headers: {request: {set: {x-both: route}}, response: {set: {x-rule: split}}}
   - name: zero-weight
     match: [{uri: {prefix: /zero}}]

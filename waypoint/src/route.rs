@@ -598,10 +598,18 @@ pub fn compile(rc: &pb::RouteConfiguration) -> Result<RouteTable, String> {
         name: rc.name.clone(),
         virtual_hosts,
         ignore_port: rc.ignore_port_in_host_matching,
-        request_headers: header_ops(&rc.request_headers_to_add, &rc.request_headers_to_remove)
-            .map_err(|e| format!("request_headers_to_add: {e}"))?,
-        response_headers: header_ops(&rc.response_headers_to_add, &rc.response_headers_to_remove)
-            .map_err(|e| format!("response_headers_to_add: {e}"))?,
+        request_headers: header_ops(
+            &rc.request_headers_to_add,
+            &rc.request_headers_to_remove,
+            None,
+        )
+        .map_err(|e| format!("request_headers_to_add: {e}"))?,
+        response_headers: header_ops(
+            &rc.response_headers_to_add,
+            &rc.response_headers_to_remove,
+            None,
+        )
+        .map_err(|e| format!("response_headers_to_add: {e}"))?,
     })
 }
 
@@ -620,10 +628,18 @@ fn virtual_host(vh: &pb::VirtualHost) -> Result<VirtualHost, String> {
         name: vh.name.clone(),
         domains: vh.domains.iter().map(|d| d.to_ascii_lowercase()).collect(),
         routes,
-        request_headers: header_ops(&vh.request_headers_to_add, &vh.request_headers_to_remove)
-            .map_err(|e| format!("request_headers_to_add: {e}"))?,
-        response_headers: header_ops(&vh.response_headers_to_add, &vh.response_headers_to_remove)
-            .map_err(|e| format!("response_headers_to_add: {e}"))?,
+        request_headers: header_ops(
+            &vh.request_headers_to_add,
+            &vh.request_headers_to_remove,
+            None,
+        )
+        .map_err(|e| format!("request_headers_to_add: {e}"))?,
+        response_headers: header_ops(
+            &vh.response_headers_to_add,
+            &vh.response_headers_to_remove,
+            None,
+        )
+        .map_err(|e| format!("response_headers_to_add: {e}"))?,
     })
 }
 
@@ -632,7 +648,7 @@ fn route(r: &pb::Route) -> Result<Route, String> {
     let matcher = route_match(m).map_err(|e| format!("match.{e}"))?;
     let action = match &r.action {
         Some(pb::route::Action::Route(a)) => Action::Forward(Box::new(
-            forward(a, &matcher).map_err(|e| format!("route.{e}"))?,
+            forward(a, &matcher, &r.name).map_err(|e| format!("route.{e}"))?,
         )),
         Some(pb::route::Action::Redirect(a)) => {
             Action::Redirect(redirect(a, &matcher).map_err(|e| format!("redirect.{e}"))?)
@@ -670,10 +686,18 @@ fn route(r: &pb::Route) -> Result<Route, String> {
         name: r.name.clone(),
         matcher,
         action,
-        request_headers: header_ops(&r.request_headers_to_add, &r.request_headers_to_remove)
-            .map_err(|e| format!("request_headers_to_add: {e}"))?,
-        response_headers: header_ops(&r.response_headers_to_add, &r.response_headers_to_remove)
-            .map_err(|e| format!("response_headers_to_add: {e}"))?,
+        request_headers: header_ops(
+            &r.request_headers_to_add,
+            &r.request_headers_to_remove,
+            Some(&r.name),
+        )
+        .map_err(|e| format!("request_headers_to_add: {e}"))?,
+        response_headers: header_ops(
+            &r.response_headers_to_add,
+            &r.response_headers_to_remove,
+            Some(&r.name),
+        )
+        .map_err(|e| format!("response_headers_to_add: {e}"))?,
     })
 }
 
@@ -849,7 +873,7 @@ fn metadata_matcher(m: &matcher::MetadataMatcher) -> Result<MetadataMatcher, Str
 }
 
 #[allow(deprecated)] // `cors` on the route action is deprecated but may still arrive.
-fn forward(a: &pb::RouteAction, matcher: &RouteMatch) -> Result<Forward, String> {
+fn forward(a: &pb::RouteAction, matcher: &RouteMatch, route_name: &str) -> Result<Forward, String> {
     use pb::route_action::{ClusterSpecifier as C, HostRewriteSpecifier as H};
     let targets = match &a.cluster_specifier {
         Some(C::Cluster(c)) if !c.is_empty() => Targets::One(Target {
@@ -859,7 +883,7 @@ fn forward(a: &pb::RouteAction, matcher: &RouteMatch) -> Result<Forward, String>
             host_rewrite: None,
         }),
         Some(C::WeightedClusters(w)) => {
-            weighted(w).map_err(|e| format!("weighted_clusters.{e}"))?
+            weighted(w, route_name).map_err(|e| format!("weighted_clusters.{e}"))?
         }
         Some(C::Cluster(_)) => return Err("cluster: empty".into()),
         Some(_) => {
@@ -931,7 +955,7 @@ fn forward(a: &pb::RouteAction, matcher: &RouteMatch) -> Result<Forward, String>
     })
 }
 
-fn weighted(w: &pb::WeightedCluster) -> Result<Targets, String> {
+fn weighted(w: &pb::WeightedCluster, route_name: &str) -> Result<Targets, String> {
     use pb::weighted_cluster::cluster_weight::HostRewriteSpecifier as H;
     if w.random_value_specifier.is_some() {
         return Err("random_value_specifier: not supported".into());
@@ -958,11 +982,13 @@ fn weighted(w: &pb::WeightedCluster) -> Result<Targets, String> {
                 request_headers: header_ops(
                     &c.request_headers_to_add,
                     &c.request_headers_to_remove,
+                    Some(route_name),
                 )
                 .map_err(|e| format!("clusters[{i}].request_headers_to_add: {e}"))?,
                 response_headers: header_ops(
                     &c.response_headers_to_add,
                     &c.response_headers_to_remove,
+                    Some(route_name),
                 )
                 .map_err(|e| format!("clusters[{i}].response_headers_to_add: {e}"))?,
                 host_rewrite,
@@ -1022,11 +1048,38 @@ fn redirect(r: &pb::RedirectAction, matcher: &RouteMatch) -> Result<Redirect, St
     })
 }
 
+/// Envoy formats header values: `%%` is a literal `%`, and `%ROUTE_NAME%` is the route's name
+/// (known here when the operations are the route's own). Other command operators (`%VAR%`,
+/// evaluated per request by Envoy) are not supported and are sent as written.
+fn header_value_text(raw: &str, route_name: Option<&str>) -> String {
+    let mut out = String::with_capacity(raw.len());
+    let mut rest = raw;
+    while let Some(i) = rest.find('%') {
+        out.push_str(&rest[..i]);
+        rest = &rest[i..];
+        if let Some(after) = rest.strip_prefix("%%") {
+            out.push('%');
+            rest = after;
+        } else if let (Some(after), Some(name)) = (rest.strip_prefix("%ROUTE_NAME%"), route_name) {
+            out.push_str(name);
+            rest = after;
+        } else {
+            out.push('%');
+            rest = &rest[1..];
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
 // `append` is deprecated in favour of `append_action`, and still honoured when set.
 #[allow(deprecated)]
+/// `route_name`: the route the operations belong to (its own or one of its weighted
+/// clusters'), for `%ROUTE_NAME%`; `None` for virtual host and route configuration levels.
 fn header_ops(
     add: &[envoy_core::HeaderValueOption],
     remove: &[String],
+    route_name: Option<&str>,
 ) -> Result<HeaderOps, String> {
     use envoy_core::header_value_option::HeaderAppendAction as A;
     let mut ops = HeaderOps::default();
@@ -1044,9 +1097,7 @@ fn header_ops(
         } else {
             &h.raw_value[..]
         };
-        // Envoy formats header values: `%%` is a literal `%`. Command operators (`%VAR%`) are
-        // not evaluated here and are sent as written.
-        let text = String::from_utf8_lossy(raw).replace("%%", "%");
+        let text = header_value_text(&String::from_utf8_lossy(raw), route_name);
         let value = HeaderValue::from_str(&text)
             .map_err(|_| format!("[{i}].header.value: not a valid value for {}", h.key))?;
         let action = match &o.append {
@@ -1472,6 +1523,23 @@ mod tests {
     }
 
     #[test]
+    fn header_values_as_envoy_formats_them() {
+        assert_eq!(header_value_text("100%%", None), "100%");
+        assert_eq!(header_value_text("%ROUTE_NAME%", Some("a.b")), "a.b");
+        assert_eq!(
+            header_value_text("x-%ROUTE_NAME%-%%-%ROUTE_NAME%", Some("r")),
+            "x-r-%-r"
+        );
+        // Unknown here: written as sent.
+        assert_eq!(header_value_text("%ROUTE_NAME%", None), "%ROUTE_NAME%");
+        assert_eq!(
+            header_value_text("%DOWNSTREAM_REMOTE_ADDRESS%", Some("r")),
+            "%DOWNSTREAM_REMOTE_ADDRESS%"
+        );
+        assert_eq!(header_value_text("50%", Some("r")), "50%");
+    }
+
+    #[test]
     fn weighted_pick_in_proportion() {
         use pb::weighted_cluster::ClusterWeight;
         let w = |name: &str, weight: u32| ClusterWeight {
@@ -1677,6 +1745,7 @@ mod tests {
                 hvo("pct", "100%%", None, A::AppendIfExistsOrAdd as i32),
             ],
             &["gone".to_string()],
+            Some("r1"),
         )
         .unwrap();
         let mut h = HeaderMap::new();
@@ -1732,7 +1801,7 @@ mod tests {
             bad_regex.contains("routes[0] (\"bad\").match.safe_regex"),
             "{bad_regex}"
         );
-        let host_header = header_ops(&[hvo(":authority", "x", None, 0)], &[]).unwrap_err();
+        let host_header = header_ops(&[hvo(":authority", "x", None, 0)], &[], None).unwrap_err();
         assert!(host_header.contains("cannot be modified"), "{host_header}");
         let cookies = route_match(&pb::RouteMatch {
             cookies: vec![pb::CookieMatcher::default()],
