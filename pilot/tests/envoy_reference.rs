@@ -4,6 +4,16 @@
 //! CONNECT to the service VIP); the echo "pods" behind them report what they received, and the
 //! status, chosen subset, path, authority and headers must be the same (weights as
 //! distributions).
+//! Every request goes through both with an HTTP/1.1 client and again with HTTP/2 (h2c), to an
+//! `http` port (HTTP/1.1 upstream) and a `grpc` port (HTTP/2 upstream).
+//!
+//! Left out of the comparison, on purpose: message framing (`content-length` on a body-less
+//! POST), the value of the generated `x-request-id` (its presence is compared), and Envoy's
+//! per-request header formatters other than `%ROUTE_NAME%` / `%%` (our waypoint sends e.g.
+//! `%DOWNSTREAM_REMOTE_ADDRESS%` as written), and `sourceLabels` / `sourceNamespace` (Envoy has
+//! no `istio.source` metadata so such routes never match there; our waypoint matches them from
+//! the HBONE peer, by design).
+//!
 //! Without `envoy` on PATH the test is skipped, except with `CI=true`, where that fails.
 
 use std::collections::BTreeMap;
