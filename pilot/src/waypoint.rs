@@ -13,6 +13,7 @@ use envoy_types::pb::envoy::config::route::v3 as route;
 use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3 as hcm;
 use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3 as tcp;
+use envoy_types::pb::envoy::extensions::upstreams::http::v3 as http_options;
 use envoy_types::pb::envoy::r#type::matcher::v3 as matcher;
 use envoy_types::pb::google::protobuf as pbw;
 use envoy_types::util::pack_any;
@@ -64,6 +65,9 @@ pub struct Translation {
     pub waypoints: Waypoints,
     pub problems: Vec<Problem>,
 }
+
+/// The `typed_extension_protocol_options` key of a cluster's HTTP upstream options.
+const HTTP_PROTOCOL_OPTIONS: &str = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
 
 /// Handled as HTTP (L7), by the port's application protocol as the workload API carries it.
 fn is_http(p: &crate::k8s::ServicePort) -> bool {
@@ -465,6 +469,7 @@ impl Builder<'_> {
                 }),
                 lb_policy: cluster::cluster::LbPolicy::RoundRobin as i32,
                 connect_timeout: Some(duration(Duration::from_secs(10))),
+                typed_extension_protocol_options: self.protocol_options(&spec),
                 ..Default::default()
             };
             let cla = self.load_assignment(&name, &spec);
@@ -615,6 +620,37 @@ impl Builder<'_> {
 
     /// The endpoints of a cluster: the ready-or-not pods the service selects (and the subset's
     /// labels), at the port's target; one address per pod (IPv4 first).
+    /// HTTP/2 to the endpoints of an HTTP/2 or gRPC port (as Istio's clusters for such ports);
+    /// without options Envoy speaks HTTP/1.1, which is right for `http` ports.
+    fn protocol_options(&self, spec: &ClusterSpec) -> std::collections::HashMap<String, pbw::Any> {
+        use http_options::http_protocol_options::{
+            ExplicitHttpConfig, UpstreamProtocolOptions, explicit_http_config::ProtocolConfig,
+        };
+        let h2 = self
+            .s
+            .services
+            .get(&spec.service)
+            .and_then(|svc| svc.ports.iter().find(|p| p.port == spec.port))
+            .is_some_and(|p| {
+                matches!(
+                    mesh::state::AppProtocol::of_port(&p.app_protocol, &p.name),
+                    mesh::state::AppProtocol::Http2 | mesh::state::AppProtocol::Grpc
+                )
+            });
+        if !h2 {
+            return Default::default();
+        }
+        let options = http_options::HttpProtocolOptions {
+            upstream_protocol_options: Some(UpstreamProtocolOptions::ExplicitHttpConfig(
+                ExplicitHttpConfig {
+                    protocol_config: Some(ProtocolConfig::Http2ProtocolOptions(Default::default())),
+                },
+            )),
+            ..Default::default()
+        };
+        [(HTTP_PROTOCOL_OPTIONS.to_string(), pack_any(options))].into()
+    }
+
     fn load_assignment(&self, name: &str, spec: &ClusterSpec) -> endpoint::ClusterLoadAssignment {
         let mut lb_endpoints = Vec::new();
         if let Some(svc) = self.s.services.get(&spec.service)
@@ -1323,6 +1359,42 @@ spec: {host: web, subsets: [{name: v1, labels: {version: v1}}, {name: v2, labels
             Action::Route(a) => a,
             other => panic!("not a route action: {other:?}"),
         }
+    }
+
+    #[test]
+    fn http2_and_grpc_ports_speak_http2_upstream() {
+        let (w, problems) = waypoint(
+            "apiVersion: v1\nkind: Service\nmetadata: {name: rpc, namespace: shop, labels: {istio.io/use-waypoint: waypoint}}\nspec: {clusterIP: 10.96.0.3, selector: {app: web}, ports: [{name: grpc, port: 9090}, {name: web, port: 81, appProtocol: kubernetes.io/h2c}, {name: http-x, port: 82}]}\n",
+        );
+        assert!(problems.is_empty(), "{problems:?}");
+        let h2 = |name: &str| {
+            let c = cluster::Cluster::decode(w.clusters[name].body.clone()).unwrap();
+            let Some(any) = c
+                .typed_extension_protocol_options
+                .get(HTTP_PROTOCOL_OPTIONS)
+            else {
+                return false;
+            };
+            assert_eq!(
+                any.type_url,
+                "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+            );
+            let o = http_options::HttpProtocolOptions::decode(&any.value[..]).unwrap();
+            matches!(
+                o.upstream_protocol_options,
+                Some(http_options::http_protocol_options::UpstreamProtocolOptions::ExplicitHttpConfig(
+                    http_options::http_protocol_options::ExplicitHttpConfig {
+                        protocol_config: Some(
+                            http_options::http_protocol_options::explicit_http_config::ProtocolConfig::Http2ProtocolOptions(_)
+                        )
+                    }
+                ))
+            )
+        };
+        assert!(h2("inbound-vip|9090|http|rpc.shop.svc.cluster.local"));
+        assert!(h2("inbound-vip|81|http|rpc.shop.svc.cluster.local"));
+        assert!(!h2("inbound-vip|82|http|rpc.shop.svc.cluster.local"));
+        assert!(!h2(WEB_HTTP), "HTTP/1.1 (Envoy's default) for http ports");
     }
 
     #[test]

@@ -4,6 +4,16 @@
 //! CONNECT to the service VIP); the echo "pods" behind them report what they received, and the
 //! status, chosen subset, path, authority and headers must be the same (weights as
 //! distributions).
+//! Every request goes through both with an HTTP/1.1 client and again with HTTP/2 (h2c), to an
+//! `http` port (HTTP/1.1 upstream) and a `grpc` port (HTTP/2 upstream).
+//!
+//! Left out of the comparison, on purpose: message framing (`content-length` on a body-less
+//! POST), the value of the generated `x-request-id` (its presence is compared), and Envoy's
+//! per-request header formatters other than `%ROUTE_NAME%` / `%%` (our waypoint sends e.g.
+//! `%DOWNSTREAM_REMOTE_ADDRESS%` as written), and `sourceLabels` / `sourceNamespace` (Envoy has
+//! no `istio.source` metadata so such routes never match there; our waypoint matches them from
+//! the HBONE peer, by design).
+//!
 //! Without `envoy` on PATH the test is skipped, except with `CI=true`, where that fails.
 
 use std::collections::BTreeMap;
@@ -40,6 +50,9 @@ const ROUTE: &str = "inbound-vip|80|http|web.shop.svc.cluster.local";
 const ENVOY_NODE: &str = "router~10.244.1.9~waypoint-1.shop~shop.svc.cluster.local";
 const OURS_NODE: &str = "router~10.244.1.10~waypoint-2.shop~shop.svc.cluster.local";
 const TARGET_PORT: u16 = 8080;
+/// A second service port, named `grpc`: pilot's clusters for it carry HTTP/2 protocol options.
+const GRPC_ROUTE: &str = "inbound-vip|81|http|web.shop.svc.cluster.local";
+const GRPC_TARGET_PORT: u16 = 8081;
 
 /// Addresses of one run: 127.<a>.<b>.x, random so that parallel runs do not collide.
 struct Net {
@@ -81,7 +94,7 @@ spec: {{gatewayClassName: istio-waypoint, listeners: [{{name: mesh, port: 15008,
 apiVersion: v1
 kind: Service
 metadata: {{name: web, namespace: shop, labels: {{istio.io/use-waypoint: waypoint}}}}
-spec: {{clusterIP: {vip}, selector: {{app: web}}, ports: [{{name: http, port: 80, targetPort: {TARGET_PORT}}}]}}
+spec: {{clusterIP: {vip}, selector: {{app: web}}, ports: [{{name: http, port: 80, targetPort: {TARGET_PORT}}}, {{name: grpc, port: 81, targetPort: {GRPC_TARGET_PORT}}}]}}
 ---
 {}{}{}{}"#,
         pod(
@@ -119,7 +132,7 @@ spec:
   - name: exact
     match: [{name: plain, uri: {exact: /exact}}]
     route: [{destination: {host: web, subset: v1}}]
-    headers: {response: {set: {x-rule: exact}}}
+    headers: {response: {set: {x-rule: exact, x-route-name: "%ROUTE_NAME%", x-pct: "100%%"}}}
   - name: exact-nocase
     match: [{uri: {exact: /Case}, ignoreUriCase: true}]
     route: [{destination: {host: web, subset: v2}}]
@@ -182,6 +195,14 @@ spec:
     match: [{uri: {prefix: /and}, headers: {x-a: {exact: "1"}, x-b: {exact: "2"}}}]
     route: [{destination: {host: web, subset: v2}}]
     headers: {response: {set: {x-rule: header-and}}}
+  - name: header-star
+    match: [{uri: {prefix: /star}, headers: {x-star: {regex: "*"}}}]
+    route: [{destination: {host: web, subset: v2}}]
+    headers: {response: {set: {x-rule: header-star}}}
+  - name: header-joined
+    match: [{uri: {prefix: /joined}, headers: {x-j: {exact: "a,b"}}}]
+    route: [{destination: {host: web, subset: v2}}]
+    headers: {response: {set: {x-rule: header-joined}}}
   - name: without
     match: [{uri: {prefix: /without}, withoutHeaders: {x-debug: {exact: "1"}}}]
     route: [{destination: {host: web, subset: v2}}]
@@ -222,7 +243,7 @@ spec:
       headers: {request: {set: {x-dest: v1, x-both: dest}}, response: {set: {x-dest: v1}}}
     - destination: {host: web, subset: v2}
       weight: 30
-      headers: {request: {set: {x-dest: v2, host: v2.rewritten}}, response: {add: {x-dest: v2}}}
+      headers: {request: {set: {x-dest: v2, host: v2.rewritten}}, response: {add: {x-dest: v2, x-route-name: "%ROUTE_NAME%"}}}
     headers: {request: {set: {x-both: route}}, response: {set: {x-rule: split}}}
   - name: zero-weight
     match: [{uri: {prefix: /zero}}]
@@ -339,6 +360,7 @@ async fn echo(name: &'static str, req: Request<Incoming>) -> Response<Full<Bytes
     }
     let answer = serde_json::json!({
         "subset": name,
+        "version": format!("{:?}", req.version()),
         "method": req.method().as_str(),
         "path": path,
         "authority": authority,
@@ -371,7 +393,7 @@ struct Pod {
 
 impl Handler for Pod {
     async fn handle(&self, stream: InboundStream) {
-        if stream.request.authority.port() != TARGET_PORT {
+        if ![TARGET_PORT, GRPC_TARGET_PORT].contains(&stream.request.authority.port()) {
             return;
         }
         if let Ok(s) = stream.accept(None) {
@@ -411,14 +433,16 @@ async fn start_pods(net: &Net, ca: &Arc<DevCa>, drain: mesh::drain::Watch) -> u1
     let (a, b) = bind_pair(net).await;
     let hbone_port = a.local_addr().unwrap().port();
     for (hbone, last, name) in [(a, 2, "v1"), (b, 3, "v2")] {
-        let plain = TcpListener::bind(SocketAddr::new(net.ip(last), TARGET_PORT))
-            .await
-            .unwrap();
-        tokio::spawn(async move {
-            while let Ok((tcp, _)) = plain.accept().await {
-                tokio::spawn(serve_echo(name, tcp));
-            }
-        });
+        for port in [TARGET_PORT, GRPC_TARGET_PORT] {
+            let plain = TcpListener::bind(SocketAddr::new(net.ip(last), port))
+                .await
+                .unwrap();
+            tokio::spawn(async move {
+                while let Ok((tcp, _)) = plain.accept().await {
+                    tokio::spawn(serve_echo(name, tcp));
+                }
+            });
+        }
         let tls = ca
             .issue(&Identity::new(TD, "shop", "web"), Duration::from_secs(3600))
             .unwrap()
@@ -471,7 +495,7 @@ async fn start_pilot(dir: &std::path::Path, net: &Net) -> Running {
         let p = pilot.published.borrow().clone();
         if p.waypoints
             .get("shop/waypoint")
-            .is_some_and(|w| w.routes.contains_key(ROUTE))
+            .is_some_and(|w| w.routes.contains_key(ROUTE) && w.routes.contains_key(GRPC_ROUTE))
         {
             assert!(p.problems.is_empty(), "{:?}", p.problems);
             break;
@@ -538,7 +562,34 @@ async fn wait_settled(pilot: &Running, node: &str, types: &[&str]) {
 
 /// Envoy with ADS to pilot for clusters, endpoints and routes, and one static listener whose
 /// HCM takes pilot's route configuration by RDS.
-fn envoy_bootstrap(dir: &std::path::Path, pilot: &Running, listen: SocketAddr) -> String {
+/// One plain listener whose HCM takes `route` from pilot by RDS.
+fn envoy_listener(listen: SocketAddr, route: &str) -> String {
+    format!(
+        r#"  - name: "{route}"
+    address: {{socket_address: {{address: {ip}, port_value: {port}}}}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: reference
+          rds:
+            route_config_name: "{route}"
+            config_source: {{ads: {{}}, resource_api_version: V3}}
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}
+"#,
+        ip = listen.ip(),
+        port = listen.port(),
+    )
+}
+
+fn envoy_bootstrap(
+    dir: &std::path::Path,
+    pilot: &Running,
+    listeners: &BTreeMap<u16, SocketAddr>,
+) -> String {
     let token = std::fs::read_to_string(dir.join("state/tokens/sa/shop.waypoint.token")).unwrap();
     let root = dir.join("root.pem");
     std::fs::write(&root, &pilot.root_pem).unwrap();
@@ -556,21 +607,7 @@ dynamic_resources:
   cds_config: {{ads: {{}}, resource_api_version: V3}}
 static_resources:
   listeners:
-  - name: reference
-    address: {{socket_address: {{address: {ip}, port_value: {port}}}}}
-    filter_chains:
-    - filters:
-      - name: envoy.filters.network.http_connection_manager
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: reference
-          rds:
-            route_config_name: "{ROUTE}"
-            config_source: {{ads: {{}}, resource_api_version: V3}}
-          http_filters:
-          - name: envoy.filters.http.router
-            typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}
-  clusters:
+{listeners}  clusters:
   - name: pilot
     type: STATIC
     connect_timeout: 5s
@@ -593,8 +630,10 @@ static_resources:
             match_typed_subject_alt_names: [{{san_type: DNS, matcher: {{exact: pilot.istio-system.svc}}}}]
 "#,
         token = token.trim(),
-        ip = listen.ip(),
-        port = listen.port(),
+        listeners = [(80, ROUTE), (81, GRPC_ROUTE)]
+            .iter()
+            .map(|(p, r)| envoy_listener(listeners[p], r))
+            .collect::<String>(),
         pilot_port = pilot.addr.port(),
         root = root.display(),
     )
@@ -667,6 +706,15 @@ struct Case {
     /// `Host`; the service's name unless given.
     host: Option<&'static str>,
     headers: &'static [(&'static str, &'static str)],
+    /// The service port (80, `http`, unless `at` says otherwise).
+    port: u16,
+}
+
+impl Case {
+    fn at(mut self, port: u16) -> Case {
+        self.port = port;
+        self
+    }
 }
 
 const fn get(path: &'static str) -> Case {
@@ -675,6 +723,7 @@ const fn get(path: &'static str) -> Case {
         path,
         host: None,
         headers: &[],
+        port: 80,
     }
 }
 
@@ -684,6 +733,7 @@ const fn with(path: &'static str, headers: &'static [(&'static str, &'static str
         path,
         host: None,
         headers,
+        port: 80,
     }
 }
 
@@ -693,6 +743,7 @@ const fn host(path: &'static str, host: &'static str) -> Case {
         path,
         host: Some(host),
         headers: &[],
+        port: 80,
     }
 }
 
@@ -702,6 +753,7 @@ const fn method(method: &'static str, path: &'static str) -> Case {
         path,
         host: None,
         headers: &[],
+        port: 80,
     }
 }
 
@@ -811,8 +863,31 @@ fn cases() -> Vec<Case> {
             ],
         ),
         get("/hostset"),
+        // paths are matched as sent: no decoding, no normalisation
+        get("/%70refix/a"),
+        get("/prefix/../exact"),
+        get("//exact"),
+        // header names are case-insensitive; repeated headers match as one joined value
+        with("/headers", &[("X-Exact", "a")]),
+        with("/headers", &[("x-exact", "a"), ("x-exact", "b")]),
+        with("/headers", &[("x-prefix", "pre"), ("x-prefix", "x")]),
+        // Istio's regex `*`: present
+        with("/star", &[("x-star", "")]),
+        get("/star"),
+        with("/joined", &[("x-j", "a"), ("x-j", "b")]),
+        with("/joined", &[("x-j", "a,b")]),
+        with("/without", &[("x-debug", "0"), ("x-debug", "1")]),
+        with("/without", &[("x-debug", "1"), ("x-debug", "0")]),
+        // query parameter names are case-sensitive
+        get("/query?V=1"),
+        get("/query?a=b&v=1#frag"),
         // nothing special: the catch-all
         get("/nothing"),
+        // the `grpc` port: HTTP/2 to the app whatever the client speaks
+        get("/exact").at(81),
+        get("/rw/a/b").at(81),
+        with("/headers", &[("x-exact", "a")]).at(81),
+        get("/nothing").at(81),
     ]
 }
 
@@ -934,22 +1009,23 @@ where
 }
 
 struct Clients {
-    envoy: SocketAddr,
+    /// Envoy's listener for each service port.
+    envoy: BTreeMap<u16, SocketAddr>,
     hbone: client::Connection,
-    vip: SocketAddr,
+    vip: IpAddr,
     source: SocketAddr,
 }
 
 impl Clients {
     async fn envoy(&self, case: &Case, client: Client) -> Result<Seen, String> {
-        let tcp = TcpStream::connect(self.envoy)
+        let tcp = TcpStream::connect(self.envoy[&case.port])
             .await
             .map_err(|e| e.to_string())?;
         exchange(tcp, request(case, client), client).await
     }
 
     async fn ours(&self, case: &Case, client: Client) -> Result<Seen, String> {
-        let mut connect = ConnectRequest::new(self.vip);
+        let mut connect = ConnectRequest::new(SocketAddr::new(self.vip, case.port));
         connect.forwarded_for = Some(self.source);
         let stream = self
             .hbone
@@ -962,6 +1038,9 @@ impl Clients {
 
 fn describe(case: &Case) -> String {
     let mut s = format!("{} {}", case.method, case.path);
+    if case.port != 80 {
+        s.push_str(&format!(" port={}", case.port));
+    }
     if let Some(h) = case.host {
         s.push_str(&format!(" host={h}"));
     }
@@ -982,8 +1061,8 @@ fn summary(s: &Result<Seen, String>) -> String {
                 .unwrap_or_default();
             match &s.app {
                 Some(a) => format!(
-                    "{} {}{rule} path={} authority={}",
-                    s.status, a["subset"], a["path"], a["authority"]
+                    "{} {}{rule} path={} authority={} {}",
+                    s.status, a["subset"], a["path"], a["authority"], a["version"]
                 ),
                 None => format!(
                     "{}{rule} location={:?} body={:?}",
@@ -1027,9 +1106,12 @@ async fn waypoint_routes_as_envoy_does() {
     let pilot = start_pilot(&dir, &net).await;
 
     // Envoy.
-    let envoy_addr = free_port(IpAddr::from([127, 0, 0, 1]));
+    let envoy_addrs: BTreeMap<u16, SocketAddr> = [80, 81]
+        .into_iter()
+        .map(|p| (p, free_port(IpAddr::from([127, 0, 0, 1]))))
+        .collect();
     let config = dir.join("envoy.yaml");
-    std::fs::write(&config, envoy_bootstrap(&dir, &pilot, envoy_addr)).unwrap();
+    std::fs::write(&config, envoy_bootstrap(&dir, &pilot, &envoy_addrs)).unwrap();
     let log_path = dir.join("envoy.log");
     let mut child = tokio::process::Command::new(envoy)
         .arg("-c")
@@ -1056,9 +1138,9 @@ async fn waypoint_routes_as_envoy_does() {
     let tcp = TcpStream::connect(ours.addr).await.unwrap();
     let hbone = client::handshake(tcp, tls, ours.addr).await.unwrap();
     let clients = Clients {
-        envoy: envoy_addr,
+        envoy: envoy_addrs,
         hbone,
-        vip: SocketAddr::new(net.vip(), 80),
+        vip: net.vip(),
         source: SocketAddr::new(net.ip(9), 40000),
     };
 

@@ -26,7 +26,7 @@ use mesh::state::{Service, Workload};
 use tracing::{debug, info};
 
 use crate::Waypoint;
-use crate::config::{Config, Listener, ListenerKind, Routes};
+use crate::config::{Config, Listener, ListenerKind, Routes, UpstreamProtocol};
 use crate::metrics::Peers;
 use crate::route::{self, Action};
 use crate::upstream::Protocol;
@@ -251,7 +251,14 @@ pub async fn handle(
     }
     let host = host_rewrite.unwrap_or(&authority).to_string();
     let path = new_path.as_deref().unwrap_or(&path);
-    let uri = match protocol {
+    // The cluster decides the version spoken upstream, as Envoy's protocol options do.
+    let upstream_protocol = match cluster.protocol {
+        UpstreamProtocol::Http1 => Protocol::Http1,
+        UpstreamProtocol::Http2 => Protocol::Http2,
+        UpstreamProtocol::Downstream { http2: true } => protocol,
+        UpstreamProtocol::Downstream { http2: false } => Protocol::Http1,
+    };
+    let uri = match upstream_protocol {
         Protocol::Http1 => {
             if let Ok(v) = HeaderValue::from_str(&host) {
                 parts.headers.insert(header::HOST, v);
@@ -274,7 +281,7 @@ pub async fn handle(
         );
     };
     parts.uri = uri;
-    parts.version = match protocol {
+    parts.version = match upstream_protocol {
         Protocol::Http1 => Version::HTTP_11,
         Protocol::Http2 => Version::HTTP_2,
     };
@@ -302,7 +309,7 @@ pub async fn handle(
                 .send(
                     &state,
                     endpoint.address,
-                    protocol,
+                    upstream_protocol,
                     connect_timeout,
                     upstream_req,
                 )
