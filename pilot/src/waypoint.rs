@@ -620,32 +620,40 @@ impl Builder<'_> {
 
     /// The endpoints of a cluster: the ready-or-not pods the service selects (and the subset's
     /// labels), at the port's target; one address per pod (IPv4 first).
-    /// HTTP/2 to the endpoints of an HTTP/2 or gRPC port (as Istio's clusters for such ports);
-    /// without options Envoy speaks HTTP/1.1, which is right for `http` ports.
+    /// The protocol spoken to the endpoints: HTTP/2 for an HTTP/2 or gRPC port (as Istio's
+    /// clusters for such ports); for an `http` port the client's own protocol
+    /// (`use_downstream_protocol_config`), so an HTTP/1.1 app is never sent h2c and an h2
+    /// client keeps h2 end to end (Istio's default would downgrade it to HTTP/1.1; its
+    /// DestinationRule `useClientProtocol` is what we do by default). TCP ports: none.
     fn protocol_options(&self, spec: &ClusterSpec) -> std::collections::HashMap<String, pbw::Any> {
         use http_options::http_protocol_options::{
-            ExplicitHttpConfig, UpstreamProtocolOptions, explicit_http_config::ProtocolConfig,
+            ExplicitHttpConfig, UpstreamProtocolOptions, UseDownstreamHttpConfig,
+            explicit_http_config::ProtocolConfig,
         };
-        let h2 = self
+        use mesh::state::AppProtocol;
+        let protocol = self
             .s
             .services
             .get(&spec.service)
             .and_then(|svc| svc.ports.iter().find(|p| p.port == spec.port))
-            .is_some_and(|p| {
-                matches!(
-                    mesh::state::AppProtocol::of_port(&p.app_protocol, &p.name),
-                    mesh::state::AppProtocol::Http2 | mesh::state::AppProtocol::Grpc
-                )
-            });
-        if !h2 {
-            return Default::default();
-        }
-        let options = http_options::HttpProtocolOptions {
-            upstream_protocol_options: Some(UpstreamProtocolOptions::ExplicitHttpConfig(
-                ExplicitHttpConfig {
+            .map(|p| AppProtocol::of_port(&p.app_protocol, &p.name));
+        let upstream = match protocol {
+            Some(AppProtocol::Http2 | AppProtocol::Grpc) => {
+                UpstreamProtocolOptions::ExplicitHttpConfig(ExplicitHttpConfig {
                     protocol_config: Some(ProtocolConfig::Http2ProtocolOptions(Default::default())),
-                },
-            )),
+                })
+            }
+            Some(AppProtocol::Http11) => {
+                UpstreamProtocolOptions::UseDownstreamProtocolConfig(UseDownstreamHttpConfig {
+                    http_protocol_options: Some(Default::default()),
+                    http2_protocol_options: Some(Default::default()),
+                    http3_protocol_options: None,
+                })
+            }
+            _ => return Default::default(),
+        };
+        let options = http_options::HttpProtocolOptions {
+            upstream_protocol_options: Some(upstream),
             ..Default::default()
         };
         [(HTTP_PROTOCOL_OPTIONS.to_string(), pack_any(options))].into()

@@ -5,7 +5,7 @@
 //! status, chosen subset, path, authority and headers must be the same (weights as
 //! distributions).
 //! Every request goes through both with an HTTP/1.1 client and again with HTTP/2 (h2c), to an
-//! `http` port (HTTP/1.1 upstream) and a `grpc` port (HTTP/2 upstream).
+//! `http` port (the client's protocol upstream) and a `grpc` port (HTTP/2 upstream).
 //!
 //! Left out of the comparison, on purpose: message framing (`content-length` on a body-less
 //! POST), the value of the generated `x-request-id` (its presence is compared), and Envoy's
