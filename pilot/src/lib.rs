@@ -8,6 +8,7 @@ pub mod crds;
 pub mod folder;
 pub mod k8s;
 pub mod model;
+pub mod provision;
 pub mod routing;
 pub mod server;
 pub mod token_review;

@@ -57,6 +57,16 @@ struct Args {
     /// field would enforce them. Turn on only when every node proxy is ours.
     #[arg(long)]
     send_dry_run_policies: bool,
+    /// Kubernetes source: the image of the waypoint Deployments pilot applies for each
+    /// `istio-waypoint` Gateway (with its ServiceAccount and Service, owned by the Gateway).
+    #[arg(long, default_value = pilot::provision::DEFAULT_IMAGE)]
+    waypoint_image: String,
+    /// Kubernetes source: pilot's xDS address as waypoint pods dial it (their `--xds-address`).
+    #[arg(long, default_value = pilot::provision::DEFAULT_XDS_ADDRESS)]
+    waypoint_xds_address: String,
+    /// Kubernetes source: do not provision waypoint Deployments/Services/ServiceAccounts.
+    #[arg(long)]
+    no_waypoint_provisioning: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -104,7 +114,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
             )?;
             info!(cluster = %config.cluster_url, "Kubernetes source");
             let client = kube::Client::try_from(config).context("Kubernetes client")?;
-            Source::Kubernetes(Kubernetes { client, node_agent })
+            let waypoints = (!args.no_waypoint_provisioning).then_some(pilot::provision::Options {
+                image: args.waypoint_image,
+                xds_address: args.waypoint_xds_address,
+            });
+            Source::Kubernetes(Kubernetes {
+                client,
+                node_agent,
+                waypoints,
+            })
         }
     };
     let cfg = Config {

@@ -393,17 +393,21 @@ fn check_regex(at: At<'_>, re: &str) -> Result<(), Problem> {
 }
 
 /// Istio's StringMatch: exactly one of exact / prefix / regex; `{}` (allowed where `empty_ok`)
-/// means "present".
-fn string_match(at: At<'_>, empty_ok: bool) -> Result<StringMatch, Problem> {
+/// means "present". For a header-like field (`header`: everything but `uri`) Istio takes the
+/// regex `*` (not RE2) as "present" too.
+fn string_match(at: At<'_>, empty_ok: bool, header: bool) -> Result<StringMatch, Problem> {
     at.object(&["exact", "prefix", "regex"])?;
     let exact = at.get("exact", |a| a.string())?;
     let prefix = at.get("prefix", |a| a.string())?;
     let regex = at.get("regex", |a| {
         let r = a.string()?;
-        check_regex(a, &r)?;
+        if !(header && r == "*") {
+            check_regex(a, &r)?;
+        }
         Ok(r)
     })?;
     match (exact, prefix, regex) {
+        (None, None, Some(r)) if header && r == "*" => Ok(StringMatch::Present),
         (Some(e), None, None) => Ok(StringMatch::Exact(e)),
         (None, Some(p), None) => Ok(StringMatch::Prefix(p)),
         (None, None, Some(r)) => Ok(StringMatch::Regex(r)),
@@ -432,18 +436,18 @@ fn http_match(at: At<'_>) -> Result<HttpMatch, Problem> {
     ])?;
     Ok(HttpMatch {
         name: at.get("name", |a| a.string())?.unwrap_or_default(),
-        uri: at.get("uri", |a| string_match(a, false))?,
-        scheme: at.get("scheme", |a| string_match(a, false))?,
-        method: at.get("method", |a| string_match(a, false))?,
-        authority: at.get("authority", |a| string_match(a, false))?,
+        uri: at.get("uri", |a| string_match(a, false, false))?,
+        scheme: at.get("scheme", |a| string_match(a, false, true))?,
+        method: at.get("method", |a| string_match(a, false, true))?,
+        authority: at.get("authority", |a| string_match(a, false, true))?,
         headers: at
-            .get("headers", |a| a.map(|h| string_match(h, true)))?
+            .get("headers", |a| a.map(|h| string_match(h, true, true)))?
             .unwrap_or_default(),
         without_headers: at
-            .get("withoutHeaders", |a| a.map(|h| string_match(h, true)))?
+            .get("withoutHeaders", |a| a.map(|h| string_match(h, true, true)))?
             .unwrap_or_default(),
         query_params: at
-            .get("queryParams", |a| a.map(|h| string_match(h, true)))?
+            .get("queryParams", |a| a.map(|h| string_match(h, true, true)))?
             .unwrap_or_default(),
         ignore_uri_case: at.get("ignoreUriCase", |a| a.boolean())?.unwrap_or(false),
         port: at.get("port", |a| a.port())?,
@@ -1157,6 +1161,27 @@ mod tests {
         );
         assert_eq!(v.tcp[0].matches[0].port, Some(3306));
         assert_eq!(v.tls[0].matches[0].sni_hosts.len(), 1);
+    }
+
+    #[test]
+    fn star_regex_is_present_except_for_uri() {
+        let text = vs(
+            "{hosts: [reviews], http: [{match: [{method: {regex: \"*\"}, headers: {x: {regex: \"*\"}}, withoutHeaders: {y: {regex: \"*\"}}, queryParams: {q: {regex: \"*\"}}}], route: [{destination: {host: reviews}}]}]}",
+        );
+        let p = parse_documents(&text, "routing.yaml");
+        assert!(p.problems.is_empty(), "{:?}", p.problems);
+        let crate::k8s::Object::VirtualService(v) = &p.objects[0].1 else {
+            panic!()
+        };
+        let m = &v.http[0].matches[0];
+        assert_eq!(m.method, Some(super::StringMatch::Present));
+        assert_eq!(m.headers["x"], super::StringMatch::Present);
+        assert_eq!(m.without_headers["y"], super::StringMatch::Present);
+        assert_eq!(m.query_params["q"], super::StringMatch::Present);
+        let uri = problems(&vs(
+            "{hosts: [reviews], http: [{match: [{uri: {regex: \"*\"}}], route: [{destination: {host: reviews}}]}]}",
+        ));
+        assert!(uri[0].contains("invalid regex"), "{uri:?}");
     }
 
     #[test]

@@ -58,12 +58,16 @@ pub struct Kubernetes {
     /// `(namespace, service account)` of the node agents (ztunnel): their tokens are trusted
     /// for the pods on their node.
     pub node_agent: (String, String),
+    /// Provision each waypoint Gateway's ServiceAccount, Deployment and Service with these
+    /// options (`None`: pilot applies nothing).
+    pub waypoints: Option<crate::provision::Options>,
 }
 
 impl std::fmt::Debug for Kubernetes {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Kubernetes")
             .field("node_agent", &self.node_agent)
+            .field("waypoints", &self.waypoints)
             .finish_non_exhaustive()
     }
 }
@@ -201,6 +205,13 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
                 .changed()
                 .await
                 .context("the Kubernetes source stopped before its first snapshot")?;
+            if let Some(opts) = &k.waypoints {
+                tokio::spawn(crate::provision::provision(
+                    k.client.clone(),
+                    snap_rx.clone(),
+                    opts.clone(),
+                ));
+            }
             let reviewer = TokenReviewer::new(
                 k.client.clone(),
                 &cfg.mesh.trust_domain,

@@ -13,6 +13,7 @@ use envoy_types::pb::envoy::config::route::v3 as route;
 use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3 as hcm;
 use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3 as tcp;
+use envoy_types::pb::envoy::extensions::upstreams::http::v3 as http_options;
 use envoy_types::pb::envoy::r#type::matcher::v3 as matcher;
 use envoy_types::pb::google::protobuf as pbw;
 use envoy_types::util::pack_any;
@@ -64,6 +65,9 @@ pub struct Translation {
     pub waypoints: Waypoints,
     pub problems: Vec<Problem>,
 }
+
+/// The `typed_extension_protocol_options` key of a cluster's HTTP upstream options.
+const HTTP_PROTOCOL_OPTIONS: &str = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
 
 /// Handled as HTTP (L7), by the port's application protocol as the workload API carries it.
 fn is_http(p: &crate::k8s::ServicePort) -> bool {
@@ -465,6 +469,7 @@ impl Builder<'_> {
                 }),
                 lb_policy: cluster::cluster::LbPolicy::RoundRobin as i32,
                 connect_timeout: Some(duration(Duration::from_secs(10))),
+                typed_extension_protocol_options: self.protocol_options(&spec),
                 ..Default::default()
             };
             let cla = self.load_assignment(&name, &spec);
@@ -615,6 +620,45 @@ impl Builder<'_> {
 
     /// The endpoints of a cluster: the ready-or-not pods the service selects (and the subset's
     /// labels), at the port's target; one address per pod (IPv4 first).
+    /// The protocol spoken to the endpoints: HTTP/2 for an HTTP/2 or gRPC port (as Istio's
+    /// clusters for such ports); for an `http` port the client's own protocol
+    /// (`use_downstream_protocol_config`), so an HTTP/1.1 app is never sent h2c and an h2
+    /// client keeps h2 end to end (Istio's default would downgrade it to HTTP/1.1; its
+    /// DestinationRule `useClientProtocol` is what we do by default). TCP ports: none.
+    fn protocol_options(&self, spec: &ClusterSpec) -> std::collections::HashMap<String, pbw::Any> {
+        use http_options::http_protocol_options::{
+            ExplicitHttpConfig, UpstreamProtocolOptions, UseDownstreamHttpConfig,
+            explicit_http_config::ProtocolConfig,
+        };
+        use mesh::state::AppProtocol;
+        let protocol = self
+            .s
+            .services
+            .get(&spec.service)
+            .and_then(|svc| svc.ports.iter().find(|p| p.port == spec.port))
+            .map(|p| AppProtocol::of_port(&p.app_protocol, &p.name));
+        let upstream = match protocol {
+            Some(AppProtocol::Http2 | AppProtocol::Grpc) => {
+                UpstreamProtocolOptions::ExplicitHttpConfig(ExplicitHttpConfig {
+                    protocol_config: Some(ProtocolConfig::Http2ProtocolOptions(Default::default())),
+                })
+            }
+            Some(AppProtocol::Http11) => {
+                UpstreamProtocolOptions::UseDownstreamProtocolConfig(UseDownstreamHttpConfig {
+                    http_protocol_options: Some(Default::default()),
+                    http2_protocol_options: Some(Default::default()),
+                    http3_protocol_options: None,
+                })
+            }
+            _ => return Default::default(),
+        };
+        let options = http_options::HttpProtocolOptions {
+            upstream_protocol_options: Some(upstream),
+            ..Default::default()
+        };
+        [(HTTP_PROTOCOL_OPTIONS.to_string(), pack_any(options))].into()
+    }
+
     fn load_assignment(&self, name: &str, spec: &ClusterSpec) -> endpoint::ClusterLoadAssignment {
         let mut lb_endpoints = Vec::new();
         if let Some(svc) = self.s.services.get(&spec.service)
@@ -820,17 +864,21 @@ impl Builder<'_> {
         let response = header_mutations(&r.headers.response, false);
         let action = if let Some(rd) = &r.redirect {
             use route::redirect_action::{PathRewriteSpecifier, SchemeRewriteSpecifier};
-            let port_redirect = match (rd.port, rd.derive_port) {
+            // As Istio: Envoy cannot take the port from the request, but these routes serve one
+            // service port, so FROM_REQUEST_PORT is that port; FROM_PROTOCOL_DEFAULT is no
+            // port (Envoy's own behaviour); and a port that is the scheme's default is left out
+            // (no explicit `:80` / `:443` in the location).
+            let mut port_redirect = match (rd.port, rd.derive_port) {
                 (Some(p), _) => u32::from(p),
-                (None, Some(DerivePort::FromProtocolDefault)) => {
-                    if rd.scheme.as_deref() == Some("https") {
-                        443
-                    } else {
-                        80
-                    }
-                }
+                (None, Some(DerivePort::FromRequestPort)) => u32::from(here.1),
                 _ => 0,
             };
+            let scheme = rd.scheme.as_deref().unwrap_or("http");
+            if (port_redirect == 80 && scheme == "http")
+                || (port_redirect == 443 && scheme == "https")
+            {
+                port_redirect = 0;
+            }
             route::route::Action::Redirect(route::RedirectAction {
                 host_redirect: rd.authority.clone().unwrap_or_default(),
                 port_redirect,
@@ -1322,6 +1370,42 @@ spec: {host: web, subsets: [{name: v1, labels: {version: v1}}, {name: v2, labels
     }
 
     #[test]
+    fn http2_and_grpc_ports_speak_http2_upstream() {
+        let (w, problems) = waypoint(
+            "apiVersion: v1\nkind: Service\nmetadata: {name: rpc, namespace: shop, labels: {istio.io/use-waypoint: waypoint}}\nspec: {clusterIP: 10.96.0.3, selector: {app: web}, ports: [{name: grpc, port: 9090}, {name: web, port: 81, appProtocol: kubernetes.io/h2c}, {name: http-x, port: 82}]}\n",
+        );
+        assert!(problems.is_empty(), "{problems:?}");
+        let h2 = |name: &str| {
+            let c = cluster::Cluster::decode(w.clusters[name].body.clone()).unwrap();
+            let Some(any) = c
+                .typed_extension_protocol_options
+                .get(HTTP_PROTOCOL_OPTIONS)
+            else {
+                return false;
+            };
+            assert_eq!(
+                any.type_url,
+                "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+            );
+            let o = http_options::HttpProtocolOptions::decode(&any.value[..]).unwrap();
+            matches!(
+                o.upstream_protocol_options,
+                Some(http_options::http_protocol_options::UpstreamProtocolOptions::ExplicitHttpConfig(
+                    http_options::http_protocol_options::ExplicitHttpConfig {
+                        protocol_config: Some(
+                            http_options::http_protocol_options::explicit_http_config::ProtocolConfig::Http2ProtocolOptions(_)
+                        )
+                    }
+                ))
+            )
+        };
+        assert!(h2("inbound-vip|9090|http|rpc.shop.svc.cluster.local"));
+        assert!(h2("inbound-vip|81|http|rpc.shop.svc.cluster.local"));
+        assert!(!h2("inbound-vip|82|http|rpc.shop.svc.cluster.local"));
+        assert!(!h2(WEB_HTTP), "HTTP/1.1 (Envoy's default) for http ports");
+    }
+
+    #[test]
     fn clusters_endpoints_listeners_without_virtual_services() {
         let (w, problems) = waypoint("");
         assert!(problems.is_empty(), "{problems:?}");
@@ -1689,6 +1773,10 @@ spec: {host: web, subsets: [{name: v1, labels: {version: v1}}, {name: v2, labels
     redirect: {{uri: /new, authority: example.org, scheme: https, derivePort: FROM_PROTOCOL_DEFAULT, redirectCode: 307}}
   - match: [{{uri: {{prefix: /port}}}}]
     redirect: {{port: 8443}}
+  - match: [{{uri: {{prefix: /request-port}}}}]
+    redirect: {{derivePort: FROM_REQUEST_PORT, scheme: https}}
+  - match: [{{uri: {{prefix: /standard}}}}]
+    redirect: {{port: 443, scheme: https}}
   - match: [{{uri: {{exact: /teapot}}}}]
     directResponse: {{status: 418, body: {{string: "{big}"}}}}
   - match: [{{uri: {{exact: /bytes}}}}]
@@ -1705,7 +1793,7 @@ spec: {host: web, subsets: [{name: v1, labels: {version: v1}}, {name: v2, labels
             panic!()
         };
         assert_eq!(rd.host_redirect, "example.org");
-        assert_eq!(rd.port_redirect, 443);
+        assert_eq!(rd.port_redirect, 0, "FROM_PROTOCOL_DEFAULT: no port");
         assert_eq!(
             rd.response_code,
             RedirectResponseCode::TemporaryRedirect as i32
@@ -1726,18 +1814,28 @@ spec: {host: web, subsets: [{name: v1, labels: {version: v1}}, {name: v2, labels
             rd.response_code,
             RedirectResponseCode::MovedPermanently as i32
         );
-        let Some(Action::DirectResponse(d)) = &r[2].action else {
+        // FROM_REQUEST_PORT: the service port the routes are for; a scheme's default port
+        // is left out.
+        let Some(Action::Redirect(rd)) = &r[2].action else {
+            panic!()
+        };
+        assert_eq!(rd.port_redirect, 80);
+        let Some(Action::Redirect(rd)) = &r[3].action else {
+            panic!()
+        };
+        assert_eq!(rd.port_redirect, 0);
+        let Some(Action::DirectResponse(d)) = &r[4].action else {
             panic!()
         };
         assert_eq!(d.status, 418);
-        let Some(Action::DirectResponse(d)) = &r[3].action else {
+        let Some(Action::DirectResponse(d)) = &r[5].action else {
             panic!()
         };
         assert_eq!(
             d.body.as_ref().unwrap().specifier,
             Some(core::data_source::Specifier::InlineBytes(b"hi".to_vec()))
         );
-        assert_eq!(r.len(), 4, "no default route after VirtualService routes");
+        assert_eq!(r.len(), 6, "no default route after VirtualService routes");
     }
 
     #[test]

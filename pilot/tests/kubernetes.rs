@@ -123,7 +123,7 @@ async fn bookinfo_from_the_cluster_is_the_folders_model() {
     let snap = next(&mut rx, Duration::from_secs(10)).await;
     assert_eq!(snap.generation, 1);
     assert!(snap.problems.is_empty(), "{:?}", snap.problems);
-    assert_eq!(snap.pods.len(), 7);
+    assert_eq!(snap.pods.len(), 8);
     assert_eq!(snap.policies.len(), 3);
     assert_eq!(
         (
@@ -171,7 +171,7 @@ async fn nothing_is_published_before_every_kind_is_listed() {
     server.set_failing("Gateway", false);
     let snap = next(&mut rx, Duration::from_secs(15)).await;
     assert_eq!(snap.generation, 1);
-    assert_eq!(snap.pods.len(), 7);
+    assert_eq!(snap.pods.len(), 8);
     assert_eq!(snap.gateways.len(), 1);
 }
 
@@ -182,13 +182,13 @@ async fn a_kind_not_installed_counts_as_empty() {
     server.set_served("DestinationRule", false);
     let mut rx = watch_cluster(&server);
     let snap = next(&mut rx, Duration::from_secs(10)).await;
-    assert_eq!(snap.pods.len(), 7);
+    assert_eq!(snap.pods.len(), 8);
     assert!(snap.destination_rules.is_empty());
 
     // Once it is served, its objects come in (at the watcher's next try).
     server.set_served("DestinationRule", true);
     let snap = until(&mut rx, |s| s.destination_rules.len() == 1).await;
-    assert_eq!(snap.pods.len(), 7);
+    assert_eq!(snap.pods.len(), 8);
 }
 
 #[tokio::test]
@@ -239,7 +239,7 @@ async fn pod_changes_and_problems() {
             "kubernetes: Pod bookinfo/broken: field \"status.podIP\": \"10.244.1\" is not an IP address",
         ]
     );
-    assert_eq!(bad.pods.len(), 8);
+    assert_eq!(bad.pods.len(), 9);
     assert_eq!(bad.policies.len(), 3);
     // Fixed in place: the problem goes, the policy comes in.
     server.apply(json!({
@@ -278,7 +278,7 @@ async fn relist_after_410_converges_and_failures_keep_the_last_objects() {
         pod_names(s).contains(&"ratings-v2-1") && !pod_names(s).contains(&"details-v1-6c7d9")
     })
     .await;
-    assert_eq!(s.pods.len(), 7);
+    assert_eq!(s.pods.len(), 8);
     assert!(
         server.requests("Pod").0 > pod_lists,
         "pods were listed again"
@@ -302,10 +302,10 @@ async fn relist_after_410_converges_and_failures_keep_the_last_objects() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let kept = rx.borrow().clone();
-    assert_eq!(kept.pods.len(), 7, "the failing relist took pods away");
+    assert_eq!(kept.pods.len(), 8, "the failing relist took pods away");
     server.set_failing("Pod", false);
     let s = until(&mut rx, |s| pod_names(s).contains(&"ratings-v2-2")).await;
-    assert_eq!(s.pods.len(), 8);
+    assert_eq!(s.pods.len(), 9);
 }
 
 fn reviewer(server: &ApiServer, model: watch::Receiver<Arc<Snapshot>>) -> TokenReviewer {
@@ -614,6 +614,7 @@ async fn xds_and_ca_in_kubernetes_mode() {
         source: Source::Kubernetes(Kubernetes {
             client: server.client(),
             node_agent: ("istio-system".into(), "ztunnel".into()),
+            waypoints: None,
         }),
         state_dir: dir.join("state"),
         listen: "127.0.0.1:0".parse().unwrap(),
@@ -658,7 +659,7 @@ async fn xds_and_ca_in_kubernetes_mode() {
         .unwrap();
     let first = s.next().await;
     // Every bookinfo pod and service (the waypoint's included).
-    assert_eq!(first.resources.len(), 7 + 5, "{:?}", ads::names(&first));
+    assert_eq!(first.resources.len(), 8 + 5, "{:?}", ads::names(&first));
     s.ack(&first).await;
 
     server.apply(pod("ratings-v2-1", "node1", "10.244.1.20"));
@@ -751,7 +752,118 @@ fn rbac_matches_the_code() {
         }
     }
     needed.insert("authentication.k8s.io tokenreviews create".to_string());
+    for (group, resource) in pilot::provision::applied_resources() {
+        // What server-side apply needs: PATCH, which may create, and get.
+        for verb in ["get", "patch", "create"] {
+            needed.insert(format!("{group} {resource} {verb}"));
+        }
+    }
     assert_eq!(granted, needed);
+}
+
+fn gateway(name: &str, class: &str) -> Value {
+    json!({
+        "apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
+        "metadata": {"name": name, "namespace": "bookinfo"},
+        "spec": {"gatewayClassName": class,
+                 "listeners": [{"name": "mesh", "port": 15008, "protocol": "HBONE"}]},
+    })
+}
+
+/// Server-side applied objects by path, once `n` are there (within 20 s).
+async fn applied(server: &ApiServer, n: usize) -> BTreeMap<String, apiserver::Applied> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let a = server.applied();
+        if a.len() >= n {
+            return a;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{n} objects applied within 20 s; have {:?}",
+            a.keys()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A waypoint Gateway in the cluster gets its ServiceAccount, Deployment and Service by
+/// server-side apply (field manager `pilot`, owned by the Gateway); another Gateway gets
+/// nothing; an unrelated change re-applies nothing; a new waypoint gets its own.
+#[tokio::test]
+async fn waypoint_gateways_are_provisioned() {
+    let server = server_with(vec![
+        gateway("reviews-wp", "istio-waypoint"),
+        gateway("ingress", "istio"),
+    ])
+    .await;
+    let rx = watch_cluster(&server);
+    let opts = pilot::provision::Options {
+        image: "registry.local/waypoint:1".into(),
+        xds_address: "https://pilot.istio-system.svc:15012".into(),
+    };
+    tokio::spawn(pilot::provision::provision(server.client(), rx, opts));
+    let a = applied(&server, 3).await;
+    let gw_uid = server
+        .objects()
+        .into_iter()
+        .find(|o| o["metadata"]["name"] == "reviews-wp")
+        .unwrap()["metadata"]["uid"]
+        .clone();
+    let paths: Vec<&str> = a.keys().map(String::as_str).collect();
+    assert_eq!(
+        paths,
+        [
+            "/api/v1/namespaces/bookinfo/serviceaccounts/reviews-wp",
+            "/api/v1/namespaces/bookinfo/services/reviews-wp",
+            "/apis/apps/v1/namespaces/bookinfo/deployments/reviews-wp",
+        ]
+    );
+    for applied in a.values() {
+        assert_eq!(applied.field_manager, "pilot");
+        assert!(applied.force);
+        let meta = &applied.object["metadata"];
+        assert_eq!(
+            meta["ownerReferences"],
+            json!([{"apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
+                    "name": "reviews-wp", "uid": gw_uid}])
+        );
+        assert_eq!(
+            meta["labels"],
+            json!({"gateway.networking.k8s.io/gateway-name": "reviews-wp",
+                   "istio.io/dataplane-mode": "none"})
+        );
+    }
+    let dep = &a["/apis/apps/v1/namespaces/bookinfo/deployments/reviews-wp"].object;
+    let pod_spec = &dep["spec"]["template"]["spec"];
+    assert_eq!(pod_spec["serviceAccountName"], "reviews-wp");
+    assert_eq!(
+        pod_spec["containers"][0]["image"],
+        "registry.local/waypoint:1"
+    );
+    assert_eq!(
+        pod_spec["containers"][0]["args"],
+        json!([
+            "--xds-address=https://pilot.istio-system.svc:15012",
+            "--xds-root-cert=/var/run/secrets/istio/root-cert.pem",
+            "--xds-token-file=/var/run/secrets/tokens/istio-token",
+        ])
+    );
+    let svc = &a["/api/v1/namespaces/bookinfo/services/reviews-wp"].object;
+    assert_eq!(
+        svc["spec"]["selector"],
+        json!({"gateway.networking.k8s.io/gateway-name": "reviews-wp"})
+    );
+    assert_eq!(svc["spec"]["ports"][0]["name"], "mesh");
+    assert_eq!(svc["spec"]["ports"][0]["port"], 15008);
+
+    // An unrelated change: a new snapshot, nothing applied again.
+    server.apply(pod("ratings-1", "node1", "10.0.0.9"));
+    server.apply(gateway("details-wp", "istio-waypoint"));
+    let a = applied(&server, 6).await;
+    assert_eq!(a.len(), 6, "{:?}", a.keys());
+    assert!(a.values().all(|x| x.count == 1), "{a:?}");
+    assert!(a.contains_key("/apis/apps/v1/namespaces/bookinfo/deployments/details-wp"));
 }
 
 /// Many pods listed through the stand-in server converge into one snapshot and translation,
@@ -805,4 +917,88 @@ async fn many_pods_converge_and_a_change_follows() {
          translation {translated:?}; one pod modified -> snapshot {one_change:?} (debounce {:?})",
         pilot::cluster::DEBOUNCE
     );
+}
+
+/// An apply that fails is tried again with the next snapshot, and then succeeds.
+#[tokio::test]
+async fn failed_waypoint_applies_are_retried_on_the_next_snapshot() {
+    let server = server_with(vec![gateway("reviews-wp", "istio-waypoint")]).await;
+    server.set_apply_failing(true);
+    let rx = watch_cluster(&server);
+    tokio::spawn(pilot::provision::provision(
+        server.client(),
+        rx,
+        pilot::provision::Options::default(),
+    ));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    // kube does not retry a 500 itself: one request per object.
+    while server.apply_requests() < 3 {
+        assert!(tokio::time::Instant::now() < deadline, "applies tried");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(server.applied().is_empty());
+    server.set_apply_failing(false);
+    server.apply(pod("ratings-1", "node1", "10.0.0.9"));
+    let a = applied(&server, 3).await;
+    assert_eq!(a.len(), 3);
+    assert!(a.contains_key("/apis/apps/v1/namespaces/bookinfo/deployments/reviews-wp"));
+}
+
+/// The objects pilot applies for a waypoint pass `kubernetes-validate --strict` (the schemas of
+/// the Kubernetes version tests/tests/deploy.rs validates `deploy/` against), when installed;
+/// `REQUIRE_KUBERNETES_VALIDATE` (set by `cargo xtask test`) makes a missing tool a failure.
+#[test]
+fn waypoint_objects_pass_kubernetes_validate() {
+    let mut cmd = std::process::Command::new("python3");
+    cmd.args(["-m", "kubernetes_validate"]);
+    let found = cmd
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !found {
+        assert!(
+            std::env::var_os("REQUIRE_KUBERNETES_VALIDATE").is_none(),
+            "kubernetes-validate is required but not found"
+        );
+        eprintln!("skipping: kubernetes-validate not installed");
+        return;
+    }
+    let mut gw = gateway("reviews-wp", "istio-waypoint");
+    gw["metadata"]["uid"] = "6a1f3c1e-0000-4000-8000-000000000001".into();
+    let origin = pilot::k8s::Origin {
+        file: "test".into(),
+        object: "Gateway bookinfo/reviews-wp".into(),
+    };
+    let Ok(Some((_, pilot::k8s::Object::Gateway(gw)))) =
+        pilot::k8s::parse_object(serde_yaml_ng::to_value(&gw).unwrap(), origin)
+    else {
+        panic!("not a gateway")
+    };
+    let objects = pilot::provision::objects(&gw, &pilot::provision::Options::default())
+        .unwrap()
+        .unwrap();
+    let dir = std::env::temp_dir().join(format!("pilot-provision-{}", fastrand::u64(..)));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut files = Vec::new();
+    for o in &objects {
+        let f = dir.join(format!("{}.yaml", o["kind"].as_str().unwrap()));
+        std::fs::write(&f, serde_yaml_ng::to_string(o).unwrap()).unwrap();
+        files.push(f);
+    }
+    let out = std::process::Command::new("python3")
+        .args(["-m", "kubernetes_validate", "--strict", "-k", "1.33.0"])
+        .args(&files)
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let passed = text
+        .lines()
+        .filter(|l| l.starts_with("INFO") && l.contains(" passed "))
+        .count();
+    assert!(out.status.success() && passed == 3, "{text}");
 }

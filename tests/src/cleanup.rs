@@ -11,13 +11,33 @@ use crate::{cgroup, naming, netns};
 /// it alongside tests. Returns a human-readable summary; fails only if nothing could be
 /// inspected, otherwise individual failures are listed in the error.
 pub fn clean_leftovers() -> anyhow::Result<String> {
+    clean(None)
+}
+
+/// [`clean_leftovers`] for the one test bed whose prefix is `prefix` (what `cargo xtask down`
+/// removes when the demo that owned it is gone): other test beds on the machine are left alone.
+pub fn clean_testbed(prefix: &str) -> anyhow::Result<String> {
+    anyhow::ensure!(
+        naming::is_prefix(prefix),
+        "{prefix:?} is not a test bed prefix (ztb and five hex digits)"
+    );
+    clean(Some(prefix))
+}
+
+/// Everything of the test beds whose prefix is `only` (all of them when `None`).
+fn clean(only: Option<&str>) -> anyhow::Result<String> {
     crate::Testbed::check_privileges()?;
+    // Whether a name (netns, cgroup, pin directory) starting with a test-bed prefix is ours.
+    let ours = |name: &str| {
+        name.get(..naming::PREFIX_LEN)
+            .is_some_and(|p| naming::is_prefix(p) && only.is_none_or(|o| o == p))
+    };
     let mut done = Vec::new();
     let mut failed = Vec::new();
 
     let namespaces: Vec<String> = netns::list()?
         .into_iter()
-        .filter(|n| naming::is_testbed_netns(n))
+        .filter(|n| naming::is_testbed_netns(n) && ours(n))
         .collect();
     let mut killed = 0;
     for ns in &namespaces {
@@ -31,7 +51,10 @@ pub fn clean_leftovers() -> anyhow::Result<String> {
     let was_mounted = cgroup::is_mounted(cgroup::MOUNT_POINT)?;
     // The hierarchy outlives the mount: leftovers are only reachable by mounting it again.
     cgroup::ensure_mounted(cgroup::MOUNT_POINT)?;
-    let roots = cgroup::instance_dirs(Path::new(cgroup::MOUNT_POINT))?;
+    let roots: Vec<_> = cgroup::instance_dirs(Path::new(cgroup::MOUNT_POINT))?
+        .into_iter()
+        .filter(|d| d.file_name().and_then(|n| n.to_str()).is_some_and(ours))
+        .collect();
     for root in &roots {
         if let Err(e) = cgroup::kill_all(root) {
             failed.push(format!("{e:#}"));
@@ -72,10 +95,7 @@ pub fn clean_leftovers() -> anyhow::Result<String> {
     if let Ok(entries) = std::fs::read_dir(crate::BPFFS) {
         for e in entries.flatten() {
             let name = e.file_name().to_string_lossy().to_string();
-            if name
-                .get(..naming::PREFIX_LEN)
-                .is_some_and(naming::is_prefix)
-            {
+            if ours(&name) {
                 match std::fs::remove_dir_all(e.path()) {
                     Ok(()) => unpinned.push(name),
                     Err(err) => failed.push(format!("cannot remove {}: {err}", e.path().display())),

@@ -40,7 +40,7 @@ use std::sync::Mutex;
 use anyhow::{Context, bail, ensure};
 
 pub use capture::{Capture, CaptureReport, PAYLOAD_CAP};
-pub use cleanup::clean_leftovers;
+pub use cleanup::{clean_leftovers, clean_testbed};
 pub use packet::{TcpFlags, TcpPacket};
 
 use process::{Placement, Tracked};
@@ -747,6 +747,24 @@ fn add_ip6(ns: &str, ip: Ipv6Addr, dev: &str) -> anyhow::Result<()> {
         "nodad",
     ])
     .map(drop)
+}
+
+/// Starts `cmd` in network namespace `netns` and, when given, cgroup `cgroup` (joined first), as
+/// [`Testbed::spawn_in_pod`] and [`Testbed::spawn_in_node`] do, for a process that does not own
+/// the test bed (`cargo xtask exec` into a running demo). The child is not tracked: the caller
+/// waits for it.
+pub fn spawn_in(
+    netns: &str,
+    cgroup: Option<&Path>,
+    mut cmd: std::process::Command,
+) -> anyhow::Result<Child> {
+    let placement = Placement {
+        cgroup_procs: cgroup.map(cgroup::open_procs).transpose()?,
+        netns: netns::open(netns)?,
+    };
+    process::place(&mut cmd, placement);
+    cmd.spawn()
+        .with_context(|| format!("cannot start {cmd:?} in {netns}"))
 }
 
 fn pod_placement(pod: &Pod) -> anyhow::Result<Placement> {

@@ -148,7 +148,11 @@ impl Handler for StandIn {
             return;
         };
         if let Ok(down) = stream.accept(None) {
-            let _ = tokio::join!(copy::tcp_h2(a, down), copy::tcp_h2(b, up));
+            let progress = copy::Progress::default();
+            let _ = tokio::join!(
+                copy::tcp_h2(a, down, &progress),
+                copy::tcp_h2(b, up, &progress)
+            );
         }
     }
 }

@@ -15,6 +15,7 @@ use envoy_types::pb::envoy::config::endpoint::v3 as endpoint_pb;
 use envoy_types::pb::envoy::config::listener::v3 as listener_pb;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3 as hcm;
 use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3 as tcp_proxy;
+use envoy_types::pb::envoy::extensions::upstreams::http::v3 as http_options;
 use mesh::state::State;
 use prost::Message;
 
@@ -105,6 +106,8 @@ pub enum Routes {
 pub struct Cluster {
     pub name: String,
     pub connect_timeout: Duration,
+    /// The HTTP version spoken to the endpoints.
+    pub protocol: UpstreamProtocol,
     /// Endpoints from the cluster's `ClusterLoadAssignment` (EDS or inline).
     pub endpoints: Vec<Endpoint>,
     next: AtomicUsize,
@@ -123,9 +126,15 @@ impl Cluster {
         Cluster {
             name,
             connect_timeout,
+            protocol: UpstreamProtocol::default(),
             endpoints,
             next: AtomicUsize::new(0),
         }
+    }
+
+    pub fn with_protocol(mut self, protocol: UpstreamProtocol) -> Cluster {
+        self.protocol = protocol;
+        self
     }
 
     /// The next healthy endpoint, round robin.
@@ -139,11 +148,62 @@ impl Cluster {
     }
 }
 
+/// The HTTP version for a cluster's endpoints, from its
+/// `envoy.extensions.upstreams.http.v3.HttpProtocolOptions` as Envoy reads them: HTTP/1.1
+/// unless they say HTTP/2, or the client's version when they say "use the downstream protocol"
+/// (HTTP/2 only if they also carry HTTP/2 options).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum UpstreamProtocol {
+    #[default]
+    Http1,
+    Http2,
+    /// The downstream's version; HTTP/2 allowed only when `http2` (HTTP/1.1 otherwise).
+    Downstream {
+        http2: bool,
+    },
+}
+
+/// The `typed_extension_protocol_options` key of the HTTP upstream options.
+pub const HTTP_PROTOCOL_OPTIONS: &str = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
+
+fn upstream_protocol(c: &cluster_pb::Cluster) -> Result<UpstreamProtocol, String> {
+    use http_options::http_protocol_options::UpstreamProtocolOptions as U;
+    use http_options::http_protocol_options::explicit_http_config::ProtocolConfig as P;
+    let Some(any) = c
+        .typed_extension_protocol_options
+        .get(HTTP_PROTOCOL_OPTIONS)
+    else {
+        return Ok(UpstreamProtocol::Http1);
+    };
+    let at = format!("typed_extension_protocol_options[{HTTP_PROTOCOL_OPTIONS:?}]");
+    let o = http_options::HttpProtocolOptions::decode(&any.value[..])
+        .map_err(|e| format!("{at}: undecodable HttpProtocolOptions: {e}"))?;
+    Ok(match o.upstream_protocol_options {
+        None => UpstreamProtocol::Http1,
+        Some(U::ExplicitHttpConfig(e)) => match e.protocol_config {
+            None | Some(P::HttpProtocolOptions(_)) => UpstreamProtocol::Http1,
+            Some(P::Http2ProtocolOptions(_)) => UpstreamProtocol::Http2,
+            Some(P::Http3ProtocolOptions(_)) => {
+                return Err(format!(
+                    "{at}.explicit_http_config: HTTP/3 is not supported"
+                ));
+            }
+        },
+        Some(U::UseDownstreamProtocolConfig(d)) => UpstreamProtocol::Downstream {
+            http2: d.http2_protocol_options.is_some(),
+        },
+        Some(U::AutoConfig(_)) => {
+            return Err(format!("{at}.auto_config: ALPN selection is not supported"));
+        }
+    })
+}
+
 /// What a `Cluster` resource says; endpoints come separately (EDS) unless inline.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ClusterDef {
     pub name: String,
     pub connect_timeout: Duration,
+    pub protocol: UpstreamProtocol,
     pub eds: bool,
     pub inline_endpoints: Vec<Endpoint>,
 }
@@ -184,9 +244,11 @@ pub fn cluster(body: &[u8], name: &str) -> Result<(cluster_pb::Cluster, ClusterD
         Some(la) if !eds => endpoints(la).map_err(|e| format!("load_assignment.{e}"))?,
         _ => Vec::new(),
     };
+    let protocol = upstream_protocol(&c)?;
     let def = ClusterDef {
         name: c.name.clone(),
         connect_timeout,
+        protocol,
         eds,
         inline_endpoints,
     };
@@ -643,6 +705,53 @@ pub(crate) mod tests {
             e.contains("endpoints[0].lb_endpoints[0].endpoint.address"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn upstream_protocol_from_protocol_options() {
+        use http_options::http_protocol_options::UpstreamProtocolOptions as U;
+        use http_options::http_protocol_options::explicit_http_config::ProtocolConfig as P;
+        let with = |o: Option<U>| {
+            let mut c = eds_cluster_pb("c");
+            if let Some(o) = o {
+                let options = http_options::HttpProtocolOptions {
+                    upstream_protocol_options: Some(o),
+                    ..Default::default()
+                };
+                c.typed_extension_protocol_options.insert(
+                    HTTP_PROTOCOL_OPTIONS.into(),
+                    envoy_types::pb::google::protobuf::Any {
+                        type_url: String::new(),
+                        value: options.encode_to_vec(),
+                    },
+                );
+            }
+            cluster(&c.encode_to_vec(), "c").map(|(_, d)| d.protocol)
+        };
+        let explicit = |p| {
+            Some(U::ExplicitHttpConfig(
+                http_options::http_protocol_options::ExplicitHttpConfig {
+                    protocol_config: Some(p),
+                },
+            ))
+        };
+        assert_eq!(with(None), Ok(UpstreamProtocol::Http1), "Envoy's default");
+        assert_eq!(
+            with(explicit(P::Http2ProtocolOptions(Default::default()))),
+            Ok(UpstreamProtocol::Http2)
+        );
+        assert_eq!(
+            with(explicit(P::HttpProtocolOptions(Default::default()))),
+            Ok(UpstreamProtocol::Http1)
+        );
+        assert_eq!(
+            with(Some(U::UseDownstreamProtocolConfig(Default::default()))),
+            Ok(UpstreamProtocol::Downstream { http2: false })
+        );
+        let e = with(explicit(P::Http3ProtocolOptions(Default::default()))).unwrap_err();
+        assert!(e.contains("HTTP/3 is not supported"), "{e}");
+        let e = with(Some(U::AutoConfig(Default::default()))).unwrap_err();
+        assert!(e.contains("auto_config"), "{e}");
     }
 
     #[test]

@@ -3,7 +3,6 @@
 //! matching route wins, and the route's action (forward to a cluster, redirect, direct response)
 //! with its rewrites and header operations.
 
-use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
@@ -37,30 +36,20 @@ impl Request<'_> {
         self.path.split_once('?').map_or("", |(_, q)| q)
     }
 
-    /// A header's value as Envoy's matchers see it: pseudo-headers by name, several values of a
-    /// header joined with `,`.
-    fn header(&self, name: &str) -> Option<Cow<'_, str>> {
+    /// Whether any value of a header satisfies `hit` (pseudo-headers by name), or `None` when
+    /// the request has no such header. Envoy (1.40, the CVE-2026-26308 fix) matches each value
+    /// of a repeated header on its own, not their `,`-joined concatenation.
+    fn any_header_value(&self, name: &str, mut hit: impl FnMut(&str) -> bool) -> Option<bool> {
         match name {
-            ":method" => return Some(Cow::Borrowed(self.method)),
-            ":scheme" => return Some(Cow::Borrowed(self.scheme)),
-            ":path" => return Some(Cow::Borrowed(self.path)),
-            ":authority" | "host" => return Some(Cow::Borrowed(self.authority)),
+            ":method" => return Some(hit(self.method)),
+            ":scheme" => return Some(hit(self.scheme)),
+            ":path" => return Some(hit(self.path)),
+            ":authority" | "host" => return Some(hit(self.authority)),
             _ => {}
         }
-        let mut values = self.headers.get_all(name).iter();
-        let first = values.next()?;
-        let first = String::from_utf8_lossy(first.as_bytes());
-        match values.next() {
-            None => Some(first),
-            Some(second) => {
-                let mut all = first.into_owned();
-                for v in std::iter::once(second).chain(values) {
-                    all.push(',');
-                    all.push_str(&String::from_utf8_lossy(v.as_bytes()));
-                }
-                Some(Cow::Owned(all))
-            }
-        }
+        let mut values = self.headers.get_all(name).iter().peekable();
+        values.peek()?;
+        Some(values.any(|v| hit(&String::from_utf8_lossy(v.as_bytes()))))
     }
 }
 
@@ -479,23 +468,23 @@ fn starts_with(s: &str, prefix: &str, case_sensitive: bool) -> bool {
 
 impl HeaderMatcher {
     fn matches(&self, req: &Request<'_>) -> bool {
-        let value = req.header(&self.name);
-        if let HeaderSpec::Present(want) = self.spec {
-            return (value.is_some() == want) != self.invert;
-        }
-        let value = match value {
-            Some(v) => v,
-            None if self.missing_as_empty => Cow::Borrowed(""),
-            // An absent header matches nothing, inverted or not (Envoy).
-            None => return false,
-        };
-        let hit = match &self.spec {
-            HeaderSpec::Value(m) => m.matches(&value),
+        let one = |value: &str| match &self.spec {
+            HeaderSpec::Value(m) => m.matches(value),
             HeaderSpec::Range(start, end) => value
                 .trim()
                 .parse::<i64>()
                 .is_ok_and(|n| *start <= n && n < *end),
             HeaderSpec::Present(_) => true,
+        };
+        let hit = req.any_header_value(&self.name, one);
+        if let HeaderSpec::Present(want) = self.spec {
+            return (hit.is_some() == want) != self.invert;
+        }
+        let hit = match hit {
+            Some(h) => h,
+            None if self.missing_as_empty => one(""),
+            // An absent header matches nothing, inverted or not (Envoy).
+            None => return false,
         };
         hit != self.invert
     }
@@ -609,10 +598,18 @@ pub fn compile(rc: &pb::RouteConfiguration) -> Result<RouteTable, String> {
         name: rc.name.clone(),
         virtual_hosts,
         ignore_port: rc.ignore_port_in_host_matching,
-        request_headers: header_ops(&rc.request_headers_to_add, &rc.request_headers_to_remove)
-            .map_err(|e| format!("request_headers_to_add: {e}"))?,
-        response_headers: header_ops(&rc.response_headers_to_add, &rc.response_headers_to_remove)
-            .map_err(|e| format!("response_headers_to_add: {e}"))?,
+        request_headers: header_ops(
+            &rc.request_headers_to_add,
+            &rc.request_headers_to_remove,
+            None,
+        )
+        .map_err(|e| format!("request_headers_to_add: {e}"))?,
+        response_headers: header_ops(
+            &rc.response_headers_to_add,
+            &rc.response_headers_to_remove,
+            None,
+        )
+        .map_err(|e| format!("response_headers_to_add: {e}"))?,
     })
 }
 
@@ -631,10 +628,18 @@ fn virtual_host(vh: &pb::VirtualHost) -> Result<VirtualHost, String> {
         name: vh.name.clone(),
         domains: vh.domains.iter().map(|d| d.to_ascii_lowercase()).collect(),
         routes,
-        request_headers: header_ops(&vh.request_headers_to_add, &vh.request_headers_to_remove)
-            .map_err(|e| format!("request_headers_to_add: {e}"))?,
-        response_headers: header_ops(&vh.response_headers_to_add, &vh.response_headers_to_remove)
-            .map_err(|e| format!("response_headers_to_add: {e}"))?,
+        request_headers: header_ops(
+            &vh.request_headers_to_add,
+            &vh.request_headers_to_remove,
+            None,
+        )
+        .map_err(|e| format!("request_headers_to_add: {e}"))?,
+        response_headers: header_ops(
+            &vh.response_headers_to_add,
+            &vh.response_headers_to_remove,
+            None,
+        )
+        .map_err(|e| format!("response_headers_to_add: {e}"))?,
     })
 }
 
@@ -643,7 +648,7 @@ fn route(r: &pb::Route) -> Result<Route, String> {
     let matcher = route_match(m).map_err(|e| format!("match.{e}"))?;
     let action = match &r.action {
         Some(pb::route::Action::Route(a)) => Action::Forward(Box::new(
-            forward(a, &matcher).map_err(|e| format!("route.{e}"))?,
+            forward(a, &matcher, &r.name).map_err(|e| format!("route.{e}"))?,
         )),
         Some(pb::route::Action::Redirect(a)) => {
             Action::Redirect(redirect(a, &matcher).map_err(|e| format!("redirect.{e}"))?)
@@ -681,10 +686,18 @@ fn route(r: &pb::Route) -> Result<Route, String> {
         name: r.name.clone(),
         matcher,
         action,
-        request_headers: header_ops(&r.request_headers_to_add, &r.request_headers_to_remove)
-            .map_err(|e| format!("request_headers_to_add: {e}"))?,
-        response_headers: header_ops(&r.response_headers_to_add, &r.response_headers_to_remove)
-            .map_err(|e| format!("response_headers_to_add: {e}"))?,
+        request_headers: header_ops(
+            &r.request_headers_to_add,
+            &r.request_headers_to_remove,
+            Some(&r.name),
+        )
+        .map_err(|e| format!("request_headers_to_add: {e}"))?,
+        response_headers: header_ops(
+            &r.response_headers_to_add,
+            &r.response_headers_to_remove,
+            Some(&r.name),
+        )
+        .map_err(|e| format!("response_headers_to_add: {e}"))?,
     })
 }
 
@@ -860,7 +873,7 @@ fn metadata_matcher(m: &matcher::MetadataMatcher) -> Result<MetadataMatcher, Str
 }
 
 #[allow(deprecated)] // `cors` on the route action is deprecated but may still arrive.
-fn forward(a: &pb::RouteAction, matcher: &RouteMatch) -> Result<Forward, String> {
+fn forward(a: &pb::RouteAction, matcher: &RouteMatch, route_name: &str) -> Result<Forward, String> {
     use pb::route_action::{ClusterSpecifier as C, HostRewriteSpecifier as H};
     let targets = match &a.cluster_specifier {
         Some(C::Cluster(c)) if !c.is_empty() => Targets::One(Target {
@@ -870,7 +883,7 @@ fn forward(a: &pb::RouteAction, matcher: &RouteMatch) -> Result<Forward, String>
             host_rewrite: None,
         }),
         Some(C::WeightedClusters(w)) => {
-            weighted(w).map_err(|e| format!("weighted_clusters.{e}"))?
+            weighted(w, route_name).map_err(|e| format!("weighted_clusters.{e}"))?
         }
         Some(C::Cluster(_)) => return Err("cluster: empty".into()),
         Some(_) => {
@@ -942,7 +955,7 @@ fn forward(a: &pb::RouteAction, matcher: &RouteMatch) -> Result<Forward, String>
     })
 }
 
-fn weighted(w: &pb::WeightedCluster) -> Result<Targets, String> {
+fn weighted(w: &pb::WeightedCluster, route_name: &str) -> Result<Targets, String> {
     use pb::weighted_cluster::cluster_weight::HostRewriteSpecifier as H;
     if w.random_value_specifier.is_some() {
         return Err("random_value_specifier: not supported".into());
@@ -969,11 +982,13 @@ fn weighted(w: &pb::WeightedCluster) -> Result<Targets, String> {
                 request_headers: header_ops(
                     &c.request_headers_to_add,
                     &c.request_headers_to_remove,
+                    Some(route_name),
                 )
                 .map_err(|e| format!("clusters[{i}].request_headers_to_add: {e}"))?,
                 response_headers: header_ops(
                     &c.response_headers_to_add,
                     &c.response_headers_to_remove,
+                    Some(route_name),
                 )
                 .map_err(|e| format!("clusters[{i}].response_headers_to_add: {e}"))?,
                 host_rewrite,
@@ -1033,11 +1048,38 @@ fn redirect(r: &pb::RedirectAction, matcher: &RouteMatch) -> Result<Redirect, St
     })
 }
 
+/// Envoy formats header values: `%%` is a literal `%`, and `%ROUTE_NAME%` is the route's name
+/// (known here when the operations are the route's own). Other command operators (`%VAR%`,
+/// evaluated per request by Envoy) are not supported and are sent as written.
+fn header_value_text(raw: &str, route_name: Option<&str>) -> String {
+    let mut out = String::with_capacity(raw.len());
+    let mut rest = raw;
+    while let Some(i) = rest.find('%') {
+        out.push_str(&rest[..i]);
+        rest = &rest[i..];
+        if let Some(after) = rest.strip_prefix("%%") {
+            out.push('%');
+            rest = after;
+        } else if let (Some(after), Some(name)) = (rest.strip_prefix("%ROUTE_NAME%"), route_name) {
+            out.push_str(name);
+            rest = after;
+        } else {
+            out.push('%');
+            rest = &rest[1..];
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
 // `append` is deprecated in favour of `append_action`, and still honoured when set.
 #[allow(deprecated)]
+/// `route_name`: the route the operations belong to (its own or one of its weighted
+/// clusters'), for `%ROUTE_NAME%`; `None` for virtual host and route configuration levels.
 fn header_ops(
     add: &[envoy_core::HeaderValueOption],
     remove: &[String],
+    route_name: Option<&str>,
 ) -> Result<HeaderOps, String> {
     use envoy_core::header_value_option::HeaderAppendAction as A;
     let mut ops = HeaderOps::default();
@@ -1055,9 +1097,7 @@ fn header_ops(
         } else {
             &h.raw_value[..]
         };
-        // Envoy formats header values: `%%` is a literal `%`. Command operators (`%VAR%`) are
-        // not evaluated here and are sent as written.
-        let text = String::from_utf8_lossy(raw).replace("%%", "%");
+        let text = header_value_text(&String::from_utf8_lossy(raw), route_name);
         let value = HeaderValue::from_str(&text)
             .map_err(|_| format!("[{i}].header.value: not a valid value for {}", h.key))?;
         let action = match &o.append {
@@ -1310,9 +1350,18 @@ mod tests {
         ));
         assert!(hit(&sm, &Req::new("/").header("x", "HELLO")).is_some());
 
-        // Several values are joined with ',' before matching.
+        // Each value of a repeated header is matched on its own (Envoy 1.40), never their
+        // `,`-joined concatenation; an inverted matcher fails if any value matches.
         let joined = header_route(hm("x", H::ExactMatch("a,b".into())));
-        assert!(hit(&joined, &Req::new("/").header("x", "a").header("x", "b")).is_some());
+        assert!(hit(&joined, &Req::new("/").header("x", "a").header("x", "b")).is_none());
+        assert!(hit(&joined, &Req::new("/").header("x", "a,b")).is_some());
+        let any = header_route(hm("x", H::ExactMatch("b".into())));
+        assert!(hit(&any, &Req::new("/").header("x", "a").header("x", "b")).is_some());
+        let mut not_b = hm("x", H::ExactMatch("b".into()));
+        not_b.invert_match = true;
+        let not_b = header_route(not_b);
+        assert!(hit(&not_b, &Req::new("/").header("x", "a")).is_some());
+        assert!(hit(&not_b, &Req::new("/").header("x", "a").header("x", "b")).is_none());
 
         let present = header_route(hm("x", H::PresentMatch(true)));
         assert!(hit(&present, &Req::new("/").header("x", "")).is_some());
@@ -1471,6 +1520,23 @@ mod tests {
         assert_eq!(vh("a.wild.com"), "*.wild.com");
         assert_eq!(vh("pre.x"), "pre.*");
         assert_eq!(vh("10.0.0.1:80"), "*");
+    }
+
+    #[test]
+    fn header_values_as_envoy_formats_them() {
+        assert_eq!(header_value_text("100%%", None), "100%");
+        assert_eq!(header_value_text("%ROUTE_NAME%", Some("a.b")), "a.b");
+        assert_eq!(
+            header_value_text("x-%ROUTE_NAME%-%%-%ROUTE_NAME%", Some("r")),
+            "x-r-%-r"
+        );
+        // Unknown here: written as sent.
+        assert_eq!(header_value_text("%ROUTE_NAME%", None), "%ROUTE_NAME%");
+        assert_eq!(
+            header_value_text("%DOWNSTREAM_REMOTE_ADDRESS%", Some("r")),
+            "%DOWNSTREAM_REMOTE_ADDRESS%"
+        );
+        assert_eq!(header_value_text("50%", Some("r")), "50%");
     }
 
     #[test]
@@ -1679,6 +1745,7 @@ mod tests {
                 hvo("pct", "100%%", None, A::AppendIfExistsOrAdd as i32),
             ],
             &["gone".to_string()],
+            Some("r1"),
         )
         .unwrap();
         let mut h = HeaderMap::new();
@@ -1734,7 +1801,7 @@ mod tests {
             bad_regex.contains("routes[0] (\"bad\").match.safe_regex"),
             "{bad_regex}"
         );
-        let host_header = header_ops(&[hvo(":authority", "x", None, 0)], &[]).unwrap_err();
+        let host_header = header_ops(&[hvo(":authority", "x", None, 0)], &[], None).unwrap_err();
         assert!(host_header.contains("cannot be modified"), "{host_header}");
         let cookies = route_match(&pb::RouteMatch {
             cookies: vec![pb::CookieMatcher::default()],

@@ -48,7 +48,7 @@ pub enum UpstreamError {
     },
 }
 
-/// The HTTP version spoken to the application: the client's.
+/// An HTTP version, downstream or upstream (the cluster's protocol options decide the latter).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Protocol {
     Http1,

@@ -227,7 +227,10 @@ impl XdsHandler {
                     };
                     self.clusters.insert(
                         name.clone(),
-                        Arc::new(Cluster::new(name, def.connect_timeout, endpoints)),
+                        Arc::new(
+                            Cluster::new(name, def.connect_timeout, endpoints)
+                                .with_protocol(def.protocol),
+                        ),
                     );
                 }
             }

@@ -443,11 +443,34 @@ fn eds(
     name: &str,
     endpoints: &[(IpAddr, u32, bool)],
 ) -> (cluster_pb::Cluster, endpoint_pb::ClusterLoadAssignment) {
+    // The client's HTTP version upstream (Envoy's use_downstream_protocol_config).
+    use envoy_types::pb::envoy::extensions::upstreams::http::v3 as http_options;
+    let options = http_options::HttpProtocolOptions {
+        upstream_protocol_options: Some(
+            http_options::http_protocol_options::UpstreamProtocolOptions::UseDownstreamProtocolConfig(
+                http_options::http_protocol_options::UseDownstreamHttpConfig {
+                    http2_protocol_options: Some(Default::default()),
+                    ..Default::default()
+                },
+            ),
+        ),
+        ..Default::default()
+    };
     let c = cluster_pb::Cluster {
         name: name.into(),
         cluster_discovery_type: Some(cluster_pb::cluster::ClusterDiscoveryType::Type(
             cluster_pb::cluster::DiscoveryType::Eds as i32,
         )),
+        typed_extension_protocol_options: [(
+            config::HTTP_PROTOCOL_OPTIONS.to_string(),
+            Any {
+                type_url:
+                    "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+                        .into(),
+                value: options.encode_to_vec(),
+            },
+        )]
+        .into(),
         ..Default::default()
     };
     let la = endpoint_pb::ClusterLoadAssignment {
@@ -514,7 +537,10 @@ fn build_config(net: &Net) -> Config {
         let (_, endpoints) = config::load_assignment(&la.encode_to_vec(), name).unwrap();
         clusters.insert(
             name.to_string(),
-            Arc::new(Cluster::new(name.into(), def.connect_timeout, endpoints)),
+            Arc::new(
+                Cluster::new(name.into(), def.connect_timeout, endpoints)
+                    .with_protocol(def.protocol),
+            ),
         );
     }
     let state = State::new(

@@ -7,24 +7,39 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use testbed::cluster::{Cluster, ClusterSpec, ControlPlaneMode, PodDef};
+use testbed::cluster::{Cluster, ClusterSpec, ControlPlaneMode, HttpAnswer, PodDef};
 
 /// The example app pilot serves: `deploy/examples/bookinfo`, as a user would `kubectl apply` it.
 const EXAMPLE: &str = "deploy/examples/bookinfo";
-/// The port every bookinfo container serves on, and details' debug port (denied from outside
-/// the namespace by the example's policy).
+/// reviews' VirtualServices, each written in turn into pilot's folder as [`VS_FILE`].
+const ROUTES: &str = "deploy/examples/reviews-routing";
+/// The file in pilot's folder holding reviews' current VirtualService.
+pub const VS_FILE: &str = "reviews-virtualservice.yaml";
+/// The port every bookinfo container serves HTTP on (the pods' echo app answers with JSON
+/// naming the pod and the request it received), and details' debug port (TCP, denied from
+/// outside the namespace by the example's policy).
 const APP_PORT: u16 = 9080;
 const DEBUG_PORT: u16 = 9999;
-/// `reviews.bookinfo`'s ClusterIP and port (targetPort `http`, the pods' 9080).
+/// A TCP echo port every pod serves: its greeting names the pod and the peer it saw. The L4
+/// checks use it (policies apply to every port).
+const TCP_PORT: u16 = testbed::cluster::ECHO_PORT;
+/// `reviews.bookinfo`'s ClusterIP and ports: HTTP (targetPort `http`, the pods' 9080) and TCP.
 const REVIEWS_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 10, 3);
 /// Its IPv6 ClusterIP (the service is dual-stack, like the pods).
 const REVIEWS_VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x96, 0, 0, 0, 0x10, 0x3);
-const REVIEWS_PORT: u16 = 80;
+const REVIEWS_PORT: u16 = 9080;
+const REVIEWS_TCP_PORT: u16 = 9090;
+/// `ratings.bookinfo`'s ClusterIP (port 9080), bound to the waypoint like reviews.
+const RATINGS_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 10, 4);
+/// The waypoint pod of the example (Gateway `bookinfo/waypoint`).
+const WAYPOINT_POD: &str = "waypoint-7c9f4";
+/// How long a change may take to show before its check fails.
+const CHANGE_LIMIT: Duration = Duration::from_secs(5);
 
 /// The pod the demo adds to the mesh while it runs: in the test bed from the start, in pilot's
-/// folder only when the demo writes this object.
-const NEW_POD: &str = "reviews-v3-2e7a1";
-const NEW_POD_UID: &str = "0b6f2a10-0000-4000-8000-000000000007";
+/// folder only when the demo writes this object (a second reviews v2).
+const NEW_POD: &str = "reviews-v2-6a3c1";
+const NEW_POD_UID: &str = "0b6f2a10-0000-4000-8000-000000000009";
 
 /// Written into pilot's folder while the mesh runs: the live change the demo times.
 const DENY_POLICY: &str = "\
@@ -58,16 +73,26 @@ impl Report {
     }
 }
 
-pub async fn run(bin: PathBuf) -> anyhow::Result<()> {
+pub async fn run(bin: PathBuf, keep: bool) -> anyhow::Result<()> {
     testbed::Testbed::check_privileges()?;
+    if let Some(state) = crate::kept_mesh::State::load_running()? {
+        bail!(
+            "a demo mesh is already running (pid {}, test bed {}): `cargo xtask down` first",
+            state.pid,
+            state.prefix
+        );
+    }
     // SAFETY: set before any thread of ours reads the environment for it.
     unsafe { std::env::set_var("ZTUNNEL_BIN", &bin) };
-    let example = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("..")
-        .join(EXAMPLE);
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let example = root.join(EXAMPLE);
     let example = example
         .canonicalize()
         .with_context(|| example.display().to_string())?;
+    let routes = root.join(ROUTES);
+    let routes = routes
+        .canonicalize()
+        .with_context(|| routes.display().to_string())?;
     let mut pods = PodDef::from_folder(&example)?;
     pods.push(PodDef {
         namespace: "bookinfo".into(),
@@ -80,21 +105,24 @@ pub async fn run(bin: PathBuf) -> anyhow::Result<()> {
         nodes: 2,
         pods,
         pilot_folder: Some(example.clone()),
-        app_ports: vec![APP_PORT, DEBUG_PORT],
+        app_ports: vec![DEBUG_PORT],
+        http_ports: vec![APP_PORT],
+        start_waypoints: true,
         ..Default::default()
     };
     let started = Instant::now();
     let c = Cluster::start(spec).await?;
     println!(
         "
-Mesh up in {:.1}s: {} nodes, pilot on node1 (xDS + CA over TLS on {}), one ztunnel per node ({}), capture with eBPF (cgroup connect4/sock_ops on kubepods.slice, sk_lookup per mesh pod)",
+Mesh up in {:.1}s: {} nodes, pilot on node1 (xDS + CA over TLS on {}), one ztunnel per node ({}), capture with eBPF (cgroup connect4/sock_ops on kubepods.slice, sk_lookup per mesh pod), the waypoint {WAYPOINT_POD} (L7 proxy, {})",
         started.elapsed().as_secs_f64(),
         c.spec.nodes,
         c.pilot_addr(),
-        bin.display()
+        bin.display(),
+        testbed::cluster::waypoint_binary()?.display()
     );
     println!(
-        "  pilot serves a copy of {} (Namespaces, Pods, Services, AuthorizationPolicies, routing) from {}",
+        "  pilot serves a copy of {} (Namespaces, Pods, Services, AuthorizationPolicies, DestinationRule, Gateway) from {}",
         example.display(),
         c.pilot_config().display()
     );
@@ -107,6 +135,11 @@ Mesh up in {:.1}s: {} nodes, pilot on node1 (xDS + CA over TLS on {}), one ztunn
             let pod = c.bed.pod(&def.name);
             let what = if def.name == NEW_POD {
                 "not in pilot's folder yet".into()
+            } else if def.gateway().is_some() {
+                format!(
+                    "waypoint of bookinfo (not captured, speaks HBONE itself), {}",
+                    c.identity(&def.name)
+                )
             } else if def.mesh {
                 format!("mesh, {}", c.identity(&def.name))
             } else {
@@ -116,16 +149,20 @@ Mesh up in {:.1}s: {} nodes, pilot on node1 (xDS + CA over TLS on {}), one ztunn
         }
     }
     println!(
-        "  every pod runs an echo app on :{APP_PORT} and :{DEBUG_PORT} that names itself and the peer it saw"
+        "  every pod but the waypoint runs an HTTP echo app on :{APP_PORT} (answers JSON naming the pod and the request it got) and TCP echo apps on :{TCP_PORT} and :{DEBUG_PORT} (greeting naming the pod and the peer it saw)"
     );
     println!(
-        "  service reviews.bookinfo {REVIEWS_VIP}:{REVIEWS_PORT} (targetPort http) -> the pods labelled app: reviews"
+        "  service reviews.bookinfo {REVIEWS_VIP}:{REVIEWS_PORT} (http) and :{REVIEWS_TCP_PORT} (tcp) and ratings.bookinfo {RATINGS_VIP}:{APP_PORT} (http) are bound to the waypoint (istio.io/use-waypoint: waypoint)"
     );
     println!(
-        "  live change: {NEW_POD}.yaml (a Pod app: reviews) is added to pilot's folder while the mesh runs"
+        "  live change: {NEW_POD}.yaml (a Pod app: reviews, version: v2) is added to pilot's folder while the mesh runs"
     );
     println!(
-        "  live change: deny.yaml (AuthorizationPolicy bookinfo/details-not-from-productpage) is added while the mesh runs\n"
+        "  live change: deny.yaml (AuthorizationPolicy bookinfo/details-not-from-productpage) is added while the mesh runs"
+    );
+    println!(
+        "  live change: reviews' VirtualServices from {} are written in turn as {VS_FILE}\n",
+        routes.display()
     );
 
     let mut report = Report { rows: vec![] };
@@ -137,7 +174,7 @@ Mesh up in {:.1}s: {} nodes, pilot on node1 (xDS + CA over TLS on {}), one ztunn
         cross_node(&c, marker).await,
     );
     report.check(
-        "(a) pod -> service VIP, balanced over endpoints",
+        "(a) pod -> service VIP through the waypoint, balanced over endpoints",
         via_vip(&c).await,
     );
     report.check(
@@ -170,7 +207,7 @@ Mesh up in {:.1}s: {} nodes, pilot on node1 (xDS + CA over TLS on {}), one ztunn
         },
     );
     report.check(
-        "(d) the example's ALLOW policy: only reviews may call ratings",
+        "(d) the example's ALLOW policy: ratings through its waypoint, or from reviews",
         ratings_from_reviews(&c).await,
     );
     report.check(
@@ -201,32 +238,60 @@ Mesh up in {:.1}s: {} nodes, pilot on node1 (xDS + CA over TLS on {}), one ztunn
         "(h) a mesh pod resolves a service's name through ztunnel's DNS proxy",
         dns(&c).await,
     );
+    report.check(
+        "(i) VirtualService: all reviews traffic to v1",
+        all_to_v1(&c, &routes).await,
+    );
+    report.check(
+        "(i) VirtualService: header end-user: jason to v2",
+        jason_to_v2(&c, &routes).await,
+    );
+    report.check(
+        "(i) VirtualService: weights 50/50 to v1 and v3",
+        split_v1_v3(&c, &routes).await,
+    );
+    report.check(
+        "(i) VirtualService: exact /status to v1, prefix /headers to v2 with an authority rewrite, /delay answered 503",
+        by_path(&c, &routes).await,
+    );
+    report.check(
+        "(i) VirtualService: sourceLabels app: productpage to v2",
+        by_source(&c, &routes).await,
+    );
+    report.check(
+        "(i) a TCP port of a bound service passes through the waypoint",
+        tcp_through_waypoint(&c).await,
+    );
 
     let failed = report.rows.iter().filter(|r| !r.0).count();
     println!(
-        "\n{} of {} checks passed. ztunnel logs: {}",
+        "\n{} of {} checks passed. Logs (ztunnels, pilot, waypoint): {}",
         report.rows.len() - failed,
         report.rows.len(),
         c.dir.display()
     );
     if failed > 0 {
-        for node in 0..c.spec.nodes {
-            let log = std::fs::read_to_string(c.ztunnel_log(node)).unwrap_or_default();
-            println!(
-                "\n--- ztunnel {} log (last lines) ---",
-                c.bed.node(node).name
-            );
-            for line in log
-                .lines()
-                .rev()
-                .take(20)
-                .collect::<Vec<_>>()
-                .into_iter()
-                .rev()
-            {
+        let mut logs: Vec<(String, PathBuf)> = (0..c.spec.nodes)
+            .map(|n| (format!("ztunnel {}", c.bed.node(n).name), c.ztunnel_log(n)))
+            .collect();
+        logs.push(("pilot".into(), c.pilot_log()));
+        logs.push((
+            format!("waypoint {WAYPOINT_POD}"),
+            c.waypoint_log(WAYPOINT_POD),
+        ));
+        for (what, path) in logs {
+            let log = std::fs::read_to_string(path).unwrap_or_default();
+            println!("\n--- {what} log (last lines) ---");
+            let lines: Vec<&str> = log.lines().collect();
+            for line in &lines[lines.len().saturating_sub(20)..] {
                 println!("{line}");
             }
         }
+    }
+    if keep {
+        crate::kept_mesh::keep(&c, &routes).await?;
+    }
+    if failed > 0 {
         bail!("{failed} demo check(s) failed");
     }
     Ok(())
@@ -262,9 +327,75 @@ fn pod<'a>(c: &'a Cluster, prefix: &'a str) -> &'a str {
         .unwrap_or(prefix)
 }
 
+/// The peer address in a TCP echo greeting (`pod=… port=… peer=<addr>`).
+fn greeting_peer(greeting: &str) -> Option<SocketAddr> {
+    greeting.split_once("peer=")?.1.trim().parse().ok()
+}
+
+/// One HTTP GET from `from` to `dst` (Host `host`), and what the echo app said: the status,
+/// the answering pod (empty when the answer is not the app's JSON) and the JSON (`null` then).
+async fn get(
+    c: &Cluster,
+    from: &str,
+    dst: SocketAddr,
+    host: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> anyhow::Result<(u16, String, serde_json::Value, HttpAnswer)> {
+    let answer = c.http_get_from(from, dst, host, path, headers).await?;
+    let json = answer.json().unwrap_or(serde_json::Value::Null);
+    let pod = json["pod"].as_str().unwrap_or_default().to_string();
+    Ok((answer.status, pod, json, answer))
+}
+
+/// GET `path` on reviews' VIP from `from`; the pod that answered (an error unless 200).
+async fn reviews(
+    c: &Cluster,
+    from: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> anyhow::Result<String> {
+    let dst = SocketAddr::new(REVIEWS_VIP.into(), REVIEWS_PORT);
+    let (status, pod, _, answer) = get(c, from, dst, "reviews:9080", path, headers).await?;
+    if status != 200 || pod.is_empty() {
+        bail!(
+            "GET {path} to reviews answered {status} {:?}",
+            String::from_utf8_lossy(&answer.body)
+        );
+    }
+    Ok(pod)
+}
+
+/// `n` GETs to reviews from `from`; the answering pods, in order.
+async fn reviews_n(
+    c: &Cluster,
+    from: &str,
+    n: usize,
+    headers: &[(&str, &str)],
+) -> anyhow::Result<Vec<String>> {
+    let mut pods = Vec::with_capacity(n);
+    for _ in 0..n {
+        pods.push(reviews(c, from, "/", headers).await?);
+    }
+    Ok(pods)
+}
+
+/// How many times each pod answered, as `name ×n, …`.
+fn tally(pods: &[String]) -> String {
+    let mut counts = std::collections::BTreeMap::new();
+    for p in pods {
+        *counts.entry(p.as_str()).or_insert(0) += 1;
+    }
+    counts
+        .iter()
+        .map(|(p, n)| format!("{p} x{n}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 async fn cross_node(c: &Cluster, marker: &[u8]) -> anyhow::Result<String> {
     let (from, to) = (pod(c, "productpage"), pod(c, "reviews-v1"));
-    let dst = SocketAddr::new(c.pod_ip(to), APP_PORT);
+    let dst = SocketAddr::new(c.pod_ip(to), TCP_PORT);
     let mut payload = marker.to_vec();
     payload.extend((0..64 * 1024).map(|i| (i % 251) as u8));
     let answer = c.exchange(from, dst, &payload).await?;
@@ -282,49 +413,55 @@ async fn cross_node(c: &Cluster, marker: &[u8]) -> anyhow::Result<String> {
     ))
 }
 
+/// Through reviews' VIP, before any VirtualService: the waypoint balances over all endpoints,
+/// and the app sees the request come from the waypoint pod.
 async fn via_vip(c: &Cluster) -> anyhow::Result<String> {
     let vip = SocketAddr::new(REVIEWS_VIP.into(), REVIEWS_PORT);
-    let mut reached = std::collections::BTreeSet::new();
+    let page = pod(c, "productpage");
+    let mut reached = vec![];
+    let mut peers = std::collections::BTreeSet::new();
     for i in 0..6 {
-        let msg = format!("request-{i}");
-        let answer = c
-            .exchange(pod(c, "productpage"), vip, msg.as_bytes())
-            .await?;
-        let (_, echoed) = split(&answer);
-        if echoed != msg.as_bytes() {
-            bail!(
-                "request {i} through the VIP came back as {:?}",
-                String::from_utf8_lossy(echoed)
-            );
+        let path = format!("/request-{i}");
+        let (status, answered, json, _) = get(c, page, vip, "reviews:9080", &path, &[]).await?;
+        if status != 200 || json["path"] != path.as_str() {
+            bail!("request {i} through the VIP: {status} {json}");
         }
-        reached.insert(answered_by(&answer));
+        reached.push(answered);
+        peers.insert(json["peer"].as_str().unwrap_or_default().to_string());
     }
-    if reached.len() < 2 {
-        bail!("6 requests to {vip} all went to {reached:?}");
+    let distinct: std::collections::BTreeSet<&String> = reached.iter().collect();
+    if distinct.len() < 2 {
+        bail!("6 requests to {vip} all went to {distinct:?}");
+    }
+    let waypoint = c.pod_ip(WAYPOINT_POD);
+    if !peers
+        .iter()
+        .all(|p| p.parse::<SocketAddr>().is_ok_and(|a| a.ip() == waypoint))
+    {
+        bail!("the apps saw peers {peers:?}, not the waypoint {waypoint}");
     }
     Ok(format!(
-        "6 requests from productpage to reviews.bookinfo ({vip}, targetPort http = {APP_PORT}) answered by {}",
-        reached.into_iter().collect::<Vec<_>>().join(" and ")
+        "6 HTTP requests from {page} to reviews.bookinfo ({vip}) went through the waypoint ({WAYPOINT_POD}, {waypoint}: the apps saw it as their peer) and were answered by {}",
+        tally(&reached)
     ))
 }
 
 /// The same paths over IPv6: the pods' IPv6 addresses and the service's IPv6 ClusterIP.
 async fn over_ipv6(c: &Cluster, marker: &[u8]) -> anyhow::Result<String> {
     let (from, to) = (pod(c, "productpage"), pod(c, "reviews-v1"));
-    let dst = SocketAddr::new(c.pod_ip6(to), APP_PORT);
+    let dst = SocketAddr::new(c.pod_ip6(to), TCP_PORT);
     let answer = c.exchange(from, dst, marker).await?;
     let (greeting, echoed) = split(&answer);
     if echoed != marker || answered_by(&answer) != to {
         bail!("{dst} answered {:?}", String::from_utf8_lossy(&answer));
     }
     let vip = SocketAddr::new(REVIEWS_VIP6.into(), REVIEWS_PORT);
-    let answer = c.exchange(from, vip, b"v6").await?;
-    let (via_vip, echoed) = split(&answer);
-    if echoed != b"v6" || !answered_by(&answer).starts_with("reviews-") {
-        bail!("{vip} answered {:?}", String::from_utf8_lossy(&answer));
+    let (status, answered, json, _) = get(c, from, vip, "reviews:9080", "/v6", &[]).await?;
+    if status != 200 || !answered.starts_with("reviews-") {
+        bail!("{vip} answered {status} {json}");
     }
     Ok(format!(
-        "{from} -> {dst}: app said \"{greeting}\"; {from} -> {vip}: app said \"{via_vip}\""
+        "{from} -> {dst}: app said \"{greeting}\"; {from} -> {vip} (through the waypoint): HTTP {status} from {answered}"
     ))
 }
 
@@ -384,16 +521,37 @@ async fn answers(c: &Cluster, from: &str, to: &str, port: u16) -> anyhow::Result
     Ok(())
 }
 
+/// ratings is bound to the waypoint: reviews calls it through its VIP (and the waypoint),
+/// or its pod directly; productpage calling the pod directly is refused by the policy.
 async fn ratings_from_reviews(c: &Cluster) -> anyhow::Result<String> {
     let (reviews, ratings, page) = (
         pod(c, "reviews-v1"),
         pod(c, "ratings"),
         pod(c, "productpage"),
     );
-    answers(c, reviews, ratings, APP_PORT).await?;
-    refused(c, page, ratings, APP_PORT).await?;
+    let vip = SocketAddr::new(RATINGS_VIP.into(), APP_PORT);
+    let (status, answered, json, _) =
+        get(c, reviews, vip, "ratings:9080", "/ratings/0", &[]).await?;
+    let waypoint = c.pod_ip(WAYPOINT_POD);
+    let peer = json["peer"]
+        .as_str()
+        .and_then(|p| p.parse::<SocketAddr>().ok());
+    let tag = json["headers"]["x-bookinfo-route"][0]
+        .as_str()
+        .unwrap_or_default();
+    if status != 200
+        || answered != ratings
+        || peer.map(|p| p.ip()) != Some(waypoint)
+        || tag != "ratings-via-waypoint"
+    {
+        bail!(
+            "{reviews} -> ratings {vip}: {status} {json} (expected {ratings}, from the waypoint {waypoint}, with the header x-bookinfo-route its VirtualService sets)"
+        );
+    }
+    answers(c, reviews, ratings, TCP_PORT).await?;
+    refused(c, page, ratings, TCP_PORT).await?;
     // The client can see the close before ztunnel has written its log line.
-    let dst = SocketAddr::new(c.pod_ip(ratings), APP_PORT).to_string();
+    let dst = SocketAddr::new(c.pod_ip(ratings), TCP_PORT).to_string();
     let deadline = Instant::now() + Duration::from_secs(2);
     loop {
         let log = std::fs::read_to_string(c.ztunnel_log(0))?;
@@ -406,7 +564,8 @@ async fn ratings_from_reviews(c: &Cluster) -> anyhow::Result<String> {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     Ok(format!(
-        "bookinfo/ratings-from-reviews: {reviews} -> {ratings}:{APP_PORT} answered; {page} -> {ratings}:{APP_PORT} got HBONE 401 from node2's ztunnel and the app never saw it"
+        "bookinfo/ratings-from-reviews (principals bookinfo-reviews and waypoint): {reviews} -> ratings.bookinfo {vip}: HTTP {status} from {ratings} via the waypoint (the app saw {WAYPOINT_POD} {waypoint} as its peer, and the header x-bookinfo-route: {tag} set by VirtualService bookinfo/ratings); {reviews} -> {dst} directly answered; {page} -> {dst} directly got HBONE 401 from node2's ztunnel and the app never saw it
+(the waypoint does not enforce AuthorizationPolicy yet: through the VIP, ratings' ztunnel checks the waypoint's identity)"
     ))
 }
 
@@ -414,9 +573,9 @@ async fn debug_port(c: &Cluster) -> anyhow::Result<String> {
     let (legacy, details, page) = (pod(c, "legacy"), pod(c, "details"), pod(c, "productpage"));
     refused(c, legacy, details, DEBUG_PORT).await?;
     answers(c, page, details, DEBUG_PORT).await?;
-    answers(c, legacy, details, APP_PORT).await?;
+    answers(c, legacy, details, TCP_PORT).await?;
     Ok(format!(
-        "bookinfo/deny-debug-port: {legacy} (plaintext, no namespace) -> {details}:{DEBUG_PORT} refused; {page} (ns bookinfo) -> :{DEBUG_PORT} answered; {legacy} -> :{APP_PORT} answered"
+        "bookinfo/deny-debug-port: {legacy} (plaintext, no namespace) -> {details}:{DEBUG_PORT} refused; {page} (ns bookinfo) -> :{DEBUG_PORT} answered; {legacy} -> :{TCP_PORT} answered"
     ))
 }
 
@@ -424,19 +583,19 @@ async fn debug_port(c: &Cluster) -> anyhow::Result<String> {
 /// productpage to details is refused.
 async fn live_deny(c: &Cluster) -> anyhow::Result<String> {
     let (page, details) = (pod(c, "productpage"), pod(c, "details"));
-    answers(c, page, details, APP_PORT)
+    answers(c, page, details, TCP_PORT)
         .await
         .context("before the change")?;
     let written = Instant::now();
     c.write_pilot_file("deny.yaml", DENY_POLICY)?;
-    while written.elapsed() < Duration::from_secs(5) {
-        if refused(c, page, details, APP_PORT).await.is_ok() {
+    while written.elapsed() < CHANGE_LIMIT {
+        if refused(c, page, details, TCP_PORT).await.is_ok() {
             let elapsed = written.elapsed();
-            answers(c, pod(c, "legacy"), details, APP_PORT)
+            answers(c, pod(c, "legacy"), details, TCP_PORT)
                 .await
                 .context("other callers of details after the change")?;
             return Ok(format!(
-                "deny.yaml written -> the next connection {page} -> {details}:{APP_PORT} refused after {:.0} ms (pilot: folder change, debounce, translation, delta push; ztunnel: apply); other callers still answered",
+                "deny.yaml written -> the next connection {page} -> {details}:{TCP_PORT} refused after {:.0} ms (pilot: folder change, debounce, translation, delta push; ztunnel: apply); other callers still answered",
                 elapsed.as_secs_f64() * 1000.0
             ));
         }
@@ -445,14 +604,12 @@ async fn live_deny(c: &Cluster) -> anyhow::Result<String> {
     bail!("the policy had no effect 5 s after the file was written")
 }
 
-/// Add reviews-v3's Pod object to pilot's folder and time how long until a request to the
-/// reviews VIP is answered by it.
+/// Add a second reviews v2 Pod object to pilot's folder and time how long until a request to
+/// the reviews VIP (through the waypoint) is answered by it.
 async fn live_endpoint(c: &Cluster) -> anyhow::Result<String> {
-    let vip = SocketAddr::new(REVIEWS_VIP.into(), REVIEWS_PORT);
     let page = pod(c, "productpage");
-    for _ in 0..6 {
-        let answer = c.exchange(page, vip, b"before").await?;
-        if answered_by(&answer) == NEW_POD {
+    for p in reviews_n(c, page, 6, &[]).await? {
+        if p == NEW_POD {
             bail!("{NEW_POD} answered through the VIP before it was added");
         }
     }
@@ -463,13 +620,13 @@ metadata:
   name: {NEW_POD}
   namespace: bookinfo
   uid: {NEW_POD_UID}
-  labels: {{app: reviews, version: v3}}
+  labels: {{app: reviews, version: v2}}
 spec:
   nodeName: {node}
   serviceAccountName: bookinfo-reviews
   containers:
   - name: reviews
-    image: docker.io/istio/examples-bookinfo-reviews-v3:1.20.2
+    image: docker.io/istio/examples-bookinfo-reviews-v2:1.20.2
     ports: [{{name: http, containerPort: {APP_PORT}}}]
 status:
   phase: Running
@@ -484,23 +641,22 @@ status:
     let written = Instant::now();
     c.write_pilot_file(&format!("{NEW_POD}.yaml"), &yaml)?;
     let mut requests = 0;
-    while written.elapsed() < Duration::from_secs(5) {
+    while written.elapsed() < CHANGE_LIMIT {
         requests += 1;
-        let answer = c.exchange(page, vip, b"after").await.unwrap_or_default();
-        if answered_by(&answer) == NEW_POD {
+        if reviews(c, page, "/", &[]).await.unwrap_or_default() == NEW_POD {
             return Ok(format!(
-                "{NEW_POD}.yaml written -> a request to {vip} answered by {NEW_POD} after {:.0} ms ({requests} requests; pilot: new Pod, service endpoints, delta push; ztunnel on node2: enrolls the pod, opens its listeners; ztunnel on node1: new endpoint)",
+                "{NEW_POD}.yaml written -> a request to reviews {REVIEWS_VIP}:{REVIEWS_PORT} answered by {NEW_POD} after {:.0} ms ({requests} requests; pilot: new Pod, service endpoints, delta push to ztunnels and the waypoint; ztunnel on node2: enrolls the pod, opens its listeners; the waypoint: new endpoint)",
                 written.elapsed().as_secs_f64() * 1000.0
             ));
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    bail!("no request to {vip} reached {NEW_POD} within 5 s of the change")
+    bail!("no request to reviews reached {NEW_POD} within 5 s of the change")
 }
 
 async fn outsider(c: &Cluster) -> anyhow::Result<String> {
     let (legacy, details) = (pod(c, "legacy"), pod(c, "details"));
-    let dst = SocketAddr::new(c.pod_ip(details), APP_PORT);
+    let dst = SocketAddr::new(c.pod_ip(details), TCP_PORT);
     let answer = c.exchange(legacy, dst, b"plain hello").await?;
     let (greeting, echoed) = split(&answer);
     if echoed != b"plain hello" {
@@ -541,12 +697,10 @@ async fn app_sees_client(c: &Cluster) -> anyhow::Result<String> {
         } else {
             (c.pod_ip(to), c.pod_ip(from))
         };
-        let dst = SocketAddr::new(to_ip, APP_PORT);
+        let dst = SocketAddr::new(to_ip, TCP_PORT);
         let answer = c.exchange(from, dst, b"who am I").await?;
         let (greeting, _) = split(&answer);
-        let peer = greeting
-            .split_once("peer=")
-            .and_then(|(_, p)| p.parse::<SocketAddr>().ok())
+        let peer = greeting_peer(&greeting)
             .ok_or_else(|| anyhow::anyhow!("{to} answered without a peer address: {greeting:?}"))?;
         if peer.ip() != from_ip {
             bail!(
@@ -557,6 +711,210 @@ async fn app_sees_client(c: &Cluster) -> anyhow::Result<String> {
         seen.push(format!("{from} -> {to} ({how}): peer {peer}"));
     }
     Ok(seen.join("\n"))
+}
+
+/// Write `file` of the routes folder into pilot's folder as reviews' VirtualService; when.
+fn write_vs(c: &Cluster, routes: &Path, file: &str) -> anyhow::Result<Instant> {
+    let yaml = std::fs::read_to_string(routes.join(file))
+        .with_context(|| routes.join(file).display().to_string())?;
+    let written = Instant::now();
+    c.write_pilot_file(VS_FILE, &yaml)?;
+    Ok(written)
+}
+
+/// Poll `observe` (one batch of requests, returning what it saw and whether that is the
+/// change's effect) until it reports the effect; the time from the write to the start of that
+/// batch, and what it saw. Fails after [`CHANGE_LIMIT`] with the last observation.
+async fn until_applied<F, Fut>(
+    written: Instant,
+    mut observe: F,
+) -> anyhow::Result<(Duration, String)>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<(bool, String)>>,
+{
+    loop {
+        let sent = written.elapsed();
+        let last = match observe().await {
+            Ok((true, seen)) => return Ok((sent, seen)),
+            Ok((false, seen)) => seen,
+            Err(e) => format!("{e:#}"),
+        };
+        if written.elapsed() > CHANGE_LIMIT {
+            bail!("not in effect {CHANGE_LIMIT:?} after the file was written; last seen: {last}");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.0} ms", d.as_secs_f64() * 1000.0)
+}
+
+async fn all_to_v1(c: &Cluster, routes: &Path) -> anyhow::Result<String> {
+    let page = pod(c, "productpage");
+    let written = write_vs(c, routes, "1-all-v1.yaml")?;
+    let (took, _) = until_applied(written, || async {
+        let pods = reviews_n(c, page, 6, &[]).await?;
+        Ok((
+            pods.iter().all(|p| p.starts_with("reviews-v1")),
+            tally(&pods),
+        ))
+    })
+    .await?;
+    let after = reviews_n(c, page, 20, &[]).await?;
+    if !after.iter().all(|p| p.starts_with("reviews-v1")) {
+        bail!("after the change: {}", tally(&after));
+    }
+    Ok(format!(
+        "1-all-v1.yaml written -> in effect after {} (first of 6 consecutive requests all answered by v1); then 20 requests from {page}: {}",
+        ms(took),
+        tally(&after)
+    ))
+}
+
+async fn jason_to_v2(c: &Cluster, routes: &Path) -> anyhow::Result<String> {
+    let page = pod(c, "productpage");
+    let jason = [("end-user", "jason")];
+    let written = write_vs(c, routes, "2-jason-v2.yaml")?;
+    let (took, _) = until_applied(written, || async {
+        let j = reviews_n(c, page, 3, &jason).await?;
+        let o = reviews_n(c, page, 3, &[]).await?;
+        let ok = j.iter().all(|p| p.starts_with("reviews-v2"))
+            && o.iter().all(|p| p.starts_with("reviews-v1"));
+        Ok((ok, format!("jason: {}; others: {}", tally(&j), tally(&o))))
+    })
+    .await?;
+    let j = reviews_n(c, page, 10, &jason).await?;
+    let o = reviews_n(c, page, 10, &[]).await?;
+    if !j.iter().all(|p| p.starts_with("reviews-v2"))
+        || !o.iter().all(|p| p.starts_with("reviews-v1"))
+    {
+        bail!(
+            "after the change: jason {}; others {}",
+            tally(&j),
+            tally(&o)
+        );
+    }
+    Ok(format!(
+        "2-jason-v2.yaml written -> in effect after {}; then 10 requests with `end-user: jason`: {}; 10 without: {}",
+        ms(took),
+        tally(&j),
+        tally(&o)
+    ))
+}
+
+async fn split_v1_v3(c: &Cluster, routes: &Path) -> anyhow::Result<String> {
+    let page = pod(c, "productpage");
+    let written = write_vs(c, routes, "3-v1-v3-50-50.yaml")?;
+    let (took, _) = until_applied(written, || async {
+        let pods = reviews_n(c, page, 8, &[]).await?;
+        let ok = pods.iter().any(|p| p.starts_with("reviews-v1"))
+            && pods.iter().any(|p| p.starts_with("reviews-v3"))
+            && pods
+                .iter()
+                .all(|p| p.starts_with("reviews-v1") || p.starts_with("reviews-v3"));
+        Ok((ok, tally(&pods)))
+    })
+    .await?;
+    let pods = reviews_n(c, page, 200, &[]).await?;
+    let v1 = pods.iter().filter(|p| p.starts_with("reviews-v1")).count();
+    let v3 = pods.iter().filter(|p| p.starts_with("reviews-v3")).count();
+    // 50/50 over 200 requests: a standard deviation of about 7; 70..=130 is over 4 of them.
+    if v1 + v3 != 200 || !(70..=130).contains(&v1) {
+        bail!("200 requests: {}", tally(&pods));
+    }
+    Ok(format!(
+        "3-v1-v3-50-50.yaml written -> in effect after {} (first batch of 8 with both v1 and v3 and nothing else); then 200 requests: v1 {v1}, v3 {v3} ({})",
+        ms(took),
+        tally(&pods)
+    ))
+}
+
+async fn by_path(c: &Cluster, routes: &Path) -> anyhow::Result<String> {
+    let page = pod(c, "productpage");
+    let dst = SocketAddr::new(REVIEWS_VIP.into(), REVIEWS_PORT);
+    let written = write_vs(c, routes, "4-paths.yaml")?;
+    let observe = || async {
+        let (s1, p1, _, _) = get(c, page, dst, "reviews:9080", "/status", &[]).await?;
+        let (s2, p2, _, _) = get(c, page, dst, "reviews:9080", "/status/more", &[]).await?;
+        let (s3, p3, j3, _) = get(c, page, dst, "reviews:9080", "/headers/x", &[]).await?;
+        let (s4, _, _, a4) = get(c, page, dst, "reviews:9080", "/delay", &[]).await?;
+        let authority = j3["authority"].as_str().unwrap_or_default().to_string();
+        let body4 = String::from_utf8_lossy(&a4.body).trim().to_string();
+        let ok = s1 == 200
+            && p1.starts_with("reviews-v1")
+            && s2 == 200
+            && p2.starts_with("reviews-v3")
+            && s3 == 200
+            && p3.starts_with("reviews-v2")
+            && authority == "reviews-v2.internal"
+            && s4 == 503
+            && body4 == "aborted by the waypoint";
+        Ok((
+            ok,
+            format!(
+                "GET /status: {s1} from {p1}\nGET /status/more: {s2} from {p2} (exact match only)\nGET /headers/x: {s3} from {p3}, the app saw authority {authority:?}\nGET /delay: {s4} {body4:?} (from the waypoint; fault injection is not translated yet, so the example uses directResponse: {{status: 503}})"
+            ),
+        ))
+    };
+    let (took, seen) = until_applied(written, observe).await?;
+    Ok(format!(
+        "4-paths.yaml written -> in effect after {}:\n{seen}",
+        ms(took)
+    ))
+}
+
+async fn by_source(c: &Cluster, routes: &Path) -> anyhow::Result<String> {
+    let (page, details) = (pod(c, "productpage"), pod(c, "details"));
+    let written = write_vs(c, routes, "5-source-labels.yaml")?;
+    let (took, seen) = until_applied(written, || async {
+        let from_page = reviews_n(c, page, 3, &[]).await?;
+        let from_details = reviews_n(c, details, 3, &[]).await?;
+        let ok = from_page.iter().all(|p| p.starts_with("reviews-v2"))
+            && from_details.iter().all(|p| p.starts_with("reviews-v1"));
+        Ok((
+            ok,
+            format!(
+                "from {page} (app: productpage): {}; from {details} (app: details): {}",
+                tally(&from_page),
+                tally(&from_details)
+            ),
+        ))
+    })
+    .await?;
+    Ok(format!(
+        "5-source-labels.yaml written -> in effect after {} (the waypoint matches the labels of the workload whose address the client's ztunnel forwarded): {seen}",
+        ms(took)
+    ))
+}
+
+/// reviews' `tcp` port: the waypoint passes the bytes through (L4, balanced), and the app sees
+/// the waypoint as its peer.
+async fn tcp_through_waypoint(c: &Cluster) -> anyhow::Result<String> {
+    let page = pod(c, "productpage");
+    let vip = SocketAddr::new(REVIEWS_VIP.into(), REVIEWS_TCP_PORT);
+    let waypoint = c.pod_ip(WAYPOINT_POD);
+    let mut reached = vec![];
+    for i in 0..6 {
+        let msg = format!("tcp-{i}");
+        let answer = c.exchange(page, vip, msg.as_bytes()).await?;
+        let (greeting, echoed) = split(&answer);
+        if echoed != msg.as_bytes() {
+            bail!(
+                "{vip} echoed {:?} for {msg:?} ({greeting})",
+                String::from_utf8_lossy(echoed)
+            );
+        }
+        if greeting_peer(&greeting).map(|p| p.ip()) != Some(waypoint) {
+            bail!("{vip}: the app saw {greeting:?}, not the waypoint {waypoint} as its peer");
+        }
+        reached.push(answered_by(&answer));
+    }
+    Ok(format!(
+        "6 connections from {page} to reviews {vip} (port name tcp: no HTTP) echoed intact through the waypoint (each app saw {waypoint} as its peer), answered by {}",
+        tally(&reached)
+    ))
 }
 
 /// Every ztunnel says it captures with eBPF, and no pod has a netfilter rule.

@@ -1,4 +1,4 @@
-//! `cargo xtask …`: the project's tasks (demo, test, bench, build-ebpf, clean-testbed), runnable on a fresh
+//! `cargo xtask …`: the project's tasks (demo, exec, down, test, bench, build-ebpf, clean-testbed), runnable on a fresh
 //! Debian machine as root.
 
 mod bench;
@@ -7,6 +7,7 @@ mod bench_waypoint;
 mod bench_xds;
 mod demo;
 mod ebpf;
+mod kept_mesh;
 mod setup;
 mod test;
 
@@ -21,8 +22,26 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Task {
-    /// Run the mesh on this machine (2 nodes, 4 mesh pods, 1 pod outside) and check it works.
-    Demo,
+    /// Run the mesh on this machine (deploy/examples/bookinfo: 2 nodes, 7 mesh pods, a waypoint,
+    /// 1 pod outside) and check it works.
+    Demo {
+        /// Leave the mesh running after the checks (until `cargo xtask down` or Ctrl-C), for
+        /// `cargo xtask exec` and editing pilot's folder.
+        #[arg(long)]
+        keep: bool,
+    },
+    /// Run a command in a pod (or node) of the demo mesh left by `cargo xtask demo --keep`,
+    /// e.g. `cargo xtask exec productpage -- curl -s http://reviews:9080/`.
+    Exec {
+        /// The pod's (or node's) name, or a unique prefix of it.
+        pod: String,
+        /// The command and its arguments (after `--`).
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+    /// Stop the demo mesh left by `cargo xtask demo --keep` and remove its namespaces, cgroups
+    /// and eBPF pins.
+    Down,
     /// Install what is missing, then formatting, clippy, unit and end-to-end tests.
     Test {
         /// Skip installing system packages.
@@ -79,11 +98,16 @@ fn main() -> anyhow::Result<()> {
             println!("{}", ebpf::build()?.display());
             Ok(())
         }
-        Task::Demo => {
+        Task::Demo { keep } => {
             setup::system_packages()?;
             ebpf::build()?;
             let bin = setup::build_ztunnel(false)?;
-            runtime()?.block_on(demo::run(bin))
+            runtime()?.block_on(demo::run(bin, keep))
+        }
+        Task::Exec { pod, command } => std::process::exit(kept_mesh::exec(&pod, &command)?),
+        Task::Down => {
+            println!("{}", kept_mesh::down()?);
+            Ok(())
         }
         Task::Test { no_install } => test::run(no_install),
         Task::Bench { which, .. } if which == "xds" => {

@@ -10,6 +10,8 @@ const TOOLS: &[(&str, &str)] = &[
     ("ip", "iproute2"),
     ("nft", "nftables"),
     ("nsenter", "util-linux"),
+    // For `cargo xtask exec <pod> -- curl …` into the demo mesh.
+    ("curl", "curl"),
 ];
 
 /// Install missing system packages (needs root and apt).

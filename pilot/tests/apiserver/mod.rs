@@ -93,7 +93,31 @@ struct State {
     /// TokenReviews being answered now, and the most ever at once.
     reviews_in_flight: usize,
     max_reviews_in_flight: usize,
+    /// Server-side applied objects by request path, with the `fieldManager` and `force` of
+    /// their last apply.
+    applied: BTreeMap<String, Applied>,
+    /// Answer server-side applies with 500 (counted in `apply_requests`, nothing stored).
+    apply_failing: bool,
+    apply_requests: usize,
 }
+
+/// An object received by server-side apply (as the server stored it), and how.
+#[derive(Clone, Debug)]
+pub struct Applied {
+    pub object: Value,
+    pub field_manager: String,
+    pub force: bool,
+    /// Applies of this object so far.
+    pub count: usize,
+}
+
+/// The object paths server-side apply is served on: (collection segment after the namespace,
+/// API prefix, apiVersion, kind).
+const APPLIED_KINDS: [(&str, &str, &str, &str); 3] = [
+    ("serviceaccounts", "/api/v1", "v1", "ServiceAccount"),
+    ("deployments", "/apis/apps/v1", "apps/v1", "Deployment"),
+    ("services", "/api/v1", "v1", "Service"),
+];
 
 pub struct ApiServer {
     pub addr: SocketAddr,
@@ -294,6 +318,21 @@ impl ApiServer {
         self.hold_reviews.send_replace(held);
     }
 
+    /// Server-side applied objects by path (`/apis/apps/v1/namespaces/<ns>/deployments/<name>`).
+    pub fn applied(&self) -> BTreeMap<String, Applied> {
+        self.state.lock().unwrap().applied.clone()
+    }
+
+    /// Answer server-side applies with 500 (`true`) or serve them.
+    pub fn set_apply_failing(&self, failing: bool) {
+        self.state.lock().unwrap().apply_failing = failing;
+    }
+
+    /// Server-side apply requests received so far, failed ones included.
+    pub fn apply_requests(&self) -> usize {
+        self.state.lock().unwrap().apply_requests
+    }
+
     /// (TokenReviews being answered now, most ever at once).
     pub fn reviews_in_flight(&self) -> (usize, usize) {
         let s = self.state.lock().unwrap();
@@ -354,6 +393,9 @@ impl Server {
             self.state.lock().unwrap().reviews_in_flight -= 1;
             return answer;
         }
+        if req.method() == hyper::Method::PATCH {
+            return self.server_side_apply(req, &path, &query).await;
+        }
         let Some(i) = KINDS.iter().position(|k| k.2 == path) else {
             return error(
                 404,
@@ -369,6 +411,111 @@ impl Server {
         } else {
             self.list(i)
         }
+    }
+
+    /// Server-side apply (`PATCH` with `application/apply-patch+yaml`) of a namespaced object of
+    /// `APPLIED_KINDS`: the body must name the path's object and kind and the request a field
+    /// manager, as kube-apiserver requires; the object is stored (uid kept across applies) and
+    /// returned. Field ownership and merging are not modelled: the last apply replaces it.
+    async fn server_side_apply(
+        &self,
+        req: Request<Incoming>,
+        path: &str,
+        query: &HashMap<String, String>,
+    ) -> Response<Body> {
+        {
+            let mut s = self.state.lock().unwrap();
+            s.apply_requests += 1;
+            if s.apply_failing {
+                return error(500, "InternalError", "etcdserver: request timed out");
+            }
+        }
+        let content_type = req
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string();
+        let parts: Vec<&str> = path.split('/').collect();
+        // ["", "api", "v1", "namespaces", ns, resource, name] or with "apis", group, version.
+        let (prefix, rest) = parts.split_at(parts.len().saturating_sub(4));
+        let prefix = prefix.join("/");
+        let found = match rest {
+            ["namespaces", ns, resource, name] => APPLIED_KINDS
+                .iter()
+                .find(|k| k.0 == *resource && k.1 == prefix)
+                .map(|k| (k, ns.to_string(), name.to_string())),
+            _ => None,
+        };
+        let Some(((_, _, api_version, kind), ns, name)) = found else {
+            return error(
+                404,
+                "NotFound",
+                "the server could not find the requested resource",
+            );
+        };
+        if content_type != "application/apply-patch+yaml" {
+            return error(
+                415,
+                "UnsupportedMediaType",
+                &format!("only server-side apply is served, not {content_type:?}"),
+            );
+        }
+        let Some(field_manager) = query.get("fieldManager").cloned() else {
+            return error(
+                422,
+                "Invalid",
+                "PatchOptions.meta.k8s.io \"\" is invalid: fieldManager: Required value: is required for apply patch",
+            );
+        };
+        let body = req.into_body().collect().await.unwrap().to_bytes();
+        let mut object: Value = match serde_yaml_ng::from_slice(&body) {
+            Ok(v) => v,
+            Err(e) => return error(400, "BadRequest", &format!("body: {e}")),
+        };
+        if object["apiVersion"] != *api_version
+            || object["kind"] != *kind
+            || object["metadata"]["name"] != name.as_str()
+            || object["metadata"]["namespace"]
+                .as_str()
+                .is_some_and(|n| n != ns)
+        {
+            return error(
+                400,
+                "BadRequest",
+                &format!("the body is not {api_version} {kind} {ns}/{name}"),
+            );
+        }
+        let mut s = self.state.lock().unwrap();
+        s.rv += 1;
+        let rv = s.rv;
+        let previous = s.applied.get(path).cloned();
+        let meta = object["metadata"].as_object_mut().unwrap();
+        meta.insert("namespace".into(), ns.into());
+        meta.insert("resourceVersion".into(), rv.to_string().into());
+        let uid = previous
+            .as_ref()
+            .map(|p| p.object["metadata"]["uid"].clone())
+            .unwrap_or_else(|| format!("uid-{rv}").into());
+        meta.insert("uid".into(), uid);
+        let created = previous.is_none();
+        s.applied.insert(
+            path.to_string(),
+            Applied {
+                object: object.clone(),
+                field_manager,
+                force: query.get("force").map(String::as_str) == Some("true"),
+                count: previous.map_or(0, |p| p.count) + 1,
+            },
+        );
+        full(
+            if created {
+                StatusCode::CREATED
+            } else {
+                StatusCode::OK
+            },
+            &object,
+        )
     }
 
     fn list(&self, i: usize) -> Response<Body> {
