@@ -242,7 +242,7 @@ mod tests {
         app.write_all(b"request").await.unwrap();
         let copy = tokio::spawn(async move {
             let recv = rsp.await.unwrap().into_body();
-            tcp_h2(tcp, H2Stream::new(send, recv)).await
+            tcp_h2(tcp, H2Stream::new(send, recv), &Progress::default()).await
         });
         let mut answer = Vec::new();
         // The whole answer, then the end of it, before the app half-closes.
