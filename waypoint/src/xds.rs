@@ -12,7 +12,7 @@ use envoy_types::pb::envoy::config::endpoint::v3 as endpoint_pb;
 use envoy_types::pb::envoy::config::listener::v3 as listener_pb;
 use envoy_types::pb::envoy::config::route::v3 as route_pb;
 use mesh::proto::ADDRESS_TYPE_URL;
-use mesh::state::proto::{Converted, address};
+use mesh::state::proto::apply_addresses;
 use mesh::state::{Service, State, Workload};
 use mesh::xds::{Handler, Rejected, Update};
 use prost::Message;
@@ -244,23 +244,13 @@ impl XdsHandler {
     ) -> Result<(), Rejected> {
         let mut workloads = self.workloads.clone();
         let mut services = self.services.clone();
-        for r in &update.updated {
-            match address(&r.name, &r.body) {
-                Ok(Converted::Workload(w)) => {
-                    services.remove(&r.name);
-                    workloads.insert(r.name.clone(), Arc::new(*w));
-                }
-                Ok(Converted::Service(s)) => {
-                    workloads.remove(&r.name);
-                    services.insert(r.name.clone(), Arc::new(s));
-                }
-                Err(e) => bad.push((r.name.clone(), e)),
-            }
-        }
-        for name in &update.removed {
-            workloads.remove(name);
-            services.remove(name);
-        }
+        apply_addresses(
+            &mut workloads,
+            &mut services,
+            &update.updated,
+            &update.removed,
+            bad,
+        );
         let state = State::from_shared(
             workloads.values().cloned().collect(),
             services.values().cloned().collect(),

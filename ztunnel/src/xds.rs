@@ -9,7 +9,7 @@ use tokio::sync::watch;
 use tracing::info;
 
 use crate::node::Node;
-use mesh::state::proto::{Converted, address, authorization};
+use mesh::state::proto::{apply_addresses, authorization};
 use mesh::state::{Authorization, Service, State, Workload};
 
 /// The types ztunnel subscribes to.
@@ -60,25 +60,13 @@ impl Handler for XdsHandler {
         let mut policies = self.policies.clone();
         let mut bad: Vec<(String, String)> = Vec::new();
         match update.type_url.as_str() {
-            ADDRESS_TYPE_URL => {
-                for r in &update.updated {
-                    match address(&r.name, &r.body) {
-                        Ok(Converted::Workload(w)) => {
-                            services.remove(&r.name);
-                            workloads.insert(r.name.clone(), Arc::new(*w));
-                        }
-                        Ok(Converted::Service(s)) => {
-                            workloads.remove(&r.name);
-                            services.insert(r.name.clone(), Arc::new(s));
-                        }
-                        Err(e) => bad.push((r.name.clone(), e)),
-                    }
-                }
-                for name in &update.removed {
-                    workloads.remove(name);
-                    services.remove(name);
-                }
-            }
+            ADDRESS_TYPE_URL => apply_addresses(
+                &mut workloads,
+                &mut services,
+                &update.updated,
+                &update.removed,
+                &mut bad,
+            ),
             AUTHORIZATION_TYPE_URL => {
                 for r in &update.updated {
                     match authorization(&r.name, &r.body) {

@@ -1,8 +1,9 @@
 //! The workload API (`istio.workload.Address`, `istio.security.Authorization`) decoded into the
 //! shared model: one conversion for every proxy that subscribes to these types.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use prost::Message;
 
@@ -13,6 +14,35 @@ use super::{
 };
 use crate::proto::security as pb_sec;
 use crate::proto::workload as pb;
+
+/// Apply the `Address` part of a push to the workloads and services a proxy holds, by resource
+/// name (a name may turn from a workload into a service). Undecodable resources are added to
+/// `bad` and keep their previous version. One implementation for ztunnel and the waypoint.
+pub fn apply_addresses(
+    workloads: &mut HashMap<String, Arc<Workload>>,
+    services: &mut HashMap<String, Arc<Service>>,
+    updated: &[crate::xds::Received],
+    removed: &[String],
+    bad: &mut Vec<(String, String)>,
+) {
+    for r in updated {
+        match address(&r.name, &r.body) {
+            Ok(Converted::Workload(w)) => {
+                services.remove(&r.name);
+                workloads.insert(r.name.clone(), Arc::new(*w));
+            }
+            Ok(Converted::Service(s)) => {
+                workloads.remove(&r.name);
+                services.insert(r.name.clone(), Arc::new(s));
+            }
+            Err(e) => bad.push((r.name.clone(), e)),
+        }
+    }
+    for name in removed {
+        workloads.remove(name);
+        services.remove(name);
+    }
+}
 
 /// One decoded `Address`.
 pub enum Converted {
