@@ -200,6 +200,20 @@ fn waypoint_identity() -> Identity {
     Identity::new(TRUST_DOMAIN, "demo", "waypoint")
 }
 
+/// A log file's text once `says` holds for it (log lines are written as connections end, a
+/// moment after the client saw the end), or after 5 s, whatever it holds then.
+async fn log_once(path: std::path::PathBuf, says: impl Fn(&str) -> bool) -> String {
+    let mut log = String::new();
+    for _ in 0..100 {
+        log = std::fs::read_to_string(&path).unwrap_or_default();
+        if says(&log) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    log
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn traffic_to_a_bound_service_or_pod_goes_through_its_waypoint() {
     if !testbed::can_run() {
@@ -308,13 +322,13 @@ async fn traffic_to_a_bound_service_or_pod_goes_through_its_waypoint() {
         .await
         .unwrap();
     assert_eq!(from_waypoint, 3.0);
-    let log = std::fs::read_to_string(c.ztunnel_log(0)).unwrap();
     let waypoint_addr = format!("waypoint=\"{}:15008\"", c.pod_ip("waypoint-a"));
-    assert!(
+    let names_it = |log: &str| {
         log.lines()
-            .any(|l| l.contains(&format!("dst={vip}")) && l.contains(&waypoint_addr)),
-        "access log names the waypoint:\n{log}"
-    );
+            .any(|l| l.contains(&format!("dst={vip}")) && l.contains(&waypoint_addr))
+    };
+    let log = log_once(c.ztunnel_log(0), names_it).await;
+    assert!(names_it(&log), "access log names the waypoint:\n{log}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -333,13 +347,15 @@ async fn no_waypoint_to_take_the_connection_refuses_it() {
         .unwrap_or_default();
     assert!(answer.is_empty(), "{answer:?}");
     assert_eq!(stats.accepted.load(Ordering::Relaxed), 0);
-    let log = std::fs::read_to_string(c.ztunnel_log(0)).unwrap();
-    assert!(
+    // The refusal is logged as the connection ends: the line may reach the file a moment
+    // after the client saw the close.
+    let says_why = |log: &str| {
         log.contains("bound to waypoint demo/gone.demo.svc.cluster.local:15008")
             && log.contains("no healthy endpoint")
-            && log.contains("never bypasses"),
-        "ztunnel says why:\n{log}"
-    );
+            && log.contains("never bypasses")
+    };
+    let log = log_once(c.ztunnel_log(0), says_why).await;
+    assert!(says_why(&log), "ztunnel says why:\n{log}");
 
     // A waypoint pod presenting another identity than its workload's is not trusted.
     let impostor = Identity::new(TRUST_DOMAIN, "demo", "impostor");
@@ -732,10 +748,15 @@ async fn http_grpc_upgrade_and_tcp_through_the_real_waypoint() {
         ],
     );
     assert_eq!(opened, 3.0, "{metrics}");
-    let log = std::fs::read_to_string(c.waypoint_log("waypoint-a")).unwrap();
+    let shows_route = |log: &str| {
+        log.lines().any(|l| {
+            l.contains("\"protocol\":\"TCP\"")
+                && l.contains("inbound-vip|80|tcp/v1|web-tcp.demo.svc.cluster.local")
+        })
+    };
+    let log = log_once(c.waypoint_log("waypoint-a"), shows_route).await;
     assert!(
-        log.lines().any(|l| l.contains("\"protocol\":\"TCP\"")
-            && l.contains("inbound-vip|80|tcp/v1|web-tcp.demo.svc.cluster.local")),
+        shows_route(&log),
         "the waypoint's access log shows the TCP route:\n{log}"
     );
 
