@@ -106,6 +106,15 @@ impl TcpMetrics {
         self.sent_bytes.get_or_create(labels).inc_by(sent);
         self.received_bytes.get_or_create(labels).inc_by(received);
     }
+
+    /// The byte counters of `labels`, for a copy to add to while the connection runs (then
+    /// only the close is counted at the end). `sent` is the request direction.
+    pub fn live(&self, labels: &TcpLabels) -> (Counter, Counter) {
+        (
+            self.sent_bytes.get_or_create(labels).clone(),
+            self.received_bytes.get_or_create(labels).clone(),
+        )
+    }
 }
 
 /// Render a registry in the Prometheus text format.

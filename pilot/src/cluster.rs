@@ -296,6 +296,7 @@ async fn aggregate(mut updates: mpsc::Receiver<Update>, tx: watch::Sender<Arc<Sn
         dirty = false;
         generation += 1;
         let mut snap = build(&stores);
+        snap.keep_last_good(&tx.borrow());
         snap.generation = generation;
         // An invalid object is reported when it appears, not again on every later change.
         let now: BTreeSet<Problem> = snap.problems.iter().cloned().collect();

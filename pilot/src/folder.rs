@@ -129,6 +129,7 @@ pub async fn watch_folder(dir: PathBuf, mut last: Fingerprint, tx: watch::Sender
             continue;
         };
         last = settled;
+        snap.keep_last_good(&tx.borrow());
         generation += 1;
         snap.generation = generation;
         for p in &snap.problems {
@@ -190,5 +191,72 @@ mod tests {
         assert_eq!(snap.problems[0].object, "Pod default/B");
         task.abort();
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_bad_edit_keeps_the_last_good_version() {
+        let dir = std::env::temp_dir().join(format!("pilot-folder-{}", fastrand::u64(..)));
+        std::fs::create_dir_all(&dir).unwrap();
+        let vs = |uri: &str| {
+            format!(
+                "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: r, namespace: shop}}\nspec: {{hosts: [r], http: [{{match: [{{uri: {{regex: {uri:?}}}}}], route: [{{destination: {{host: r}}}}]}}]}}\n"
+            )
+        };
+        std::fs::write(dir.join("vs.yaml"), vs("/good.*")).unwrap();
+        let fp = fingerprint(&dir);
+        let (tx, mut rx) = watch::channel(Arc::new(load(&dir)));
+        rx.borrow_and_update();
+        let task = tokio::spawn(watch_folder(dir.clone(), fp, tx));
+        let key = ("shop".to_string(), "r".to_string());
+
+        // Invalid now: the valid version stays, and the problem says so.
+        std::fs::write(dir.join("vs.yaml"), vs("(")).unwrap();
+        let snap = next(&mut rx).await;
+        let kept = &snap.virtual_services[&key];
+        assert!(format!("{kept:?}").contains("/good.*"), "{kept:?}");
+        assert_eq!(snap.problems.len(), 1, "{:?}", snap.problems);
+        let p = snap.problems[0].to_string();
+        assert!(
+            p.starts_with("vs.yaml: VirtualService shop/r: field \"spec.http[0].match[0].uri.regex\": invalid regex")
+                && p.ends_with("; the last good version stays"),
+            "{p}"
+        );
+        assert_eq!(snap.file_of("VirtualService", &key), "vs.yaml");
+
+        // Still invalid after another change elsewhere: still the same last good version.
+        std::fs::write(
+            dir.join("pod.yaml"),
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: a}\n",
+        )
+        .unwrap();
+        let snap = next(&mut rx).await;
+        assert!(format!("{:?}", snap.virtual_services[&key]).contains("/good.*"));
+        assert!(
+            snap.problems[0]
+                .reason
+                .ends_with("; the last good version stays")
+        );
+
+        // Deleted: gone, no problem.
+        std::fs::remove_file(dir.join("vs.yaml")).unwrap();
+        let snap = next(&mut rx).await;
+        assert!(snap.virtual_services.is_empty());
+        assert!(snap.problems.is_empty(), "{:?}", snap.problems);
+
+        // An object that was never valid is simply left out.
+        std::fs::write(dir.join("vs.yaml"), vs("(")).unwrap();
+        let snap = next(&mut rx).await;
+        assert!(snap.virtual_services.is_empty());
+        assert!(!snap.problems[0].reason.contains("last good"));
+        task.abort();
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    async fn next(rx: &mut watch::Receiver<Arc<Snapshot>>) -> Arc<Snapshot> {
+        tokio::time::timeout(Duration::from_secs(5), rx.changed())
+            .await
+            .unwrap()
+            .unwrap();
+        rx.borrow_and_update().clone()
     }
 }

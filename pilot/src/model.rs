@@ -107,6 +107,48 @@ impl Snapshot {
         s
     }
 
+    /// Keep the last good version of each object that `previous` held and this snapshot lost
+    /// to a problem (an edit made it invalid): a bad edit must not drop the routes or policy
+    /// that worked. Each such problem says so. An object deleted from the source has no problem
+    /// and goes. Applied by the sources to every snapshot after the first.
+    pub fn keep_last_good(&mut self, previous: &Snapshot) {
+        let mut kept = Vec::new();
+        for problem in &mut self.problems {
+            let Some((kind, key)) = object_key(&problem.object) else {
+                continue;
+            };
+            let restored = match kind {
+                "Namespace" => restore(&mut self.namespaces, &previous.namespaces, &key.1),
+                "Pod" => restore(&mut self.pods, &previous.pods, &key),
+                "Service" => restore(&mut self.services, &previous.services, &key),
+                "AuthorizationPolicy" => restore(&mut self.policies, &previous.policies, &key),
+                "VirtualService" => {
+                    restore(&mut self.virtual_services, &previous.virtual_services, &key)
+                }
+                "DestinationRule" => restore(
+                    &mut self.destination_rules,
+                    &previous.destination_rules,
+                    &key,
+                ),
+                "Gateway" => restore(&mut self.gateways, &previous.gateways, &key),
+                _ => false,
+            };
+            if !restored {
+                continue;
+            }
+            if let Some(origin) = previous.origins.get(&(kind, key.clone())) {
+                kept.push(((kind, key), origin.clone()));
+            }
+            let reason = problem
+                .reason
+                .strip_suffix(LEFT_OUT)
+                .unwrap_or(&problem.reason)
+                .to_string();
+            problem.reason = format!("{reason}; the last good version stays");
+        }
+        self.origins.extend(kept);
+    }
+
     /// The file `kind` `key` came from (empty when unknown).
     pub fn file_of(&self, kind: &'static str, key: &Key) -> &str {
         self.origins
@@ -153,6 +195,49 @@ impl Snapshot {
 }
 
 pub type SharedSnapshot = Arc<Snapshot>;
+
+/// How a problem that drops a VirtualService ends (replaced when its last good version stays).
+const LEFT_OUT: &str = "; the VirtualService is left out";
+
+/// The kind and key a problem's object names (`Kind ns/name`, `Namespace name`); `None` for a
+/// document that never became an object (`document 3`).
+fn object_key(object: &str) -> Option<(&'static str, Key)> {
+    const KINDS: [&str; 7] = [
+        "Namespace",
+        "Pod",
+        "Service",
+        "AuthorizationPolicy",
+        "VirtualService",
+        "DestinationRule",
+        "Gateway",
+    ];
+    let (kind, rest) = object.split_once(' ')?;
+    let kind = KINDS.into_iter().find(|k| *k == kind)?;
+    let key = match rest.split_once('/') {
+        Some((ns, name)) if kind != "Namespace" => (ns.to_string(), name.to_string()),
+        None if kind == "Namespace" => (String::new(), rest.to_string()),
+        _ => return None,
+    };
+    Some((kind, key))
+}
+
+/// Put `previous`'s `key` into `now` if `now` lacks it; whether it did.
+fn restore<K: Ord + Clone, V: Clone>(
+    now: &mut BTreeMap<K, V>,
+    previous: &BTreeMap<K, V>,
+    key: &K,
+) -> bool {
+    if now.contains_key(key) {
+        return false;
+    }
+    match previous.get(key) {
+        Some(v) => {
+            now.insert(key.clone(), v.clone());
+            true
+        }
+        None => false,
+    }
+}
 
 /// A map keyed by `(namespace, name)` as one keyed by `namespace/name`: JSON keys are strings
 /// (the debug endpoint serves the model as JSON).

@@ -670,7 +670,6 @@ impl Builder<'_> {
     /// The HTTP routes of one service port, as its RouteConfiguration.
     fn http_routes(&mut self, svc: &Service, port: u16, name: &str) {
         let mut routes = Vec::new();
-        let mut caught = false;
         let mut body_limit = DEFAULT_DIRECT_BODY_LIMIT;
         let vss: Vec<VirtualService> = self.virtual_services(svc).into_iter().cloned().collect();
         'all: for vs in &vss {
@@ -719,13 +718,15 @@ impl Builder<'_> {
                         }
                     }
                     if is_catch_all(m) {
-                        caught = true;
                         break 'all;
                     }
                 }
             }
         }
-        if !caught {
+        // As Istio's waypoint: where a VirtualService gives routes, a request none of them
+        // matches is answered 404 (route not found); the service's default route is only for
+        // ports no VirtualService routes.
+        if routes.is_empty() {
             let host = fqdn(self.o, &svc.meta.namespace, &svc.meta.name);
             routes.push(route::Route {
                 name: "default".into(),
@@ -1492,7 +1493,7 @@ spec: {host: web, subsets: [{name: v1, labels: {version: v1}}, {name: v2, labels
     route: [{destination: {host: web}}]
 "#));
         let r = routes(&w);
-        assert_eq!(r.len(), 3, "two matches kept + default route: {r:#?}");
+        assert_eq!(r.len(), 2, "two matches kept, no default route: {r:#?}");
         assert_eq!(r[0].name, "api.exact");
         assert_eq!(r[1].name, "api");
         let m0 = r[0].r#match.as_ref().unwrap();
@@ -1552,7 +1553,6 @@ spec: {host: web, subsets: [{name: v1, labels: {version: v1}}, {name: v2, labels
             m1.dynamic_metadata[1],
             source_matcher(&["namespace"], "shop")
         );
-        assert_eq!(r[2].name, "default");
     }
 
     #[test]
@@ -1737,7 +1737,7 @@ spec: {host: web, subsets: [{name: v1, labels: {version: v1}}, {name: v2, labels
             d.body.as_ref().unwrap().specifier,
             Some(core::data_source::Specifier::InlineBytes(b"hi".to_vec()))
         );
-        assert_eq!(r.len(), 5, "default route last");
+        assert_eq!(r.len(), 4, "no default route after VirtualService routes");
     }
 
     #[test]
@@ -1796,7 +1796,11 @@ spec:
                 .contains("no VirtualService shop/nowhere")
         );
         let r = routes(&w);
-        assert_eq!(r.len(), 2, "{r:#?}");
+        assert_eq!(
+            r.len(),
+            1,
+            "no default route after the VirtualService's: {r:#?}"
+        );
         assert_eq!(r[0].name, "inner");
         let m = r[0].r#match.as_ref().unwrap();
         assert_eq!(
@@ -1807,7 +1811,6 @@ spec:
             m.headers[0].name, "x-a",
             "root and delegate conditions combined"
         );
-        assert_eq!(r[1].name, "default");
 
         let l = listener::Listener::decode(w.listeners[WEB_TCP].body.clone()).unwrap();
         let Some(listener::filter::ConfigType::TypedConfig(any)) =

@@ -55,7 +55,8 @@ pub struct PodDef {
     pub expected_ip: Option<Ipv4Addr>,
     /// Only an IPv6 address, in the test bed and in the configuration; dual-stack otherwise.
     pub ipv6_only: bool,
-    /// Kubernetes labels besides `app` and `version` (and the dataplane-mode opt-out).
+    /// Kubernetes labels besides `app` (and the dataplane-mode opt-out); `version` is `v1`
+    /// unless given here.
     pub labels: BTreeMap<String, String>,
 }
 
@@ -733,11 +734,12 @@ impl Cluster {
             }
             let _ = writeln!(
                 y,
-                "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {ns}, uid: {uid}, labels: {{app: {app}, version: v1{mode}}}}}\nspec: {{nodeName: {node}, serviceAccountName: {sa}}}\nstatus: {{phase: Running, podIP: \"{ip}\", podIPs: [{ips}]}}\n---",
+                "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {ns}, uid: {uid}, labels: {{app: {app}, version: {version}{mode}}}}}\nspec: {{nodeName: {node}, serviceAccountName: {sa}}}\nstatus: {{phase: Running, podIP: \"{ip}\", podIPs: [{ips}]}}\n---",
                 name = def.name,
                 ns = def.namespace,
                 uid = pod.uid,
                 app = def.app,
+                version = def.labels.get("version").map_or("v1", String::as_str),
                 node = self.bed.node(def.node).name,
                 sa = def.service_account,
                 ip = addresses[0],

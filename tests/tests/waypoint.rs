@@ -9,6 +9,8 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
 use mesh::hbone::server::{self, Handler, InboundStream, Options};
 use mesh::hbone::{ConnectRequest, Refusal, client, copy};
 use mesh::identity::Identity;
@@ -16,7 +18,7 @@ use mesh::socket::SocketFactory;
 use mesh::tls::WorkloadCert;
 use testbed::cluster::{
     Cluster, ClusterSpec, ControlPlaneMode, ECHO_PORT, ECHO_VIP, HTTP_PORT, PodDef, ServiceDef,
-    TRUST_DOMAIN, waypoint_gateway_yaml,
+    TRUST_DOMAIN, exchange_on, waypoint_gateway_yaml,
 };
 
 const WAYPOINT_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 20);
@@ -144,7 +146,11 @@ impl Handler for StandIn {
             return;
         };
         if let Ok(down) = stream.accept(None) {
-            let _ = tokio::join!(copy::tcp_h2(a, down), copy::tcp_h2(b, up));
+            let progress = copy::Progress::default();
+            let _ = tokio::join!(
+                copy::tcp_h2(a, down, &progress),
+                copy::tcp_h2(b, up, &progress)
+            );
         }
     }
 }
@@ -346,4 +352,598 @@ async fn no_waypoint_to_take_the_connection_refuses_it() {
     assert!(answer.is_empty(), "{answer:?}");
     assert!(waypoint.seen.lock().unwrap().is_empty());
     assert_eq!(stats.accepted.load(Ordering::Relaxed), 0);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The real waypoint: pilot's routes, the `waypoint` binary in its pod, client pod → ztunnel →
+// waypoint → ztunnel → pod.
+
+const WEB_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 40);
+const WEB_GRPC_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 41);
+const WEB_TCP_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 42);
+const WEB_NONE_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 43);
+const WEB_FQDN: &str = "web.demo.svc.cluster.local";
+
+/// A service in front of the `web` pods, bound to waypoint `waypoint`.
+fn web_service(name: &str, vip: Ipv4Addr, port_name: &str, target_port: u16) -> ServiceDef {
+    ServiceDef {
+        name: name.into(),
+        vip,
+        vip6: None,
+        target_port,
+        app: "web".into(),
+        port_name: port_name.into(),
+        ..ServiceDef::echo()
+    }
+    .use_waypoint("waypoint")
+}
+
+fn web_pod(name: &str, version: &str) -> PodDef {
+    let mut p = PodDef::new(name, "web", 1, true);
+    p.labels.insert("version".into(), version.into());
+    p
+}
+
+/// node1: client, client-blue (label `team: blue`); node2: waypoint-a (the real waypoint of
+/// `waypoint`), web-v1 and web-v2 (`app: web`, `version` v1/v2). Services bound to the
+/// waypoint, all port 80 in front of the web pods: `web` (http → HTTP app), `web-grpc` (grpc →
+/// HTTP app), `web-tcp` (tcp → echo), `web-none` (http). DestinationRules give `web` and
+/// `web-tcp` subsets v1/v2; `web-tcp` has a weighted TCP route, `web-none` a VirtualService
+/// whose only rule matches nothing sent to it. The `web` VirtualService is the test's file.
+fn real_spec() -> ClusterSpec {
+    real_spec_with(true)
+}
+
+/// `web`'s DestinationRule (subsets v1 and v2), with `v2_labels` as subset v2's labels.
+fn web_dr(v2_labels: &str) -> String {
+    format!(
+        "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: web, namespace: demo}}\nspec: {{host: web, subsets: [{{name: v1, labels: {{version: v1}}}}, {{name: v2, labels: {v2_labels}}}]}}\n"
+    )
+}
+
+/// [`real_spec`], with `web`'s DestinationRule left for the test to write when not `web_dr`.
+fn real_spec_with(with_web_dr: bool) -> ClusterSpec {
+    let mut blue = PodDef::new("client-blue", "client", 0, true);
+    blue.labels.insert("team".into(), "blue".into());
+    let dr = |host: &str| {
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: {host}, namespace: demo}}\nspec: {{host: {host}, subsets: [{{name: v1, labels: {{version: v1}}}}, {{name: v2, labels: {{version: v2}}}}]}}\n---\n"
+        )
+    };
+    let routing = "apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: web-tcp, namespace: demo}
+spec:
+  hosts: [web-tcp]
+  tcp:
+  - route:
+    - {destination: {host: web-tcp, subset: v1}, weight: 100}
+    - {destination: {host: web-tcp, subset: v2}, weight: 0}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: web-none, namespace: demo}
+spec:
+  hosts: [web-none.demo.svc.cluster.local]
+  http:
+  - match: [{uri: {exact: /only-this}}]
+    route: [{destination: {host: web-none}}]
+---
+";
+    ClusterSpec {
+        control_plane: ControlPlaneMode::Pilot,
+        nodes: 2,
+        pods: vec![
+            PodDef::new("client", "client", 0, true),
+            blue,
+            PodDef::waypoint("waypoint-a", "waypoint", 1),
+            web_pod("web-v1", "v1"),
+            web_pod("web-v2", "v2"),
+        ],
+        services: vec![
+            ServiceDef::waypoint("waypoint", WAYPOINT_VIP),
+            web_service("web", WEB_VIP, "http", HTTP_PORT),
+            web_service("web-grpc", WEB_GRPC_VIP, "grpc", HTTP_PORT),
+            web_service("web-tcp", WEB_TCP_VIP, "tcp", ECHO_PORT),
+            web_service("web-none", WEB_NONE_VIP, "http", HTTP_PORT),
+        ],
+        pilot_yaml: waypoint_gateway_yaml("waypoint", "demo", "service")
+            + &if with_web_dr {
+                dr("web")
+            } else {
+                String::new()
+            }
+            + &dr("web-tcp")
+            + routing,
+        start_waypoints: true,
+        ..Default::default()
+    }
+}
+
+/// The `web` VirtualService: maintenance (503), a rewrite to v2, jason → v2, team blue → v2,
+/// everything else → v1.
+const WEB_VS: &str = "apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: web, namespace: demo}
+spec:
+  hosts: [web]
+  http:
+  - name: maintenance
+    match: [{uri: {prefix: /unavailable}}]
+    directResponse: {status: 503, body: {string: down for maintenance}}
+  - name: moved
+    match: [{uri: {prefix: /old/}}]
+    rewrite: {uri: /new/, authority: rewritten.example}
+    route: [{destination: {host: web, subset: v2}}]
+  - name: jason
+    match: [{headers: {end-user: {exact: jason}}}]
+    route: [{destination: {host: web, subset: v2}}]
+  - name: blue-team
+    match: [{sourceLabels: {team: blue}}]
+    route: [{destination: {host: web, subset: v2}}]
+  - name: default
+    route: [{destination: {host: web, subset: v1}}]
+";
+
+/// A `web` VirtualService sending everything to `subset`.
+fn web_vs_all_to(subset: &str) -> String {
+    format!(
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: web, namespace: demo}}\nspec: {{hosts: [web], http: [{{name: all, route: [{{destination: {{host: web, subset: {subset}}}}}]}}]}}\n"
+    )
+}
+
+fn web() -> SocketAddr {
+    SocketAddr::new(WEB_VIP.into(), 80)
+}
+
+/// One HTTP/1.1 GET to `web` from `pod`; the answer and (for 200s) the echo app's JSON.
+async fn get_web(
+    c: &Cluster,
+    pod: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> (testbed::cluster::HttpAnswer, serde_json::Value) {
+    let answer = c
+        .http_get_from(pod, web(), "web", path, headers)
+        .await
+        .unwrap();
+    let json = answer.json().unwrap_or(serde_json::Value::Null);
+    (answer, json)
+}
+
+/// Poll until a GET from `pod` to `path` with `headers` reaches `want_pod`: the waypoint has
+/// the routes that send it there. Returns how long it took.
+async fn until_routed(
+    c: &Cluster,
+    pod: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    want_pod: &str,
+) -> Duration {
+    let start = std::time::Instant::now();
+    let mut last = String::new();
+    while start.elapsed() < Duration::from_secs(20) {
+        match c.http_get_from(pod, web(), "web", path, headers).await {
+            Ok(a) => match a.json() {
+                Ok(j) if j["pod"] == want_pod => return start.elapsed(),
+                Ok(j) => last = format!("{} {j}", a.status),
+                Err(e) => last = e.to_string(),
+            },
+            Err(e) => last = e.to_string(),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!(
+        "{path} {headers:?} from {pod} never reached {want_pod}: last {last}\n--- waypoint log ---\n{}",
+        std::fs::read_to_string(c.waypoint_log("waypoint-a")).unwrap_or_default()
+    );
+}
+
+/// Poll until a GET from `client` to `web` `path` is answered `status` (a route only the
+/// VirtualService has): the waypoint has the VirtualService. Returns how long it took.
+async fn until_status(c: &Cluster, path: &str, status: u16) -> Duration {
+    let start = std::time::Instant::now();
+    let mut last = String::new();
+    while start.elapsed() < Duration::from_secs(20) {
+        match c.http_get_from("client", web(), "web", path, &[]).await {
+            Ok(a) if a.status == status => return start.elapsed(),
+            Ok(a) => last = format!("{} {}", a.status, String::from_utf8_lossy(&a.body)),
+            Err(e) => last = e.to_string(),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!(
+        "{path} never answered {status}: last {last}\n--- waypoint log ---\n{}",
+        std::fs::read_to_string(c.waypoint_log("waypoint-a")).unwrap_or_default()
+    );
+}
+
+/// An HTTP/2 (prior knowledge) request from `pod` to `dst` with `:authority` `authority`; a
+/// gRPC one (POST, one empty message) when `grpc`. Status, body, trailers.
+async fn h2_request(
+    c: &Cluster,
+    pod: &str,
+    dst: SocketAddr,
+    authority: &str,
+    path: &str,
+    grpc: bool,
+) -> anyhow::Result<(u16, Vec<u8>, Option<http::HeaderMap>)> {
+    let tcp = c.connect_from(pod, dst).await?;
+    let (mut send, conn) = h2::client::handshake(tcp).await?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let mut req = http::Request::builder()
+        .method(if grpc { "POST" } else { "GET" })
+        .uri(format!("http://{authority}{path}"))
+        .header("end-user", "jason");
+    if grpc {
+        req = req
+            .header("content-type", "application/grpc")
+            .header("te", "trailers");
+    }
+    let (rsp, mut body_tx) = send.send_request(req.body(())?, !grpc)?;
+    if grpc {
+        body_tx.send_data(bytes::Bytes::from_static(&[0, 0, 0, 0, 0]), true)?;
+    }
+    let rsp = tokio::time::timeout(Duration::from_secs(10), rsp).await??;
+    let status = rsp.status().as_u16();
+    let mut body = rsp.into_body();
+    let mut data = Vec::new();
+    while let Some(chunk) = body.data().await {
+        let chunk = chunk?;
+        let _ = body.flow_control().release_capacity(chunk.len());
+        data.extend_from_slice(&chunk);
+    }
+    let trailers = body.trailers().await?;
+    Ok((status, data, trailers))
+}
+
+async fn waypoint_metrics(c: &Cluster) -> String {
+    let (status, text) = c
+        .pod_http_get("waypoint-a", 15020, "/metrics")
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    text
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_grpc_upgrade_and_tcp_through_the_real_waypoint() {
+    if !testbed::can_run() {
+        return;
+    }
+    let c = Cluster::start(real_spec()).await.unwrap();
+    c.write_pilot_file("vs-web.yaml", WEB_VS).unwrap();
+    until_status(&c, "/unavailable", 503).await;
+
+    // 1. HTTP/1.1: the default rule → v1, with the path, authority and headers as sent.
+    let (a, j) = get_web(&c, "client", "/hello?x=1", &[("x-test", "1")]).await;
+    assert_eq!(a.status, 200, "{a:?}");
+    assert_eq!(j["pod"], "web-v1", "{j}");
+    assert_eq!(j["path"], "/hello?x=1");
+    assert_eq!(j["authority"], "web");
+    assert_eq!(j["headers"]["x-test"][0], "1");
+    assert_eq!(j["version"], "HTTP/1.1");
+    for _ in 0..4 {
+        let (_, j) = get_web(&c, "client", "/", &[]).await;
+        assert_eq!(j["pod"], "web-v1", "all to v1: {j}");
+    }
+    // A header match → v2.
+    let (a, j) = get_web(&c, "client", "/", &[("end-user", "jason")]).await;
+    assert_eq!((a.status, j["pod"].as_str()), (200, Some("web-v2")), "{j}");
+    // Prefix match with URI and authority rewrite.
+    let (a, j) = get_web(&c, "client", "/old/page?q=2", &[]).await;
+    assert_eq!(a.status, 200, "{a:?}");
+    assert_eq!(j["pod"], "web-v2", "{j}");
+    assert_eq!(j["path"], "/new/page?q=2");
+    assert_eq!(j["authority"], "rewritten.example");
+    // directResponse.
+    let (a, _) = get_web(&c, "client", "/unavailable/now", &[]).await;
+    assert_eq!(a.status, 503);
+    assert_eq!(String::from_utf8_lossy(&a.body), "down for maintenance");
+    // A VirtualService whose only rule does not match: 404, the app never sees it.
+    let none = SocketAddr::new(WEB_NONE_VIP.into(), 80);
+    let a = c
+        .http_get_from("client", none, "web-none", "/", &[])
+        .await
+        .unwrap();
+    assert_eq!(a.status, 404, "{a:?}");
+    let a = c
+        .http_get_from("client", none, "web-none", "/only-this", &[])
+        .await
+        .unwrap();
+    assert_eq!(a.status, 200, "{a:?}");
+
+    // 6. sourceLabels at run time: the blue client goes to v2, the other stays on v1.
+    let (_, j) = get_web(&c, "client-blue", "/", &[]).await;
+    assert_eq!(j["pod"], "web-v2", "team blue → v2: {j}");
+    let (_, j) = get_web(&c, "client", "/", &[]).await;
+    assert_eq!(j["pod"], "web-v1", "{j}");
+
+    // 2. HTTP/2 prior knowledge on the http port: routed by header, HTTP/2 to the app.
+    let (status, body, _) = h2_request(&c, "client", web(), "web", "/h2", false)
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    let j: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(j["pod"], "web-v2", "{j}");
+    assert_eq!(j["version"], "HTTP/2.0", "{j}");
+    assert_eq!(j["path"], "/h2");
+    // gRPC on the grpc port: the message and its trailers arrive.
+    let grpc = SocketAddr::new(WEB_GRPC_VIP.into(), 80);
+    let (status, body, trailers) =
+        h2_request(&c, "client", grpc, "web-grpc", "/echo.Echo/Say", true)
+            .await
+            .unwrap();
+    assert_eq!(status, 200);
+    assert!(body.len() > 5 && body[0] == 0, "{body:?}");
+    let j: serde_json::Value = serde_json::from_slice(&body[5..]).unwrap();
+    assert_eq!(j["path"], "/echo.Echo/Say");
+    let trailers = trailers.expect("trailers");
+    assert_eq!(trailers["grpc-status"], "0");
+    assert_eq!(trailers["grpc-message"], "echo");
+
+    // 3. An HTTP/1.1 Upgrade: 101, then bytes both ways through the waypoint.
+    let mut s = c.connect_from("client", web()).await.unwrap();
+    s.write_all(
+        b"GET /ws HTTP/1.1\r\nHost: web\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut b = [0u8; 1];
+        let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut b))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(n, 1, "closed after {:?}", String::from_utf8_lossy(&head));
+        head.push(b[0]);
+    }
+    let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(head.contains("upgrade: websocket"), "{head}");
+    let answer = exchange_on(s, b"frames after the upgrade").await.unwrap();
+    assert_eq!(answer, b"frames after the upgrade");
+
+    // 4. TCP port: through the waypoint's weighted TCP route (all to v1).
+    let tcp = SocketAddr::new(WEB_TCP_VIP.into(), 80);
+    for i in 0..3 {
+        let answer = c
+            .exchange("client", tcp, format!("tcp {i}").as_bytes())
+            .await
+            .unwrap();
+        let text = String::from_utf8_lossy(&answer);
+        assert!(
+            text.starts_with("pod=web-v1 port=8080") && text.ends_with(&format!("tcp {i}")),
+            "{text}"
+        );
+    }
+    let metrics = waypoint_metrics(&c).await;
+    let opened = testbed::cluster::sum_metric(
+        &metrics,
+        "istio_tcp_connections_opened_total",
+        &[
+            ("reporter", "waypoint"),
+            ("destination_service", "web-tcp.demo.svc.cluster.local"),
+        ],
+    );
+    assert_eq!(opened, 3.0, "{metrics}");
+    let log = std::fs::read_to_string(c.waypoint_log("waypoint-a")).unwrap();
+    assert!(
+        log.lines().any(|l| l.contains("\"protocol\":\"TCP\"")
+            && l.contains("inbound-vip|80|tcp/v1|web-tcp.demo.svc.cluster.local")),
+        "the waypoint's access log shows the TCP route:\n{log}"
+    );
+
+    // 8. The config dump shows what pilot sent, with versions; the metrics count the requests.
+    let (status, dump) = c
+        .pod_http_get("waypoint-a", 15000, "/config_dump")
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    let dump: serde_json::Value = serde_json::from_str(&dump).unwrap();
+    let configs = dump["configs"].as_array().expect("configs");
+    let routes = configs
+        .iter()
+        .find(|c| {
+            c["@type"]
+                .as_str()
+                .unwrap_or("")
+                .ends_with("RoutesConfigDump")
+        })
+        .expect("routes dump");
+    let web_routes = routes["dynamic_route_configs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["route_config"]["name"] == format!("inbound-vip|80|http|{WEB_FQDN}"))
+        .unwrap_or_else(|| panic!("web's routes in {routes}"));
+    assert!(
+        !web_routes["version_info"].as_str().unwrap_or("").is_empty(),
+        "{web_routes}"
+    );
+    let names: Vec<&str> = web_routes["route_config"]["virtual_hosts"][0]["routes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|r| r["name"].as_str())
+        .collect();
+    assert_eq!(
+        names,
+        ["maintenance", "moved", "jason", "blue-team", "default"],
+        "{web_routes}"
+    );
+    for kind in [
+        "ClustersConfigDump",
+        "ListenersConfigDump",
+        "EndpointsConfigDump",
+    ] {
+        let d = configs
+            .iter()
+            .find(|c| c["@type"].as_str().unwrap_or("").ends_with(kind))
+            .unwrap_or_else(|| panic!("{kind} in {dump}"));
+        assert!(d.to_string().contains("version_info"), "{d}");
+    }
+    let metrics = waypoint_metrics(&c).await;
+    let count = |code: &str, service: &str| {
+        testbed::cluster::sum_metric(
+            &metrics,
+            "istio_requests_total",
+            &[
+                ("reporter", "waypoint"),
+                ("destination_service", service),
+                ("response_code", code),
+            ],
+        )
+    };
+    assert!(count("200", WEB_FQDN) >= 12.0, "{metrics}");
+    // The maintenance check's and the wait's first 503.
+    assert_eq!(count("503", WEB_FQDN), 2.0, "{metrics}");
+    assert_eq!(
+        count("404", "web-none.demo.svc.cluster.local"),
+        1.0,
+        "{metrics}"
+    );
+    assert_eq!(
+        testbed::cluster::sum_metric(
+            &metrics,
+            "istio_requests_total",
+            &[
+                ("reporter", "waypoint"),
+                ("destination_service", "web-grpc.demo.svc.cluster.local"),
+                ("grpc_response_status", "0"),
+            ],
+        ),
+        1.0,
+        "{metrics}"
+    );
+}
+
+/// Poll pilot's `/debug/snapshot` until a problem contains `needle`; that problem.
+async fn until_problem(c: &Cluster, needle: &str) -> String {
+    let start = std::time::Instant::now();
+    let mut last = serde_json::Value::Null;
+    while start.elapsed() < Duration::from_secs(20) {
+        if let Ok((200, body)) = c.http_get(0, 15014, "/debug/snapshot").await
+            && let Ok(v) = serde_json::from_str::<serde_json::Value>(&body)
+        {
+            if let Some(p) = v["problems"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|p| p.as_str())
+                .find(|p| p.contains(needle))
+            {
+                return p.to_string();
+            }
+            last = v["problems"].clone();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("no problem with {needle:?} on pilot's /debug/snapshot: {last}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn route_changes_and_bad_config_at_the_real_waypoint() {
+    if !testbed::can_run() {
+        return;
+    }
+    let c = Cluster::start(real_spec_with(false)).await.unwrap();
+    c.write_pilot_file("dr-web.yaml", &web_dr("{version: v2}"))
+        .unwrap();
+    c.write_pilot_file("vs-web.yaml", WEB_VS).unwrap();
+    until_status(&c, "/unavailable", 503).await;
+
+    // 5. A route change while a long request is in flight: the request completes on its
+    // route; new requests follow the new one.
+    let long = async {
+        let (a, j) = get_web(&c, "client", "/slow?delay_ms=3000", &[]).await;
+        (a.status, j["pod"].clone())
+    };
+    let change = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        c.write_pilot_file("vs-web.yaml", &web_vs_all_to("v2"))
+            .unwrap();
+        until_routed(&c, "client", "/", &[], "web-v2").await
+    };
+    let ((status, pod), took) = tokio::join!(long, change);
+    println!("route change: the first request on the new route {took:?} after writing the file");
+    assert_eq!((status, pod.as_str()), (200, Some("web-v1")));
+    for _ in 0..4 {
+        let (_, j) = get_web(&c, "client", "/", &[]).await;
+        assert_eq!(j["pod"], "web-v2", "{j}");
+    }
+
+    // 7. Invalid edits: each is reported naming file, object and field, and the last good
+    // routes (everything to v2) stay.
+    let still_routed = || async {
+        for headers in [&[][..], &[("end-user", "jason")][..]] {
+            let (a, j) = get_web(&c, "client", "/", headers).await;
+            assert_eq!((a.status, j["pod"].as_str()), (200, Some("web-v2")), "{j}");
+        }
+    };
+    let route = |r: &str| {
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: web, namespace: demo}}\nspec: {{hosts: [web], http: [{r}]}}\n"
+        )
+    };
+    let bad_edits = [
+        (
+            route(
+                "{match: [{uri: {regex: \"(\"}}], route: [{destination: {host: web, subset: v1}}]}",
+            ),
+            "field \"spec.http[0].match[0].uri.regex\": invalid regex",
+        ),
+        (
+            route("{route: [{destination: {host: web, subset: v9}}]}"),
+            "field \"spec.http[0].route[0].destination.subset\": subset \"v9\"",
+        ),
+        (
+            route(
+                "{route: [{destination: {host: web, subset: v1}, weight: -5}, {destination: {host: web, subset: v2}, weight: 105}]}",
+            ),
+            "field \"spec.http[0].route[0].weight\": -5 is not between 0 and 100",
+        ),
+        (
+            route("{match: {uri: {prefix: /}}, route: [{destination: {host: web, subset: v1}}]}"),
+            "field \"spec.http[0].match\"",
+        ),
+    ];
+    for (yaml, field) in bad_edits {
+        c.write_pilot_file("vs-web.yaml", &yaml).unwrap();
+        let p = until_problem(&c, field).await;
+        println!("{p}");
+        assert!(
+            p.starts_with("vs-web.yaml: VirtualService demo/web: ")
+                && p.ends_with("; the last good version stays"),
+            "{p}"
+        );
+        // Give a (wrong) push time to arrive before checking none came.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        still_routed().await;
+    }
+    // A bad DestinationRule edit keeps its last good subsets too.
+    c.write_pilot_file("dr-web.yaml", &web_dr("[version, v2]"))
+        .unwrap();
+    let p = until_problem(&c, "DestinationRule demo/web").await;
+    println!("{p}");
+    assert!(
+        p.starts_with("dr-web.yaml: DestinationRule demo/web: field \"spec.subsets[1].labels\"")
+            && p.ends_with("; the last good version stays"),
+        "{p}"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    still_routed().await;
+
+    // Fixed: the new routes apply, and the problems are gone.
+    c.write_pilot_file("dr-web.yaml", &web_dr("{version: v2}"))
+        .unwrap();
+    c.write_pilot_file("vs-web.yaml", &web_vs_all_to("v1"))
+        .unwrap();
+    until_routed(&c, "client", "/", &[], "web-v1").await;
+    let (_, body) = c.http_get(0, 15014, "/debug/snapshot").await.unwrap();
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["problems"], serde_json::json!([]), "{}", v["problems"]);
 }

@@ -676,3 +676,55 @@ async fn connections_to_ztunnels_own_listeners_are_refused_with_nftables_capture
     let c = Cluster::start(s).await.unwrap();
     own_listeners_refused(&c).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn byte_counters_move_while_a_connection_is_open() {
+    if !testbed::can_run() {
+        return;
+    }
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let c = Cluster::start(spec("")).await.unwrap();
+    let server = SocketAddr::new(c.pod_ip("server-a"), ECHO_PORT);
+    let mut s = c.connect_from("client", server).await.unwrap();
+    let mut greeting = [0u8; 5];
+    s.read_exact(&mut greeting).await.unwrap();
+    let payload = vec![7u8; 100_000];
+    s.write_all(&payload).await.unwrap();
+    let mut echoed = vec![0u8; payload.len()];
+    s.read_exact(&mut echoed).await.unwrap();
+    // The connection is still open: both ztunnels already count what it carried.
+    for (node, reporter) in [(0, "source"), (1, "destination")] {
+        let sent = c
+            .metric(
+                node,
+                "istio_tcp_sent_bytes_total",
+                &[("reporter", reporter)],
+            )
+            .await
+            .unwrap();
+        let received = c
+            .metric(
+                node,
+                "istio_tcp_received_bytes_total",
+                &[("reporter", reporter)],
+            )
+            .await
+            .unwrap();
+        println!("{reporter}: sent {sent}, received {received} while open");
+        assert_eq!(sent as usize, payload.len(), "{reporter} request bytes");
+        assert!(
+            received as usize >= payload.len(),
+            "{reporter} response bytes"
+        );
+        let closed = c
+            .metric(
+                node,
+                "istio_tcp_connections_closed_total",
+                &[("reporter", reporter)],
+            )
+            .await
+            .unwrap();
+        assert_eq!(closed, 0.0);
+    }
+    drop(s);
+}

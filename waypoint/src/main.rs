@@ -148,10 +148,16 @@ async fn run(args: Args) -> anyhow::Result<()> {
             waypoint::admin::ready_router(status.clone()),
         ),
     ] {
-        let listener = host
-            .listen(addr)
-            .with_context(|| format!("listening on {addr}"))?;
-        tokio::spawn(mesh::admin::serve(listener, router, drain_watch.clone()));
+        for addr in both_families(addr) {
+            let listener = host
+                .listen(addr)
+                .with_context(|| format!("listening on {addr}"))?;
+            tokio::spawn(mesh::admin::serve(
+                listener,
+                router.clone(),
+                drain_watch.clone(),
+            ));
+        }
     }
 
     tokio::spawn(mesh::xds::run(
@@ -160,16 +166,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         Box::new(XdsHandler::new(config_tx, status.clone())),
     ));
 
-    // IPv6 listeners are IPv6-only (mesh::socket): `[::]` means both families, so the IPv4
-    // wildcard gets its own listener.
-    let mut addrs = vec![args.listen];
-    if args.listen.ip() == std::net::IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED) {
-        addrs.push(SocketAddr::new(
-            std::net::Ipv4Addr::UNSPECIFIED.into(),
-            args.listen.port(),
-        ));
-    }
-    for addr in addrs {
+    for addr in both_families(args.listen) {
         let listener = host
             .listen(addr)
             .with_context(|| format!("listening on {addr}"))?;
@@ -204,4 +201,17 @@ async fn run(args: Args) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// The addresses to listen on for `addr`: `[::]:port` means both families (the socket factory
+/// makes IPv6 listeners IPv6-only, so IPv4 clients, the usual case, need their own socket).
+fn both_families(addr: SocketAddr) -> Vec<SocketAddr> {
+    if addr.ip() == std::net::IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED) {
+        vec![
+            addr,
+            SocketAddr::new(std::net::Ipv4Addr::UNSPECIFIED.into(), addr.port()),
+        ]
+    } else {
+        vec![addr]
+    }
 }

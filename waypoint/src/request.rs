@@ -54,8 +54,8 @@ pub async fn serve(waypoint: Arc<Waypoint>, tunnel: Arc<Tunnel>, io: H2Io, drain
         async move { Ok::<_, Infallible>(handle(&waypoint, &tunnel, req).await) }
     });
     let mut builder = auto::Builder::new(TokioExecutor::new());
-    // A client may half-close after its request (the end of the CONNECT stream's data): the
-    // response is still owed, as a plain HTTP/1.1 server would send it.
+    // A client may half-close after its request (the tunnel carries its FIN as the end of
+    // the stream): it still gets its answer, as from Envoy or the app itself.
     builder.http1().half_close(true);
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
     tokio::pin!(conn);
@@ -386,13 +386,24 @@ fn finish(
         Protocol::Http2 if is_grpc(rsp.headers()) => "grpc",
         Protocol::Http2 => "http",
     };
-    let labels = peers.http(protocol, log.status, log.flags);
+    let mut labels = peers.http(protocol, log.status, log.flags);
+    if protocol == "grpc"
+        && let Some(status) = grpc_status(rsp.headers())
+    {
+        // A trailers-only answer (an error without a message) carries it in the headers.
+        labels.grpc_response_status = status;
+    }
     rsp.body_mut().done = Some(Done {
         metrics: w.metrics.clone(),
         labels,
         log,
     });
     rsp
+}
+
+/// The `grpc-status` of a gRPC answer's headers or trailers.
+fn grpc_status(h: &HeaderMap) -> Option<String> {
+    header_text(h, "grpc-status")
 }
 
 fn is_grpc(h: &HeaderMap) -> bool {
@@ -561,10 +572,15 @@ impl Body for ResponseBody {
             },
             Inner::Bytes(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
         };
-        if let Poll::Ready(Some(Ok(f))) = &r
-            && let Some(d) = f.data_ref()
-        {
-            self.bytes += d.len() as u64;
+        if let Poll::Ready(Some(Ok(f))) = &r {
+            if let Some(d) = f.data_ref() {
+                self.bytes += d.len() as u64;
+            } else if let Some(status) = f.trailers_ref().and_then(grpc_status)
+                && let Some(done) = self.done.as_mut()
+            {
+                // gRPC's status comes last, in the trailers (Istio's grpc_response_status).
+                done.labels.grpc_response_status = status;
+            }
         }
         r
     }

@@ -113,7 +113,7 @@ impl Handler for HboneInbound {
             target,
             Some(&peer_id),
             their_baggage,
-            async move { copy::tcp_h2(app, h2).await },
+            |progress| async move { copy::tcp_h2(app, h2, &progress).await },
         )
         .await;
     }
@@ -165,9 +165,16 @@ async fn plaintext(pod: &Pod, tcp: TcpStream, peer: SocketAddr) -> Result<(), St
         mtls: false,
     }
     .labels();
-    run(pod, &conn, labels, peer, target, None, None, async move {
-        copy::tcp_tcp(app, tcp).await
-    })
+    run(
+        pod,
+        &conn,
+        labels,
+        peer,
+        target,
+        None,
+        None,
+        |progress| async move { copy::tcp_tcp(app, tcp, &progress).await },
+    )
     .await;
     Ok(())
 }
@@ -213,7 +220,7 @@ async fn denied_later(pod: &Pod, conn: &Connection) -> String {
 
 /// Count, proxy and log one accepted inbound connection; close it if policies change to deny it.
 #[allow(clippy::too_many_arguments)]
-async fn run(
+async fn run<F>(
     pod: &Pod,
     conn: &Connection,
     labels: mesh::metrics::TcpLabels,
@@ -221,13 +228,23 @@ async fn run(
     target: SocketAddr,
     peer: Option<&Identity>,
     peer_baggage: Option<Baggage>,
-    proxy: impl Future<Output = std::io::Result<copy::Transferred>>,
-) {
+    proxy: impl FnOnce(copy::Progress) -> F,
+) where
+    F: Future<Output = std::io::Result<copy::Transferred>>,
+{
     let tcp = &pod.node.metrics.tcp;
     tcp.connections_opened.get_or_create(&labels).inc();
+    // From the application's side: what the client sent (to the app) is the request direction.
+    // Counted as the bytes move, so an open connection shows, and one a policy change cuts
+    // keeps what it carried.
+    let (sent, received) = tcp.live(&labels);
+    let progress = copy::Progress {
+        tcp_to_peer: received,
+        peer_to_tcp: sent,
+    };
     let start = Instant::now();
     let result = tokio::select! {
-        r = proxy => r,
+        r = proxy(progress) => r,
         policy = denied_later(pod, conn) => {
             info!(
                 target: "access",
@@ -244,8 +261,7 @@ async fn run(
         }
     };
     let t = result.as_ref().copied().unwrap_or_default();
-    // From the application's side: what the client sent is what it received.
-    tcp.closed(&labels, t.peer_to_tcp, t.tcp_to_peer);
+    tcp.connections_closed.get_or_create(&labels).inc();
     info!(
         target: "access",
         direction = "inbound",

@@ -163,12 +163,18 @@ async fn handle(pod: &Pod, tcp: TcpStream, peer: SocketAddr) -> Result<(), Strin
     .labels();
     let tcp_metrics = &pod.node.metrics.tcp;
     tcp_metrics.connections_opened.get_or_create(&labels).inc();
+    // Bytes are counted as they move, so a long connection shows in the metrics while it runs.
+    let (sent, received) = tcp_metrics.live(&labels);
+    let progress = copy::Progress {
+        tcp_to_peer: sent,
+        peer_to_tcp: received,
+    };
     let result = match upstream {
-        Upstream::Hbone(stream) => copy::tcp_h2(tcp, stream).await,
-        Upstream::Tcp(up) => copy::tcp_tcp(tcp, up).await,
+        Upstream::Hbone(stream) => copy::tcp_h2(tcp, stream, &progress).await,
+        Upstream::Tcp(up) => copy::tcp_tcp(tcp, up, &progress).await,
     };
     let t = result.as_ref().copied().unwrap_or_default();
-    tcp_metrics.closed(&labels, t.tcp_to_peer, t.peer_to_tcp);
+    tcp_metrics.connections_closed.get_or_create(&labels).inc();
     info!(
         target: "access",
         direction = "outbound",

@@ -6,6 +6,7 @@ use std::io;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use h2::{RecvStream, SendStream};
+use prometheus_client::metrics::counter::Counter;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -43,6 +44,15 @@ pub struct Transferred {
     pub peer_to_tcp: u64,
 }
 
+/// Counters a copy adds to as bytes move, so metrics follow a long connection while it runs
+/// (one atomic add per chunk). Cloned from a metric family; `Progress::default()` counts into
+/// counters nobody reads.
+#[derive(Debug, Clone, Default)]
+pub struct Progress {
+    pub tcp_to_peer: Counter,
+    pub peer_to_tcp: Counter,
+}
+
 /// Read sizes that start small and grow while reads keep filling the buffer.
 struct AdaptiveBuffer {
     buf: BytesMut,
@@ -75,14 +85,21 @@ impl AdaptiveBuffer {
 }
 
 /// Proxy between a TCP connection and an HBONE stream until both directions are finished.
-pub async fn tcp_h2(tcp: TcpStream, stream: H2Stream) -> io::Result<Transferred> {
+pub async fn tcp_h2(
+    tcp: TcpStream,
+    stream: H2Stream,
+    progress: &Progress,
+) -> io::Result<Transferred> {
     let H2Stream {
         send,
         recv,
         _lease: lease,
     } = stream;
     let (mut r, mut w) = tcp.into_split();
-    let (up, down) = tokio::try_join!(tcp_to_h2(&mut r, send), h2_to_tcp(recv, &mut w))?;
+    let (up, down) = tokio::try_join!(
+        tcp_to_h2(&mut r, send, &progress.tcp_to_peer),
+        h2_to_tcp(recv, &mut w, &progress.peer_to_tcp)
+    )?;
     drop(lease);
     Ok(Transferred {
         tcp_to_peer: up,
@@ -90,39 +107,53 @@ pub async fn tcp_h2(tcp: TcpStream, stream: H2Stream) -> io::Result<Transferred>
     })
 }
 
+/// Ends without error when the peer stops taking data (it answered and closed or reset its
+/// stream, as an HTTP proxy does after a `Connection: close` answer): the client's late bytes or
+/// FIN have nowhere to go, and failing here would cut the other direction off before the
+/// peer's answer is delivered. A broken connection still shows in that other direction.
 async fn tcp_to_h2<R: AsyncRead + Unpin>(
     r: &mut R,
     mut send: SendStream<Bytes>,
+    counter: &Counter,
 ) -> io::Result<u64> {
     let mut buf = AdaptiveBuffer::new();
     let mut total = 0u64;
     while let Some(mut data) = buf.read(r).await? {
         total += data.len() as u64;
+        counter.inc_by(data.len() as u64);
         while !data.is_empty() {
             send.reserve_capacity(data.len());
             let granted = match poll_fn(|cx| send.poll_capacity(cx)).await {
-                Some(r) => r.map_err(h2_io)?,
-                None => return Err(io::Error::new(io::ErrorKind::BrokenPipe, "stream closed")),
+                Some(Ok(n)) => n,
+                Some(Err(_)) | None => return Ok(total),
             };
             if granted == 0 {
                 continue;
             }
             let chunk = data.split_to(granted.min(data.len()));
-            send.send_data(chunk, false).map_err(h2_io)?;
+            if send.send_data(chunk, false).is_err() {
+                return Ok(total);
+            }
         }
     }
-    // Half-close: the peer sees END_STREAM and may still answer.
-    send.send_data(Bytes::new(), true).map_err(h2_io)?;
+    // Half-close: the peer sees END_STREAM and may still answer. A peer that already ended
+    // its stream needs no FIN.
+    let _ = send.send_data(Bytes::new(), true);
     Ok(total)
 }
 
-async fn h2_to_tcp<W: AsyncWrite + Unpin>(mut recv: RecvStream, w: &mut W) -> io::Result<u64> {
+async fn h2_to_tcp<W: AsyncWrite + Unpin>(
+    mut recv: RecvStream,
+    w: &mut W,
+    counter: &Counter,
+) -> io::Result<u64> {
     let mut total = 0u64;
     while let Some(chunk) = recv.data().await {
         let chunk = chunk.map_err(h2_io)?;
         let n = chunk.len();
         w.write_all(&chunk).await?;
         total += n as u64;
+        counter.inc_by(n as u64);
         // Give the window back only once written, so a slow reader slows the sender.
         recv.flow_control().release_capacity(n).map_err(h2_io)?;
     }
@@ -130,14 +161,36 @@ async fn h2_to_tcp<W: AsyncWrite + Unpin>(mut recv: RecvStream, w: &mut W) -> io
     Ok(total)
 }
 
-/// Proxy between two TCP connections (plaintext passthrough).
-pub async fn tcp_tcp(mut a: TcpStream, mut b: TcpStream) -> io::Result<Transferred> {
-    let (up, down) =
-        tokio::io::copy_bidirectional_with_sizes(&mut a, &mut b, 64 * 1024, 64 * 1024).await?;
+/// Proxy between two TCP connections (plaintext passthrough); `a` is the "TCP" side of
+/// `progress`, `b` the peer.
+pub async fn tcp_tcp(a: TcpStream, b: TcpStream, progress: &Progress) -> io::Result<Transferred> {
+    let (mut ar, mut aw) = a.into_split();
+    let (mut br, mut bw) = b.into_split();
+    let (up, down) = tokio::try_join!(
+        tcp_to_tcp(&mut ar, &mut bw, &progress.tcp_to_peer),
+        tcp_to_tcp(&mut br, &mut aw, &progress.peer_to_tcp)
+    )?;
     Ok(Transferred {
         tcp_to_peer: up,
         peer_to_tcp: down,
     })
+}
+
+/// One direction of [`tcp_tcp`], half-closing the writer at the end.
+async fn tcp_to_tcp<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
+    r: &mut R,
+    w: &mut W,
+    counter: &Counter,
+) -> io::Result<u64> {
+    let mut buf = AdaptiveBuffer::new();
+    let mut total = 0u64;
+    while let Some(data) = buf.read(r).await? {
+        w.write_all(&data).await?;
+        total += data.len() as u64;
+        counter.inc_by(data.len() as u64);
+    }
+    w.shutdown().await?;
+    Ok(total)
 }
 
 fn h2_io(e: h2::Error) -> io::Error {

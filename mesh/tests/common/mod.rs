@@ -81,7 +81,7 @@ impl Handler for TestHandler {
                 Ok(app) => {
                     let h2 = stream.accept(Some(SERVER_BAGGAGE)).expect("answering 200");
                     // A reset by the client in a test that drops streams early is fine.
-                    let _ = copy::tcp_h2(app, h2).await;
+                    let _ = copy::tcp_h2(app, h2, &Default::default()).await;
                 }
             },
         }
