@@ -820,17 +820,21 @@ impl Builder<'_> {
         let response = header_mutations(&r.headers.response, false);
         let action = if let Some(rd) = &r.redirect {
             use route::redirect_action::{PathRewriteSpecifier, SchemeRewriteSpecifier};
-            let port_redirect = match (rd.port, rd.derive_port) {
+            // As Istio: Envoy cannot take the port from the request, but these routes serve one
+            // service port, so FROM_REQUEST_PORT is that port; FROM_PROTOCOL_DEFAULT is no
+            // port (Envoy's own behaviour); and a port that is the scheme's default is left out
+            // (no explicit `:80` / `:443` in the location).
+            let mut port_redirect = match (rd.port, rd.derive_port) {
                 (Some(p), _) => u32::from(p),
-                (None, Some(DerivePort::FromProtocolDefault)) => {
-                    if rd.scheme.as_deref() == Some("https") {
-                        443
-                    } else {
-                        80
-                    }
-                }
+                (None, Some(DerivePort::FromRequestPort)) => u32::from(here.1),
                 _ => 0,
             };
+            let scheme = rd.scheme.as_deref().unwrap_or("http");
+            if (port_redirect == 80 && scheme == "http")
+                || (port_redirect == 443 && scheme == "https")
+            {
+                port_redirect = 0;
+            }
             route::route::Action::Redirect(route::RedirectAction {
                 host_redirect: rd.authority.clone().unwrap_or_default(),
                 port_redirect,
@@ -1689,6 +1693,10 @@ spec: {host: web, subsets: [{name: v1, labels: {version: v1}}, {name: v2, labels
     redirect: {{uri: /new, authority: example.org, scheme: https, derivePort: FROM_PROTOCOL_DEFAULT, redirectCode: 307}}
   - match: [{{uri: {{prefix: /port}}}}]
     redirect: {{port: 8443}}
+  - match: [{{uri: {{prefix: /request-port}}}}]
+    redirect: {{derivePort: FROM_REQUEST_PORT, scheme: https}}
+  - match: [{{uri: {{prefix: /standard}}}}]
+    redirect: {{port: 443, scheme: https}}
   - match: [{{uri: {{exact: /teapot}}}}]
     directResponse: {{status: 418, body: {{string: "{big}"}}}}
   - match: [{{uri: {{exact: /bytes}}}}]
@@ -1705,7 +1713,7 @@ spec: {host: web, subsets: [{name: v1, labels: {version: v1}}, {name: v2, labels
             panic!()
         };
         assert_eq!(rd.host_redirect, "example.org");
-        assert_eq!(rd.port_redirect, 443);
+        assert_eq!(rd.port_redirect, 0, "FROM_PROTOCOL_DEFAULT: no port");
         assert_eq!(
             rd.response_code,
             RedirectResponseCode::TemporaryRedirect as i32
@@ -1726,18 +1734,28 @@ spec: {host: web, subsets: [{name: v1, labels: {version: v1}}, {name: v2, labels
             rd.response_code,
             RedirectResponseCode::MovedPermanently as i32
         );
-        let Some(Action::DirectResponse(d)) = &r[2].action else {
+        // FROM_REQUEST_PORT: the service port the routes are for; a scheme's default port
+        // is left out.
+        let Some(Action::Redirect(rd)) = &r[2].action else {
+            panic!()
+        };
+        assert_eq!(rd.port_redirect, 80);
+        let Some(Action::Redirect(rd)) = &r[3].action else {
+            panic!()
+        };
+        assert_eq!(rd.port_redirect, 0);
+        let Some(Action::DirectResponse(d)) = &r[4].action else {
             panic!()
         };
         assert_eq!(d.status, 418);
-        let Some(Action::DirectResponse(d)) = &r[3].action else {
+        let Some(Action::DirectResponse(d)) = &r[5].action else {
             panic!()
         };
         assert_eq!(
             d.body.as_ref().unwrap().specifier,
             Some(core::data_source::Specifier::InlineBytes(b"hi".to_vec()))
         );
-        assert_eq!(r.len(), 4, "no default route after VirtualService routes");
+        assert_eq!(r.len(), 6, "no default route after VirtualService routes");
     }
 
     #[test]

@@ -90,7 +90,7 @@ pub async fn handle(
         .path_and_query()
         .map_or("/", |p| p.as_str())
         .to_string();
-    let scheme = req.uri().scheme_str().unwrap_or("http").to_string();
+    let scheme = request_scheme(&req).to_string();
     let mut log = Log {
         start,
         started: SystemTime::now(),
@@ -147,6 +147,11 @@ pub async fn handle(
             let status = StatusCode::from_u16(*status).unwrap_or(StatusCode::OK);
             let mut rsp = Response::new(ResponseBody::bytes(body.clone()));
             *rsp.status_mut() = status;
+            // As Envoy's local replies: a body is plain text unless the route says otherwise.
+            if !body.is_empty() {
+                rsp.headers_mut()
+                    .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+            }
             for ops in [
                 &route.response_headers,
                 &vhost.response_headers,
@@ -215,13 +220,36 @@ pub async fn handle(
     ] {
         ops.apply(&mut parts.headers);
     }
-    let host = target
+    let host_rewrite = target
         .host_rewrite
         .as_ref()
         .or(forward.host_rewrite.as_ref())
-        .and_then(|h| h.to_str().ok())
-        .unwrap_or(&authority)
-        .to_string();
+        .and_then(|h| h.to_str().ok());
+    // Envoy's request headers: the scheme and a request id when the client sent none, and the
+    // original host and path when the route rewrote them (apps behind Istio see these).
+    if !parts.headers.contains_key(X_FORWARDED_PROTO)
+        && let Ok(v) = HeaderValue::from_str(&scheme)
+    {
+        parts.headers.insert(X_FORWARDED_PROTO, v);
+    }
+    if !parts.headers.contains_key(X_REQUEST_ID) {
+        let id = request_id();
+        log.request_id = id.to_str().ok().map(str::to_string);
+        parts.headers.insert(X_REQUEST_ID, id);
+    }
+    // Envoy records the original host for the route's host rewrite only, not for a weighted
+    // cluster's own.
+    if forward.host_rewrite.is_some()
+        && let Ok(v) = HeaderValue::from_str(&authority)
+    {
+        parts.headers.insert(X_ENVOY_ORIGINAL_HOST, v);
+    }
+    if new_path.is_some()
+        && let Ok(v) = HeaderValue::from_str(&path)
+    {
+        parts.headers.insert(X_ENVOY_ORIGINAL_PATH, v);
+    }
+    let host = host_rewrite.unwrap_or(&authority).to_string();
     let path = new_path.as_deref().unwrap_or(&path);
     let uri = match protocol {
         Protocol::Http1 => {
@@ -375,6 +403,13 @@ fn finish(
     mut rsp: Response<ResponseBody>,
 ) -> Response<ResponseBody> {
     log.status = rsp.status().as_u16();
+    // A response to HEAD has no body; HTTP/2 would send ours as DATA (a stream error for the
+    // client). Upstream answers to HEAD come without one already.
+    if log.method == "HEAD"
+        && let Inner::Bytes(b) = &mut rsp.body_mut().inner
+    {
+        *b = None;
+    }
     let peers = Peers {
         source: tunnel.source_workload.as_deref(),
         source_identity: Some(&tunnel.peer),
@@ -413,6 +448,56 @@ fn is_grpc(h: &HeaderMap) -> bool {
 }
 
 /// `:authority` for HTTP/2 (in the URI), `Host` for HTTP/1.1.
+const X_FORWARDED_PROTO: header::HeaderName = header::HeaderName::from_static("x-forwarded-proto");
+const X_REQUEST_ID: header::HeaderName = header::HeaderName::from_static("x-request-id");
+const X_ENVOY_ORIGINAL_HOST: header::HeaderName =
+    header::HeaderName::from_static("x-envoy-original-host");
+const X_ENVOY_ORIGINAL_PATH: header::HeaderName =
+    header::HeaderName::from_static("x-envoy-original-path");
+
+/// The request's scheme as Envoy's HTTP connection manager sees it (not using the remote
+/// address, Envoy's default): HTTP/2's `:scheme`; for HTTP/1.1 the client's
+/// `x-forwarded-proto` when it is `http` or `https`, else `http` (the tunnel carries plain text).
+fn request_scheme<B>(req: &Request<B>) -> &'static str {
+    let named = |s: &str| {
+        if s.eq_ignore_ascii_case("https") {
+            Some("https")
+        } else if s.eq_ignore_ascii_case("http") {
+            Some("http")
+        } else {
+            None
+        }
+    };
+    if let Some(s) = req.uri().scheme_str() {
+        return named(s).unwrap_or("http");
+    }
+    req.headers()
+        .get(X_FORWARDED_PROTO)
+        .and_then(|v| v.to_str().ok())
+        .and_then(named)
+        .unwrap_or("http")
+}
+
+/// A random (version 4) UUID, the form of Envoy's generated `x-request-id`.
+fn request_id() -> HeaderValue {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut b = fastrand::u128(..).to_be_bytes();
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let mut out = [0u8; 36];
+    let mut j = 0;
+    for (i, x) in b.iter().enumerate() {
+        if matches!(i, 4 | 6 | 8 | 10) {
+            out[j] = b'-';
+            j += 1;
+        }
+        out[j] = HEX[usize::from(x >> 4)];
+        out[j + 1] = HEX[usize::from(x & 0x0f)];
+        j += 2;
+    }
+    HeaderValue::from_bytes(&out).unwrap_or(HeaderValue::from_static("0"))
+}
+
 fn request_authority<B>(req: &Request<B>) -> String {
     if let Some(a) = req.uri().authority() {
         return a.as_str().to_string();
@@ -667,5 +752,44 @@ impl Log {
             "x_request_id": self.request_id,
         });
         info!(target: "access", "{line}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(uri: &str, xfp: Option<&str>) -> Request<()> {
+        let mut b = Request::get(uri);
+        if let Some(v) = xfp {
+            b = b.header("x-forwarded-proto", v);
+        }
+        b.body(()).unwrap()
+    }
+
+    #[test]
+    fn scheme_as_envoy_sees_it() {
+        assert_eq!(request_scheme(&req("/a", None)), "http");
+        assert_eq!(request_scheme(&req("/a", Some("https"))), "https");
+        assert_eq!(request_scheme(&req("/a", Some("HTTP"))), "http");
+        assert_eq!(request_scheme(&req("/a", Some("ftp"))), "http");
+        // HTTP/2's :scheme is the request's own.
+        assert_eq!(request_scheme(&req("https://h/a", Some("http"))), "https");
+    }
+
+    #[test]
+    fn request_ids_are_v4_uuids() {
+        let a = request_id();
+        let a = a.to_str().unwrap();
+        assert_eq!(a.len(), 36);
+        let parts: Vec<&str> = a.split('-').collect();
+        assert_eq!(
+            parts.iter().map(|p| p.len()).collect::<Vec<_>>(),
+            [8, 4, 4, 4, 12]
+        );
+        assert!(parts[2].starts_with('4'));
+        assert!(matches!(parts[3].as_bytes()[0], b'8' | b'9' | b'a' | b'b'));
+        assert!(a.bytes().all(|c| c == b'-' || c.is_ascii_hexdigit()));
+        assert_ne!(request_id(), request_id());
     }
 }
