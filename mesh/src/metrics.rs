@@ -1,5 +1,7 @@
 //! Prometheus metrics with Istio's names and labels, so existing dashboards work unchanged.
 
+use crate::identity::Identity;
+use crate::state::{Service, Workload};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -64,6 +66,69 @@ impl Default for TcpLabels {
             response_flags: "-".into(),
             connection_security_policy: "unknown".into(),
         }
+    }
+}
+
+/// An Istio label value: `unknown` when we do not know it.
+pub fn or_unknown(s: &str) -> String {
+    if s.is_empty() {
+        "unknown".into()
+    } else {
+        s.to_string()
+    }
+}
+
+/// Who is on each end of a connection or request, as far as the reporting proxy knows: the
+/// one place Istio's peer labels are filled in, for ztunnel and the waypoint.
+#[derive(Debug, Clone, Copy)]
+pub struct Peers<'a> {
+    /// `source`, `destination` or `waypoint`.
+    pub reporter: &'static str,
+    pub source: Option<&'a Workload>,
+    pub source_identity: Option<&'a Identity>,
+    pub destination: Option<&'a Workload>,
+    pub service: Option<&'a Service>,
+    pub mtls: bool,
+}
+
+impl Peers<'_> {
+    pub fn labels(&self) -> TcpLabels {
+        let mut l = TcpLabels {
+            reporter: self.reporter.into(),
+            connection_security_policy: if self.mtls { "mutual_tls" } else { "none" }.into(),
+            ..Default::default()
+        };
+        if let Some(w) = self.source {
+            l.source_workload = or_unknown(&w.workload_name);
+            l.source_canonical_service = or_unknown(&w.canonical_name);
+            l.source_canonical_revision = or_unknown(&w.canonical_revision);
+            l.source_workload_namespace = or_unknown(&w.namespace);
+            l.source_app = or_unknown(&w.canonical_name);
+            l.source_version = or_unknown(&w.canonical_revision);
+            l.source_cluster = or_unknown(&w.cluster_id);
+        }
+        if let Some(id) = self.source_identity {
+            l.source_principal = id.to_string();
+            if self.source.is_none() {
+                l.source_workload_namespace = id.namespace.clone();
+            }
+        }
+        if let Some(w) = self.destination {
+            l.destination_workload = or_unknown(&w.workload_name);
+            l.destination_canonical_service = or_unknown(&w.canonical_name);
+            l.destination_canonical_revision = or_unknown(&w.canonical_revision);
+            l.destination_workload_namespace = or_unknown(&w.namespace);
+            l.destination_principal = w.identity().to_string();
+            l.destination_app = or_unknown(&w.canonical_name);
+            l.destination_version = or_unknown(&w.canonical_revision);
+            l.destination_cluster = or_unknown(&w.cluster_id);
+        }
+        if let Some(s) = self.service {
+            l.destination_service = or_unknown(&s.hostname);
+            l.destination_service_namespace = or_unknown(&s.namespace);
+            l.destination_service_name = or_unknown(&s.name);
+        }
+        l
     }
 }
 

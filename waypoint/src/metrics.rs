@@ -16,31 +16,11 @@ pub const REPORTER: &str = "waypoint";
 /// Istio's labels on request metrics.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct HttpLabels {
-    pub reporter: String,
-    pub source_workload: String,
-    pub source_canonical_service: String,
-    pub source_canonical_revision: String,
-    pub source_workload_namespace: String,
-    pub source_principal: String,
-    pub source_app: String,
-    pub source_version: String,
-    pub source_cluster: String,
-    pub destination_service: String,
-    pub destination_service_namespace: String,
-    pub destination_service_name: String,
-    pub destination_workload: String,
-    pub destination_canonical_service: String,
-    pub destination_canonical_revision: String,
-    pub destination_workload_namespace: String,
-    pub destination_principal: String,
-    pub destination_app: String,
-    pub destination_version: String,
-    pub destination_cluster: String,
-    pub request_protocol: String,
+    /// The peers, the protocol, the flags and the security policy, as on TCP metrics.
+    #[prometheus(flatten)]
+    pub peers: TcpLabels,
     pub response_code: String,
     pub grpc_response_status: String,
-    pub response_flags: String,
-    pub connection_security_policy: String,
 }
 
 type HistogramFamily = Family<HttpLabels, Histogram, fn() -> Histogram>;
@@ -130,90 +110,27 @@ pub struct Peers<'a> {
     pub destination: Option<&'a Workload>,
 }
 
-fn or_unknown(s: &str) -> String {
-    if s.is_empty() {
-        "unknown".into()
-    } else {
-        s.to_string()
-    }
-}
-
-fn workload_name(w: &Workload) -> &str {
-    if w.workload_name.is_empty() {
-        &w.name
-    } else {
-        &w.workload_name
-    }
-}
-
 impl Peers<'_> {
     pub fn tcp(&self) -> TcpLabels {
-        let mut l = TcpLabels {
-            reporter: REPORTER.into(),
-            connection_security_policy: "mutual_tls".into(),
-            ..Default::default()
-        };
-        if let Some(w) = self.source {
-            l.source_workload = or_unknown(workload_name(w));
-            l.source_canonical_service = or_unknown(&w.canonical_name);
-            l.source_canonical_revision = or_unknown(&w.canonical_revision);
-            l.source_workload_namespace = or_unknown(&w.namespace);
-            l.source_app = or_unknown(&w.canonical_name);
-            l.source_version = or_unknown(&w.canonical_revision);
-            l.source_cluster = or_unknown(&w.cluster_id);
+        mesh::metrics::Peers {
+            reporter: REPORTER,
+            source: self.source,
+            source_identity: self.source_identity,
+            destination: self.destination,
+            service: self.service,
+            mtls: true,
         }
-        if let Some(id) = self.source_identity {
-            l.source_principal = id.to_string();
-            if l.source_workload_namespace == "unknown" {
-                l.source_workload_namespace = id.namespace.clone();
-            }
-        }
-        if let Some(s) = self.service {
-            l.destination_service = or_unknown(&s.hostname);
-            l.destination_service_namespace = or_unknown(&s.namespace);
-            l.destination_service_name = or_unknown(&s.name);
-        }
-        if let Some(w) = self.destination {
-            l.destination_workload = or_unknown(workload_name(w));
-            l.destination_canonical_service = or_unknown(&w.canonical_name);
-            l.destination_canonical_revision = or_unknown(&w.canonical_revision);
-            l.destination_workload_namespace = or_unknown(&w.namespace);
-            l.destination_principal = w.identity().to_string();
-            l.destination_app = or_unknown(&w.canonical_name);
-            l.destination_version = or_unknown(&w.canonical_revision);
-            l.destination_cluster = or_unknown(&w.cluster_id);
-        }
-        l
+        .labels()
     }
 
     pub fn http(&self, protocol: &str, status: u16, flags: &str) -> HttpLabels {
-        let t = self.tcp();
+        let mut peers = self.tcp();
+        peers.request_protocol = protocol.into();
+        peers.response_flags = flags.into();
         HttpLabels {
-            reporter: t.reporter,
-            source_workload: t.source_workload,
-            source_canonical_service: t.source_canonical_service,
-            source_canonical_revision: t.source_canonical_revision,
-            source_workload_namespace: t.source_workload_namespace,
-            source_principal: t.source_principal,
-            source_app: t.source_app,
-            source_version: t.source_version,
-            source_cluster: t.source_cluster,
-            destination_service: t.destination_service,
-            destination_service_namespace: t.destination_service_namespace,
-            destination_service_name: t.destination_service_name,
-            destination_workload: t.destination_workload,
-            destination_canonical_service: t.destination_canonical_service,
-            destination_canonical_revision: t.destination_canonical_revision,
-            destination_workload_namespace: t.destination_workload_namespace,
-            destination_principal: t.destination_principal,
-            destination_app: t.destination_app,
-            destination_version: t.destination_version,
-            destination_cluster: t.destination_cluster,
-            request_protocol: protocol.into(),
+            peers,
             response_code: status.to_string(),
             grpc_response_status: String::new(),
-            response_flags: flags.into(),
-            connection_security_policy: t.connection_security_policy,
         }
     }
 }

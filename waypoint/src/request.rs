@@ -697,7 +697,7 @@ impl Drop for ResponseBody {
         if let Some(mut done) = self.done.take() {
             if self.timed_out {
                 done.log.flags = "UT";
-                done.labels.response_flags = "UT".into();
+                done.labels.peers.response_flags = "UT".into();
             }
             let request_bytes = done.log.request_bytes.load(Ordering::Relaxed);
             let millis = done.log.start.elapsed().as_secs_f64() * 1000.0;

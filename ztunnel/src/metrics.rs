@@ -1,15 +1,13 @@
 //! ztunnel's metrics: Istio's TCP and DNS metrics, labelled from the workloads on each side.
 
-use mesh::identity::Identity;
-use mesh::metrics::{TcpLabels, TcpMetrics};
+use mesh::metrics::TcpMetrics;
+pub use mesh::metrics::{Peers, or_unknown};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Registry, Unit};
-
-use mesh::state::{Service, Workload};
 
 pub struct Metrics {
     pub registry: Registry,
@@ -130,64 +128,5 @@ impl DnsMetrics {
             Unit::Seconds,
             self.upstream_duration.clone(),
         );
-    }
-}
-
-/// Who is on each end of a connection, as far as we know.
-pub struct Peers<'a> {
-    pub reporter: &'static str,
-    pub source: Option<&'a Workload>,
-    pub source_identity: Option<&'a Identity>,
-    pub destination: Option<&'a Workload>,
-    pub service: Option<&'a Service>,
-    pub mtls: bool,
-}
-
-pub(crate) fn or_unknown(s: &str) -> String {
-    if s.is_empty() {
-        "unknown".into()
-    } else {
-        s.to_string()
-    }
-}
-
-impl Peers<'_> {
-    pub fn labels(&self) -> TcpLabels {
-        let mut l = TcpLabels {
-            reporter: self.reporter.into(),
-            connection_security_policy: if self.mtls { "mutual_tls" } else { "none" }.into(),
-            ..Default::default()
-        };
-        if let Some(w) = self.source {
-            l.source_workload = or_unknown(&w.workload_name);
-            l.source_canonical_service = or_unknown(&w.canonical_name);
-            l.source_canonical_revision = or_unknown(&w.canonical_revision);
-            l.source_workload_namespace = or_unknown(&w.namespace);
-            l.source_app = or_unknown(&w.canonical_name);
-            l.source_version = or_unknown(&w.canonical_revision);
-            l.source_cluster = or_unknown(&w.cluster_id);
-        }
-        if let Some(id) = self.source_identity {
-            l.source_principal = id.to_string();
-            if self.source.is_none() {
-                l.source_workload_namespace = id.namespace.clone();
-            }
-        }
-        if let Some(w) = self.destination {
-            l.destination_workload = or_unknown(&w.workload_name);
-            l.destination_canonical_service = or_unknown(&w.canonical_name);
-            l.destination_canonical_revision = or_unknown(&w.canonical_revision);
-            l.destination_workload_namespace = or_unknown(&w.namespace);
-            l.destination_principal = w.identity().to_string();
-            l.destination_app = or_unknown(&w.canonical_name);
-            l.destination_version = or_unknown(&w.canonical_revision);
-            l.destination_cluster = or_unknown(&w.cluster_id);
-        }
-        if let Some(s) = self.service {
-            l.destination_service = or_unknown(&s.hostname);
-            l.destination_service_namespace = or_unknown(&s.namespace);
-            l.destination_service_name = or_unknown(&s.name);
-        }
-        l
     }
 }
