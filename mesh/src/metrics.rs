@@ -78,6 +78,16 @@ pub fn or_unknown(s: &str) -> String {
     }
 }
 
+/// A workload's name for the labels: its owner's (Deployment, Job, …), else the pod's, as in
+/// the `baggage` a proxy sends about it.
+fn workload_name(w: &Workload) -> &str {
+    if w.workload_name.is_empty() {
+        &w.name
+    } else {
+        &w.workload_name
+    }
+}
+
 /// Who is on each end of a connection or request, as far as the reporting proxy knows: the
 /// one place Istio's peer labels are filled in, for ztunnel and the waypoint.
 #[derive(Debug, Clone, Copy)]
@@ -99,7 +109,7 @@ impl Peers<'_> {
             ..Default::default()
         };
         if let Some(w) = self.source {
-            l.source_workload = or_unknown(&w.workload_name);
+            l.source_workload = or_unknown(workload_name(w));
             l.source_canonical_service = or_unknown(&w.canonical_name);
             l.source_canonical_revision = or_unknown(&w.canonical_revision);
             l.source_workload_namespace = or_unknown(&w.namespace);
@@ -114,7 +124,7 @@ impl Peers<'_> {
             }
         }
         if let Some(w) = self.destination {
-            l.destination_workload = or_unknown(&w.workload_name);
+            l.destination_workload = or_unknown(workload_name(w));
             l.destination_canonical_service = or_unknown(&w.canonical_name);
             l.destination_canonical_revision = or_unknown(&w.canonical_revision);
             l.destination_workload_namespace = or_unknown(&w.namespace);

@@ -846,12 +846,14 @@ async fn http1_routes_rewrites_and_local_replies() {
 
     let text = mesh::metrics::encode(&bed.registry);
     assert!(
-        text.contains("response_code=\"404\",grpc_response_status=\"\",response_flags=\"NR\""),
+        text.contains("response_flags=\"NR\",connection_security_policy=\"mutual_tls\",response_code=\"404\",grpc_response_status=\"\""),
         "{text}"
     );
     assert!(text.contains("response_flags=\"UH\""));
     assert!(text.contains("response_flags=\"UF\""));
-    assert!(text.contains("response_code=\"504\",grpc_response_status=\"\",response_flags=\"UT\""));
+    assert!(text.contains(
+        "response_flags=\"UT\",connection_security_policy=\"mutual_tls\",response_code=\"504\",grpc_response_status=\"\""
+    ));
     assert!(text.contains("reporter=\"waypoint\",source_workload=\"sleep\""));
     assert!(text.contains("destination_workload=\"echo-v1\""));
 }
