@@ -31,6 +31,7 @@ mod netns;
 mod packet;
 mod podsocket;
 mod process;
+pub mod waypoint_bed;
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
