@@ -5,16 +5,21 @@
 //! Answers: `200` with `{"pod", "method", "path", "authority", "version", "peer", "headers",
 //! "body"}` (`headers` maps each name to its values in order). Query parameters steer the answer
 //! for fault and retry tests: `status=<code>` answers that status (same JSON), `delay_ms=<n>`
-//! waits first. A request with `Upgrade` (HTTP/1.1) is answered `101` with the same `Upgrade`
+//! waits first; with `status_pod=<pod>` both apply on that pod only (others answer 200 at once);
+//! with `fail_every=<n>`, `status` applies to every n-th such request of the pod (the 1st, the
+//! n+1-th, …: `fail_every=2` fails half). `GET /_seen` answers the JSON list of the last 100
+//! requests the pod received (oldest first; `/_seen` itself not included), so a test can see
+//! what reached a pod whose answers nobody reads (a mirror target). A request with `Upgrade` (HTTP/1.1) is answered `101` with the same `Upgrade`
 //! value, and the connection then echoes bytes until the client half-closes. A gRPC request
 //! (`content-type: application/grpc…`, any method path) is answered as a unary call: `200`, one
 //! length-prefixed message holding the same JSON, and trailers `grpc-status` (0, or the
 //! `grpc-status` query parameter) and `grpc-message`.
 
 use std::collections::BTreeMap;
+use std::collections::{HashMap, VecDeque};
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -62,6 +67,27 @@ pub async fn serve(tcp: TcpStream, pod: Arc<str>, peer: SocketAddr) {
 
 type Body = BoxBody<Bytes, Infallible>;
 
+/// How many requests each pod remembers for `/_seen`.
+const SEEN: usize = 100;
+
+/// What one pod has received, for `/_seen` and `fail_every`.
+#[derive(Default)]
+struct PodLog {
+    seen: VecDeque<Echo>,
+    counted: u64,
+}
+
+/// Every pod's log; the pods of a test bed are served by one process.
+static PODS: Mutex<Option<HashMap<String, PodLog>>> = Mutex::new(None);
+
+fn pod_log<T>(pod: &str, f: impl FnOnce(&mut PodLog) -> T) -> T {
+    let mut pods = PODS.lock().unwrap_or_else(|e| e.into_inner());
+    f(pods
+        .get_or_insert_with(HashMap::new)
+        .entry(pod.to_string())
+        .or_default())
+}
+
 fn full(bytes: impl Into<Bytes>) -> Body {
     Full::new(bytes.into()).boxed()
 }
@@ -94,14 +120,41 @@ async fn answer(mut req: Request<Incoming>, pod: &str, peer: SocketAddr) -> Resp
         .map(|b| b.to_bytes())
         .unwrap_or_default();
     let query = parts.uri.query().unwrap_or_default();
-    if let Some(ms) = query_param(query, "delay_ms").and_then(|v| v.parse().ok()) {
+    let echo = describe(pod, &parts, peer, &body);
+    if parts.uri.path() == "/_seen" {
+        let seen = pod_log(pod, |log| serde_json::to_vec(&log.seen).unwrap_or_default());
+        let mut rsp = Response::new(full(seen));
+        rsp.headers_mut().insert(
+            header::CONTENT_TYPE,
+            header::HeaderValue::from_static("application/json"),
+        );
+        return rsp;
+    }
+    let this_pod = query_param(query, "status_pod").is_none_or(|p| p == pod);
+    let count = pod_log(pod, |log| {
+        log.seen.push_back(echo.clone());
+        if log.seen.len() > SEEN {
+            log.seen.pop_front();
+        }
+        if this_pod && query.contains("fail_every=") {
+            log.counted += 1;
+        }
+        log.counted
+    });
+    let fails = this_pod
+        && query_param(query, "fail_every")
+            .and_then(|n| n.parse::<u64>().ok())
+            .is_none_or(|n| n > 0 && (count - 1) % n == 0);
+    if let Some(ms) = query_param(query, "delay_ms").and_then(|v| v.parse().ok())
+        && this_pod
+    {
         tokio::time::sleep(Duration::from_millis(ms)).await;
     }
     let status = query_param(query, "status")
         .and_then(|v| v.parse::<u16>().ok())
         .and_then(|c| StatusCode::from_u16(c).ok())
+        .filter(|_| fails)
         .unwrap_or(StatusCode::OK);
-    let echo = describe(pod, &parts, peer, &body);
     let json = serde_json::to_vec(&echo).unwrap_or_default();
     let grpc = parts
         .headers
@@ -194,6 +247,7 @@ fn query_param<'a>(query: &'a str, name: &str) -> Option<&'a str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     #[test]
     fn describes_the_request() {
@@ -238,7 +292,6 @@ mod tests {
 
     #[tokio::test]
     async fn answers_http1_http2_and_upgrades_on_one_port() {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(async move {
@@ -342,5 +395,50 @@ mod tests {
         let mut echoed = Vec::new();
         s.read_to_end(&mut echoed).await.unwrap();
         assert_eq!(echoed, b"raw bytes");
+    }
+
+    /// One HTTP/1.1 GET to `addr`: the status and the body.
+    async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        let req = format!("GET {path} HTTP/1.1\r\nHost: svc\r\nConnection: close\r\n\r\n");
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        let status = out[9..12].parse().unwrap();
+        (
+            status,
+            out.split("\r\n\r\n").nth(1).unwrap_or("").to_string(),
+        )
+    }
+
+    #[tokio::test]
+    async fn failures_by_pod_and_the_log_of_what_a_pod_saw() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((s, peer)) = listener.accept().await {
+                tokio::spawn(serve(s, Arc::from("pod-flaky"), peer));
+            }
+        });
+        // Another pod named: this one answers 200.
+        assert_eq!(get(addr, "/a?status=500&status_pod=other").await.0, 200);
+        // Every second request of this pod fails: the 1st and the 3rd.
+        let statuses: Vec<u16> =
+            futures_statuses(addr, "/b?status=500&fail_every=2&status_pod=pod-flaky", 4).await;
+        assert_eq!(statuses, [500, 200, 500, 200]);
+        let (status, seen) = get(addr, "/_seen").await;
+        assert_eq!(status, 200);
+        let seen: Vec<serde_json::Value> = serde_json::from_str(&seen).unwrap();
+        assert_eq!(seen.len(), 5, "{seen:?}");
+        assert_eq!(seen[0]["path"], "/a?status=500&status_pod=other");
+        assert!(seen.iter().all(|e| e["pod"] == "pod-flaky"));
+    }
+
+    async fn futures_statuses(addr: SocketAddr, path: &str, n: usize) -> Vec<u16> {
+        let mut out = Vec::new();
+        for _ in 0..n {
+            out.push(get(addr, path).await.0);
+        }
+        out
     }
 }
