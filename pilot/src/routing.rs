@@ -126,14 +126,22 @@ pub struct HttpRoute {
     pub headers: Headers,
     pub delegate: Option<Delegate>,
     pub timeout: Option<Duration>,
-    /// Kept as written, for the translation that comes next (retries, fault, mirror(s),
-    /// mirrorPercentage, corsPolicy); JSON so that the debug endpoint shows them.
+    /// `mirror` + `mirrorPercentage` (or the older `mirrorPercent`) and `mirrors`, as one list.
+    pub mirrors: Vec<Mirror>,
+    /// Kept as written, for the translation that comes next (retries, fault, corsPolicy); JSON
+    /// so that the debug endpoint shows them.
     pub retries: Option<serde_json::Value>,
     pub fault: Option<serde_json::Value>,
-    pub mirror: Option<serde_json::Value>,
-    pub mirrors: Option<serde_json::Value>,
-    pub mirror_percentage: Option<serde_json::Value>,
     pub cors_policy: Option<serde_json::Value>,
+}
+
+/// A copy of each request sent to `destination` (the answer is dropped), for `per_million`
+/// of the requests (Istio's `Percent`, 0–100 with decimals, kept as parts per million as
+/// Envoy's `FractionalPercent` MILLION).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Mirror {
+    pub destination: Destination,
+    pub per_million: u32,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
@@ -596,6 +604,66 @@ fn redirect(at: At<'_>) -> Result<Redirect, Problem> {
     Ok(r)
 }
 
+/// Istio's `Percent` (`{value: <0–100>}`) in parts per million.
+fn percent(at: At<'_>) -> Result<u32, Problem> {
+    at.object(&["value"])?;
+    let v = at
+        .get("value", |a| match a.v {
+            Value::Number(n) => n.as_f64().ok_or_else(|| a.wrong("a number")),
+            _ => Err(a.wrong("a number")),
+        })?
+        .unwrap_or(0.0);
+    if !(0.0..=100.0).contains(&v) {
+        return Err(at.problem(format!("{v} is not a percentage (0-100)")));
+    }
+    Ok((v * 10_000.0).round() as u32)
+}
+
+/// `mirror` with `mirrorPercentage` (else the deprecated `mirrorPercent`/`mirror_percent`,
+/// else 100%), or `mirrors`; not both.
+fn mirrors(at: At<'_>) -> Result<Vec<Mirror>, Problem> {
+    let single = at.get("mirror", destination)?;
+    let listed = at.get("mirrors", |a| {
+        a.list(|m| {
+            m.object(&["destination", "percentage"])?;
+            let Some(destination) = m.get("destination", destination)? else {
+                return Err(Problem {
+                    field: join(m.path, "destination"),
+                    ..m.problem("is required")
+                });
+            };
+            Ok(Mirror {
+                destination,
+                per_million: m.get("percentage", percent)?.unwrap_or(1_000_000),
+            })
+        })
+    })?;
+    let old_percent = |key: &str| {
+        at.get(key, |a| {
+            let n = a.int()?;
+            match u32::try_from(n) {
+                Ok(n) if n <= 100 => Ok(n * 10_000),
+                _ => Err(a.problem(format!("{n} is not a percentage (0-100)"))),
+            }
+        })
+    };
+    let per_million = match at.get("mirrorPercentage", percent)? {
+        Some(p) => Some(p),
+        None => match old_percent("mirrorPercent")? {
+            Some(p) => Some(p),
+            None => old_percent("mirror_percent")?,
+        },
+    };
+    match (single, listed) {
+        (Some(_), Some(_)) => Err(at.problem("only one of mirror, mirrors")),
+        (Some(destination), None) => Ok(vec![Mirror {
+            destination,
+            per_million: per_million.unwrap_or(1_000_000),
+        }]),
+        (None, listed) => Ok(listed.unwrap_or_default()),
+    }
+}
+
 fn direct_response(at: At<'_>) -> Result<DirectResponse, Problem> {
     at.object(&["status", "body"])?;
     let status = at
@@ -717,9 +785,7 @@ fn http_route(at: At<'_>) -> Result<HttpRoute, Problem> {
         timeout: at.get("timeout", duration)?,
         retries: at.get("retries", |a| a.raw())?,
         fault: at.get("fault", |a| a.raw())?,
-        mirror: at.get("mirror", |a| a.raw())?,
-        mirrors: at.get("mirrors", |a| a.raw())?,
-        mirror_percentage: at.get("mirrorPercentage", |a| a.raw())?,
+        mirrors: mirrors(at)?,
         cors_policy: at.get("corsPolicy", |a| a.raw())?,
         route,
     };
@@ -1151,6 +1217,9 @@ mod tests {
         assert_eq!(r.route[0].destination.port, Some(9080));
         assert_eq!(r.timeout, Some(std::time::Duration::from_millis(1500)));
         assert_eq!(r.retries.as_ref().unwrap()["attempts"], 3);
+        assert_eq!(r.mirrors.len(), 1);
+        assert_eq!(r.mirrors[0].destination.subset.as_deref(), Some("v2"));
+        assert_eq!(r.mirrors[0].per_million, 50_000);
         assert_eq!(
             v.http[2].direct_response.as_ref().unwrap().body,
             Some(super::Body::Bytes(b"hi".to_vec()))
@@ -1187,6 +1256,14 @@ mod tests {
     #[test]
     fn problems_name_the_field() {
         let cases = [
+            (
+                "{hosts: [reviews], http: [{route: [{destination: {host: reviews}}], mirror: {host: a}, mirrors: [{destination: {host: b}}]}]}",
+                "field \"spec.http[0]\": only one of mirror, mirrors",
+            ),
+            (
+                "{hosts: [reviews], http: [{route: [{destination: {host: reviews}}], mirrors: [{destination: {host: b}, percentage: {value: 120}}]}]}",
+                "field \"spec.http[0].mirrors[0].percentage\": 120 is not a percentage (0-100)",
+            ),
             (
                 "{hosts: [reviews], http: [{match: [{uri: {regex: \"(\"}}], route: [{destination: {host: reviews}}]}]}",
                 "routing.yaml: VirtualService bookinfo/reviews: field \"spec.http[0].match[0].uri.regex\": invalid regex \"(\"",
