@@ -106,9 +106,11 @@ fn listeners(config: &Config) -> Value {
             let kind = match &l.kind {
                 ListenerKind::Http {
                     routes: Routes::Rds(n),
+                    ..
                 } => json!({"http": {"rds": n}}),
                 ListenerKind::Http {
                     routes: Routes::Inline(t),
+                    ..
                 } => json!({"http": {"inline": t.name}}),
                 ListenerKind::Tcp { clusters } => json!({"tcp": clusters}),
             };

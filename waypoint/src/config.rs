@@ -90,11 +90,22 @@ pub struct Listener {
 
 #[derive(Debug)]
 pub enum ListenerKind {
-    /// HTTP connection manager: routes from RDS by name, or inline.
-    Http { routes: Routes },
+    /// HTTP connection manager: routes from RDS by name, or inline, and the HTTP filters
+    /// that run before the router.
+    Http {
+        routes: Routes,
+        filters: HttpFilters,
+    },
     /// TCP proxy to one cluster or weighted clusters.
     Tcp { clusters: Vec<(String, u32)> },
 }
+
+/// The HTTP filters of a connection manager that run before the router, as Envoy orders them
+/// (pilot sends Istio's order). Each filter the waypoint implements is a field here, filled
+/// from its `typed_config` in [`http_filters`]; a filter the waypoint does not know is refused
+/// (the listener is NACKed), since skipping it could fail open.
+#[derive(Debug, Default)]
+pub struct HttpFilters {}
 
 #[derive(Debug)]
 pub enum Routes {
@@ -390,14 +401,7 @@ fn http_listener(body: &[u8]) -> Result<ListenerKind, String> {
     use hcm::http_connection_manager::RouteSpecifier;
     let h = hcm::HttpConnectionManager::decode(body)
         .map_err(|e| format!("undecodable HttpConnectionManager: {e}"))?;
-    for f in &h.http_filters {
-        if f.name != ROUTER_FILTER {
-            return Err(format!(
-                "http_filters: {:?} is not supported (only {ROUTER_FILTER})",
-                f.name
-            ));
-        }
-    }
+    let filters = http_filters(&h.http_filters)?;
     let routes = match &h.route_specifier {
         Some(RouteSpecifier::Rds(rds)) if !rds.route_config_name.is_empty() => {
             Routes::Rds(rds.route_config_name.clone())
@@ -412,7 +416,26 @@ fn http_listener(body: &[u8]) -> Result<ListenerKind, String> {
             );
         }
     };
-    Ok(ListenerKind::Http { routes })
+    Ok(ListenerKind::Http { routes, filters })
+}
+
+/// The connection manager's `http_filters`: the router last (an empty list means the router
+/// alone), the filters before it each one the waypoint implements.
+fn http_filters(list: &[hcm::HttpFilter]) -> Result<HttpFilters, String> {
+    let filters = HttpFilters::default();
+    let Some((last, before)) = list.split_last() else {
+        return Ok(filters);
+    };
+    if last.name != ROUTER_FILTER {
+        return Err(format!(
+            "http_filters: the last must be {ROUTER_FILTER}, not {:?}",
+            last.name
+        ));
+    }
+    if let Some((i, f)) = before.iter().enumerate().next() {
+        return Err(format!("http_filters[{i}]: {:?} is not supported", f.name));
+    }
+    Ok(filters)
 }
 
 fn tcp_listener(body: &[u8]) -> Result<ListenerKind, String> {
@@ -608,7 +631,7 @@ pub(crate) mod tests {
         let (_, conv) = listener(&l.encode_to_vec(), &l.name).unwrap();
         assert_eq!(conv.addresses.len(), 2);
         assert!(
-            matches!(&conv.kind, ListenerKind::Http { routes: Routes::Rds(n) } if n == &l.name)
+            matches!(&conv.kind, ListenerKind::Http { routes: Routes::Rds(n), .. } if n == &l.name)
         );
         let t = tcp_listener_pb(
             "inbound-vip|9000|tcp|a",
@@ -665,6 +688,22 @@ pub(crate) mod tests {
                 .unwrap_err()
                 .contains("undecodable")
         );
+    }
+
+    #[test]
+    fn http_filters_router_last_and_only_known_ones() {
+        let filter = |name: &str| hcm::HttpFilter {
+            name: name.into(),
+            ..Default::default()
+        };
+        assert!(http_filters(&[]).is_ok());
+        assert!(http_filters(&[filter(ROUTER_FILTER)]).is_ok());
+        let e =
+            http_filters(&[filter(ROUTER_FILTER), filter("envoy.filters.http.lua")]).unwrap_err();
+        assert!(e.contains("the last must be"), "{e}");
+        let e =
+            http_filters(&[filter("envoy.filters.http.lua"), filter(ROUTER_FILTER)]).unwrap_err();
+        assert!(e.contains("http_filters[0]") && e.contains("lua"), "{e}");
     }
 
     #[test]

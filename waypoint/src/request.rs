@@ -115,9 +115,11 @@ pub async fn handle(
     let table = match &tunnel.listener.kind {
         ListenerKind::Http {
             routes: Routes::Rds(name),
+            ..
         } => config.routes.get(name).cloned(),
         ListenerKind::Http {
             routes: Routes::Inline(t),
+            ..
         } => Some(t.clone()),
         ListenerKind::Tcp { .. } => None,
     };

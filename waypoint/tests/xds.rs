@@ -306,7 +306,9 @@ async fn subscribes_applies_acks_and_nacks() {
         let config = config_rx.borrow();
         for vip in ["10.96.0.10:80", "[fd00::10]:80"] {
             let l = config.listener(vip.parse().unwrap()).expect(vip);
-            assert!(matches!(&l.kind, ListenerKind::Http { routes: Routes::Rds(n) } if n == NAME));
+            assert!(
+                matches!(&l.kind, ListenerKind::Http { routes: Routes::Rds(n), .. } if n == NAME)
+            );
         }
         assert_eq!(
             config.clusters[CLUSTER].endpoints[0].address.to_string(),
