@@ -530,3 +530,65 @@ async fn waypoint_policy_is_reported() {
         "not sent to node proxies"
     );
 }
+
+/// Istio's ztunnel with `XDS_ON_DEMAND=true`: `*` subscribed and unsubscribed in its first
+/// request, then addresses asked for by `<network>/<ip>` as it meets them; its own node's
+/// workloads come without asking.
+#[tokio::test]
+async fn on_demand_addresses_by_alias() {
+    let env = Env::start().await;
+    write(
+        &env.dir,
+        "pods.yaml",
+        &format!(
+            "{}---\n{}",
+            pod("web-1", "web", "node1", "10.244.1.5"),
+            pod("web-2", "web", "node2", "10.244.2.5")
+        ),
+    );
+    // Wait until pilot has both pods (a wildcard client sees them).
+    let mut all = Stream::open(&env.control("node2"), &[(ADDRESS_TYPE_URL, HashMap::new())])
+        .await
+        .unwrap();
+    let mut seen = std::collections::HashSet::new();
+    while !(seen.contains("uid-web-1") && seen.contains("uid-web-2")) {
+        let r = all.next().await;
+        all.ack(&r).await;
+        seen.extend(names(&r).into_iter().map(str::to_string));
+    }
+    let mut s = Stream::open(&env.control("node1"), &[]).await.unwrap();
+    let request = |sub: &[&str], unsub: &[&str], nonce: &str| {
+        envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryRequest {
+            type_url: ADDRESS_TYPE_URL.into(),
+            resource_names_subscribe: sub.iter().map(|s| s.to_string()).collect(),
+            resource_names_unsubscribe: unsub.iter().map(|s| s.to_string()).collect(),
+            response_nonce: nonce.into(),
+            ..Default::default()
+        }
+    };
+    s.send(request(&[], &["*"], "")).await;
+    let first = s.next().await;
+    assert_eq!(names(&first), ["uid-web-1"], "only node1's own workload");
+    s.send(request(&["/10.244.2.5", "/10.96.0.1"], &[], &first.nonce))
+        .await;
+    let found = s.next().await;
+    let mut got: Vec<(&str, &[String])> = found
+        .resources
+        .iter()
+        .map(|r| (r.name.as_str(), r.aliases.as_slice()))
+        .collect();
+    got.sort();
+    assert_eq!(
+        got,
+        [
+            (WEB, &["/10.96.0.1".to_string()][..]),
+            ("uid-web-2", &["/10.244.2.5".to_string()][..])
+        ]
+    );
+    s.send(request(&["/10.1.2.3"], &[], &found.nonce)).await;
+    let missing = s.next().await;
+    assert!(missing.resources.is_empty());
+    assert_eq!(missing.removed_resources, ["/10.1.2.3"]);
+    s.ack(&missing).await;
+    s.nothing_for(Duration::from_millis(300)).await;
+}
