@@ -1,4 +1,4 @@
-//! Who is calling: bearer tokens mapped to callers. Locally, pilot writes one token per node to `<state dir>/tokens/<node>.token` and one per waypoint service account to `<state dir>/tokens/sa/<namespace>.<service account>.token`; in Kubernetes, service-account tokens are checked with a TokenReview.
+//! Who is calling: bearer tokens mapped to callers. Locally, pilot writes one token per node to `<state dir>/tokens/<node>.token` and one per service account pods run as to `<state dir>/tokens/sa/<namespace>.<service account>.token` (waypoints, dedicated-mode proxies); in Kubernetes, service-account tokens are checked with a TokenReview.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -60,8 +60,8 @@ fn bearer(metadata: &MetadataMap) -> Result<&str, tonic::Status> {
         .ok_or_else(|| tonic::Status::unauthenticated("expected a bearer token"))
 }
 
-/// The local token store (the folder source): one token per node and per waypoint service
-/// account, written by pilot.
+/// The local token store (the folder source): one token per node and per service account
+/// pods run as, written by pilot.
 #[derive(Debug, Default)]
 pub struct Tokens {
     dir: Option<PathBuf>,
@@ -149,7 +149,7 @@ impl Tokens {
         )
     }
 
-    /// The token of service account `sa` in `ns` (a waypoint's), authenticating as that
+    /// The token of service account `sa` in `ns`, authenticating as that
     /// workload identity; created (and written to `<dir>/sa/<ns>.<sa>.token`, mode 0600) the
     /// first time.
     pub fn workload_token(&self, ns: &str, sa: &str) -> std::io::Result<String> {

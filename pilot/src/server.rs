@@ -247,9 +247,9 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
                             warn!(%node, "writing node token: {e}");
                         }
                     }
-                    for (ns, sa) in snap.waypoint_service_accounts() {
+                    for (ns, sa) in snap.service_accounts() {
                         if let Err(e) = tokens.workload_token(&ns, &sa) {
-                            warn!(%ns, %sa, "writing waypoint token: {e}");
+                            warn!(%ns, %sa, "writing workload token: {e}");
                         }
                     }
                 }
@@ -280,7 +280,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         for node in snap.nodes() {
             tokens.node_token(&node)?;
         }
-        for (ns, sa) in snap.waypoint_service_accounts() {
+        for (ns, sa) in snap.service_accounts() {
             tokens.workload_token(&ns, &sa)?;
         }
     }

@@ -592,3 +592,43 @@ async fn on_demand_addresses_by_alias() {
     s.ack(&missing).await;
     s.nothing_for(Duration::from_millis(300)).await;
 }
+
+/// Istio's "dedicated" mode: a proxy running for one workload authenticates with the token
+/// pilot writes for that workload's service account, gets the workload API, and a
+/// certificate for its own identity only (no impersonation, no other identity).
+#[tokio::test]
+async fn a_proxy_for_one_workload_uses_its_own_token() {
+    let env = Env::start().await;
+    write(
+        &env.dir,
+        "pod.yaml",
+        &pod("web-1", "web", "node1", "10.244.1.5"),
+    );
+    let token_file = env.dir.join("state/tokens/sa/shop.web.token");
+    let start = std::time::Instant::now();
+    while !token_file.exists() {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "no token for shop/web"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut cp = env.control("node1");
+    cp.token_file = token_file;
+
+    let mut s = Stream::open(&cp, &[(ADDRESS_TYPE_URL, HashMap::new())])
+        .await
+        .unwrap();
+    let first = s.next().await;
+    assert!(names(&first).contains(&WEB), "{:?}", names(&first));
+
+    let web = Identity::new("cluster.local", "shop", "web");
+    let (csr, _) = mesh::ca_client::csr(&web).unwrap();
+    assert_eq!(create(&cp, csr.clone(), None).await.unwrap().len(), 2);
+    let err = create(&cp, csr, Some(&web.to_string())).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied);
+    let other = Identity::new("cluster.local", "shop", "other");
+    let (other_csr, _) = mesh::ca_client::csr(&other).unwrap();
+    let err = create(&cp, other_csr, None).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
+}
