@@ -75,7 +75,8 @@ impl std::fmt::Debug for Kubernetes {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub source: Source,
-    /// CA root (and, for the folder source, node tokens) are kept here.
+    /// Folder source: the CA root and the tokens are kept here (the Kubernetes source keeps
+    /// the root in a Secret).
     pub state_dir: PathBuf,
     pub listen: SocketAddr,
     pub debug: Option<SocketAddr>,
@@ -166,10 +167,19 @@ fn not_yet_logged<'a>(problems: &'a [Problem], logged: &mut BTreeSet<Problem>) -
 /// source that waits for the first list of every kind: serving before would withdraw the
 /// workloads not listed yet from every proxy.
 pub async fn start(cfg: Config) -> anyhow::Result<Running> {
-    let ca = Arc::new(crate::ca::load_or_create_root(
-        &cfg.state_dir,
-        &cfg.mesh.trust_domain,
-    )?);
+    let ca = Arc::new(match &cfg.source {
+        Source::Folder(_) => {
+            crate::ca::load_or_create_root(&cfg.state_dir, &cfg.mesh.trust_domain)?
+        }
+        // In a cluster the root outlives pilot's pod (and is shared by its replicas).
+        Source::Kubernetes(k) => crate::ca::root_from_secret(
+            k.client.clone(),
+            &cfg.mesh.root_namespace,
+            &cfg.mesh.trust_domain,
+        )
+        .await
+        .context("the CA root")?,
+    });
     let (mut snap_rx, auth, node_agent) = match &cfg.source {
         Source::Folder(folder) => {
             let tokens = Arc::new(
