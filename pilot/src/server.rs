@@ -296,7 +296,10 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
     }
 
     let names: Vec<String> = SERVER_NAMES.iter().map(|s| s.to_string()).collect();
-    let (cert, key) = ca.issue_server_pem(&names, Duration::from_secs(365 * 24 * 3600))?;
+    // pilot's own certificate lives as long as the longest one it issues, and is renewed at
+    // half of that; each new connection gets the current one.
+    let serving = crate::serving::ServingCert::issue(&ca, &names, cfg.max_cert_ttl)?;
+    tokio::spawn(serving.clone().renew_forever(ca.clone()));
     let registry = Arc::new(Registry::default());
     let ads = AdsService {
         auth: auth.clone(),
@@ -316,14 +319,11 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         .with_context(|| format!("listening on {}", cfg.listen))?;
     let addr = listener.local_addr()?;
     let (shutdown_tx, shutdown_rx) = tokio::sync::oneshot::channel::<()>();
-    let tls = tonic::transport::ServerTlsConfig::new()
-        .identity(tonic::transport::Identity::from_pem(cert, key));
     let router = tonic::transport::Server::builder()
-        .tls_config(tls)?
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .add_service(AggregatedDiscoveryServiceServer::new(ads))
         .add_service(IstioCertificateServiceServer::new(ca_service));
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let incoming = crate::serving::incoming(listener, crate::serving::acceptor(serving.clone())?);
     let server = tokio::spawn(async move {
         let stop = async {
             let _ = shutdown_rx.await;
