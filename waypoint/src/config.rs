@@ -105,7 +105,10 @@ pub enum ListenerKind {
 /// from its `typed_config` in [`http_filters`]; a filter the waypoint does not know is refused
 /// (the listener is NACKed), since skipping it could fail open.
 #[derive(Debug, Default)]
-pub struct HttpFilters {}
+pub struct HttpFilters {
+    /// `envoy.filters.http.rbac` filters, in their order (Istio: AUDIT, DENY, ALLOW).
+    pub rbac: Vec<crate::rbac::RbacFilter>,
+}
 
 #[derive(Debug)]
 pub enum Routes {
@@ -422,7 +425,7 @@ fn http_listener(body: &[u8]) -> Result<ListenerKind, String> {
 /// The connection manager's `http_filters`: the router last (an empty list means the router
 /// alone), the filters before it each one the waypoint implements.
 fn http_filters(list: &[hcm::HttpFilter]) -> Result<HttpFilters, String> {
-    let filters = HttpFilters::default();
+    let mut filters = HttpFilters::default();
     let Some((last, before)) = list.split_last() else {
         return Ok(filters);
     };
@@ -432,8 +435,23 @@ fn http_filters(list: &[hcm::HttpFilter]) -> Result<HttpFilters, String> {
             last.name
         ));
     }
-    if let Some((i, f)) = before.iter().enumerate().next() {
-        return Err(format!("http_filters[{i}]: {:?} is not supported", f.name));
+    for (i, f) in before.iter().enumerate() {
+        let any = match &f.config_type {
+            Some(hcm::http_filter::ConfigType::TypedConfig(a)) => a,
+            _ => {
+                return Err(format!(
+                    "http_filters[{i}] ({:?}): typed_config required",
+                    f.name
+                ));
+            }
+        };
+        match any.type_url.as_str() {
+            crate::rbac::TYPE_URL => filters.rbac.push(
+                crate::rbac::compile(&any.value)
+                    .map_err(|e| format!("http_filters[{i}] ({:?}): {e}", f.name))?,
+            ),
+            _ => return Err(format!("http_filters[{i}]: {:?} is not supported", f.name)),
+        }
     }
     Ok(filters)
 }

@@ -92,6 +92,7 @@ impl Handler for Inbound {
             },
             source_workload,
             service: config.state.service_by_vip(authority.ip()).cloned(),
+            peer_principal: stream.peer.to_string(),
         };
         match &listener.kind {
             ListenerKind::Http { .. } => {
