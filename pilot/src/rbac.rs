@@ -745,3 +745,481 @@ fn principal_matchers(a: &Attribute) -> Vec<rbac::Principal> {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::k8s::parse_documents;
+    use envoy_types::pb::envoy::config::listener::v3 as listener;
+    use prost::Message;
+
+    const MESH: &str = r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: waypoint, namespace: shop}
+spec: {gatewayClassName: istio-waypoint, listeners: [{name: mesh, port: 15008, protocol: HBONE}]}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: ingress, namespace: shop}
+spec: {gatewayClassName: istio, listeners: [{name: http, port: 80, protocol: HTTP}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop, labels: {istio.io/use-waypoint: waypoint}}
+spec: {clusterIP: 10.96.0.1, selector: {app: web}, ports: [{name: http, port: 80}, {name: tcp-db, port: 5432}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: api, namespace: shop, labels: {istio.io/use-waypoint: waypoint}}
+spec: {clusterIP: 10.96.0.2, selector: {app: api}, ports: [{name: http, port: 8080}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: plain, namespace: shop}
+spec: {clusterIP: 10.96.0.3, selector: {app: plain}, ports: [{name: http, port: 80}]}
+"#;
+
+    const WEB: &str = "inbound-vip|80|http|web.shop.svc.cluster.local";
+    const WEB_TCP: &str = "inbound-vip|5432|tcp|web.shop.svc.cluster.local";
+    const API: &str = "inbound-vip|8080|http|api.shop.svc.cluster.local";
+
+    fn policy(name: &str, spec: &str) -> String {
+        format!(
+            "---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: {name}, namespace: shop}}\nspec: {spec}\n"
+        )
+    }
+
+    const GW: &str = "{group: gateway.networking.k8s.io, kind: Gateway, name: waypoint}";
+
+    fn translate(policies: &str) -> (crate::waypoint::Translation, Snapshot) {
+        let p = parse_documents(&format!("{MESH}{policies}"), "p.yaml");
+        assert!(p.problems.is_empty(), "{:?}", p.problems);
+        let s = Snapshot::build(p.objects, vec![]);
+        (crate::waypoint::translate(&s, &MeshOptions::default()), s)
+    }
+
+    /// The HTTP filters of a listener, as sent.
+    fn filters(t: &crate::waypoint::Translation, listener_name: &str) -> Vec<hcm::HttpFilter> {
+        let w = &t.waypoints["shop/waypoint"];
+        let l = listener::Listener::decode(w.listeners[listener_name].body.clone()).unwrap();
+        let f = &l.filter_chains[0].filters[0];
+        let Some(listener::filter::ConfigType::TypedConfig(any)) = &f.config_type else {
+            panic!("no typed config")
+        };
+        let Ok(h) = hcm::HttpConnectionManager::decode(&any.value[..]) else {
+            return vec![];
+        };
+        h.http_filters
+    }
+
+    fn rbac_configs(t: &crate::waypoint::Translation, listener_name: &str) -> Vec<http_rbac::Rbac> {
+        filters(t, listener_name)
+            .iter()
+            .filter(|f| f.name == HTTP_RBAC_FILTER)
+            .map(|f| {
+                let Some(hcm::http_filter::ConfigType::TypedConfig(any)) = &f.config_type else {
+                    panic!()
+                };
+                http_rbac::Rbac::decode(&any.value[..]).unwrap()
+            })
+            .collect()
+    }
+
+    /// Problems other than "not enforced on TCP port …" (`web` has a TCP port).
+    fn http_problems(t: &crate::waypoint::Translation) -> Vec<&Problem> {
+        t.problems
+            .iter()
+            .filter(|p| !p.reason.contains("TCP port"))
+            .collect()
+    }
+
+    fn problems_of(t: &crate::waypoint::Translation, name: &str) -> Vec<String> {
+        let object = format!("AuthorizationPolicy shop/{name}");
+        t.problems
+            .iter()
+            .filter(|p| p.object == object)
+            .map(|p| format!("{}: {}", p.field, p.reason))
+            .collect()
+    }
+
+    /// The waypoint's verdict on a request under the filters of one listener.
+    fn allowed(
+        t: &crate::waypoint::Translation,
+        listener_name: &str,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        peer: &str,
+        client: &str,
+    ) -> bool {
+        let compiled: Vec<waypoint::rbac::RbacFilter> = filters(t, listener_name)
+            .iter()
+            .filter(|f| f.name == HTTP_RBAC_FILTER)
+            .map(|f| {
+                let Some(hcm::http_filter::ConfigType::TypedConfig(any)) = &f.config_type else {
+                    panic!()
+                };
+                assert_eq!(any.type_url, waypoint::rbac::TYPE_URL);
+                waypoint::rbac::compile(&any.value).unwrap()
+            })
+            .collect();
+        let mut h = http::HeaderMap::new();
+        for (k, v) in headers {
+            h.append(
+                http::header::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
+        }
+        let source = waypoint::route::Source::default();
+        let port = listener_name.split('|').nth(1).unwrap().parse().unwrap();
+        let view = waypoint::route::Request {
+            method,
+            scheme: "http",
+            authority: "web.shop.svc.cluster.local",
+            path,
+            headers: &h,
+            source: &source,
+        };
+        let s = waypoint::rbac::Subject {
+            request: &view,
+            peer,
+            client: client.parse().unwrap(),
+            destination: std::net::SocketAddr::new("10.96.0.1".parse().unwrap(), port),
+        };
+        waypoint::rbac::check(&compiled, &s, |_, _| {}).is_none()
+    }
+
+    const SLEEP: &str = "spiffe://cluster.local/ns/shop/sa/sleep";
+    const OTHER: &str = "spiffe://cluster.local/ns/other/sa/client";
+
+    #[test]
+    fn no_policy_no_filter_and_istio_filter_order() {
+        let (t, _) = translate("");
+        assert!(rbac_configs(&t, WEB).is_empty());
+        assert_eq!(filters(&t, WEB).len(), 1, "the router alone");
+        let (t, _) = translate(&format!(
+            "{}{}{}",
+            policy("allow", &format!("{{targetRefs: [{GW}], rules: [{{}}]}}")),
+            policy(
+                "deny",
+                &format!("{{targetRefs: [{GW}], action: DENY, rules: [{{}}]}}")
+            ),
+            policy(
+                "audit",
+                &format!("{{targetRefs: [{GW}], action: AUDIT, rules: [{{}}]}}")
+            ),
+        ));
+        assert!(http_problems(&t).is_empty(), "{:?}", t.problems);
+        let names: Vec<String> = filters(&t, WEB).iter().map(|f| f.name.clone()).collect();
+        assert_eq!(
+            names,
+            [
+                HTTP_RBAC_FILTER,
+                HTTP_RBAC_FILTER,
+                HTTP_RBAC_FILTER,
+                "envoy.filters.http.router"
+            ]
+        );
+        let actions: Vec<i32> = rbac_configs(&t, WEB)
+            .iter()
+            .map(|c| c.rules.as_ref().unwrap().action)
+            .collect();
+        use rbac::rbac::Action;
+        assert_eq!(
+            actions,
+            [
+                Action::Log as i32,
+                Action::Deny as i32,
+                Action::Allow as i32
+            ]
+        );
+        let allow = &rbac_configs(&t, WEB)[2];
+        let names: Vec<&String> = allow.rules.as_ref().unwrap().policies.keys().collect();
+        assert_eq!(names, ["ns[shop]-policy[allow]-rule[0]"]);
+    }
+
+    #[test]
+    fn gateway_and_service_targets_and_what_is_in_force_nowhere() {
+        let (t, _) = translate(&format!(
+            "{}{}{}{}{}{}{}",
+            policy(
+                "on-api",
+                "{targetRefs: [{kind: Service, name: api}], action: DENY, rules: [{to: [{operation: {paths: [/x]}}]}]}"
+            ),
+            policy(
+                "on-plain",
+                "{targetRefs: [{kind: Service, group: \"\", name: plain}], action: DENY, rules: [{}]}"
+            ),
+            policy(
+                "missing-gw",
+                "{targetRef: {group: gateway.networking.k8s.io, kind: Gateway, name: nope}, rules: [{}]}"
+            ),
+            policy(
+                "not-waypoint",
+                "{targetRefs: [{group: gateway.networking.k8s.io, kind: Gateway, name: ingress}], rules: [{}]}"
+            ),
+            policy(
+                "custom",
+                &format!(
+                    "{{targetRefs: [{GW}], action: CUSTOM, provider: {{name: ext}}, rules: [{{}}]}}"
+                )
+            ),
+            policy(
+                "entry",
+                "{targetRefs: [{group: networking.istio.io, kind: ServiceEntry, name: x}], rules: [{}]}"
+            ),
+            policy(
+                "elsewhere",
+                "{targetRefs: [{kind: Service, name: web, namespace: other}], rules: [{}]}"
+            ),
+        ));
+        // A Service-targeted policy applies to that service's listeners only.
+        assert_eq!(rbac_configs(&t, API).len(), 1);
+        assert!(rbac_configs(&t, WEB).is_empty());
+        assert!(problems_of(&t, "on-api").is_empty());
+        assert_eq!(
+            problems_of(&t, "on-plain"),
+            [
+                "spec.targetRefs[0]: Service shop/plain uses no waypoint, and only a waypoint enforces targetRefs policies; in force nowhere"
+            ]
+        );
+        assert_eq!(
+            problems_of(&t, "missing-gw"),
+            ["spec.targetRef: no waypoint Gateway shop/nope; in force nowhere"]
+        );
+        assert!(problems_of(&t, "not-waypoint")[0].contains("not a waypoint"));
+        assert!(problems_of(&t, "custom")[0].starts_with("spec.action: CUSTOM"));
+        assert!(problems_of(&t, "entry")[0].contains("ServiceEntry"));
+        assert!(problems_of(&t, "elsewhere")[0].contains("own namespace"));
+    }
+
+    #[test]
+    fn tcp_ports_are_reported_not_enforced() {
+        let (t, _) = translate(&policy(
+            "deny",
+            &format!("{{targetRefs: [{GW}], action: DENY, rules: [{{}}]}}"),
+        ));
+        assert_eq!(rbac_configs(&t, WEB).len(), 1);
+        assert!(rbac_configs(&t, WEB_TCP).is_empty());
+        assert_eq!(
+            problems_of(&t, "deny"),
+            [
+                "spec.targetRefs: not enforced on TCP port 5432 of Service shop/web (waypoint shop/waypoint enforces policies on HTTP ports only)"
+            ]
+        );
+    }
+
+    #[test]
+    fn operations_with_wildcards_and_not_forms() {
+        let (t, _) = translate(&policy(
+            "ops",
+            &format!(
+                r#"{{targetRefs: [{GW}], rules: [{{to: [{{operation: {{
+                    methods: [GET, "P*"], notMethods: [PATCH],
+                    paths: [/exact, "/prefix/*", "*.css", "/api/{{*}}/items", "/static/{{**}}"],
+                    notPaths: [/prefix/secret],
+                    hosts: ["*.svc.cluster.local"], notHosts: ["bad.*"]}}}}]}}]}}"#
+            ),
+        ));
+        assert!(http_problems(&t).is_empty(), "{:?}", t.problems);
+        let ok = |m: &str, p: &str| allowed(&t, WEB, m, p, &[], SLEEP, "10.0.0.1");
+        assert!(ok("GET", "/exact"));
+        assert!(ok("GET", "/exact?q=1"), "the query is not part of the path");
+        assert!(!ok("GET", "/exact/more"));
+        assert!(ok("POST", "/prefix/a"));
+        assert!(ok("PUT", "/a/b.css"));
+        assert!(!ok("PATCH", "/exact"), "notMethods");
+        assert!(!ok("DELETE", "/exact"), "not a listed method");
+        assert!(!ok("GET", "/prefix/secret"), "notPaths");
+        assert!(ok("GET", "/api/v1/items"));
+        assert!(!ok("GET", "/api/v1/v2/items"), "{{*}} is one segment");
+        assert!(ok("GET", "/static/a/b/c.js"), "{{**}} is the rest");
+        assert!(!ok("GET", "/other"));
+        // Hosts: case-insensitive, suffix; not-hosts.
+        let cfg = &rbac_configs(&t, WEB)[0];
+        let p = &cfg.rules.as_ref().unwrap().policies["ns[shop]-policy[ops]-rule[0]"];
+        let text = format!("{p:?}");
+        assert!(text.contains("ignore_case: true"), "{text}");
+        assert!(text.contains(URI_TEMPLATE_MATCHER), "{text}");
+        assert!(
+            text.contains("path_template") || text.contains("type_url"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn ports_are_decided_per_listener() {
+        let (t, _) = translate(&policy(
+            "ports",
+            &format!(
+                r#"{{targetRefs: [{GW}], action: DENY, rules: [
+                    {{to: [{{operation: {{ports: ["80"]}}}}]}},
+                    {{to: [{{operation: {{notPorts: ["8080"], paths: [/np]}}}}]}},
+                    {{when: [{{key: destination.port, values: ["8080"]}}], to: [{{operation: {{paths: [/w]}}}}]}}]}}"#
+            ),
+        ));
+        assert!(http_problems(&t).is_empty(), "{:?}", t.problems);
+        // Port 80: rule 0 denies all, so everything is denied.
+        assert!(!allowed(&t, WEB, "GET", "/", &[], SLEEP, "10.0.0.1"));
+        // Port 8080: rule 0 never applies; rule 1 (notPorts 8080) never; rule 2 on /w.
+        assert!(allowed(&t, API, "GET", "/", &[], SLEEP, "10.0.0.1"));
+        assert!(allowed(&t, API, "GET", "/np", &[], SLEEP, "10.0.0.1"));
+        assert!(!allowed(&t, API, "GET", "/w", &[], SLEEP, "10.0.0.1"));
+    }
+
+    #[test]
+    fn sources_principals_namespaces_ip_blocks() {
+        let (t, _) = translate(&format!(
+            "{}{}",
+            policy(
+                "from",
+                &format!(
+                    r#"{{targetRefs: [{GW}], rules: [
+                        {{from: [{{source: {{principals: ["cluster.local/ns/shop/sa/sleep"]}}}}], to: [{{operation: {{paths: [/p]}}}}]}},
+                        {{from: [{{source: {{namespaces: ["oth*"], notPrincipals: ["*/sa/blocked"]}}}}], to: [{{operation: {{paths: [/n]}}}}]}},
+                        {{from: [{{source: {{ipBlocks: ["192.168.0.0/16"], notIpBlocks: ["192.168.9.0/24"]}}}}], to: [{{operation: {{paths: [/ip]}}}}]}},
+                        {{from: [{{source: {{serviceAccounts: ["shop/sleep"]}}}}], to: [{{operation: {{paths: [/sa]}}}}]}},
+                        {{from: [{{source: {{remoteIpBlocks: ["10.9.0.0/16"]}}}}], to: [{{operation: {{paths: [/rip]}}}}]}}]}}"#
+                ),
+            ),
+            policy(
+                "deny-none",
+                "{targetRefs: [{kind: Service, name: web}], action: DENY}"
+            ),
+        ));
+        assert!(http_problems(&t).is_empty(), "{:?}", t.problems);
+        let ok =
+            |path: &str, peer: &str, client: &str| allowed(&t, WEB, "GET", path, &[], peer, client);
+        assert!(ok("/p", SLEEP, "10.0.0.1"));
+        assert!(!ok("/p", OTHER, "10.0.0.1"));
+        assert!(ok("/n", OTHER, "10.0.0.1"));
+        assert!(!ok("/n", SLEEP, "10.0.0.1"));
+        assert!(!ok(
+            "/n",
+            "spiffe://cluster.local/ns/other/sa/blocked",
+            "10.0.0.1"
+        ));
+        assert!(ok("/ip", OTHER, "192.168.1.1"));
+        assert!(!ok("/ip", OTHER, "192.168.9.1"), "notIpBlocks");
+        assert!(!ok("/ip", OTHER, "10.0.0.1"));
+        assert!(ok("/sa", SLEEP, "10.0.0.1"));
+        assert!(!ok("/sa", OTHER, "10.0.0.1"));
+        assert!(ok("/rip", OTHER, "10.9.3.3"));
+        assert!(
+            !ok("/other", SLEEP, "10.0.0.1"),
+            "ALLOW policies present, none matches"
+        );
+        // A DENY without rules matches nothing: it denies nothing.
+        let deny = rbac_configs(&t, WEB)[0].clone();
+        assert_eq!(deny.rules.unwrap().action, rbac::rbac::Action::Deny as i32);
+    }
+
+    #[test]
+    fn when_conditions_and_unknown_keys() {
+        let (t, _) = translate(&format!(
+            "{}{}",
+            policy(
+                "when",
+                &format!(
+                    r#"{{targetRefs: [{GW}], action: DENY, rules: [
+                        {{when: [{{key: "request.headers[x-debug]", values: ["1", "on*"]}}]}},
+                        {{when: [{{key: source.namespace, values: [other]}}, {{key: source.principal, notValues: ["*/sa/admin"]}}], to: [{{operation: {{paths: [/admin]}}}}]}},
+                        {{when: [{{key: source.ip, values: ["172.16.0.0/12"]}}]}},
+                        {{when: [{{key: "request.headers[x-any]", values: ["*"]}}], to: [{{operation: {{paths: [/any]}}}}]}}]}}"#
+                ),
+            ),
+            policy(
+                "unknown",
+                &format!(
+                    r#"{{targetRefs: [{GW}], rules: [{{when: [{{key: source.madeup, values: [x]}}]}}, {{to: [{{operation: {{paths: [/ok]}}}}]}}]}}"#
+                ),
+            ),
+        ));
+        let ok = |path: &str, h: &[(&str, &str)], peer: &str, client: &str| {
+            allowed(&t, WEB, "GET", path, h, peer, client)
+        };
+        // The unknown key: the ALLOW rule holding it is left out (allows less), said so.
+        assert_eq!(
+            problems_of(&t, "unknown")[0..1],
+            ["spec.rules[0].when[0].key: \"source.madeup\" is not a condition the waypoint knows"]
+        );
+        assert!(ok("/ok", &[], SLEEP, "10.0.0.1"));
+        assert!(!ok("/x", &[], SLEEP, "10.0.0.1"));
+        assert!(!ok("/ok", &[("x-debug", "1")], SLEEP, "10.0.0.1"));
+        assert!(!ok("/ok", &[("x-debug", "only")], SLEEP, "10.0.0.1"));
+        assert!(ok("/ok", &[("x-debug", "0")], SLEEP, "10.0.0.1"));
+        // /admin from namespace other: denied unless the admin account.
+        let admin_path_allowed = |peer: &str| {
+            let (t, _) = translate(&format!(
+                "{}{}",
+                policy(
+                    "when",
+                    &format!(
+                        r#"{{targetRefs: [{GW}], action: DENY, rules: [{{when: [{{key: source.namespace, values: [other]}}, {{key: source.principal, notValues: ["*/sa/admin"]}}], to: [{{operation: {{paths: [/admin]}}}}]}}]}}"#
+                    ),
+                ),
+                ""
+            ));
+            allowed(&t, WEB, "GET", "/admin", &[], peer, "10.0.0.1")
+        };
+        assert!(!admin_path_allowed(OTHER));
+        assert!(admin_path_allowed(
+            "spiffe://cluster.local/ns/other/sa/admin"
+        ));
+        assert!(admin_path_allowed(SLEEP));
+        assert!(!ok("/ok", &[], SLEEP, "172.20.0.1"), "source.ip");
+        assert!(
+            !ok("/any", &[("x-any", "")], SLEEP, "10.0.0.1"),
+            "`*`: present"
+        );
+    }
+
+    #[test]
+    fn dry_run_policies_are_shadow_rules_and_jwt_conditions_are_said_to_never_match() {
+        let (t, _) = translate(&format!(
+            "---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: dry, namespace: shop, annotations: {{istio.io/dry-run: \"true\"}}}}\nspec: {{targetRefs: [{GW}], action: DENY, rules: [{{}}]}}\n{}",
+            policy(
+                "jwt",
+                &format!(
+                    r#"{{targetRefs: [{GW}], rules: [{{from: [{{source: {{requestPrincipals: ["*"]}}}}]}}]}}"#
+                ),
+            )
+        ));
+        let c = rbac_configs(&t, WEB);
+        assert!(c[0].rules.is_none());
+        assert_eq!(c[0].shadow_rules_stat_prefix, "istio_dry_run_deny_");
+        assert!(
+            c[0].shadow_rules
+                .as_ref()
+                .unwrap()
+                .policies
+                .contains_key("ns[shop]-policy[dry]-rule[0]")
+        );
+        assert!(problems_of(&t, "jwt")[0].contains("RequestAuthentication"));
+        // Nothing carries JWT claims: the ALLOW matches nothing, the request is denied.
+        assert!(!allowed(&t, WEB, "GET", "/", &[], SLEEP, "10.0.0.1"));
+    }
+
+    #[test]
+    fn string_forms() {
+        let f = |v: &str, p: &str| format!("{:?}", string_matcher(v, p).match_pattern.unwrap());
+        assert_eq!(
+            f("*", "spiffe://"),
+            "SafeRegex(RegexMatcher { regex: \".+\", engine_type: None })"
+        );
+        assert_eq!(f("a*", "spiffe://"), "Prefix(\"spiffe://a\")");
+        assert_eq!(f("*a", ""), "Suffix(\"a\")");
+        assert_eq!(
+            f("*a", "spiffe://"),
+            "SafeRegex(RegexMatcher { regex: \"spiffe://.*a\", engine_type: None })"
+        );
+        assert_eq!(f("a", "spiffe://"), "Exact(\"spiffe://a\")");
+        assert_eq!(rule_name("ns", "p", 2), "ns[ns]-policy[p]-rule[2]");
+        assert_eq!(
+            claim_path("request.auth.claims[a][b]"),
+            Some(vec!["a".into(), "b".into()])
+        );
+        assert_eq!(header_name("request.headers[X-A]"), Some("X-A"));
+    }
+}
