@@ -134,7 +134,9 @@ pub async fn handle(
         headers: req.headers(),
         source: &tunnel.source,
     };
-    // Authorization first, as Envoy runs the RBAC filters before the router's route match.
+    // The route is chosen when the request arrives (Envoy caches it before the filters run),
+    // then the RBAC filters decide, before the router acts on the route.
+    let found = table.as_ref().and_then(|t| Some((t, t.find(&view)?)));
     if let ListenerKind::Http { filters, .. } = &tunnel.listener.kind
         && !filters.rbac.is_empty()
     {
@@ -156,18 +158,29 @@ pub async fn handle(
                 "rbac_access_denied_matched_policy[{}]",
                 v.policy.as_deref().map_or("none", |p| p.as_str())
             ));
-            return local_reply(
-                w,
-                tunnel,
-                log,
-                StatusCode::FORBIDDEN,
-                "-",
-                crate::rbac::DENIED_BODY,
-            );
+            log.flags = "-";
+            log.status = StatusCode::FORBIDDEN.as_u16();
+            let mut rsp = Response::new(ResponseBody::bytes(Bytes::from_static(
+                crate::rbac::DENIED_BODY.as_bytes(),
+            )));
+            *rsp.status_mut() = StatusCode::FORBIDDEN;
+            rsp.headers_mut()
+                .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+            // As Envoy's local replies on a chosen route: its response header operations apply.
+            if let Some((table, (vhost, route))) = &found {
+                log.route = route.name.clone();
+                for ops in [
+                    &route.response_headers,
+                    &vhost.response_headers,
+                    &table.response_headers,
+                ] {
+                    ops.apply(rsp.headers_mut());
+                }
+            }
+            return finish(w, tunnel, log, rsp);
         }
     }
-    let Some((table, (vhost, route))) = table.as_ref().and_then(|t| Some((t, t.find(&view)?)))
-    else {
+    let Some((table, (vhost, route))) = found else {
         return local_reply(
             w,
             tunnel,
