@@ -3,10 +3,12 @@
 use std::collections::BTreeMap;
 
 use envoy_types::pb::envoy::config::core::v3 as core;
+use envoy_types::pb::envoy::config::listener::v3 as listener;
 use envoy_types::pb::envoy::config::rbac::v3 as rbac;
 use envoy_types::pb::envoy::config::route::v3 as route;
 use envoy_types::pb::envoy::extensions::filters::http::rbac::v3 as http_rbac;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3 as hcm;
+use envoy_types::pb::envoy::extensions::filters::network::rbac::v3 as network_rbac;
 use envoy_types::pb::envoy::extensions::path::r#match::uri_template::v3::UriTemplateMatchConfig;
 use envoy_types::pb::envoy::r#type::matcher::v3 as matcher;
 use envoy_types::pb::google::protobuf as pbw;
@@ -19,6 +21,8 @@ use crate::translate::{MeshOptions, parse_cidr, service_waypoint};
 /// The HTTP RBAC filter's name in the connection manager (Istio's, without its Gateway API
 /// route-auth feature flag).
 pub const HTTP_RBAC_FILTER: &str = "envoy.filters.http.rbac";
+/// The network RBAC filter's name, before a TCP listener's tcp_proxy.
+pub const NETWORK_RBAC_FILTER: &str = "envoy.filters.network.rbac";
 /// Where Istio's waypoint keeps the HBONE peer's identity (filter state), which its RBAC
 /// principals match; our waypoint fills it from the HBONE peer certificate.
 pub const PEER_PRINCIPAL: &str = "io.istio.peer_principal";
@@ -53,12 +57,6 @@ impl Attachments {
         keys.sort();
         keys.dedup();
         keys.into_iter().filter_map(|k| s.policies.get(k)).collect()
-    }
-
-    /// Whether any policy applies to `svc` on waypoint `gw`.
-    pub fn any_for(&self, gw: &Key, svc: &Key) -> bool {
-        self.gateway.get(gw).is_some_and(|v| !v.is_empty())
-            || self.service.get(svc).is_some_and(|v| !v.is_empty())
     }
 }
 
@@ -204,34 +202,26 @@ pub fn attachments(s: &Snapshot, o: &MeshOptions) -> Attachments {
     a
 }
 
-/// The problem for a TCP listener that policies apply to: the waypoint enforces them on HTTP
-/// listeners only (no network RBAC filter yet), so they are in force nowhere there.
-pub fn tcp_problems(
-    s: &Snapshot,
-    policies: &[&AuthorizationPolicy],
-    service: &Key,
-    port: u16,
-    waypoint: &Key,
-) -> Vec<Problem> {
-    policies
-        .iter()
-        .map(|p| {
-            problem(
-                s,
-                p,
-                "spec.targetRefs",
-                format!(
-                    "not enforced on TCP port {port} of Service {}/{} (waypoint {}/{} enforces policies on HTTP ports only)",
-                    service.0, service.1, waypoint.0, waypoint.1
-                ),
-            )
-        })
-        .collect()
-}
-
 /// Istio's rule name, which Envoy reports as the policy that matched.
 pub fn rule_name(ns: &str, name: &str, i: usize) -> String {
     format!("ns[{ns}]-policy[{name}]-rule[{i}]")
+}
+
+/// The RBAC rules of one action for one listener: enforced and shadow (dry-run).
+struct Engines {
+    action: PolicyAction,
+    enforce: Option<rbac::Rbac>,
+    shadow: Option<rbac::Rbac>,
+}
+
+impl Engines {
+    fn shadow_prefix(&self) -> &'static str {
+        match (&self.shadow, self.action) {
+            (Some(_), PolicyAction::Allow) => "istio_dry_run_allow_",
+            (Some(_), PolicyAction::Deny) => "istio_dry_run_deny_",
+            _ => "",
+        }
+    }
 }
 
 /// The HTTP RBAC filters for one listener (service port `port`), in Istio's order: AUDIT
@@ -243,8 +233,63 @@ pub fn http_filters(
     policies: &[&AuthorizationPolicy],
     port: u16,
 ) -> (Vec<hcm::HttpFilter>, Vec<Problem>) {
+    let (engines, problems) = engines(s, policies, port, false);
+    let filters = engines
+        .into_iter()
+        .map(|e| {
+            let config = http_rbac::Rbac {
+                shadow_rules_stat_prefix: e.shadow_prefix().to_string(),
+                rules: e.enforce,
+                shadow_rules: e.shadow,
+                ..Default::default()
+            };
+            hcm::HttpFilter {
+                name: HTTP_RBAC_FILTER.into(),
+                config_type: Some(hcm::http_filter::ConfigType::TypedConfig(pack_any(config))),
+                ..Default::default()
+            }
+        })
+        .collect();
+    (filters, problems)
+}
+
+/// The network RBAC filters for a TCP listener (before its tcp_proxy), as Istio builds them
+/// for TCP: HTTP-only attributes cannot be checked, so an ALLOW rule holding one is left out
+/// (allows less) and in a DENY or AUDIT rule they are ignored (denies more), each said as a
+/// problem.
+pub fn network_filters(
+    s: &Snapshot,
+    policies: &[&AuthorizationPolicy],
+    port: u16,
+) -> (Vec<listener::Filter>, Vec<Problem>) {
+    let (engines, problems) = engines(s, policies, port, true);
+    let filters = engines
+        .into_iter()
+        .map(|e| {
+            let config = network_rbac::Rbac {
+                stat_prefix: "tcp.".into(),
+                shadow_rules_stat_prefix: e.shadow_prefix().to_string(),
+                rules: e.enforce,
+                shadow_rules: e.shadow,
+                ..Default::default()
+            };
+            listener::Filter {
+                name: NETWORK_RBAC_FILTER.into(),
+                config_type: Some(listener::filter::ConfigType::TypedConfig(pack_any(config))),
+            }
+        })
+        .collect();
+    (filters, problems)
+}
+
+fn engines(
+    s: &Snapshot,
+    policies: &[&AuthorizationPolicy],
+    port: u16,
+    for_tcp: bool,
+) -> (Vec<Engines>, Vec<Problem>) {
     let mut problems = Vec::new();
-    let mut filters = Vec::new();
+    let mut out = Vec::new();
     for (action, envoy_action) in [
         (PolicyAction::Audit, rbac::rbac::Action::Log),
         (PolicyAction::Deny, rbac::rbac::Action::Deny),
@@ -274,7 +319,7 @@ pub fn http_filters(
                 let jwt = r.from.iter().any(|f| {
                     !f.request_principals.is_empty() || !f.not_request_principals.is_empty()
                 }) || r.when.iter().any(|c| c.key.starts_with("request.auth."));
-                if jwt {
+                if jwt && !for_tcp {
                     problems.push(problem(
                         s,
                         p,
@@ -283,7 +328,7 @@ pub fn http_filters(
                     ));
                 }
                 let mut unsupported = Vec::new();
-                let policy = rule_policy(&r.from, &r.to, &r.when, port, &mut unsupported);
+                let policy = rule_policy(&r.from, &r.to, &r.when, port, for_tcp, &mut unsupported);
                 for (field, reason) in &unsupported {
                     problems.push(problem(
                         s,
@@ -302,24 +347,13 @@ pub fn http_filters(
                     .insert(rule_name(&p.meta.namespace, &p.meta.name, i), policy);
             }
         }
-        let shadow_prefix = match (&shadow, action) {
-            (Some(_), PolicyAction::Allow) => "istio_dry_run_allow_",
-            (Some(_), PolicyAction::Deny) => "istio_dry_run_deny_",
-            _ => "",
-        };
-        let config = http_rbac::Rbac {
-            rules: enforce,
-            shadow_rules: shadow,
-            shadow_rules_stat_prefix: shadow_prefix.to_string(),
-            ..Default::default()
-        };
-        filters.push(hcm::HttpFilter {
-            name: HTTP_RBAC_FILTER.into(),
-            config_type: Some(hcm::http_filter::ConfigType::TypedConfig(pack_any(config))),
-            ..Default::default()
+        out.push(Engines {
+            action,
+            enforce,
+            shadow,
         });
     }
-    (filters, problems)
+    (out, problems)
 }
 
 fn match_never() -> rbac::Policy {
@@ -366,8 +400,28 @@ fn rule_policy(
     to: &[Operation],
     when: &[Condition],
     port: u16,
+    for_tcp: bool,
     unsupported: &mut Vec<(String, String)>,
 ) -> rbac::Policy {
+    // What a TCP connection cannot show: said, and left out of the rule.
+    let tcp_skips = |field: String, a: &Attribute, out: &mut Vec<(String, String)>| {
+        let listed = !a.values.is_empty() || !a.not_values.is_empty();
+        if for_tcp && listed && is_http_only(&a.key) {
+            let name = match a.key.as_str() {
+                ":authority" => "hosts",
+                ":method" => "methods",
+                ":path" => "paths",
+                "request.auth.principal" if field.starts_with("from") => "requestPrincipals",
+                k => k,
+            };
+            out.push((
+                field,
+                format!("{name} is HTTP only: not checked on TCP port {port} (an ALLOW rule is left out, in a DENY or AUDIT rule the condition is ignored)"),
+            ));
+            return true;
+        }
+        false
+    };
     let mut when_permissions = Vec::new();
     let mut when_principals = Vec::new();
     for (i, c) in when.iter().enumerate() {
@@ -376,6 +430,9 @@ fn rule_policy(
             values: c.values.clone(),
             not_values: c.not_values.clone(),
         };
+        if tcp_skips(format!("when[{i}]"), &a, unsupported) {
+            continue;
+        }
         if !is_known_key(&c.key) {
             unsupported.push((
                 format!("when[{i}].key"),
@@ -400,7 +457,7 @@ fn rule_policy(
     } else {
         to.iter().map(Some).collect()
     };
-    for op in ops {
+    for (j, op) in ops.into_iter().enumerate() {
         let mut attrs = Vec::new();
         if let Some(o) = op {
             let ports = |v: &[u16]| v.iter().map(u16::to_string).collect::<Vec<_>>();
@@ -413,6 +470,7 @@ fn rule_policy(
                 &ports(&o.not_ports),
             ));
         }
+        attrs.retain(|a| !tcp_skips(format!("to[{j}].operation"), a, unsupported));
         let mut and: Vec<rbac::Permission> = attrs
             .iter()
             .chain(&when_permissions)
@@ -431,7 +489,7 @@ fn rule_policy(
     } else {
         from.iter().map(Some).collect()
     };
-    for src in sources {
+    for (j, src) in sources.into_iter().enumerate() {
         let mut attrs = Vec::new();
         if let Some(s) = src {
             attrs.push(attr("source.principal", &s.principals, &s.not_principals));
@@ -453,6 +511,7 @@ fn rule_policy(
             ));
             attrs.push(attr("source.ip", &s.ip_blocks, &s.not_ip_blocks));
         }
+        attrs.retain(|a| !tcp_skips(format!("from[{j}].source"), a, unsupported));
         let mut and: Vec<rbac::Principal> = attrs
             .iter()
             .chain(&when_principals)
@@ -483,6 +542,11 @@ const PRINCIPAL_KEYS: &[&str] = &[
     "request.auth.presenter",
 ];
 const PERMISSION_KEYS: &[&str] = &["destination.ip", "destination.port", "connection.sni"];
+
+/// Attributes only an HTTP request has (Istio's "HTTP only" fields).
+fn is_http_only(k: &str) -> bool {
+    matches!(k, ":authority" | ":method" | ":path") || k.starts_with("request.")
+}
 
 fn is_permission_key(k: &str) -> bool {
     PERMISSION_KEYS.contains(&k) || k.starts_with("experimental.envoy.filters.")
@@ -826,7 +890,7 @@ spec: {clusterIP: 10.96.0.3, selector: {app: plain}, ports: [{name: http, port: 
             .collect()
     }
 
-    /// Problems other than "not enforced on TCP port …" (`web` has a TCP port).
+    /// Problems other than those of `web`'s TCP port (HTTP-only attributes there).
     fn http_problems(t: &crate::waypoint::Translation) -> Vec<&Problem> {
         t.problems
             .iter()
@@ -994,19 +1058,89 @@ spec: {clusterIP: 10.96.0.3, selector: {app: plain}, ports: [{name: http, port: 
         assert!(problems_of(&t, "elsewhere")[0].contains("own namespace"));
     }
 
+    /// The network RBAC filters of a TCP listener, compiled by the waypoint, and its verdict
+    /// on a connection from `peer`.
+    fn tcp_allowed(t: &crate::waypoint::Translation, peer: &str) -> bool {
+        let w = &t.waypoints["shop/waypoint"];
+        let l = listener::Listener::decode(w.listeners[WEB_TCP].body.clone()).unwrap();
+        let chain = &l.filter_chains[0].filters;
+        assert_eq!(
+            chain.last().unwrap().name,
+            "envoy.filters.network.tcp_proxy"
+        );
+        let compiled: Vec<waypoint::rbac::RbacFilter> = chain[..chain.len() - 1]
+            .iter()
+            .map(|f| {
+                assert_eq!(f.name, NETWORK_RBAC_FILTER);
+                let Some(listener::filter::ConfigType::TypedConfig(any)) = &f.config_type else {
+                    panic!()
+                };
+                waypoint::rbac::compile_network(&any.value).unwrap()
+            })
+            .collect();
+        let h = http::HeaderMap::new();
+        let source = waypoint::route::Source::default();
+        let view = waypoint::route::Request {
+            method: "",
+            scheme: "",
+            authority: "",
+            path: "",
+            headers: &h,
+            source: &source,
+        };
+        let s = waypoint::rbac::Subject {
+            request: &view,
+            peer,
+            client: "10.0.0.1".parse().unwrap(),
+            destination: "10.96.0.1:5432".parse().unwrap(),
+        };
+        waypoint::rbac::check(&compiled, &s, |_, _| {}).is_none()
+    }
+
     #[test]
-    fn tcp_ports_are_reported_not_enforced() {
+    fn tcp_ports_get_network_rbac_without_http_attributes() {
+        // No policy: the tcp_proxy alone.
+        let (t, _) = translate("");
+        assert!(tcp_allowed(&t, SLEEP));
+        // A DENY of everything denies TCP too.
         let (t, _) = translate(&policy(
             "deny",
             &format!("{{targetRefs: [{GW}], action: DENY, rules: [{{}}]}}"),
         ));
-        assert_eq!(rbac_configs(&t, WEB).len(), 1);
-        assert!(rbac_configs(&t, WEB_TCP).is_empty());
+        assert!(t.problems.is_empty(), "{:?}", t.problems);
+        assert!(!tcp_allowed(&t, SLEEP));
+        // A DENY on a path: the path cannot be seen on TCP, so the rule denies every
+        // connection there (Istio's fail-closed translation), and that is said.
+        let (t, _) = translate(&policy(
+            "deny-path",
+            &format!(
+                "{{targetRefs: [{GW}], action: DENY, rules: [{{to: [{{operation: {{paths: [/admin]}}}}]}}]}}"
+            ),
+        ));
         assert_eq!(
-            problems_of(&t, "deny"),
+            problems_of(&t, "deny-path"),
             [
-                "spec.targetRefs: not enforced on TCP port 5432 of Service shop/web (waypoint shop/waypoint enforces policies on HTTP ports only)"
+                "spec.rules[0].to[0].operation: paths is HTTP only: not checked on TCP port 5432 (an ALLOW rule is left out, in a DENY or AUDIT rule the condition is ignored)"
             ]
+        );
+        assert!(!tcp_allowed(&t, SLEEP));
+        assert!(
+            allowed(&t, WEB, "GET", "/ok", &[], SLEEP, "10.0.0.1"),
+            "HTTP: only /admin"
+        );
+        // An ALLOW: by principal it applies to TCP; a rule with a method is left out there.
+        let (t, _) = translate(&policy(
+            "allow",
+            &format!(
+                "{{targetRefs: [{GW}], rules: [{{from: [{{source: {{principals: [cluster.local/ns/shop/sa/sleep]}}}}]}}, {{to: [{{operation: {{methods: [GET]}}}}]}}]}}"
+            ),
+        ));
+        assert_eq!(problems_of(&t, "allow").len(), 1, "{:?}", t.problems);
+        assert!(tcp_allowed(&t, SLEEP));
+        assert!(!tcp_allowed(&t, OTHER));
+        assert!(
+            allowed(&t, WEB, "GET", "/", &[], OTHER, "10.0.0.1"),
+            "HTTP: GET allowed"
         );
     }
 

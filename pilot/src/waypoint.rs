@@ -438,20 +438,21 @@ impl Builder<'_> {
                     );
                 }
                 let policies = self.authz.for_listener(self.s, &self.gw, &key);
-                let filter = if http {
+                let filters = if http {
                     self.http_routes(svc, p.port, &name);
                     let (rbac, problems) = crate::rbac::http_filters(self.s, &policies, p.port);
                     self.problems_once(problems);
-                    http_filter(&name, rbac)
+                    vec![http_filter(&name, rbac)]
                 } else {
-                    let problems =
-                        crate::rbac::tcp_problems(self.s, &policies, &key, p.port, &self.gw);
+                    let (mut filters, problems) =
+                        crate::rbac::network_filters(self.s, &policies, p.port);
                     self.problems_once(problems);
                     let tcp = self.tcp_proxy(svc, p.port, &name);
-                    listener::Filter {
+                    filters.push(listener::Filter {
                         name: "envoy.filters.network.tcp_proxy".into(),
                         config_type: Some(listener::filter::ConfigType::TypedConfig(pack_any(tcp))),
-                    }
+                    });
+                    filters
                 };
                 let l = listener::Listener {
                     name: name.clone(),
@@ -466,7 +467,7 @@ impl Builder<'_> {
                     // The waypoint serves these addresses inside HBONE tunnels; nothing binds them.
                     bind_to_port: Some(pbw::BoolValue { value: false }),
                     filter_chains: vec![listener::FilterChain {
-                        filters: vec![filter],
+                        filters,
                         ..Default::default()
                     }],
                     ..Default::default()

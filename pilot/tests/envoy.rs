@@ -278,14 +278,13 @@ async fn envoy_acks_every_waypoint_resource() {
             .values()
             .any(|l| String::from_utf8_lossy(&l.body).contains("envoy.filters.http.rbac"));
         if listeners.len() == 2 && rbac {
-            // Said, not errors: the TCP port has no RBAC filter, and request.auth conditions
+            // Said, not errors: HTTP-only attributes on the TCP port, and request.auth conditions
             // need RequestAuthentication.
             let unexpected: Vec<_> = p
                 .problems
                 .iter()
                 .filter(|p| {
-                    !p.reason.contains("not enforced on TCP port")
-                        && !p.reason.contains("RequestAuthentication")
+                    !p.reason.contains("HTTP only") && !p.reason.contains("RequestAuthentication")
                 })
                 .collect();
             assert!(unexpected.is_empty(), "{unexpected:?}");

@@ -111,8 +111,8 @@ impl Handler for Inbound {
                 )
                 .await;
             }
-            ListenerKind::Tcp { clusters } => {
-                crate::tcp::proxy(&self.waypoint, &config, &tunnel, clusters, stream).await;
+            ListenerKind::Tcp { clusters, rbac } => {
+                crate::tcp::proxy(&self.waypoint, &config, &tunnel, clusters, rbac, stream).await;
             }
         }
     }

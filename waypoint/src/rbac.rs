@@ -18,6 +18,8 @@ use regex::Regex;
 use crate::route::{self, HeaderMatcher, StringMatch};
 
 pub const TYPE_URL: &str = "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC";
+pub const NETWORK_TYPE_URL: &str =
+    "type.googleapis.com/envoy.extensions.filters.network.rbac.v3.RBAC";
 const URI_TEMPLATE_TYPE_URL: &str =
     "type.googleapis.com/envoy.extensions.path.match.uri_template.v3.UriTemplateMatchConfig";
 /// The filter state key Istio's waypoint keeps the HBONE peer identity under; ours answers it
@@ -250,6 +252,34 @@ pub fn compile(any_value: &[u8]) -> Result<RbacFilter, String> {
     let c = http_rbac::Rbac::decode(any_value).map_err(|e| format!("undecodable RBAC: {e}"))?;
     if c.matcher.is_some() || c.shadow_matcher.is_some() {
         return Err("matcher / shadow_matcher: not supported (use rules)".into());
+    }
+    let rules = c
+        .rules
+        .as_ref()
+        .map(engine)
+        .transpose()
+        .map_err(|e| format!("rules.{e}"))?;
+    let shadow = c
+        .shadow_rules
+        .as_ref()
+        .map(engine)
+        .transpose()
+        .map_err(|e| format!("shadow_rules.{e}"))?;
+    Ok(RbacFilter { rules, shadow })
+}
+
+/// Compile one network RBAC filter (before a TCP listener's tcp_proxy). It is evaluated once,
+/// when the connection arrives: nothing it could match changes during a tunnel, so Envoy's
+/// ONE_TIME_ON_FIRST_BYTE and CONTINUOUS enforcement agree.
+pub fn compile_network(any_value: &[u8]) -> Result<RbacFilter, String> {
+    use envoy_types::pb::envoy::extensions::filters::network::rbac::v3 as network_rbac;
+    let c = network_rbac::Rbac::decode(any_value)
+        .map_err(|e| format!("undecodable network RBAC: {e}"))?;
+    if c.matcher.is_some() || c.shadow_matcher.is_some() {
+        return Err("matcher / shadow_matcher: not supported (use rules)".into());
+    }
+    if c.stat_prefix.is_empty() {
+        return Err("stat_prefix: required".into());
     }
     let rules = c
         .rules
