@@ -7,6 +7,7 @@ pub mod admin;
 pub mod config;
 pub mod inbound;
 pub mod metrics;
+pub mod rbac;
 pub mod request;
 pub mod route;
 pub mod tcp;
