@@ -256,7 +256,6 @@ fn apply_load_balancer(c: &mut cluster::Cluster, lb: Option<&LoadBalancer>) {
             if let Some(s) = warm {
                 c.lb_config = Some(LbConfig::RoundRobinLbConfig(RoundRobinLbConfig {
                     slow_start_config: Some(s),
-                    ..Default::default()
                 }));
             }
         }

@@ -179,7 +179,7 @@ pub struct VirtualService {
 pub struct Subset {
     pub name: String,
     pub labels: BTreeMap<String, String>,
-    pub traffic_policy: Option<TrafficPolicy>,
+    pub traffic_policy: Option<Box<TrafficPolicy>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -188,7 +188,7 @@ pub struct DestinationRule {
     pub host: String,
     pub export_to: Vec<String>,
     pub subsets: Vec<Subset>,
-    pub traffic_policy: Option<TrafficPolicy>,
+    pub traffic_policy: Option<Box<TrafficPolicy>>,
 }
 
 /// Which traffic a waypoint handles (`istio.io/waypoint-for`).
@@ -990,7 +990,9 @@ pub fn destination_rule(
                 Ok(Subset {
                     name,
                     labels: s.get("labels", |l| l.string_map())?.unwrap_or_default(),
-                    traffic_policy: s.get("trafficPolicy", traffic_policy::traffic_policy)?,
+                    traffic_policy: s
+                        .get("trafficPolicy", traffic_policy::traffic_policy)?
+                        .map(Box::new),
                 })
             })
         })?
@@ -1008,7 +1010,9 @@ pub fn destination_rule(
         host,
         export_to: at.get("exportTo", |a| a.strings())?.unwrap_or_default(),
         subsets,
-        traffic_policy: at.get("trafficPolicy", traffic_policy::traffic_policy)?,
+        traffic_policy: at
+            .get("trafficPolicy", traffic_policy::traffic_policy)?
+            .map(Box::new),
     })
 }
 

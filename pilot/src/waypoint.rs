@@ -547,9 +547,9 @@ impl Builder<'_> {
                 .filter(|d| d.host == dr.host)
                 .flat_map(|d| d.subsets.iter())
                 .find(|s| &s.name == name)
-                .and_then(|s| s.traffic_policy.as_ref())
+                .and_then(|s| s.traffic_policy.as_deref())
         });
-        TrafficPolicy::merged(dr.traffic_policy.as_ref(), subset, spec.port)
+        TrafficPolicy::merged(dr.traffic_policy.as_deref(), subset, spec.port)
     }
 
     /// The route `hash_policy` for a cluster whose policy hashes consistently.

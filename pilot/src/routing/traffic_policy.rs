@@ -362,7 +362,10 @@ fn warmup(at: At<'_>) -> Result<Warmup, Problem> {
 }
 
 fn is_prime(n: u64) -> bool {
-    n >= 2 && (2..).take_while(|d| d * d <= n).all(|d| n % d != 0)
+    n >= 2
+        && (2..)
+            .take_while(|d| d * d <= n)
+            .all(|d| !n.is_multiple_of(d))
 }
 
 fn consistent_hash(at: At<'_>) -> Result<ConsistentHash, Problem> {
