@@ -398,3 +398,165 @@ pub fn transport_socket(
         ))),
     }))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::routing::{ConsistentHash, HttpPool, OutlierDetection, TcpPool, TrafficPolicy};
+
+    fn http_options() -> Option<http_options::HttpProtocolOptions> {
+        use http_options::http_protocol_options::{
+            UpstreamProtocolOptions, UseDownstreamHttpConfig,
+        };
+        Some(http_options::HttpProtocolOptions {
+            upstream_protocol_options: Some(UpstreamProtocolOptions::UseDownstreamProtocolConfig(
+                UseDownstreamHttpConfig::default(),
+            )),
+            ..Default::default()
+        })
+    }
+
+    #[test]
+    fn defaults_are_istios() {
+        let mut c = cluster::Cluster::default();
+        let mut o = http_options();
+        apply(&mut c, &mut o, &TrafficPolicy::default());
+        let t = &c.circuit_breakers.as_ref().unwrap().thresholds[0];
+        assert_eq!(t.max_requests.as_ref().unwrap().value, u32::MAX);
+        assert_eq!(t.max_retries.as_ref().unwrap().value, u32::MAX);
+        assert!(t.track_remaining);
+        assert_eq!(c.lb_policy, cluster::cluster::LbPolicy::RoundRobin as i32);
+        assert!(c.outlier_detection.is_none());
+        assert!(o.unwrap().common_http_protocol_options.is_none());
+    }
+
+    #[test]
+    fn pool_outlier_and_hash() {
+        let policy = TrafficPolicy {
+            load_balancer: Some(LoadBalancer {
+                consistent_hash: Some(ConsistentHash {
+                    key: HashKey::Header("x-user".into()),
+                    algorithm: HashAlgorithm::RingHash {
+                        minimum_ring_size: 1024,
+                    },
+                }),
+                ..Default::default()
+            }),
+            connection_pool: Some(ConnectionPool {
+                tcp: Some(TcpPool {
+                    max_connections: 1,
+                    connect_timeout: Some(Duration::from_millis(500)),
+                    idle_timeout: Some(Duration::from_secs(9)),
+                    ..Default::default()
+                }),
+                http: Some(HttpPool {
+                    http1_max_pending_requests: 1,
+                    max_requests_per_connection: 4,
+                    ..Default::default()
+                }),
+            }),
+            outlier_detection: Some(OutlierDetection {
+                consecutive_5xx_errors: Some(2),
+                max_ejection_percent: 100,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let mut c = cluster::Cluster::default();
+        let mut o = http_options();
+        apply(&mut c, &mut o, &policy);
+        let t = &c.circuit_breakers.as_ref().unwrap().thresholds[0];
+        assert_eq!(t.max_connections.as_ref().unwrap().value, 1);
+        assert_eq!(t.max_pending_requests.as_ref().unwrap().value, 1);
+        assert_eq!(t.max_requests.as_ref().unwrap().value, u32::MAX);
+        assert_eq!(c.connect_timeout.as_ref().unwrap().nanos, 500_000_000);
+        let common = o.unwrap().common_http_protocol_options.unwrap();
+        assert_eq!(
+            common.idle_timeout.unwrap().seconds,
+            9,
+            "the TCP idle timeout when HTTP has none"
+        );
+        assert_eq!(common.max_requests_per_connection.unwrap().value, 4);
+        let od = c.outlier_detection.as_ref().unwrap();
+        assert_eq!(od.consecutive_5xx.as_ref().unwrap().value, 2);
+        assert_eq!(od.enforcing_consecutive_5xx.as_ref().unwrap().value, 100);
+        assert_eq!(od.enforcing_success_rate.as_ref().unwrap().value, 0);
+        assert_eq!(od.max_ejection_percent.as_ref().unwrap().value, 100);
+        assert!(od.consecutive_gateway_failure.is_none(), "Envoy's default");
+        assert_eq!(
+            c.common_lb_config
+                .as_ref()
+                .unwrap()
+                .healthy_panic_threshold
+                .as_ref()
+                .unwrap()
+                .value,
+            0.0,
+            "panic off, as Istio"
+        );
+        assert_eq!(c.lb_policy, cluster::cluster::LbPolicy::RingHash as i32);
+        let h = hash_policy(&policy);
+        assert!(matches!(
+            &h[0].policy_specifier,
+            Some(route::route_action::hash_policy::PolicySpecifier::Header(x)) if x.header_name == "x-user"
+        ));
+    }
+
+    #[test]
+    fn passthrough_is_original_dst() {
+        let policy = TrafficPolicy {
+            load_balancer: Some(LoadBalancer {
+                simple: Some(SimpleLb::Passthrough),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let mut c = cluster::Cluster {
+            eds_cluster_config: Some(Default::default()),
+            ..Default::default()
+        };
+        apply(&mut c, &mut None, &policy);
+        assert!(is_original_dst(&c));
+        assert!(c.eds_cluster_config.is_none());
+        assert_eq!(
+            c.lb_policy,
+            cluster::cluster::LbPolicy::ClusterProvided as i32
+        );
+    }
+
+    #[test]
+    fn tls_inlines_files_and_names_missing_ones() {
+        let dir = std::env::temp_dir().join(format!("cluster-policy-tls-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("ca.pem"), "CA").unwrap();
+        let t = ClientTls {
+            mode: TlsMode::Simple,
+            client_certificate: None,
+            private_key: None,
+            ca_certificates: Some("ca.pem".into()),
+            credential_name: None,
+            subject_alt_names: vec!["web.example".into()],
+            sni: Some("web.example".into()),
+            insecure_skip_verify: false,
+        };
+        let socket = transport_socket(&t, &dir).unwrap().unwrap();
+        assert_eq!(socket.name, TLS_TRANSPORT_SOCKET);
+        let mutual = ClientTls {
+            mode: TlsMode::Mutual,
+            client_certificate: Some("missing.pem".into()),
+            private_key: Some("key.pem".into()),
+            ..t.clone()
+        };
+        let e = transport_socket(&mutual, &dir).unwrap_err();
+        assert!(e.starts_with("clientCertificate: reading"), "{e}");
+        let istio = ClientTls {
+            mode: TlsMode::IstioMutual,
+            ..t
+        };
+        assert!(
+            transport_socket(&istio, &dir).unwrap().is_none(),
+            "HBONE is the mTLS"
+        );
+        std::fs::remove_dir_all(&dir).ok();
+    }
+}

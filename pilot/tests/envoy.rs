@@ -15,7 +15,26 @@ const RICH_ROUTING: &str = r#"
 apiVersion: networking.istio.io/v1
 kind: DestinationRule
 metadata: {name: web, namespace: shop}
-spec: {host: web, subsets: [{name: v1, labels: {version: v1}}, {name: v2, labels: {version: v2}}]}
+spec:
+  host: web
+  trafficPolicy:
+    loadBalancer: {simple: LEAST_REQUEST, warmup: {duration: 30s, minimumPercent: 20, aggression: 2}}
+    connectionPool:
+      tcp: {maxConnections: 10, connectTimeout: 2s, tcpKeepalive: {probes: 3, time: 60s, interval: 10s}, maxConnectionDuration: 1h, idleTimeout: 5m}
+      http: {http1MaxPendingRequests: 5, http2MaxRequests: 100, maxRequestsPerConnection: 10, maxRetries: 3, idleTimeout: 30s, maxConcurrentStreams: 50}
+    outlierDetection: {consecutive5xxErrors: 3, consecutiveGatewayErrors: 2, consecutiveLocalOriginFailures: 4, splitExternalLocalOriginErrors: true, interval: 5s, baseEjectionTime: 15s, maxEjectionPercent: 50, minHealthPercent: 10}
+    portLevelSettings:
+    - port: {number: 5432}
+      loadBalancer: {simple: PASSTHROUGH}
+  subsets:
+  - name: v1
+    labels: {version: v1}
+    trafficPolicy: {loadBalancer: {consistentHash: {httpHeaderName: x-user, ringHash: {minimumRingSize: 2048}}}}
+  - name: v2
+    labels: {version: v2}
+    trafficPolicy:
+      loadBalancer: {consistentHash: {httpCookie: {name: session, path: /, ttl: 60s}, maglev: {tableSize: 65537}}}
+      connectionPool: {http: {h2UpgradePolicy: UPGRADE}}
 ---
 apiVersion: networking.istio.io/v1
 kind: VirtualService

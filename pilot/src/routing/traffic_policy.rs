@@ -696,3 +696,144 @@ impl TrafficPolicy {
         out
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::k8s::{Object, parse_documents};
+
+    fn dr(spec: &str) -> Result<crate::routing::DestinationRule, String> {
+        let text = format!(
+            "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: web, namespace: shop}}\nspec: {spec}\n"
+        );
+        let p = parse_documents(&text, "dr.yaml");
+        if let Some(problem) = p.problems.first() {
+            return Err(problem.to_string());
+        }
+        match &p.objects[0].1 {
+            Object::DestinationRule(d) => Ok(d.clone()),
+            _ => Err("not a DestinationRule".into()),
+        }
+    }
+
+    #[test]
+    fn every_part_parses() {
+        let d = dr(r#"
+  host: web
+  trafficPolicy:
+    loadBalancer: {consistentHash: {httpCookie: {name: s, path: /, ttl: 10s}, maglev: {tableSize: 1009}}}
+    connectionPool:
+      tcp: {maxConnections: 1, connectTimeout: 250ms, tcpKeepalive: {probes: 2, time: 10s}}
+      http: {http1MaxPendingRequests: 1, maxRetries: 2, h2UpgradePolicy: DO_NOT_UPGRADE, useClientProtocol: true}
+    outlierDetection: {consecutive5xxErrors: 1, interval: 1s, baseEjectionTime: 3m, maxEjectionPercent: 100}
+    tls: {mode: SIMPLE, sni: web.example, caCertificates: /etc/ca.pem}
+    portLevelSettings: [{port: {number: 8080}, loadBalancer: {simple: RANDOM}}]
+  subsets: [{name: v1, labels: {v: "1"}, trafficPolicy: {loadBalancer: {simple: ROUND_ROBIN, warmupDurationSecs: 30s}}}]
+"#)
+        .unwrap();
+        let t = d.traffic_policy.unwrap();
+        let lb = t.load_balancer.as_ref().unwrap();
+        assert_eq!(
+            lb.consistent_hash.as_ref().unwrap().algorithm,
+            HashAlgorithm::Maglev { table_size: 1009 }
+        );
+        let pool = t.connection_pool.as_ref().unwrap();
+        assert_eq!(pool.tcp.as_ref().unwrap().max_connections, 1);
+        assert_eq!(
+            pool.tcp.as_ref().unwrap().connect_timeout,
+            Some(Duration::from_millis(250))
+        );
+        assert_eq!(
+            t.outlier_detection.as_ref().unwrap().base_ejection_time,
+            Some(Duration::from_secs(180))
+        );
+        assert_eq!(t.tls.as_ref().unwrap().mode, TlsMode::Simple);
+        let sub = d.subsets[0].traffic_policy.as_deref().unwrap();
+        assert_eq!(
+            sub.load_balancer
+                .as_ref()
+                .unwrap()
+                .warmup
+                .as_ref()
+                .unwrap()
+                .duration,
+            Duration::from_secs(30)
+        );
+
+        // Merging: the port's settings replace the top level's four parts; the subset's parts
+        // replace the top level's one by one.
+        let p = TrafficPolicy::merged(Some(&t), None, 8080);
+        assert_eq!(
+            p.load_balancer.as_ref().unwrap().simple,
+            Some(SimpleLb::Random)
+        );
+        assert!(p.connection_pool.is_none(), "port settings do not inherit");
+        let p = TrafficPolicy::merged(Some(&t), Some(sub), 80);
+        assert_eq!(
+            p.load_balancer.as_ref().unwrap().simple,
+            Some(SimpleLb::RoundRobin)
+        );
+        assert_eq!(
+            p.connection_pool, t.connection_pool,
+            "kept from the top level"
+        );
+    }
+
+    #[test]
+    fn problems_name_the_field() {
+        for (spec, field, reason) in [
+            (
+                "{host: web, trafficPolicy: {connectionPool: {tcp: {maxConnections: -1}}}}",
+                "spec.trafficPolicy.connectionPool.tcp.maxConnections",
+                "not a count",
+            ),
+            (
+                "{host: web, trafficPolicy: {loadBalancer: {simple: FASTEST}}}",
+                "spec.trafficPolicy.loadBalancer.simple",
+                "not one of",
+            ),
+            (
+                "{host: web, trafficPolicy: {outlierDetection: {interval: 10 seconds}}}",
+                "spec.trafficPolicy.outlierDetection.interval",
+                "not a duration",
+            ),
+            (
+                "{host: web, trafficPolicy: {outlierDetection: {maxEjectionPercent: 150}}}",
+                "spec.trafficPolicy.outlierDetection.maxEjectionPercent",
+                "percentage",
+            ),
+            (
+                "{host: web, trafficPolicy: {loadBalancer: {consistentHash: {maglev: {tableSize: 1000}, useSourceIp: true}}}}",
+                "spec.trafficPolicy.loadBalancer.consistentHash.maglev.tableSize",
+                "prime",
+            ),
+            (
+                "{host: web, trafficPolicy: {loadBalancer: {consistentHash: {useSourceIp: true, httpHeaderName: x}}}}",
+                "spec.trafficPolicy.loadBalancer.consistentHash",
+                "only one of",
+            ),
+            (
+                "{host: web, trafficPolicy: {tls: {mode: MUTUAL}}}",
+                "spec.trafficPolicy.tls",
+                "clientCertificate",
+            ),
+            (
+                "{host: web, subsets: [{name: a, trafficPolicy: {connectionPool: {http: {h2UpgradePolicy: SOMETIMES}}}}]}",
+                "spec.subsets[0].trafficPolicy.connectionPool.http.h2UpgradePolicy",
+                "not one of",
+            ),
+            (
+                "{host: web, trafficPolicy: {portLevelSettings: [{loadBalancer: {simple: RANDOM}}]}}",
+                "spec.trafficPolicy.portLevelSettings[0].port",
+                "required",
+            ),
+        ] {
+            let e = dr(spec).unwrap_err();
+            assert!(
+                e.contains(&format!("field \"{field}\"")) && e.contains(reason),
+                "{spec}:\n got {e}\nwant {field}: {reason}"
+            );
+            assert!(e.starts_with("dr.yaml: "), "{e}");
+        }
+    }
+}
