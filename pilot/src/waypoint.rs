@@ -520,16 +520,16 @@ impl Builder<'_> {
         });
     }
 
-    /// The DestinationRule for a service: the first (by namespace, name) in the service's, the
+    /// The DestinationRules for a service, by (namespace, name): in the service's, the
     /// waypoint's or the root namespace, visible from the waypoint, whose host is the service.
-    /// (Istio merges several; here the first one's traffic policy applies.)
-    fn destination_rule(&self, svc: &Key) -> Option<&DestinationRule> {
+    /// (Istio merges several; here the first top-level traffic policy applies, and the first
+    /// subset of a name.)
+    fn destination_rules(&self, svc: &Key) -> impl Iterator<Item = &DestinationRule> {
         let want = (svc.1.clone(), svc.0.clone());
-        self.s.destination_rules.values().find(|dr| {
+        self.s.destination_rules.values().filter(move |dr| {
             let ns = &dr.meta.namespace;
             (ns == &svc.0 || ns == &self.gw.0 || ns == &self.o.root_namespace)
                 && self.visible(ns, &dr.export_to)
-                && dr.traffic_policy.is_some()
                 && service_of_host(&dr.host, ns).as_ref() == Some(&want)
         })
     }
@@ -537,19 +537,16 @@ impl Builder<'_> {
     /// A cluster's traffic policy: the DestinationRule's top level for the port, with the
     /// subset's merged over it (Istio's `MergeTrafficPolicy`).
     fn traffic_policy(&self, spec: &ClusterSpec) -> TrafficPolicy {
-        let Some(dr) = self.destination_rule(&spec.service) else {
-            return TrafficPolicy::default();
-        };
+        let top = self
+            .destination_rules(&spec.service)
+            .find_map(|dr| dr.traffic_policy.as_deref());
         let subset = spec.subset.as_ref().and_then(|name| {
-            self.s
-                .destination_rules
-                .values()
-                .filter(|d| d.host == dr.host)
+            self.destination_rules(&spec.service)
                 .flat_map(|d| d.subsets.iter())
                 .find(|s| &s.name == name)
                 .and_then(|s| s.traffic_policy.as_deref())
         });
-        TrafficPolicy::merged(dr.traffic_policy.as_deref(), subset, spec.port)
+        TrafficPolicy::merged(top, subset, spec.port)
     }
 
     /// The route `hash_policy` for a cluster whose policy hashes consistently.
@@ -2054,5 +2051,79 @@ spec:
             "a workload waypoint does not take a service"
         );
         assert!(t.waypoints["shop/waypoint"].listeners.is_empty());
+    }
+
+    #[test]
+    fn destination_rule_policy_merges_into_clusters_and_routes() {
+        let (w, problems) = waypoint(
+            r#"
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: web-policy, namespace: shop}
+spec:
+  host: web.shop.svc.cluster.local
+  trafficPolicy:
+    outlierDetection: {consecutive5xxErrors: 2}
+    portLevelSettings: [{port: {number: 5432}, loadBalancer: {simple: PASSTHROUGH}}]
+  subsets:
+  - name: by-user
+    labels: {app: web}
+    trafficPolicy: {loadBalancer: {consistentHash: {httpHeaderName: x-user}}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: web, namespace: shop}
+spec:
+  hosts: [web]
+  http:
+  - match: [{uri: {prefix: /u}}]
+    route: [{destination: {host: web, subset: by-user}}]
+  - route: [{destination: {host: web}}]
+"#,
+        );
+        assert!(problems.is_empty(), "{problems:?}");
+        let cluster_of =
+            |name: &str| cluster::Cluster::decode(w.clusters[name].body.clone()).unwrap();
+        let by_user = cluster_of("inbound-vip|80|http/by-user|web.shop.svc.cluster.local");
+        assert_eq!(
+            by_user.lb_policy,
+            cluster::cluster::LbPolicy::RingHash as i32
+        );
+        assert!(
+            by_user.outlier_detection.is_some(),
+            "the top level's, merged under the subset's"
+        );
+        let web = cluster_of(WEB_HTTP);
+        assert_eq!(web.lb_policy, cluster::cluster::LbPolicy::RoundRobin as i32);
+        assert_eq!(
+            web.outlier_detection
+                .as_ref()
+                .unwrap()
+                .consecutive_5xx
+                .as_ref()
+                .unwrap()
+                .value,
+            2
+        );
+        let tcp = cluster_of(WEB_TCP);
+        assert!(
+            cluster_policy::is_original_dst(&tcp),
+            "port 5432's own settings"
+        );
+        assert!(
+            tcp.outlier_detection.is_none(),
+            "port settings do not inherit"
+        );
+        assert!(
+            !w.endpoints.contains_key(WEB_TCP),
+            "no endpoints for ORIGINAL_DST"
+        );
+        let rs = routes(&w);
+        let hashed = action(&rs[0]);
+        assert!(matches!(
+            &hashed.hash_policy[0].policy_specifier,
+            Some(route::route_action::hash_policy::PolicySpecifier::Header(h)) if h.header_name == "x-user"
+        ));
+        assert!(action(&rs[1]).hash_policy.is_empty());
     }
 }
