@@ -12,6 +12,7 @@ pub mod model;
 pub mod provision;
 pub mod routing;
 pub mod server;
+pub mod serving;
 pub mod token_review;
 pub mod translate;
 pub mod waypoint;
