@@ -146,6 +146,8 @@ pub struct ClusterPolicy {
     pub outlier: Option<outlier::Config>,
     /// `common_http_protocol_options`.
     pub http: CommonHttpOptions,
+    /// Client TLS inside the HBONE stream (`transport_socket`).
+    pub tls: Option<crate::origination::UpstreamTls>,
 }
 
 /// Envoy's `common_http_protocol_options` of the upstream HTTP options.
@@ -547,10 +549,8 @@ pub fn cluster(body: &[u8], name: &str) -> Result<(cluster_pb::Cluster, ClusterD
         limits: breaker::limits(&c)?,
         outlier: outlier::config(&c)?,
         http: common_http_options(&c)?,
+        tls: crate::origination::upstream_tls(&c)?,
     };
-    if c.transport_socket.is_some() {
-        return Err("transport_socket: TLS origination is not supported yet".into());
-    }
     let def = ClusterDef {
         name: c.name.clone(),
         connect_timeout,

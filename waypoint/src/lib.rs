@@ -9,6 +9,7 @@ pub mod breaker;
 pub mod config;
 pub mod inbound;
 pub mod metrics;
+pub mod origination;
 pub mod outlier;
 pub mod request;
 pub mod route;

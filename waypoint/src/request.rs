@@ -355,7 +355,23 @@ pub async fn handle(
     let connect_timeout = cluster.connect_timeout;
     let state = config.state.clone();
     let exchange = async {
-        if client_upgrade.is_some() {
+        if let Some(tls) = &cluster.policy.tls {
+            crate::origination::send(
+                &w.upstream,
+                &state,
+                endpoint.address,
+                if client_upgrade.is_some() {
+                    Protocol::Http1
+                } else {
+                    upstream_protocol
+                },
+                connect_timeout,
+                tls,
+                client_upgrade.as_ref().map(|_| tunnel.client),
+                upstream_req,
+            )
+            .await
+        } else if client_upgrade.is_some() {
             w.upstream
                 .send_upgrade(
                     &state,
