@@ -204,13 +204,40 @@ async fn envoy_acks_every_waypoint_resource() {
         return;
     };
     let env = Env::start().await;
+    // Client TLS (MUTUAL) for a subset: pilot inlines the files, Envoy must take the context.
+    let ca = mesh::ca::DevCa::generate("cluster.local").unwrap();
+    let (cert, key) = ca
+        .issue_pem(
+            &mesh::identity::Identity::new("cluster.local", "shop", "waypoint"),
+            Duration::from_secs(3600),
+        )
+        .unwrap();
+    for (name, text) in [
+        ("ca.pem", ca.root_pem()),
+        ("cert.pem", &cert),
+        ("key.pem", &key),
+    ] {
+        std::fs::write(env.dir.join(name), text).unwrap();
+    }
+    let d = env.dir.display();
+    write(
+        &env.dir,
+        "tls.yaml",
+        &format!(
+            "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: web-tls, namespace: shop}}\nspec:\n  host: web\n  subsets:\n  - name: secure\n    labels: {{version: v1}}\n    trafficPolicy: {{tls: {{mode: MUTUAL, clientCertificate: {d}/cert.pem, privateKey: {d}/key.pem, caCertificates: {d}/ca.pem, sni: web.example, subjectAltNames: [web.example]}}}}\n"
+        ),
+    );
     write(&env.dir, "svc.yaml", &web_service_with_tcp());
     write(&env.dir, "routing.yaml", RICH_ROUTING);
     // Wait for pilot to have the rich configuration.
     let start = Instant::now();
     loop {
         let p = env.pilot.published.borrow().clone();
-        if p.waypoints["shop/waypoint"].listeners.len() == 2 {
+        let w = &p.waypoints["shop/waypoint"];
+        if w.listeners.len() == 2
+            && w.clusters
+                .contains_key("inbound-vip|80|http/secure|web.shop.svc.cluster.local")
+        {
             assert!(p.problems.is_empty(), "{:?}", p.problems);
             break;
         }
