@@ -4,6 +4,7 @@
 pub mod auth;
 pub mod ca;
 pub mod cluster;
+pub mod cluster_policy;
 pub mod crds;
 pub mod folder;
 pub mod k8s;

@@ -7,6 +7,9 @@ use serde_yaml_ng::Value;
 
 use crate::k8s::{Meta, Origin, Problem};
 
+mod traffic_policy;
+pub use traffic_policy::*;
+
 /// Label on a waypoint Gateway saying which traffic it handles.
 pub const WAYPOINT_FOR: &str = "istio.io/waypoint-for";
 /// The Gateway class of waypoints.
@@ -176,7 +179,7 @@ pub struct VirtualService {
 pub struct Subset {
     pub name: String,
     pub labels: BTreeMap<String, String>,
-    pub traffic_policy: Option<serde_json::Value>,
+    pub traffic_policy: Option<Box<TrafficPolicy>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -185,7 +188,7 @@ pub struct DestinationRule {
     pub host: String,
     pub export_to: Vec<String>,
     pub subsets: Vec<Subset>,
-    pub traffic_policy: Option<serde_json::Value>,
+    pub traffic_policy: Option<Box<TrafficPolicy>>,
 }
 
 /// Which traffic a waypoint handles (`istio.io/waypoint-for`).
@@ -987,7 +990,9 @@ pub fn destination_rule(
                 Ok(Subset {
                     name,
                     labels: s.get("labels", |l| l.string_map())?.unwrap_or_default(),
-                    traffic_policy: s.get("trafficPolicy", |t| t.raw())?,
+                    traffic_policy: s
+                        .get("trafficPolicy", traffic_policy::traffic_policy)?
+                        .map(Box::new),
                 })
             })
         })?
@@ -1005,7 +1010,9 @@ pub fn destination_rule(
         host,
         export_to: at.get("exportTo", |a| a.strings())?.unwrap_or_default(),
         subsets,
-        traffic_policy: at.get("trafficPolicy", |a| a.raw())?,
+        traffic_policy: at
+            .get("trafficPolicy", traffic_policy::traffic_policy)?
+            .map(Box::new),
     })
 }
 
@@ -1357,8 +1364,14 @@ spec:
         };
         assert_eq!(dr.subsets[0].labels["version"], "v1");
         assert_eq!(
-            dr.traffic_policy.as_ref().unwrap()["loadBalancer"]["simple"],
-            "LEAST_REQUEST"
+            dr.traffic_policy
+                .as_ref()
+                .unwrap()
+                .load_balancer
+                .as_ref()
+                .unwrap()
+                .simple,
+            Some(super::SimpleLb::LeastRequest)
         );
         let crate::k8s::Object::Gateway(gw) = &p.objects[1].1 else {
             panic!()

@@ -18,11 +18,12 @@ use envoy_types::pb::envoy::r#type::matcher::v3 as matcher;
 use envoy_types::pb::google::protobuf as pbw;
 use envoy_types::util::pack_any;
 
+use crate::cluster_policy;
 use crate::k8s::{Pod, Problem, Service, TargetPort};
 use crate::model::{Key, Snapshot};
 use crate::routing::{
-    Body, DerivePort, HeaderOperations, HttpMatch, HttpRoute, L4Route, RouteDestination,
-    StringMatch, VirtualService, service_of_host,
+    Body, DerivePort, DestinationRule, HeaderOperations, HttpMatch, HttpRoute, L4Route,
+    RouteDestination, StringMatch, TrafficPolicy, VirtualService, service_of_host,
 };
 use crate::translate::{MeshOptions, Resource, ResourceMap, service_waypoint};
 
@@ -84,6 +85,8 @@ struct ClusterSpec {
     service: Key,
     port: u16,
     labels: BTreeMap<String, String>,
+    /// The DestinationRule subset, for its traffic policy.
+    subset: Option<String>,
 }
 
 /// One waypoint being built.
@@ -428,13 +431,14 @@ impl Builder<'_> {
             for p in &svc.ports {
                 let http = is_http(p);
                 let name = inbound_name(p.port, http, None, &host);
-                self.want_cluster(name.clone(), &key, p.port, BTreeMap::new());
+                self.want_cluster(name.clone(), &key, p.port, BTreeMap::new(), None);
                 for (subset, labels) in self.subsets(svc) {
                     self.want_cluster(
                         inbound_name(p.port, http, Some(&subset), &host),
                         &key,
                         p.port,
                         labels,
+                        Some(&subset),
                     );
                 }
                 let policies = self.authz.for_listener(self.s, &self.gw, &key);
@@ -479,7 +483,8 @@ impl Builder<'_> {
         }
         let clusters = std::mem::take(&mut self.clusters);
         for (name, spec) in clusters {
-            let c = cluster::Cluster {
+            let policy = self.traffic_policy(&spec);
+            let mut c = cluster::Cluster {
                 name: name.clone(),
                 cluster_discovery_type: Some(cluster::cluster::ClusterDiscoveryType::Type(
                     cluster::cluster::DiscoveryType::Eds as i32,
@@ -489,17 +494,34 @@ impl Builder<'_> {
                     eds_config: Some(ads()),
                 }),
                 lb_policy: cluster::cluster::LbPolicy::RoundRobin as i32,
-                connect_timeout: Some(duration(Duration::from_secs(10))),
-                typed_extension_protocol_options: self.protocol_options(&spec),
+                connect_timeout: Some(duration(cluster_policy::DEFAULT_CONNECT_TIMEOUT)),
                 ..Default::default()
             };
-            let cla = self.load_assignment(&name, &spec);
+            let mut options = self.protocol_options(&spec);
+            cluster_policy::apply(&mut c, &mut options, &policy);
+            c.typed_extension_protocol_options = options
+                .map(|o| [(HTTP_PROTOCOL_OPTIONS.to_string(), pack_any(o))].into())
+                .unwrap_or_default();
+            if let Some(t) = &policy.tls {
+                match cluster_policy::transport_socket(t, std::path::Path::new("")) {
+                    Ok(socket) => c.transport_socket = socket,
+                    Err(e) => self.problem(
+                        format!("DestinationRule for {}/{}", spec.service.0, spec.service.1),
+                        "spec.trafficPolicy.tls",
+                        format!("{e}; cluster {name} has no TLS"),
+                    ),
+                }
+            }
+            let original_dst = cluster_policy::is_original_dst(&c);
             self.out
                 .clusters
                 .insert(name.clone(), Resource::new(name.clone(), &c));
-            self.out
-                .endpoints
-                .insert(name.clone(), Resource::new(name, &cla));
+            if !original_dst {
+                let cla = self.load_assignment(&name, &spec);
+                self.out
+                    .endpoints
+                    .insert(name.clone(), Resource::new(name, &cla));
+            }
         }
     }
 
@@ -509,12 +531,51 @@ impl Builder<'_> {
         svc: &Key,
         port: u16,
         labels: BTreeMap<String, String>,
+        subset: Option<&str>,
     ) {
         self.clusters.entry(name).or_insert(ClusterSpec {
             service: svc.clone(),
             port,
             labels,
+            subset: subset.map(str::to_string),
         });
+    }
+
+    /// The DestinationRules for a service, by (namespace, name): in the service's, the
+    /// waypoint's or the root namespace, visible from the waypoint, whose host is the service.
+    /// (Istio merges several; here the first top-level traffic policy applies, and the first
+    /// subset of a name.)
+    fn destination_rules(&self, svc: &Key) -> impl Iterator<Item = &DestinationRule> {
+        let want = (svc.1.clone(), svc.0.clone());
+        self.s.destination_rules.values().filter(move |dr| {
+            let ns = &dr.meta.namespace;
+            (ns == &svc.0 || ns == &self.gw.0 || ns == &self.o.root_namespace)
+                && self.visible(ns, &dr.export_to)
+                && service_of_host(&dr.host, ns).as_ref() == Some(&want)
+        })
+    }
+
+    /// A cluster's traffic policy: the DestinationRule's top level for the port, with the
+    /// subset's merged over it (Istio's `MergeTrafficPolicy`).
+    fn traffic_policy(&self, spec: &ClusterSpec) -> TrafficPolicy {
+        let top = self
+            .destination_rules(&spec.service)
+            .find_map(|dr| dr.traffic_policy.as_deref());
+        let subset = spec.subset.as_ref().and_then(|name| {
+            self.destination_rules(&spec.service)
+                .flat_map(|d| d.subsets.iter())
+                .find(|s| &s.name == name)
+                .and_then(|s| s.traffic_policy.as_deref())
+        });
+        TrafficPolicy::merged(top, subset, spec.port)
+    }
+
+    /// The route `hash_policy` for a cluster whose policy hashes consistently.
+    fn hash_policy(&self, cluster: &str) -> Vec<route::route_action::HashPolicy> {
+        self.clusters
+            .get(cluster)
+            .map(|spec| cluster_policy::hash_policy(&self.traffic_policy(spec)))
+            .unwrap_or_default()
     }
 
     /// Whether a namespaced object with `export_to` is visible from the waypoint's namespace.
@@ -603,6 +664,7 @@ impl Builder<'_> {
                 &(String::new(), String::new()),
                 port,
                 BTreeMap::new(),
+                dest.subset.as_deref(),
             );
             return name;
         };
@@ -635,7 +697,7 @@ impl Builder<'_> {
                 dest.subset.as_deref().unwrap_or("")
             )
         };
-        self.want_cluster(name.clone(), &key, port, labels);
+        self.want_cluster(name.clone(), &key, port, labels, dest.subset.as_deref());
         name
     }
 
@@ -646,7 +708,7 @@ impl Builder<'_> {
     /// (`use_downstream_protocol_config`), so an HTTP/1.1 app is never sent h2c and an h2
     /// client keeps h2 end to end (Istio's default would downgrade it to HTTP/1.1; its
     /// DestinationRule `useClientProtocol` is what we do by default). TCP ports: none.
-    fn protocol_options(&self, spec: &ClusterSpec) -> std::collections::HashMap<String, pbw::Any> {
+    fn protocol_options(&self, spec: &ClusterSpec) -> Option<http_options::HttpProtocolOptions> {
         use http_options::http_protocol_options::{
             ExplicitHttpConfig, UpstreamProtocolOptions, UseDownstreamHttpConfig,
             explicit_http_config::ProtocolConfig,
@@ -671,13 +733,12 @@ impl Builder<'_> {
                     http3_protocol_options: None,
                 })
             }
-            _ => return Default::default(),
+            _ => return None,
         };
-        let options = http_options::HttpProtocolOptions {
+        Some(http_options::HttpProtocolOptions {
             upstream_protocol_options: Some(upstream),
             ..Default::default()
-        };
-        [(HTTP_PROTOCOL_OPTIONS.to_string(), pack_any(options))].into()
+        })
     }
 
     fn load_assignment(&self, name: &str, spec: &ClusterSpec) -> endpoint::ClusterLoadAssignment {
@@ -793,12 +854,14 @@ impl Builder<'_> {
         // ports no VirtualService routes.
         if routes.is_empty() {
             let host = fqdn(self.o, &svc.meta.namespace, &svc.meta.name);
+            let cluster = inbound_name(port, true, None, &host);
             routes.push(route::Route {
                 name: "default".into(),
                 r#match: Some(route_match(None)),
                 action: Some(route::route::Action::Route(route::RouteAction {
+                    hash_policy: self.hash_policy(&cluster),
                     cluster_specifier: Some(route::route_action::ClusterSpecifier::Cluster(
-                        inbound_name(port, true, None, &host),
+                        cluster,
                     )),
                     timeout: Some(duration(Duration::ZERO)),
                     ..Default::default()
@@ -945,9 +1008,9 @@ impl Builder<'_> {
             let mut host = request.host.clone();
             if dests.len() == 1 {
                 let d = dests[0];
-                action.cluster_specifier = Some(ClusterSpecifier::Cluster(
-                    self.destination_cluster(d, vs_ns, here),
-                ));
+                let cluster = self.destination_cluster(d, vs_ns, here);
+                action.hash_policy = self.hash_policy(&cluster);
+                action.cluster_specifier = Some(ClusterSpecifier::Cluster(cluster));
                 // A lone destination's header operations apply as the route's.
                 let dreq = header_mutations(&d.headers.request, true);
                 let dresp = header_mutations(&d.headers.response, false);
@@ -959,7 +1022,7 @@ impl Builder<'_> {
                     [response, dresp],
                 ));
             }
-            let clusters = dests
+            let clusters: Vec<route::weighted_cluster::ClusterWeight> = dests
                 .iter()
                 .map(|d| {
                     let dreq = header_mutations(&d.headers.request, true);
@@ -980,6 +1043,12 @@ impl Builder<'_> {
                     }
                 })
                 .collect();
+            // As for one destination, the hash policy of the cluster (the first that has one).
+            action.hash_policy = clusters
+                .iter()
+                .map(|c| self.hash_policy(&c.name))
+                .find(|h| !h.is_empty())
+                .unwrap_or_default();
             action.cluster_specifier =
                 Some(ClusterSpecifier::WeightedClusters(route::WeightedCluster {
                     clusters,
@@ -2010,5 +2079,79 @@ spec:
             "a workload waypoint does not take a service"
         );
         assert!(t.waypoints["shop/waypoint"].listeners.is_empty());
+    }
+
+    #[test]
+    fn destination_rule_policy_merges_into_clusters_and_routes() {
+        let (w, problems) = waypoint(
+            r#"
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: web-policy, namespace: shop}
+spec:
+  host: web.shop.svc.cluster.local
+  trafficPolicy:
+    outlierDetection: {consecutive5xxErrors: 2}
+    portLevelSettings: [{port: {number: 5432}, loadBalancer: {simple: PASSTHROUGH}}]
+  subsets:
+  - name: by-user
+    labels: {app: web}
+    trafficPolicy: {loadBalancer: {consistentHash: {httpHeaderName: x-user}}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: web, namespace: shop}
+spec:
+  hosts: [web]
+  http:
+  - match: [{uri: {prefix: /u}}]
+    route: [{destination: {host: web, subset: by-user}}]
+  - route: [{destination: {host: web}}]
+"#,
+        );
+        assert!(problems.is_empty(), "{problems:?}");
+        let cluster_of =
+            |name: &str| cluster::Cluster::decode(w.clusters[name].body.clone()).unwrap();
+        let by_user = cluster_of("inbound-vip|80|http/by-user|web.shop.svc.cluster.local");
+        assert_eq!(
+            by_user.lb_policy,
+            cluster::cluster::LbPolicy::RingHash as i32
+        );
+        assert!(
+            by_user.outlier_detection.is_some(),
+            "the top level's, merged under the subset's"
+        );
+        let web = cluster_of(WEB_HTTP);
+        assert_eq!(web.lb_policy, cluster::cluster::LbPolicy::RoundRobin as i32);
+        assert_eq!(
+            web.outlier_detection
+                .as_ref()
+                .unwrap()
+                .consecutive_5xx
+                .as_ref()
+                .unwrap()
+                .value,
+            2
+        );
+        let tcp = cluster_of(WEB_TCP);
+        assert!(
+            cluster_policy::is_original_dst(&tcp),
+            "port 5432's own settings"
+        );
+        assert!(
+            tcp.outlier_detection.is_none(),
+            "port settings do not inherit"
+        );
+        assert!(
+            !w.endpoints.contains_key(WEB_TCP),
+            "no endpoints for ORIGINAL_DST"
+        );
+        let rs = routes(&w);
+        let hashed = action(&rs[0]);
+        assert!(matches!(
+            &hashed.hash_policy[0].policy_specifier,
+            Some(route::route_action::hash_policy::PolicySpecifier::Header(h)) if h.header_name == "x-user"
+        ));
+        assert!(action(&rs[1]).hash_policy.is_empty());
     }
 }

@@ -121,7 +121,14 @@ const ROUTING: &str = r#"
 apiVersion: networking.istio.io/v1
 kind: DestinationRule
 metadata: {name: web, namespace: shop}
-spec: {host: web, subsets: [{name: v1, labels: {version: v1}}, {name: v2, labels: {version: v2}}]}
+spec:
+  host: web
+  subsets:
+  - {name: v1, labels: {version: v1}}
+  - {name: v2, labels: {version: v2}}
+  - name: by-user
+    labels: {app: web}
+    trafficPolicy: {loadBalancer: {consistentHash: {httpHeaderName: x-user}}}
 ---
 apiVersion: networking.istio.io/v1
 kind: VirtualService
@@ -129,6 +136,9 @@ metadata: {name: web, namespace: shop}
 spec:
   hosts: [web.shop.svc.cluster.local]
   http:
+  - name: hash
+    match: [{uri: {prefix: /hash}}]
+    route: [{destination: {host: web, subset: by-user}}]
   - name: exact
     match: [{name: plain, uri: {exact: /exact}}]
     route: [{destination: {host: web, subset: v1}}]
@@ -1279,6 +1289,65 @@ async fn compare(clients: &Clients, client: Client) -> Result<(), String> {
         if v1 + v2 != 200 || !(110..=170).contains(&v1) {
             differences.push(format!("/split through {who}: v1 {v1}, v2 {v2} of 200"));
         }
+    }
+    // Header hash (ring hash on `x-user`): each user stays on one pod through each proxy, users
+    // spread over both pods, and each user's pod is the one Envoy chose.
+    const USERS: [&[(&str, &str)]; 10] = [
+        &[("x-user", "alice")],
+        &[("x-user", "bob")],
+        &[("x-user", "carol")],
+        &[("x-user", "dave")],
+        &[("x-user", "erin")],
+        &[("x-user", "frank")],
+        &[("x-user", "grace")],
+        &[("x-user", "heidi")],
+        &[("x-user", "ivan")],
+        &[("x-user", "judy")],
+    ];
+    let mut owners: BTreeMap<&str, BTreeMap<String, String>> = BTreeMap::new();
+    for user in USERS {
+        let case = with("/hash", user);
+        for who in ["envoy", "ours"] {
+            let mut seen = Vec::new();
+            for _ in 0..3 {
+                let r = if who == "envoy" {
+                    clients.envoy(&case, client).await
+                } else {
+                    clients.ours(&case, client).await
+                };
+                let s = r.map_err(|e| format!("{who} /hash: {e}"))?;
+                seen.push(
+                    s.app
+                        .as_ref()
+                        .and_then(|a| a["subset"].as_str())
+                        .unwrap_or("none")
+                        .to_string(),
+                );
+            }
+            if seen.iter().any(|p| p != &seen[0]) {
+                differences.push(format!(
+                    "/hash {user:?} through {who} is not sticky: {seen:?}"
+                ));
+            }
+            owners
+                .entry(who)
+                .or_default()
+                .insert(user[0].1.to_string(), seen[0].clone());
+        }
+    }
+    eprintln!("/hash owners: {owners:?}");
+    for who in ["envoy", "ours"] {
+        let pods: std::collections::BTreeSet<&String> = owners[who].values().collect();
+        if pods.len() != 2 {
+            differences.push(format!("/hash through {who}: every user on {pods:?}"));
+        }
+    }
+    // Same ring (xxHash64 of `<address>_<i>`, sized as Envoy sizes it), same header hash: the
+    // same user lands on the same pod through both.
+    if owners["envoy"] != owners["ours"] {
+        differences.push(format!(
+            "/hash: users map to other pods than through Envoy: {owners:?}"
+        ));
     }
     for subset in ["v1", "v2"] {
         if shapes.get(&format!("envoy/{subset}")) != shapes.get(&format!("ours/{subset}")) {

@@ -4,9 +4,13 @@
 #![deny(rust_2018_idioms)]
 
 pub mod admin;
+pub mod balancer;
+pub mod breaker;
 pub mod config;
 pub mod inbound;
 pub mod metrics;
+pub mod origination;
+pub mod outlier;
 pub mod rbac;
 pub mod request;
 pub mod route;

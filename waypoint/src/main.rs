@@ -126,6 +126,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let mut registry = Registry::default();
     metrics.register(&mut registry);
     let registry = Arc::new(Mutex::new(registry));
+    let cluster_metrics = metrics.clusters.clone();
     let waypoint = Arc::new(waypoint::Waypoint {
         config: config_rx.clone(),
         upstream: waypoint::upstream::Upstream::new(identity.clone(), certs.clone()),
@@ -163,7 +164,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     tokio::spawn(mesh::xds::run(
         control,
         mesh::xds::ClientState::new(node_id.clone(), waypoint::xds::types()),
-        Box::new(XdsHandler::new(config_tx, status.clone())),
+        Box::new(XdsHandler::new(config_tx, status.clone()).with_metrics(cluster_metrics)),
     ));
 
     for addr in both_families(args.listen) {

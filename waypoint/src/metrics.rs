@@ -8,6 +8,7 @@ use mesh::state::{Service, Workload};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
@@ -53,6 +54,8 @@ pub struct Metrics {
     pub tcp: TcpMetrics,
     /// RBAC verdicts by policy, action and decision.
     pub rbac: Family<RbacLabels, Counter>,
+    /// Envoy's per-cluster circuit-breaker and outlier-detection statistics.
+    pub clusters: ClusterMetrics,
 }
 
 /// Istio's default duration buckets, in milliseconds.
@@ -79,6 +82,7 @@ impl Default for Metrics {
             response_bytes: Family::new_with_constructor(size_buckets),
             tcp: TcpMetrics::default(),
             rbac: Family::default(),
+            clusters: ClusterMetrics::default(),
         }
     }
 }
@@ -102,6 +106,7 @@ impl Metrics {
             self.response_bytes.clone(),
         );
         self.tcp.register(registry);
+        self.clusters.register(registry);
         registry.register(
             "waypoint_rbac_decisions",
             "Authorization (RBAC filter) verdicts, by effective policy",
@@ -139,6 +144,124 @@ impl Metrics {
         self.response_bytes
             .get_or_create(labels)
             .observe(response_bytes as f64);
+    }
+}
+
+/// Envoy's cluster label, as Istio's Prometheus names it.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClusterLabel {
+    pub cluster_name: String,
+}
+
+type ClusterCounters = Family<ClusterLabel, Counter>;
+
+/// Envoy's statistics per cluster (`cluster.<name>.…`), named as Envoy's Prometheus output
+/// names them (`envoy_cluster_…{cluster_name=…}`; counters carry OpenMetrics' `_total`).
+#[derive(Clone, Default)]
+pub struct ClusterMetrics {
+    /// Requests failed by the pending-request or request limits (`upstream_rq_pending_overflow`).
+    pub rq_pending_overflow: ClusterCounters,
+    /// Requests that found every allowed connection in use (`upstream_cx_overflow`).
+    pub cx_overflow: ClusterCounters,
+    /// Retries refused by `max_retries` (`upstream_rq_retry_overflow`).
+    pub rq_retry_overflow: ClusterCounters,
+    pub ejections_active: Family<ClusterLabel, Gauge>,
+    pub ejections_enforced: ClusterCounters,
+    /// Per kind: consecutive 5xx, gateway failure, local-origin failure.
+    pub enforced_kind: [ClusterCounters; 3],
+    pub detected_kind: [ClusterCounters; 3],
+}
+
+const KINDS: [&str; 3] = [
+    "consecutive_5xx",
+    "consecutive_gateway_failure",
+    "consecutive_local_origin_failure",
+];
+
+impl ClusterMetrics {
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "envoy_cluster_upstream_rq_pending_overflow",
+            "Requests that overflowed the connection pool or request circuit breaking",
+            self.rq_pending_overflow.clone(),
+        );
+        registry.register(
+            "envoy_cluster_upstream_cx_overflow",
+            "Times the connection circuit breaker overflowed",
+            self.cx_overflow.clone(),
+        );
+        registry.register(
+            "envoy_cluster_upstream_rq_retry_overflow",
+            "Retries not sent because of circuit breaking",
+            self.rq_retry_overflow.clone(),
+        );
+        registry.register(
+            "envoy_cluster_outlier_detection_ejections_active",
+            "Hosts currently ejected",
+            self.ejections_active.clone(),
+        );
+        registry.register(
+            "envoy_cluster_outlier_detection_ejections_enforced",
+            "Ejections enforced, every kind",
+            self.ejections_enforced.clone(),
+        );
+        for (i, kind) in KINDS.iter().enumerate() {
+            registry.register(
+                format!("envoy_cluster_outlier_detection_ejections_enforced_{kind}"),
+                format!("Ejections enforced for {kind}"),
+                self.enforced_kind[i].clone(),
+            );
+            registry.register(
+                format!("envoy_cluster_outlier_detection_ejections_detected_{kind}"),
+                format!("Ejections detected (enforced or not) for {kind}"),
+                self.detected_kind[i].clone(),
+            );
+        }
+    }
+
+    /// The handles of one cluster (taken once when the cluster is built).
+    pub fn cluster(&self, name: &str) -> ClusterStats {
+        let l = ClusterLabel {
+            cluster_name: name.to_string(),
+        };
+        ClusterStats {
+            rq_pending_overflow: self.rq_pending_overflow.get_or_create(&l).clone(),
+            cx_overflow: self.cx_overflow.get_or_create(&l).clone(),
+            rq_retry_overflow: self.rq_retry_overflow.get_or_create(&l).clone(),
+            ejections_active: self.ejections_active.get_or_create(&l).clone(),
+            ejections_enforced: self.ejections_enforced.get_or_create(&l).clone(),
+            enforced_kind: std::array::from_fn(|i| self.enforced_kind[i].get_or_create(&l).clone()),
+            detected_kind: std::array::from_fn(|i| self.detected_kind[i].get_or_create(&l).clone()),
+        }
+    }
+}
+
+/// One cluster's statistics.
+#[derive(Clone, Debug, Default)]
+pub struct ClusterStats {
+    pub rq_pending_overflow: Counter,
+    pub cx_overflow: Counter,
+    pub rq_retry_overflow: Counter,
+    pub ejections_active: Gauge,
+    pub ejections_enforced: Counter,
+    pub enforced_kind: [Counter; 3],
+    pub detected_kind: [Counter; 3],
+}
+
+impl ClusterStats {
+    fn kind(kind: crate::outlier::Kind) -> usize {
+        match kind {
+            crate::outlier::Kind::Consecutive5xx => 0,
+            crate::outlier::Kind::ConsecutiveGatewayFailure => 1,
+            crate::outlier::Kind::ConsecutiveLocalOriginFailure => 2,
+        }
+    }
+    pub fn detected(&self, kind: crate::outlier::Kind) {
+        self.detected_kind[Self::kind(kind)].inc();
+    }
+    pub fn enforced(&self, kind: crate::outlier::Kind) {
+        self.ejections_enforced.inc();
+        self.enforced_kind[Self::kind(kind)].inc();
     }
 }
 

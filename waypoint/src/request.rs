@@ -243,7 +243,25 @@ pub async fn handle(
             "no cluster\n",
         );
     };
-    let Some(endpoint) = cluster.pick() else {
+    // The request's hash, for consistent-hash clusters (and the cookie Envoy would set when a
+    // cookie policy with a TTL found none).
+    let (hash, set_cookie) = if forward.hash_policy.is_empty() {
+        (None, None)
+    } else {
+        crate::balancer::request_hash(
+            &forward.hash_policy,
+            req.headers(),
+            req.uri().query(),
+            tunnel.client,
+            tunnel.authority,
+        )
+    };
+    let pick = crate::balancer::PickContext {
+        hash,
+        tried: &[],
+        original_dst: Some(tunnel.authority),
+    };
+    let Some(endpoint) = cluster.pick(&pick) else {
         return local_reply(
             w,
             tunnel,
@@ -338,13 +356,70 @@ pub async fn handle(
     let upstream_req =
         Request::from_parts(parts, RequestBody::new(body, log.request_bytes.clone()));
 
+    // Circuit breaking: over the cluster's limits the request is answered 503 `UO` at once;
+    // waiting for a connection (HTTP/1.1) counts against the route timeout.
+    let admitted = tokio::time::timeout(
+        forward.timeout.unwrap_or(std::time::Duration::MAX),
+        cluster.breaker.admit(
+            &cluster.policy.limits,
+            upstream_protocol == Protocol::Http1 || client_upgrade.is_some(),
+        ),
+    )
+    .await;
+    let permit = match admitted {
+        Ok(Ok(p)) => p,
+        Ok(Err(overflow)) => {
+            cluster.stats.rq_pending_overflow.inc();
+            if overflow == crate::breaker::Overflow::Pending {
+                cluster.stats.cx_overflow.inc();
+            }
+            let mut rsp = local_reply(
+                w,
+                tunnel,
+                log,
+                StatusCode::SERVICE_UNAVAILABLE,
+                "UO",
+                OVERFLOW_BODY,
+            );
+            rsp.headers_mut()
+                .insert(X_ENVOY_OVERLOADED, HeaderValue::from_static("true"));
+            return rsp;
+        }
+        Err(_) => {
+            return local_reply(
+                w,
+                tunnel,
+                log,
+                StatusCode::GATEWAY_TIMEOUT,
+                "UT",
+                "upstream request timeout\n",
+            );
+        }
+    };
+
     // Envoy's route timeout runs from here until the response has been received in full.
     let deadline = forward.timeout.map(|t| tokio::time::Instant::now() + t);
     let timeout = forward.timeout.unwrap_or(std::time::Duration::MAX);
     let connect_timeout = cluster.connect_timeout;
     let state = config.state.clone();
     let exchange = async {
-        if client_upgrade.is_some() {
+        if let Some(tls) = &cluster.policy.tls {
+            crate::origination::send(
+                &w.upstream,
+                &state,
+                endpoint.address,
+                if client_upgrade.is_some() {
+                    Protocol::Http1
+                } else {
+                    upstream_protocol
+                },
+                connect_timeout,
+                tls,
+                client_upgrade.as_ref().map(|_| tunnel.client),
+                upstream_req,
+            )
+            .await
+        } else if client_upgrade.is_some() {
             w.upstream
                 .send_upgrade(
                     &state,
@@ -370,6 +445,10 @@ pub async fn handle(
         Ok(Ok(r)) => r,
         Ok(Err(e)) => {
             info!(cluster = %target.cluster, endpoint = %endpoint.address, "upstream failed: {e}");
+            cluster.report(
+                &endpoint,
+                crate::outlier::Outcome::LocalFailure { timeout: false },
+            );
             return local_reply(
                 w,
                 tunnel,
@@ -380,6 +459,10 @@ pub async fn handle(
             );
         }
         Err(_) => {
+            cluster.report(
+                &endpoint,
+                crate::outlier::Outcome::LocalFailure { timeout: true },
+            );
             return local_reply(
                 w,
                 tunnel,
@@ -390,6 +473,10 @@ pub async fn handle(
             );
         }
     };
+    cluster.report(
+        &endpoint,
+        crate::outlier::Outcome::Status(upstream_rsp.status().as_u16()),
+    );
 
     if upstream_rsp.status() == StatusCode::SWITCHING_PROTOCOLS
         && let Some(client_upgrade) = client_upgrade
@@ -423,16 +510,15 @@ pub async fn handle(
         Protocol::Http1 => Version::HTTP_11,
         Protocol::Http2 => Version::HTTP_2,
     };
-    finish(
-        w,
-        tunnel,
-        log,
-        Response::from_parts(
-            parts,
-            // An upgraded connection is not bounded by the route timeout (as in Envoy).
-            ResponseBody::upstream(body, deadline.filter(|_| !upgraded)),
-        ),
-    )
+    if let Some(c) = set_cookie
+        && let Ok(v) = HeaderValue::from_str(&c.0)
+    {
+        parts.headers.append(header::SET_COOKIE, v);
+    }
+    // The endpoint's active request and the breaker's slots are held until the body is done.
+    let mut body = ResponseBody::upstream(body, deadline.filter(|_| !upgraded));
+    body.held = Some((endpoint, permit));
+    finish(w, tunnel, log, Response::from_parts(parts, body))
 }
 
 /// A response the waypoint makes itself, with Envoy's response flag for the access log.
@@ -511,6 +597,12 @@ const X_ENVOY_ORIGINAL_HOST: header::HeaderName =
     header::HeaderName::from_static("x-envoy-original-host");
 const X_ENVOY_ORIGINAL_PATH: header::HeaderName =
     header::HeaderName::from_static("x-envoy-original-path");
+/// Envoy's mark on a response the circuit breaker made.
+const X_ENVOY_OVERLOADED: header::HeaderName =
+    header::HeaderName::from_static("x-envoy-overloaded");
+/// Envoy's body for a request refused by circuit breaking.
+const OVERFLOW_BODY: &str =
+    "upstream connect error or disconnect/reset before headers. reset reason: overflow";
 
 /// The request's scheme as Envoy's HTTP connection manager sees it (not using the remote
 /// address, Envoy's default): HTTP/2's `:scheme`; for HTTP/1.1 the client's
@@ -654,6 +746,9 @@ pub struct ResponseBody {
     bytes: u64,
     done: Option<Done>,
     timed_out: bool,
+    /// The chosen endpoint (one active request) and the circuit-breaker slots, freed when the
+    /// body is done.
+    held: Option<(crate::config::Picked, crate::breaker::Permit)>,
 }
 
 enum Inner {
@@ -677,6 +772,7 @@ impl ResponseBody {
             bytes: 0,
             done: None,
             timed_out: false,
+            held: None,
         }
     }
     fn upstream(b: Incoming, deadline: Option<tokio::time::Instant>) -> Self {
@@ -685,6 +781,7 @@ impl ResponseBody {
             bytes: 0,
             done: None,
             timed_out: false,
+            held: None,
         }
     }
 }

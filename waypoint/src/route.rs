@@ -216,6 +216,8 @@ pub struct Forward {
     pub timeout: Option<Duration>,
     /// Fields received that this proxy does not apply (retries, mirrors, ...), for the dump.
     pub ignored: Vec<&'static str>,
+    /// The request hash for consistent-hash clusters (`hash_policy`).
+    pub hash_policy: Vec<crate::balancer::HashPolicy>,
 }
 
 #[derive(Debug)]
@@ -935,13 +937,14 @@ fn forward(a: &pb::RouteAction, matcher: &RouteMatch, route_name: &str) -> Resul
             !a.request_mirror_policies.is_empty(),
             "request_mirror_policies",
         ),
-        (!a.hash_policy.is_empty(), "hash_policy"),
         (a.cors.is_some(), "cors"),
         (a.hedge_policy.is_some(), "hedge_policy"),
         (a.idle_timeout.is_some(), "idle_timeout"),
         (a.max_stream_duration.is_some(), "max_stream_duration"),
     ];
+    let hash_policy = crate::balancer::hash_policies(&a.hash_policy)?;
     Ok(Forward {
+        hash_policy,
         targets,
         prefix_rewrite,
         regex_rewrite,

@@ -287,6 +287,14 @@ Mesh up in {:.1}s: {} nodes, pilot on node1 (xDS + CA over TLS on {}), one ztunn
         "(j) L7 AuthorizationPolicy at the waypoint: a DENY on a path answers 403, other paths pass; an ALLOW governs productpage -> ratings",
         waypoint_authz(&c).await,
     );
+    report.check(
+        "(k) DestinationRule outlier detection: a pod answering 500s is ejected, traffic avoids it",
+        outlier_ejection(&c).await,
+    );
+    report.check(
+        "(l) DestinationRule connection pool: overflow answered 503 UO",
+        pool_overflow(&c).await,
+    );
 
     let failed = report.rows.iter().filter(|r| !r.0).count();
     println!(
@@ -1104,5 +1112,152 @@ async fn dns(c: &Cluster) -> anyhow::Result<String> {
     let answered = c.metric(0, "istio_dns_requests_total", &[]).await?;
     Ok(format!(
         "`getent ahostsv4 reviews` in {page} (resolv.conf: nameserver 10.96.0.53, where nothing listens; search bookinfo.svc.cluster.local …) got reviews.bookinfo's VIP {first} from the pod's DNS proxy ({answered} DNS queries counted by node1's ztunnel)"
+    ))
+}
+
+/// reviews' traffic policy for the (j) checks: outlier detection on the service, and a subset
+/// `pool` (every reviews pod) with a pool of one connection and one pending request.
+const REVIEWS_POLICY: &str = "\
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: reviews-policy, namespace: bookinfo}
+spec:
+  host: reviews
+  trafficPolicy:
+    outlierDetection: {consecutive5xxErrors: 3, interval: 1s, baseEjectionTime: 30s, maxEjectionPercent: 100}
+  subsets:
+  - name: pool
+    labels: {app: reviews}
+    trafficPolicy: {connectionPool: {tcp: {maxConnections: 1}, http: {http1MaxPendingRequests: 1}}}
+";
+
+/// reviews' VirtualService for the (j) checks: `/pool` to the `pool` subset, the rest to every
+/// reviews pod.
+const REVIEWS_POLICY_VS: &str = "\
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: reviews, namespace: bookinfo}
+spec:
+  hosts: [reviews]
+  http:
+  - match: [{uri: {prefix: /pool}}]
+    route: [{destination: {host: reviews, subset: pool}}]
+  - route: [{destination: {host: reviews}}]
+";
+
+const REVIEWS_CLUSTER: &str = "inbound-vip|9080|http|reviews.bookinfo.svc.cluster.local";
+
+/// One reviews pod answers 500 (the echo app's `status_pod`); after three in a row the waypoint
+/// ejects it and the following requests go to the others. The admin page and the metrics
+/// show the ejection.
+async fn outlier_ejection(c: &Cluster) -> anyhow::Result<String> {
+    let page = pod(c, "productpage");
+    let bad = pod(c, "reviews-v1");
+    let dst = SocketAddr::new(REVIEWS_VIP.into(), REVIEWS_PORT);
+    let path = format!("/fail?status=500&status_pod={bad}");
+    c.write_pilot_file("reviews-policy.yaml", REVIEWS_POLICY)?;
+    let written = Instant::now();
+    c.write_pilot_file(VS_FILE, REVIEWS_POLICY_VS)?;
+    // Until ejected: requests go round the pods; the bad one's 500s count.
+    let mut statuses = Vec::new();
+    let mut clean = 0;
+    while clean < 8 {
+        if written.elapsed() > CHANGE_LIMIT * 2 {
+            bail!(
+                "no ejection {:?} after the files were written: {statuses:?}",
+                CHANGE_LIMIT * 2
+            );
+        }
+        let (status, who, _, _) = get(c, page, dst, "reviews:9080", &path, &[]).await?;
+        statuses.push(format!("{status} {who}"));
+        clean = if status == 200 && statuses.iter().any(|s| s.starts_with("500")) {
+            clean + 1
+        } else {
+            0
+        };
+    }
+    let took = written.elapsed();
+    let failures = statuses.iter().filter(|s| s.starts_with("500")).count();
+    let mut after = Vec::new();
+    for _ in 0..20 {
+        let (status, who, _, _) = get(c, page, dst, "reviews:9080", &path, &[]).await?;
+        if status != 200 || who == bad {
+            bail!("after the ejection: {status} from {who}");
+        }
+        after.push(who);
+    }
+    let (_, clusters) = c.pod_http_get(WAYPOINT_POD, 15000, "/clusters").await?;
+    let clusters: serde_json::Value = serde_json::from_str(&clusters)?;
+    let bad_ip = c.pod_ip(bad).to_string();
+    let ejected: Vec<String> = clusters["clusters"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|cl| cl["name"] == REVIEWS_CLUSTER)
+        .flat_map(|cl| cl["endpoints"].as_array().cloned().unwrap_or_default())
+        .filter(|e| e["ejected"] == true)
+        .filter_map(|e| e["address"].as_str().map(str::to_string))
+        .collect();
+    if ejected.len() != 1 || !ejected[0].starts_with(&format!("{bad_ip}:")) {
+        bail!("the waypoint's /clusters shows ejected {ejected:?}, not {bad} ({bad_ip})");
+    }
+    let (_, metrics) = c.pod_http_get(WAYPOINT_POD, 15020, "/metrics").await?;
+    let active = metrics
+        .lines()
+        .find(|l| {
+            l.starts_with("envoy_cluster_outlier_detection_ejections_active{")
+                && l.contains(REVIEWS_CLUSTER)
+        })
+        .unwrap_or("envoy_cluster_outlier_detection_ejections_active: none")
+        .to_string();
+    if !active.ends_with(" 1") {
+        bail!("metrics: {active}");
+    }
+    Ok(format!(
+        "reviews-policy.yaml (outlierDetection consecutive5xxErrors: 3) and a VirtualService to every reviews pod written; {bad} answers 500 to {path}: {failures} 500s among {} requests, then 8 in a row answered 200 by the others, {} after the write; 20 more: {}; the waypoint's /clusters marks {} ejected; {active}",
+        statuses.len(),
+        ms(took),
+        tally(&after),
+        ejected[0]
+    ))
+}
+
+/// Six slow requests at once to the `pool` subset (one connection, one pending request): one
+/// is served, one waits, the others are answered 503 `UO` with Envoy's body.
+async fn pool_overflow(c: &Cluster) -> anyhow::Result<String> {
+    let page = pod(c, "productpage");
+    let dst = SocketAddr::new(REVIEWS_VIP.into(), REVIEWS_PORT);
+    let path = "/pool?delay_ms=1000";
+    let one = || get(c, page, dst, "reviews:9080", path, &[]);
+    let (a, b, d, e, f, g) = tokio::join!(one(), one(), one(), one(), one(), one());
+    let mut served = 0;
+    let mut overflowed = 0;
+    for r in [a, b, d, e, f, g] {
+        let (status, _, _, answer) = r?;
+        let body = String::from_utf8_lossy(&answer.body).to_string();
+        match status {
+            200 => served += 1,
+            503 if body
+                == "upstream connect error or disconnect/reset before headers. reset reason: overflow" =>
+            {
+                overflowed += 1
+            }
+            other => bail!("{path}: {other} {body:?}"),
+        }
+    }
+    if served == 0 || overflowed == 0 {
+        bail!("{served} served, {overflowed} overflowed");
+    }
+    let (_, metrics) = c.pod_http_get(WAYPOINT_POD, 15020, "/metrics").await?;
+    let counted = metrics
+        .lines()
+        .find(|l| {
+            l.starts_with("envoy_cluster_upstream_rq_pending_overflow_total{")
+                && l.contains("http/pool|reviews")
+        })
+        .unwrap_or("envoy_cluster_upstream_rq_pending_overflow_total: none")
+        .to_string();
+    Ok(format!(
+        "6 concurrent GET {path} from {page} to the pool subset (maxConnections 1, http1MaxPendingRequests 1): {served} served, {overflowed} answered 503 \"upstream connect error or disconnect/reset before headers. reset reason: overflow\" (flag UO); {counted}"
     ))
 }
