@@ -752,6 +752,9 @@ fn rbac_matches_the_code() {
         }
     }
     needed.insert("authentication.k8s.io tokenreviews create".to_string());
+    for (group, resource) in pilot::route_status::status_resources() {
+        needed.insert(format!("{group} {resource} patch"));
+    }
     for (group, resource) in pilot::provision::applied_resources() {
         // What server-side apply needs: PATCH, which may create, and get.
         for verb in ["get", "patch", "create"] {

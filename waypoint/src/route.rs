@@ -216,6 +216,9 @@ pub struct Forward {
     pub timeout: Option<Duration>,
     /// Fields received that this proxy does not apply (retries, mirrors, ...), for the dump.
     pub ignored: Vec<&'static str>,
+    /// The status when the chosen cluster does not exist (`cluster_not_found_response_code`:
+    /// 503 by default, 404 or 500).
+    pub cluster_not_found: u16,
 }
 
 #[derive(Debug)]
@@ -941,7 +944,20 @@ fn forward(a: &pb::RouteAction, matcher: &RouteMatch, route_name: &str) -> Resul
         (a.idle_timeout.is_some(), "idle_timeout"),
         (a.max_stream_duration.is_some(), "max_stream_duration"),
     ];
+    use pb::route_action::ClusterNotFoundResponseCode as Nf;
+    let cluster_not_found = match Nf::try_from(a.cluster_not_found_response_code) {
+        Ok(Nf::ServiceUnavailable) => 503,
+        Ok(Nf::NotFound) => 404,
+        Ok(Nf::InternalServerError) => 500,
+        Err(_) => {
+            return Err(format!(
+                "cluster_not_found_response_code: unknown value {}",
+                a.cluster_not_found_response_code
+            ));
+        }
+    };
     Ok(Forward {
+        cluster_not_found,
         targets,
         prefix_rewrite,
         regex_rewrite,
