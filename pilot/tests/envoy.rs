@@ -68,6 +68,70 @@ spec:
     - {destination: {host: web, subset: v2}, weight: 50}
 "#;
 
+/// Every Gateway API feature the translation has (on a second service, `api`: the same
+/// service with a VirtualService and an HTTPRoute is reported as a problem).
+const GATEWAY_API_ROUTES: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: api, namespace: shop, labels: {istio.io/use-waypoint: waypoint}}
+spec: {clusterIP: 10.96.0.5, selector: {app: web}, ports: [{name: http, port: 8080, targetPort: 8080}, {name: grpc, port: 9090, targetPort: 8080}]}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: api, namespace: shop}
+spec:
+  parentRefs: [{group: "", kind: Service, name: api, port: 8080}]
+  rules:
+  - name: split
+    matches:
+    - path: {type: PathPrefix, value: /v1}
+      headers: [{name: x-user, value: jason}, {type: RegularExpression, name: x-re, value: "a+b"}]
+      queryParams: [{name: q, value: "1"}, {type: RegularExpression, name: r, value: "[0-9]+"}]
+      method: GET
+    - path: {type: Exact, value: /exact}
+    - path: {type: RegularExpression, value: "/re/[a-z]+"}
+    filters:
+    - type: RequestHeaderModifier
+      requestHeaderModifier: {set: [{name: x-a, value: "1"}], add: [{name: x-b, value: "2"}], remove: [x-c]}
+    - type: ResponseHeaderModifier
+      responseHeaderModifier: {set: [{name: x-d, value: "3"}], remove: [x-e]}
+    - type: RequestMirror
+      requestMirror: {backendRef: {name: web, port: 80}, percent: 10}
+    backendRefs:
+    - {name: api, port: 8080, weight: 80}
+    - name: web
+      port: 80
+      weight: 15
+      filters: [{type: RequestHeaderModifier, requestHeaderModifier: {set: [{name: x-canary, value: "yes"}]}}]
+    - {name: ghost, port: 80, weight: 5}
+    timeouts: {request: 5s, backendRequest: 2s}
+  - matches: [{path: {value: /prefix}}]
+    filters: [{type: URLRewrite, urlRewrite: {hostname: api.internal, path: {type: ReplacePrefixMatch, replacePrefixMatch: /}}}]
+    backendRefs: [{name: api, port: 8080}]
+  - matches: [{path: {value: /prefix2}}]
+    filters: [{type: URLRewrite, urlRewrite: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /other}}}]
+    backendRefs: [{name: api, port: 8080}]
+  - matches: [{path: {value: /full}}]
+    filters: [{type: URLRewrite, urlRewrite: {path: {type: ReplaceFullPath, replaceFullPath: /replaced}}}]
+    backendRefs: [{name: api, port: 8080}]
+  - matches: [{path: {value: /moved}}]
+    filters: [{type: RequestRedirect, requestRedirect: {scheme: https, hostname: example.org, statusCode: 301, path: {type: ReplacePrefixMatch, replacePrefixMatch: /new}}}]
+  - matches: [{path: {value: /gone}}]
+    filters: [{type: RequestRedirect, requestRedirect: {port: 8443, path: {type: ReplaceFullPath, replaceFullPath: /x}}}]
+  - matches: [{path: {value: /nothing}}]
+    backendRefs: [{name: api, port: 8080, weight: 0}]
+  - backendRefs: [{name: api, port: 8080}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: GRPCRoute
+metadata: {name: api-grpc, namespace: shop}
+spec:
+  parentRefs: [{group: "", kind: Service, name: api, sectionName: grpc}]
+  rules:
+  - matches: [{method: {service: echo.Echo, method: Say}}, {method: {service: echo.Echo}}, {method: {method: Ping}}, {method: {type: RegularExpression, service: "echo\\..*"}, headers: [{name: x-t, value: a}]}]
+    backendRefs: [{name: api, port: 9090}]
+"#;
+
 fn web_service_with_tcp() -> String {
     "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: shop, labels: {istio.io/use-waypoint: waypoint}}\nspec: {clusterIPs: [10.96.0.1, 'fd00:10:96::1'], selector: {app: web}, ports: [{name: http, port: 80, targetPort: 8080}, {name: tcp-db, port: 5432}]}\n".into()
 }
@@ -187,11 +251,12 @@ async fn envoy_acks_every_waypoint_resource() {
     let env = Env::start().await;
     write(&env.dir, "svc.yaml", &web_service_with_tcp());
     write(&env.dir, "routing.yaml", RICH_ROUTING);
+    write(&env.dir, "gateway-api.yaml", GATEWAY_API_ROUTES);
     // Wait for pilot to have the rich configuration.
     let start = Instant::now();
     loop {
         let p = env.pilot.published.borrow().clone();
-        if p.waypoints["shop/waypoint"].listeners.len() == 2 {
+        if p.waypoints["shop/waypoint"].listeners.len() == 4 {
             assert!(p.problems.is_empty(), "{:?}", p.problems);
             break;
         }

@@ -1588,6 +1588,48 @@ mod tests {
         assert_eq!(f.targets.pick(99).cluster, "b");
     }
 
+    #[test]
+    fn cluster_not_found_status() {
+        use pb::route_action::ClusterNotFoundResponseCode as Nf;
+        for (code, status) in [
+            (Nf::ServiceUnavailable, 503),
+            (Nf::NotFound, 404),
+            (Nf::InternalServerError, 500),
+        ] {
+            let t = forward_route(
+                prefix("/"),
+                pb::RouteAction {
+                    cluster_not_found_response_code: code as i32,
+                    ..Default::default()
+                },
+            );
+            let Action::Forward(f) = &t.virtual_hosts[0].routes[0].action else {
+                panic!()
+            };
+            assert_eq!(f.cluster_not_found, status);
+        }
+        let bad = pb::RouteConfiguration {
+            virtual_hosts: vec![pb::VirtualHost {
+                name: "v".into(),
+                domains: vec!["*".into()],
+                routes: vec![route_with(
+                    prefix("/"),
+                    Some(pb::route::Action::Route(pb::RouteAction {
+                        cluster_specifier: Some(pb::route_action::ClusterSpecifier::Cluster(
+                            "c".into(),
+                        )),
+                        cluster_not_found_response_code: 9,
+                        ..Default::default()
+                    })),
+                )],
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let e = compile(&bad).unwrap_err();
+        assert!(e.contains("cluster_not_found_response_code: unknown value 9"), "{e}");
+    }
+
     fn forward_route(m: pb::RouteMatch, a: pb::RouteAction) -> RouteTable {
         table(vec![route_with(
             m,
