@@ -828,6 +828,9 @@ pub struct Attached {
     pub statuses: BTreeMap<(RouteKind, Key), Vec<ParentStatus>>,
     /// Per waypoint Gateway: how many routes attach to it (`attachedRoutes`).
     pub attached_to_gateway: BTreeMap<Key, usize>,
+    /// Parents refused and backends that do not resolve, each naming its field (what the
+    /// status says, for the folder source too, which has no status).
+    pub problems: Vec<Problem>,
 }
 
 /// Whether `host` (a route's `hostnames` entry) names the service `name.ns`.
@@ -959,7 +962,7 @@ fn model_rule(
     rule: &Rule,
     m: &HttpMatch,
     domain: &str,
-    resolved: &mut Vec<Condition>,
+    resolved: &mut Vec<(String, Condition)>,
 ) -> HttpRoute {
     let name = rule
         .name
@@ -996,9 +999,9 @@ fn model_rule(
     });
     let live: Vec<&BackendRef> = rule.backends.iter().filter(|b| b.weight > 0).collect();
     let mut route_dests = Vec::new();
-    for b in &rule.backends {
+    for (j, b) in rule.backends.iter().enumerate() {
         let (host, ok) = resolve(s, route, b, domain);
-        resolved.push(ok);
+        resolved.push((format!("spec.rules[{rule_index}].backendRefs[{j}]"), ok));
         if b.weight == 0 {
             continue;
         }
@@ -1015,6 +1018,10 @@ fn model_rule(
     let mut mirrors = Vec::new();
     for mr in &rule.mirrors {
         let (host, ok) = resolve(s, route, &mr.backend, domain);
+        let field = format!(
+            "spec.rules[{rule_index}].filters (RequestMirror {})",
+            mr.backend.name
+        );
         if ok.is_ok() {
             mirrors.push(Mirror {
                 destination: Destination {
@@ -1025,7 +1032,7 @@ fn model_rule(
                 per_million: mr.per_million,
             });
         }
-        resolved.push(ok);
+        resolved.push((field, ok));
     }
     let (route_dests, direct_response) = if redirect.is_some() {
         (vec![], None)
@@ -1088,9 +1095,32 @@ pub fn attach(s: &Snapshot, domain: &str) -> Attached {
                 ));
             }
         }
+        let file = s.file_of(kind.kind(), key).to_string();
+        let object = format!("{} {}/{}", kind.kind(), key.0, key.1);
+        let mut problem = |field: String, reason: String| {
+            let p = Problem {
+                file: file.clone(),
+                object: object.clone(),
+                field,
+                reason,
+            };
+            if !out.problems.contains(&p) {
+                out.problems.push(p);
+            }
+        };
+        for (field, r) in &resolved {
+            if let Err((_, msg)) = r {
+                problem(
+                    field.clone(),
+                    format!("{msg}: requests for it are answered 500"),
+                );
+            }
+        }
         let resolved_refs: Condition = {
-            let failures: Vec<&(&'static str, String)> =
-                resolved.iter().filter_map(|r| r.as_ref().err()).collect();
+            let failures: Vec<&(&'static str, String)> = resolved
+                .iter()
+                .filter_map(|(_, r)| r.as_ref().err())
+                .collect();
             match failures.first() {
                 None => Ok(()),
                 Some((reason, _)) => Err((
@@ -1114,10 +1144,17 @@ pub fn attach(s: &Snapshot, domain: &str) -> Attached {
                 match s.gateways.get(&gw_key) {
                     // Another controller's Gateway: not ours to report on.
                     Some(gw) if !gw.is_waypoint() => continue,
-                    None => Err((
-                        "NoMatchingParent",
-                        format!("Gateway {}/{} not found", p.namespace, p.name),
-                    )),
+                    None => {
+                        // It may be another controller's, to come: no status, a problem.
+                        problem(
+                            format!("spec.parentRefs[{pi}]"),
+                            format!(
+                                "Gateway {}/{} not found; the route is not attached to it",
+                                p.namespace, p.name
+                            ),
+                        );
+                        continue;
+                    }
                     Some(_) if p.namespace != route.meta.namespace => Err((
                         "NotAllowedByListeners",
                         format!(
@@ -1203,6 +1240,12 @@ pub fn attach(s: &Snapshot, domain: &str) -> Attached {
                 // A parent kind pilot does not handle (another implementation's).
                 continue;
             };
+            if let Err((_, msg)) = &accepted {
+                problem(
+                    format!("spec.parentRefs[{pi}]"),
+                    format!("{msg}; the route is not attached to it"),
+                );
+            }
             for (svc_key, port) in targets {
                 let list = rules.entry(svc_key.clone()).or_default();
                 for (prec, r) in &model {
@@ -1240,6 +1283,7 @@ pub fn attach(s: &Snapshot, domain: &str) -> Attached {
         }
         out.statuses.insert((kind, key.clone()), statuses);
     }
+    out.problems.sort();
     for (svc, mut list) in rules {
         list.sort_by(|a, b| a.0.cmp(&b.0));
         out.by_service

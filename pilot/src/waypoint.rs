@@ -106,6 +106,7 @@ struct Builder<'a> {
 pub fn translate(s: &Snapshot, o: &MeshOptions) -> Translation {
     let mut t = Translation::default();
     let attached = crate::gateway_api::attach(s, &o.domain);
+    t.problems.extend(attached.problems.iter().cloned());
     let mut bound: BTreeMap<Key, BTreeSet<Key>> = BTreeMap::new();
     for (key, svc) in &s.services {
         if let Some(gw) = service_waypoint(s, svc) {

@@ -1627,7 +1627,10 @@ mod tests {
             ..Default::default()
         };
         let e = compile(&bad).unwrap_err();
-        assert!(e.contains("cluster_not_found_response_code: unknown value 9"), "{e}");
+        assert!(
+            e.contains("cluster_not_found_response_code: unknown value 9"),
+            "{e}"
+        );
     }
 
     fn forward_route(m: pb::RouteMatch, a: pb::RouteAction) -> RouteTable {

@@ -369,10 +369,25 @@ fn parents_attach_routes_to_services() {
         [
             (0, "NoMatchingParent"),
             (1, "NoMatchingParent"),
-            (2, "NoMatchingParent"),
             (3, "NoMatchingParent"),
         ],
-        "the example.com parent is another implementation's"
+        "a Gateway that does not exist and the example.com parent may be another implementation's"
+    );
+    let problems: Vec<String> = a
+        .problems
+        .iter()
+        .filter(|p| p.object == "HTTPRoute shop/refused")
+        .map(|p| p.to_string())
+        .collect();
+    assert_eq!(
+        problems,
+        [
+            "routes.yaml: HTTPRoute shop/refused: field \"spec.parentRefs[0]\": Service shop/lonely is not bound to a waypoint (istio.io/use-waypoint); the route is not attached to it",
+            "routes.yaml: HTTPRoute shop/refused: field \"spec.parentRefs[1]\": Service shop/ghost not found; the route is not attached to it",
+            "routes.yaml: HTTPRoute shop/refused: field \"spec.parentRefs[2]\": Gateway shop/nowhere not found; the route is not attached to it",
+            "routes.yaml: HTTPRoute shop/refused: field \"spec.parentRefs[3]\": no listener of the Gateway has this sectionName / port; the route is not attached to it",
+            "routes.yaml: HTTPRoute shop/refused: field \"spec.rules[0].backendRefs[0]\": backend Service shop/ghost not found: requests for it are answered 500",
+        ]
     );
     assert!(
         refused[0]
@@ -475,7 +490,13 @@ fn the_waypoint_translation_applies_gateway_api_semantics() {
   - backendRefs: [{name: web-v2, port: 80}]
 "#,
     ));
-    assert!(t.problems.is_empty(), "{:?}", t.problems);
+    let problems: Vec<String> = t.problems.iter().map(|p| p.to_string()).collect();
+    assert_eq!(
+        problems,
+        [
+            "routes.yaml: HTTPRoute shop/web: field \"spec.rules[0].backendRefs[1]\": backend Service shop/ghost not found: requests for it are answered 500"
+        ]
+    );
     assert_eq!(routes.len(), 3);
     let api = &routes[0];
     assert_eq!(api.name, "shop.web.0");
