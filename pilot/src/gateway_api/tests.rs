@@ -656,3 +656,44 @@ fn durations() {
     assert_eq!(d("s"), None);
     assert_eq!(d("1h1m1s1ms1h"), None);
 }
+
+#[test]
+fn a_bad_edit_keeps_the_last_good_route() {
+    let good = http_route(
+        "r",
+        "",
+        "  parentRefs: [{group: \"\", kind: Service, name: web}]\n  rules: [{backendRefs: [{name: web, port: 80}]}]",
+    );
+    let previous = snapshot(&good);
+    let bad = parse(&format!(
+        "{BASE}---\n{}",
+        good.replace("port: 80}", "port: 80, weight: -3}")
+    ));
+    let mut now = Snapshot::build(bad.objects, bad.problems);
+    assert!(now.http_routes.is_empty());
+    now.keep_last_good(&previous);
+    let key = ("shop".to_string(), "r".to_string());
+    assert_eq!(now.http_routes[&key], previous.http_routes[&key]);
+    assert_eq!(
+        now.problems[0].to_string(),
+        "routes.yaml: HTTPRoute shop/r: field \"spec.rules[0].backendRefs[0].weight\": -3 is not between 0 and 1000000; the last good version stays"
+    );
+}
+
+#[test]
+fn a_waypoint_takes_routes_of_its_own_namespace() {
+    let s = snapshot(
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: far, namespace: other}\nspec:\n  parentRefs: [{name: waypoint, namespace: shop}, {name: waypoint, namespace: shop, port: 15008}]\n  rules: [{backendRefs: [{name: web, port: 80}]}]\n",
+    );
+    let a = attach(&s, "cluster.local");
+    assert!(a.by_service.is_empty());
+    let st = &a.statuses[&(RouteKind::Http, ("other".to_string(), "far".to_string()))];
+    assert_eq!(st.len(), 2);
+    for p in st {
+        assert_eq!(p.accepted.as_ref().unwrap_err().0, "NotAllowedByListeners");
+    }
+    assert!(
+        !a.attached_to_gateway
+            .contains_key(&("shop".to_string(), "waypoint".to_string()))
+    );
+}
