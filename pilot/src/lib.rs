@@ -13,6 +13,7 @@ pub mod provision;
 pub mod route_status;
 pub mod routing;
 pub mod server;
+pub mod serving;
 pub mod token_review;
 pub mod translate;
 pub mod waypoint;

@@ -189,8 +189,11 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
             for node in &cfg.nodes {
                 tokens.node_token(node)?;
             }
-            let (fp, first) = crate::folder::blocking(folder, |dir| {
-                (crate::folder::fingerprint(dir), crate::folder::load(dir))
+            let (fp, first, cache) = crate::folder::blocking(folder, |dir| {
+                let fp = crate::folder::fingerprint(dir);
+                let mut cache = crate::folder::ParseCache::default();
+                let first = cache.load(dir);
+                (fp, first, cache)
             })
             .await
             .context("reading the configuration folder")?;
@@ -199,7 +202,12 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
                 warn!("{p}");
             }
             let (snap_tx, snap_rx) = watch::channel(first);
-            tokio::spawn(crate::folder::watch_folder(folder.clone(), fp, snap_tx));
+            tokio::spawn(crate::folder::watch_folder(
+                folder.clone(),
+                fp,
+                cache,
+                snap_tx,
+            ));
             let node_agent = Identity::new(
                 &cfg.mesh.trust_domain,
                 &cfg.mesh.root_namespace,
@@ -301,7 +309,10 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
     }
 
     let names: Vec<String> = SERVER_NAMES.iter().map(|s| s.to_string()).collect();
-    let (cert, key) = ca.issue_server_pem(&names, Duration::from_secs(365 * 24 * 3600))?;
+    // pilot's own certificate lives as long as the longest one it issues, and is renewed at
+    // half of that; each new connection gets the current one.
+    let serving = crate::serving::ServingCert::issue(&ca, &names, cfg.max_cert_ttl)?;
+    tokio::spawn(serving.clone().renew_forever(ca.clone()));
     let registry = Arc::new(Registry::default());
     let ads = AdsService {
         auth: auth.clone(),
@@ -321,14 +332,11 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         .with_context(|| format!("listening on {}", cfg.listen))?;
     let addr = listener.local_addr()?;
     let (shutdown_tx, shutdown_rx) = tokio::sync::oneshot::channel::<()>();
-    let tls = tonic::transport::ServerTlsConfig::new()
-        .identity(tonic::transport::Identity::from_pem(cert, key));
     let router = tonic::transport::Server::builder()
-        .tls_config(tls)?
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .add_service(AggregatedDiscoveryServiceServer::new(ads))
         .add_service(IstioCertificateServiceServer::new(ca_service));
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let incoming = crate::serving::incoming(listener, crate::serving::acceptor(serving.clone())?);
     let server = tokio::spawn(async move {
         let stop = async {
             let _ = shutdown_rx.await;

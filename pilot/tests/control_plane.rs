@@ -632,3 +632,72 @@ async fn a_proxy_for_one_workload_uses_its_own_token() {
     let err = create(&cp, other_csr, None).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
 }
+
+/// The certificate pilot's 15012 presents now (a fresh TLS connection, verified with the root).
+async fn serving_leaf(env: &Env) -> Vec<u8> {
+    use rustls_pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pki_types::CertificateDer::pem_slice_iter(env.pilot.root_pem.as_bytes()) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let config = rustls::ClientConfig::builder_with_provider(mesh::tls::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(env.pilot.addr)
+        .await
+        .unwrap();
+    let name = rustls_pki_types::ServerName::try_from("pilot.istio-system.svc").unwrap();
+    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    tls.get_ref().1.peer_certificates().unwrap()[0].to_vec()
+}
+
+/// pilot's serving certificate is renewed at half its lifetime (here the 4 s of
+/// `max_cert_ttl`): new connections get the new one, a stream opened before keeps working.
+#[tokio::test]
+async fn the_serving_certificate_is_renewed_and_open_streams_stay() {
+    let dir = std::env::temp_dir().join(format!("pilot-it-{}", fastrand::u64(..)));
+    std::fs::create_dir_all(dir.join("config")).unwrap();
+    write(&dir, "ns.yaml", NAMESPACE);
+    write(&dir, "svc.yaml", &service("web", "10.96.0.1", 80));
+    let pilot = start(Config {
+        source: Source::Folder(dir.join("config")),
+        state_dir: dir.join("state"),
+        listen: "127.0.0.1:0".parse().unwrap(),
+        debug: None,
+        mesh: Default::default(),
+        max_cert_ttl: Duration::from_secs(4),
+        nodes: vec!["node1".into()],
+    })
+    .await
+    .unwrap();
+    let env = Env { dir, pilot };
+    let mut s = Stream::open(&env.control("node1"), &[(ADDRESS_TYPE_URL, HashMap::new())])
+        .await
+        .unwrap();
+    let first = s.next().await;
+    s.ack(&first).await;
+    let before = serving_leaf(&env).await;
+    assert_eq!(
+        serving_leaf(&env).await,
+        before,
+        "same certificate until renewal"
+    );
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let after = serving_leaf(&env).await;
+    assert_ne!(after, before, "renewed at half of its 4 s lifetime");
+    let (_, leaf) = x509_parser::parse_x509_certificate(&after).unwrap();
+    assert!(leaf.validity().is_valid());
+    // The stream from before the renewal still gets pushes.
+    write(
+        &env.dir,
+        "pod.yaml",
+        &pod("web-1", "web", "node1", "10.244.1.5"),
+    );
+    let push = s.next().await;
+    assert_eq!(names(&push), ["uid-web-1"]);
+}
