@@ -136,6 +136,9 @@ pub struct HttpRoute {
     pub retries: Option<serde_json::Value>,
     pub fault: Option<serde_json::Value>,
     pub cors_policy: Option<serde_json::Value>,
+    /// Made from a Gateway API route (`gateway_api.rs`): translated with its semantics (path
+    /// prefixes end at a `/`, a backend that does not resolve answers 500).
+    pub gateway_api: bool,
 }
 
 /// A copy of each request sent to `destination` (the answer is dropped), for `per_million`
@@ -232,13 +235,13 @@ impl Gateway {
 
 /// A position in a YAML document, for reading one field at a time with its path in errors.
 #[derive(Clone, Copy)]
-struct At<'a> {
-    origin: &'a Origin,
-    path: &'a str,
-    v: &'a Value,
+pub(crate) struct At<'a> {
+    pub(crate) origin: &'a Origin,
+    pub(crate) path: &'a str,
+    pub(crate) v: &'a Value,
 }
 
-fn kind_of(v: &Value) -> &'static str {
+pub(crate) fn kind_of(v: &Value) -> &'static str {
     match v {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",
@@ -251,7 +254,7 @@ fn kind_of(v: &Value) -> &'static str {
 }
 
 impl<'a> At<'a> {
-    fn problem(&self, reason: impl Into<String>) -> Problem {
+    pub(crate) fn problem(&self, reason: impl Into<String>) -> Problem {
         Problem {
             file: self.origin.file.clone(),
             object: self.origin.object.clone(),
@@ -260,13 +263,13 @@ impl<'a> At<'a> {
         }
     }
 
-    fn wrong(&self, expected: &str) -> Problem {
+    pub(crate) fn wrong(&self, expected: &str) -> Problem {
         self.problem(format!("expected {expected}, got {}", kind_of(self.v)))
     }
 
     /// A mapping whose keys are all in `known` (a misspelt field would otherwise be ignored
     /// silently, and change what matches).
-    fn object(&self, known: &[&str]) -> Result<(), Problem> {
+    pub(crate) fn object(&self, known: &[&str]) -> Result<(), Problem> {
         let Some(m) = self.v.as_mapping() else {
             return Err(self.wrong("a mapping"));
         };
@@ -286,7 +289,7 @@ impl<'a> At<'a> {
     }
 
     /// Field `key` (absent and null are both `None`); call `f` with it and its path.
-    fn get<T>(
+    pub(crate) fn get<T>(
         &self,
         key: &str,
         f: impl FnOnce(At<'_>) -> Result<T, Problem>,
@@ -305,25 +308,25 @@ impl<'a> At<'a> {
         }
     }
 
-    fn string(&self) -> Result<String, Problem> {
+    pub(crate) fn string(&self) -> Result<String, Problem> {
         match self.v {
             Value::String(s) => Ok(s.clone()),
             _ => Err(self.wrong("a string")),
         }
     }
 
-    fn boolean(&self) -> Result<bool, Problem> {
+    pub(crate) fn boolean(&self) -> Result<bool, Problem> {
         self.v.as_bool().ok_or_else(|| self.wrong("a boolean"))
     }
 
-    fn int(&self) -> Result<i64, Problem> {
+    pub(crate) fn int(&self) -> Result<i64, Problem> {
         match self.v {
             Value::Number(n) => n.as_i64().ok_or_else(|| self.wrong("an integer")),
             _ => Err(self.wrong("an integer")),
         }
     }
 
-    fn port(&self) -> Result<u16, Problem> {
+    pub(crate) fn port(&self) -> Result<u16, Problem> {
         let n = self.int()?;
         match u16::try_from(n) {
             Ok(p) if p != 0 => Ok(p),
@@ -331,7 +334,10 @@ impl<'a> At<'a> {
         }
     }
 
-    fn list<T>(&self, mut f: impl FnMut(At<'_>) -> Result<T, Problem>) -> Result<Vec<T>, Problem> {
+    pub(crate) fn list<T>(
+        &self,
+        mut f: impl FnMut(At<'_>) -> Result<T, Problem>,
+    ) -> Result<Vec<T>, Problem> {
         let Some(items) = self.v.as_sequence() else {
             return Err(self.wrong("a list"));
         };
@@ -349,12 +355,12 @@ impl<'a> At<'a> {
             .collect()
     }
 
-    fn strings(&self) -> Result<Vec<String>, Problem> {
+    pub(crate) fn strings(&self) -> Result<Vec<String>, Problem> {
         self.list(|a| a.string())
     }
 
     /// A mapping of strings to `T`, in key order.
-    fn map<T>(
+    pub(crate) fn map<T>(
         &self,
         mut f: impl FnMut(At<'_>) -> Result<T, Problem>,
     ) -> Result<BTreeMap<String, T>, Problem> {
@@ -379,17 +385,17 @@ impl<'a> At<'a> {
         Ok(out)
     }
 
-    fn string_map(&self) -> Result<BTreeMap<String, String>, Problem> {
+    pub(crate) fn string_map(&self) -> Result<BTreeMap<String, String>, Problem> {
         self.map(|a| a.string())
     }
 
     /// Kept as written (JSON) for a later translation.
-    fn raw(&self) -> Result<serde_json::Value, Problem> {
+    pub(crate) fn raw(&self) -> Result<serde_json::Value, Problem> {
         serde_json::to_value(self.v).map_err(|e| self.problem(format!("not representable: {e}")))
     }
 }
 
-fn join(path: &str, key: &str) -> String {
+pub(crate) fn join(path: &str, key: &str) -> String {
     if path.is_empty() {
         key.to_string()
     } else {
@@ -397,7 +403,7 @@ fn join(path: &str, key: &str) -> String {
     }
 }
 
-fn check_regex(at: At<'_>, re: &str) -> Result<(), Problem> {
+pub(crate) fn check_regex(at: At<'_>, re: &str) -> Result<(), Problem> {
     regex::Regex::new(re)
         .map(|_| ())
         .map_err(|e| at.problem(format!("invalid regex {re:?}: {e}")))
@@ -471,7 +477,7 @@ fn http_match(at: At<'_>) -> Result<HttpMatch, Problem> {
     })
 }
 
-fn header_operations(at: At<'_>) -> Result<HeaderOperations, Problem> {
+pub(crate) fn header_operations(at: At<'_>) -> Result<HeaderOperations, Problem> {
     at.object(&["set", "add", "remove"])?;
     Ok(HeaderOperations {
         set: at.get("set", |a| a.string_map())?.unwrap_or_default(),
@@ -550,7 +556,7 @@ fn check_weights(at: At<'_>, route: &[RouteDestination]) -> Result<(), Problem> 
 }
 
 /// `1.5s`, `100ms`, `2m`, `1h`: Istio's (protobuf JSON and Go) duration forms.
-fn duration(at: At<'_>) -> Result<Duration, Problem> {
+pub(crate) fn duration(at: At<'_>) -> Result<Duration, Problem> {
     let s = at.string()?;
     let split = s
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
@@ -791,6 +797,7 @@ fn http_route(at: At<'_>) -> Result<HttpRoute, Problem> {
         mirrors: mirrors(at)?,
         cors_policy: at.get("corsPolicy", |a| a.raw())?,
         route,
+        gateway_api: false,
     };
     if let Some(d) = &r.delegate
         && d.name.is_empty()
@@ -899,7 +906,7 @@ fn l4_route(at: At<'_>, tls: bool) -> Result<L4Route, Problem> {
     })
 }
 
-fn spec_at<'a>(origin: &'a Origin, spec: &'a Value) -> At<'a> {
+pub(crate) fn spec_at<'a>(origin: &'a Origin, spec: &'a Value) -> At<'a> {
     At {
         origin,
         path: "spec",

@@ -101,12 +101,19 @@ struct Builder<'a> {
     problems: Vec<Problem>,
     /// Which AuthorizationPolicies apply to which waypoint and service.
     authz: &'a crate::rbac::Attachments,
+    /// The Gateway API routes of every service (`gateway_api.rs`).
+    attached: &'a crate::gateway_api::Attached,
+    /// While translating a Gateway API rule: a destination that is no known service gets no
+    /// cluster (its requests are answered 500, not 503).
+    gateway_api_rule: bool,
 }
 
 pub fn translate(s: &Snapshot, o: &MeshOptions) -> Translation {
     let mut t = Translation::default();
     let authz = crate::rbac::attachments(s, o);
     t.problems.extend(authz.problems.iter().cloned());
+    let attached = crate::gateway_api::attach(s, &o.domain);
+    t.problems.extend(attached.problems.iter().cloned());
     let mut bound: BTreeMap<Key, BTreeSet<Key>> = BTreeMap::new();
     for (key, svc) in &s.services {
         if let Some(gw) = service_waypoint(s, svc) {
@@ -126,12 +133,17 @@ pub fn translate(s: &Snapshot, o: &MeshOptions) -> Translation {
             out: WaypointResources::default(),
             problems: vec![],
             authz: &authz,
+            attached: &attached,
+            gateway_api_rule: false,
         };
         b.build();
         t.problems.extend(b.problems);
         t.waypoints
             .insert(format!("{}/{}", key.0, key.1), Arc::new(b.out));
     }
+    // A problem found on every port of a service is reported once.
+    t.problems.sort();
+    t.problems.dedup();
     t
 }
 
@@ -639,6 +651,34 @@ impl Builder<'_> {
             .collect()
     }
 
+    /// Where a service's HTTP routes come from: its Gateway API routes when it has any (the
+    /// VirtualServices that would apply are then reported and not applied), else its
+    /// VirtualServices.
+    fn route_sources(&mut self, svc: &Service) -> Vec<VirtualService> {
+        let key = (svc.meta.namespace.clone(), svc.meta.name.clone());
+        let vss: Vec<VirtualService> = self.virtual_services(svc).into_iter().cloned().collect();
+        let Some(routes) = self.attached.by_service.get(&key) else {
+            return vss;
+        };
+        let names: BTreeSet<String> = routes
+            .iter()
+            .map(|r| format!("{}/{}", r.meta.namespace, r.meta.name))
+            .collect();
+        let names = names.into_iter().collect::<Vec<_>>().join(", ");
+        let routes = routes.clone();
+        for vs in &vss {
+            self.problem(
+                format!("VirtualService {}/{}", vs.meta.namespace, vs.meta.name),
+                "spec.hosts",
+                format!(
+                    "service {}/{} also has Gateway API routes ({names}): they decide its HTTP routing and this VirtualService is not applied to it (mixing the two is not supported)",
+                    key.0, key.1
+                ),
+            );
+        }
+        routes
+    }
+
     /// The cluster a route destination goes to, creating it when needed: this waypoint's
     /// `inbound-vip|…` for a service bound to it, else `outbound|<port>|<subset>|<fqdn>`.
     fn destination_cluster(
@@ -659,6 +699,10 @@ impl Builder<'_> {
                 dest.subset.as_deref().unwrap_or(""),
                 dest.host
             );
+            if self.gateway_api_rule {
+                // A Gateway API backend that does not resolve: no cluster, so 500.
+                return name;
+            }
             self.want_cluster(
                 name.clone(),
                 &(String::new(), String::new()),
@@ -797,7 +841,7 @@ impl Builder<'_> {
     fn http_routes(&mut self, svc: &Service, port: u16, name: &str) {
         let mut routes = Vec::new();
         let mut body_limit = DEFAULT_DIRECT_BODY_LIMIT;
-        let vss: Vec<VirtualService> = self.virtual_services(svc).into_iter().cloned().collect();
+        let vss: Vec<VirtualService> = self.route_sources(svc);
         'all: for vs in &vss {
             for (i, r) in self.http_rules(vs).iter().enumerate() {
                 let object = format!("VirtualService {}/{}", vs.meta.namespace, vs.meta.name);
@@ -826,8 +870,14 @@ impl Builder<'_> {
                         };
                         body_limit = body_limit.max(len);
                     }
-                    match self.route(r, m, &vs.meta.namespace, (svc, port)) {
+                    self.gateway_api_rule = r.gateway_api;
+                    let built = self.route(r, m, &vs.meta.namespace, (svc, port));
+                    self.gateway_api_rule = false;
+                    match built {
                         Some(mut rt) => {
+                            if r.gateway_api {
+                                crate::gateway_api::envoy_semantics(&mut rt);
+                            }
                             rt.name = route_name;
                             if let Some(sp) = m.and_then(|m| m.stat_prefix.clone()) {
                                 rt.stat_prefix = sp;

@@ -168,6 +168,70 @@ spec:
   targetRefs: [{kind: Service, name: web}]
 "#;
 
+/// Every Gateway API feature the translation has (on a second service, `api`: the same
+/// service with a VirtualService and an HTTPRoute is reported as a problem).
+const GATEWAY_API_ROUTES: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: api, namespace: shop, labels: {istio.io/use-waypoint: waypoint}}
+spec: {clusterIP: 10.96.0.5, selector: {app: web}, ports: [{name: http, port: 8080, targetPort: 8080}, {name: grpc, port: 9090, targetPort: 8080}]}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: api, namespace: shop}
+spec:
+  parentRefs: [{group: "", kind: Service, name: api, port: 8080}]
+  rules:
+  - name: split
+    matches:
+    - path: {type: PathPrefix, value: /v1}
+      headers: [{name: x-user, value: jason}, {type: RegularExpression, name: x-re, value: "a+b"}]
+      queryParams: [{name: q, value: "1"}, {type: RegularExpression, name: r, value: "[0-9]+"}]
+      method: GET
+    - path: {type: Exact, value: /exact}
+    - path: {type: RegularExpression, value: "/re/[a-z]+"}
+    filters:
+    - type: RequestHeaderModifier
+      requestHeaderModifier: {set: [{name: x-a, value: "1"}], add: [{name: x-b, value: "2"}], remove: [x-c]}
+    - type: ResponseHeaderModifier
+      responseHeaderModifier: {set: [{name: x-d, value: "3"}], remove: [x-e]}
+    - type: RequestMirror
+      requestMirror: {backendRef: {name: web, port: 80}, percent: 10}
+    backendRefs:
+    - {name: api, port: 8080, weight: 80}
+    - name: web
+      port: 80
+      weight: 15
+      filters: [{type: RequestHeaderModifier, requestHeaderModifier: {set: [{name: x-canary, value: "yes"}]}}]
+    - {name: ghost, port: 80, weight: 5}
+    timeouts: {request: 5s, backendRequest: 2s}
+  - matches: [{path: {value: /prefix}}]
+    filters: [{type: URLRewrite, urlRewrite: {hostname: api.internal, path: {type: ReplacePrefixMatch, replacePrefixMatch: /}}}]
+    backendRefs: [{name: api, port: 8080}]
+  - matches: [{path: {value: /prefix2}}]
+    filters: [{type: URLRewrite, urlRewrite: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /other}}}]
+    backendRefs: [{name: api, port: 8080}]
+  - matches: [{path: {value: /full}}]
+    filters: [{type: URLRewrite, urlRewrite: {path: {type: ReplaceFullPath, replaceFullPath: /replaced}}}]
+    backendRefs: [{name: api, port: 8080}]
+  - matches: [{path: {value: /moved}}]
+    filters: [{type: RequestRedirect, requestRedirect: {scheme: https, hostname: example.org, statusCode: 301, path: {type: ReplacePrefixMatch, replacePrefixMatch: /new}}}]
+  - matches: [{path: {value: /gone}}]
+    filters: [{type: RequestRedirect, requestRedirect: {port: 8443, path: {type: ReplaceFullPath, replaceFullPath: /x}}}]
+  - matches: [{path: {value: /nothing}}]
+    backendRefs: [{name: api, port: 8080, weight: 0}]
+  - backendRefs: [{name: api, port: 8080}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: GRPCRoute
+metadata: {name: api-grpc, namespace: shop}
+spec:
+  parentRefs: [{group: "", kind: Service, name: api, sectionName: grpc}]
+  rules:
+  - matches: [{method: {service: echo.Echo, method: Say}}, {method: {service: echo.Echo}}, {method: {method: Ping}}, {method: {type: RegularExpression, service: "echo\\..*"}, headers: [{name: x-t, value: a}]}]
+    backendRefs: [{name: api, port: 9090}]
+"#;
+
 fn web_service_with_tcp() -> String {
     "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: shop, labels: {istio.io/use-waypoint: waypoint}}\nspec: {clusterIPs: [10.96.0.1, 'fd00:10:96::1'], selector: {app: web}, ports: [{name: http, port: 80, targetPort: 8080}, {name: tcp-db, port: 5432}]}\n".into()
 }
@@ -311,6 +375,7 @@ async fn envoy_acks_every_waypoint_resource() {
     write(&env.dir, "svc.yaml", &web_service_with_tcp());
     write(&env.dir, "routing.yaml", RICH_ROUTING);
     write(&env.dir, "policies.yaml", RICH_POLICIES);
+    write(&env.dir, "gateway-api.yaml", GATEWAY_API_ROUTES);
     // Wait for pilot to have the rich configuration.
     let start = Instant::now();
     loop {
@@ -320,21 +385,28 @@ async fn envoy_acks_every_waypoint_resource() {
             .listeners
             .values()
             .any(|l| String::from_utf8_lossy(&l.body).contains("envoy.filters.http.rbac"));
-        if w.listeners.len() == 2
+        if w.listeners.len() == 4
             && rbac
             && w.clusters
                 .contains_key("inbound-vip|80|http/secure|web.shop.svc.cluster.local")
         {
-            // Said, not errors: HTTP-only attributes on the TCP port, and request.auth conditions
-            // need RequestAuthentication.
-            let unexpected: Vec<_> = p
+            // Said, not errors: HTTP-only attributes on the TCP port, request.auth conditions
+            // need RequestAuthentication, and the one Gateway API backend that does not
+            // resolve, on purpose (its requests get 500).
+            let unexpected: Vec<String> = p
                 .problems
                 .iter()
                 .filter(|p| {
                     !p.reason.contains("HTTP only") && !p.reason.contains("RequestAuthentication")
                 })
+                .map(|p| p.to_string())
                 .collect();
-            assert!(unexpected.is_empty(), "{unexpected:?}");
+            assert_eq!(
+                unexpected,
+                [
+                    "gateway-api.yaml: HTTPRoute shop/api: field \"spec.rules[0].backendRefs[2]\": backend Service shop/ghost not found: requests for it are answered 500"
+                ]
+            );
             break;
         }
         assert!(

@@ -238,7 +238,8 @@ pub async fn handle(
             w,
             tunnel,
             log,
-            StatusCode::SERVICE_UNAVAILABLE,
+            StatusCode::from_u16(forward.cluster_not_found)
+                .unwrap_or(StatusCode::SERVICE_UNAVAILABLE),
             "NC",
             "no cluster\n",
         );

@@ -218,6 +218,9 @@ pub struct Forward {
     pub ignored: Vec<&'static str>,
     /// The request hash for consistent-hash clusters (`hash_policy`).
     pub hash_policy: Vec<crate::balancer::HashPolicy>,
+    /// The status when the chosen cluster does not exist (`cluster_not_found_response_code`:
+    /// 503 by default, 404 or 500).
+    pub cluster_not_found: u16,
 }
 
 #[derive(Debug)]
@@ -943,8 +946,21 @@ fn forward(a: &pb::RouteAction, matcher: &RouteMatch, route_name: &str) -> Resul
         (a.max_stream_duration.is_some(), "max_stream_duration"),
     ];
     let hash_policy = crate::balancer::hash_policies(&a.hash_policy)?;
+    use pb::route_action::ClusterNotFoundResponseCode as Nf;
+    let cluster_not_found = match Nf::try_from(a.cluster_not_found_response_code) {
+        Ok(Nf::ServiceUnavailable) => 503,
+        Ok(Nf::NotFound) => 404,
+        Ok(Nf::InternalServerError) => 500,
+        Err(_) => {
+            return Err(format!(
+                "cluster_not_found_response_code: unknown value {}",
+                a.cluster_not_found_response_code
+            ));
+        }
+    };
     Ok(Forward {
         hash_policy,
+        cluster_not_found,
         targets,
         prefix_rewrite,
         regex_rewrite,
@@ -1573,6 +1589,51 @@ mod tests {
         }
         assert_eq!(a, 25);
         assert_eq!(f.targets.pick(99).cluster, "b");
+    }
+
+    #[test]
+    fn cluster_not_found_status() {
+        use pb::route_action::ClusterNotFoundResponseCode as Nf;
+        for (code, status) in [
+            (Nf::ServiceUnavailable, 503),
+            (Nf::NotFound, 404),
+            (Nf::InternalServerError, 500),
+        ] {
+            let t = forward_route(
+                prefix("/"),
+                pb::RouteAction {
+                    cluster_not_found_response_code: code as i32,
+                    ..Default::default()
+                },
+            );
+            let Action::Forward(f) = &t.virtual_hosts[0].routes[0].action else {
+                panic!()
+            };
+            assert_eq!(f.cluster_not_found, status);
+        }
+        let bad = pb::RouteConfiguration {
+            virtual_hosts: vec![pb::VirtualHost {
+                name: "v".into(),
+                domains: vec!["*".into()],
+                routes: vec![route_with(
+                    prefix("/"),
+                    Some(pb::route::Action::Route(pb::RouteAction {
+                        cluster_specifier: Some(pb::route_action::ClusterSpecifier::Cluster(
+                            "c".into(),
+                        )),
+                        cluster_not_found_response_code: 9,
+                        ..Default::default()
+                    })),
+                )],
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let e = compile(&bad).unwrap_err();
+        assert!(
+            e.contains("cluster_not_found_response_code: unknown value 9"),
+            "{e}"
+        );
     }
 
     fn forward_route(m: pb::RouteMatch, a: pb::RouteAction) -> RouteTable {
