@@ -678,6 +678,7 @@ async fn start_ours(
             hbone_port,
         ),
         metrics: waypoint::metrics::Metrics::default(),
+        retry_buffer_bytes: waypoint::retry::DEFAULT_BUFFER_LIMIT,
     });
     let listener = TcpListener::bind(SocketAddr::new(net.ip(1), 0))
         .await

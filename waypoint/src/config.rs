@@ -105,7 +105,13 @@ pub enum ListenerKind {
 /// from its `typed_config` in [`http_filters`]; a filter the waypoint does not know is refused
 /// (the listener is NACKed), since skipping it could fail open.
 #[derive(Debug, Default)]
-pub struct HttpFilters {}
+pub struct HttpFilters {
+    /// `envoy.filters.http.cors` is in the chain (its settings are per route).
+    pub cors: bool,
+    /// `envoy.filters.http.fault` is in the chain, with its own `HTTPFault` (`None` inside:
+    /// it injects nothing unless a route's config says so).
+    pub fault: Option<Option<Arc<crate::fault::Fault>>>,
+}
 
 #[derive(Debug)]
 pub enum Routes {
@@ -422,7 +428,7 @@ fn http_listener(body: &[u8]) -> Result<ListenerKind, String> {
 /// The connection manager's `http_filters`: the router last (an empty list means the router
 /// alone), the filters before it each one the waypoint implements.
 fn http_filters(list: &[hcm::HttpFilter]) -> Result<HttpFilters, String> {
-    let filters = HttpFilters::default();
+    let mut filters = HttpFilters::default();
     let Some((last, before)) = list.split_last() else {
         return Ok(filters);
     };
@@ -432,8 +438,23 @@ fn http_filters(list: &[hcm::HttpFilter]) -> Result<HttpFilters, String> {
             last.name
         ));
     }
-    if let Some((i, f)) = before.iter().enumerate().next() {
-        return Err(format!("http_filters[{i}]: {:?} is not supported", f.name));
+    for (i, f) in before.iter().enumerate() {
+        let typed = match &f.config_type {
+            Some(hcm::http_filter::ConfigType::TypedConfig(a)) => Some(a),
+            _ => None,
+        };
+        match typed.map(|a| a.type_url.as_str()) {
+            Some(crate::cors::FILTER_TYPE_URL) => filters.cors = true,
+            Some(crate::fault::TYPE_URL) => {
+                let any = typed.map(|a| a.value.as_slice()).unwrap_or_default();
+                filters.fault = Some(
+                    crate::fault::Fault::decode(any)
+                        .map_err(|e| format!("http_filters[{i}] ({:?}): {e}", f.name))?
+                        .map(Arc::new),
+                );
+            }
+            _ => return Err(format!("http_filters[{i}]: {:?} is not supported", f.name)),
+        }
     }
     Ok(filters)
 }

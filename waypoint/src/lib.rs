@@ -5,9 +5,13 @@
 
 pub mod admin;
 pub mod config;
+pub mod cors;
+pub mod fault;
 pub mod inbound;
 pub mod metrics;
+pub mod mirror;
 pub mod request;
+pub mod retry;
 pub mod route;
 pub mod tcp;
 pub mod upstream;
@@ -23,4 +27,6 @@ pub struct Waypoint {
     pub config: watch::Receiver<Arc<config::Config>>,
     pub upstream: upstream::Upstream,
     pub metrics: metrics::Metrics,
+    /// Request bodies kept for retries up to this many bytes (a longer one is not retried).
+    pub retry_buffer_bytes: usize,
 }
