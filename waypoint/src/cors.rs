@@ -160,6 +160,13 @@ pub fn check(p: &Policies<'_>, method: &str, headers: &HeaderMap, draw: u32) -> 
     let mut out = HeaderMap::new();
     if allowed {
         out.insert(ALLOW_ORIGIN, origin.clone());
+        // Envoy's filter then treats its own answer as a CORS response: exposed headers too.
+        let expose = p.text(|c| &c.expose_headers);
+        if let Ok(v) = HeaderValue::from_str(expose)
+            && !expose.is_empty()
+        {
+            out.insert(EXPOSE_HEADERS, v);
+        }
     }
     if credentials {
         out.insert(ALLOW_CREDENTIALS, HeaderValue::from_static("true"));
@@ -266,6 +273,10 @@ mod tests {
         assert_eq!(h["access-control-allow-headers"], "x-a");
         assert_eq!(h["access-control-max-age"], "60");
         assert_eq!(h["access-control-allow-credentials"], "true");
+        assert_eq!(
+            h["access-control-expose-headers"], "x-b",
+            "as Envoy's own answer gets"
+        );
         // Not allowed and not forwarded: answered here without an allowed origin.
         let other = headers(&[
             ("origin", "https://evil.example"),

@@ -145,6 +145,11 @@ pub async fn handle(
         );
     };
     log.route = route.name.clone();
+    let response_ops = [
+        &route.response_headers,
+        &vhost.response_headers,
+        &table.response_headers,
+    ];
     // The HTTP filters before the router, in Istio's order: CORS, then fault injection.
     if let ListenerKind::Http { filters, .. } = &tunnel.listener.kind {
         if filters.cors {
@@ -185,7 +190,11 @@ pub async fn handle(
                 }
                 if let Some(abort) = d.abort {
                     let grpc = is_grpc(req.headers());
-                    return fault_reply(w, tunnel, log, abort, grpc, d.delay.is_some());
+                    let mut rsp = fault_reply(w, tunnel, log, abort, grpc, d.delay.is_some());
+                    for o in response_ops {
+                        o.apply(rsp.headers_mut());
+                    }
+                    return rsp;
                 }
             }
         }
@@ -233,13 +242,14 @@ pub async fn handle(
     let target = forward.targets.pick(fastrand::u64(..));
     log.cluster = target.cluster.clone();
     let Some(cluster) = config.clusters.get(&target.cluster) else {
-        return local_reply(
+        return route_reply(
             w,
             tunnel,
             log,
             StatusCode::SERVICE_UNAVAILABLE,
             "NC",
             "no cluster\n",
+            response_ops,
         );
     };
 
@@ -307,13 +317,14 @@ pub async fn handle(
     // The cluster decides the version spoken upstream, as Envoy's protocol options do.
     let upstream_protocol = upstream_protocol_of(cluster, protocol);
     let Ok(uri) = upstream_uri(&mut parts.headers, upstream_protocol, &scheme, &host, path) else {
-        return local_reply(
+        return route_reply(
             w,
             tunnel,
             log,
             StatusCode::BAD_REQUEST,
             "DPE",
             "bad request path\n",
+            response_ops,
         );
     };
     parts.uri = uri;
@@ -379,13 +390,14 @@ pub async fn handle(
     let mut attempt: u32 = 1;
     let mut upstream_rsp = loop {
         let Some(endpoint) = pick_endpoint(cluster, retry, &tried) else {
-            return local_reply(
+            return route_reply(
                 w,
                 tunnel,
                 log,
                 StatusCode::SERVICE_UNAVAILABLE,
                 "UH",
                 "no healthy upstream\n",
+                response_ops,
             );
         };
         tried.push(endpoint.address);
@@ -398,13 +410,14 @@ pub async fn handle(
             parts.as_ref().map(copy_parts)
         };
         let Some(mut p) = attempt_parts.take() else {
-            return local_reply(
+            return route_reply(
                 w,
                 tunnel,
                 log,
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "-",
                 "no request left to send\n",
+                response_ops,
             );
         };
         if vhost.include_attempt_count {
@@ -492,13 +505,14 @@ pub async fn handle(
             let timed_out = f == retry::Failure::PerTryTimeout;
             if timed_out && !per_try_is_shorter {
                 // The route timeout: over for every attempt.
-                return local_reply(
+                return route_reply(
                     w,
                     tunnel,
                     log,
                     StatusCode::GATEWAY_TIMEOUT,
                     "UT",
-                    "upstream request timeout\n",
+                    "upstream request timeout",
+                    response_ops,
                 );
             }
             if !(retriable && may_retry) {
@@ -507,37 +521,41 @@ pub async fn handle(
                     w.metrics.retry_limit_exceeded(&target.cluster);
                 }
                 return match (timed_out, exceeded) {
-                    (true, false) => local_reply(
+                    (true, false) => route_reply(
                         w,
                         tunnel,
                         log,
                         StatusCode::GATEWAY_TIMEOUT,
                         "UT",
-                        "upstream request timeout\n",
+                        "upstream request timeout",
+                        response_ops,
                     ),
-                    (true, true) => local_reply(
+                    (true, true) => route_reply(
                         w,
                         tunnel,
                         log,
                         StatusCode::GATEWAY_TIMEOUT,
                         "UT,URX",
-                        "upstream request timeout\n",
+                        "upstream request timeout",
+                        response_ops,
                     ),
-                    (false, false) => local_reply(
+                    (false, false) => route_reply(
                         w,
                         tunnel,
                         log,
                         StatusCode::SERVICE_UNAVAILABLE,
                         "UF",
                         "upstream connect error\n",
+                        response_ops,
                     ),
-                    (false, true) => local_reply(
+                    (false, true) => route_reply(
                         w,
                         tunnel,
                         log,
                         StatusCode::SERVICE_UNAVAILABLE,
                         "UF,URX",
                         "upstream connect error\n",
+                        response_ops,
                     ),
                 };
             }
@@ -553,13 +571,14 @@ pub async fn handle(
             tokio::time::sleep(wait).await;
         }
         if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
-            return local_reply(
+            return route_reply(
                 w,
                 tunnel,
                 log,
                 StatusCode::GATEWAY_TIMEOUT,
                 "UT",
-                "upstream request timeout\n",
+                "upstream request timeout",
+                response_ops,
             );
         }
         attempt += 1;
@@ -607,6 +626,25 @@ pub async fn handle(
             ResponseBody::upstream(body, deadline.filter(|_| !upgraded)),
         ),
     )
+}
+
+/// A response the waypoint makes itself once a route is chosen: as Envoy's router, the
+/// route's (virtual host's, table's) response header operations apply to it.
+#[allow(clippy::too_many_arguments)]
+fn route_reply(
+    w: &Waypoint,
+    tunnel: &Tunnel,
+    log: Log,
+    status: StatusCode,
+    flags: &'static str,
+    body: &'static str,
+    ops: [&crate::route::HeaderOps; 3],
+) -> Response<ResponseBody> {
+    let mut rsp = local_reply(w, tunnel, log, status, flags, body);
+    for o in ops {
+        o.apply(rsp.headers_mut());
+    }
+    rsp
 }
 
 /// A response the waypoint makes itself, with Envoy's response flag for the access log.
