@@ -112,6 +112,7 @@ pub async fn handle(
         traceparent: header_text(req.headers(), "traceparent"),
         request_id: header_text(req.headers(), "x-request-id"),
         cors: None,
+        attempts: 0,
     };
 
     let table = match &tunnel.listener.kind {
@@ -401,6 +402,7 @@ pub async fn handle(
             );
         };
         tried.push(endpoint.address);
+        log.attempts = attempt;
         log.upstream = Some(endpoint.address);
         log.upstream_workload = config.state.workload_by_ip(endpoint.address.ip()).cloned();
         // The last possible attempt takes the request; earlier ones send a copy.
@@ -1249,6 +1251,8 @@ struct Log {
     request_id: Option<String>,
     /// CORS headers for the answer (a CORS request from an allowed origin).
     cors: Option<HeaderMap>,
+    /// Upstream attempts made (Envoy's `%UPSTREAM_REQUEST_ATTEMPT_COUNT%`).
+    attempts: u32,
 }
 
 impl Log {
@@ -1275,6 +1279,7 @@ impl Log {
             "route_name": self.route,
             "upstream_cluster": self.cluster,
             "upstream_host": self.upstream.map(|u| u.to_string()),
+            "upstream_request_attempt_count": self.attempts,
             "upstream_workload": self.upstream_workload.as_ref().map(|w| format!("{}/{}", w.namespace, w.name)),
             "traceparent": self.traceparent,
             "x_request_id": self.request_id,
