@@ -879,6 +879,7 @@ impl Builder<'_> {
                                 crate::gateway_api::envoy_semantics(&mut rt);
                             }
                             rt.name = route_name;
+                            rt.typed_per_filter_config = crate::route_policy::per_filter_config(r);
                             if let Some(sp) = m.and_then(|m| m.stat_prefix.clone()) {
                                 rt.stat_prefix = sp;
                             }
@@ -914,6 +915,7 @@ impl Builder<'_> {
                         cluster,
                     )),
                     timeout: Some(duration(Duration::ZERO)),
+                    retry_policy: crate::route_policy::retry_policy(None, false),
                     ..Default::default()
                 })),
                 ..Default::default()
@@ -925,6 +927,8 @@ impl Builder<'_> {
                 name: format!("inbound|http|{port}"),
                 domains: vec!["*".into()],
                 routes,
+                // As Istio: the upstream sees `x-envoy-attempt-count` (1, 2, … with retries).
+                include_request_attempt_count: true,
                 ..Default::default()
             }],
             validate_clusters: Some(pbw::BoolValue { value: false }),
@@ -1053,8 +1057,19 @@ impl Builder<'_> {
             }
             let mut action = route::RouteAction {
                 timeout: Some(duration(r.timeout.unwrap_or(Duration::ZERO))),
+                retry_policy: crate::route_policy::retry_policy(r.retries.as_ref(), false),
                 ..Default::default()
             };
+            for m in &r.mirrors {
+                let d = RouteDestination {
+                    destination: m.destination.clone(),
+                    ..Default::default()
+                };
+                let cluster = self.destination_cluster(&d, vs_ns, here);
+                action
+                    .request_mirror_policies
+                    .extend(crate::route_policy::mirror_policy(cluster, m.per_million));
+            }
             let mut host = request.host.clone();
             if dests.len() == 1 {
                 let d = dests[0];
@@ -1278,8 +1293,8 @@ fn merge_match(root: &HttpMatch, inner: Option<&HttpMatch>) -> HttpMatch {
     m
 }
 
-/// The connection manager of an HTTP listener: `before_router` (the RBAC filters) then the
-/// router.
+/// The connection manager of an HTTP listener: `before_router` (the RBAC filters), CORS and
+/// fault injection, then the router.
 fn http_filter(name: &str, before_router: Vec<hcm::HttpFilter>) -> listener::Filter {
     let manager = hcm::HttpConnectionManager {
         stat_prefix: name.to_string(),
@@ -1289,8 +1304,10 @@ fn http_filter(name: &str, before_router: Vec<hcm::HttpFilter>) -> listener::Fil
                 route_config_name: name.to_string(),
             },
         )),
+        // Istio's order: the RBAC filters, CORS, fault injection, the router.
         http_filters: before_router
             .into_iter()
+            .chain(crate::route_policy::http_filters())
             .chain([hcm::HttpFilter {
                 name: "envoy.filters.http.router".into(),
                 config_type: Some(hcm::http_filter::ConfigType::TypedConfig(pack_any(
@@ -1671,7 +1688,16 @@ spec: {host: web, subsets: [{name: v1, labels: {version: v1}}, {name: v2, labels
             panic!()
         };
         assert_eq!(rds.route_config_name, WEB_HTTP);
-        assert_eq!(m.http_filters[0].name, "envoy.filters.http.router");
+        let names: Vec<&str> = m.http_filters.iter().map(|f| f.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "envoy.filters.http.cors",
+                "envoy.filters.http.fault",
+                "envoy.filters.http.router"
+            ],
+            "Istio's order"
+        );
         let l = listener::Listener::decode(w.listeners[WEB_TCP].body.clone()).unwrap();
         let Some(listener::filter::ConfigType::TypedConfig(any)) =
             &l.filter_chains[0].filters[0].config_type
@@ -1906,6 +1932,67 @@ spec: {host: web, subsets: [{name: v1, labels: {version: v1}}, {name: v2, labels
         assert!(w.clusters.contains_key(name));
         let cla = endpoint::ClusterLoadAssignment::decode(w.endpoints[name].body.clone()).unwrap();
         assert_eq!(cla.endpoints[0].lb_endpoints.len(), 1);
+    }
+
+    #[test]
+    fn retries_faults_cors_and_mirrors_on_routes() {
+        use envoy_types::pb::envoy::extensions::filters::http::cors::v3 as cors;
+        use envoy_types::pb::envoy::extensions::filters::http::fault::v3 as fault;
+        let (w, problems) = waypoint(&vs(r#"
+  - name: policies
+    match: [{uri: {prefix: /p}}]
+    route: [{destination: {host: web, subset: v1}}]
+    retries: {attempts: 3, perTryTimeout: 500ms, retryOn: "5xx,409"}
+    fault: {delay: {fixedDelay: 2s, percentage: {value: 50}}, abort: {httpStatus: 418, percentage: {value: 100}}}
+    corsPolicy: {allowOrigins: [{exact: "https://a.example"}], allowMethods: [GET], maxAge: 60s}
+    mirror: {host: web, subset: v2}
+    mirrorPercentage: {value: 25}
+  - name: off
+    match: [{uri: {prefix: /off}}]
+    route: [{destination: {host: web, subset: v1}}]
+    retries: {attempts: 0}
+  - name: plain
+    route: [{destination: {host: web, subset: v1}}]
+"#));
+        assert!(problems.is_empty(), "{problems:?}");
+        let r = routes(&w);
+        let a = action(&r[0]);
+        let p = a.retry_policy.as_ref().unwrap();
+        assert_eq!(p.num_retries, Some(pbw::UInt32Value { value: 3 }));
+        assert_eq!(p.retry_on, "5xx,retriable-status-codes");
+        assert_eq!(p.retriable_status_codes, [409]);
+        assert_eq!(a.request_mirror_policies.len(), 1);
+        assert_eq!(
+            a.request_mirror_policies[0].cluster,
+            "inbound-vip|80|http/v2|web.shop.svc.cluster.local"
+        );
+        let f = fault::HttpFault::decode(
+            r[0].typed_per_filter_config["envoy.filters.http.fault"]
+                .value
+                .as_slice(),
+        )
+        .unwrap();
+        assert_eq!(
+            f.abort.unwrap().error_type,
+            Some(fault::fault_abort::ErrorType::HttpStatus(418))
+        );
+        let c = cors::CorsPolicy::decode(
+            r[0].typed_per_filter_config["envoy.filters.http.cors"]
+                .value
+                .as_slice(),
+        )
+        .unwrap();
+        assert_eq!(c.max_age, "60");
+        assert_eq!(action(&r[1]).retry_policy, None, "attempts: 0");
+        let plain = action(&r[2]).retry_policy.as_ref().unwrap();
+        assert_eq!(
+            plain.num_retries,
+            Some(pbw::UInt32Value { value: 2 }),
+            "Istio's default"
+        );
+        assert!(r[2].typed_per_filter_config.is_empty());
+        let rc = route::RouteConfiguration::decode(w.routes[WEB_HTTP].body.clone()).unwrap();
+        assert!(rc.virtual_hosts[0].include_request_attempt_count);
     }
 
     #[test]

@@ -69,6 +69,30 @@ spec:
   - match: [{uri: {prefix: /rewrite}}]
     route: [{destination: {host: web}}]
     rewrite: {uri: /two, authority: other.internal}
+  - name: resilience
+    match: [{uri: {prefix: /resilience}}]
+    route: [{destination: {host: web, subset: v1}}]
+    retries: {attempts: 3, perTryTimeout: 500ms, retryOn: "5xx,retriable-4xx,409,unavailable", retryRemoteLocalities: true, retryIgnorePreviousHosts: true, backoff: 10ms}
+    fault:
+      delay: {fixedDelay: 1s, percentage: {value: 12.5}}
+      abort: {grpcStatus: UNAVAILABLE, percentage: {value: 0.1}}
+    corsPolicy:
+      allowOrigins: [{exact: "https://a.example"}, {prefix: "https://b."}, {regex: "https://.*\\.c\\.example"}]
+      allowMethods: [GET, POST]
+      allowHeaders: [x-a]
+      exposeHeaders: [x-b]
+      maxAge: 24h
+      allowCredentials: true
+      unmatchedPreflights: IGNORE
+    mirrors:
+    - destination: {host: web, subset: v2}
+      percentage: {value: 30}
+    - destination: {host: unknown.example.com, port: {number: 80}}
+  - match: [{uri: {prefix: /abort}}]
+    route: [{destination: {host: web}}]
+    fault: {abort: {httpStatus: 503, percentage: {value: 100}}}
+    retries: {attempts: 0}
+    mirror: {host: web, subset: v1}
   - match: [{uri: {prefix: /re}}]
     route: [{destination: {host: unknown.example.com, port: {number: 80}}}]
     rewrite: {uriRegexRewrite: {match: "^/re/(.*)", rewrite: "/\\1"}}

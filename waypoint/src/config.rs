@@ -114,6 +114,11 @@ pub enum ListenerKind {
 pub struct HttpFilters {
     /// `envoy.filters.http.rbac` filters, in their order (Istio: AUDIT, DENY, ALLOW).
     pub rbac: Vec<crate::rbac::RbacFilter>,
+    /// `envoy.filters.http.cors` is in the chain (its settings are per route).
+    pub cors: bool,
+    /// `envoy.filters.http.fault` is in the chain, with its own `HTTPFault` (`None` inside:
+    /// it injects nothing unless a route's config says so).
+    pub fault: Option<Option<Arc<crate::fault::Fault>>>,
 }
 
 #[derive(Debug)]
@@ -757,20 +762,24 @@ fn http_filters(list: &[hcm::HttpFilter]) -> Result<HttpFilters, String> {
         ));
     }
     for (i, f) in before.iter().enumerate() {
-        let any = match &f.config_type {
-            Some(hcm::http_filter::ConfigType::TypedConfig(a)) => a,
-            _ => {
-                return Err(format!(
-                    "http_filters[{i}] ({:?}): typed_config required",
-                    f.name
-                ));
-            }
+        let typed = match &f.config_type {
+            Some(hcm::http_filter::ConfigType::TypedConfig(a)) => Some(a),
+            _ => None,
         };
-        match any.type_url.as_str() {
-            crate::rbac::TYPE_URL => filters.rbac.push(
-                crate::rbac::compile(&any.value)
+        match typed.map(|a| a.type_url.as_str()) {
+            Some(crate::rbac::TYPE_URL) => filters.rbac.push(
+                crate::rbac::compile(typed.map(|a| a.value.as_slice()).unwrap_or_default())
                     .map_err(|e| format!("http_filters[{i}] ({:?}): {e}", f.name))?,
             ),
+            Some(crate::cors::FILTER_TYPE_URL) => filters.cors = true,
+            Some(crate::fault::TYPE_URL) => {
+                let any = typed.map(|a| a.value.as_slice()).unwrap_or_default();
+                filters.fault = Some(
+                    crate::fault::Fault::decode(any)
+                        .map_err(|e| format!("http_filters[{i}] ({:?}): {e}", f.name))?
+                        .map(Arc::new),
+                );
+            }
             _ => return Err(format!("http_filters[{i}]: {:?} is not supported", f.name)),
         }
     }

@@ -68,6 +68,10 @@ struct Args {
     /// Log as JSON lines.
     #[arg(long)]
     log_json: bool,
+    /// Request bodies are kept up to this many bytes so that a retry can send them again; a
+    /// longer body is not retried (counted in `waypoint_retry_or_shadow_abandoned_total`).
+    #[arg(long, env = "RETRY_BUFFER_BYTES", default_value_t = waypoint::retry::DEFAULT_BUFFER_LIMIT)]
+    retry_buffer_bytes: usize,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -131,6 +135,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         config: config_rx.clone(),
         upstream: waypoint::upstream::Upstream::new(identity.clone(), certs.clone()),
         metrics,
+        retry_buffer_bytes: args.retry_buffer_bytes,
     });
 
     let (drain_trigger, drain_watch) = mesh::drain::channel();

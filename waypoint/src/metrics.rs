@@ -45,6 +45,13 @@ pub struct RbacLabels {
     pub shadow: bool,
 }
 
+/// How a mirror copy went: `sent` (answered), `failed`, `dropped` (fell behind or too slow).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MirrorLabels {
+    pub cluster_name: String,
+    pub outcome: String,
+}
+
 #[derive(Clone)]
 pub struct Metrics {
     pub requests: Family<HttpLabels, Counter>,
@@ -56,6 +63,13 @@ pub struct Metrics {
     pub rbac: Family<RbacLabels, Counter>,
     /// Envoy's per-cluster circuit-breaker and outlier-detection statistics.
     pub clusters: ClusterMetrics,
+    /// Envoy's `upstream_rq_retry`, `_retry_success`, `_retry_limit_exceeded` and
+    /// `retry_or_shadow_abandoned` (a body too long to keep for a retry), per cluster.
+    pub retries: Family<ClusterLabel, Counter>,
+    pub retry_successes: Family<ClusterLabel, Counter>,
+    pub retry_limit_exceeded: Family<ClusterLabel, Counter>,
+    pub retry_or_shadow_abandoned: Family<ClusterLabel, Counter>,
+    pub mirrors: Family<MirrorLabels, Counter>,
 }
 
 /// Istio's default duration buckets, in milliseconds.
@@ -83,6 +97,11 @@ impl Default for Metrics {
             tcp: TcpMetrics::default(),
             rbac: Family::default(),
             clusters: ClusterMetrics::default(),
+            retries: Family::default(),
+            retry_successes: Family::default(),
+            retry_limit_exceeded: Family::default(),
+            retry_or_shadow_abandoned: Family::default(),
+            mirrors: Family::default(),
         }
     }
 }
@@ -112,6 +131,31 @@ impl Metrics {
             "Authorization (RBAC filter) verdicts, by effective policy",
             self.rbac.clone(),
         );
+        registry.register(
+            "envoy_cluster_upstream_rq_retry",
+            "Retries sent",
+            self.retries.clone(),
+        );
+        registry.register(
+            "envoy_cluster_upstream_rq_retry_success",
+            "Requests that succeeded after a retry",
+            self.retry_successes.clone(),
+        );
+        registry.register(
+            "envoy_cluster_upstream_rq_retry_limit_exceeded",
+            "Requests still failing when no retry was left",
+            self.retry_limit_exceeded.clone(),
+        );
+        registry.register(
+            "envoy_cluster_retry_or_shadow_abandoned",
+            "Request bodies too long to keep for a retry (not retried)",
+            self.retry_or_shadow_abandoned.clone(),
+        );
+        registry.register(
+            "waypoint_mirror_requests",
+            "Mirror copies by outcome (sent, failed, dropped)",
+            self.mirrors.clone(),
+        );
     }
 
     /// Count one RBAC verdict.
@@ -126,6 +170,52 @@ impl Metrics {
             shadow,
         };
         self.rbac.get_or_create(&labels).inc();
+    }
+
+    fn cluster(cluster: &str) -> ClusterLabel {
+        ClusterLabel {
+            cluster_name: cluster.to_string(),
+        }
+    }
+
+    pub fn retry(&self, cluster: &str) {
+        self.retries.get_or_create(&Self::cluster(cluster)).inc();
+    }
+
+    pub fn retry_success(&self, cluster: &str) {
+        self.retry_successes
+            .get_or_create(&Self::cluster(cluster))
+            .inc();
+    }
+
+    pub fn retry_limit_exceeded(&self, cluster: &str) {
+        self.retry_limit_exceeded
+            .get_or_create(&Self::cluster(cluster))
+            .inc();
+    }
+
+    /// The counter a request's body increments if it outgrows the retry buffer.
+    pub fn retry_or_shadow_abandoned(&self, cluster: &str) -> Counter {
+        self.retry_or_shadow_abandoned
+            .get_or_create(&Self::cluster(cluster))
+            .clone()
+    }
+
+    /// The outcome counters of a mirror cluster.
+    pub fn mirror_outcome(&self, cluster: &str) -> crate::mirror::Outcome {
+        let c = |outcome: &str| {
+            self.mirrors
+                .get_or_create(&MirrorLabels {
+                    cluster_name: cluster.to_string(),
+                    outcome: outcome.to_string(),
+                })
+                .clone()
+        };
+        crate::mirror::Outcome {
+            sent: c("sent"),
+            failed: c("failed"),
+            dropped: c("dropped"),
+        }
     }
 
     /// Count one finished request.

@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use testbed::cluster::{Cluster, ClusterSpec, ControlPlaneMode, HttpAnswer, PodDef};
+use testbed::cluster::{Cluster, ClusterSpec, ControlPlaneMode, HttpAnswer, PodDef, sum_metric};
 
 /// The example app pilot serves: `deploy/examples/bookinfo`, as a user would `kubectl apply` it.
 const EXAMPLE: &str = "deploy/examples/bookinfo";
@@ -276,6 +276,10 @@ Mesh up in {:.1}s: {} nodes, pilot on node1 (xDS + CA over TLS on {}), one ztunn
         by_path(&c, &routes).await,
     );
     report.check(
+        "(o) fault injection: /delay held 1 s by the waypoint (measured), then aborted 503",
+        delay_fault(&c).await,
+    );
+    report.check(
         "(i) VirtualService: sourceLabels app: productpage to v2",
         by_source(&c, &routes).await,
     );
@@ -294,6 +298,14 @@ Mesh up in {:.1}s: {} nodes, pilot on node1 (xDS + CA over TLS on {}), one ztunn
     report.check(
         "(l) DestinationRule connection pool: overflow answered 503 UO",
         pool_overflow(&c).await,
+    );
+    report.check(
+        "(m) retries: Istio's default retry policy hides a pod failing half of its requests",
+        retry_hides_flaky_pod(&c, &routes).await,
+    );
+    report.check(
+        "(n) mirroring: the mirror target sees a copy of the request with the same body",
+        mirror_with_body(&c).await,
     );
 
     let failed = report.rows.iter().filter(|r| !r.0).count();
@@ -883,11 +895,11 @@ async fn by_path(c: &Cluster, routes: &Path) -> anyhow::Result<String> {
             && p3.starts_with("reviews-v2")
             && authority == "reviews-v2.internal"
             && s4 == 503
-            && body4 == "aborted by the waypoint";
+            && body4 == "fault filter abort";
         Ok((
             ok,
             format!(
-                "GET /status: {s1} from {p1}\nGET /status/more: {s2} from {p2} (exact match only)\nGET /headers/x: {s3} from {p3}, the app saw authority {authority:?}\nGET /delay: {s4} {body4:?} (from the waypoint; fault injection is not translated yet, so the example uses directResponse: {{status: 503}})"
+                "GET /status: {s1} from {p1}\nGET /status/more: {s2} from {p2} (exact match only)\nGET /headers/x: {s3} from {p3}, the app saw authority {authority:?}\nGET /delay: {s4} {body4:?} (fault injection at the waypoint: delay 1 s, then abort)"
             ),
         ))
     };
@@ -896,6 +908,161 @@ async fn by_path(c: &Cluster, routes: &Path) -> anyhow::Result<String> {
         "4-paths.yaml written -> in effect after {}:\n{seen}",
         ms(took)
     ))
+}
+
+/// 4-paths.yaml is in effect: `/delay` is held by the waypoint's fault filter for 1 s, then
+/// aborted with 503 (the app never sees it); timed against `/status`, which is not delayed.
+async fn delay_fault(c: &Cluster) -> anyhow::Result<String> {
+    let page = pod(c, "productpage");
+    let dst = SocketAddr::new(REVIEWS_VIP.into(), REVIEWS_PORT);
+    let mut lines = vec![];
+    for path in ["/status", "/delay", "/delay", "/delay"] {
+        let start = Instant::now();
+        let (status, _, _, answer) = get(c, page, dst, "reviews:9080", path, &[]).await?;
+        let took = start.elapsed();
+        let body = String::from_utf8_lossy(&answer.body).trim().to_string();
+        if path == "/delay" {
+            if status != 503 || body != "fault filter abort" {
+                bail!("GET /delay answered {status} {body:?}");
+            }
+            if took < Duration::from_secs(1) {
+                bail!("GET /delay took {} (the fault delay is 1 s)", ms(took));
+            }
+        }
+        lines.push(format!("GET {path}: {status} in {}", ms(took)));
+    }
+    Ok(lines.join("\n"))
+}
+
+/// The waypoint's retry counter (Envoy's `upstream_rq_retry`, all clusters).
+async fn waypoint_retries(c: &Cluster) -> anyhow::Result<f64> {
+    let (status, text) = c.pod_http_get(WAYPOINT_POD, 15020, "/metrics").await?;
+    if status != 200 {
+        bail!("waypoint metrics answered {status}");
+    }
+    Ok(sum_metric(
+        &text,
+        "envoy_cluster_upstream_rq_retry_total",
+        &[],
+    ))
+}
+
+/// 6-resilience.yaml: reviews' pods all take requests with Istio's default retries. One pod
+/// (reviews-v1) is told (query parameters of the echo app) to fail every other request it
+/// gets with 503: through the retrying route every answer is 200; through `/no-retries`
+/// (attempts: 0) the failures show.
+async fn retry_hides_flaky_pod(c: &Cluster, routes: &Path) -> anyhow::Result<String> {
+    let page = pod(c, "productpage");
+    let flaky = pod(c, "reviews-v1");
+    let dst = SocketAddr::new(REVIEWS_VIP.into(), REVIEWS_PORT);
+    let written = write_vs(c, routes, "6-resilience.yaml")?;
+    let (took, _) = until_applied(written, || async {
+        let pods = reviews_n(c, page, 6, &[]).await?;
+        // 5-source-labels.yaml sent everything from productpage to v2.
+        let ok = pods.iter().any(|p| !p.starts_with("reviews-v2"));
+        Ok((ok, tally(&pods)))
+    })
+    .await?;
+    let query = format!("status=503&status_pod={flaky}&fail_every=2");
+    let retries_before = waypoint_retries(c).await?;
+    let mut answered = vec![];
+    for i in 0..20 {
+        let (status, p, _, answer) = get(
+            c,
+            page,
+            dst,
+            "reviews:9080",
+            &format!("/flaky/{i}?{query}"),
+            &[],
+        )
+        .await?;
+        if status != 200 {
+            bail!(
+                "request {i} through the retrying route answered {status} {:?}",
+                String::from_utf8_lossy(&answer.body)
+            );
+        }
+        answered.push(p);
+    }
+    let retried = waypoint_retries(c).await? - retries_before;
+    let mut failed = 0;
+    for i in 0..20 {
+        let (status, _, _, _) = get(
+            c,
+            page,
+            dst,
+            "reviews:9080",
+            &format!("/no-retries/{i}?{query}"),
+            &[],
+        )
+        .await?;
+        failed += usize::from(status == 503);
+    }
+    if failed == 0 || retried < 1.0 {
+        bail!("{flaky} did not fail ({failed} 503s without retries, {retried} retries)");
+    }
+    Ok(format!(
+        "6-resilience.yaml written -> in effect after {}; {flaky} fails every other request (503): 20 requests with Istio's default retries: all 200 ({}), the waypoint retried {retried}; the same 20 without retries (attempts: 0): {failed} answered 503",
+        ms(took),
+        tally(&answered)
+    ))
+}
+
+/// 6-resilience.yaml: `/mirror…` goes to v1 and a copy (same body) to v3, whose app lists
+/// what it received (`GET /_seen`, asked directly).
+async fn mirror_with_body(c: &Cluster) -> anyhow::Result<String> {
+    let page = pod(c, "productpage");
+    let target = pod(c, "reviews-v3");
+    let dst = SocketAddr::new(REVIEWS_VIP.into(), REVIEWS_PORT);
+    let nonce = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos();
+    let body = format!("{{\"order\": {nonce}, \"note\": \"mirrored with its body\"}}");
+    let req = format!(
+        "POST /mirror/orders HTTP/1.1\r\nHost: reviews:9080\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let sent = Instant::now();
+    let answer = HttpAnswer::parse(&c.exchange(page, dst, req.as_bytes()).await?)?;
+    let main_took = sent.elapsed();
+    let j = answer.json().unwrap_or(serde_json::Value::Null);
+    let answered_by = j["pod"].as_str().unwrap_or_default().to_string();
+    if answer.status != 200 || !answered_by.starts_with("reviews-v1") || j["body"] != body {
+        bail!(
+            "POST /mirror/orders answered {} by {answered_by:?}: {:?}",
+            answer.status,
+            String::from_utf8_lossy(&answer.body)
+        );
+    }
+    let seen_at = SocketAddr::new(c.pod_ip(target), APP_PORT);
+    loop {
+        let a = c
+            .http_get_from(page, seen_at, "reviews:9080", "/_seen", &[])
+            .await?;
+        let seen: Vec<serde_json::Value> = serde_json::from_slice(&a.body).unwrap_or_default();
+        if let Some(copy) = seen
+            .iter()
+            .find(|e| e["path"] == "/mirror/orders" && e["body"] == body)
+        {
+            return Ok(format!(
+                "POST /mirror/orders ({} bytes) answered 200 by {answered_by} in {}; {target} received the copy {} after sending: {} {} with authority {} and the same body",
+                body.len(),
+                ms(main_took),
+                ms(sent.elapsed()),
+                copy["method"],
+                copy["path"],
+                copy["authority"]
+            ));
+        }
+        if sent.elapsed() > CHANGE_LIMIT {
+            bail!(
+                "{target} never received the mirrored request ({} seen)",
+                seen.len()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 async fn by_source(c: &Cluster, routes: &Path) -> anyhow::Result<String> {
