@@ -961,7 +961,11 @@ spec: {clusterIP: 10.96.0.3, selector: {app: plain}, ports: [{name: http, port: 
     fn no_policy_no_filter_and_istio_filter_order() {
         let (t, _) = translate("");
         assert!(rbac_configs(&t, WEB).is_empty());
-        assert_eq!(filters(&t, WEB).len(), 1, "the router alone");
+        assert_eq!(
+            filters(&t, WEB).len(),
+            3,
+            "CORS, fault injection and the router"
+        );
         let (t, _) = translate(&format!(
             "{}{}{}",
             policy("allow", &format!("{{targetRefs: [{GW}], rules: [{{}}]}}")),
@@ -982,6 +986,8 @@ spec: {clusterIP: 10.96.0.3, selector: {app: plain}, ports: [{name: http, port: 
                 HTTP_RBAC_FILTER,
                 HTTP_RBAC_FILTER,
                 HTTP_RBAC_FILTER,
+                "envoy.filters.http.cors",
+                "envoy.filters.http.fault",
                 "envoy.filters.http.router"
             ]
         );

@@ -498,16 +498,17 @@ pub async fn handle(
     // Retries in flight count against the cluster's `max_retries` (Envoy's retry circuit
     // breaker); one permit is held while a retry runs.
     let mut retry_permit: Option<crate::breaker::RetryPermit> = None;
-    let take_retry = |permit: &mut Option<crate::breaker::RetryPermit>| {
-        match cluster.breaker.retry(&cluster.policy.limits) {
-            Ok(p) => {
-                *permit = Some(p);
-                true
-            }
-            Err(_) => {
-                cluster.stats.rq_retry_overflow.inc();
-                false
-            }
+    let take_retry = |permit: &mut Option<crate::breaker::RetryPermit>| match cluster
+        .breaker
+        .retry(&cluster.policy.limits)
+    {
+        Ok(p) => {
+            *permit = Some(p);
+            true
+        }
+        Err(_) => {
+            cluster.stats.rq_retry_overflow.inc();
+            false
         }
     };
     let (mut upstream_rsp, endpoint) = loop {
