@@ -6,6 +6,7 @@
 pub mod admin;
 pub mod config;
 pub mod inbound;
+pub mod log_writer;
 pub mod metrics;
 pub mod request;
 pub mod route;
