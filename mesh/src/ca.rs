@@ -75,17 +75,33 @@ impl DevCa {
         };
         let root_pem = read(cert_path)?;
         let key_pem = read(key_path)?;
-        let key = KeyPair::from_pem(&key_pem).map_err(|e| CaError::Pem {
-            path: key_path.display().to_string(),
+        DevCa::from_pem(
+            root_pem,
+            &key_pem,
+            &cert_path.display().to_string(),
+            &key_path.display().to_string(),
+        )
+    }
+
+    /// A root from its certificate and PKCS#8 key in PEM; `cert_origin` and `key_origin` name
+    /// where they came from in errors (a file, a Secret's key).
+    pub fn from_pem(
+        root_pem: String,
+        key_pem: &str,
+        cert_origin: &str,
+        key_origin: &str,
+    ) -> Result<DevCa, CaError> {
+        let key = KeyPair::from_pem(key_pem).map_err(|e| CaError::Pem {
+            path: key_origin.to_string(),
             reason: e.to_string(),
         })?;
         let root_der =
             CertificateDer::from_pem_slice(root_pem.as_bytes()).map_err(|e| CaError::Pem {
-                path: cert_path.display().to_string(),
+                path: cert_origin.to_string(),
                 reason: e.to_string(),
             })?;
         let issuer = Issuer::from_ca_cert_pem(&root_pem, key).map_err(|e| CaError::Pem {
-            path: cert_path.display().to_string(),
+            path: cert_origin.to_string(),
             reason: e.to_string(),
         })?;
         Ok(DevCa {
@@ -93,6 +109,11 @@ impl DevCa {
             root_der,
             issuer,
         })
+    }
+
+    /// The root's private key, PKCS#8 PEM (to keep it where the next start finds it).
+    pub fn key_pem(&self) -> String {
+        self.issuer.key().serialize_pem()
     }
 
     /// Write the root certificate and key as PEM files (key readable by the owner only).
@@ -105,7 +126,7 @@ impl DevCa {
             .truncate(true)
             .mode(0o600)
             .open(key_path)?;
-        std::io::Write::write_all(&mut f, self.issuer.key().serialize_pem().as_bytes())
+        std::io::Write::write_all(&mut f, self.key_pem().as_bytes())
     }
 
     pub fn root_pem(&self) -> &str {

@@ -65,15 +65,28 @@ impl CertSource for OwnIdentityCaClient {
 }
 
 impl CaClient {
+    /// A connection to the first replica of the CA that answers.
+    async fn connect(&self) -> Result<tonic::transport::Channel, String> {
+        let mut errors = Vec::new();
+        for i in 0..self.control.addresses().len().max(1) {
+            match self.control.endpoint_at(i) {
+                Ok(e) => match e.connect().await {
+                    Ok(c) => return Ok(c),
+                    Err(e) => errors.push(e.to_string()),
+                },
+                Err(e) => errors.push(e.to_string()),
+            }
+        }
+        Err(format!(
+            "connecting to the CA at {}: {}",
+            self.control.address,
+            errors.join("; ")
+        ))
+    }
+
     async fn request(&self, id: &Identity, impersonate: bool) -> Result<WorkloadCert, String> {
         let (csr, key) = csr(id)?;
-        let channel = self
-            .control
-            .endpoint()
-            .map_err(|e| e.to_string())?
-            .connect()
-            .await
-            .map_err(|e| format!("connecting to the CA at {}: {e}", self.control.address))?;
+        let channel = self.connect().await?;
         let metadata = impersonate.then(|| {
             let mut metadata = prost_types::Struct::default();
             metadata.fields.insert(

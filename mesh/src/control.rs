@@ -1,4 +1,4 @@
-//! How a proxy reaches the control plane: TLS with the mesh root, the expected server name, and a bearer token read from a file on every connection (so it can be rotated).
+//! How a proxy reaches the control plane: TLS with the mesh root, the expected server name, and a bearer token read from a file on every connection (so it can be rotated). Several replicas may be named; a client that loses one moves to the next.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -8,7 +8,8 @@ use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
 
 #[derive(Debug, Clone)]
 pub struct ControlPlane {
-    /// `https://<host>:<port>`.
+    /// `https://<host>:<port>`, or several of them comma-separated: replicas of the control
+    /// plane serving the same configuration, tried in turn.
     pub address: String,
     /// PEM root(s) that sign the control plane's serving certificate.
     pub root_pem: String,
@@ -31,15 +32,35 @@ pub enum ControlError {
 }
 
 impl ControlPlane {
+    /// The replicas' addresses, in the order given.
+    pub fn addresses(&self) -> Vec<&str> {
+        self.address
+            .split(',')
+            .map(str::trim)
+            .filter(|a| !a.is_empty())
+            .collect()
+    }
+
+    /// The first replica's endpoint.
     pub fn endpoint(&self) -> Result<Endpoint, ControlError> {
+        self.endpoint_at(0)
+    }
+
+    /// Replica `i`'s endpoint (counting round the list).
+    pub fn endpoint_at(&self, i: usize) -> Result<Endpoint, ControlError> {
+        let addresses = self.addresses();
+        let address = match addresses.len() {
+            0 => self.address.as_str(),
+            n => addresses[i % n],
+        };
         let bad = |error| ControlError::Address {
-            address: self.address.clone(),
+            address: address.to_string(),
             error,
         };
         let tls = ClientTlsConfig::new()
             .ca_certificate(Certificate::from_pem(&self.root_pem))
             .domain_name(&self.server_name);
-        Ok(Endpoint::from_shared(self.address.clone())
+        Ok(Endpoint::from_shared(address.to_string())
             .map_err(bad)?
             .tls_config(tls)
             .map_err(bad)?
@@ -61,5 +82,28 @@ impl ControlPlane {
         format!("Bearer {}", token.trim())
             .parse()
             .map_err(|_| ControlError::BadToken(self.token_file.display().to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replicas_in_turn() {
+        let cp = ControlPlane {
+            address: "https://10.0.0.1:15012, https://10.0.0.2:15012".into(),
+            root_pem: String::new(),
+            server_name: "pilot".into(),
+            token_file: PathBuf::new(),
+        };
+        assert_eq!(
+            cp.addresses(),
+            ["https://10.0.0.1:15012", "https://10.0.0.2:15012"]
+        );
+        let uri = |i| cp.endpoint_at(i).unwrap().uri().to_string();
+        assert_eq!(uri(0), "https://10.0.0.1:15012/");
+        assert_eq!(uri(1), "https://10.0.0.2:15012/");
+        assert_eq!(uri(2), "https://10.0.0.1:15012/");
     }
 }

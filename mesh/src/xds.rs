@@ -229,20 +229,28 @@ impl ClientState {
 
 /// Follow the control plane forever: connect, subscribe, apply, ACK/NACK; on any failure
 /// reconnect after a backoff that starts at 10 ms and doubles up to 15 s (reset once a
-/// response has been received).
+/// response has been received), to the next replica when several are named. The reconnect
+/// carries the versions held, so a replica serving the same configuration resends nothing.
 pub async fn run(cp: ControlPlane, mut state: ClientState, mut handler: Box<dyn Handler>) {
     let mut backoff = FIRST_BACKOFF;
+    let mut replica = 0;
     loop {
         let mut received = false;
-        let result = stream_once(&cp, &mut state, handler.as_mut(), &mut received).await;
+        let result = stream_once(&cp, replica, &mut state, handler.as_mut(), &mut received).await;
         handler.connection(false);
         if received {
             backoff = FIRST_BACKOFF;
         }
+        let addresses = cp.addresses();
+        let address = addresses
+            .get(replica % addresses.len().max(1))
+            .copied()
+            .unwrap_or(cp.address.as_str());
         match result {
-            Ok(()) => info!(retry_in = ?backoff, "control plane closed the xDS stream"),
-            Err(e) => warn!(retry_in = ?backoff, "xDS stream to {}: {e}", cp.address),
+            Ok(()) => info!(retry_in = ?backoff, %address, "control plane closed the xDS stream"),
+            Err(e) => warn!(retry_in = ?backoff, "xDS stream to {address}: {e}"),
         }
+        replica = replica.wrapping_add(1);
         // Jitter, so that a restarted control plane is not hit by every proxy at once.
         let jitter = backoff.mul_f64(fastrand::f64() * 0.2);
         tokio::time::sleep(backoff + jitter).await;
@@ -252,11 +260,12 @@ pub async fn run(cp: ControlPlane, mut state: ClientState, mut handler: Box<dyn 
 
 async fn stream_once(
     cp: &ControlPlane,
+    replica: usize,
     state: &mut ClientState,
     handler: &mut dyn Handler,
     received: &mut bool,
 ) -> anyhow::Result<()> {
-    let channel = cp.endpoint()?.connect().await?;
+    let channel = cp.endpoint_at(replica)?.connect().await?;
     let mut client =
         AggregatedDiscoveryServiceClient::new(channel).max_decoding_message_size(256 * 1024 * 1024);
     let (tx, rx) = mpsc::channel(16);

@@ -1,4 +1,4 @@
-//! Who is calling: bearer tokens mapped to callers. Locally, pilot writes one token per node to `<state dir>/tokens/<node>.token` and one per waypoint service account to `<state dir>/tokens/sa/<namespace>.<service account>.token`; in Kubernetes, service-account tokens are checked with a TokenReview.
+//! Who is calling: bearer tokens mapped to callers. Locally, pilot writes one token per node to `<state dir>/tokens/<node>.token` and one per service account pods run as to `<state dir>/tokens/sa/<namespace>.<service account>.token` (waypoints, dedicated-mode proxies); in Kubernetes, service-account tokens are checked with a TokenReview.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -60,8 +60,8 @@ fn bearer(metadata: &MetadataMap) -> Result<&str, tonic::Status> {
         .ok_or_else(|| tonic::Status::unauthenticated("expected a bearer token"))
 }
 
-/// The local token store (the folder source): one token per node and per waypoint service
-/// account, written by pilot.
+/// The local token store (the folder source): one token per node and per service account
+/// pods run as, written by pilot.
 #[derive(Debug, Default)]
 pub struct Tokens {
     dir: Option<PathBuf>,
@@ -149,7 +149,7 @@ impl Tokens {
         )
     }
 
-    /// The token of service account `sa` in `ns` (a waypoint's), authenticating as that
+    /// The token of service account `sa` in `ns`, authenticating as that
     /// workload identity; created (and written to `<dir>/sa/<ns>.<sa>.token`, mode 0600) the
     /// first time.
     pub fn workload_token(&self, ns: &str, sa: &str) -> std::io::Result<String> {
@@ -174,19 +174,37 @@ impl Tokens {
         }
         let mut raw = [0u8; 32];
         fastrand::fill(&mut raw);
-        let token: String = raw.iter().map(|b| format!("{b:02x}")).collect();
+        let mut token: String = raw.iter().map(|b| format!("{b:02x}")).collect();
         if let Some(dir) = &self.dir {
             use std::os::unix::fs::OpenOptionsExt;
             let path = dir.join(file);
-            let tmp = dir.join(format!("{file}.tmp"));
+            // Written aside, then linked into place: a link never replaces a file, so when
+            // another pilot sharing this state directory (a replica) made the token first,
+            // both keep the one on disk.
+            let tmp = dir.join(format!("{file}.{:016x}.tmp", fastrand::u64(..)));
             let mut f = std::fs::OpenOptions::new()
                 .write(true)
-                .create(true)
-                .truncate(true)
+                .create_new(true)
                 .mode(0o600)
                 .open(&tmp)?;
             std::io::Write::write_all(&mut f, token.as_bytes())?;
-            std::fs::rename(&tmp, &path)?;
+            drop(f);
+            let linked = std::fs::hard_link(&tmp, &path);
+            std::fs::remove_file(&tmp)?;
+            match linked {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    let on_disk = std::fs::read_to_string(&path)?.trim().to_string();
+                    if on_disk.is_empty() {
+                        return Err(std::io::Error::other(format!(
+                            "{} is empty",
+                            path.display()
+                        )));
+                    }
+                    token = on_disk;
+                }
+                Err(e) => return Err(e),
+            }
         }
         self.insert(token.clone(), caller);
         Ok(token)
@@ -294,5 +312,25 @@ mod tests {
             assert_eq!(file.trim(), token);
         }
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn replicas_sharing_a_state_directory_agree_on_tokens() {
+        let dir = std::env::temp_dir().join(format!("pilot-tokens-{}", fastrand::u64(..)));
+        let a = Tokens::open(&dir, "cluster.local").unwrap();
+        let b = Tokens::open(&dir, "cluster.local").unwrap();
+        // A node and a service account both appear after both replicas started.
+        let from_a = a.node_token("node7").unwrap();
+        assert_eq!(b.node_token("node7").unwrap(), from_a);
+        let from_b = b.workload_token("shop", "web").unwrap();
+        assert_eq!(a.workload_token("shop", "web").unwrap(), from_b);
+        assert!(b.caller(&from_a).is_ok() && a.caller(&from_b).is_ok());
+        let leftovers: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
+            .collect();
+        assert!(leftovers.is_empty(), "{leftovers:?}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

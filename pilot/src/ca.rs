@@ -35,6 +35,89 @@ pub fn load_or_create_root(dir: &Path, trust_domain: &str) -> anyhow::Result<Dev
     Ok(ca)
 }
 
+/// The Secret holding the root in Kubernetes mode (in pilot's namespace), with istiod's
+/// self-signed CA keys.
+pub const ROOT_SECRET: &str = "istio-ca-secret";
+const SECRET_CERT: &str = "ca-cert.pem";
+const SECRET_KEY: &str = "ca-key.pem";
+
+/// What [`root_from_secret`] does to Secrets: `(group, resource, verb)`, for the RBAC check.
+pub fn secret_access() -> [(&'static str, &'static str, &'static str); 2] {
+    [("", "secrets", "get"), ("", "secrets", "create")]
+}
+
+/// Kubernetes mode: the root from the Secret `istio-ca-secret` in `namespace`, or generated and
+/// stored there on the first start. Replicas starting together agree: creating an existing
+/// Secret fails, and the loser reads the winner's root.
+pub async fn root_from_secret(
+    client: kube::Client,
+    namespace: &str,
+    trust_domain: &str,
+) -> anyhow::Result<DevCa> {
+    use k8s_openapi::ByteString;
+    use k8s_openapi::api::core::v1::Secret;
+    use kube::api::{Api, PostParams};
+
+    let api: Api<Secret> = Api::namespaced(client, namespace);
+    let origin = format!("Secret {namespace}/{ROOT_SECRET}");
+    let from_secret = |s: Secret| -> anyhow::Result<DevCa> {
+        let data = s.data.unwrap_or_default();
+        let text = |key: &str| -> anyhow::Result<String> {
+            let v = data
+                .get(key)
+                .ok_or_else(|| anyhow::anyhow!("{origin}: no key {key:?}"))?;
+            String::from_utf8(v.0.clone())
+                .map_err(|_| anyhow::anyhow!("{origin}: key {key:?} is not UTF-8 PEM"))
+        };
+        Ok(DevCa::from_pem(
+            text(SECRET_CERT)?,
+            &text(SECRET_KEY)?,
+            &format!("{origin} key {SECRET_CERT}"),
+            &format!("{origin} key {SECRET_KEY}"),
+        )?)
+    };
+    if let Some(s) = api.get_opt(ROOT_SECRET).await? {
+        info!(secret = %origin, "CA root loaded");
+        return from_secret(s);
+    }
+    let ca = DevCa::generate(trust_domain)?;
+    let secret = Secret {
+        metadata: kube::api::ObjectMeta {
+            name: Some(ROOT_SECRET.into()),
+            namespace: Some(namespace.into()),
+            ..Default::default()
+        },
+        type_: Some("istio.io/ca-root".into()),
+        data: Some(
+            [
+                (
+                    SECRET_CERT.to_string(),
+                    ByteString(ca.root_pem().as_bytes().to_vec()),
+                ),
+                (
+                    SECRET_KEY.to_string(),
+                    ByteString(ca.key_pem().into_bytes()),
+                ),
+            ]
+            .into(),
+        ),
+        ..Default::default()
+    };
+    match api.create(&PostParams::default(), &secret).await {
+        Ok(_) => {
+            info!(secret = %origin, "CA root generated and stored");
+            Ok(ca)
+        }
+        Err(kube::Error::Api(e)) if e.code == 409 => {
+            // Another replica stored its root first: use that one.
+            let s = api.get(ROOT_SECRET).await?;
+            info!(secret = %origin, "CA root loaded (created by another replica)");
+            from_secret(s)
+        }
+        Err(e) => Err(anyhow::anyhow!("storing the CA root in {origin}: {e}")),
+    }
+}
+
 pub struct CaService {
     pub ca: Arc<DevCa>,
     pub auth: Authenticator,

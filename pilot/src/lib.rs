@@ -12,6 +12,7 @@ pub mod provision;
 pub mod root_configmap;
 pub mod routing;
 pub mod server;
+pub mod serving;
 pub mod token_review;
 pub mod translate;
 pub mod waypoint;

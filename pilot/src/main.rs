@@ -31,8 +31,9 @@ struct Args {
     /// whose tokens get certificates for the pods on their node.
     #[arg(long, default_value = "istio-system/ztunnel")]
     node_agent: String,
-    /// Where the CA root (root-cert.pem, root-key.pem) and, for the folder source, the node
-    /// tokens (tokens/<node>.token) are kept; created on first start.
+    /// Folder source: where the CA root (root-cert.pem, root-key.pem) and the tokens
+    /// (tokens/<node>.token, tokens/sa/<ns>.<sa>.token) are kept; created on first start. The
+    /// Kubernetes source keeps the root in the Secret istio-system/istio-ca-secret instead.
     #[arg(long, default_value = "/var/lib/pilot")]
     state_dir: PathBuf,
     /// xDS and CA, over TLS.

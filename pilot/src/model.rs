@@ -161,18 +161,14 @@ impl Snapshot {
         self.namespaces.get(ns).map(|n| &n.meta.labels)
     }
 
-    /// `(namespace, service account)` of the pods of waypoint Gateways (for their tokens).
-    pub fn waypoint_service_accounts(&self) -> Vec<(String, String)> {
+    /// `(namespace, service account)` of every pod (for the folder source's workload tokens:
+    /// waypoints, and proxies running for one workload as Istio's "dedicated" mode,
+    /// authenticate as their own identity).
+    pub fn service_accounts(&self) -> Vec<(String, String)> {
         let mut out: Vec<(String, String)> = self
             .pods
             .values()
-            .filter(|p| {
-                p.meta
-                    .labels
-                    .get(crate::routing::GATEWAY_NAME)
-                    .and_then(|g| self.gateways.get(&(p.meta.namespace.clone(), g.clone())))
-                    .is_some_and(|g| g.is_waypoint())
-            })
+            .filter(|p| !p.service_account.is_empty())
             .map(|p| (p.meta.namespace.clone(), p.service_account.clone()))
             .collect();
         out.sort();

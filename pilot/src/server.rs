@@ -75,7 +75,8 @@ impl std::fmt::Debug for Kubernetes {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub source: Source,
-    /// CA root (and, for the folder source, node tokens) are kept here.
+    /// Folder source: the CA root and the tokens are kept here (the Kubernetes source keeps
+    /// the root in a Secret).
     pub state_dir: PathBuf,
     pub listen: SocketAddr,
     pub debug: Option<SocketAddr>,
@@ -166,10 +167,19 @@ fn not_yet_logged<'a>(problems: &'a [Problem], logged: &mut BTreeSet<Problem>) -
 /// source that waits for the first list of every kind: serving before would withdraw the
 /// workloads not listed yet from every proxy.
 pub async fn start(cfg: Config) -> anyhow::Result<Running> {
-    let ca = Arc::new(crate::ca::load_or_create_root(
-        &cfg.state_dir,
-        &cfg.mesh.trust_domain,
-    )?);
+    let ca = Arc::new(match &cfg.source {
+        Source::Folder(_) => {
+            crate::ca::load_or_create_root(&cfg.state_dir, &cfg.mesh.trust_domain)?
+        }
+        // In a cluster the root outlives pilot's pod (and is shared by its replicas).
+        Source::Kubernetes(k) => crate::ca::root_from_secret(
+            k.client.clone(),
+            &cfg.mesh.root_namespace,
+            &cfg.mesh.trust_domain,
+        )
+        .await
+        .context("the CA root")?,
+    });
     let (mut snap_rx, auth, node_agent) = match &cfg.source {
         Source::Folder(folder) => {
             let tokens = Arc::new(
@@ -253,9 +263,9 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
                             warn!(%node, "writing node token: {e}");
                         }
                     }
-                    for (ns, sa) in snap.waypoint_service_accounts() {
+                    for (ns, sa) in snap.service_accounts() {
                         if let Err(e) = tokens.workload_token(&ns, &sa) {
-                            warn!(%ns, %sa, "writing waypoint token: {e}");
+                            warn!(%ns, %sa, "writing workload token: {e}");
                         }
                     }
                 }
@@ -286,13 +296,16 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         for node in snap.nodes() {
             tokens.node_token(&node)?;
         }
-        for (ns, sa) in snap.waypoint_service_accounts() {
+        for (ns, sa) in snap.service_accounts() {
             tokens.workload_token(&ns, &sa)?;
         }
     }
 
     let names: Vec<String> = SERVER_NAMES.iter().map(|s| s.to_string()).collect();
-    let (cert, key) = ca.issue_server_pem(&names, Duration::from_secs(365 * 24 * 3600))?;
+    // pilot's own certificate lives as long as the longest one it issues, and is renewed at
+    // half of that; each new connection gets the current one.
+    let serving = crate::serving::ServingCert::issue(&ca, &names, cfg.max_cert_ttl)?;
+    tokio::spawn(serving.clone().renew_forever(ca.clone()));
     let registry = Arc::new(Registry::default());
     let ads = AdsService {
         auth: auth.clone(),
@@ -312,14 +325,11 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         .with_context(|| format!("listening on {}", cfg.listen))?;
     let addr = listener.local_addr()?;
     let (shutdown_tx, shutdown_rx) = tokio::sync::oneshot::channel::<()>();
-    let tls = tonic::transport::ServerTlsConfig::new()
-        .identity(tonic::transport::Identity::from_pem(cert, key));
     let router = tonic::transport::Server::builder()
-        .tls_config(tls)?
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .add_service(AggregatedDiscoveryServiceServer::new(ads))
         .add_service(IstioCertificateServiceServer::new(ca_service));
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let incoming = crate::serving::incoming(listener, crate::serving::acceptor(serving.clone())?);
     let server = tokio::spawn(async move {
         let stop = async {
             let _ = shutdown_rx.await;

@@ -50,6 +50,11 @@ pub struct Resource {
     /// A hash of the encoded bytes: equal content gives an equal version, across restarts too.
     pub version: String,
     pub body: Bytes,
+    /// The other names a client may ask for this resource by (on-demand xDS): for an
+    /// Address, `<network>/<ip>` per address, as Istio's workload API defines.
+    pub aliases: Vec<String>,
+    /// The node a workload runs on: its node's proxy gets it even without asking.
+    pub node: Option<String>,
 }
 
 impl Resource {
@@ -59,7 +64,44 @@ impl Resource {
             name,
             version: format!("{:016x}", fnv1a(&body)),
             body,
+            aliases: Vec::new(),
+            node: None,
         })
+    }
+
+    /// An `istio.workload.Address`, with its `<network>/<ip>` aliases and its node.
+    pub fn address(name: String, address: &pb::Address) -> Arc<Resource> {
+        let alias = |network: &str, ip: &[u8]| {
+            let ip = match ip.len() {
+                4 => <[u8; 4]>::try_from(ip).ok().map(IpAddr::from),
+                16 => <[u8; 16]>::try_from(ip).ok().map(IpAddr::from),
+                _ => None,
+            }?;
+            Some(format!("{network}/{ip}"))
+        };
+        let (aliases, node) = match &address.r#type {
+            Some(pb::address::Type::Workload(w)) => (
+                w.addresses
+                    .iter()
+                    .filter_map(|ip| alias(&w.network, ip))
+                    .collect(),
+                Some(w.node.clone()).filter(|n| !n.is_empty()),
+            ),
+            Some(pb::address::Type::Service(s)) => (
+                s.addresses
+                    .iter()
+                    .filter_map(|a| alias(&a.network, &a.address))
+                    .collect(),
+                None,
+            ),
+            None => (Vec::new(), None),
+        };
+        let mut r = Resource::new(name, address);
+        if let Some(r) = Arc::get_mut(&mut r) {
+            r.aliases = aliases;
+            r.node = node;
+        }
+        r
     }
 }
 
@@ -187,7 +229,7 @@ pub fn translate(s: &Snapshot, o: &MeshOptions) -> Translation {
         };
         t.resources
             .addresses
-            .insert(name.clone(), Resource::new(name, &address));
+            .insert(name.clone(), Resource::address(name, &address));
     }
     for pod in s.pods.values() {
         if pod.ips.is_empty() || pod.host_network {
@@ -213,7 +255,7 @@ pub fn translate(s: &Snapshot, o: &MeshOptions) -> Translation {
         };
         t.resources
             .addresses
-            .insert(name.clone(), Resource::new(name, &address));
+            .insert(name.clone(), Resource::address(name, &address));
     }
     for (name, p) in policies {
         t.resources

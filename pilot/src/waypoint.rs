@@ -1267,6 +1267,8 @@ pub fn render(waypoints: &Waypoints) -> String {
                         name: format!("{} filter {}", r.name, f.name),
                         version: "-".into(),
                         body: any.value.clone().into(),
+                        aliases: Vec::new(),
+                        node: None,
                     }),
                 );
                 if any.type_url.ends_with("HttpConnectionManager") {

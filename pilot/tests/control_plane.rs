@@ -530,3 +530,174 @@ async fn waypoint_policy_is_reported() {
         "not sent to node proxies"
     );
 }
+
+/// Istio's ztunnel with `XDS_ON_DEMAND=true`: `*` subscribed and unsubscribed in its first
+/// request, then addresses asked for by `<network>/<ip>` as it meets them; its own node's
+/// workloads come without asking.
+#[tokio::test]
+async fn on_demand_addresses_by_alias() {
+    let env = Env::start().await;
+    write(
+        &env.dir,
+        "pods.yaml",
+        &format!(
+            "{}---\n{}",
+            pod("web-1", "web", "node1", "10.244.1.5"),
+            pod("web-2", "web", "node2", "10.244.2.5")
+        ),
+    );
+    // Wait until pilot has both pods (a wildcard client sees them).
+    let mut all = Stream::open(&env.control("node2"), &[(ADDRESS_TYPE_URL, HashMap::new())])
+        .await
+        .unwrap();
+    let mut seen = std::collections::HashSet::new();
+    while !(seen.contains("uid-web-1") && seen.contains("uid-web-2")) {
+        let r = all.next().await;
+        all.ack(&r).await;
+        seen.extend(names(&r).into_iter().map(str::to_string));
+    }
+    let mut s = Stream::open(&env.control("node1"), &[]).await.unwrap();
+    let request = |sub: &[&str], unsub: &[&str], nonce: &str| {
+        envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryRequest {
+            type_url: ADDRESS_TYPE_URL.into(),
+            resource_names_subscribe: sub.iter().map(|s| s.to_string()).collect(),
+            resource_names_unsubscribe: unsub.iter().map(|s| s.to_string()).collect(),
+            response_nonce: nonce.into(),
+            ..Default::default()
+        }
+    };
+    s.send(request(&[], &["*"], "")).await;
+    let first = s.next().await;
+    assert_eq!(names(&first), ["uid-web-1"], "only node1's own workload");
+    s.send(request(&["/10.244.2.5", "/10.96.0.1"], &[], &first.nonce))
+        .await;
+    let found = s.next().await;
+    let mut got: Vec<(&str, &[String])> = found
+        .resources
+        .iter()
+        .map(|r| (r.name.as_str(), r.aliases.as_slice()))
+        .collect();
+    got.sort();
+    assert_eq!(
+        got,
+        [
+            (WEB, &["/10.96.0.1".to_string()][..]),
+            ("uid-web-2", &["/10.244.2.5".to_string()][..])
+        ]
+    );
+    s.send(request(&["/10.1.2.3"], &[], &found.nonce)).await;
+    let missing = s.next().await;
+    assert!(missing.resources.is_empty());
+    assert_eq!(missing.removed_resources, ["/10.1.2.3"]);
+    s.ack(&missing).await;
+    s.nothing_for(Duration::from_millis(300)).await;
+}
+
+/// Istio's "dedicated" mode: a proxy running for one workload authenticates with the token
+/// pilot writes for that workload's service account, gets the workload API, and a
+/// certificate for its own identity only (no impersonation, no other identity).
+#[tokio::test]
+async fn a_proxy_for_one_workload_uses_its_own_token() {
+    let env = Env::start().await;
+    write(
+        &env.dir,
+        "pod.yaml",
+        &pod("web-1", "web", "node1", "10.244.1.5"),
+    );
+    let token_file = env.dir.join("state/tokens/sa/shop.web.token");
+    let start = std::time::Instant::now();
+    while !token_file.exists() {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "no token for shop/web"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut cp = env.control("node1");
+    cp.token_file = token_file;
+
+    let mut s = Stream::open(&cp, &[(ADDRESS_TYPE_URL, HashMap::new())])
+        .await
+        .unwrap();
+    let first = s.next().await;
+    assert!(names(&first).contains(&WEB), "{:?}", names(&first));
+
+    let web = Identity::new("cluster.local", "shop", "web");
+    let (csr, _) = mesh::ca_client::csr(&web).unwrap();
+    assert_eq!(create(&cp, csr.clone(), None).await.unwrap().len(), 2);
+    let err = create(&cp, csr, Some(&web.to_string())).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied);
+    let other = Identity::new("cluster.local", "shop", "other");
+    let (other_csr, _) = mesh::ca_client::csr(&other).unwrap();
+    let err = create(&cp, other_csr, None).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
+}
+
+/// The certificate pilot's 15012 presents now (a fresh TLS connection, verified with the root).
+async fn serving_leaf(env: &Env) -> Vec<u8> {
+    use rustls_pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pki_types::CertificateDer::pem_slice_iter(env.pilot.root_pem.as_bytes()) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let config = rustls::ClientConfig::builder_with_provider(mesh::tls::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(env.pilot.addr)
+        .await
+        .unwrap();
+    let name = rustls_pki_types::ServerName::try_from("pilot.istio-system.svc").unwrap();
+    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    tls.get_ref().1.peer_certificates().unwrap()[0].to_vec()
+}
+
+/// pilot's serving certificate is renewed at half its lifetime (here the 4 s of
+/// `max_cert_ttl`): new connections get the new one, a stream opened before keeps working.
+#[tokio::test]
+async fn the_serving_certificate_is_renewed_and_open_streams_stay() {
+    let dir = std::env::temp_dir().join(format!("pilot-it-{}", fastrand::u64(..)));
+    std::fs::create_dir_all(dir.join("config")).unwrap();
+    write(&dir, "ns.yaml", NAMESPACE);
+    write(&dir, "svc.yaml", &service("web", "10.96.0.1", 80));
+    let pilot = start(Config {
+        source: Source::Folder(dir.join("config")),
+        state_dir: dir.join("state"),
+        listen: "127.0.0.1:0".parse().unwrap(),
+        debug: None,
+        mesh: Default::default(),
+        max_cert_ttl: Duration::from_secs(4),
+        nodes: vec!["node1".into()],
+    })
+    .await
+    .unwrap();
+    let env = Env { dir, pilot };
+    let mut s = Stream::open(&env.control("node1"), &[(ADDRESS_TYPE_URL, HashMap::new())])
+        .await
+        .unwrap();
+    let first = s.next().await;
+    s.ack(&first).await;
+    let before = serving_leaf(&env).await;
+    assert_eq!(
+        serving_leaf(&env).await,
+        before,
+        "same certificate until renewal"
+    );
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let after = serving_leaf(&env).await;
+    assert_ne!(after, before, "renewed at half of its 4 s lifetime");
+    let (_, leaf) = x509_parser::parse_x509_certificate(&after).unwrap();
+    assert!(leaf.validity().is_valid());
+    // The stream from before the renewal still gets pushes.
+    write(
+        &env.dir,
+        "pod.yaml",
+        &pod("web-1", "web", "node1", "10.244.1.5"),
+    );
+    let push = s.next().await;
+    assert_eq!(names(&push), ["uid-web-1"]);
+}

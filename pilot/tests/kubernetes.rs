@@ -610,6 +610,7 @@ async fn xds_and_ca_in_kubernetes_mode() {
     );
     server.add_token("reviews", sa_token("bookinfo", "bookinfo-reviews", &[]));
     let dir = std::env::temp_dir().join(format!("pilot-k8s-it-{}", fastrand::u64(..)));
+    std::fs::create_dir_all(&dir).unwrap();
     let pilot = start(Config {
         source: Source::Kubernetes(Kubernetes {
             client: server.client(),
@@ -721,30 +722,109 @@ async fn xds_and_ca_in_kubernetes_mode() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+fn kubernetes_config(server: &ApiServer, state_dir: std::path::PathBuf) -> Config {
+    Config {
+        source: Source::Kubernetes(Kubernetes {
+            client: server.client(),
+            node_agent: ("istio-system".into(), "ztunnel".into()),
+            waypoints: None,
+        }),
+        state_dir,
+        listen: "127.0.0.1:0".parse().unwrap(),
+        debug: None,
+        mesh: Default::default(),
+        max_cert_ttl: Duration::from_secs(3600),
+        nodes: vec![],
+    }
+}
+
+/// In a cluster the CA root lives in the Secret `istio-system/istio-ca-secret`: generated and
+/// stored on the first start, the same root after a restart with an empty state directory (a
+/// new pod), nothing written to the state directory; a Secret that is there already is used.
+#[tokio::test]
+async fn the_root_is_kept_in_a_secret() {
+    let server = server_with(bookinfo()).await;
+    let dir = std::env::temp_dir().join(format!("pilot-k8s-root-{}", fastrand::u64(..)));
+    let first = start(kubernetes_config(&server, dir.join("a")))
+        .await
+        .unwrap();
+    let root = first.root_pem.clone();
+    first.stop().await;
+    let secret = server
+        .secret("istio-system", "istio-ca-secret")
+        .expect("the root stored in a Secret");
+    let secret: k8s_openapi::api::core::v1::Secret = serde_json::from_value(secret).unwrap();
+    let data = secret.data.unwrap();
+    let decode = |k: &str| String::from_utf8(data[k].0.clone()).unwrap();
+    assert_eq!(decode("ca-cert.pem"), root);
+    assert!(decode("ca-key.pem").contains("PRIVATE KEY"));
+    assert!(!dir.join("a/root-key.pem").exists(), "no key on local disk");
+    let again = start(kubernetes_config(&server, dir.join("b")))
+        .await
+        .unwrap();
+    assert_eq!(again.root_pem, root, "a new pod keeps the root");
+    again.stop().await;
+
+    // An operator's root, put there before pilot starts.
+    let other = server_with(bookinfo()).await;
+    let ca = mesh::ca::DevCa::generate("cluster.local").unwrap();
+    let bytes = |s: &str| k8s_openapi::ByteString(s.as_bytes().to_vec());
+    other.put_secret(
+        serde_json::to_value(k8s_openapi::api::core::v1::Secret {
+            metadata: kube::api::ObjectMeta {
+                name: Some("istio-ca-secret".into()),
+                namespace: Some("istio-system".into()),
+                ..Default::default()
+            },
+            data: Some(
+                [
+                    ("ca-cert.pem".to_string(), bytes(ca.root_pem())),
+                    ("ca-key.pem".to_string(), bytes(&ca.key_pem())),
+                ]
+                .into(),
+            ),
+            ..Default::default()
+        })
+        .unwrap(),
+    );
+    let theirs = start(kubernetes_config(&other, dir.join("c")))
+        .await
+        .unwrap();
+    assert_eq!(theirs.root_pem, ca.root_pem());
+    theirs.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// deploy/pilot/rbac.yaml grants exactly what the code uses: list and watch of every kind the
 /// source watches, and creating TokenReviews; nothing else.
 #[test]
 fn rbac_matches_the_code() {
     let text = std::fs::read_to_string(repo().join("deploy/pilot/rbac.yaml")).unwrap();
-    let role = serde_yaml_ng::Deserializer::from_str(&text)
+    let docs: Vec<Value> = serde_yaml_ng::Deserializer::from_str(&text)
         .map(|d| Value::deserialize(d).unwrap())
-        .find(|v| v["kind"] == "ClusterRole")
-        .expect("a ClusterRole");
-    let mut granted = std::collections::BTreeSet::new();
-    for rule in role["rules"].as_array().unwrap() {
-        for group in rule["apiGroups"].as_array().unwrap() {
-            for resource in rule["resources"].as_array().unwrap() {
-                for verb in rule["verbs"].as_array().unwrap() {
-                    granted.insert(format!(
-                        "{} {} {}",
-                        group.as_str().unwrap(),
-                        resource.as_str().unwrap(),
-                        verb.as_str().unwrap()
-                    ));
+        .collect();
+    let granted_by = |kind: &str| {
+        let role = docs
+            .iter()
+            .find(|v| v["kind"] == kind)
+            .unwrap_or_else(|| panic!("a {kind}"));
+        let mut granted = std::collections::BTreeSet::new();
+        for rule in role["rules"].as_array().unwrap() {
+            for group in rule["apiGroups"].as_array().unwrap() {
+                for resource in rule["resources"].as_array().unwrap() {
+                    for verb in rule["verbs"].as_array().unwrap() {
+                        granted.insert(format!(
+                            "{} {} {}",
+                            group.as_str().unwrap(),
+                            resource.as_str().unwrap(),
+                            verb.as_str().unwrap()
+                        ));
+                    }
                 }
             }
         }
-    }
+        granted
+    };
     let mut needed = std::collections::BTreeSet::new();
     for (group, resource) in pilot::cluster::watched_resources() {
         for verb in ["list", "watch"] {
@@ -763,7 +843,15 @@ fn rbac_matches_the_code() {
     for verb in ["list", "watch", "get", "patch", "create"] {
         needed.insert(format!("{group} {resource} {verb}"));
     }
-    assert_eq!(granted, needed);
+    assert_eq!(granted_by("ClusterRole"), needed);
+    // The root's Secret: in pilot's own namespace only (a Role, not the ClusterRole).
+    let secret: std::collections::BTreeSet<String> = pilot::ca::secret_access()
+        .iter()
+        .map(|(g, r, v)| format!("{g} {r} {v}"))
+        .collect();
+    assert_eq!(granted_by("Role"), secret);
+    let role = docs.iter().find(|v| v["kind"] == "Role").unwrap();
+    assert_eq!(role["metadata"]["namespace"], "istio-system");
 }
 
 fn gateway(name: &str, class: &str) -> Value {

@@ -303,6 +303,9 @@ pub struct ClusterSpec {
     /// (with `PilotLater`, call [`Cluster::start_waypoints`] after `start_pilot`). Without it,
     /// waypoint pods run nothing: a test may serve their 15008 itself.
     pub start_waypoints: bool,
+    /// A second pilot replica on node 1 (same folder and state directory, started after the
+    /// first); ztunnels are given both addresses, node 0's first.
+    pub second_pilot: bool,
 }
 
 /// Source preservation's setup in one pod ([`Cluster::source_routing`]).
@@ -340,6 +343,8 @@ pub struct Cluster {
     pub ca: DevCa,
     ztunnels: Vec<Option<Child>>,
     pilot: Option<Child>,
+    /// The second replica ([`ClusterSpec::second_pilot`]).
+    pilot2: Option<Child>,
     /// Waypoint processes by pod name.
     waypoints: Vec<(String, Child)>,
     apps: Vec<(String, Arc<AppStats>)>,
@@ -486,6 +491,7 @@ impl Cluster {
             ca,
             ztunnels: vec![],
             pilot: None,
+            pilot2: None,
             waypoints: vec![],
             apps: vec![],
             app_tasks: vec![],
@@ -698,7 +704,21 @@ impl Cluster {
 
     /// pilot's xDS address, as ztunnels dial it: node 0's underlay address.
     pub fn pilot_addr(&self) -> SocketAddr {
-        SocketAddr::new(self.bed.node(0).underlay_ip.into(), 15012)
+        self.pilot_addr_on(0)
+    }
+
+    /// The address of the pilot replica on `node` (node 1 for the second).
+    pub fn pilot_addr_on(&self, node: usize) -> SocketAddr {
+        SocketAddr::new(self.bed.node(node).underlay_ip.into(), 15012)
+    }
+
+    /// What proxies are told to dial: every replica, the first first.
+    fn pilot_urls(&self) -> String {
+        let mut urls = format!("https://{}", self.pilot_addr());
+        if self.spec.second_pilot {
+            urls.push_str(&format!(",https://{}", self.pilot_addr_on(1)));
+        }
+        urls
     }
 
     /// The pods, services and namespace as Kubernetes objects (what `kubectl get -o yaml`
@@ -798,13 +818,22 @@ impl Cluster {
         Ok(())
     }
 
-    /// Start pilot on node 0 and wait until it accepts connections.
+    /// Start pilot on node 0 (and the second replica on node 1 when the spec asks for it)
+    /// and wait until it accepts connections.
     pub async fn start_pilot(&mut self) -> anyhow::Result<()> {
+        self.pilot = Some(self.spawn_pilot(0, self.pilot_log()).await?);
+        if self.spec.second_pilot && self.pilot2.is_none() {
+            self.pilot2 = Some(self.spawn_pilot(1, self.dir.join("pilot-2.log")).await?);
+        }
+        Ok(())
+    }
+
+    async fn spawn_pilot(&self, node: usize, log_path: PathBuf) -> anyhow::Result<Child> {
         let bin = sibling_binary("PILOT_BIN", "pilot")?;
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(self.pilot_log())?;
+            .open(&log_path)?;
         let nodes: Vec<String> = self.bed.nodes.iter().map(|n| n.name.clone()).collect();
         let mut cmd = std::process::Command::new(bin);
         cmd.arg("--config-dir")
@@ -824,16 +853,16 @@ impl Cluster {
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
-        self.pilot = Some(self.bed.spawn_in_node(0, cmd)?);
-        let factory = self.node_sockets(0)?;
+        let child = self.bed.spawn_in_node(node, cmd)?;
+        let factory = self.node_sockets(node)?;
         let start = Instant::now();
         while start.elapsed() < Duration::from_secs(20) {
-            if factory.connect(self.pilot_addr()).await.is_ok() {
-                return Ok(());
+            if factory.connect(self.pilot_addr_on(node)).await.is_ok() {
+                return Ok(child);
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        let log = std::fs::read_to_string(self.pilot_log()).unwrap_or_default();
+        let log = std::fs::read_to_string(&log_path).unwrap_or_default();
         bail!("pilot did not start listening\n--- log ---\n{log}")
     }
 
@@ -939,7 +968,7 @@ impl Cluster {
                 .arg(self.dir.join("root-key.pem"));
         } else {
             cmd.arg("--xds-address")
-                .arg(format!("https://{}", self.pilot_addr()))
+                .arg(self.pilot_urls())
                 .arg("--xds-root-cert")
                 .arg(self.pilot_state().join("root-cert.pem"))
                 .arg("--xds-token-file")
@@ -1256,7 +1285,10 @@ impl Cluster {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
-        if let Some(mut p) = self.pilot.take() {
+        for mut p in [self.pilot.take(), self.pilot2.take()]
+            .into_iter()
+            .flatten()
+        {
             let _ = p.kill();
             let _ = p.wait();
         }

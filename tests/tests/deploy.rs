@@ -136,3 +136,111 @@ fn kustomization_lists_every_pilot_manifest() {
         );
     }
 }
+
+/// The documents of a multi-document YAML file.
+fn documents(path: &Path) -> Vec<serde_yaml_ng::Value> {
+    let text = std::fs::read_to_string(path).unwrap();
+    serde_yaml_ng::Deserializer::from_str(&text)
+        .map(|d| serde::Deserialize::deserialize(d).unwrap())
+        .filter(|v: &serde_yaml_ng::Value| !v.is_null())
+        .collect()
+}
+
+fn of_kind<'a>(docs: &'a [serde_yaml_ng::Value], kind: &str) -> &'a serde_yaml_ng::Value {
+    docs.iter()
+        .find(|d| d["kind"].as_str() == Some(kind))
+        .unwrap_or_else(|| panic!("no {kind}"))
+}
+
+/// The value of `--<flag>=` among a container's args.
+fn flag<'a>(container: &'a serde_yaml_ng::Value, name: &str) -> &'a str {
+    let prefix = format!("--{name}=");
+    container["args"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .filter_map(|a| a.as_str())
+        .find_map(|a| a.strip_prefix(prefix.as_str()))
+        .unwrap_or_else(|| panic!("no --{name}"))
+}
+
+/// The DaemonSet makes ztunnel pilot's client, and everything it names agrees with pilot's
+/// manifests: the Service's name and port, the node-agent service account pilot trusts, the
+/// token audience pilot's TokenReview asks for, the root ConfigMap pilot publishes, and the
+/// paths where the volumes put the token and the root.
+#[test]
+fn ztunnel_daemonset_is_pilots_client() {
+    let ztunnel = documents(&deploy_dir().join("ztunnel.yaml"));
+    let ds = of_kind(&ztunnel, "DaemonSet");
+    let pod = &ds["spec"]["template"]["spec"];
+    let container = &pod["containers"][0];
+    let svc = &documents(&deploy_dir().join("pilot/service.yaml"))[0];
+    let pilot = &documents(&deploy_dir().join("pilot/deployment.yaml"))[0];
+    let pilot_container = &pilot["spec"]["template"]["spec"]["containers"][0];
+
+    let host = format!(
+        "{}.{}.svc",
+        svc["metadata"]["name"].as_str().unwrap(),
+        svc["metadata"]["namespace"].as_str().unwrap()
+    );
+    let port = svc["spec"]["ports"][0]["port"].as_u64().unwrap();
+    assert_eq!(
+        flag(container, "xds-address"),
+        format!("https://{host}:{port}")
+    );
+    assert_eq!(flag(container, "xds-server-name"), host);
+    assert!(
+        !container["args"].as_sequence().unwrap().iter().any(|a| a
+            .as_str()
+            .is_some_and(|a| a.starts_with("--config")
+                || a.starts_with("--ca-cert")
+                || a.starts_with("--ca-key"))),
+        "standalone flags left in the DaemonSet"
+    );
+    // pilot maps this service account's tokens to the node.
+    assert_eq!(
+        flag(pilot_container, "node-agent"),
+        format!(
+            "{}/{}",
+            ds["metadata"]["namespace"].as_str().unwrap(),
+            pod["serviceAccountName"].as_str().unwrap()
+        )
+    );
+    // The volumes put the token and the root where the flags say.
+    let mount_of = |volume: &str| -> String {
+        container["volumeMounts"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .find(|m| m["name"].as_str() == Some(volume))
+            .and_then(|m| m["mountPath"].as_str())
+            .unwrap_or_else(|| panic!("volume {volume} not mounted"))
+            .to_string()
+    };
+    let volume = |name: &str| -> &serde_yaml_ng::Value {
+        pod["volumes"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"].as_str() == Some(name))
+            .unwrap_or_else(|| panic!("no volume {name}"))
+    };
+    let token = &volume("istio-token")["projected"]["sources"][0]["serviceAccountToken"];
+    assert_eq!(token["audience"].as_str(), Some("istio-ca"));
+    assert_eq!(
+        flag(container, "xds-token-file"),
+        format!(
+            "{}/{}",
+            mount_of("istio-token"),
+            token["path"].as_str().unwrap()
+        )
+    );
+    assert_eq!(
+        volume("istio-ca-root-cert")["configMap"]["name"].as_str(),
+        Some("istio-ca-root-cert")
+    );
+    assert_eq!(
+        flag(container, "xds-root-cert"),
+        format!("{}/root-cert.pem", mount_of("istio-ca-root-cert"))
+    );
+}

@@ -162,13 +162,58 @@ async fn pilot_restart_drops_no_connection() {
     }
 }
 
+/// Two pilot replicas on one folder and state directory: when the one the ztunnels use
+/// dies, they move to the other, which serves the same versions (content hashes), so nothing
+/// is resent, no connection drops, and new configuration flows from the survivor.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ztunnels_move_to_another_pilot_replica_without_a_resend() {
+    if !root_or_skip() {
+        return;
+    }
+    let mut s = spec(ControlPlaneMode::Pilot);
+    s.second_pilot = true;
+    let mut c = Cluster::start(s).await.unwrap();
+    let dst = SocketAddr::new(c.pod_ip("server-a"), ECHO_PORT);
+    wait_resynced_on(&c, 0, 2).await;
+    let mut conns = Vec::new();
+    for _ in 0..3 {
+        conns.push(open_echo(&c, dst).await);
+    }
+    c.kill_pilot().unwrap();
+    let debug = wait_resynced_on(&c, 1, 2).await;
+    for s in &mut conns {
+        still_open(s, b"other replica").await.unwrap();
+    }
+    echo_once(&c, dst).await.unwrap();
+    // Each ztunnel reconnected with its versions: one empty response per type, no resource.
+    assert_eq!(debug["pushes"], 4, "{debug:#}");
+    assert_eq!(debug["resources"], 0, "resources were resent: {debug:#}");
+    assert_eq!(debug["nacks"], 0, "a resync was rejected: {debug:#}");
+    // The survivor carries on: a new policy applies.
+    c.write_pilot_file("deny.yaml", DENY_ALT_PORT).unwrap();
+    let alt = SocketAddr::new(c.pod_ip("server-a"), ALT_PORT);
+    let start = Instant::now();
+    while echo_once(&c, alt).await.is_ok() {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "policy never applied by the second replica"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Poll pilot's `/debug/connections` until `n` ztunnels are connected, each subscribed to its
 /// two types with no response awaiting an ACK; returns what it said then.
 async fn wait_resynced(c: &Cluster, n: usize) -> serde_json::Value {
+    wait_resynced_on(c, 0, n).await
+}
+
+/// [`wait_resynced`] for the pilot replica on `node`.
+async fn wait_resynced_on(c: &Cluster, node: usize, n: usize) -> serde_json::Value {
     let start = Instant::now();
     let mut last = serde_json::Value::Null;
     loop {
-        if let Ok((200, body)) = c.http_get(0, 15014, "/debug/connections").await
+        if let Ok((200, body)) = c.http_get(node, 15014, "/debug/connections").await
             && let Ok(v) = serde_json::from_str::<serde_json::Value>(&body)
         {
             let conns = v["connections"].as_array().cloned().unwrap_or_default();

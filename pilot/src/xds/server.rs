@@ -125,7 +125,10 @@ impl AggregatedDiscoveryService for AdsService {
             node_id: OnceLock::new(),
             caller: format!("{caller:?}"),
             connected_at,
-            session: Mutex::new(Session::new()),
+            session: Mutex::new(Session::for_node(match &caller {
+                Caller::NodeAgent { node } => Some(node.clone()),
+                Caller::Workload { .. } => None,
+            })),
         });
         if let Ok(mut c) = self.registry.connections.lock() {
             c.insert(id, connection.clone());

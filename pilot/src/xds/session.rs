@@ -6,6 +6,15 @@
 //! resources were rejected and every other one of that response was applied. A NACK in any
 //! other form (Envoy's) rejects the whole response. Names it gives that the response did not
 //! hold are ignored.
+//!
+//! Subscriptions follow the delta xDS rules: a first request that names nothing, or any
+//! request naming `*`, subscribes to every resource of the type until `*` is unsubscribed;
+//! other names subscribe to that resource, or to the resource that has that name as an alias
+//! (on-demand lookups of an Address by `<network>/<ip>`, as Istio's ztunnel does with
+//! `XDS_ON_DEMAND`); a node agent always gets the workloads of its own node. A name asked
+//! for that matches nothing is answered once in `removed_resources`, so the client stops
+//! waiting. On unsubscribing, the client forgets the resource: if it is still wanted (by `*`
+//! or its node) it is sent again.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
@@ -14,7 +23,7 @@ use envoy_types::pb::envoy::service::discovery::v3::{
 };
 use envoy_types::pb::google::protobuf::Any;
 
-use crate::translate::{ResourceMap, Resources};
+use crate::translate::{Resource, ResourceMap, Resources};
 
 /// One entry of a response awaiting its ACK: the name, what the client held before, and what
 /// we sent (`None`: a removal).
@@ -35,6 +44,12 @@ struct TypeState {
     nacks: u64,
     last_error: Option<String>,
     responses: u64,
+    /// Subscribed to every resource of the type.
+    wildcard: bool,
+    /// Names and aliases subscribed to one by one.
+    names: HashSet<String>,
+    /// Names we told the client match nothing (not repeated until they match something).
+    absent: HashSet<String>,
 }
 
 impl TypeState {
@@ -60,6 +75,9 @@ pub struct TypeReport {
     pub last_nack: Option<String>,
     pub responses: u64,
     pub awaiting_ack: usize,
+    pub wildcard: bool,
+    /// Names and aliases subscribed to one by one.
+    pub subscribed: Vec<String>,
 }
 
 /// What an ACK or NACK said, for logs and counters.
@@ -85,11 +103,29 @@ pub enum Reply {
 pub struct Session {
     types: BTreeMap<String, TypeState>,
     next_nonce: u64,
+    /// The node of a node agent: its workloads are sent without being asked for.
+    node: Option<String>,
+}
+
+/// Whether a client with this subscription (and node) gets `r`.
+fn wants(t: &TypeState, node: Option<&str>, r: &Resource) -> bool {
+    t.wildcard
+        || t.names.contains(&r.name)
+        || r.aliases.iter().any(|a| t.names.contains(a))
+        || (node.is_some() && r.node.as_deref() == node)
 }
 
 impl Session {
     pub fn new() -> Self {
         Session::default()
+    }
+
+    /// A session for the node agent of `node`.
+    pub fn for_node(node: Option<String>) -> Self {
+        Session {
+            node,
+            ..Session::default()
+        }
     }
 
     /// Handle one request. Returns what the reply (if any) said and the response to send
@@ -166,13 +202,54 @@ impl Session {
             // response goes out even when empty, so the client knows it is in sync.
             t.client = req.initial_resource_versions.clone().into_iter().collect();
             t.acked = t.client.clone();
+            t.wildcard = req.resource_names_subscribe.is_empty();
         }
-        let unsubscribed = req.resource_names_unsubscribe.iter().any(|n| n == "*");
-        if unsubscribed {
-            self.types.remove(&req.type_url);
-            return (reply, None);
+        for name in &req.resource_names_subscribe {
+            if name == "*" {
+                t.wildcard = true;
+            } else {
+                t.names.insert(name.clone());
+            }
         }
-        let response = self.diff(&req.type_url, current, first);
+        let mut dropped = false;
+        for name in &req.resource_names_unsubscribe {
+            dropped = true;
+            if name == "*" {
+                t.wildcard = false;
+            } else {
+                t.names.remove(name);
+                t.absent.remove(name);
+                // The client forgets it (and what it had under that alias); sent again
+                // below if it is still wanted.
+                t.client.retain(|held, _| {
+                    held != name
+                        && !current
+                            .get(held)
+                            .is_some_and(|r| r.aliases.iter().any(|a| a == name))
+                });
+            }
+        }
+        if dropped {
+            // What the client no longer subscribes to, it no longer holds.
+            let node = self.node.as_deref();
+            let t = &mut *t;
+            let keep: Vec<String> = t
+                .client
+                .keys()
+                .filter(|held| match current.get(*held) {
+                    Some(r) => wants(t, node, r),
+                    None => t.wildcard || t.names.contains(*held),
+                })
+                .cloned()
+                .collect();
+            t.client.retain(|held, _| keep.contains(held));
+            t.acked.retain(|held, _| t.client.contains_key(held));
+        }
+        let response = self.diff(
+            &req.type_url,
+            current,
+            first || !req.resource_names_subscribe.is_empty(),
+        );
         (reply, response)
     }
 
@@ -198,13 +275,30 @@ impl Session {
         current: &ResourceMap,
         always: bool,
     ) -> Option<DeltaDiscoveryResponse> {
+        let node = self.node.clone();
         let t = self.types.get_mut(type_url)?;
         // A rejected version stays rejected only while it is the current one.
         t.nacked
             .retain(|name, v| current.get(name).is_some_and(|r| &r.version == v));
         let mut resources = Vec::new();
         let mut sent: Vec<Sent> = Vec::new();
+        // Names and aliases asked for one by one that some resource answers.
+        let mut found: HashSet<&str> = HashSet::new();
+        let mut wanted: HashSet<&str> = HashSet::new();
         for (name, r) in current {
+            if !wants(t, node.as_deref(), r) {
+                continue;
+            }
+            wanted.insert(name);
+            if !t.names.is_empty() {
+                found.insert(name);
+                found.extend(
+                    r.aliases
+                        .iter()
+                        .filter(|a| t.names.contains(*a))
+                        .map(String::as_str),
+                );
+            }
             if t.client.get(name) == Some(&r.version) || t.nacked.get(name) == Some(&r.version) {
                 continue;
             }
@@ -215,6 +309,12 @@ impl Session {
                     type_url: type_url.to_string(),
                     value: r.body.to_vec(),
                 }),
+                aliases: r
+                    .aliases
+                    .iter()
+                    .filter(|a| t.names.contains(*a))
+                    .cloned()
+                    .collect(),
                 ..Default::default()
             });
             sent.push((
@@ -226,14 +326,29 @@ impl Session {
         let mut removed: Vec<String> = t
             .client
             .keys()
-            .filter(|n| !current.contains_key(*n) && !t.removals_refused.contains(*n))
+            .filter(|n| !wanted.contains(n.as_str()) && !t.removals_refused.contains(*n))
             .cloned()
             .collect();
         removed.sort();
         for name in &removed {
             sent.push((name.clone(), t.client.get(name).cloned(), None));
         }
-        if resources.is_empty() && removed.is_empty() && !always {
+        // Asked for, matching nothing: said once, outside the ACK bookkeeping (the client
+        // holds nothing by that name).
+        t.absent.retain(|n| !found.contains(n.as_str()));
+        let mut absent: Vec<String> = t
+            .names
+            .iter()
+            .filter(|n| {
+                !found.contains(n.as_str()) && !t.absent.contains(*n) && !t.client.contains_key(*n)
+            })
+            .cloned()
+            .collect();
+        absent.sort();
+        t.absent.extend(absent.iter().cloned());
+        let mut removed_resources = removed;
+        removed_resources.extend(absent);
+        if resources.is_empty() && removed_resources.is_empty() && !always {
             return None;
         }
         for (name, _, version) in &sent {
@@ -249,7 +364,7 @@ impl Session {
         Some(DeltaDiscoveryResponse {
             type_url: type_url.to_string(),
             resources,
-            removed_resources: removed,
+            removed_resources,
             nonce,
             ..Default::default()
         })
@@ -275,6 +390,12 @@ impl Session {
                 last_nack: t.last_error.clone(),
                 responses: t.responses,
                 awaiting_ack: t.pending.len(),
+                wildcard: t.wildcard,
+                subscribed: {
+                    let mut s: Vec<String> = t.names.iter().cloned().collect();
+                    s.sort();
+                    s
+                },
             })
             .collect()
     }
@@ -297,6 +418,8 @@ mod tests {
                     name: name.to_string(),
                     version: version.to_string(),
                     body: bytes::Bytes::from(version.as_bytes().to_vec()),
+                    aliases: Vec::new(),
+                    node: None,
                 }),
             );
         }
@@ -545,5 +668,122 @@ mod tests {
             s.on_request(&reply("999", None), &res(&[])).0,
             Some(Reply::Stale)
         );
+    }
+
+    /// Addresses with aliases and nodes: (name, version, alias, node).
+    fn addresses(items: &[(&str, &str, &str, Option<&str>)]) -> Resources {
+        let mut r = Resources::default();
+        for (name, version, alias, node) in items {
+            r.addresses.insert(
+                name.to_string(),
+                Arc::new(Resource {
+                    name: name.to_string(),
+                    version: version.to_string(),
+                    body: bytes::Bytes::from(version.as_bytes().to_vec()),
+                    aliases: vec![alias.to_string()],
+                    node: node.map(str::to_string),
+                }),
+            );
+        }
+        r
+    }
+
+    fn names_request(sub: &[&str], unsub: &[&str], nonce: &str) -> DeltaDiscoveryRequest {
+        DeltaDiscoveryRequest {
+            type_url: ADDRESS_TYPE_URL.into(),
+            resource_names_subscribe: sub.iter().map(|s| s.to_string()).collect(),
+            resource_names_unsubscribe: unsub.iter().map(|s| s.to_string()).collect(),
+            response_nonce: nonce.into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn on_demand_by_alias_with_the_nodes_own_workloads() {
+        let mut s = Session::for_node(Some("node1".into()));
+        let snap = addresses(&[
+            ("w1", "1", "/10.0.0.1", Some("node1")),
+            ("w2", "1", "/10.0.0.2", Some("node2")),
+            ("svc", "1", "/10.96.0.1", None),
+        ]);
+        // Istio's ztunnel with XDS_ON_DEMAND: `*` subscribed and unsubscribed in one request.
+        let (_, first) = s.on_request(&names_request(&[], &["*"], ""), &snap);
+        let first = first.unwrap();
+        assert_eq!(names(&first), ["w1"], "only its own node's workload");
+        // A lookup by `<network>/<ip>`: the resource comes with the alias asked for.
+        let (_, r) = s.on_request(&names_request(&["/10.0.0.2"], &[], &first.nonce), &snap);
+        let r = r.unwrap();
+        assert_eq!(names(&r), ["w2"]);
+        assert_eq!(r.resources[0].aliases, ["/10.0.0.2"]);
+        // An address nobody has: said once in removed_resources.
+        let (_, r2) = s.on_request(&names_request(&["/10.9.9.9"], &[], &r.nonce), &snap);
+        let r2 = r2.unwrap();
+        assert!(r2.resources.is_empty());
+        assert_eq!(r2.removed_resources, ["/10.9.9.9"]);
+        let (reply, none) = s.on_request(&names_request(&[], &[], &r2.nonce), &snap);
+        assert!(matches!(reply, Some(Reply::Ack { .. })));
+        assert!(none.is_none());
+        // Changes: of what it asked for and its node's, yes; of the rest, no.
+        let snap2 = addresses(&[
+            ("w1", "2", "/10.0.0.1", Some("node1")),
+            ("w2", "2", "/10.0.0.2", Some("node2")),
+            ("svc", "2", "/10.96.0.1", None),
+        ]);
+        let pushes = s.on_resources(&snap2);
+        assert_eq!(pushes.len(), 1);
+        assert_eq!(names(&pushes[0]), ["w1", "w2"]);
+        assert!(pushes[0].removed_resources.is_empty(), "not said twice");
+        let (_, _) = s.on_request(&names_request(&[], &[], &pushes[0].nonce), &snap2);
+        // The missing address appears: sent.
+        let mut snap3 = snap2.clone();
+        snap3
+            .addresses
+            .extend(addresses(&[("w9", "1", "/10.9.9.9", Some("node2"))]).addresses);
+        let pushes = s.on_resources(&snap3);
+        assert_eq!(names(&pushes[0]), ["w9"]);
+        let (_, _) = s.on_request(&names_request(&[], &[], &pushes[0].nonce), &snap3);
+        // Unsubscribed: forgotten by the client, no longer pushed, no removal sent.
+        let (_, r) = s.on_request(&names_request(&[], &["/10.0.0.2"], ""), &snap3);
+        assert!(r.is_none(), "{r:?}");
+        let snap4 = addresses(&[
+            ("w1", "2", "/10.0.0.1", Some("node1")),
+            ("w2", "3", "/10.0.0.2", Some("node2")),
+            ("svc", "2", "/10.96.0.1", None),
+            ("w9", "1", "/10.9.9.9", Some("node2")),
+        ]);
+        assert!(s.on_resources(&snap4).is_empty());
+        let report = &s.report()[0];
+        assert!(!report.wildcard);
+        assert_eq!(report.subscribed, ["/10.9.9.9"]);
+        assert_eq!(report.sent.keys().collect::<Vec<_>>(), ["w1", "w9"]);
+    }
+
+    #[test]
+    fn wildcard_subscriptions_explicit_legacy_and_left() {
+        let snap = addresses(&[
+            ("w1", "1", "/10.0.0.1", Some("node1")),
+            ("w2", "1", "/10.0.0.2", Some("node2")),
+        ]);
+        // Explicit `*` plus a name.
+        let mut s = Session::new();
+        let (_, r) = s.on_request(&names_request(&["*", "w2"], &[], ""), &snap);
+        assert_eq!(names(&r.unwrap()), ["w1", "w2"]);
+        // Legacy wildcard (a first request naming nothing); unsubscribing one name under a
+        // wildcard makes the client forget it, so it is sent again.
+        let mut s = Session::new();
+        let (_, r) = s.on_request(&names_request(&[], &[], ""), &snap);
+        let r = r.unwrap();
+        assert_eq!(names(&r), ["w1", "w2"]);
+        let (_, _) = s.on_request(&names_request(&[], &[], &r.nonce), &snap);
+        let (_, again) = s.on_request(&names_request(&[], &["w2"], ""), &snap);
+        assert_eq!(names(&again.unwrap()), ["w2"]);
+        // Leaving the wildcard: nothing more is pushed, nothing is removed.
+        let (_, r) = s.on_request(&names_request(&[], &["*"], ""), &snap);
+        assert!(r.is_none());
+        let snap2 = addresses(&[
+            ("w1", "2", "/10.0.0.1", Some("node1")),
+            ("w3", "1", "/10.0.0.3", None),
+        ]);
+        assert!(s.on_resources(&snap2).is_empty());
     }
 }

@@ -75,6 +75,11 @@ impl Stream {
         }
     }
 
+    /// Send `req` as it is (subscriptions by name, on-demand lookups).
+    pub async fn send(&self, req: DeltaDiscoveryRequest) {
+        self.tx.send(req).await.unwrap();
+    }
+
     pub async fn ack(&self, r: &DeltaDiscoveryResponse) {
         self.reply(r, None).await
     }

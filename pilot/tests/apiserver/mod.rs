@@ -102,6 +102,8 @@ struct State {
     /// Answer server-side applies with 500 (counted in `apply_requests`, nothing stored).
     apply_failing: bool,
     apply_requests: usize,
+    /// Objects served by get and create (Secrets), by object path.
+    stored: BTreeMap<String, Value>,
 }
 
 /// An object received by server-side apply (as the server stored it), and how.
@@ -294,6 +296,23 @@ impl ApiServer {
     }
 
     /// Answer server-side applies with 500 (`true`) or serve them.
+    /// The Secret `namespace/name`, if stored.
+    pub fn secret(&self, namespace: &str, name: &str) -> Option<Value> {
+        let path = format!("/api/v1/namespaces/{namespace}/secrets/{name}");
+        self.state.lock().unwrap().stored.get(&path).cloned()
+    }
+
+    /// Store a Secret as if created earlier.
+    pub fn put_secret(&self, object: Value) {
+        let ns = object["metadata"]["namespace"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let name = object["metadata"]["name"].as_str().unwrap().to_string();
+        let path = format!("/api/v1/namespaces/{ns}/secrets/{name}");
+        self.state.lock().unwrap().stored.insert(path, object);
+    }
+
     pub fn set_apply_failing(&self, failing: bool) {
         self.state.lock().unwrap().apply_failing = failing;
     }
@@ -405,6 +424,9 @@ impl Server {
         if req.method() == hyper::Method::PATCH {
             return self.server_side_apply(req, &path, &query).await;
         }
+        if path.starts_with("/api/v1/namespaces/") && path.contains("/secrets") {
+            return self.get_or_create(req, &path).await;
+        }
         let Some(i) = KINDS.iter().position(|k| k.2 == path) else {
             return error(
                 404,
@@ -419,6 +441,52 @@ impl Server {
             self.watch(i, &query)
         } else {
             self.list(i)
+        }
+    }
+
+    /// Get (`GET …/secrets/<name>`) and create (`POST …/secrets`) of Secrets: 404 when absent,
+    /// 409 `AlreadyExists` when creating one that exists, as kube-apiserver answers.
+    async fn get_or_create(&self, req: Request<Incoming>, path: &str) -> Response<Body> {
+        let parts: Vec<&str> = path.split('/').collect();
+        match (req.method().clone(), parts.as_slice()) {
+            (hyper::Method::GET, ["", "api", "v1", "namespaces", _, "secrets", name]) => {
+                match self.state.lock().unwrap().stored.get(path) {
+                    Some(o) => full(StatusCode::OK, o),
+                    None => error(404, "NotFound", &format!("secrets \"{name}\" not found")),
+                }
+            }
+            (hyper::Method::POST, ["", "api", "v1", "namespaces", ns, "secrets"]) => {
+                let body = req.into_body().collect().await.unwrap().to_bytes();
+                let mut object: Value = match serde_json::from_slice(&body) {
+                    Ok(v) => v,
+                    Err(e) => return error(400, "BadRequest", &format!("body: {e}")),
+                };
+                let Some(name) = object["metadata"]["name"].as_str().map(str::to_string) else {
+                    return error(422, "Invalid", "metadata.name: Required value");
+                };
+                let key = format!("{path}/{name}");
+                let mut s = self.state.lock().unwrap();
+                if s.stored.contains_key(&key) {
+                    return error(
+                        409,
+                        "AlreadyExists",
+                        &format!("secrets \"{name}\" already exists"),
+                    );
+                }
+                s.rv += 1;
+                let rv = s.rv;
+                let meta = object["metadata"].as_object_mut().unwrap();
+                meta.insert("namespace".into(), (*ns).into());
+                meta.insert("resourceVersion".into(), rv.to_string().into());
+                meta.insert("uid".into(), format!("uid-{rv}").into());
+                s.stored.insert(key, object.clone());
+                full(StatusCode::CREATED, &object)
+            }
+            _ => error(
+                405,
+                "MethodNotAllowed",
+                "only get and create of Secrets are served",
+            ),
         }
     }
 
