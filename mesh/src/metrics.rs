@@ -271,7 +271,8 @@ mod tests {
                 destination_principal: "spiffe://cluster.local/ns/shop/sa/web".into(),
                 destination_app: u(),
                 destination_version: "v2".into(),
-                destination_cluster: u(),
+                // A workload's cluster defaults to Istio's `Kubernetes`.
+                destination_cluster: "Kubernetes".into(),
                 request_protocol: "tcp".into(),
                 response_flags: "-".into(),
                 connection_security_policy: "mutual_tls".into(),
