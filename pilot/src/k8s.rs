@@ -165,12 +165,30 @@ pub struct AuthorizationPolicy {
     pub meta: Meta,
     /// `None`: the whole namespace (or the mesh, in the root namespace).
     pub selector: Option<BTreeMap<String, String>>,
-    /// Bound to a waypoint or gateway (`targetRefs`): not for the node proxy.
-    pub target_refs: Vec<String>,
+    /// Bound to a waypoint or gateway (`targetRef` / `targetRefs`): not for the node proxy.
+    pub target_refs: Vec<TargetRef>,
     pub action: PolicyAction,
     /// `None`: no `rules` field at all (matches nothing); `Some(empty rule)` matches everything.
     pub rules: Vec<PolicyRule>,
     pub dry_run: bool,
+}
+
+/// One entry of a policy's `targetRef` / `targetRefs`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct TargetRef {
+    pub group: String,
+    pub kind: String,
+    pub name: String,
+    /// Empty: the policy's own namespace.
+    pub namespace: String,
+    /// Where it was written (`spec.targetRef` or `spec.targetRefs[i]`), for problems.
+    pub field: String,
+}
+
+impl std::fmt::Display for TargetRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.kind, self.name)
+    }
 }
 
 pub use crate::routing::{DestinationRule, Gateway, VirtualService};
@@ -654,9 +672,13 @@ struct RawSelector {
 #[serde(rename_all = "camelCase")]
 struct RawTargetRef {
     #[serde(default)]
+    group: String,
+    #[serde(default)]
     kind: String,
     #[serde(default)]
     name: String,
+    #[serde(default)]
+    namespace: String,
 }
 
 #[derive(Default, Deserialize)]
@@ -801,11 +823,23 @@ fn authorization_policy(
             "cannot be used together with targetRef/targetRefs",
         ));
     }
-    let target_refs: Vec<String> = spec
+    let target_refs: Vec<TargetRef> = spec
         .target_ref
         .iter()
-        .chain(spec.target_refs.iter())
-        .map(|t| format!("{}/{}", t.kind, t.name))
+        .map(|t| (t, "spec.targetRef".to_string()))
+        .chain(
+            spec.target_refs
+                .iter()
+                .enumerate()
+                .map(|(i, t)| (t, format!("spec.targetRefs[{i}]"))),
+        )
+        .map(|(t, field)| TargetRef {
+            group: t.group.clone(),
+            kind: t.kind.clone(),
+            name: t.name.clone(),
+            namespace: t.namespace.clone(),
+            field,
+        })
         .collect();
     let has_rules_field = spec.rules.is_some();
     let mut rules = Vec::new();

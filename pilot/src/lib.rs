@@ -9,6 +9,7 @@ pub mod folder;
 pub mod k8s;
 pub mod model;
 pub mod provision;
+pub mod rbac;
 pub mod root_configmap;
 pub mod routing;
 pub mod server;

@@ -189,8 +189,11 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
             for node in &cfg.nodes {
                 tokens.node_token(node)?;
             }
-            let (fp, first) = crate::folder::blocking(folder, |dir| {
-                (crate::folder::fingerprint(dir), crate::folder::load(dir))
+            let (fp, first, cache) = crate::folder::blocking(folder, |dir| {
+                let fp = crate::folder::fingerprint(dir);
+                let mut cache = crate::folder::ParseCache::default();
+                let first = cache.load(dir);
+                (fp, first, cache)
             })
             .await
             .context("reading the configuration folder")?;
@@ -199,7 +202,12 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
                 warn!("{p}");
             }
             let (snap_tx, snap_rx) = watch::channel(first);
-            tokio::spawn(crate::folder::watch_folder(folder.clone(), fp, snap_tx));
+            tokio::spawn(crate::folder::watch_folder(
+                folder.clone(),
+                fp,
+                cache,
+                snap_tx,
+            ));
             let node_agent = Identity::new(
                 &cfg.mesh.trust_domain,
                 &cfg.mesh.root_namespace,

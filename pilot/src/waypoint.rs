@@ -96,10 +96,14 @@ struct Builder<'a> {
     clusters: BTreeMap<String, ClusterSpec>,
     out: WaypointResources,
     problems: Vec<Problem>,
+    /// Which AuthorizationPolicies apply to which waypoint and service.
+    authz: &'a crate::rbac::Attachments,
 }
 
 pub fn translate(s: &Snapshot, o: &MeshOptions) -> Translation {
     let mut t = Translation::default();
+    let authz = crate::rbac::attachments(s, o);
+    t.problems.extend(authz.problems.iter().cloned());
     let mut bound: BTreeMap<Key, BTreeSet<Key>> = BTreeMap::new();
     for (key, svc) in &s.services {
         if let Some(gw) = service_waypoint(s, svc) {
@@ -118,6 +122,7 @@ pub fn translate(s: &Snapshot, o: &MeshOptions) -> Translation {
             clusters: BTreeMap::new(),
             out: WaypointResources::default(),
             problems: vec![],
+            authz: &authz,
         };
         b.build();
         t.problems.extend(b.problems);
@@ -400,6 +405,15 @@ impl Builder<'_> {
         });
     }
 
+    /// Add problems not yet reported (a policy meets every listener it applies to).
+    fn problems_once(&mut self, problems: Vec<Problem>) {
+        for p in problems {
+            if !self.problems.contains(&p) {
+                self.problems.push(p);
+            }
+        }
+    }
+
     fn build(&mut self) {
         let bound: Vec<Key> = self.bound.iter().cloned().collect();
         for key in bound {
@@ -423,15 +437,22 @@ impl Builder<'_> {
                         labels,
                     );
                 }
-                let filter = if http {
+                let policies = self.authz.for_listener(self.s, &self.gw, &key);
+                let filters = if http {
                     self.http_routes(svc, p.port, &name);
-                    http_filter(&name)
+                    let (rbac, problems) = crate::rbac::http_filters(self.s, &policies, p.port);
+                    self.problems_once(problems);
+                    vec![http_filter(&name, rbac)]
                 } else {
+                    let (mut filters, problems) =
+                        crate::rbac::network_filters(self.s, &policies, p.port);
+                    self.problems_once(problems);
                     let tcp = self.tcp_proxy(svc, p.port, &name);
-                    listener::Filter {
+                    filters.push(listener::Filter {
                         name: "envoy.filters.network.tcp_proxy".into(),
                         config_type: Some(listener::filter::ConfigType::TypedConfig(pack_any(tcp))),
-                    }
+                    });
+                    filters
                 };
                 let l = listener::Listener {
                     name: name.clone(),
@@ -446,7 +467,7 @@ impl Builder<'_> {
                     // The waypoint serves these addresses inside HBONE tunnels; nothing binds them.
                     bind_to_port: Some(pbw::BoolValue { value: false }),
                     filter_chains: vec![listener::FilterChain {
-                        filters: vec![filter],
+                        filters,
                         ..Default::default()
                     }],
                     ..Default::default()
@@ -1138,7 +1159,9 @@ fn merge_match(root: &HttpMatch, inner: Option<&HttpMatch>) -> HttpMatch {
     m
 }
 
-fn http_filter(name: &str) -> listener::Filter {
+/// The connection manager of an HTTP listener: `before_router` (the RBAC filters) then the
+/// router.
+fn http_filter(name: &str, before_router: Vec<hcm::HttpFilter>) -> listener::Filter {
     let manager = hcm::HttpConnectionManager {
         stat_prefix: name.to_string(),
         route_specifier: Some(hcm::http_connection_manager::RouteSpecifier::Rds(
@@ -1147,13 +1170,16 @@ fn http_filter(name: &str) -> listener::Filter {
                 route_config_name: name.to_string(),
             },
         )),
-        http_filters: vec![hcm::HttpFilter {
-            name: "envoy.filters.http.router".into(),
-            config_type: Some(hcm::http_filter::ConfigType::TypedConfig(pack_any(
-                Router::default(),
-            ))),
-            ..Default::default()
-        }],
+        http_filters: before_router
+            .into_iter()
+            .chain([hcm::HttpFilter {
+                name: "envoy.filters.http.router".into(),
+                config_type: Some(hcm::http_filter::ConfigType::TypedConfig(pack_any(
+                    Router::default(),
+                ))),
+                ..Default::default()
+            }])
+            .collect(),
         ..Default::default()
     };
     listener::Filter {

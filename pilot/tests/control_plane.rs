@@ -493,8 +493,8 @@ async fn partial_nack_with_a_real_client() {
     client.abort();
 }
 
-/// A policy for a waypoint is enforced nowhere yet: `/debug/snapshot` says so, naming file and
-/// object.
+/// A policy for a waypoint that does not exist is enforced nowhere: `/debug/snapshot` says so,
+/// naming file, object and field; it is never sent to node proxies.
 #[tokio::test]
 async fn waypoint_policy_is_reported() {
     let env = Env::start().await;
@@ -517,7 +517,7 @@ async fn waypoint_policy_is_reported() {
     assert_eq!(
         problems,
         serde_json::json!([
-            "policy.yaml: AuthorizationPolicy shop/via-waypoint: field \"spec.targetRefs\": bound to Gateway/waypoint: enforced by a waypoint; no waypoint enforces it yet, so it is in force nowhere"
+            "policy.yaml: AuthorizationPolicy shop/via-waypoint: field \"spec.targetRefs[0]\": no waypoint Gateway shop/waypoint; in force nowhere"
         ])
     );
     assert!(

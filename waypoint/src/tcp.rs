@@ -19,9 +19,40 @@ pub async fn proxy(
     config: &Config,
     tunnel: &Tunnel,
     clusters: &[(String, u32)],
+    rbac: &[crate::rbac::RbacFilter],
     stream: InboundStream,
 ) {
     let start = Instant::now();
+    // The network RBAC filters: a connection they deny is refused before any upstream.
+    if !rbac.is_empty() {
+        let headers = http::HeaderMap::new();
+        let source = crate::route::Source::default();
+        let view = crate::route::Request {
+            method: "",
+            scheme: "",
+            authority: "",
+            path: "",
+            headers: &headers,
+            source: &source,
+        };
+        let subject = crate::rbac::Subject {
+            request: &view,
+            peer: &tunnel.peer_principal,
+            client: tunnel.client.ip(),
+            destination: tunnel.authority,
+        };
+        let denied = crate::rbac::check(rbac, &subject, |v, shadow| w.metrics.rbac(v, shadow));
+        if let Some(v) = denied {
+            let details = format!(
+                "rbac_access_denied_matched_policy[{}]",
+                v.policy.as_deref().map_or("none", |p| p.as_str())
+            );
+            log(tunnel, "", None, "-", 0, 0, start);
+            info!(target: "access", listener = %tunnel.listener.name, client = %tunnel.client, "{details}");
+            stream.refuse(&Refusal::unauthorized(crate::rbac::DENIED_BODY));
+            return;
+        }
+    }
     let cluster_name = config::pick_weighted(clusters, fastrand::u64(..)).unwrap_or_default();
     let Some(cluster) = config.clusters.get(cluster_name) else {
         log(tunnel, cluster_name, None, "NC", 0, 0, start);

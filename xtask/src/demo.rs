@@ -54,6 +54,27 @@ spec:
     - source: {principals: [\"cluster.local/ns/bookinfo/sa/bookinfo-productpage\"]}
 ";
 
+/// Written into pilot's folder by the L7 authorization check: policies the waypoint enforces
+/// (`targetRefs` to the Service bound to it), a DENY on a path and an ALLOW by caller.
+const WAYPOINT_POLICIES: &str = "\
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: ratings-no-admin, namespace: bookinfo}
+spec:
+  targetRefs: [{kind: Service, name: ratings}]
+  action: DENY
+  rules:
+  - to: [{operation: {paths: [\"/ratings/admin\", \"/ratings/admin/*\"]}}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: ratings-callers, namespace: bookinfo}
+spec:
+  targetRefs: [{kind: Service, name: ratings}]
+  rules:
+  - from: [{source: {principals: [\"cluster.local/ns/bookinfo/sa/bookinfo-reviews\"]}}]
+";
+
 struct Report {
     rows: Vec<(bool, String, String)>,
 }
@@ -261,6 +282,10 @@ Mesh up in {:.1}s: {} nodes, pilot on node1 (xDS + CA over TLS on {}), one ztunn
     report.check(
         "(i) a TCP port of a bound service passes through the waypoint",
         tcp_through_waypoint(&c).await,
+    );
+    report.check(
+        "(j) L7 AuthorizationPolicy at the waypoint: a DENY on a path answers 403, other paths pass; an ALLOW governs productpage -> ratings",
+        waypoint_authz(&c).await,
     );
 
     let failed = report.rows.iter().filter(|r| !r.0).count();
@@ -565,7 +590,7 @@ async fn ratings_from_reviews(c: &Cluster) -> anyhow::Result<String> {
     }
     Ok(format!(
         "bookinfo/ratings-from-reviews (principals bookinfo-reviews and waypoint): {reviews} -> ratings.bookinfo {vip}: HTTP {status} from {ratings} via the waypoint (the app saw {WAYPOINT_POD} {waypoint} as its peer, and the header x-bookinfo-route: {tag} set by VirtualService bookinfo/ratings); {reviews} -> {dst} directly answered; {page} -> {dst} directly got HBONE 401 from node2's ztunnel and the app never saw it
-(the waypoint does not enforce AuthorizationPolicy yet: through the VIP, ratings' ztunnel checks the waypoint's identity)"
+(this selector policy is ztunnel's, L4: through the VIP, ratings' ztunnel sees the waypoint's identity; what the waypoint itself enforces on the caller is a targetRefs policy, see (j))"
     ))
 }
 
@@ -886,6 +911,82 @@ async fn by_source(c: &Cluster, routes: &Path) -> anyhow::Result<String> {
     Ok(format!(
         "5-source-labels.yaml written -> in effect after {} (the waypoint matches the labels of the workload whose address the client's ztunnel forwarded): {seen}",
         ms(took)
+    ))
+}
+
+/// Write [`WAYPOINT_POLICIES`] and time how long until the waypoint answers a request to
+/// ratings' admin path 403 (`RBAC: access denied`); other paths still pass for reviews, and
+/// productpage, which the ALLOW does not name, is refused through the waypoint. The file is
+/// removed afterwards (and access comes back).
+async fn waypoint_authz(c: &Cluster) -> anyhow::Result<String> {
+    let (reviews, page, ratings) = (
+        pod(c, "reviews-v1"),
+        pod(c, "productpage"),
+        pod(c, "ratings"),
+    );
+    let vip = SocketAddr::new(RATINGS_VIP.into(), APP_PORT);
+    let (before, _, _, _) = get(c, page, vip, "ratings:9080", "/ratings/admin", &[]).await?;
+    if before != 200 {
+        bail!("before the policies, {page} -> ratings /ratings/admin answered {before}");
+    }
+    const FILE: &str = "waypoint-policies.yaml";
+    let written = Instant::now();
+    c.write_pilot_file(FILE, WAYPOINT_POLICIES)?;
+    let took = loop {
+        let (status, _, _, answer) =
+            get(c, reviews, vip, "ratings:9080", "/ratings/admin", &[]).await?;
+        if status == 403 {
+            let body = String::from_utf8_lossy(&answer.body).into_owned();
+            if body != "RBAC: access denied" {
+                bail!("{reviews} -> ratings /ratings/admin: 403 with body {body:?}");
+            }
+            break written.elapsed();
+        }
+        if written.elapsed() > CHANGE_LIMIT {
+            bail!("the DENY had no effect 5 s after {FILE} was written (last answer {status})");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    let (ok, answered, _, _) = get(c, reviews, vip, "ratings:9080", "/ratings/0", &[]).await?;
+    if ok != 200 || answered != ratings {
+        bail!(
+            "{reviews} -> ratings /ratings/0 answered {ok} by {answered:?}, not 200 by {ratings}"
+        );
+    }
+    let (from_page, _, _, _) = get(c, page, vip, "ratings:9080", "/ratings/0", &[]).await?;
+    if from_page != 403 {
+        bail!("{page} -> ratings /ratings/0 answered {from_page}: the ALLOW names only reviews");
+    }
+    let (status, metrics) = c.pod_http_get(WAYPOINT_POD, 15020, "/metrics").await?;
+    let denied = |policy: &str| {
+        testbed::cluster::sum_metric(
+            &metrics,
+            "waypoint_rbac_decisions_total",
+            &[("policy", policy), ("decision", "denied")],
+        )
+    };
+    let (by_deny, by_allow) = (
+        denied("ns[bookinfo]-policy[ratings-no-admin]-rule[0]"),
+        denied(""),
+    );
+    if status != 200 || by_deny < 1.0 {
+        bail!("the waypoint's metrics do not count the denial: {status}");
+    }
+    c.write_pilot_file(FILE, "")?;
+    let removed = Instant::now();
+    loop {
+        let (s, _, _, _) = get(c, page, vip, "ratings:9080", "/ratings/0", &[]).await?;
+        if s == 200 {
+            break;
+        }
+        if removed.elapsed() > CHANGE_LIMIT {
+            bail!("{page} -> ratings still {s} 5 s after the policies were removed");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Ok(format!(
+        "{FILE} written (DENY ratings-no-admin on paths /ratings/admin*, ALLOW ratings-callers from bookinfo-reviews, both targetRefs Service ratings) -> {reviews} -> ratings {vip} /ratings/admin answered 403 \"RBAC: access denied\" by the waypoint after {:.0} ms; /ratings/0 still 200 from {ratings}; {page} -> ratings (through its waypoint) 403, as no ALLOW rule names it; waypoint_rbac_decisions_total counts {by_deny} denial(s) by ns[bookinfo]-policy[ratings-no-admin]-rule[0] and {by_allow} by no matching ALLOW; the file removed -> {page} answered 200 again",
+        took.as_secs_f64() * 1000.0
     ))
 }
 
