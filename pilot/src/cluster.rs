@@ -36,7 +36,7 @@ pub const MAX_DELAY: Duration = Duration::from_secs(1);
 const WAITING_REPORT: Duration = Duration::from_secs(10);
 
 /// The kinds watched, in the order their stores are kept (and objects handed to the model).
-pub const KINDS: [&str; 7] = [
+pub const KINDS: [&str; 9] = [
     "Namespace",
     "Pod",
     "Service",
@@ -44,6 +44,8 @@ pub const KINDS: [&str; 7] = [
     "VirtualService",
     "DestinationRule",
     "Gateway",
+    "HTTPRoute",
+    "GRPCRoute",
 ];
 
 /// `(API group, resource)` of every kind watched, in `KINDS` order: what pilot's ClusterRole
@@ -60,6 +62,8 @@ pub fn watched_resources() -> Vec<(String, String)> {
         of::<crds::VirtualService>(),
         of::<crds::DestinationRule>(),
         of::<crds::Gateway>(),
+        of::<crds::HTTPRoute>(),
+        of::<crds::GRPCRoute>(),
     ]
 }
 
@@ -117,7 +121,21 @@ pub async fn watch_cluster(client: Client, tx: watch::Sender<Arc<Snapshot>>) {
             5,
             updates_tx.clone(),
         )),
-        tokio::spawn(watch_kind(Api::<crds::Gateway>::all(client), 6, updates_tx)),
+        tokio::spawn(watch_kind(
+            Api::<crds::Gateway>::all(client.clone()),
+            6,
+            updates_tx.clone(),
+        )),
+        tokio::spawn(watch_kind(
+            Api::<crds::HTTPRoute>::all(client.clone()),
+            7,
+            updates_tx.clone(),
+        )),
+        tokio::spawn(watch_kind(
+            Api::<crds::GRPCRoute>::all(client),
+            8,
+            updates_tx,
+        )),
     ];
     aggregate(updates, tx).await;
     for w in watchers {

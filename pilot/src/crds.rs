@@ -76,6 +76,45 @@ pub struct GatewayBody {
     pub spec: serde_json::Value,
 }
 
+/// A status kept as JSON (pilot keeps other controllers' parts of a route's status).
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(transparent)]
+pub struct RawStatus(pub serde_json::Value);
+
+/// `gateway.networking.k8s.io/v1` HTTPRoute (with its `status`: pilot writes its own part).
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[kube(
+    group = "gateway.networking.k8s.io",
+    version = "v1",
+    kind = "HTTPRoute",
+    plural = "httproutes",
+    status = "RawStatus",
+    namespaced,
+    no_spec,
+    schema = "disabled"
+)]
+pub struct HttpRouteBody {
+    #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
+    pub spec: serde_json::Value,
+}
+
+/// `gateway.networking.k8s.io/v1` GRPCRoute.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[kube(
+    group = "gateway.networking.k8s.io",
+    version = "v1",
+    kind = "GRPCRoute",
+    plural = "grpcroutes",
+    status = "RawStatus",
+    namespaced,
+    no_spec,
+    schema = "disabled"
+)]
+pub struct GrpcRouteBody {
+    #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
+    pub spec: serde_json::Value,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

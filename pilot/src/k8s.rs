@@ -62,6 +62,8 @@ pub struct Meta {
     pub uid: Option<String>,
     pub labels: BTreeMap<String, String>,
     pub annotations: BTreeMap<String, String>,
+    /// `metadata.generation` (0 when not given), reported back as `observedGeneration`.
+    pub generation: i64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -202,6 +204,8 @@ pub enum Object {
     VirtualService(VirtualService),
     DestinationRule(DestinationRule),
     Gateway(Gateway),
+    HttpRoute(crate::gateway_api::Route),
+    GrpcRoute(crate::gateway_api::Route),
 }
 
 impl Object {
@@ -214,6 +218,7 @@ impl Object {
             Object::VirtualService(o) => &o.meta,
             Object::DestinationRule(o) => &o.meta,
             Object::Gateway(o) => &o.meta,
+            Object::HttpRoute(o) | Object::GrpcRoute(o) => &o.meta,
         }
     }
 
@@ -226,6 +231,8 @@ impl Object {
             Object::VirtualService(_) => "VirtualService",
             Object::DestinationRule(_) => "DestinationRule",
             Object::Gateway(_) => "Gateway",
+            Object::HttpRoute(_) => "HTTPRoute",
+            Object::GrpcRoute(_) => "GRPCRoute",
         }
     }
 }
@@ -308,7 +315,10 @@ pub fn parse_object(value: Value, origin: Origin) -> Result<Option<(Origin, Obje
         ("", "Namespace" | "Pod" | "Service")
             | ("security.istio.io", "AuthorizationPolicy")
             | ("networking.istio.io", "VirtualService" | "DestinationRule")
-            | ("gateway.networking.k8s.io", "Gateway")
+            | (
+                "gateway.networking.k8s.io",
+                "Gateway" | "HTTPRoute" | "GRPCRoute"
+            )
     );
     if !known {
         return Ok(None);
@@ -353,6 +363,7 @@ pub fn parse_object(value: Value, origin: Origin) -> Result<Option<(Origin, Obje
         uid: raw_meta.uid,
         labels: raw_meta.labels.unwrap_or_default(),
         annotations: raw_meta.annotations.unwrap_or_default(),
+        generation: raw_meta.generation.unwrap_or(0),
     };
     let spec = map.get("spec").cloned().unwrap_or(Value::Null);
     let status = map.get("status").cloned().unwrap_or(Value::Null);
@@ -370,6 +381,19 @@ pub fn parse_object(value: Value, origin: Origin) -> Result<Option<(Origin, Obje
             Object::DestinationRule(crate::routing::destination_rule(&origin, meta, spec)?)
         }
         "Gateway" => Object::Gateway(crate::routing::gateway(&origin, meta, spec)?),
+        "HTTPRoute" | "GRPCRoute" => {
+            use crate::gateway_api::{RouteKind, route};
+            let k = if kind == "HTTPRoute" {
+                RouteKind::Http
+            } else {
+                RouteKind::Grpc
+            };
+            let r = route(k, &origin, meta, map.get("metadata"), spec, &status)?;
+            match k {
+                RouteKind::Http => Object::HttpRoute(r),
+                RouteKind::Grpc => Object::GrpcRoute(r),
+            }
+        }
         _ => return Ok(None),
     };
     Ok(Some((origin, object)))
@@ -382,6 +406,7 @@ struct RawMeta {
     uid: Option<String>,
     labels: Option<BTreeMap<String, String>>,
     annotations: Option<BTreeMap<String, String>>,
+    generation: Option<i64>,
 }
 
 /// Kubernetes names: RFC 1123 labels for namespaces, pods, service accounts (which end up in

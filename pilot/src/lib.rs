@@ -4,13 +4,17 @@
 pub mod auth;
 pub mod ca;
 pub mod cluster;
+pub mod cluster_policy;
 pub mod crds;
 pub mod folder;
+pub mod gateway_api;
 pub mod k8s;
 pub mod model;
 pub mod provision;
 pub mod rbac;
 pub mod root_configmap;
+pub mod route_policy;
+pub mod route_status;
 pub mod routing;
 pub mod server;
 pub mod serving;

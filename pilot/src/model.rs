@@ -30,6 +30,10 @@ pub struct Snapshot {
     pub destination_rules: BTreeMap<Key, DestinationRule>,
     #[serde(serialize_with = "by_name")]
     pub gateways: BTreeMap<Key, Gateway>,
+    #[serde(serialize_with = "by_name")]
+    pub http_routes: BTreeMap<Key, crate::gateway_api::Route>,
+    #[serde(serialize_with = "by_name")]
+    pub grpc_routes: BTreeMap<Key, crate::gateway_api::Route>,
     /// Invalid objects and conflicts, each naming file, object and field.
     pub problems: Vec<Problem>,
     /// Where each object came from, by kind and key: for problems found after parsing.
@@ -78,6 +82,12 @@ impl Snapshot {
                 }
                 Object::Gateway(o) => {
                     s.gateways.insert(key, o);
+                }
+                Object::HttpRoute(o) => {
+                    s.http_routes.insert(key, o);
+                }
+                Object::GrpcRoute(o) => {
+                    s.grpc_routes.insert(key, o);
                 }
             }
         }
@@ -131,6 +141,8 @@ impl Snapshot {
                     &key,
                 ),
                 "Gateway" => restore(&mut self.gateways, &previous.gateways, &key),
+                "HTTPRoute" => restore(&mut self.http_routes, &previous.http_routes, &key),
+                "GRPCRoute" => restore(&mut self.grpc_routes, &previous.grpc_routes, &key),
                 _ => false,
             };
             if !restored {
@@ -198,7 +210,7 @@ const LEFT_OUT: &str = "; the VirtualService is left out";
 /// The kind and key a problem's object names (`Kind ns/name`, `Namespace name`); `None` for a
 /// document that never became an object (`document 3`).
 fn object_key(object: &str) -> Option<(&'static str, Key)> {
-    const KINDS: [&str; 7] = [
+    const KINDS: [&str; 9] = [
         "Namespace",
         "Pod",
         "Service",
@@ -206,6 +218,8 @@ fn object_key(object: &str) -> Option<(&'static str, Key)> {
         "VirtualService",
         "DestinationRule",
         "Gateway",
+        "HTTPRoute",
+        "GRPCRoute",
     ];
     let (kind, rest) = object.split_once(' ')?;
     let kind = KINDS.into_iter().find(|k| *k == kind)?;

@@ -7,6 +7,9 @@ use serde_yaml_ng::Value;
 
 use crate::k8s::{Meta, Origin, Problem};
 
+mod traffic_policy;
+pub use traffic_policy::*;
+
 /// Label on a waypoint Gateway saying which traffic it handles.
 pub const WAYPOINT_FOR: &str = "istio.io/waypoint-for";
 /// The Gateway class of waypoints.
@@ -128,11 +131,67 @@ pub struct HttpRoute {
     pub timeout: Option<Duration>,
     /// `mirror` + `mirrorPercentage` (or the older `mirrorPercent`) and `mirrors`, as one list.
     pub mirrors: Vec<Mirror>,
-    /// Kept as written, for the translation that comes next (retries, fault, corsPolicy); JSON
-    /// so that the debug endpoint shows them.
-    pub retries: Option<serde_json::Value>,
-    pub fault: Option<serde_json::Value>,
-    pub cors_policy: Option<serde_json::Value>,
+    /// `retries`; `None`: Istio's mesh default applies.
+    pub retries: Option<Retries>,
+    pub fault: Option<Fault>,
+    pub cors_policy: Option<CorsPolicy>,
+    /// Made from a Gateway API route (`gateway_api.rs`): translated with its semantics (path
+    /// prefixes end at a `/`, a backend that does not resolve answers 500).
+    pub gateway_api: bool,
+}
+
+/// Istio's `HTTPRetry`. `attempts: 0` turns retries off (no mesh default either).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Retries {
+    pub attempts: u32,
+    pub per_try_timeout: Option<Duration>,
+    /// As written: Envoy conditions and HTTP status codes, comma-separated.
+    pub retry_on: Option<String>,
+    pub retry_remote_localities: Option<bool>,
+    pub retry_ignore_previous_hosts: Option<bool>,
+    pub backoff: Option<Duration>,
+}
+
+/// Istio's `HTTPFaultInjection`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Fault {
+    pub delay: Option<FaultDelay>,
+    pub abort: Option<FaultAbort>,
+}
+
+/// A fixed delay before the request goes on, for `per_million` of the requests.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct FaultDelay {
+    pub fixed_delay: Duration,
+    pub per_million: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct FaultAbort {
+    pub status: AbortStatus,
+    pub per_million: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub enum AbortStatus {
+    Http(u32),
+    /// A gRPC status code (from its name, e.g. `UNAVAILABLE` = 14).
+    Grpc(u32),
+}
+
+/// Istio's `CorsPolicy`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct CorsPolicy {
+    /// `allowOrigins`, or the deprecated `allowOrigin` as exact matches.
+    pub allow_origins: Vec<StringMatch>,
+    pub allow_methods: Vec<String>,
+    pub allow_headers: Vec<String>,
+    pub expose_headers: Vec<String>,
+    pub max_age: Option<Duration>,
+    pub allow_credentials: Option<bool>,
+    /// `unmatchedPreflights: IGNORE` (answered at the proxy, without CORS headers); otherwise
+    /// (FORWARD, the default) such preflights go to the app.
+    pub ignore_unmatched_preflights: bool,
 }
 
 /// A copy of each request sent to `destination` (the answer is dropped), for `per_million`
@@ -176,7 +235,7 @@ pub struct VirtualService {
 pub struct Subset {
     pub name: String,
     pub labels: BTreeMap<String, String>,
-    pub traffic_policy: Option<serde_json::Value>,
+    pub traffic_policy: Option<Box<TrafficPolicy>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -185,7 +244,7 @@ pub struct DestinationRule {
     pub host: String,
     pub export_to: Vec<String>,
     pub subsets: Vec<Subset>,
-    pub traffic_policy: Option<serde_json::Value>,
+    pub traffic_policy: Option<Box<TrafficPolicy>>,
 }
 
 /// Which traffic a waypoint handles (`istio.io/waypoint-for`).
@@ -229,13 +288,13 @@ impl Gateway {
 
 /// A position in a YAML document, for reading one field at a time with its path in errors.
 #[derive(Clone, Copy)]
-struct At<'a> {
-    origin: &'a Origin,
-    path: &'a str,
-    v: &'a Value,
+pub(crate) struct At<'a> {
+    pub(crate) origin: &'a Origin,
+    pub(crate) path: &'a str,
+    pub(crate) v: &'a Value,
 }
 
-fn kind_of(v: &Value) -> &'static str {
+pub(crate) fn kind_of(v: &Value) -> &'static str {
     match v {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",
@@ -248,7 +307,7 @@ fn kind_of(v: &Value) -> &'static str {
 }
 
 impl<'a> At<'a> {
-    fn problem(&self, reason: impl Into<String>) -> Problem {
+    pub(crate) fn problem(&self, reason: impl Into<String>) -> Problem {
         Problem {
             file: self.origin.file.clone(),
             object: self.origin.object.clone(),
@@ -257,13 +316,13 @@ impl<'a> At<'a> {
         }
     }
 
-    fn wrong(&self, expected: &str) -> Problem {
+    pub(crate) fn wrong(&self, expected: &str) -> Problem {
         self.problem(format!("expected {expected}, got {}", kind_of(self.v)))
     }
 
     /// A mapping whose keys are all in `known` (a misspelt field would otherwise be ignored
     /// silently, and change what matches).
-    fn object(&self, known: &[&str]) -> Result<(), Problem> {
+    pub(crate) fn object(&self, known: &[&str]) -> Result<(), Problem> {
         let Some(m) = self.v.as_mapping() else {
             return Err(self.wrong("a mapping"));
         };
@@ -283,7 +342,7 @@ impl<'a> At<'a> {
     }
 
     /// Field `key` (absent and null are both `None`); call `f` with it and its path.
-    fn get<T>(
+    pub(crate) fn get<T>(
         &self,
         key: &str,
         f: impl FnOnce(At<'_>) -> Result<T, Problem>,
@@ -302,25 +361,25 @@ impl<'a> At<'a> {
         }
     }
 
-    fn string(&self) -> Result<String, Problem> {
+    pub(crate) fn string(&self) -> Result<String, Problem> {
         match self.v {
             Value::String(s) => Ok(s.clone()),
             _ => Err(self.wrong("a string")),
         }
     }
 
-    fn boolean(&self) -> Result<bool, Problem> {
+    pub(crate) fn boolean(&self) -> Result<bool, Problem> {
         self.v.as_bool().ok_or_else(|| self.wrong("a boolean"))
     }
 
-    fn int(&self) -> Result<i64, Problem> {
+    pub(crate) fn int(&self) -> Result<i64, Problem> {
         match self.v {
             Value::Number(n) => n.as_i64().ok_or_else(|| self.wrong("an integer")),
             _ => Err(self.wrong("an integer")),
         }
     }
 
-    fn port(&self) -> Result<u16, Problem> {
+    pub(crate) fn port(&self) -> Result<u16, Problem> {
         let n = self.int()?;
         match u16::try_from(n) {
             Ok(p) if p != 0 => Ok(p),
@@ -328,7 +387,10 @@ impl<'a> At<'a> {
         }
     }
 
-    fn list<T>(&self, mut f: impl FnMut(At<'_>) -> Result<T, Problem>) -> Result<Vec<T>, Problem> {
+    pub(crate) fn list<T>(
+        &self,
+        mut f: impl FnMut(At<'_>) -> Result<T, Problem>,
+    ) -> Result<Vec<T>, Problem> {
         let Some(items) = self.v.as_sequence() else {
             return Err(self.wrong("a list"));
         };
@@ -346,12 +408,12 @@ impl<'a> At<'a> {
             .collect()
     }
 
-    fn strings(&self) -> Result<Vec<String>, Problem> {
+    pub(crate) fn strings(&self) -> Result<Vec<String>, Problem> {
         self.list(|a| a.string())
     }
 
     /// A mapping of strings to `T`, in key order.
-    fn map<T>(
+    pub(crate) fn map<T>(
         &self,
         mut f: impl FnMut(At<'_>) -> Result<T, Problem>,
     ) -> Result<BTreeMap<String, T>, Problem> {
@@ -376,17 +438,17 @@ impl<'a> At<'a> {
         Ok(out)
     }
 
-    fn string_map(&self) -> Result<BTreeMap<String, String>, Problem> {
+    pub(crate) fn string_map(&self) -> Result<BTreeMap<String, String>, Problem> {
         self.map(|a| a.string())
     }
 
     /// Kept as written (JSON) for a later translation.
-    fn raw(&self) -> Result<serde_json::Value, Problem> {
+    pub(crate) fn raw(&self) -> Result<serde_json::Value, Problem> {
         serde_json::to_value(self.v).map_err(|e| self.problem(format!("not representable: {e}")))
     }
 }
 
-fn join(path: &str, key: &str) -> String {
+pub(crate) fn join(path: &str, key: &str) -> String {
     if path.is_empty() {
         key.to_string()
     } else {
@@ -394,7 +456,7 @@ fn join(path: &str, key: &str) -> String {
     }
 }
 
-fn check_regex(at: At<'_>, re: &str) -> Result<(), Problem> {
+pub(crate) fn check_regex(at: At<'_>, re: &str) -> Result<(), Problem> {
     regex::Regex::new(re)
         .map(|_| ())
         .map_err(|e| at.problem(format!("invalid regex {re:?}: {e}")))
@@ -468,7 +530,7 @@ fn http_match(at: At<'_>) -> Result<HttpMatch, Problem> {
     })
 }
 
-fn header_operations(at: At<'_>) -> Result<HeaderOperations, Problem> {
+pub(crate) fn header_operations(at: At<'_>) -> Result<HeaderOperations, Problem> {
     at.object(&["set", "add", "remove"])?;
     Ok(HeaderOperations {
         set: at.get("set", |a| a.string_map())?.unwrap_or_default(),
@@ -547,7 +609,7 @@ fn check_weights(at: At<'_>, route: &[RouteDestination]) -> Result<(), Problem> 
 }
 
 /// `1.5s`, `100ms`, `2m`, `1h`: Istio's (protobuf JSON and Go) duration forms.
-fn duration(at: At<'_>) -> Result<Duration, Problem> {
+pub(crate) fn duration(at: At<'_>) -> Result<Duration, Problem> {
     let s = at.string()?;
     let split = s
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
@@ -783,11 +845,12 @@ fn http_route(at: At<'_>) -> Result<HttpRoute, Problem> {
             })
         })?,
         timeout: at.get("timeout", duration)?,
-        retries: at.get("retries", |a| a.raw())?,
-        fault: at.get("fault", |a| a.raw())?,
+        retries: at.get("retries", retries)?,
+        fault: at.get("fault", fault)?,
         mirrors: mirrors(at)?,
-        cors_policy: at.get("corsPolicy", |a| a.raw())?,
+        cors_policy: at.get("corsPolicy", cors_policy)?,
         route,
+        gateway_api: false,
     };
     if let Some(d) = &r.delegate
         && d.name.is_empty()
@@ -823,6 +886,255 @@ fn http_route(at: At<'_>) -> Result<HttpRoute, Problem> {
         )?;
     }
     Ok(r)
+}
+
+/// Envoy's `retry_on` conditions (HTTP and gRPC) Istio accepts in `retryOn`, besides HTTP
+/// status codes.
+pub const RETRY_ON: &[&str] = &[
+    "5xx",
+    "gateway-error",
+    "reset",
+    "reset-before-request",
+    "connect-failure",
+    "envoy-ratelimited",
+    "retriable-4xx",
+    "refused-stream",
+    "retriable-status-codes",
+    "retriable-headers",
+    "http3-post-connect-failure",
+    "cancelled",
+    "deadline-exceeded",
+    "internal",
+    "resource-exhausted",
+    "unavailable",
+];
+
+/// A duration of at least 1 ms (Istio's rule for timeouts in these policies).
+fn positive_duration(at: At<'_>) -> Result<Duration, Problem> {
+    let d = duration(at)?;
+    if d < Duration::from_millis(1) {
+        return Err(at.problem("must be at least 1ms"));
+    }
+    Ok(d)
+}
+
+fn optional_bool(at: At<'_>) -> Result<bool, Problem> {
+    at.boolean()
+}
+
+fn retries(at: At<'_>) -> Result<Retries, Problem> {
+    at.object(&[
+        "attempts",
+        "perTryTimeout",
+        "retryOn",
+        "retryRemoteLocalities",
+        "retryIgnorePreviousHosts",
+        "backoff",
+    ])?;
+    let attempts = at
+        .get("attempts", |a| {
+            let n = a.int()?;
+            u32::try_from(n)
+                .map_err(|_| a.problem(format!("{n} is not a count of attempts (0 or more)")))
+        })?
+        .unwrap_or(0);
+    let retry_on = at.get("retryOn", |a| {
+        let s = a.string()?;
+        for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let code = part.parse::<u16>().is_ok_and(|c| (100..=599).contains(&c));
+            if !code && !RETRY_ON.contains(&part) {
+                return Err(a.problem(format!(
+                    "{part:?} is neither an HTTP status code nor one of {}",
+                    RETRY_ON.join(", ")
+                )));
+            }
+        }
+        Ok(s)
+    })?;
+    Ok(Retries {
+        attempts,
+        per_try_timeout: at.get("perTryTimeout", positive_duration)?,
+        retry_on,
+        retry_remote_localities: at.get("retryRemoteLocalities", optional_bool)?,
+        retry_ignore_previous_hosts: at.get("retryIgnorePreviousHosts", optional_bool)?,
+        backoff: at.get("backoff", positive_duration)?,
+    })
+}
+
+/// gRPC status names (Istio's `grpcStatus`) and their codes.
+pub const GRPC_STATUS: &[(&str, u32)] = &[
+    ("OK", 0),
+    ("CANCELLED", 1),
+    ("UNKNOWN", 2),
+    ("INVALID_ARGUMENT", 3),
+    ("DEADLINE_EXCEEDED", 4),
+    ("NOT_FOUND", 5),
+    ("ALREADY_EXISTS", 6),
+    ("PERMISSION_DENIED", 7),
+    ("RESOURCE_EXHAUSTED", 8),
+    ("FAILED_PRECONDITION", 9),
+    ("ABORTED", 10),
+    ("OUT_OF_RANGE", 11),
+    ("UNIMPLEMENTED", 12),
+    ("INTERNAL", 13),
+    ("UNAVAILABLE", 14),
+    ("DATA_LOSS", 15),
+    ("UNAUTHENTICATED", 16),
+];
+
+/// A fault's share of requests: `percentage` (Istio's `Percent`), else the deprecated integer
+/// `percent` (delay only), else none (Istio: "if not specified, no request" is affected).
+fn fault_share(at: At<'_>, old_percent: bool) -> Result<u32, Problem> {
+    if let Some(p) = at.get("percentage", percent)? {
+        return Ok(p);
+    }
+    if old_percent
+        && let Some(p) = at.get("percent", |a| {
+            let n = a.int()?;
+            match u32::try_from(n) {
+                Ok(n) if n <= 100 => Ok(n * 10_000),
+                _ => Err(a.problem(format!("{n} is not a percentage (0-100)"))),
+            }
+        })?
+    {
+        return Ok(p);
+    }
+    Ok(0)
+}
+
+fn fault(at: At<'_>) -> Result<Fault, Problem> {
+    at.object(&["delay", "abort"])?;
+    let delay = at.get("delay", |a| {
+        a.object(&["fixedDelay", "exponentialDelay", "percentage", "percent"])?;
+        if a.v.get("exponentialDelay").is_some() {
+            return Err(Problem {
+                field: join(a.path, "exponentialDelay"),
+                ..a.problem("is not supported (Istio does not apply it either); use fixedDelay")
+            });
+        }
+        let Some(fixed_delay) = a.get("fixedDelay", positive_duration)? else {
+            return Err(Problem {
+                field: join(a.path, "fixedDelay"),
+                ..a.problem("is required")
+            });
+        };
+        Ok(FaultDelay {
+            fixed_delay,
+            per_million: fault_share(a, true)?,
+        })
+    })?;
+    let abort = at.get("abort", |a| {
+        a.object(&["httpStatus", "grpcStatus", "http2Error", "percentage"])?;
+        let http = a.get("httpStatus", |s| {
+            let n = s.int()?;
+            match u32::try_from(n) {
+                Ok(n) if (200..=599).contains(&n) => Ok(n),
+                _ => Err(s.problem(format!("{n} is not an HTTP status (200-599)"))),
+            }
+        })?;
+        let grpc = a.get("grpcStatus", |s| {
+            let name = s.string()?;
+            GRPC_STATUS
+                .iter()
+                .find(|(n, _)| *n == name)
+                .map(|(_, c)| *c)
+                .ok_or_else(|| {
+                    s.problem(format!(
+                        "{name:?} is not a gRPC status name (like UNAVAILABLE)"
+                    ))
+                })
+        })?;
+        if a.v.get("http2Error").is_some() {
+            return Err(Problem {
+                field: join(a.path, "http2Error"),
+                ..a.problem("is not supported (Istio does not apply it either)")
+            });
+        }
+        let status = match (http, grpc) {
+            (Some(h), None) => AbortStatus::Http(h),
+            (None, Some(g)) => AbortStatus::Grpc(g),
+            (Some(_), Some(_)) => return Err(a.problem("only one of httpStatus, grpcStatus")),
+            (None, None) => return Err(a.problem("needs httpStatus or grpcStatus")),
+        };
+        Ok(FaultAbort {
+            status,
+            per_million: fault_share(a, false)?,
+        })
+    })?;
+    if delay.is_none() && abort.is_none() {
+        return Err(at.problem("needs delay or abort"));
+    }
+    Ok(Fault { delay, abort })
+}
+
+const HTTP_METHODS: &[&str] = &[
+    "GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "CONNECT", "OPTIONS", "TRACE",
+];
+
+fn cors_policy(at: At<'_>) -> Result<CorsPolicy, Problem> {
+    at.object(&[
+        "allowOrigins",
+        "allowOrigin",
+        "allowMethods",
+        "allowHeaders",
+        "exposeHeaders",
+        "maxAge",
+        "allowCredentials",
+        "unmatchedPreflights",
+    ])?;
+    let mut allow_origins = at
+        .get("allowOrigins", |a| {
+            a.list(|m| string_match(m, false, false))
+        })?
+        .unwrap_or_default();
+    if allow_origins.is_empty()
+        && let Some(old) = at.get("allowOrigin", |a| a.strings())?
+    {
+        allow_origins = old.into_iter().map(StringMatch::Exact).collect();
+    }
+    let allow_methods = at
+        .get("allowMethods", |a| {
+            let methods = a.strings()?;
+            for m in &methods {
+                if !HTTP_METHODS.contains(&m.as_str()) && m != "*" {
+                    return Err(a.problem(format!("{m:?} is not an HTTP method")));
+                }
+            }
+            Ok(methods)
+        })?
+        .unwrap_or_default();
+    let header_names = |a: At<'_>| {
+        let names = a.strings()?;
+        for n in &names {
+            if n != "*" && http::HeaderName::from_bytes(n.as_bytes()).is_err() {
+                return Err(a.problem(format!("{n:?} is not a header name")));
+            }
+        }
+        Ok(names)
+    };
+    let max_age = at.get("maxAge", |a| {
+        let d = duration(a)?;
+        if d.subsec_nanos() != 0 {
+            return Err(a.problem("is accurate to seconds only: use whole seconds"));
+        }
+        Ok(d)
+    })?;
+    let ignore_unmatched_preflights = at
+        .get("unmatchedPreflights", |a| match a.string()?.as_str() {
+            "UNSPECIFIED" | "FORWARD" => Ok(false),
+            "IGNORE" => Ok(true),
+            other => Err(a.problem(format!("{other:?} is not one of FORWARD, IGNORE"))),
+        })?
+        .unwrap_or(false);
+    Ok(CorsPolicy {
+        allow_origins,
+        allow_methods,
+        allow_headers: at.get("allowHeaders", header_names)?.unwrap_or_default(),
+        expose_headers: at.get("exposeHeaders", header_names)?.unwrap_or_default(),
+        max_age,
+        allow_credentials: at.get("allowCredentials", optional_bool)?,
+        ignore_unmatched_preflights,
+    })
 }
 
 fn l4_match(at: At<'_>, tls: bool) -> Result<L4Match, Problem> {
@@ -896,7 +1208,7 @@ fn l4_route(at: At<'_>, tls: bool) -> Result<L4Route, Problem> {
     })
 }
 
-fn spec_at<'a>(origin: &'a Origin, spec: &'a Value) -> At<'a> {
+pub(crate) fn spec_at<'a>(origin: &'a Origin, spec: &'a Value) -> At<'a> {
     At {
         origin,
         path: "spec",
@@ -987,7 +1299,9 @@ pub fn destination_rule(
                 Ok(Subset {
                     name,
                     labels: s.get("labels", |l| l.string_map())?.unwrap_or_default(),
-                    traffic_policy: s.get("trafficPolicy", |t| t.raw())?,
+                    traffic_policy: s
+                        .get("trafficPolicy", traffic_policy::traffic_policy)?
+                        .map(Box::new),
                 })
             })
         })?
@@ -1005,7 +1319,9 @@ pub fn destination_rule(
         host,
         export_to: at.get("exportTo", |a| a.strings())?.unwrap_or_default(),
         subsets,
-        traffic_policy: at.get("trafficPolicy", |a| a.raw())?,
+        traffic_policy: at
+            .get("trafficPolicy", traffic_policy::traffic_policy)?
+            .map(Box::new),
     })
 }
 
@@ -1216,7 +1532,7 @@ mod tests {
         assert_eq!(r.route[0].weight, Some(75));
         assert_eq!(r.route[0].destination.port, Some(9080));
         assert_eq!(r.timeout, Some(std::time::Duration::from_millis(1500)));
-        assert_eq!(r.retries.as_ref().unwrap()["attempts"], 3);
+        assert_eq!(r.retries.as_ref().unwrap().attempts, 3);
         assert_eq!(r.mirrors.len(), 1);
         assert_eq!(r.mirrors[0].destination.subset.as_deref(), Some("v2"));
         assert_eq!(r.mirrors[0].per_million, 50_000);
@@ -1259,6 +1575,34 @@ mod tests {
             (
                 "{hosts: [reviews], http: [{route: [{destination: {host: reviews}}], mirror: {host: a}, mirrors: [{destination: {host: b}}]}]}",
                 "field \"spec.http[0]\": only one of mirror, mirrors",
+            ),
+            (
+                "{hosts: [reviews], http: [{route: [{destination: {host: reviews}}], retries: {attempts: 2, retryOn: \"5xx,sometimes\"}}]}",
+                "field \"spec.http[0].retries.retryOn\": \"sometimes\" is neither an HTTP status code",
+            ),
+            (
+                "{hosts: [reviews], http: [{route: [{destination: {host: reviews}}], retries: {attempts: -1}}]}",
+                "field \"spec.http[0].retries.attempts\": -1 is not a count",
+            ),
+            (
+                "{hosts: [reviews], http: [{route: [{destination: {host: reviews}}], fault: {abort: {httpStatus: 700}}}]}",
+                "field \"spec.http[0].fault.abort.httpStatus\": 700 is not an HTTP status",
+            ),
+            (
+                "{hosts: [reviews], http: [{route: [{destination: {host: reviews}}], fault: {abort: {grpcStatus: NOPE}}}]}",
+                "field \"spec.http[0].fault.abort.grpcStatus\": \"NOPE\" is not a gRPC status name",
+            ),
+            (
+                "{hosts: [reviews], http: [{route: [{destination: {host: reviews}}], fault: {delay: {percentage: {value: 5}}}}]}",
+                "field \"spec.http[0].fault.delay.fixedDelay\": is required",
+            ),
+            (
+                "{hosts: [reviews], http: [{route: [{destination: {host: reviews}}], corsPolicy: {allowMethods: [FETCH]}}]}",
+                "field \"spec.http[0].corsPolicy.allowMethods\": \"FETCH\" is not an HTTP method",
+            ),
+            (
+                "{hosts: [reviews], http: [{route: [{destination: {host: reviews}}], corsPolicy: {unmatchedPreflights: DROP}}]}",
+                "field \"spec.http[0].corsPolicy.unmatchedPreflights\": \"DROP\" is not one of",
             ),
             (
                 "{hosts: [reviews], http: [{route: [{destination: {host: reviews}}], mirrors: [{destination: {host: b}, percentage: {value: 120}}]}]}",
@@ -1357,8 +1701,14 @@ spec:
         };
         assert_eq!(dr.subsets[0].labels["version"], "v1");
         assert_eq!(
-            dr.traffic_policy.as_ref().unwrap()["loadBalancer"]["simple"],
-            "LEAST_REQUEST"
+            dr.traffic_policy
+                .as_ref()
+                .unwrap()
+                .load_balancer
+                .as_ref()
+                .unwrap()
+                .simple,
+            Some(super::SimpleLb::LeastRequest)
         );
         let crate::k8s::Object::Gateway(gw) = &p.objects[1].1 else {
             panic!()

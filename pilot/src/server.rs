@@ -236,6 +236,11 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
                     opts.clone(),
                 ));
             }
+            tokio::spawn(crate::route_status::write_status(
+                k.client.clone(),
+                snap_rx.clone(),
+                cfg.mesh.domain.clone(),
+            ));
             let reviewer = TokenReviewer::new(
                 k.client.clone(),
                 &cfg.mesh.trust_domain,

@@ -18,11 +18,12 @@ use envoy_types::pb::envoy::r#type::matcher::v3 as matcher;
 use envoy_types::pb::google::protobuf as pbw;
 use envoy_types::util::pack_any;
 
+use crate::cluster_policy;
 use crate::k8s::{Pod, Problem, Service, TargetPort};
 use crate::model::{Key, Snapshot};
 use crate::routing::{
-    Body, DerivePort, HeaderOperations, HttpMatch, HttpRoute, L4Route, RouteDestination,
-    StringMatch, VirtualService, service_of_host,
+    Body, DerivePort, DestinationRule, HeaderOperations, HttpMatch, HttpRoute, L4Route,
+    RouteDestination, StringMatch, TrafficPolicy, VirtualService, service_of_host,
 };
 use crate::translate::{MeshOptions, Resource, ResourceMap, service_waypoint};
 
@@ -84,6 +85,8 @@ struct ClusterSpec {
     service: Key,
     port: u16,
     labels: BTreeMap<String, String>,
+    /// The DestinationRule subset, for its traffic policy.
+    subset: Option<String>,
 }
 
 /// One waypoint being built.
@@ -98,12 +101,19 @@ struct Builder<'a> {
     problems: Vec<Problem>,
     /// Which AuthorizationPolicies apply to which waypoint and service.
     authz: &'a crate::rbac::Attachments,
+    /// The Gateway API routes of every service (`gateway_api.rs`).
+    attached: &'a crate::gateway_api::Attached,
+    /// While translating a Gateway API rule: a destination that is no known service gets no
+    /// cluster (its requests are answered 500, not 503).
+    gateway_api_rule: bool,
 }
 
 pub fn translate(s: &Snapshot, o: &MeshOptions) -> Translation {
     let mut t = Translation::default();
     let authz = crate::rbac::attachments(s, o);
     t.problems.extend(authz.problems.iter().cloned());
+    let attached = crate::gateway_api::attach(s, &o.domain);
+    t.problems.extend(attached.problems.iter().cloned());
     let mut bound: BTreeMap<Key, BTreeSet<Key>> = BTreeMap::new();
     for (key, svc) in &s.services {
         if let Some(gw) = service_waypoint(s, svc) {
@@ -123,12 +133,17 @@ pub fn translate(s: &Snapshot, o: &MeshOptions) -> Translation {
             out: WaypointResources::default(),
             problems: vec![],
             authz: &authz,
+            attached: &attached,
+            gateway_api_rule: false,
         };
         b.build();
         t.problems.extend(b.problems);
         t.waypoints
             .insert(format!("{}/{}", key.0, key.1), Arc::new(b.out));
     }
+    // A problem found on every port of a service is reported once.
+    t.problems.sort();
+    t.problems.dedup();
     t
 }
 
@@ -428,13 +443,14 @@ impl Builder<'_> {
             for p in &svc.ports {
                 let http = is_http(p);
                 let name = inbound_name(p.port, http, None, &host);
-                self.want_cluster(name.clone(), &key, p.port, BTreeMap::new());
+                self.want_cluster(name.clone(), &key, p.port, BTreeMap::new(), None);
                 for (subset, labels) in self.subsets(svc) {
                     self.want_cluster(
                         inbound_name(p.port, http, Some(&subset), &host),
                         &key,
                         p.port,
                         labels,
+                        Some(&subset),
                     );
                 }
                 let policies = self.authz.for_listener(self.s, &self.gw, &key);
@@ -479,7 +495,8 @@ impl Builder<'_> {
         }
         let clusters = std::mem::take(&mut self.clusters);
         for (name, spec) in clusters {
-            let c = cluster::Cluster {
+            let policy = self.traffic_policy(&spec);
+            let mut c = cluster::Cluster {
                 name: name.clone(),
                 cluster_discovery_type: Some(cluster::cluster::ClusterDiscoveryType::Type(
                     cluster::cluster::DiscoveryType::Eds as i32,
@@ -489,17 +506,34 @@ impl Builder<'_> {
                     eds_config: Some(ads()),
                 }),
                 lb_policy: cluster::cluster::LbPolicy::RoundRobin as i32,
-                connect_timeout: Some(duration(Duration::from_secs(10))),
-                typed_extension_protocol_options: self.protocol_options(&spec),
+                connect_timeout: Some(duration(cluster_policy::DEFAULT_CONNECT_TIMEOUT)),
                 ..Default::default()
             };
-            let cla = self.load_assignment(&name, &spec);
+            let mut options = self.protocol_options(&spec);
+            cluster_policy::apply(&mut c, &mut options, &policy);
+            c.typed_extension_protocol_options = options
+                .map(|o| [(HTTP_PROTOCOL_OPTIONS.to_string(), pack_any(o))].into())
+                .unwrap_or_default();
+            if let Some(t) = &policy.tls {
+                match cluster_policy::transport_socket(t, std::path::Path::new("")) {
+                    Ok(socket) => c.transport_socket = socket,
+                    Err(e) => self.problem(
+                        format!("DestinationRule for {}/{}", spec.service.0, spec.service.1),
+                        "spec.trafficPolicy.tls",
+                        format!("{e}; cluster {name} has no TLS"),
+                    ),
+                }
+            }
+            let original_dst = cluster_policy::is_original_dst(&c);
             self.out
                 .clusters
                 .insert(name.clone(), Resource::new(name.clone(), &c));
-            self.out
-                .endpoints
-                .insert(name.clone(), Resource::new(name, &cla));
+            if !original_dst {
+                let cla = self.load_assignment(&name, &spec);
+                self.out
+                    .endpoints
+                    .insert(name.clone(), Resource::new(name, &cla));
+            }
         }
     }
 
@@ -509,12 +543,51 @@ impl Builder<'_> {
         svc: &Key,
         port: u16,
         labels: BTreeMap<String, String>,
+        subset: Option<&str>,
     ) {
         self.clusters.entry(name).or_insert(ClusterSpec {
             service: svc.clone(),
             port,
             labels,
+            subset: subset.map(str::to_string),
         });
+    }
+
+    /// The DestinationRules for a service, by (namespace, name): in the service's, the
+    /// waypoint's or the root namespace, visible from the waypoint, whose host is the service.
+    /// (Istio merges several; here the first top-level traffic policy applies, and the first
+    /// subset of a name.)
+    fn destination_rules(&self, svc: &Key) -> impl Iterator<Item = &DestinationRule> {
+        let want = (svc.1.clone(), svc.0.clone());
+        self.s.destination_rules.values().filter(move |dr| {
+            let ns = &dr.meta.namespace;
+            (ns == &svc.0 || ns == &self.gw.0 || ns == &self.o.root_namespace)
+                && self.visible(ns, &dr.export_to)
+                && service_of_host(&dr.host, ns).as_ref() == Some(&want)
+        })
+    }
+
+    /// A cluster's traffic policy: the DestinationRule's top level for the port, with the
+    /// subset's merged over it (Istio's `MergeTrafficPolicy`).
+    fn traffic_policy(&self, spec: &ClusterSpec) -> TrafficPolicy {
+        let top = self
+            .destination_rules(&spec.service)
+            .find_map(|dr| dr.traffic_policy.as_deref());
+        let subset = spec.subset.as_ref().and_then(|name| {
+            self.destination_rules(&spec.service)
+                .flat_map(|d| d.subsets.iter())
+                .find(|s| &s.name == name)
+                .and_then(|s| s.traffic_policy.as_deref())
+        });
+        TrafficPolicy::merged(top, subset, spec.port)
+    }
+
+    /// The route `hash_policy` for a cluster whose policy hashes consistently.
+    fn hash_policy(&self, cluster: &str) -> Vec<route::route_action::HashPolicy> {
+        self.clusters
+            .get(cluster)
+            .map(|spec| cluster_policy::hash_policy(&self.traffic_policy(spec)))
+            .unwrap_or_default()
     }
 
     /// Whether a namespaced object with `export_to` is visible from the waypoint's namespace.
@@ -578,6 +651,34 @@ impl Builder<'_> {
             .collect()
     }
 
+    /// Where a service's HTTP routes come from: its Gateway API routes when it has any (the
+    /// VirtualServices that would apply are then reported and not applied), else its
+    /// VirtualServices.
+    fn route_sources(&mut self, svc: &Service) -> Vec<VirtualService> {
+        let key = (svc.meta.namespace.clone(), svc.meta.name.clone());
+        let vss: Vec<VirtualService> = self.virtual_services(svc).into_iter().cloned().collect();
+        let Some(routes) = self.attached.by_service.get(&key) else {
+            return vss;
+        };
+        let names: BTreeSet<String> = routes
+            .iter()
+            .map(|r| format!("{}/{}", r.meta.namespace, r.meta.name))
+            .collect();
+        let names = names.into_iter().collect::<Vec<_>>().join(", ");
+        let routes = routes.clone();
+        for vs in &vss {
+            self.problem(
+                format!("VirtualService {}/{}", vs.meta.namespace, vs.meta.name),
+                "spec.hosts",
+                format!(
+                    "service {}/{} also has Gateway API routes ({names}): they decide its HTTP routing and this VirtualService is not applied to it (mixing the two is not supported)",
+                    key.0, key.1
+                ),
+            );
+        }
+        routes
+    }
+
     /// The cluster a route destination goes to, creating it when needed: this waypoint's
     /// `inbound-vip|…` for a service bound to it, else `outbound|<port>|<subset>|<fqdn>`.
     fn destination_cluster(
@@ -598,11 +699,16 @@ impl Builder<'_> {
                 dest.subset.as_deref().unwrap_or(""),
                 dest.host
             );
+            if self.gateway_api_rule {
+                // A Gateway API backend that does not resolve: no cluster, so 500.
+                return name;
+            }
             self.want_cluster(
                 name.clone(),
                 &(String::new(), String::new()),
                 port,
                 BTreeMap::new(),
+                dest.subset.as_deref(),
             );
             return name;
         };
@@ -635,7 +741,7 @@ impl Builder<'_> {
                 dest.subset.as_deref().unwrap_or("")
             )
         };
-        self.want_cluster(name.clone(), &key, port, labels);
+        self.want_cluster(name.clone(), &key, port, labels, dest.subset.as_deref());
         name
     }
 
@@ -646,7 +752,7 @@ impl Builder<'_> {
     /// (`use_downstream_protocol_config`), so an HTTP/1.1 app is never sent h2c and an h2
     /// client keeps h2 end to end (Istio's default would downgrade it to HTTP/1.1; its
     /// DestinationRule `useClientProtocol` is what we do by default). TCP ports: none.
-    fn protocol_options(&self, spec: &ClusterSpec) -> std::collections::HashMap<String, pbw::Any> {
+    fn protocol_options(&self, spec: &ClusterSpec) -> Option<http_options::HttpProtocolOptions> {
         use http_options::http_protocol_options::{
             ExplicitHttpConfig, UpstreamProtocolOptions, UseDownstreamHttpConfig,
             explicit_http_config::ProtocolConfig,
@@ -671,13 +777,12 @@ impl Builder<'_> {
                     http3_protocol_options: None,
                 })
             }
-            _ => return Default::default(),
+            _ => return None,
         };
-        let options = http_options::HttpProtocolOptions {
+        Some(http_options::HttpProtocolOptions {
             upstream_protocol_options: Some(upstream),
             ..Default::default()
-        };
-        [(HTTP_PROTOCOL_OPTIONS.to_string(), pack_any(options))].into()
+        })
     }
 
     fn load_assignment(&self, name: &str, spec: &ClusterSpec) -> endpoint::ClusterLoadAssignment {
@@ -736,7 +841,7 @@ impl Builder<'_> {
     fn http_routes(&mut self, svc: &Service, port: u16, name: &str) {
         let mut routes = Vec::new();
         let mut body_limit = DEFAULT_DIRECT_BODY_LIMIT;
-        let vss: Vec<VirtualService> = self.virtual_services(svc).into_iter().cloned().collect();
+        let vss: Vec<VirtualService> = self.route_sources(svc);
         'all: for vs in &vss {
             for (i, r) in self.http_rules(vs).iter().enumerate() {
                 let object = format!("VirtualService {}/{}", vs.meta.namespace, vs.meta.name);
@@ -765,9 +870,16 @@ impl Builder<'_> {
                         };
                         body_limit = body_limit.max(len);
                     }
-                    match self.route(r, m, &vs.meta.namespace, (svc, port)) {
+                    self.gateway_api_rule = r.gateway_api;
+                    let built = self.route(r, m, &vs.meta.namespace, (svc, port));
+                    self.gateway_api_rule = false;
+                    match built {
                         Some(mut rt) => {
+                            if r.gateway_api {
+                                crate::gateway_api::envoy_semantics(&mut rt);
+                            }
                             rt.name = route_name;
+                            rt.typed_per_filter_config = crate::route_policy::per_filter_config(r);
                             if let Some(sp) = m.and_then(|m| m.stat_prefix.clone()) {
                                 rt.stat_prefix = sp;
                             }
@@ -793,14 +905,17 @@ impl Builder<'_> {
         // ports no VirtualService routes.
         if routes.is_empty() {
             let host = fqdn(self.o, &svc.meta.namespace, &svc.meta.name);
+            let cluster = inbound_name(port, true, None, &host);
             routes.push(route::Route {
                 name: "default".into(),
                 r#match: Some(route_match(None)),
                 action: Some(route::route::Action::Route(route::RouteAction {
+                    hash_policy: self.hash_policy(&cluster),
                     cluster_specifier: Some(route::route_action::ClusterSpecifier::Cluster(
-                        inbound_name(port, true, None, &host),
+                        cluster,
                     )),
                     timeout: Some(duration(Duration::ZERO)),
+                    retry_policy: crate::route_policy::retry_policy(None, false),
                     ..Default::default()
                 })),
                 ..Default::default()
@@ -812,6 +927,8 @@ impl Builder<'_> {
                 name: format!("inbound|http|{port}"),
                 domains: vec!["*".into()],
                 routes,
+                // As Istio: the upstream sees `x-envoy-attempt-count` (1, 2, … with retries).
+                include_request_attempt_count: true,
                 ..Default::default()
             }],
             validate_clusters: Some(pbw::BoolValue { value: false }),
@@ -940,14 +1057,25 @@ impl Builder<'_> {
             }
             let mut action = route::RouteAction {
                 timeout: Some(duration(r.timeout.unwrap_or(Duration::ZERO))),
+                retry_policy: crate::route_policy::retry_policy(r.retries.as_ref(), false),
                 ..Default::default()
             };
+            for m in &r.mirrors {
+                let d = RouteDestination {
+                    destination: m.destination.clone(),
+                    ..Default::default()
+                };
+                let cluster = self.destination_cluster(&d, vs_ns, here);
+                action
+                    .request_mirror_policies
+                    .extend(crate::route_policy::mirror_policy(cluster, m.per_million));
+            }
             let mut host = request.host.clone();
             if dests.len() == 1 {
                 let d = dests[0];
-                action.cluster_specifier = Some(ClusterSpecifier::Cluster(
-                    self.destination_cluster(d, vs_ns, here),
-                ));
+                let cluster = self.destination_cluster(d, vs_ns, here);
+                action.hash_policy = self.hash_policy(&cluster);
+                action.cluster_specifier = Some(ClusterSpecifier::Cluster(cluster));
                 // A lone destination's header operations apply as the route's.
                 let dreq = header_mutations(&d.headers.request, true);
                 let dresp = header_mutations(&d.headers.response, false);
@@ -959,7 +1087,7 @@ impl Builder<'_> {
                     [response, dresp],
                 ));
             }
-            let clusters = dests
+            let clusters: Vec<route::weighted_cluster::ClusterWeight> = dests
                 .iter()
                 .map(|d| {
                     let dreq = header_mutations(&d.headers.request, true);
@@ -980,6 +1108,12 @@ impl Builder<'_> {
                     }
                 })
                 .collect();
+            // As for one destination, the hash policy of the cluster (the first that has one).
+            action.hash_policy = clusters
+                .iter()
+                .map(|c| self.hash_policy(&c.name))
+                .find(|h| !h.is_empty())
+                .unwrap_or_default();
             action.cluster_specifier =
                 Some(ClusterSpecifier::WeightedClusters(route::WeightedCluster {
                     clusters,
@@ -1159,8 +1293,8 @@ fn merge_match(root: &HttpMatch, inner: Option<&HttpMatch>) -> HttpMatch {
     m
 }
 
-/// The connection manager of an HTTP listener: `before_router` (the RBAC filters) then the
-/// router.
+/// The connection manager of an HTTP listener: `before_router` (the RBAC filters), CORS and
+/// fault injection, then the router.
 fn http_filter(name: &str, before_router: Vec<hcm::HttpFilter>) -> listener::Filter {
     let manager = hcm::HttpConnectionManager {
         stat_prefix: name.to_string(),
@@ -1170,8 +1304,10 @@ fn http_filter(name: &str, before_router: Vec<hcm::HttpFilter>) -> listener::Fil
                 route_config_name: name.to_string(),
             },
         )),
+        // Istio's order: the RBAC filters, CORS, fault injection, the router.
         http_filters: before_router
             .into_iter()
+            .chain(crate::route_policy::http_filters())
             .chain([hcm::HttpFilter {
                 name: "envoy.filters.http.router".into(),
                 config_type: Some(hcm::http_filter::ConfigType::TypedConfig(pack_any(
@@ -1552,7 +1688,16 @@ spec: {host: web, subsets: [{name: v1, labels: {version: v1}}, {name: v2, labels
             panic!()
         };
         assert_eq!(rds.route_config_name, WEB_HTTP);
-        assert_eq!(m.http_filters[0].name, "envoy.filters.http.router");
+        let names: Vec<&str> = m.http_filters.iter().map(|f| f.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "envoy.filters.http.cors",
+                "envoy.filters.http.fault",
+                "envoy.filters.http.router"
+            ],
+            "Istio's order"
+        );
         let l = listener::Listener::decode(w.listeners[WEB_TCP].body.clone()).unwrap();
         let Some(listener::filter::ConfigType::TypedConfig(any)) =
             &l.filter_chains[0].filters[0].config_type
@@ -1790,6 +1935,67 @@ spec: {host: web, subsets: [{name: v1, labels: {version: v1}}, {name: v2, labels
     }
 
     #[test]
+    fn retries_faults_cors_and_mirrors_on_routes() {
+        use envoy_types::pb::envoy::extensions::filters::http::cors::v3 as cors;
+        use envoy_types::pb::envoy::extensions::filters::http::fault::v3 as fault;
+        let (w, problems) = waypoint(&vs(r#"
+  - name: policies
+    match: [{uri: {prefix: /p}}]
+    route: [{destination: {host: web, subset: v1}}]
+    retries: {attempts: 3, perTryTimeout: 500ms, retryOn: "5xx,409"}
+    fault: {delay: {fixedDelay: 2s, percentage: {value: 50}}, abort: {httpStatus: 418, percentage: {value: 100}}}
+    corsPolicy: {allowOrigins: [{exact: "https://a.example"}], allowMethods: [GET], maxAge: 60s}
+    mirror: {host: web, subset: v2}
+    mirrorPercentage: {value: 25}
+  - name: off
+    match: [{uri: {prefix: /off}}]
+    route: [{destination: {host: web, subset: v1}}]
+    retries: {attempts: 0}
+  - name: plain
+    route: [{destination: {host: web, subset: v1}}]
+"#));
+        assert!(problems.is_empty(), "{problems:?}");
+        let r = routes(&w);
+        let a = action(&r[0]);
+        let p = a.retry_policy.as_ref().unwrap();
+        assert_eq!(p.num_retries, Some(pbw::UInt32Value { value: 3 }));
+        assert_eq!(p.retry_on, "5xx,retriable-status-codes");
+        assert_eq!(p.retriable_status_codes, [409]);
+        assert_eq!(a.request_mirror_policies.len(), 1);
+        assert_eq!(
+            a.request_mirror_policies[0].cluster,
+            "inbound-vip|80|http/v2|web.shop.svc.cluster.local"
+        );
+        let f = fault::HttpFault::decode(
+            r[0].typed_per_filter_config["envoy.filters.http.fault"]
+                .value
+                .as_slice(),
+        )
+        .unwrap();
+        assert_eq!(
+            f.abort.unwrap().error_type,
+            Some(fault::fault_abort::ErrorType::HttpStatus(418))
+        );
+        let c = cors::CorsPolicy::decode(
+            r[0].typed_per_filter_config["envoy.filters.http.cors"]
+                .value
+                .as_slice(),
+        )
+        .unwrap();
+        assert_eq!(c.max_age, "60");
+        assert_eq!(action(&r[1]).retry_policy, None, "attempts: 0");
+        let plain = action(&r[2]).retry_policy.as_ref().unwrap();
+        assert_eq!(
+            plain.num_retries,
+            Some(pbw::UInt32Value { value: 2 }),
+            "Istio's default"
+        );
+        assert!(r[2].typed_per_filter_config.is_empty());
+        let rc = route::RouteConfiguration::decode(w.routes[WEB_HTTP].body.clone()).unwrap();
+        assert!(rc.virtual_hosts[0].include_request_attempt_count);
+    }
+
+    #[test]
     fn redirect_and_direct_response() {
         use route::redirect_action::{
             PathRewriteSpecifier, RedirectResponseCode, SchemeRewriteSpecifier,
@@ -2010,5 +2216,79 @@ spec:
             "a workload waypoint does not take a service"
         );
         assert!(t.waypoints["shop/waypoint"].listeners.is_empty());
+    }
+
+    #[test]
+    fn destination_rule_policy_merges_into_clusters_and_routes() {
+        let (w, problems) = waypoint(
+            r#"
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: web-policy, namespace: shop}
+spec:
+  host: web.shop.svc.cluster.local
+  trafficPolicy:
+    outlierDetection: {consecutive5xxErrors: 2}
+    portLevelSettings: [{port: {number: 5432}, loadBalancer: {simple: PASSTHROUGH}}]
+  subsets:
+  - name: by-user
+    labels: {app: web}
+    trafficPolicy: {loadBalancer: {consistentHash: {httpHeaderName: x-user}}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: web, namespace: shop}
+spec:
+  hosts: [web]
+  http:
+  - match: [{uri: {prefix: /u}}]
+    route: [{destination: {host: web, subset: by-user}}]
+  - route: [{destination: {host: web}}]
+"#,
+        );
+        assert!(problems.is_empty(), "{problems:?}");
+        let cluster_of =
+            |name: &str| cluster::Cluster::decode(w.clusters[name].body.clone()).unwrap();
+        let by_user = cluster_of("inbound-vip|80|http/by-user|web.shop.svc.cluster.local");
+        assert_eq!(
+            by_user.lb_policy,
+            cluster::cluster::LbPolicy::RingHash as i32
+        );
+        assert!(
+            by_user.outlier_detection.is_some(),
+            "the top level's, merged under the subset's"
+        );
+        let web = cluster_of(WEB_HTTP);
+        assert_eq!(web.lb_policy, cluster::cluster::LbPolicy::RoundRobin as i32);
+        assert_eq!(
+            web.outlier_detection
+                .as_ref()
+                .unwrap()
+                .consecutive_5xx
+                .as_ref()
+                .unwrap()
+                .value,
+            2
+        );
+        let tcp = cluster_of(WEB_TCP);
+        assert!(
+            cluster_policy::is_original_dst(&tcp),
+            "port 5432's own settings"
+        );
+        assert!(
+            tcp.outlier_detection.is_none(),
+            "port settings do not inherit"
+        );
+        assert!(
+            !w.endpoints.contains_key(WEB_TCP),
+            "no endpoints for ORIGINAL_DST"
+        );
+        let rs = routes(&w);
+        let hashed = action(&rs[0]);
+        assert!(matches!(
+            &hashed.hash_policy[0].policy_specifier,
+            Some(route::route_action::hash_policy::PolicySpecifier::Header(h)) if h.header_name == "x-user"
+        ));
+        assert!(action(&rs[1]).hash_policy.is_empty());
     }
 }

@@ -15,7 +15,26 @@ const RICH_ROUTING: &str = r#"
 apiVersion: networking.istio.io/v1
 kind: DestinationRule
 metadata: {name: web, namespace: shop}
-spec: {host: web, subsets: [{name: v1, labels: {version: v1}}, {name: v2, labels: {version: v2}}]}
+spec:
+  host: web
+  trafficPolicy:
+    loadBalancer: {simple: LEAST_REQUEST, warmup: {duration: 30s, minimumPercent: 20, aggression: 2}}
+    connectionPool:
+      tcp: {maxConnections: 10, connectTimeout: 2s, tcpKeepalive: {probes: 3, time: 60s, interval: 10s}, maxConnectionDuration: 1h, idleTimeout: 5m}
+      http: {http1MaxPendingRequests: 5, http2MaxRequests: 100, maxRequestsPerConnection: 10, maxRetries: 3, idleTimeout: 30s, maxConcurrentStreams: 50}
+    outlierDetection: {consecutive5xxErrors: 3, consecutiveGatewayErrors: 2, consecutiveLocalOriginFailures: 4, splitExternalLocalOriginErrors: true, interval: 5s, baseEjectionTime: 15s, maxEjectionPercent: 50, minHealthPercent: 10}
+    portLevelSettings:
+    - port: {number: 5432}
+      loadBalancer: {simple: PASSTHROUGH}
+  subsets:
+  - name: v1
+    labels: {version: v1}
+    trafficPolicy: {loadBalancer: {consistentHash: {httpHeaderName: x-user, ringHash: {minimumRingSize: 2048}}}}
+  - name: v2
+    labels: {version: v2}
+    trafficPolicy:
+      loadBalancer: {consistentHash: {httpCookie: {name: session, path: /, ttl: 60s}, maglev: {tableSize: 65537}}}
+      connectionPool: {http: {h2UpgradePolicy: UPGRADE}}
 ---
 apiVersion: networking.istio.io/v1
 kind: VirtualService
@@ -50,6 +69,30 @@ spec:
   - match: [{uri: {prefix: /rewrite}}]
     route: [{destination: {host: web}}]
     rewrite: {uri: /two, authority: other.internal}
+  - name: resilience
+    match: [{uri: {prefix: /resilience}}]
+    route: [{destination: {host: web, subset: v1}}]
+    retries: {attempts: 3, perTryTimeout: 500ms, retryOn: "5xx,retriable-4xx,409,unavailable", retryRemoteLocalities: true, retryIgnorePreviousHosts: true, backoff: 10ms}
+    fault:
+      delay: {fixedDelay: 1s, percentage: {value: 12.5}}
+      abort: {grpcStatus: UNAVAILABLE, percentage: {value: 0.1}}
+    corsPolicy:
+      allowOrigins: [{exact: "https://a.example"}, {prefix: "https://b."}, {regex: "https://.*\\.c\\.example"}]
+      allowMethods: [GET, POST]
+      allowHeaders: [x-a]
+      exposeHeaders: [x-b]
+      maxAge: 24h
+      allowCredentials: true
+      unmatchedPreflights: IGNORE
+    mirrors:
+    - destination: {host: web, subset: v2}
+      percentage: {value: 30}
+    - destination: {host: unknown.example.com, port: {number: 80}}
+  - match: [{uri: {prefix: /abort}}]
+    route: [{destination: {host: web}}]
+    fault: {abort: {httpStatus: 503, percentage: {value: 100}}}
+    retries: {attempts: 0}
+    mirror: {host: web, subset: v1}
   - match: [{uri: {prefix: /re}}]
     route: [{destination: {host: unknown.example.com, port: {number: 80}}}]
     rewrite: {uriRegexRewrite: {match: "^/re/(.*)", rewrite: "/\\1"}}
@@ -147,6 +190,70 @@ kind: AuthorizationPolicy
 metadata: {name: allow-nothing, namespace: shop}
 spec:
   targetRefs: [{kind: Service, name: web}]
+"#;
+
+/// Every Gateway API feature the translation has (on a second service, `api`: the same
+/// service with a VirtualService and an HTTPRoute is reported as a problem).
+const GATEWAY_API_ROUTES: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: api, namespace: shop, labels: {istio.io/use-waypoint: waypoint}}
+spec: {clusterIP: 10.96.0.5, selector: {app: web}, ports: [{name: http, port: 8080, targetPort: 8080}, {name: grpc, port: 9090, targetPort: 8080}]}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: api, namespace: shop}
+spec:
+  parentRefs: [{group: "", kind: Service, name: api, port: 8080}]
+  rules:
+  - name: split
+    matches:
+    - path: {type: PathPrefix, value: /v1}
+      headers: [{name: x-user, value: jason}, {type: RegularExpression, name: x-re, value: "a+b"}]
+      queryParams: [{name: q, value: "1"}, {type: RegularExpression, name: r, value: "[0-9]+"}]
+      method: GET
+    - path: {type: Exact, value: /exact}
+    - path: {type: RegularExpression, value: "/re/[a-z]+"}
+    filters:
+    - type: RequestHeaderModifier
+      requestHeaderModifier: {set: [{name: x-a, value: "1"}], add: [{name: x-b, value: "2"}], remove: [x-c]}
+    - type: ResponseHeaderModifier
+      responseHeaderModifier: {set: [{name: x-d, value: "3"}], remove: [x-e]}
+    - type: RequestMirror
+      requestMirror: {backendRef: {name: web, port: 80}, percent: 10}
+    backendRefs:
+    - {name: api, port: 8080, weight: 80}
+    - name: web
+      port: 80
+      weight: 15
+      filters: [{type: RequestHeaderModifier, requestHeaderModifier: {set: [{name: x-canary, value: "yes"}]}}]
+    - {name: ghost, port: 80, weight: 5}
+    timeouts: {request: 5s, backendRequest: 2s}
+  - matches: [{path: {value: /prefix}}]
+    filters: [{type: URLRewrite, urlRewrite: {hostname: api.internal, path: {type: ReplacePrefixMatch, replacePrefixMatch: /}}}]
+    backendRefs: [{name: api, port: 8080}]
+  - matches: [{path: {value: /prefix2}}]
+    filters: [{type: URLRewrite, urlRewrite: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /other}}}]
+    backendRefs: [{name: api, port: 8080}]
+  - matches: [{path: {value: /full}}]
+    filters: [{type: URLRewrite, urlRewrite: {path: {type: ReplaceFullPath, replaceFullPath: /replaced}}}]
+    backendRefs: [{name: api, port: 8080}]
+  - matches: [{path: {value: /moved}}]
+    filters: [{type: RequestRedirect, requestRedirect: {scheme: https, hostname: example.org, statusCode: 301, path: {type: ReplacePrefixMatch, replacePrefixMatch: /new}}}]
+  - matches: [{path: {value: /gone}}]
+    filters: [{type: RequestRedirect, requestRedirect: {port: 8443, path: {type: ReplaceFullPath, replaceFullPath: /x}}}]
+  - matches: [{path: {value: /nothing}}]
+    backendRefs: [{name: api, port: 8080, weight: 0}]
+  - backendRefs: [{name: api, port: 8080}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: GRPCRoute
+metadata: {name: api-grpc, namespace: shop}
+spec:
+  parentRefs: [{group: "", kind: Service, name: api, sectionName: grpc}]
+  rules:
+  - matches: [{method: {service: echo.Echo, method: Say}}, {method: {service: echo.Echo}}, {method: {method: Ping}}, {method: {type: RegularExpression, service: "echo\\..*"}, headers: [{name: x-t, value: a}]}]
+    backendRefs: [{name: api, port: 9090}]
 "#;
 
 fn web_service_with_tcp() -> String {
@@ -266,28 +373,64 @@ async fn envoy_acks_every_waypoint_resource() {
         return;
     };
     let env = Env::start().await;
+    // Client TLS (MUTUAL) for a subset: pilot inlines the files, Envoy must take the context.
+    let ca = mesh::ca::DevCa::generate("cluster.local").unwrap();
+    let (cert, key) = ca
+        .issue_pem(
+            &mesh::identity::Identity::new("cluster.local", "shop", "waypoint"),
+            Duration::from_secs(3600),
+        )
+        .unwrap();
+    for (name, text) in [
+        ("ca.pem", ca.root_pem()),
+        ("cert.pem", &cert),
+        ("key.pem", &key),
+    ] {
+        std::fs::write(env.dir.join(name), text).unwrap();
+    }
+    let d = env.dir.display();
+    write(
+        &env.dir,
+        "tls.yaml",
+        &format!(
+            "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: web-tls, namespace: shop}}\nspec:\n  host: web\n  subsets:\n  - name: secure\n    labels: {{version: v1}}\n    trafficPolicy: {{tls: {{mode: MUTUAL, clientCertificate: {d}/cert.pem, privateKey: {d}/key.pem, caCertificates: {d}/ca.pem, sni: web.example, subjectAltNames: [web.example]}}}}\n"
+        ),
+    );
     write(&env.dir, "svc.yaml", &web_service_with_tcp());
     write(&env.dir, "routing.yaml", RICH_ROUTING);
     write(&env.dir, "policies.yaml", RICH_POLICIES);
+    write(&env.dir, "gateway-api.yaml", GATEWAY_API_ROUTES);
     // Wait for pilot to have the rich configuration.
     let start = Instant::now();
     loop {
         let p = env.pilot.published.borrow().clone();
-        let listeners = &p.waypoints["shop/waypoint"].listeners;
-        let rbac = listeners
+        let w = &p.waypoints["shop/waypoint"];
+        let rbac = w
+            .listeners
             .values()
             .any(|l| String::from_utf8_lossy(&l.body).contains("envoy.filters.http.rbac"));
-        if listeners.len() == 2 && rbac {
-            // Said, not errors: HTTP-only attributes on the TCP port, and request.auth conditions
-            // need RequestAuthentication.
-            let unexpected: Vec<_> = p
+        if w.listeners.len() == 4
+            && rbac
+            && w.clusters
+                .contains_key("inbound-vip|80|http/secure|web.shop.svc.cluster.local")
+        {
+            // Said, not errors: HTTP-only attributes on the TCP port, request.auth conditions
+            // need RequestAuthentication, and the one Gateway API backend that does not
+            // resolve, on purpose (its requests get 500).
+            let unexpected: Vec<String> = p
                 .problems
                 .iter()
                 .filter(|p| {
                     !p.reason.contains("HTTP only") && !p.reason.contains("RequestAuthentication")
                 })
+                .map(|p| p.to_string())
                 .collect();
-            assert!(unexpected.is_empty(), "{unexpected:?}");
+            assert_eq!(
+                unexpected,
+                [
+                    "gateway-api.yaml: HTTPRoute shop/api: field \"spec.rules[0].backendRefs[2]\": backend Service shop/ghost not found: requests for it are answered 500"
+                ]
+            );
             break;
         }
         assert!(

@@ -121,7 +121,14 @@ const ROUTING: &str = r#"
 apiVersion: networking.istio.io/v1
 kind: DestinationRule
 metadata: {name: web, namespace: shop}
-spec: {host: web, subsets: [{name: v1, labels: {version: v1}}, {name: v2, labels: {version: v2}}]}
+spec:
+  host: web
+  subsets:
+  - {name: v1, labels: {version: v1}}
+  - {name: v2, labels: {version: v2}}
+  - name: by-user
+    labels: {app: web}
+    trafficPolicy: {loadBalancer: {consistentHash: {httpHeaderName: x-user}}}
 ---
 apiVersion: networking.istio.io/v1
 kind: VirtualService
@@ -129,6 +136,9 @@ metadata: {name: web, namespace: shop}
 spec:
   hosts: [web.shop.svc.cluster.local]
   http:
+  - name: hash
+    match: [{uri: {prefix: /hash}}]
+    route: [{destination: {host: web, subset: by-user}}]
   - name: exact
     match: [{name: plain, uri: {exact: /exact}}]
     route: [{destination: {host: web, subset: v1}}]
@@ -318,6 +328,71 @@ spec:
     match: [{uri: {prefix: /hostset}}]
     headers: {request: {set: {host: via-header.example}}}
     route: [{destination: {host: web, subset: v2}}]
+  - name: retry-default
+    match: [{uri: {prefix: /retry/default}}]
+    route: [{destination: {host: web, subset: v1}}]
+  - name: retry-5xx
+    match: [{uri: {prefix: /retry/5xx}}]
+    route: [{destination: {host: web, subset: v1}}]
+    retries: {attempts: 3, retryOn: 5xx, backoff: 5ms}
+  - name: retry-codes
+    match: [{uri: {prefix: /retry/codes}}]
+    route: [{destination: {host: web, subset: v1}}]
+    retries: {attempts: 2, retryOn: "409,418", retryIgnorePreviousHosts: false}
+  - name: retry-grpc
+    match: [{uri: {prefix: /retry/grpc}}]
+    route: [{destination: {host: web, subset: v1}}]
+    retries: {attempts: 2, retryOn: "unavailable,internal"}
+  - name: retry-off
+    match: [{uri: {prefix: /retry/off}}]
+    route: [{destination: {host: web, subset: v1}}]
+    retries: {attempts: 0}
+  - name: retry-per-try
+    match: [{uri: {prefix: /retry/per-try}}]
+    route: [{destination: {host: web, subset: v1}}]
+    retries: {attempts: 2, perTryTimeout: 300ms, retryOn: 5xx}
+    timeout: 5s
+  - name: timeout
+    match: [{uri: {prefix: /timeout}}]
+    route: [{destination: {host: web, subset: v1}}]
+    timeout: 300ms
+  - name: fault-abort
+    match: [{uri: {prefix: /fault/abort}}]
+    route: [{destination: {host: web, subset: v1}}]
+    fault: {abort: {httpStatus: 418, percentage: {value: 100}}}
+    headers: {response: {set: {x-rule: fault-abort}}}
+  - name: fault-grpc
+    match: [{uri: {prefix: /fault/grpc}}]
+    route: [{destination: {host: web, subset: v1}}]
+    fault: {abort: {grpcStatus: UNAVAILABLE, percentage: {value: 100}}}
+  - name: fault-delay
+    match: [{uri: {prefix: /fault/delay}}]
+    route: [{destination: {host: web, subset: v1}}]
+    fault: {delay: {fixedDelay: 200ms, percentage: {value: 100}}, abort: {httpStatus: 503, percentage: {value: 0}}}
+  - name: fault-direct
+    match: [{uri: {prefix: /fault/direct}}]
+    directResponse: {status: 200, body: {string: "not reached"}}
+    fault: {abort: {httpStatus: 429, percentage: {value: 100}}}
+  - name: cors
+    match: [{uri: {prefix: /cors}}]
+    route: [{destination: {host: web, subset: v1}}]
+    corsPolicy:
+      allowOrigins: [{exact: "https://a.example"}, {prefix: "https://b."}, {regex: "https://[a-z]+\\.c\\.example"}]
+      allowMethods: [GET, POST, PATCH]
+      allowHeaders: [x-a, x-b]
+      exposeHeaders: [x-rule]
+      maxAge: 60s
+      allowCredentials: true
+    headers: {response: {set: {x-rule: cors}}}
+  - name: cors-ignore
+    match: [{uri: {prefix: /ignore-cors}}]
+    route: [{destination: {host: web, subset: v1}}]
+    corsPolicy:
+      allowOrigins: [{exact: "https://a.example"}]
+      allowMethods: ["*"]
+      allowHeaders: ["*"]
+      unmatchedPreflights: IGNORE
+    fault: {abort: {httpStatus: 503, percentage: {value: 100}}}
   - name: default
     route: [{destination: {host: web, subset: v1}}]
     headers: {response: {set: {x-rule: default}}}
@@ -325,7 +400,43 @@ spec:
 
 // ---- the pods: one echo app, reached in plain HTTP (Envoy) or through HBONE (ours) --------
 
-async fn echo(name: &'static str, req: Request<Incoming>) -> Response<Full<Bytes>> {
+/// Requests per (proxy, path) so far, for the failure parameters: Envoy's and ours fail alike.
+static SEEN: std::sync::Mutex<BTreeMap<(&'static str, String), u64>> =
+    std::sync::Mutex::new(BTreeMap::new());
+
+fn query_param<'a>(query: &'a str, name: &str) -> Option<&'a str> {
+    query.split('&').find_map(|kv| {
+        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+        (k == name).then_some(v)
+    })
+}
+
+/// The echo app. Failures for the retry rows, by query parameter: `fail=<n>&of=<m>` fails the
+/// first n of every m requests to this path through this proxy (`via`), answering `status`
+/// (with a `grpc-status` header when `grpc_status` is given) after `delay_ms`; `delay_ms`
+/// without `fail` delays every answer.
+async fn echo(
+    name: &'static str,
+    via: &'static str,
+    req: Request<Incoming>,
+) -> Response<Full<Bytes>> {
+    let query = req.uri().query().unwrap_or_default().to_string();
+    let param = |n: &str| query_param(&query, n).and_then(|v| v.parse::<u64>().ok());
+    let failing = match (param("fail"), param("of")) {
+        (Some(fail), Some(of)) if of > 0 => {
+            let mut seen = SEEN.lock().unwrap();
+            let n = seen.entry((via, req.uri().path().to_string())).or_insert(0);
+            let this = *n;
+            *n += 1;
+            this % of < fail
+        }
+        _ => false,
+    };
+    if let Some(ms) = param("delay_ms")
+        && (failing || param("fail").is_none())
+    {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
     let path = req
         .uri()
         .path_and_query()
@@ -366,8 +477,14 @@ async fn echo(name: &'static str, req: Request<Incoming>) -> Response<Full<Bytes
         "authority": authority,
         "headers": headers,
     });
-    Response::builder()
-        .header("content-type", "application/json")
+    let mut rsp = Response::builder();
+    if failing {
+        rsp = rsp.status(param("status").unwrap_or(503) as u16);
+        if let Some(g) = param("grpc_status") {
+            rsp = rsp.header("grpc-status", g.to_string());
+        }
+    }
+    rsp.header("content-type", "application/json")
         .header("x-app", name)
         .header("x-app-set", "app")
         .header("x-app-remove", "yes")
@@ -375,12 +492,12 @@ async fn echo(name: &'static str, req: Request<Incoming>) -> Response<Full<Bytes
         .unwrap()
 }
 
-async fn serve_echo<I>(name: &'static str, io: I)
+async fn serve_echo<I>(name: &'static str, via: &'static str, io: I)
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let service = service_fn(move |req: Request<Incoming>| async move {
-        Ok::<_, Infallible>(echo(name, req).await)
+        Ok::<_, Infallible>(echo(name, via, req).await)
     });
     let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
         .serve_connection(TokioIo::new(io), service)
@@ -397,7 +514,7 @@ impl Handler for Pod {
             return;
         }
         if let Ok(s) = stream.accept(None) {
-            serve_echo(self.name, H2Io::new(s)).await;
+            serve_echo(self.name, "ours", H2Io::new(s)).await;
         }
     }
 }
@@ -439,7 +556,7 @@ async fn start_pods(net: &Net, ca: &Arc<DevCa>, drain: mesh::drain::Watch) -> u1
                 .unwrap();
             tokio::spawn(async move {
                 while let Ok((tcp, _)) = plain.accept().await {
-                    tokio::spawn(serve_echo(name, tcp));
+                    tokio::spawn(serve_echo(name, "envoy", tcp));
                 }
             });
         }
@@ -585,6 +702,10 @@ fn envoy_listener(listen: SocketAddr, route: &str) -> String {
             route_config_name: "{route}"
             config_source: {{ads: {{}}, resource_api_version: V3}}
           http_filters:
+          - name: envoy.filters.http.cors
+            typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.cors.v3.Cors}}
+          - name: envoy.filters.http.fault
+            typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault}}
           - name: envoy.filters.http.router
             typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}
 "#,
@@ -691,6 +812,7 @@ async fn start_ours(
             hbone_port,
         ),
         metrics: waypoint::metrics::Metrics::default(),
+        retry_buffer_bytes: waypoint::retry::DEFAULT_BUFFER_LIMIT,
     });
     let listener = TcpListener::bind(SocketAddr::new(net.ip(1), 0))
         .await
@@ -894,6 +1016,89 @@ fn cases() -> Vec<Case> {
         // query parameter names are case-sensitive
         get("/query?V=1"),
         get("/query?a=b&v=1#frag"),
+        // retries: Istio's default (503 retried, 500 not), retryOn conditions, status codes,
+        // gRPC statuses, off, the limit, per-try and route timeouts
+        get("/retry/default?fail=1&of=2&status=503"),
+        get("/retry/default?fail=1&of=1&status=500"),
+        get("/retry/default?fail=3&of=3&status=503"),
+        get("/retry/5xx?fail=2&of=3&status=500"),
+        get("/retry/5xx?fail=4&of=4&status=502"),
+        get("/retry/codes?fail=1&of=2&status=418"),
+        get("/retry/codes?fail=1&of=2&status=500"),
+        get("/retry/grpc?fail=1&of=2&status=200&grpc_status=14"),
+        get("/retry/grpc?fail=1&of=2&status=200&grpc_status=5"),
+        get("/retry/off?fail=1&of=2&status=503"),
+        get("/retry/per-try?fail=1&of=2&delay_ms=1000"),
+        get("/timeout?delay_ms=1000"),
+        get("/timeout?delay_ms=10"),
+        // faults: abort (HTTP, gRPC status on a plain request), delay, before a direct response
+        get("/fault/abort"),
+        get("/fault/grpc"),
+        get("/fault/delay"),
+        get("/fault/direct"),
+        // CORS: preflights (allowed, not allowed: forwarded or answered), simple requests
+        Case {
+            method: "OPTIONS",
+            path: "/cors",
+            host: None,
+            headers: &[
+                ("origin", "https://a.example"),
+                ("access-control-request-method", "POST"),
+            ],
+            port: 80,
+        },
+        Case {
+            method: "OPTIONS",
+            path: "/cors",
+            host: None,
+            headers: &[
+                ("origin", "https://x.c.example"),
+                ("access-control-request-method", "PUT"),
+            ],
+            port: 80,
+        },
+        Case {
+            method: "OPTIONS",
+            path: "/cors",
+            host: None,
+            headers: &[
+                ("origin", "https://evil.example"),
+                ("access-control-request-method", "POST"),
+            ],
+            port: 80,
+        },
+        Case {
+            method: "OPTIONS",
+            path: "/cors",
+            host: None,
+            headers: &[("origin", "https://a.example")],
+            port: 80,
+        },
+        with("/cors", &[("origin", "https://b.example")]),
+        with("/cors", &[("origin", "https://evil.example")]),
+        get("/cors"),
+        Case {
+            method: "OPTIONS",
+            path: "/ignore-cors",
+            host: None,
+            headers: &[
+                ("origin", "https://evil.example"),
+                ("access-control-request-method", "DELETE"),
+            ],
+            port: 80,
+        },
+        Case {
+            method: "OPTIONS",
+            path: "/ignore-cors",
+            host: None,
+            headers: &[
+                ("origin", "https://a.example"),
+                ("access-control-request-method", "DELETE"),
+                ("access-control-request-headers", "x-y,x-z"),
+            ],
+            port: 80,
+        },
+        with("/ignore-cors", &[("origin", "https://a.example")]),
         // nothing special: the catch-all
         get("/nothing"),
         // the `grpc` port: HTTP/2 to the app whatever the client speaks
@@ -922,10 +1127,13 @@ const RANDOM_REQUEST_HEADERS: &[&str] = &["x-request-id"];
 /// body-less POST/PUT/PATCH, hyper writes no length (the same empty body by RFC 9112 6.3).
 const FRAMING_REQUEST_HEADERS: &[&str] = &["content-length", "transfer-encoding"];
 
-/// Response headers compared: `location`, `content-type` and every `x-*` except Envoy's own.
+/// Response headers compared: `location`, `content-type`, CORS's `access-control-*`,
+/// `grpc-*` and every `x-*` except Envoy's own.
 fn compared_response_header(name: &str) -> bool {
     name == "location"
         || name == "content-type"
+        || name.starts_with("access-control-")
+        || name.starts_with("grpc-")
         || (name.starts_with("x-") && !name.starts_with("x-envoy-"))
 }
 
@@ -1279,6 +1487,65 @@ async fn compare(clients: &Clients, client: Client) -> Result<(), String> {
         if v1 + v2 != 200 || !(110..=170).contains(&v1) {
             differences.push(format!("/split through {who}: v1 {v1}, v2 {v2} of 200"));
         }
+    }
+    // Header hash (ring hash on `x-user`): each user stays on one pod through each proxy, users
+    // spread over both pods, and each user's pod is the one Envoy chose.
+    const USERS: [&[(&str, &str)]; 10] = [
+        &[("x-user", "alice")],
+        &[("x-user", "bob")],
+        &[("x-user", "carol")],
+        &[("x-user", "dave")],
+        &[("x-user", "erin")],
+        &[("x-user", "frank")],
+        &[("x-user", "grace")],
+        &[("x-user", "heidi")],
+        &[("x-user", "ivan")],
+        &[("x-user", "judy")],
+    ];
+    let mut owners: BTreeMap<&str, BTreeMap<String, String>> = BTreeMap::new();
+    for user in USERS {
+        let case = with("/hash", user);
+        for who in ["envoy", "ours"] {
+            let mut seen = Vec::new();
+            for _ in 0..3 {
+                let r = if who == "envoy" {
+                    clients.envoy(&case, client).await
+                } else {
+                    clients.ours(&case, client).await
+                };
+                let s = r.map_err(|e| format!("{who} /hash: {e}"))?;
+                seen.push(
+                    s.app
+                        .as_ref()
+                        .and_then(|a| a["subset"].as_str())
+                        .unwrap_or("none")
+                        .to_string(),
+                );
+            }
+            if seen.iter().any(|p| p != &seen[0]) {
+                differences.push(format!(
+                    "/hash {user:?} through {who} is not sticky: {seen:?}"
+                ));
+            }
+            owners
+                .entry(who)
+                .or_default()
+                .insert(user[0].1.to_string(), seen[0].clone());
+        }
+    }
+    eprintln!("/hash owners: {owners:?}");
+    for who in ["envoy", "ours"] {
+        let pods: std::collections::BTreeSet<&String> = owners[who].values().collect();
+        if pods.len() != 2 {
+            differences.push(format!("/hash through {who}: every user on {pods:?}"));
+        }
+    }
+    // Same ring (xxHash64 of `<address>_<i>`, sized as Envoy sizes it), same header hash: the
+    // same user lands on the same pod through both.
+    if owners["envoy"] != owners["ours"] {
+        differences.push(format!(
+            "/hash: users map to other pods than through Envoy: {owners:?}"
+        ));
     }
     for subset in ["v1", "v2"] {
         if shapes.get(&format!("envoy/{subset}")) != shapes.get(&format!("ours/{subset}")) {

@@ -832,6 +832,9 @@ fn rbac_matches_the_code() {
         }
     }
     needed.insert("authentication.k8s.io tokenreviews create".to_string());
+    for (group, resource) in pilot::route_status::status_resources() {
+        needed.insert(format!("{group} {resource} patch"));
+    }
     for (group, resource) in pilot::provision::applied_resources() {
         // What server-side apply needs: PATCH, which may create, and get.
         for verb in ["get", "patch", "create"] {
@@ -1094,6 +1097,186 @@ fn waypoint_objects_pass_kubernetes_validate() {
         .filter(|l| l.starts_with("INFO") && l.contains(" passed "))
         .count();
     assert!(out.status.success() && passed == 3, "{text}");
+}
+
+fn route(kind: &str, name: &str, spec: Value) -> Value {
+    json!({
+        "apiVersion": "gateway.networking.k8s.io/v1", "kind": kind,
+        "metadata": {"name": name, "namespace": "bookinfo", "generation": 4,
+                     "creationTimestamp": "2026-11-26T10:00:00Z"},
+        "spec": spec,
+    })
+}
+
+/// The status patches of `path` received so far, in order.
+fn patches_of(server: &ApiServer, path: &str) -> Vec<Value> {
+    server
+        .status_patches()
+        .into_iter()
+        .filter(|(p, _)| p == path)
+        .map(|(_, v)| v)
+        .collect()
+}
+
+async fn until_patches(server: &ApiServer, path: &str, n: usize) -> Vec<Value> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let got = patches_of(server, path);
+        if got.len() >= n {
+            return got;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{n} status patches of {path} within 20 s; have {:?}",
+            server.status_patches()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// HTTPRoutes and GRPCRoutes are watched (into the model as the folder's are), and pilot writes
+/// their `status.parents` (Accepted / ResolvedRefs, its controller name, observedGeneration,
+/// other controllers' entries kept) and the waypoint Gateway's status (Accepted, Programmed,
+/// its Service's address) by merge patch of the status subresource; again only when it changes.
+#[tokio::test]
+async fn gateway_api_routes_are_watched_and_get_status() {
+    let server = server_with(vec![
+        gateway("waypoint", "istio-waypoint"),
+        json!({"apiVersion": "v1", "kind": "Service",
+               "metadata": {"name": "waypoint", "namespace": "bookinfo"},
+               "spec": {"clusterIP": "10.96.0.30", "ports": [{"name": "mesh", "port": 15008}]}}),
+        json!({"apiVersion": "v1", "kind": "Service",
+               "metadata": {"name": "reviews", "namespace": "bookinfo",
+                            "labels": {"istio.io/use-waypoint": "waypoint"}},
+               "spec": {"clusterIP": "10.96.0.31", "selector": {"app": "reviews"},
+                        "ports": [{"name": "http", "port": 9080}, {"name": "grpc", "port": 9090}]}}),
+        route(
+            "HTTPRoute",
+            "reviews",
+            json!({"parentRefs": [{"group": "", "kind": "Service", "name": "reviews"},
+                                  {"name": "ingress", "namespace": "elsewhere"}],
+                   "rules": [{"backendRefs": [{"name": "reviews", "port": 9080, "weight": 9},
+                                              {"name": "reviews-v2", "port": 9080, "weight": 1}]}]}),
+        ),
+        {
+            let mut r = route(
+                "GRPCRoute",
+                "reviews-grpc",
+                json!({"parentRefs": [{"name": "waypoint"}],
+                       "rules": [{"matches": [{"method": {"service": "reviews.Reviews"}}],
+                                  "backendRefs": [{"name": "reviews", "port": 9090}]}]}),
+            );
+            r["status"] = json!({"parents": [{"controllerName": "example.com/other",
+                                              "parentRef": {"name": "x"}, "conditions": []}]});
+            r
+        },
+    ])
+    .await;
+    let rx = watch_cluster(&server);
+    let mut model = rx.clone();
+    let snap = until(&mut model, |s| {
+        s.http_routes.len() == 1 && s.grpc_routes.len() == 1
+    })
+    .await;
+    assert!(snap.problems.is_empty(), "{:?}", snap.problems);
+    let http = &snap.http_routes[&("bookinfo".to_string(), "reviews".to_string())];
+    assert_eq!(http.generation, 4);
+    assert_eq!(http.created, "2026-11-26T10:00:00Z");
+
+    tokio::spawn(pilot::route_status::write_status(
+        server.client(),
+        rx,
+        "cluster.local".into(),
+    ));
+    let base = "/apis/gateway.networking.k8s.io/v1/namespaces/bookinfo";
+    let http_path = format!("{base}/httproutes/reviews/status");
+    let grpc_path = format!("{base}/grpcroutes/reviews-grpc/status");
+    let gw_path = format!("{base}/gateways/waypoint/status");
+
+    let h = until_patches(&server, &http_path, 1).await;
+    let parents = h[0]["status"]["parents"].as_array().unwrap();
+    assert_eq!(
+        parents.len(),
+        1,
+        "the Gateway of another namespace is not ours: {parents:?}"
+    );
+    assert_eq!(parents[0]["controllerName"], "istio.io/gateway-controller");
+    assert_eq!(
+        parents[0]["parentRef"],
+        json!({"group": "", "kind": "Service", "name": "reviews"})
+    );
+    let c = &parents[0]["conditions"];
+    assert_eq!(c[0]["type"], "Accepted");
+    assert_eq!(c[0]["status"], "True");
+    assert_eq!(c[0]["observedGeneration"], 4);
+    assert_eq!(c[1]["type"], "ResolvedRefs");
+    assert_eq!(c[1]["status"], "False");
+    assert_eq!(c[1]["reason"], "BackendNotFound");
+    assert!(
+        c[1]["message"]
+            .as_str()
+            .unwrap()
+            .contains("backend Service bookinfo/reviews-v2 not found")
+    );
+
+    let g = until_patches(&server, &grpc_path, 1).await;
+    let parents = g[0]["status"]["parents"].as_array().unwrap();
+    assert_eq!(parents.len(), 2);
+    assert_eq!(parents[0]["controllerName"], "example.com/other", "kept");
+    assert_eq!(parents[1]["conditions"][0]["status"], "True");
+    assert_eq!(parents[1]["conditions"][1]["status"], "True");
+
+    let w = until_patches(&server, &gw_path, 1).await;
+    let st = &w[0]["status"];
+    assert_eq!(
+        st["addresses"],
+        json!([{"type": "IPAddress", "value": "10.96.0.30"}])
+    );
+    assert_eq!(st["conditions"][0]["type"], "Accepted");
+    assert_eq!(st["conditions"][1]["type"], "Programmed");
+    assert_eq!(st["conditions"][1]["status"], "True");
+    assert_eq!(st["listeners"][0]["attachedRoutes"], 1);
+    // The server holds what was written.
+    let stored = server
+        .objects()
+        .into_iter()
+        .find(|o| o["kind"] == "HTTPRoute")
+        .unwrap();
+    assert_eq!(stored["status"], h[0]["status"]);
+
+    // The missing backend appears: ResolvedRefs turns True, with a new transition time only
+    // there; nothing else is written again.
+    server.apply(json!({"apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "reviews-v2", "namespace": "bookinfo"},
+        "spec": {"clusterIP": "10.96.0.32", "ports": [{"name": "http", "port": 9080}]}}));
+    let h = until_patches(&server, &http_path, 2).await;
+    let c = &h[1]["status"]["parents"][0]["conditions"];
+    assert_eq!(c[1]["status"], "True");
+    assert_eq!(c[1]["reason"], "ResolvedRefs");
+    assert_eq!(
+        c[0]["lastTransitionTime"],
+        h[0]["status"]["parents"][0]["conditions"][0]["lastTransitionTime"]
+    );
+    // An unrelated change writes nothing.
+    server.apply(pod("reviews-1", "node1", "10.244.0.40"));
+    let mut model = model.clone();
+    until(&mut model, |s| !s.pods.is_empty()).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(patches_of(&server, &http_path).len(), 2);
+    assert_eq!(patches_of(&server, &grpc_path).len(), 1);
+    assert_eq!(patches_of(&server, &gw_path).len(), 1);
+}
+
+/// Without the Gateway API route CRDs installed, pilot serves all the same.
+#[tokio::test]
+async fn route_crds_not_installed() {
+    let server = server_with(bookinfo()).await;
+    server.set_served("HTTPRoute", false);
+    server.set_served("GRPCRoute", false);
+    let mut rx = watch_cluster(&server);
+    let snap = next(&mut rx, Duration::from_secs(10)).await;
+    assert_eq!(snap.pods.len(), 8);
+    assert!(snap.http_routes.is_empty() && snap.grpc_routes.is_empty());
 }
 
 fn namespace(name: &str) -> Value {

@@ -83,15 +83,38 @@ pub fn clusters(config: &Config) -> Value {
         .clusters
         .values()
         .map(|c| {
+            let (requests, connections, pending, retries) = c.breaker.in_flight();
+            let l = &c.policy.limits;
             json!({
                 "name": c.name,
                 "connect_timeout": format!("{}s", c.connect_timeout.as_secs_f64()),
-                "endpoints": c.endpoints.iter().map(|e| json!({
-                    "address": e.address.to_string(),
-                    "health_status": if e.healthy { "HEALTHY" } else { "UNHEALTHY" },
-                    "workload": e.workload,
-                    "identity": config.state.workload_by_ip(e.address.ip()).map(|w| w.identity().to_string()),
-                })).collect::<Vec<_>>(),
+                "lb_policy": c.policy.lb.policy.name(),
+                "circuit_breakers": {
+                    "max_connections": l.max_connections, "connections_in_use": connections,
+                    "max_pending_requests": l.max_pending_requests, "pending_requests": pending,
+                    "max_requests": l.max_requests, "active_requests": requests,
+                    "max_retries": l.max_retries, "active_retries": retries,
+                },
+                "outlier_detection": c.policy.outlier.is_some(),
+                "endpoints": c.endpoints.iter().enumerate().map(|(i, e)| {
+                    let host = &c.hosts[i];
+                    let o = host.outlier.snapshot();
+                    json!({
+                        "address": e.address.to_string(),
+                        "health_status": if e.healthy { "HEALTHY" } else { "UNHEALTHY" },
+                        "ejected": c.is_ejected(i),
+                        "active_requests": host.active.load(Ordering::Acquire),
+                        "outlier": {
+                            "consecutive_5xx": o.consecutive_5xx,
+                            "consecutive_gateway_failure": o.consecutive_gateway,
+                            "consecutive_local_origin_failure": o.consecutive_local,
+                            "ejections": o.ejections,
+                            "ejection_multiplier": o.multiplier,
+                        },
+                        "workload": e.workload,
+                        "identity": config.state.workload_by_ip(e.address.ip()).map(|w| w.identity().to_string()),
+                    })
+                }).collect::<Vec<_>>(),
             })
         })
         .collect();

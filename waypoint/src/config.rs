@@ -6,8 +6,8 @@
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use envoy_types::pb::envoy::config::cluster::v3 as cluster_pb;
 use envoy_types::pb::envoy::config::core::v3 as envoy_core;
@@ -19,7 +19,9 @@ use envoy_types::pb::envoy::extensions::upstreams::http::v3 as http_options;
 use mesh::state::State;
 use prost::Message;
 
+use crate::balancer::{self, PickContext};
 use crate::route::{self, RouteTable};
+use crate::{breaker, outlier};
 
 pub const LISTENER_TYPE_URL: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
 pub const ROUTE_TYPE_URL: &str = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration";
@@ -112,6 +114,11 @@ pub enum ListenerKind {
 pub struct HttpFilters {
     /// `envoy.filters.http.rbac` filters, in their order (Istio: AUDIT, DENY, ALLOW).
     pub rbac: Vec<crate::rbac::RbacFilter>,
+    /// `envoy.filters.http.cors` is in the chain (its settings are per route).
+    pub cors: bool,
+    /// `envoy.filters.http.fault` is in the chain, with its own `HTTPFault` (`None` inside:
+    /// it injects nothing unless a route's config says so).
+    pub fault: Option<Option<Arc<crate::fault::Fault>>>,
 }
 
 #[derive(Debug)]
@@ -129,6 +136,77 @@ pub struct Cluster {
     /// Endpoints from the cluster's `ClusterLoadAssignment` (EDS or inline).
     pub endpoints: Vec<Endpoint>,
     next: AtomicUsize,
+    /// Balancing, limits, outlier detection and connection options from the Cluster resource.
+    pub policy: Arc<ClusterPolicy>,
+    /// Per endpoint (same order as `endpoints`): active requests, outlier state, when added.
+    /// Carried over from the previous version of the cluster for endpoints that stay.
+    pub hosts: Vec<Arc<HostRuntime>>,
+    /// The consistent-hash table (ring hash / Maglev), built from the endpoint addresses.
+    pub table: balancer::Table,
+    /// Circuit-breaker counters, shared with the previous version of the cluster.
+    pub breaker: Arc<breaker::Breaker>,
+    pub stats: crate::metrics::ClusterStats,
+    /// When the cluster (by name) first appeared: hosts there then are not in slow start.
+    pub created: Instant,
+}
+
+/// What a Cluster resource says beyond its endpoints.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct ClusterPolicy {
+    pub lb: balancer::LbConfig,
+    pub limits: breaker::Limits,
+    pub outlier: Option<outlier::Config>,
+    /// `common_http_protocol_options`.
+    pub http: CommonHttpOptions,
+    /// Client TLS inside the HBONE stream (`transport_socket`).
+    pub tls: Option<crate::origination::UpstreamTls>,
+}
+
+/// Envoy's `common_http_protocol_options` of the upstream HTTP options.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct CommonHttpOptions {
+    pub idle_timeout: Option<Duration>,
+    pub max_requests_per_connection: Option<u32>,
+    pub max_connection_duration: Option<Duration>,
+}
+
+/// One endpoint's state that lives across config pushes.
+#[derive(Debug)]
+pub struct HostRuntime {
+    pub address: SocketAddr,
+    pub active: AtomicU32,
+    pub outlier: outlier::Host,
+    /// Set while ejected (so a pick reads one atomic for hosts in service).
+    ejected: AtomicBool,
+    pub added: Instant,
+}
+
+impl HostRuntime {
+    fn new(address: SocketAddr, added: Instant) -> Self {
+        HostRuntime {
+            address,
+            active: AtomicU32::new(0),
+            outlier: outlier::Host::default(),
+            ejected: AtomicBool::new(false),
+            added,
+        }
+    }
+}
+
+/// The endpoint chosen for one attempt. While it is held, the endpoint counts one active
+/// request (least request balancing); keep it until the response is done.
+#[derive(Debug)]
+pub struct Picked {
+    pub address: SocketAddr,
+    host: Option<Arc<HostRuntime>>,
+}
+
+impl Drop for Picked {
+    fn drop(&mut self) {
+        if let Some(h) = &self.host {
+            h.active.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -141,12 +219,23 @@ pub struct Endpoint {
 
 impl Cluster {
     pub fn new(name: String, connect_timeout: Duration, endpoints: Vec<Endpoint>) -> Cluster {
+        let now = Instant::now();
+        let hosts = endpoints
+            .iter()
+            .map(|e| Arc::new(HostRuntime::new(e.address, now)))
+            .collect();
         Cluster {
             name,
             connect_timeout,
             protocol: UpstreamProtocol::default(),
             endpoints,
             next: AtomicUsize::new(0),
+            policy: Arc::default(),
+            hosts,
+            table: balancer::Table::None,
+            breaker: Arc::default(),
+            stats: crate::metrics::ClusterStats::default(),
+            created: now,
         }
     }
 
@@ -155,14 +244,191 @@ impl Cluster {
         self
     }
 
-    /// The next healthy endpoint, round robin.
-    pub fn pick(&self) -> Option<&Endpoint> {
-        let healthy = self.endpoints.iter().filter(|e| e.healthy).count();
-        if healthy == 0 {
+    /// Apply the cluster's policy; `previous` (the version this one replaces) hands over the
+    /// state of the endpoints that stay, the circuit-breaker counters and the creation time.
+    pub fn with_policy(
+        mut self,
+        policy: Arc<ClusterPolicy>,
+        previous: Option<&Cluster>,
+        stats: crate::metrics::ClusterStats,
+    ) -> Cluster {
+        let now = Instant::now();
+        if let Some(p) = previous {
+            self.created = p.created;
+            self.breaker = p.breaker.clone();
+            self.next = AtomicUsize::new(p.next.load(Ordering::Relaxed));
+            self.hosts = self
+                .endpoints
+                .iter()
+                .map(|e| {
+                    p.hosts
+                        .iter()
+                        .find(|h| h.address == e.address)
+                        .cloned()
+                        .unwrap_or_else(|| Arc::new(HostRuntime::new(e.address, now)))
+                })
+                .collect();
+        }
+        let addresses: Vec<SocketAddr> = self.endpoints.iter().map(|e| e.address).collect();
+        self.table = balancer::table(policy.lb.policy, &addresses);
+        self.policy = policy;
+        self.stats = stats;
+        self.stats.ejections_active.set(
+            self.hosts
+                .iter()
+                .filter(|h| h.ejected.load(Ordering::Acquire))
+                .count() as i64,
+        );
+        self
+    }
+
+    /// Whether endpoint `i` is out of service by outlier detection at `now` (an ejection whose
+    /// time has passed ends here).
+    fn ejected(&self, i: usize, now: Instant) -> bool {
+        let h = &self.hosts[i];
+        if !h.ejected.load(Ordering::Acquire) {
+            return false;
+        }
+        let (ejected, ended) = h.outlier.ejected(now);
+        if ended {
+            h.ejected.store(false, Ordering::Release);
+            self.stats.ejections_active.dec();
+        }
+        ejected
+    }
+
+    /// Choose the endpoint for one attempt, as the cluster's `lb_policy` says: among endpoints
+    /// that are healthy (EDS) and not ejected (outlier detection), all of them below the panic
+    /// threshold; avoiding `ctx.tried` while others remain. `None`: no endpoint (503 `UH`).
+    pub fn pick(&self, ctx: &PickContext<'_>) -> Option<Picked> {
+        use balancer::Policy;
+        if self.policy.lb.policy == Policy::OriginalDst {
+            return ctx.original_dst.map(|address| Picked {
+                address,
+                host: None,
+            });
+        }
+        let now = Instant::now();
+        let n = self.endpoints.len();
+        let usable = |i: usize| self.endpoints[i].healthy && !self.ejected(i, now);
+        let in_service = (0..n).filter(|i| usable(*i)).count();
+        let panic = self
+            .policy
+            .lb
+            .panic_threshold
+            .is_some_and(|p| p > 0.0 && (in_service as f64) * 100.0 < p * n as f64);
+        let fresh = |i: usize| !ctx.tried.contains(&self.endpoints[i].address);
+        let mut avoid_tried = (0..n).any(|i| (panic || usable(i)) && fresh(i));
+        let ok = |i: usize, avoid: bool| (panic || usable(i)) && (!avoid || fresh(i));
+        if !avoid_tried && !(0..n).any(|i| ok(i, false)) {
             return None;
         }
-        let n = self.next.fetch_add(1, Ordering::Relaxed) % healthy;
-        self.endpoints.iter().filter(|e| e.healthy).nth(n)
+        if !avoid_tried && ctx.tried.is_empty() {
+            avoid_tried = false;
+        }
+        let ok = |i: usize| ok(i, avoid_tried);
+        let count = (0..n).filter(|i| ok(*i)).count();
+        let nth = |k: usize| (0..n).filter(|i| ok(*i)).nth(k);
+        let chosen = match self.policy.lb.policy {
+            Policy::RingHash { .. } | Policy::Maglev { .. } => {
+                let hash = ctx.hash.unwrap_or_else(|| fastrand::u64(..));
+                self.table
+                    .candidates(hash)
+                    .map(|i| i as usize)
+                    .find(|i| ok(*i))
+            }
+            _ if self.slow_start_active(now, &ok) => self.weighted(now, &ok),
+            Policy::Random => nth(fastrand::usize(..count)),
+            Policy::LeastRequest { choice_count } => {
+                let mut best: Option<usize> = None;
+                for _ in 0..choice_count {
+                    let Some(i) = nth(fastrand::usize(..count)) else {
+                        continue;
+                    };
+                    let load = |i: usize| self.hosts[i].active.load(Ordering::Acquire);
+                    if best.is_none_or(|b| load(i) < load(b)) {
+                        best = Some(i);
+                    }
+                }
+                best
+            }
+            _ => nth(self.next.fetch_add(1, Ordering::Relaxed) % count),
+        }?;
+        let host = self.hosts[chosen].clone();
+        host.active.fetch_add(1, Ordering::AcqRel);
+        Some(Picked {
+            address: self.endpoints[chosen].address,
+            host: Some(host),
+        })
+    }
+
+    fn slow_start_active(&self, now: Instant, ok: &dyn Fn(usize) -> bool) -> bool {
+        let Some(s) = &self.policy.lb.slow_start else {
+            return false;
+        };
+        (0..self.endpoints.len()).any(|i| {
+            let h = &self.hosts[i];
+            ok(i) && h.added > self.created && now.saturating_duration_since(h.added) < s.window
+        })
+    }
+
+    /// Weighted random by slow-start weights (hosts warming up get their share of traffic).
+    fn weighted(&self, now: Instant, ok: &dyn Fn(usize) -> bool) -> Option<usize> {
+        let s = self.policy.lb.slow_start?;
+        let weight = |i: usize| {
+            let h = &self.hosts[i];
+            if h.added > self.created {
+                s.factor(h.added, now)
+            } else {
+                1.0
+            }
+        };
+        let total: f64 = (0..self.endpoints.len())
+            .filter(|i| ok(*i))
+            .map(weight)
+            .sum();
+        let mut point = fastrand::f64() * total;
+        let mut last = None;
+        for i in (0..self.endpoints.len()).filter(|i| ok(*i)) {
+            let w = weight(i);
+            if point < w {
+                return Some(i);
+            }
+            point -= w;
+            last = Some(i);
+        }
+        last
+    }
+
+    /// Count the result of one attempt on `picked`'s endpoint for outlier detection; ejects it
+    /// when a run of errors calls for it (within `max_ejection_percent`).
+    pub fn report(&self, picked: &Picked, outcome: outlier::Outcome) {
+        let (Some(config), Some(host)) = (&self.policy.outlier, &picked.host) else {
+            return;
+        };
+        let Some(kind) = outlier::record(config, &host.outlier, outcome) else {
+            return;
+        };
+        self.stats.detected(kind);
+        let ejected = self
+            .hosts
+            .iter()
+            .filter(|h| h.ejected.load(Ordering::Acquire))
+            .count();
+        if !outlier::may_eject(config, ejected, self.hosts.len()) {
+            return;
+        }
+        let time = outlier::eject(config, &host.outlier, Instant::now());
+        if !host.ejected.swap(true, Ordering::AcqRel) {
+            self.stats.ejections_active.inc();
+        }
+        self.stats.enforced(kind);
+        tracing::info!(cluster = %self.name, endpoint = %host.address, kind = kind.name(), ?time, "outlier ejected");
+    }
+
+    /// Whether endpoint `i` is ejected now (for the admin page).
+    pub fn is_ejected(&self, i: usize) -> bool {
+        self.ejected(i, Instant::now())
     }
 }
 
@@ -216,6 +482,32 @@ fn upstream_protocol(c: &cluster_pb::Cluster) -> Result<UpstreamProtocol, String
     })
 }
 
+fn common_http_options(c: &cluster_pb::Cluster) -> Result<CommonHttpOptions, String> {
+    let Some(any) = c
+        .typed_extension_protocol_options
+        .get(HTTP_PROTOCOL_OPTIONS)
+    else {
+        return Ok(CommonHttpOptions::default());
+    };
+    let o = http_options::HttpProtocolOptions::decode(&any.value[..])
+        .map_err(|e| format!("undecodable HttpProtocolOptions: {e}"))?;
+    let Some(common) = o.common_http_protocol_options else {
+        return Ok(CommonHttpOptions::default());
+    };
+    let d = |x: &Option<envoy_types::pb::google::protobuf::Duration>, field: &str| match x {
+        Some(d) if d.seconds >= 0 && d.nanos >= 0 => {
+            Ok(Some(Duration::new(d.seconds as u64, d.nanos as u32)))
+        }
+        Some(_) => Err(format!("common_http_protocol_options.{field}: negative")),
+        None => Ok(None),
+    };
+    Ok(CommonHttpOptions {
+        idle_timeout: d(&common.idle_timeout, "idle_timeout")?,
+        max_requests_per_connection: common.max_requests_per_connection.map(|v| v.value),
+        max_connection_duration: d(&common.max_connection_duration, "max_connection_duration")?,
+    })
+}
+
 /// What a `Cluster` resource says; endpoints come separately (EDS) unless inline.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ClusterDef {
@@ -224,6 +516,7 @@ pub struct ClusterDef {
     pub protocol: UpstreamProtocol,
     pub eds: bool,
     pub inline_endpoints: Vec<Endpoint>,
+    pub policy: Arc<ClusterPolicy>,
 }
 
 pub fn cluster(body: &[u8], name: &str) -> Result<(cluster_pb::Cluster, ClusterDef), String> {
@@ -238,10 +531,10 @@ pub fn cluster(body: &[u8], name: &str) -> Result<(cluster_pb::Cluster, ClusterD
     let eds = match &c.cluster_discovery_type {
         Some(ClusterDiscoveryType::Type(t)) => match DiscoveryType::try_from(*t) {
             Ok(DiscoveryType::Eds) => true,
-            Ok(DiscoveryType::Static) => false,
+            Ok(DiscoveryType::Static | DiscoveryType::OriginalDst) => false,
             _ => {
                 return Err(format!(
-                    "type: only EDS and STATIC clusters are supported (got {t})"
+                    "type: only EDS, STATIC and ORIGINAL_DST clusters are supported (got {t})"
                 ));
             }
         },
@@ -263,12 +556,20 @@ pub fn cluster(body: &[u8], name: &str) -> Result<(cluster_pb::Cluster, ClusterD
         _ => Vec::new(),
     };
     let protocol = upstream_protocol(&c)?;
+    let policy = ClusterPolicy {
+        lb: balancer::lb_config(&c)?,
+        limits: breaker::limits(&c)?,
+        outlier: outlier::config(&c)?,
+        http: common_http_options(&c)?,
+        tls: crate::origination::upstream_tls(&c)?,
+    };
     let def = ClusterDef {
         name: c.name.clone(),
         connect_timeout,
         protocol,
         eds,
         inline_endpoints,
+        policy: Arc::new(policy),
     };
     Ok((c, def))
 }
@@ -461,20 +762,24 @@ fn http_filters(list: &[hcm::HttpFilter]) -> Result<HttpFilters, String> {
         ));
     }
     for (i, f) in before.iter().enumerate() {
-        let any = match &f.config_type {
-            Some(hcm::http_filter::ConfigType::TypedConfig(a)) => a,
-            _ => {
-                return Err(format!(
-                    "http_filters[{i}] ({:?}): typed_config required",
-                    f.name
-                ));
-            }
+        let typed = match &f.config_type {
+            Some(hcm::http_filter::ConfigType::TypedConfig(a)) => Some(a),
+            _ => None,
         };
-        match any.type_url.as_str() {
-            crate::rbac::TYPE_URL => filters.rbac.push(
-                crate::rbac::compile(&any.value)
+        match typed.map(|a| a.type_url.as_str()) {
+            Some(crate::rbac::TYPE_URL) => filters.rbac.push(
+                crate::rbac::compile(typed.map(|a| a.value.as_slice()).unwrap_or_default())
                     .map_err(|e| format!("http_filters[{i}] ({:?}): {e}", f.name))?,
             ),
+            Some(crate::cors::FILTER_TYPE_URL) => filters.cors = true,
+            Some(crate::fault::TYPE_URL) => {
+                let any = typed.map(|a| a.value.as_slice()).unwrap_or_default();
+                filters.fault = Some(
+                    crate::fault::Fault::decode(any)
+                        .map_err(|e| format!("http_filters[{i}] ({:?}): {e}", f.name))?
+                        .map(Arc::new),
+                );
+            }
             _ => return Err(format!("http_filters[{i}]: {:?} is not supported", f.name)),
         }
     }
@@ -830,7 +1135,12 @@ pub(crate) mod tests {
         assert!(!eps[1].healthy);
         let cl = Cluster::new(c.name.clone(), def.connect_timeout, eps);
         let picks: Vec<String> = (0..4)
-            .map(|_| cl.pick().unwrap().address.to_string())
+            .map(|_| {
+                cl.pick(&PickContext::default())
+                    .unwrap()
+                    .address
+                    .to_string()
+            })
             .collect();
         assert_eq!(
             picks,
@@ -842,12 +1152,149 @@ pub(crate) mod tests {
             ]
         );
         let none = Cluster::new("x".into(), def.connect_timeout, vec![]);
-        assert!(none.pick().is_none());
+        assert!(none.pick(&PickContext::default()).is_none());
         let bad = cla_pb(&c.name, &[("not-an-ip", 80, true)]);
         let e = load_assignment(&bad.encode_to_vec(), &c.name).unwrap_err();
         assert!(
             e.contains("endpoints[0].lb_endpoints[0].endpoint.address"),
             "{e}"
+        );
+    }
+
+    fn policy_cluster(
+        policy: balancer::Policy,
+        n: usize,
+        outlier: Option<outlier::Config>,
+    ) -> Cluster {
+        let eps = (0..n)
+            .map(|i| Endpoint {
+                address: format!("10.0.0.{}:80", i + 1).parse().unwrap(),
+                healthy: true,
+                workload: None,
+            })
+            .collect();
+        let policy = ClusterPolicy {
+            lb: balancer::LbConfig {
+                policy,
+                ..Default::default()
+            },
+            outlier,
+            ..Default::default()
+        };
+        Cluster::new("c".into(), Duration::from_secs(1), eps).with_policy(
+            Arc::new(policy),
+            None,
+            Default::default(),
+        )
+    }
+
+    #[test]
+    fn balancers_spread_and_least_request_prefers_idle() {
+        for p in [
+            balancer::Policy::Random,
+            balancer::Policy::LeastRequest { choice_count: 2 },
+        ] {
+            let c = policy_cluster(p, 4, None);
+            let mut counts = [0usize; 4];
+            for _ in 0..4000 {
+                let a = c.pick(&PickContext::default()).unwrap().address;
+                counts[c.endpoints.iter().position(|e| e.address == a).unwrap()] += 1;
+            }
+            assert!(
+                counts.iter().all(|n| (700..1300).contains(n)),
+                "{p:?}: {counts:?}"
+            );
+        }
+        // Three endpoints busy (their picks held), one idle: least request finds the idle one
+        // whenever it is among the two choices.
+        let c = policy_cluster(balancer::Policy::LeastRequest { choice_count: 2 }, 4, None);
+        let mut held = Vec::new();
+        for i in 0..3 {
+            for _ in 0..5 {
+                held.push(c.hosts[i].clone());
+                c.hosts[i].active.fetch_add(1, Ordering::AcqRel);
+            }
+        }
+        let idle = c.endpoints[3].address;
+        let hits = (0..1000)
+            .filter(|_| c.pick(&PickContext::default()).unwrap().address == idle)
+            .count();
+        assert!(
+            hits > 350,
+            "P2C picks the idle one about 7/16 of the time: {hits}"
+        );
+    }
+
+    #[test]
+    fn consistent_hash_sticks_and_tried_hosts_are_avoided() {
+        let c = policy_cluster(
+            balancer::Policy::RingHash {
+                minimum_ring_size: 1024,
+                maximum_ring_size: 1 << 23,
+            },
+            3,
+            None,
+        );
+        let ctx = PickContext {
+            hash: Some(balancer::xxhash64(b"alice", 0)),
+            ..Default::default()
+        };
+        let first = c.pick(&ctx).unwrap().address;
+        assert!((0..20).all(|_| c.pick(&ctx).unwrap().address == first));
+        let tried = [first];
+        let retry = PickContext {
+            tried: &tried,
+            ..ctx
+        };
+        assert_ne!(c.pick(&retry).unwrap().address, first);
+        // A push with the same endpoints (in another order) keeps the choice.
+        let mut eps = c.endpoints.clone();
+        eps.reverse();
+        let again = Cluster::new("c".into(), Duration::from_secs(1), eps).with_policy(
+            c.policy.clone(),
+            Some(&c),
+            Default::default(),
+        );
+        assert_eq!(again.pick(&ctx).unwrap().address, first);
+    }
+
+    #[test]
+    fn ejected_endpoints_are_skipped_and_state_survives_a_push() {
+        let config = outlier::Config {
+            consecutive_5xx: 2,
+            max_ejection_percent: 100,
+            ..Default::default()
+        };
+        let c = policy_cluster(balancer::Policy::RoundRobin, 2, Some(config));
+        let bad = c.endpoints[0].address;
+        for _ in 0..2 {
+            let p = loop {
+                let p = c.pick(&PickContext::default()).unwrap();
+                if p.address == bad {
+                    break p;
+                }
+            };
+            c.report(&p, outlier::Outcome::Status(500));
+        }
+        assert!(c.is_ejected(0));
+        assert_eq!(c.stats.ejections_active.get(), 1);
+        assert!((0..10).all(|_| c.pick(&PickContext::default()).unwrap().address != bad));
+        // The same endpoints pushed again: still ejected.
+        let again = Cluster::new("c".into(), Duration::from_secs(1), c.endpoints.clone())
+            .with_policy(c.policy.clone(), Some(&c), c.stats.clone());
+        assert!(again.is_ejected(0));
+        assert!((0..10).all(|_| again.pick(&PickContext::default()).unwrap().address != bad));
+        // Never more than the cap: with the other one failing too, 100% allows it; here both
+        // ejected leaves none.
+        let good = again.endpoints[1].address;
+        for _ in 0..2 {
+            let p = again.pick(&PickContext::default()).unwrap();
+            assert_eq!(p.address, good);
+            again.report(&p, outlier::Outcome::Status(503));
+        }
+        assert!(
+            again.pick(&PickContext::default()).is_none(),
+            "all ejected: 503 UH"
         );
     }
 

@@ -4,12 +4,20 @@
 #![deny(rust_2018_idioms)]
 
 pub mod admin;
+pub mod balancer;
+pub mod breaker;
 pub mod config;
+pub mod cors;
+pub mod fault;
 pub mod inbound;
 pub mod log_writer;
 pub mod metrics;
+pub mod mirror;
+pub mod origination;
+pub mod outlier;
 pub mod rbac;
 pub mod request;
+pub mod retry;
 pub mod route;
 pub mod tcp;
 pub mod upstream;
@@ -25,4 +33,6 @@ pub struct Waypoint {
     pub config: watch::Receiver<Arc<config::Config>>,
     pub upstream: upstream::Upstream,
     pub metrics: metrics::Metrics,
+    /// Request bodies kept for retries up to this many bytes (a longer one is not retried).
+    pub retry_buffer_bytes: usize,
 }

@@ -68,6 +68,10 @@ struct Args {
     /// Log as JSON lines.
     #[arg(long)]
     log_json: bool,
+    /// Request bodies are kept up to this many bytes so that a retry can send them again; a
+    /// longer body is not retried (counted in `waypoint_retry_or_shadow_abandoned_total`).
+    #[arg(long, env = "RETRY_BUFFER_BYTES", default_value_t = waypoint::retry::DEFAULT_BUFFER_LIMIT)]
+    retry_buffer_bytes: usize,
     /// Threads that run the proxy. 1 (the default) runs everything on one thread: a request
     /// crosses several tasks (tunnel, HTTP server, HTTP client, upstream tunnel), and keeping
     /// them on one thread saves the cross-thread wake-ups that otherwise cost more CPU than
@@ -144,10 +148,12 @@ async fn run(args: Args, logs: waypoint::log_writer::LogWriter) -> anyhow::Resul
     let mut registry = Registry::default();
     metrics.register(&mut registry);
     let registry = Arc::new(Mutex::new(registry));
+    let cluster_metrics = metrics.clusters.clone();
     let waypoint = Arc::new(waypoint::Waypoint {
         config: config_rx.clone(),
         upstream: waypoint::upstream::Upstream::new(identity.clone(), certs.clone()),
         metrics,
+        retry_buffer_bytes: args.retry_buffer_bytes,
     });
 
     let (drain_trigger, drain_watch) = mesh::drain::channel();
@@ -181,7 +187,7 @@ async fn run(args: Args, logs: waypoint::log_writer::LogWriter) -> anyhow::Resul
     tokio::spawn(mesh::xds::run(
         control,
         mesh::xds::ClientState::new(node_id.clone(), waypoint::xds::types()),
-        Box::new(XdsHandler::new(config_tx, status.clone())),
+        Box::new(XdsHandler::new(config_tx, status.clone()).with_metrics(cluster_metrics)),
     ));
 
     for addr in both_families(args.listen) {

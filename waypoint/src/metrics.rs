@@ -11,6 +11,7 @@ use mesh::state::{Service, Workload};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
@@ -47,6 +48,13 @@ pub struct RbacLabels {
     pub shadow: bool,
 }
 
+/// How a mirror copy went: `sent` (answered), `failed`, `dropped` (fell behind or too slow).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MirrorLabels {
+    pub cluster_name: String,
+    pub outcome: String,
+}
+
 #[derive(Clone)]
 pub struct Metrics {
     pub requests: Family<HttpLabels, Counter>,
@@ -56,6 +64,15 @@ pub struct Metrics {
     pub tcp: TcpMetrics,
     /// RBAC verdicts by policy, action and decision.
     pub rbac: Family<RbacLabels, Counter>,
+    /// Envoy's per-cluster circuit-breaker and outlier-detection statistics.
+    pub clusters: ClusterMetrics,
+    /// Envoy's `upstream_rq_retry`, `_retry_success`, `_retry_limit_exceeded` and
+    /// `retry_or_shadow_abandoned` (a body too long to keep for a retry), per cluster.
+    pub retries: Family<ClusterLabel, Counter>,
+    pub retry_successes: Family<ClusterLabel, Counter>,
+    pub retry_limit_exceeded: Family<ClusterLabel, Counter>,
+    pub retry_or_shadow_abandoned: Family<ClusterLabel, Counter>,
+    pub mirrors: Family<MirrorLabels, Counter>,
     /// The four request metrics of each label set seen, found with one lookup per request
     /// instead of one per family (the handles share their values with the families, whose
     /// entries are never removed).
@@ -98,6 +115,12 @@ impl Default for Metrics {
             response_bytes: Family::new_with_constructor(size_buckets),
             tcp: TcpMetrics::default(),
             rbac: Family::default(),
+            clusters: ClusterMetrics::default(),
+            retries: Family::default(),
+            retry_successes: Family::default(),
+            retry_limit_exceeded: Family::default(),
+            retry_or_shadow_abandoned: Family::default(),
+            mirrors: Family::default(),
             handles: Arc::default(),
         }
     }
@@ -122,10 +145,36 @@ impl Metrics {
             self.response_bytes.clone(),
         );
         self.tcp.register(registry);
+        self.clusters.register(registry);
         registry.register(
             "waypoint_rbac_decisions",
             "Authorization (RBAC filter) verdicts, by effective policy",
             self.rbac.clone(),
+        );
+        registry.register(
+            "envoy_cluster_upstream_rq_retry",
+            "Retries sent",
+            self.retries.clone(),
+        );
+        registry.register(
+            "envoy_cluster_upstream_rq_retry_success",
+            "Requests that succeeded after a retry",
+            self.retry_successes.clone(),
+        );
+        registry.register(
+            "envoy_cluster_upstream_rq_retry_limit_exceeded",
+            "Requests still failing when no retry was left",
+            self.retry_limit_exceeded.clone(),
+        );
+        registry.register(
+            "envoy_cluster_retry_or_shadow_abandoned",
+            "Request bodies too long to keep for a retry (not retried)",
+            self.retry_or_shadow_abandoned.clone(),
+        );
+        registry.register(
+            "waypoint_mirror_requests",
+            "Mirror copies by outcome (sent, failed, dropped)",
+            self.mirrors.clone(),
         );
     }
 
@@ -141,6 +190,52 @@ impl Metrics {
             shadow,
         };
         self.rbac.get_or_create(&labels).inc();
+    }
+
+    fn cluster(cluster: &str) -> ClusterLabel {
+        ClusterLabel {
+            cluster_name: cluster.to_string(),
+        }
+    }
+
+    pub fn retry(&self, cluster: &str) {
+        self.retries.get_or_create(&Self::cluster(cluster)).inc();
+    }
+
+    pub fn retry_success(&self, cluster: &str) {
+        self.retry_successes
+            .get_or_create(&Self::cluster(cluster))
+            .inc();
+    }
+
+    pub fn retry_limit_exceeded(&self, cluster: &str) {
+        self.retry_limit_exceeded
+            .get_or_create(&Self::cluster(cluster))
+            .inc();
+    }
+
+    /// The counter a request's body increments if it outgrows the retry buffer.
+    pub fn retry_or_shadow_abandoned(&self, cluster: &str) -> Counter {
+        self.retry_or_shadow_abandoned
+            .get_or_create(&Self::cluster(cluster))
+            .clone()
+    }
+
+    /// The outcome counters of a mirror cluster.
+    pub fn mirror_outcome(&self, cluster: &str) -> crate::mirror::Outcome {
+        let c = |outcome: &str| {
+            self.mirrors
+                .get_or_create(&MirrorLabels {
+                    cluster_name: cluster.to_string(),
+                    outcome: outcome.to_string(),
+                })
+                .clone()
+        };
+        crate::mirror::Outcome {
+            sent: c("sent"),
+            failed: c("failed"),
+            dropped: c("dropped"),
+        }
     }
 
     /// Count one finished request.
@@ -172,6 +267,124 @@ impl Metrics {
             h.request_bytes.observe(request_bytes as f64);
             h.response_bytes.observe(response_bytes as f64);
         }
+    }
+}
+
+/// Envoy's cluster label, as Istio's Prometheus names it.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClusterLabel {
+    pub cluster_name: String,
+}
+
+type ClusterCounters = Family<ClusterLabel, Counter>;
+
+/// Envoy's statistics per cluster (`cluster.<name>.…`), named as Envoy's Prometheus output
+/// names them (`envoy_cluster_…{cluster_name=…}`; counters carry OpenMetrics' `_total`).
+#[derive(Clone, Default)]
+pub struct ClusterMetrics {
+    /// Requests failed by the pending-request or request limits (`upstream_rq_pending_overflow`).
+    pub rq_pending_overflow: ClusterCounters,
+    /// Requests that found every allowed connection in use (`upstream_cx_overflow`).
+    pub cx_overflow: ClusterCounters,
+    /// Retries refused by `max_retries` (`upstream_rq_retry_overflow`).
+    pub rq_retry_overflow: ClusterCounters,
+    pub ejections_active: Family<ClusterLabel, Gauge>,
+    pub ejections_enforced: ClusterCounters,
+    /// Per kind: consecutive 5xx, gateway failure, local-origin failure.
+    pub enforced_kind: [ClusterCounters; 3],
+    pub detected_kind: [ClusterCounters; 3],
+}
+
+const KINDS: [&str; 3] = [
+    "consecutive_5xx",
+    "consecutive_gateway_failure",
+    "consecutive_local_origin_failure",
+];
+
+impl ClusterMetrics {
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "envoy_cluster_upstream_rq_pending_overflow",
+            "Requests that overflowed the connection pool or request circuit breaking",
+            self.rq_pending_overflow.clone(),
+        );
+        registry.register(
+            "envoy_cluster_upstream_cx_overflow",
+            "Times the connection circuit breaker overflowed",
+            self.cx_overflow.clone(),
+        );
+        registry.register(
+            "envoy_cluster_upstream_rq_retry_overflow",
+            "Retries not sent because of circuit breaking",
+            self.rq_retry_overflow.clone(),
+        );
+        registry.register(
+            "envoy_cluster_outlier_detection_ejections_active",
+            "Hosts currently ejected",
+            self.ejections_active.clone(),
+        );
+        registry.register(
+            "envoy_cluster_outlier_detection_ejections_enforced",
+            "Ejections enforced, every kind",
+            self.ejections_enforced.clone(),
+        );
+        for (i, kind) in KINDS.iter().enumerate() {
+            registry.register(
+                format!("envoy_cluster_outlier_detection_ejections_enforced_{kind}"),
+                format!("Ejections enforced for {kind}"),
+                self.enforced_kind[i].clone(),
+            );
+            registry.register(
+                format!("envoy_cluster_outlier_detection_ejections_detected_{kind}"),
+                format!("Ejections detected (enforced or not) for {kind}"),
+                self.detected_kind[i].clone(),
+            );
+        }
+    }
+
+    /// The handles of one cluster (taken once when the cluster is built).
+    pub fn cluster(&self, name: &str) -> ClusterStats {
+        let l = ClusterLabel {
+            cluster_name: name.to_string(),
+        };
+        ClusterStats {
+            rq_pending_overflow: self.rq_pending_overflow.get_or_create(&l).clone(),
+            cx_overflow: self.cx_overflow.get_or_create(&l).clone(),
+            rq_retry_overflow: self.rq_retry_overflow.get_or_create(&l).clone(),
+            ejections_active: self.ejections_active.get_or_create(&l).clone(),
+            ejections_enforced: self.ejections_enforced.get_or_create(&l).clone(),
+            enforced_kind: std::array::from_fn(|i| self.enforced_kind[i].get_or_create(&l).clone()),
+            detected_kind: std::array::from_fn(|i| self.detected_kind[i].get_or_create(&l).clone()),
+        }
+    }
+}
+
+/// One cluster's statistics.
+#[derive(Clone, Debug, Default)]
+pub struct ClusterStats {
+    pub rq_pending_overflow: Counter,
+    pub cx_overflow: Counter,
+    pub rq_retry_overflow: Counter,
+    pub ejections_active: Gauge,
+    pub ejections_enforced: Counter,
+    pub enforced_kind: [Counter; 3],
+    pub detected_kind: [Counter; 3],
+}
+
+impl ClusterStats {
+    fn kind(kind: crate::outlier::Kind) -> usize {
+        match kind {
+            crate::outlier::Kind::Consecutive5xx => 0,
+            crate::outlier::Kind::ConsecutiveGatewayFailure => 1,
+            crate::outlier::Kind::ConsecutiveLocalOriginFailure => 2,
+        }
+    }
+    pub fn detected(&self, kind: crate::outlier::Kind) {
+        self.detected_kind[Self::kind(kind)].inc();
+    }
+    pub fn enforced(&self, kind: crate::outlier::Kind) {
+        self.ejections_enforced.inc();
+        self.enforced_kind[Self::kind(kind)].inc();
     }
 }
 

@@ -100,7 +100,7 @@ enum Principal {
     Header(HeaderMatcher),
     UrlPath(StringMatch),
     /// Filter state `io.istio.peer_principal`; another key is never present.
-    PeerPrincipal(Option<StringMatch>),
+    FilterStatePeer(Option<StringMatch>),
     Constant(bool),
 }
 
@@ -211,8 +211,8 @@ impl Principal {
             Principal::ClientIp(c) => c.contains(s.client),
             Principal::Header(h) => h.matches(s.request),
             Principal::UrlPath(m) => m.matches(url_path(s.request)),
-            Principal::PeerPrincipal(Some(m)) => m.matches(s.peer),
-            Principal::PeerPrincipal(None) => false,
+            Principal::FilterStatePeer(Some(m)) => m.matches(s.peer),
+            Principal::FilterStatePeer(None) => false,
             Principal::Constant(b) => *b,
         }
     }
@@ -506,7 +506,7 @@ fn principal(p: &pb::Principal) -> Result<Principal, String> {
                 }
                 None => return Err(".filter_state: a matcher is required".into()),
             };
-            Principal::PeerPrincipal((f.key == PEER_PRINCIPAL).then_some(m))
+            Principal::FilterStatePeer((f.key == PEER_PRINCIPAL).then_some(m))
         }
         Some(I::Metadata(m)) => Principal::Constant(m.invert),
         Some(I::SourcedMetadata(_)) | Some(I::Custom(_)) => {

@@ -26,10 +26,11 @@ use mesh::state::{Service, Workload};
 use tracing::{debug, info};
 
 use crate::Waypoint;
-use crate::config::{Config, Listener, ListenerKind, Routes, UpstreamProtocol};
+use crate::config::{Cluster, Config, Listener, ListenerKind, Routes, UpstreamProtocol};
 use crate::metrics::Peers;
 use crate::route::{self, Action};
 use crate::upstream::Protocol;
+use crate::{cors, fault, mirror, retry};
 
 /// Who is on the other end of a tunnel, worked out once when it was accepted.
 #[derive(Debug)]
@@ -75,7 +76,7 @@ pub async fn serve(waypoint: Arc<Waypoint>, tunnel: Arc<Tunnel>, io: H2Io, drain
 
 /// One request, from route lookup to the response handed back to hyper.
 pub async fn handle(
-    w: &Waypoint,
+    w: &Arc<Waypoint>,
     tunnel: &Tunnel,
     mut req: Request<Incoming>,
 ) -> Response<ResponseBody> {
@@ -112,6 +113,8 @@ pub async fn handle(
         request_bytes: Arc::new(AtomicU64::new(0)),
         traceparent: header_text(req.headers(), "traceparent"),
         request_id: header_text(req.headers(), "x-request-id"),
+        cors: None,
+        attempts: 0,
         details: None,
     };
 
@@ -191,6 +194,60 @@ pub async fn handle(
         );
     };
     log.route = route.name.clone();
+    let response_ops = [
+        &route.response_headers,
+        &vhost.response_headers,
+        &table.response_headers,
+    ];
+    // The HTTP filters before the router, in Istio's order: CORS, then fault injection.
+    if let ListenerKind::Http { filters, .. } = &tunnel.listener.kind {
+        if filters.cors {
+            let policies =
+                cors::Policies([route.filters.cors.as_deref(), vhost.filters.cors.as_deref()]);
+            match cors::check(
+                &policies,
+                req.method().as_str(),
+                req.headers(),
+                fastrand::u32(..1_000_000),
+            ) {
+                cors::Outcome::Pass => {}
+                cors::Outcome::Preflight(headers) => {
+                    let mut rsp = Response::new(ResponseBody::bytes(Bytes::new()));
+                    *rsp.headers_mut() = headers;
+                    return finish(w, tunnel, log, rsp);
+                }
+                cors::Outcome::Request(headers) => {
+                    if !headers.is_empty() {
+                        log.cors = Some(headers);
+                    }
+                }
+            }
+        }
+        if let Some(filter_fault) = &filters.fault {
+            // The most specific config wins: route, virtual host, the filter's own.
+            let fault = route
+                .filters
+                .fault
+                .as_ref()
+                .or(vhost.filters.fault.as_ref())
+                .unwrap_or(filter_fault);
+            if let Some(fault) = fault {
+                let d = fault.decide(fastrand::u32(..1_000_000), fastrand::u32(..1_000_000));
+                if let Some(delay) = d.delay {
+                    log.flags = "DI";
+                    tokio::time::sleep(delay).await;
+                }
+                if let Some(abort) = d.abort {
+                    let grpc = is_grpc(req.headers());
+                    let mut rsp = fault_reply(w, tunnel, log, abort, grpc, d.delay.is_some());
+                    for o in response_ops {
+                        o.apply(rsp.headers_mut());
+                    }
+                    return rsp;
+                }
+            }
+        }
+    }
 
     let forward = match &route.action {
         Action::Direct { status, body } => {
@@ -234,27 +291,31 @@ pub async fn handle(
     let target = forward.targets.pick(fastrand::u64(..));
     log.cluster = target.cluster.clone();
     let Some(cluster) = config.clusters.get(&target.cluster) else {
-        return local_reply(
+        return route_reply(
             w,
             tunnel,
             log,
-            StatusCode::SERVICE_UNAVAILABLE,
+            StatusCode::from_u16(forward.cluster_not_found)
+                .unwrap_or(StatusCode::SERVICE_UNAVAILABLE),
             "NC",
             "no cluster\n",
+            response_ops,
         );
     };
-    let Some(endpoint) = cluster.pick() else {
-        return local_reply(
-            w,
-            tunnel,
-            log,
-            StatusCode::SERVICE_UNAVAILABLE,
-            "UH",
-            "no healthy upstream\n",
-        );
+
+    // The request's hash, for consistent-hash clusters (and the cookie Envoy would set when a
+    // cookie policy with a TTL found none).
+    let (hash, set_cookie) = if forward.hash_policy.is_empty() {
+        (None, None)
+    } else {
+        crate::balancer::request_hash(
+            &forward.hash_policy,
+            req.headers(),
+            req.uri().query(),
+            tunnel.client,
+            tunnel.authority,
+        )
     };
-    log.upstream = Some(endpoint.address);
-    log.upstream_workload = config.state.workload_by_ip(endpoint.address.ip()).cloned();
 
     // The upstream request: hop-by-hop headers dropped, header operations from the most
     // specific level out, rewrites, then the URI in the form the upstream protocol wants.
@@ -299,35 +360,35 @@ pub async fn handle(
     {
         parts.headers.insert(X_ENVOY_ORIGINAL_PATH, v);
     }
+    // The retry policy (none for an upgrade: the connection then belongs to the two ends).
+    let retry = forward.retry.as_ref().filter(|_| client_upgrade.is_none());
+    // Envoy tells the upstream how long the proxy waits: the per-try timeout when it is the
+    // shorter, else the route timeout.
+    let per_try = retry.and_then(|p| p.per_try_timeout);
+    let expected = match (per_try, forward.timeout) {
+        (Some(p), Some(g)) if p < g => Some(p),
+        (Some(p), None) => Some(p),
+        (_, g) => g,
+    };
+    if let Some(t) = expected {
+        parts.headers.insert(
+            X_ENVOY_EXPECTED_RQ_TIMEOUT_MS,
+            HeaderValue::from(t.as_millis() as u64),
+        );
+    }
     let host = host_rewrite.unwrap_or(&authority).to_string();
     let path = new_path.as_deref().unwrap_or(&path);
     // The cluster decides the version spoken upstream, as Envoy's protocol options do.
-    let upstream_protocol = match cluster.protocol {
-        UpstreamProtocol::Http1 => Protocol::Http1,
-        UpstreamProtocol::Http2 => Protocol::Http2,
-        UpstreamProtocol::Downstream { http2: true } => protocol,
-        UpstreamProtocol::Downstream { http2: false } => Protocol::Http1,
-    };
-    let uri = match upstream_protocol {
-        Protocol::Http1 => {
-            if let Ok(v) = HeaderValue::from_str(&host) {
-                parts.headers.insert(header::HOST, v);
-            }
-            Uri::try_from(path)
-        }
-        Protocol::Http2 => {
-            parts.headers.remove(header::HOST);
-            Uri::try_from(format!("{scheme}://{host}{path}"))
-        }
-    };
-    let Ok(uri) = uri else {
-        return local_reply(
+    let upstream_protocol = upstream_protocol_of(cluster, protocol);
+    let Ok(uri) = upstream_uri(&mut parts.headers, upstream_protocol, &scheme, &host, path) else {
+        return route_reply(
             w,
             tunnel,
             log,
             StatusCode::BAD_REQUEST,
             "DPE",
             "bad request path\n",
+            response_ops,
         );
     };
     parts.uri = uri;
@@ -335,60 +396,351 @@ pub async fn handle(
         Protocol::Http1 => Version::HTTP_11,
         Protocol::Http2 => Version::HTTP_2,
     };
-    let upstream_req =
-        Request::from_parts(parts, RequestBody::new(body, log.request_bytes.clone()));
 
-    // Envoy's route timeout runs from here until the response has been received in full.
-    let deadline = forward.timeout.map(|t| tokio::time::Instant::now() + t);
-    let timeout = forward.timeout.unwrap_or(std::time::Duration::MAX);
-    let connect_timeout = cluster.connect_timeout;
-    let state = config.state.clone();
-    let exchange = async {
-        if client_upgrade.is_some() {
-            w.upstream
-                .send_upgrade(
-                    &state,
-                    endpoint.address,
-                    tunnel.client,
-                    connect_timeout,
-                    upstream_req,
-                )
-                .await
-        } else {
-            w.upstream
-                .send(
-                    &state,
-                    endpoint.address,
-                    upstream_protocol,
-                    connect_timeout,
-                    upstream_req,
-                )
-                .await
-        }
-    };
-    let mut upstream_rsp = match tokio::time::timeout(timeout, exchange).await {
-        Ok(Ok(r)) => r,
-        Ok(Err(e)) => {
-            info!(cluster = %target.cluster, endpoint = %endpoint.address, "upstream failed: {e}");
-            return local_reply(
+    // Circuit breaking: over the cluster's limits the request is answered 503 `UO` at once;
+    // waiting for a connection (HTTP/1.1) counts against the route timeout.
+    let admitted = tokio::time::timeout(
+        forward.timeout.unwrap_or(std::time::Duration::MAX),
+        cluster.breaker.admit(
+            &cluster.policy.limits,
+            upstream_protocol == Protocol::Http1 || client_upgrade.is_some(),
+        ),
+    )
+    .await;
+    let permit = match admitted {
+        Ok(Ok(p)) => p,
+        Ok(Err(overflow)) => {
+            cluster.stats.rq_pending_overflow.inc();
+            if overflow == crate::breaker::Overflow::Pending {
+                cluster.stats.cx_overflow.inc();
+            }
+            let mut rsp = route_reply(
                 w,
                 tunnel,
                 log,
                 StatusCode::SERVICE_UNAVAILABLE,
-                "UF",
-                "upstream connect error\n",
+                "UO",
+                OVERFLOW_BODY,
+                response_ops,
             );
+            rsp.headers_mut()
+                .insert(X_ENVOY_OVERLOADED, HeaderValue::from_static("true"));
+            return rsp;
         }
         Err(_) => {
-            return local_reply(
+            return route_reply(
                 w,
                 tunnel,
                 log,
                 StatusCode::GATEWAY_TIMEOUT,
                 "UT",
-                "upstream request timeout\n",
+                "upstream request timeout",
+                response_ops,
             );
         }
+    };
+
+    // Mirrors: copies with the same headers (host `-shadow`) and body, sent on their own.
+    let body_empty = body.is_end_stream();
+    let mut tee = mirror::MirrorTee::default();
+    if client_upgrade.is_none() {
+        for m in &forward.mirrors {
+            if m.drawn(fastrand::u32(..1_000_000)) {
+                send_mirror(
+                    w,
+                    &config,
+                    m,
+                    &parts,
+                    &scheme,
+                    &host,
+                    path,
+                    body_empty,
+                    &mut tee,
+                    forward.timeout,
+                );
+            }
+        }
+    }
+    // The body: streamed as is when it is sent once; else read through a `BodySource` that
+    // keeps it for retries (up to the limit) and feeds the mirrors.
+    let retries_possible = retry.is_some_and(|p| p.num_retries > 0);
+    let mut upload = if body_empty {
+        Upload::Empty
+    } else if retries_possible || !tee.is_empty() {
+        let (limit, abandoned) = if retries_possible {
+            (
+                w.retry_buffer_bytes,
+                w.metrics.retry_or_shadow_abandoned(&target.cluster),
+            )
+        } else {
+            (0, prometheus_client::metrics::counter::Counter::default())
+        };
+        Upload::Shared(retry::BodySource::new(
+            body,
+            limit,
+            log.request_bytes.clone(),
+            abandoned,
+            tee,
+        ))
+    } else {
+        Upload::Stream(Some(body))
+    };
+
+    // Envoy's route timeout runs from here until the response has been received in full,
+    // across every attempt.
+    let deadline = forward.timeout.map(|t| tokio::time::Instant::now() + t);
+    let connect_timeout = cluster.connect_timeout;
+    let state = config.state.clone();
+    let max_attempts = retry.map_or(1, |p| p.num_retries.saturating_add(1));
+    let mut tried: Vec<SocketAddr> = Vec::new();
+    let mut parts = Some(parts);
+    let mut attempt: u32 = 1;
+    // Retries in flight count against the cluster's `max_retries` (Envoy's retry circuit
+    // breaker); one permit is held while a retry runs.
+    let mut retry_permit: Option<crate::breaker::RetryPermit> = None;
+    let take_retry = |permit: &mut Option<crate::breaker::RetryPermit>| match cluster
+        .breaker
+        .retry(&cluster.policy.limits)
+    {
+        Ok(p) => {
+            *permit = Some(p);
+            true
+        }
+        Err(_) => {
+            cluster.stats.rq_retry_overflow.inc();
+            false
+        }
+    };
+    let (mut upstream_rsp, endpoint) = loop {
+        let pick = crate::balancer::PickContext {
+            hash,
+            // Envoy's previous-hosts predicate: avoid the hosts tried, while others remain.
+            tried: if retry.is_some_and(|p| p.previous_hosts) {
+                &tried
+            } else {
+                &[]
+            },
+            original_dst: Some(tunnel.authority),
+        };
+        let Some(endpoint) = cluster.pick(&pick) else {
+            return route_reply(
+                w,
+                tunnel,
+                log,
+                StatusCode::SERVICE_UNAVAILABLE,
+                "UH",
+                "no healthy upstream\n",
+                response_ops,
+            );
+        };
+        tried.push(endpoint.address);
+        log.attempts = attempt;
+        log.upstream = Some(endpoint.address);
+        log.upstream_workload = config.state.workload_by_ip(endpoint.address.ip()).cloned();
+        // The last possible attempt takes the request; earlier ones send a copy.
+        let mut attempt_parts = if attempt >= max_attempts {
+            parts.take()
+        } else {
+            parts.as_ref().map(copy_parts)
+        };
+        let Some(mut p) = attempt_parts.take() else {
+            return route_reply(
+                w,
+                tunnel,
+                log,
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "-",
+                "no request left to send\n",
+                response_ops,
+            );
+        };
+        if vhost.include_attempt_count {
+            p.headers
+                .insert(X_ENVOY_ATTEMPT_COUNT, HeaderValue::from(attempt));
+        }
+        let body = match &mut upload {
+            Upload::Empty => RequestBody::empty(log.request_bytes.clone()),
+            Upload::Stream(b) => match b.take() {
+                Some(b) => RequestBody::new(b, log.request_bytes.clone()),
+                None => RequestBody::empty(log.request_bytes.clone()),
+            },
+            Upload::Shared(s) => RequestBody::replay(retry::BodySource::attempt(s)),
+        };
+        let upstream_req = Request::from_parts(p, body);
+        let remaining = deadline.map(|d| d.saturating_duration_since(tokio::time::Instant::now()));
+        let limit = match (per_try, remaining) {
+            (Some(p), Some(r)) => Some(p.min(r)),
+            (p, r) => p.or(r),
+        };
+        let per_try_is_shorter = per_try.is_some_and(|p| remaining.is_none_or(|r| p < r));
+        let exchange = async {
+            if let Some(tls) = &cluster.policy.tls {
+                crate::origination::send(
+                    &w.upstream,
+                    &state,
+                    endpoint.address,
+                    if client_upgrade.is_some() {
+                        Protocol::Http1
+                    } else {
+                        upstream_protocol
+                    },
+                    connect_timeout,
+                    tls,
+                    client_upgrade.as_ref().map(|_| tunnel.client),
+                    upstream_req,
+                )
+                .await
+            } else if client_upgrade.is_some() {
+                w.upstream
+                    .send_upgrade(
+                        &state,
+                        endpoint.address,
+                        tunnel.client,
+                        connect_timeout,
+                        upstream_req,
+                    )
+                    .await
+            } else {
+                w.upstream
+                    .send(
+                        &state,
+                        endpoint.address,
+                        upstream_protocol,
+                        connect_timeout,
+                        upstream_req,
+                    )
+                    .await
+            }
+        };
+        let result = match limit {
+            Some(l) => tokio::time::timeout(l, exchange).await.ok(),
+            None => Some(exchange.await),
+        };
+        // Whether another attempt may go: attempts left, the body replayable, time left.
+        let may_retry = attempt < max_attempts
+            && match &upload {
+                Upload::Shared(s) => s.lock().is_ok_and(|s| s.replayable()),
+                _ => true,
+            }
+            && deadline.is_none_or(|d| tokio::time::Instant::now() < d);
+        // Every attempt's outcome feeds outlier detection.
+        cluster.report(
+            &endpoint,
+            match &result {
+                Some(Ok(rsp)) => crate::outlier::Outcome::Status(rsp.status().as_u16()),
+                Some(Err(_)) => crate::outlier::Outcome::LocalFailure { timeout: false },
+                None => crate::outlier::Outcome::LocalFailure { timeout: true },
+            },
+        );
+        let failure = match result {
+            Some(Ok(rsp)) => {
+                let retriable =
+                    retry.is_some_and(|p| p.retries_response(rsp.status(), rsp.headers()));
+                if !retriable {
+                    if attempt > 1 {
+                        w.metrics.retry_success(&target.cluster);
+                    }
+                    break (rsp, endpoint);
+                }
+                if !(may_retry && take_retry(&mut retry_permit)) {
+                    if attempt >= max_attempts {
+                        // Envoy's "retry limit exceeded": the answer passes, flagged.
+                        log.flags = "URX";
+                        w.metrics.retry_limit_exceeded(&target.cluster);
+                    }
+                    break (rsp, endpoint);
+                }
+                debug!(cluster = %target.cluster, endpoint = %endpoint.address, status = %rsp.status(), attempt, "retrying");
+                None
+            }
+            Some(Err(e)) => {
+                info!(cluster = %target.cluster, endpoint = %endpoint.address, attempt, "upstream failed: {e}");
+                Some(failure_of(&e))
+            }
+            None => Some(retry::Failure::PerTryTimeout),
+        };
+        if let Some(f) = failure {
+            let retriable = retry.is_some_and(|p| p.retries_failure(f));
+            let timed_out = f == retry::Failure::PerTryTimeout;
+            if timed_out && !per_try_is_shorter {
+                // The route timeout: over for every attempt.
+                return route_reply(
+                    w,
+                    tunnel,
+                    log,
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "UT",
+                    "upstream request timeout",
+                    response_ops,
+                );
+            }
+            if !(retriable && may_retry && take_retry(&mut retry_permit)) {
+                let exceeded = retriable && attempt >= max_attempts;
+                if exceeded {
+                    w.metrics.retry_limit_exceeded(&target.cluster);
+                }
+                return match (timed_out, exceeded) {
+                    (true, false) => route_reply(
+                        w,
+                        tunnel,
+                        log,
+                        StatusCode::GATEWAY_TIMEOUT,
+                        "UT",
+                        "upstream request timeout",
+                        response_ops,
+                    ),
+                    (true, true) => route_reply(
+                        w,
+                        tunnel,
+                        log,
+                        StatusCode::GATEWAY_TIMEOUT,
+                        "UT,URX",
+                        "upstream request timeout",
+                        response_ops,
+                    ),
+                    (false, false) => route_reply(
+                        w,
+                        tunnel,
+                        log,
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "UF",
+                        "upstream connect error\n",
+                        response_ops,
+                    ),
+                    (false, true) => route_reply(
+                        w,
+                        tunnel,
+                        log,
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "UF,URX",
+                        "upstream connect error\n",
+                        response_ops,
+                    ),
+                };
+            }
+        }
+        // Another attempt, after the back-off (within the route timeout).
+        w.metrics.retry(&target.cluster);
+        if let Some(p) = retry {
+            let wait = p.backoff(attempt, fastrand::u64(..));
+            let wait = match deadline {
+                Some(d) => wait.min(d.saturating_duration_since(tokio::time::Instant::now())),
+                None => wait,
+            };
+            tokio::time::sleep(wait).await;
+        }
+        if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
+            return route_reply(
+                w,
+                tunnel,
+                log,
+                StatusCode::GATEWAY_TIMEOUT,
+                "UT",
+                "upstream request timeout",
+                response_ops,
+            );
+        }
+        attempt += 1;
     };
 
     if upstream_rsp.status() == StatusCode::SWITCHING_PROTOCOLS
@@ -423,16 +775,43 @@ pub async fn handle(
         Protocol::Http1 => Version::HTTP_11,
         Protocol::Http2 => Version::HTTP_2,
     };
-    finish(
-        w,
-        tunnel,
-        log,
-        Response::from_parts(
-            parts,
-            // An upgraded connection is not bounded by the route timeout (as in Envoy).
-            ResponseBody::upstream(body, deadline.filter(|_| !upgraded)),
-        ),
-    )
+    if let Some(c) = set_cookie
+        && let Ok(v) = HeaderValue::from_str(&c.0)
+    {
+        parts.headers.append(header::SET_COOKIE, v);
+    }
+    drop(retry_permit);
+    // The endpoint's active request and the breaker's slots are held until the body is done;
+    // an upgraded connection is not bounded by the route timeout (as in Envoy).
+    let mut body = ResponseBody::upstream(body, deadline.filter(|_| !upgraded));
+    body.held = Some((endpoint, permit));
+    finish(w, tunnel, log, Response::from_parts(parts, body))
+}
+
+/// Envoy's mark on a response the circuit breaker made.
+const X_ENVOY_OVERLOADED: header::HeaderName =
+    header::HeaderName::from_static("x-envoy-overloaded");
+/// Envoy's body for a request refused by circuit breaking.
+const OVERFLOW_BODY: &str =
+    "upstream connect error or disconnect/reset before headers. reset reason: overflow";
+
+/// A response the waypoint makes itself once a route is chosen: as Envoy's router, the
+/// route's (virtual host's, table's) response header operations apply to it.
+#[allow(clippy::too_many_arguments)]
+fn route_reply(
+    w: &Waypoint,
+    tunnel: &Tunnel,
+    log: Log,
+    status: StatusCode,
+    flags: &'static str,
+    body: &'static str,
+    ops: [&crate::route::HeaderOps; 3],
+) -> Response<ResponseBody> {
+    let mut rsp = local_reply(w, tunnel, log, status, flags, body);
+    for o in ops {
+        o.apply(rsp.headers_mut());
+    }
+    rsp
 }
 
 /// A response the waypoint makes itself, with Envoy's response flag for the access log.
@@ -460,6 +839,9 @@ fn finish(
     mut rsp: Response<ResponseBody>,
 ) -> Response<ResponseBody> {
     log.status = rsp.status().as_u16();
+    if let Some(c) = log.cors.take() {
+        cors::apply(rsp.headers_mut(), &c);
+    }
     // A response to HEAD has no body; HTTP/2 would send ours as DATA (a stream error for the
     // client). Upstream answers to HEAD come without one already.
     if log.method == "HEAD"
@@ -511,6 +893,194 @@ const X_ENVOY_ORIGINAL_HOST: header::HeaderName =
     header::HeaderName::from_static("x-envoy-original-host");
 const X_ENVOY_ORIGINAL_PATH: header::HeaderName =
     header::HeaderName::from_static("x-envoy-original-path");
+const X_ENVOY_ATTEMPT_COUNT: header::HeaderName =
+    header::HeaderName::from_static("x-envoy-attempt-count");
+const X_ENVOY_EXPECTED_RQ_TIMEOUT_MS: header::HeaderName =
+    header::HeaderName::from_static("x-envoy-expected-rq-timeout-ms");
+
+/// How the request body goes to the attempts.
+enum Upload {
+    /// None to send (every attempt sends an empty body).
+    Empty,
+    /// Streamed to the one attempt there is.
+    Stream(Option<Incoming>),
+    /// Kept for replay and fed to mirrors.
+    Shared(retry::SharedBody),
+}
+
+/// A copy of the request head for one attempt.
+fn copy_parts(p: &http::request::Parts) -> http::request::Parts {
+    let (mut parts, ()) = Request::new(()).into_parts();
+    parts.method = p.method.clone();
+    parts.uri = p.uri.clone();
+    parts.version = p.version;
+    parts.headers = p.headers.clone();
+    parts
+}
+
+/// What kind of failure an upstream error is, for the retry conditions.
+fn failure_of(e: &crate::upstream::UpstreamError) -> retry::Failure {
+    use crate::upstream::UpstreamError;
+    match e {
+        UpstreamError::Http { source, .. } => {
+            let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(source);
+            while let Some(c) = cur {
+                if let Some(h2e) = c.downcast_ref::<h2::Error>()
+                    && h2e.reason() == Some(h2::Reason::REFUSED_STREAM)
+                {
+                    return retry::Failure::RefusedStream;
+                }
+                cur = c.source();
+            }
+            retry::Failure::Reset
+        }
+        _ => retry::Failure::ConnectFailure,
+    }
+}
+
+/// The HTTP version spoken to a cluster's endpoints for a client speaking `downstream`.
+fn upstream_protocol_of(cluster: &Cluster, downstream: Protocol) -> Protocol {
+    match cluster.protocol {
+        UpstreamProtocol::Http1 => Protocol::Http1,
+        UpstreamProtocol::Http2 => Protocol::Http2,
+        UpstreamProtocol::Downstream { http2: true } => downstream,
+        UpstreamProtocol::Downstream { http2: false } => Protocol::Http1,
+    }
+}
+
+/// The upstream URI (origin form for HTTP/1.1 with `Host`, absolute for HTTP/2 without it).
+fn upstream_uri(
+    headers: &mut HeaderMap,
+    protocol: Protocol,
+    scheme: &str,
+    host: &str,
+    path: &str,
+) -> Result<Uri, http::uri::InvalidUri> {
+    match protocol {
+        Protocol::Http1 => {
+            if let Ok(v) = HeaderValue::from_str(host) {
+                headers.insert(header::HOST, v);
+            }
+            Uri::try_from(path)
+        }
+        Protocol::Http2 => {
+            headers.remove(header::HOST);
+            Uri::try_from(format!("{scheme}://{host}{path}"))
+        }
+    }
+}
+
+/// Start one mirror copy of the request (its answer is dropped; see `mirror`).
+#[allow(clippy::too_many_arguments)]
+fn send_mirror(
+    w: &Arc<Waypoint>,
+    config: &Arc<Config>,
+    m: &mirror::MirrorPolicy,
+    parts: &http::request::Parts,
+    scheme: &str,
+    host: &str,
+    path: &str,
+    body_empty: bool,
+    tee: &mut mirror::MirrorTee,
+    route_timeout: Option<std::time::Duration>,
+) {
+    let outcome = w.metrics.mirror_outcome(&m.cluster);
+    let Some(cluster) = config.clusters.get(&m.cluster) else {
+        outcome.failed.inc();
+        return;
+    };
+    let pick = crate::balancer::PickContext {
+        hash: None,
+        tried: &[],
+        original_dst: None,
+    };
+    let Some(endpoint) = cluster.pick(&pick) else {
+        outcome.failed.inc();
+        return;
+    };
+    let protocol = upstream_protocol_of(
+        cluster,
+        match parts.version {
+            Version::HTTP_2 => Protocol::Http2,
+            _ => Protocol::Http1,
+        },
+    );
+    let (mut headers, shadow) = mirror::shadow_headers(&parts.headers, host, m.shadow_suffix);
+    let Ok(uri) = upstream_uri(&mut headers, protocol, scheme, &shadow, path) else {
+        outcome.failed.inc();
+        return;
+    };
+    let mut copy = copy_parts(parts);
+    copy.headers = headers;
+    copy.uri = uri;
+    copy.version = match protocol {
+        Protocol::Http1 => Version::HTTP_11,
+        Protocol::Http2 => Version::HTTP_2,
+    };
+    let counted = Arc::new(AtomicU64::new(0));
+    let body = if body_empty {
+        RequestBody::empty(counted)
+    } else {
+        RequestBody::mirror(tee.add(outcome.dropped.clone()))
+    };
+    let req = Request::from_parts(copy, body);
+    let (w, state, address, connect_timeout) = (
+        w.clone(),
+        config.state.clone(),
+        endpoint.address,
+        cluster.connect_timeout,
+    );
+    let send = async move {
+        w.upstream
+            .send(&state, address, protocol, connect_timeout, req)
+            .await
+    };
+    mirror::spawn(
+        send,
+        address,
+        route_timeout.unwrap_or(mirror::DEFAULT_TIMEOUT),
+        outcome,
+    );
+}
+
+/// An injected abort, as Envoy's fault filter answers it: the HTTP status with `fault filter
+/// abort`, or for a gRPC request a trailers-only gRPC answer (the status mapped from HTTP
+/// when the abort is an HTTP one).
+fn fault_reply(
+    w: &Waypoint,
+    tunnel: &Tunnel,
+    log: Log,
+    abort: fault::Abort,
+    grpc_request: bool,
+    delayed: bool,
+) -> Response<ResponseBody> {
+    let flags = if delayed { "DI,FI" } else { "FI" };
+    if grpc_request {
+        let code = match abort {
+            fault::Abort::Grpc(c) => c,
+            fault::Abort::Http(s) => fault::grpc_status_of(s),
+        };
+        let mut rsp = Response::new(ResponseBody::bytes(Bytes::new()));
+        let h = rsp.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc"),
+        );
+        h.insert("grpc-status", HeaderValue::from(code));
+        h.insert(
+            "grpc-message",
+            HeaderValue::from_static("fault%20filter%20abort"),
+        );
+        let mut log = log;
+        log.flags = flags;
+        return finish(w, tunnel, log, rsp);
+    }
+    let status = match abort {
+        fault::Abort::Http(s) => StatusCode::from_u16(s).unwrap_or(StatusCode::SERVICE_UNAVAILABLE),
+        fault::Abort::Grpc(_) => StatusCode::OK,
+    };
+    local_reply(w, tunnel, log, status, flags, fault::ABORT_BODY)
+}
 
 /// The request's scheme as Envoy's HTTP connection manager sees it (not using the remote
 /// address, Envoy's default): HTTP/2's `:scheme`; for HTTP/1.1 the client's
@@ -609,41 +1179,91 @@ fn strip_hop_by_hop(h: &mut HeaderMap, upgrade: bool) {
     }
 }
 
-/// The request body on its way upstream, counting bytes for metrics.
+/// The request body on its way upstream: the client's, streamed (counting bytes for
+/// metrics), one attempt's replay of it, a mirror's copy, or none.
 pub struct RequestBody {
-    inner: Incoming,
+    inner: RequestInner,
     bytes: Arc<AtomicU64>,
+}
+
+enum RequestInner {
+    Stream(Incoming),
+    Replay(retry::AttemptBody),
+    Mirror(mirror::MirrorBody),
+    Empty,
 }
 
 impl RequestBody {
     pub fn new(inner: Incoming, bytes: Arc<AtomicU64>) -> Self {
-        RequestBody { inner, bytes }
+        RequestBody {
+            inner: RequestInner::Stream(inner),
+            bytes,
+        }
+    }
+
+    pub fn empty(bytes: Arc<AtomicU64>) -> Self {
+        RequestBody {
+            inner: RequestInner::Empty,
+            bytes,
+        }
+    }
+
+    /// An attempt's reader of the kept body (it counts bytes itself).
+    pub fn replay(body: retry::AttemptBody) -> Self {
+        RequestBody {
+            inner: RequestInner::Replay(body),
+            bytes: Arc::default(),
+        }
+    }
+
+    pub fn mirror(body: mirror::MirrorBody) -> Self {
+        RequestBody {
+            inner: RequestInner::Mirror(body),
+            bytes: Arc::default(),
+        }
     }
 }
 
 impl Body for RequestBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let r = Pin::new(&mut self.inner).poll_frame(cx);
-        if let Poll::Ready(Some(Ok(f))) = &r
-            && let Some(d) = f.data_ref()
-        {
-            self.bytes.fetch_add(d.len() as u64, Ordering::Relaxed);
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        match &mut this.inner {
+            RequestInner::Stream(b) => {
+                let r = Pin::new(b).poll_frame(cx);
+                if let Poll::Ready(Some(Ok(f))) = &r
+                    && let Some(d) = f.data_ref()
+                {
+                    this.bytes.fetch_add(d.len() as u64, Ordering::Relaxed);
+                }
+                r.map(|o| o.map(|r| r.map_err(BoxError::from)))
+            }
+            RequestInner::Replay(b) => b.poll_frame(cx),
+            RequestInner::Mirror(b) => b.poll_frame(cx),
+            RequestInner::Empty => Poll::Ready(None),
         }
-        r
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        match &self.inner {
+            RequestInner::Stream(b) => b.is_end_stream(),
+            RequestInner::Replay(b) => b.is_end_stream(),
+            RequestInner::Mirror(_) => false,
+            RequestInner::Empty => true,
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        match &self.inner {
+            RequestInner::Stream(b) => b.size_hint(),
+            RequestInner::Empty => SizeHint::with_exact(0),
+            _ => SizeHint::default(),
+        }
     }
 }
 
@@ -654,6 +1274,9 @@ pub struct ResponseBody {
     bytes: u64,
     done: Option<Done>,
     timed_out: bool,
+    /// The chosen endpoint (one active request) and the circuit-breaker slots, freed when the
+    /// body is done.
+    held: Option<(crate::config::Picked, crate::breaker::Permit)>,
 }
 
 enum Inner {
@@ -677,6 +1300,7 @@ impl ResponseBody {
             bytes: 0,
             done: None,
             timed_out: false,
+            held: None,
         }
     }
     fn upstream(b: Incoming, deadline: Option<tokio::time::Instant>) -> Self {
@@ -685,6 +1309,7 @@ impl ResponseBody {
             bytes: 0,
             done: None,
             timed_out: false,
+            held: None,
         }
     }
 }
@@ -778,6 +1403,10 @@ struct Log {
     request_bytes: Arc<AtomicU64>,
     traceparent: Option<String>,
     request_id: Option<String>,
+    /// CORS headers for the answer (a CORS request from an allowed origin).
+    cors: Option<HeaderMap>,
+    /// Upstream attempts made (Envoy's `%UPSTREAM_REQUEST_ATTEMPT_COUNT%`).
+    attempts: u32,
     /// Envoy's response code details, where the waypoint answered itself for a reason worth
     /// naming (the RBAC policy that denied).
     details: Option<String>,
@@ -817,6 +1446,7 @@ impl Log {
             traceparent: self.traceparent.as_deref(),
             upstream_cluster: &self.cluster,
             upstream_host: self.upstream,
+            upstream_request_attempt_count: self.attempts,
             upstream_workload: self.upstream_workload.as_deref().map(WorkloadName),
             x_request_id: self.request_id.as_deref(),
         };
@@ -845,6 +1475,7 @@ struct AccessLine<'a> {
     traceparent: Option<&'a str>,
     upstream_cluster: &'a str,
     upstream_host: Option<SocketAddr>,
+    upstream_request_attempt_count: u32,
     upstream_workload: Option<WorkloadName<'a>>,
     x_request_id: Option<&'a str>,
 }
@@ -907,6 +1538,7 @@ mod tests {
             traceparent: None,
             request_id: Some("id-1".into()),
             details: Some("rbac_access_denied".into()),
+            attempts: 2,
         };
         let expected = serde_json::json!({
             "start_time_ms": 1_700_000_000_123u64,
@@ -929,6 +1561,7 @@ mod tests {
             "traceparent": null,
             "x_request_id": "id-1",
             "response_code_details": "rbac_access_denied",
+            "upstream_request_attempt_count": 2,
         });
         // serde_json's map keeps keys sorted: the same text, byte for byte.
         assert_eq!(log.line(1.2345, 5, 1024), expected.to_string());

@@ -92,6 +92,10 @@ pub struct VirtualHost {
     pub routes: Vec<Route>,
     pub request_headers: HeaderOps,
     pub response_headers: HeaderOps,
+    /// `include_request_attempt_count`: `x-envoy-attempt-count` goes upstream.
+    pub include_attempt_count: bool,
+    /// Per-filter configs of the virtual host (route configs take precedence).
+    pub filters: FilterConfigs,
 }
 
 #[derive(Debug)]
@@ -101,6 +105,45 @@ pub struct Route {
     pub action: Action,
     pub request_headers: HeaderOps,
     pub response_headers: HeaderOps,
+    /// `typed_per_filter_config` of the filters the waypoint implements.
+    pub filters: FilterConfigs,
+}
+
+/// The per-filter configs (`typed_per_filter_config`) of a route or virtual host, for the HTTP
+/// filters the waypoint implements; a config for any other filter is refused.
+#[derive(Debug, Default)]
+pub struct FilterConfigs {
+    /// `None` inside: an `HTTPFault` that injects nothing (it still overrides the filter's own).
+    pub fault: Option<Option<std::sync::Arc<crate::fault::Fault>>>,
+    pub cors: Option<std::sync::Arc<crate::cors::CorsPolicy>>,
+}
+
+fn filter_configs(
+    map: &std::collections::HashMap<String, envoy_types::pb::google::protobuf::Any>,
+) -> Result<FilterConfigs, String> {
+    let mut out = FilterConfigs::default();
+    let mut names: Vec<&String> = map.keys().collect();
+    names.sort();
+    for name in names {
+        let any = &map[name];
+        let at = |e: String| format!("typed_per_filter_config[{name:?}]: {e}");
+        match any.type_url.as_str() {
+            crate::fault::TYPE_URL => {
+                out.fault = Some(
+                    crate::fault::Fault::decode(&any.value)
+                        .map_err(at)?
+                        .map(std::sync::Arc::new),
+                );
+            }
+            crate::cors::TYPE_URL => {
+                out.cors = Some(std::sync::Arc::new(
+                    crate::cors::CorsPolicy::decode(&any.value).map_err(at)?,
+                ));
+            }
+            other => return Err(at(format!("{other} is not supported"))),
+        }
+    }
+    Ok(out)
 }
 
 #[derive(Debug)]
@@ -216,6 +259,15 @@ pub struct Forward {
     pub timeout: Option<Duration>,
     /// Fields received that this proxy does not apply (retries, mirrors, ...), for the dump.
     pub ignored: Vec<&'static str>,
+    /// The request hash for consistent-hash clusters (`hash_policy`).
+    pub hash_policy: Vec<crate::balancer::HashPolicy>,
+    /// The status when the chosen cluster does not exist (`cluster_not_found_response_code`:
+    /// 503 by default, 404 or 500).
+    pub cluster_not_found: u16,
+    /// `retry_policy`: `None` means a single attempt.
+    pub retry: Option<crate::retry::RetryPolicy>,
+    /// `request_mirror_policies`.
+    pub mirrors: Vec<crate::mirror::MirrorPolicy>,
 }
 
 #[derive(Debug)]
@@ -624,8 +676,13 @@ fn virtual_host(vh: &pb::VirtualHost) -> Result<VirtualHost, String> {
     for (i, r) in vh.routes.iter().enumerate() {
         routes.push(route(r).map_err(|e| format!("routes[{i}] ({:?}).{e}", r.name))?);
     }
+    if vh.retry_policy.is_some() || vh.retry_policy_typed_config.is_some() {
+        return Err("retry_policy: only on routes (as pilot sends it)".into());
+    }
     Ok(VirtualHost {
         name: vh.name.clone(),
+        include_attempt_count: vh.include_request_attempt_count,
+        filters: filter_configs(&vh.typed_per_filter_config)?,
         domains: vh.domains.iter().map(|d| d.to_ascii_lowercase()).collect(),
         routes,
         request_headers: header_ops(
@@ -684,6 +741,7 @@ fn route(r: &pb::Route) -> Result<Route, String> {
     };
     Ok(Route {
         name: r.name.clone(),
+        filters: filter_configs(&r.typed_per_filter_config)?,
         matcher,
         action,
         request_headers: header_ops(
@@ -926,22 +984,44 @@ fn forward(a: &pb::RouteAction, matcher: &RouteMatch, route_name: &str) -> Resul
         )),
         _ => None,
     };
+    if a.retry_policy_typed_config.is_some() {
+        return Err("retry_policy_typed_config: not supported".into());
+    }
+    let retry = a
+        .retry_policy
+        .as_ref()
+        .map(crate::retry::RetryPolicy::compile)
+        .transpose()
+        .map_err(|e| format!("retry_policy.{e}"))?;
+    let mut mirrors = Vec::with_capacity(a.request_mirror_policies.len());
+    for (i, m) in a.request_mirror_policies.iter().enumerate() {
+        mirrors.push(
+            crate::mirror::MirrorPolicy::compile(m)
+                .map_err(|e| format!("request_mirror_policies[{i}].{e}"))?,
+        );
+    }
     let ignored_fields = [
-        (
-            a.retry_policy.is_some() || a.retry_policy_typed_config.is_some(),
-            "retry_policy",
-        ),
-        (
-            !a.request_mirror_policies.is_empty(),
-            "request_mirror_policies",
-        ),
-        (!a.hash_policy.is_empty(), "hash_policy"),
         (a.cors.is_some(), "cors"),
         (a.hedge_policy.is_some(), "hedge_policy"),
         (a.idle_timeout.is_some(), "idle_timeout"),
         (a.max_stream_duration.is_some(), "max_stream_duration"),
     ];
+    let hash_policy = crate::balancer::hash_policies(&a.hash_policy)?;
+    use pb::route_action::ClusterNotFoundResponseCode as Nf;
+    let cluster_not_found = match Nf::try_from(a.cluster_not_found_response_code) {
+        Ok(Nf::ServiceUnavailable) => 503,
+        Ok(Nf::NotFound) => 404,
+        Ok(Nf::InternalServerError) => 500,
+        Err(_) => {
+            return Err(format!(
+                "cluster_not_found_response_code: unknown value {}",
+                a.cluster_not_found_response_code
+            ));
+        }
+    };
     Ok(Forward {
+        hash_policy,
+        cluster_not_found,
         targets,
         prefix_rewrite,
         regex_rewrite,
@@ -952,6 +1032,8 @@ fn forward(a: &pb::RouteAction, matcher: &RouteMatch, route_name: &str) -> Resul
             .filter(|(set, _)| *set)
             .map(|(_, f)| *f)
             .collect(),
+        retry,
+        mirrors,
     })
 }
 
@@ -1570,6 +1652,51 @@ mod tests {
         }
         assert_eq!(a, 25);
         assert_eq!(f.targets.pick(99).cluster, "b");
+    }
+
+    #[test]
+    fn cluster_not_found_status() {
+        use pb::route_action::ClusterNotFoundResponseCode as Nf;
+        for (code, status) in [
+            (Nf::ServiceUnavailable, 503),
+            (Nf::NotFound, 404),
+            (Nf::InternalServerError, 500),
+        ] {
+            let t = forward_route(
+                prefix("/"),
+                pb::RouteAction {
+                    cluster_not_found_response_code: code as i32,
+                    ..Default::default()
+                },
+            );
+            let Action::Forward(f) = &t.virtual_hosts[0].routes[0].action else {
+                panic!()
+            };
+            assert_eq!(f.cluster_not_found, status);
+        }
+        let bad = pb::RouteConfiguration {
+            virtual_hosts: vec![pb::VirtualHost {
+                name: "v".into(),
+                domains: vec!["*".into()],
+                routes: vec![route_with(
+                    prefix("/"),
+                    Some(pb::route::Action::Route(pb::RouteAction {
+                        cluster_specifier: Some(pb::route_action::ClusterSpecifier::Cluster(
+                            "c".into(),
+                        )),
+                        cluster_not_found_response_code: 9,
+                        ..Default::default()
+                    })),
+                )],
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let e = compile(&bad).unwrap_err();
+        assert!(
+            e.contains("cluster_not_found_response_code: unknown value 9"),
+            "{e}"
+        );
     }
 
     fn forward_route(m: pb::RouteMatch, a: pb::RouteAction) -> RouteTable {

@@ -61,7 +61,11 @@ pub async fn proxy(
         )));
         return;
     };
-    let Some(endpoint) = cluster.pick() else {
+    let ctx = crate::balancer::PickContext {
+        original_dst: Some(tunnel.authority),
+        ..Default::default()
+    };
+    let Some(endpoint) = cluster.pick(&ctx) else {
         log(tunnel, cluster_name, None, "UH", 0, 0, start);
         stream.refuse(&Refusal::unavailable(format!(
             "no healthy endpoint in {cluster_name:?}"
@@ -81,6 +85,10 @@ pub async fn proxy(
         Ok(s) => s,
         Err(e) => {
             info!(cluster = %cluster_name, endpoint = %endpoint.address, "upstream failed: {e}");
+            cluster.report(
+                &endpoint,
+                crate::outlier::Outcome::LocalFailure { timeout: false },
+            );
             log(
                 tunnel,
                 cluster_name,

@@ -41,6 +41,11 @@ pub enum UpstreamError {
     },
     #[error("connecting to {0} timed out")]
     Timeout(SocketAddr),
+    #[error("TLS to {endpoint}: {reason}")]
+    Tls {
+        endpoint: SocketAddr,
+        reason: String,
+    },
     #[error("HTTP to {endpoint}: {source}")]
     Http {
         endpoint: SocketAddr,

@@ -76,6 +76,8 @@ pub struct XdsHandler {
     services: HashMap<String, Arc<Service>>,
     state: Arc<State>,
     synced: HashSet<String>,
+    /// Where clusters' statistics go (a private set unless `with_metrics` names the registered one).
+    cluster_metrics: crate::metrics::ClusterMetrics,
 }
 
 impl XdsHandler {
@@ -93,7 +95,14 @@ impl XdsHandler {
             services: HashMap::new(),
             state: Arc::default(),
             synced: HashSet::new(),
+            cluster_metrics: Default::default(),
         }
+    }
+
+    /// Report clusters' circuit-breaker and outlier statistics into `metrics`.
+    pub fn with_metrics(mut self, metrics: crate::metrics::ClusterMetrics) -> Self {
+        self.cluster_metrics = metrics;
+        self
     }
 
     fn listeners(&mut self, update: &Update, bad: &mut Vec<(String, String)>) {
@@ -225,13 +234,17 @@ impl XdsHandler {
                     } else {
                         def.inline_endpoints.clone()
                     };
-                    self.clusters.insert(
-                        name.clone(),
-                        Arc::new(
-                            Cluster::new(name, def.connect_timeout, endpoints)
-                                .with_protocol(def.protocol),
-                        ),
-                    );
+                    // Endpoints that stay keep their outlier and load state, the cluster its
+                    // breaker counters (a push that keeps the endpoints changes no choice).
+                    let stats = self.cluster_metrics.cluster(&name);
+                    let cluster = Cluster::new(name.clone(), def.connect_timeout, endpoints)
+                        .with_protocol(def.protocol)
+                        .with_policy(
+                            def.policy.clone(),
+                            self.clusters.get(&name).map(|c| &**c),
+                            stats,
+                        );
+                    self.clusters.insert(name, Arc::new(cluster));
                 }
             }
         }

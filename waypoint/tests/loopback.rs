@@ -646,6 +646,7 @@ async fn start_with(idle: Duration) -> Bed {
             idle,
         ),
         metrics,
+        retry_buffer_bytes: waypoint::retry::DEFAULT_BUFFER_LIMIT,
     });
     let listener = TcpListener::bind(SocketAddr::new(net.ip(1), 0))
         .await

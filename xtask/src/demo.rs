@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use testbed::cluster::{Cluster, ClusterSpec, ControlPlaneMode, HttpAnswer, PodDef};
+use testbed::cluster::{Cluster, ClusterSpec, ControlPlaneMode, HttpAnswer, PodDef, sum_metric};
 
 /// The example app pilot serves: `deploy/examples/bookinfo`, as a user would `kubectl apply` it.
 const EXAMPLE: &str = "deploy/examples/bookinfo";
@@ -276,6 +276,10 @@ Mesh up in {:.1}s: {} nodes, pilot on node1 (xDS + CA over TLS on {}), one ztunn
         by_path(&c, &routes).await,
     );
     report.check(
+        "(o) fault injection: /delay held 1 s by the waypoint (measured), then aborted 503",
+        delay_fault(&c).await,
+    );
+    report.check(
         "(i) VirtualService: sourceLabels app: productpage to v2",
         by_source(&c, &routes).await,
     );
@@ -286,6 +290,22 @@ Mesh up in {:.1}s: {} nodes, pilot on node1 (xDS + CA over TLS on {}), one ztunn
     report.check(
         "(j) L7 AuthorizationPolicy at the waypoint: a DENY on a path answers 403, other paths pass; an ALLOW governs productpage -> ratings",
         waypoint_authz(&c).await,
+    );
+    report.check(
+        "(k) DestinationRule outlier detection: a pod answering 500s is ejected, traffic avoids it",
+        outlier_ejection(&c).await,
+    );
+    report.check(
+        "(l) DestinationRule connection pool: overflow answered 503 UO",
+        pool_overflow(&c).await,
+    );
+    report.check(
+        "(m) retries: Istio's default retry policy hides a pod failing half of its requests",
+        retry_hides_flaky_pod(&c, &routes).await,
+    );
+    report.check(
+        "(n) mirroring: the mirror target sees a copy of the request with the same body",
+        mirror_with_body(&c).await,
     );
 
     let failed = report.rows.iter().filter(|r| !r.0).count();
@@ -875,11 +895,11 @@ async fn by_path(c: &Cluster, routes: &Path) -> anyhow::Result<String> {
             && p3.starts_with("reviews-v2")
             && authority == "reviews-v2.internal"
             && s4 == 503
-            && body4 == "aborted by the waypoint";
+            && body4 == "fault filter abort";
         Ok((
             ok,
             format!(
-                "GET /status: {s1} from {p1}\nGET /status/more: {s2} from {p2} (exact match only)\nGET /headers/x: {s3} from {p3}, the app saw authority {authority:?}\nGET /delay: {s4} {body4:?} (from the waypoint; fault injection is not translated yet, so the example uses directResponse: {{status: 503}})"
+                "GET /status: {s1} from {p1}\nGET /status/more: {s2} from {p2} (exact match only)\nGET /headers/x: {s3} from {p3}, the app saw authority {authority:?}\nGET /delay: {s4} {body4:?} (fault injection at the waypoint: delay 1 s, then abort)"
             ),
         ))
     };
@@ -888,6 +908,161 @@ async fn by_path(c: &Cluster, routes: &Path) -> anyhow::Result<String> {
         "4-paths.yaml written -> in effect after {}:\n{seen}",
         ms(took)
     ))
+}
+
+/// 4-paths.yaml is in effect: `/delay` is held by the waypoint's fault filter for 1 s, then
+/// aborted with 503 (the app never sees it); timed against `/status`, which is not delayed.
+async fn delay_fault(c: &Cluster) -> anyhow::Result<String> {
+    let page = pod(c, "productpage");
+    let dst = SocketAddr::new(REVIEWS_VIP.into(), REVIEWS_PORT);
+    let mut lines = vec![];
+    for path in ["/status", "/delay", "/delay", "/delay"] {
+        let start = Instant::now();
+        let (status, _, _, answer) = get(c, page, dst, "reviews:9080", path, &[]).await?;
+        let took = start.elapsed();
+        let body = String::from_utf8_lossy(&answer.body).trim().to_string();
+        if path == "/delay" {
+            if status != 503 || body != "fault filter abort" {
+                bail!("GET /delay answered {status} {body:?}");
+            }
+            if took < Duration::from_secs(1) {
+                bail!("GET /delay took {} (the fault delay is 1 s)", ms(took));
+            }
+        }
+        lines.push(format!("GET {path}: {status} in {}", ms(took)));
+    }
+    Ok(lines.join("\n"))
+}
+
+/// The waypoint's retry counter (Envoy's `upstream_rq_retry`, all clusters).
+async fn waypoint_retries(c: &Cluster) -> anyhow::Result<f64> {
+    let (status, text) = c.pod_http_get(WAYPOINT_POD, 15020, "/metrics").await?;
+    if status != 200 {
+        bail!("waypoint metrics answered {status}");
+    }
+    Ok(sum_metric(
+        &text,
+        "envoy_cluster_upstream_rq_retry_total",
+        &[],
+    ))
+}
+
+/// 6-resilience.yaml: reviews' pods all take requests with Istio's default retries. One pod
+/// (reviews-v1) is told (query parameters of the echo app) to fail every other request it
+/// gets with 503: through the retrying route every answer is 200; through `/no-retries`
+/// (attempts: 0) the failures show.
+async fn retry_hides_flaky_pod(c: &Cluster, routes: &Path) -> anyhow::Result<String> {
+    let page = pod(c, "productpage");
+    let flaky = pod(c, "reviews-v1");
+    let dst = SocketAddr::new(REVIEWS_VIP.into(), REVIEWS_PORT);
+    let written = write_vs(c, routes, "6-resilience.yaml")?;
+    let (took, _) = until_applied(written, || async {
+        let pods = reviews_n(c, page, 6, &[]).await?;
+        // 5-source-labels.yaml sent everything from productpage to v2.
+        let ok = pods.iter().any(|p| !p.starts_with("reviews-v2"));
+        Ok((ok, tally(&pods)))
+    })
+    .await?;
+    let query = format!("status=503&status_pod={flaky}&fail_every=2");
+    let retries_before = waypoint_retries(c).await?;
+    let mut answered = vec![];
+    for i in 0..20 {
+        let (status, p, _, answer) = get(
+            c,
+            page,
+            dst,
+            "reviews:9080",
+            &format!("/flaky/{i}?{query}"),
+            &[],
+        )
+        .await?;
+        if status != 200 {
+            bail!(
+                "request {i} through the retrying route answered {status} {:?}",
+                String::from_utf8_lossy(&answer.body)
+            );
+        }
+        answered.push(p);
+    }
+    let retried = waypoint_retries(c).await? - retries_before;
+    let mut failed = 0;
+    for i in 0..20 {
+        let (status, _, _, _) = get(
+            c,
+            page,
+            dst,
+            "reviews:9080",
+            &format!("/no-retries/{i}?{query}"),
+            &[],
+        )
+        .await?;
+        failed += usize::from(status == 503);
+    }
+    if failed == 0 || retried < 1.0 {
+        bail!("{flaky} did not fail ({failed} 503s without retries, {retried} retries)");
+    }
+    Ok(format!(
+        "6-resilience.yaml written -> in effect after {}; {flaky} fails every other request (503): 20 requests with Istio's default retries: all 200 ({}), the waypoint retried {retried}; the same 20 without retries (attempts: 0): {failed} answered 503",
+        ms(took),
+        tally(&answered)
+    ))
+}
+
+/// 6-resilience.yaml: `/mirror…` goes to v1 and a copy (same body) to v3, whose app lists
+/// what it received (`GET /_seen`, asked directly).
+async fn mirror_with_body(c: &Cluster) -> anyhow::Result<String> {
+    let page = pod(c, "productpage");
+    let target = pod(c, "reviews-v3");
+    let dst = SocketAddr::new(REVIEWS_VIP.into(), REVIEWS_PORT);
+    let nonce = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos();
+    let body = format!("{{\"order\": {nonce}, \"note\": \"mirrored with its body\"}}");
+    let req = format!(
+        "POST /mirror/orders HTTP/1.1\r\nHost: reviews:9080\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let sent = Instant::now();
+    let answer = HttpAnswer::parse(&c.exchange(page, dst, req.as_bytes()).await?)?;
+    let main_took = sent.elapsed();
+    let j = answer.json().unwrap_or(serde_json::Value::Null);
+    let answered_by = j["pod"].as_str().unwrap_or_default().to_string();
+    if answer.status != 200 || !answered_by.starts_with("reviews-v1") || j["body"] != body {
+        bail!(
+            "POST /mirror/orders answered {} by {answered_by:?}: {:?}",
+            answer.status,
+            String::from_utf8_lossy(&answer.body)
+        );
+    }
+    let seen_at = SocketAddr::new(c.pod_ip(target), APP_PORT);
+    loop {
+        let a = c
+            .http_get_from(page, seen_at, "reviews:9080", "/_seen", &[])
+            .await?;
+        let seen: Vec<serde_json::Value> = serde_json::from_slice(&a.body).unwrap_or_default();
+        if let Some(copy) = seen
+            .iter()
+            .find(|e| e["path"] == "/mirror/orders" && e["body"] == body)
+        {
+            return Ok(format!(
+                "POST /mirror/orders ({} bytes) answered 200 by {answered_by} in {}; {target} received the copy {} after sending: {} {} with authority {} and the same body",
+                body.len(),
+                ms(main_took),
+                ms(sent.elapsed()),
+                copy["method"],
+                copy["path"],
+                copy["authority"]
+            ));
+        }
+        if sent.elapsed() > CHANGE_LIMIT {
+            bail!(
+                "{target} never received the mirrored request ({} seen)",
+                seen.len()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 async fn by_source(c: &Cluster, routes: &Path) -> anyhow::Result<String> {
@@ -1104,5 +1279,152 @@ async fn dns(c: &Cluster) -> anyhow::Result<String> {
     let answered = c.metric(0, "istio_dns_requests_total", &[]).await?;
     Ok(format!(
         "`getent ahostsv4 reviews` in {page} (resolv.conf: nameserver 10.96.0.53, where nothing listens; search bookinfo.svc.cluster.local …) got reviews.bookinfo's VIP {first} from the pod's DNS proxy ({answered} DNS queries counted by node1's ztunnel)"
+    ))
+}
+
+/// reviews' traffic policy for the (j) checks: outlier detection on the service, and a subset
+/// `pool` (every reviews pod) with a pool of one connection and one pending request.
+const REVIEWS_POLICY: &str = "\
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: reviews-policy, namespace: bookinfo}
+spec:
+  host: reviews
+  trafficPolicy:
+    outlierDetection: {consecutive5xxErrors: 3, interval: 1s, baseEjectionTime: 30s, maxEjectionPercent: 100}
+  subsets:
+  - name: pool
+    labels: {app: reviews}
+    trafficPolicy: {connectionPool: {tcp: {maxConnections: 1}, http: {http1MaxPendingRequests: 1}}}
+";
+
+/// reviews' VirtualService for the (j) checks: `/pool` to the `pool` subset, the rest to every
+/// reviews pod.
+const REVIEWS_POLICY_VS: &str = "\
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: reviews, namespace: bookinfo}
+spec:
+  hosts: [reviews]
+  http:
+  - match: [{uri: {prefix: /pool}}]
+    route: [{destination: {host: reviews, subset: pool}}]
+  - route: [{destination: {host: reviews}}]
+";
+
+const REVIEWS_CLUSTER: &str = "inbound-vip|9080|http|reviews.bookinfo.svc.cluster.local";
+
+/// One reviews pod answers 500 (the echo app's `status_pod`); after three in a row the waypoint
+/// ejects it and the following requests go to the others. The admin page and the metrics
+/// show the ejection.
+async fn outlier_ejection(c: &Cluster) -> anyhow::Result<String> {
+    let page = pod(c, "productpage");
+    let bad = pod(c, "reviews-v1");
+    let dst = SocketAddr::new(REVIEWS_VIP.into(), REVIEWS_PORT);
+    let path = format!("/fail?status=500&status_pod={bad}");
+    c.write_pilot_file("reviews-policy.yaml", REVIEWS_POLICY)?;
+    let written = Instant::now();
+    c.write_pilot_file(VS_FILE, REVIEWS_POLICY_VS)?;
+    // Until ejected: requests go round the pods; the bad one's 500s count.
+    let mut statuses = Vec::new();
+    let mut clean = 0;
+    while clean < 8 {
+        if written.elapsed() > CHANGE_LIMIT * 2 {
+            bail!(
+                "no ejection {:?} after the files were written: {statuses:?}",
+                CHANGE_LIMIT * 2
+            );
+        }
+        let (status, who, _, _) = get(c, page, dst, "reviews:9080", &path, &[]).await?;
+        statuses.push(format!("{status} {who}"));
+        clean = if status == 200 && statuses.iter().any(|s| s.starts_with("500")) {
+            clean + 1
+        } else {
+            0
+        };
+    }
+    let took = written.elapsed();
+    let failures = statuses.iter().filter(|s| s.starts_with("500")).count();
+    let mut after = Vec::new();
+    for _ in 0..20 {
+        let (status, who, _, _) = get(c, page, dst, "reviews:9080", &path, &[]).await?;
+        if status != 200 || who == bad {
+            bail!("after the ejection: {status} from {who}");
+        }
+        after.push(who);
+    }
+    let (_, clusters) = c.pod_http_get(WAYPOINT_POD, 15000, "/clusters").await?;
+    let clusters: serde_json::Value = serde_json::from_str(&clusters)?;
+    let bad_ip = c.pod_ip(bad).to_string();
+    let ejected: Vec<String> = clusters["clusters"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|cl| cl["name"] == REVIEWS_CLUSTER)
+        .flat_map(|cl| cl["endpoints"].as_array().cloned().unwrap_or_default())
+        .filter(|e| e["ejected"] == true)
+        .filter_map(|e| e["address"].as_str().map(str::to_string))
+        .collect();
+    if ejected.len() != 1 || !ejected[0].starts_with(&format!("{bad_ip}:")) {
+        bail!("the waypoint's /clusters shows ejected {ejected:?}, not {bad} ({bad_ip})");
+    }
+    let (_, metrics) = c.pod_http_get(WAYPOINT_POD, 15020, "/metrics").await?;
+    let active = metrics
+        .lines()
+        .find(|l| {
+            l.starts_with("envoy_cluster_outlier_detection_ejections_active{")
+                && l.contains(REVIEWS_CLUSTER)
+        })
+        .unwrap_or("envoy_cluster_outlier_detection_ejections_active: none")
+        .to_string();
+    if !active.ends_with(" 1") {
+        bail!("metrics: {active}");
+    }
+    Ok(format!(
+        "reviews-policy.yaml (outlierDetection consecutive5xxErrors: 3) and a VirtualService to every reviews pod written; {bad} answers 500 to {path}: {failures} 500s among {} requests, then 8 in a row answered 200 by the others, {} after the write; 20 more: {}; the waypoint's /clusters marks {} ejected; {active}",
+        statuses.len(),
+        ms(took),
+        tally(&after),
+        ejected[0]
+    ))
+}
+
+/// Six slow requests at once to the `pool` subset (one connection, one pending request): one
+/// is served, one waits, the others are answered 503 `UO` with Envoy's body.
+async fn pool_overflow(c: &Cluster) -> anyhow::Result<String> {
+    let page = pod(c, "productpage");
+    let dst = SocketAddr::new(REVIEWS_VIP.into(), REVIEWS_PORT);
+    let path = "/pool?delay_ms=1000";
+    let one = || get(c, page, dst, "reviews:9080", path, &[]);
+    let (a, b, d, e, f, g) = tokio::join!(one(), one(), one(), one(), one(), one());
+    let mut served = 0;
+    let mut overflowed = 0;
+    for r in [a, b, d, e, f, g] {
+        let (status, _, _, answer) = r?;
+        let body = String::from_utf8_lossy(&answer.body).to_string();
+        match status {
+            200 => served += 1,
+            503 if body
+                == "upstream connect error or disconnect/reset before headers. reset reason: overflow" =>
+            {
+                overflowed += 1
+            }
+            other => bail!("{path}: {other} {body:?}"),
+        }
+    }
+    if served == 0 || overflowed == 0 {
+        bail!("{served} served, {overflowed} overflowed");
+    }
+    let (_, metrics) = c.pod_http_get(WAYPOINT_POD, 15020, "/metrics").await?;
+    let counted = metrics
+        .lines()
+        .find(|l| {
+            l.starts_with("envoy_cluster_upstream_rq_pending_overflow_total{")
+                && l.contains("http/pool|reviews")
+        })
+        .unwrap_or("envoy_cluster_upstream_rq_pending_overflow_total: none")
+        .to_string();
+    Ok(format!(
+        "6 concurrent GET {path} from {page} to the pool subset (maxConnections 1, http1MaxPendingRequests 1): {served} served, {overflowed} answered 503 \"upstream connect error or disconnect/reset before headers. reset reason: overflow\" (flag UO); {counted}"
     ))
 }

@@ -28,7 +28,7 @@ use tokio_stream::wrappers::ReceiverStream;
 type Body = BoxBody<Bytes, Infallible>;
 
 /// The kinds served: (apiVersion, kind, collection path across namespaces, namespaced).
-pub const KINDS: [(&str, &str, &str, bool); 8] = [
+pub const KINDS: [(&str, &str, &str, bool); 10] = [
     ("v1", "Namespace", "/api/v1/namespaces", false),
     ("v1", "ConfigMap", "/api/v1/configmaps", true),
     ("v1", "Pod", "/api/v1/pods", true),
@@ -55,6 +55,18 @@ pub const KINDS: [(&str, &str, &str, bool); 8] = [
         "gateway.networking.k8s.io/v1",
         "Gateway",
         "/apis/gateway.networking.k8s.io/v1/gateways",
+        true,
+    ),
+    (
+        "gateway.networking.k8s.io/v1",
+        "HTTPRoute",
+        "/apis/gateway.networking.k8s.io/v1/httproutes",
+        true,
+    ),
+    (
+        "gateway.networking.k8s.io/v1",
+        "GRPCRoute",
+        "/apis/gateway.networking.k8s.io/v1/grpcroutes",
         true,
     ),
 ];
@@ -102,6 +114,8 @@ struct State {
     /// Answer server-side applies with 500 (counted in `apply_requests`, nothing stored).
     apply_failing: bool,
     apply_requests: usize,
+    /// Merge patches of status subresources received: (request path, patch body).
+    status_patches: Vec<(String, Value)>,
     /// Objects served by get and create (Secrets), by object path.
     stored: BTreeMap<String, Value>,
 }
@@ -318,6 +332,11 @@ impl ApiServer {
     }
 
     /// Server-side apply requests received so far, failed ones included.
+    /// Status subresource merge patches received so far: (request path, patch body).
+    pub fn status_patches(&self) -> Vec<(String, Value)> {
+        self.state.lock().unwrap().status_patches.clone()
+    }
+
     pub fn apply_requests(&self) -> usize {
         self.state.lock().unwrap().apply_requests
     }
@@ -420,6 +439,9 @@ impl Server {
             let answer = self.token_review(serde_json::from_slice(&body).unwrap());
             self.state.lock().unwrap().reviews_in_flight -= 1;
             return answer;
+        }
+        if req.method() == hyper::Method::PATCH && path.ends_with("/status") {
+            return self.status_patch(req, &path).await;
         }
         if req.method() == hyper::Method::PATCH {
             return self.server_side_apply(req, &path, &query).await;
@@ -600,6 +622,84 @@ impl Server {
             },
             &object,
         )
+    }
+
+    /// A JSON merge patch (`application/merge-patch+json`) of an object's `status` subresource
+    /// (`.../namespaces/<ns>/<plural>/<name>/status` of a served kind): the patch's `status`
+    /// merged into the object's (RFC 7386: objects merged, everything else replaced), a new
+    /// resourceVersion and a MODIFIED event, as kube-apiserver does; anything but `status` in
+    /// the patch is ignored, as the subresource does. 404 for an object that does not exist.
+    async fn status_patch(&self, req: Request<Incoming>, path: &str) -> Response<Body> {
+        let content_type = req
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string();
+        if content_type != "application/merge-patch+json" {
+            return error(
+                415,
+                "UnsupportedMediaType",
+                &format!("only merge patches of status are served, not {content_type:?}"),
+            );
+        }
+        let parts: Vec<&str> = path.split('/').collect();
+        // [.., "namespaces", ns, plural, name, "status"]
+        let n = parts.len();
+        if n < 6 || parts[n - 5] != "namespaces" {
+            return error(404, "NotFound", "not a namespaced status subresource");
+        }
+        let (ns, plural, name) = (parts[n - 4], parts[n - 3], parts[n - 2]);
+        let prefix = parts[..n - 5].join("/");
+        let Some(i) = KINDS
+            .iter()
+            .position(|k| k.3 && k.2 == format!("{prefix}/{plural}"))
+        else {
+            return error(
+                404,
+                "NotFound",
+                "the server could not find the requested resource",
+            );
+        };
+        let body = req.into_body().collect().await.unwrap().to_bytes();
+        let patch: Value = match serde_json::from_slice(&body) {
+            Ok(v) => v,
+            Err(e) => return error(400, "BadRequest", &format!("body: {e}")),
+        };
+        fn merge(target: &mut Value, patch: &Value) {
+            match (target, patch) {
+                (Value::Object(t), Value::Object(p)) => {
+                    for (k, v) in p {
+                        if v.is_null() {
+                            t.remove(k);
+                        } else {
+                            merge(t.entry(k.clone()).or_insert(Value::Null), v);
+                        }
+                    }
+                }
+                (t, p) => *t = p.clone(),
+            }
+        }
+        let mut s = self.state.lock().unwrap();
+        let key = (ns.to_string(), name.to_string());
+        if !s.collections[i].objects.contains_key(&key) {
+            return error(404, "NotFound", &format!("{plural} {ns}/{name} not found"));
+        }
+        s.rv += 1;
+        let rv = s.rv;
+        s.status_patches.push((path.to_string(), patch.clone()));
+        let c = &mut s.collections[i];
+        let object = c.objects.get_mut(&key).unwrap();
+        if !object.get("status").is_some_and(Value::is_object) {
+            object["status"] = json!({});
+        }
+        merge(&mut object["status"], &patch["status"]);
+        object["metadata"]["resourceVersion"] = rv.to_string().into();
+        let object = object.clone();
+        c.events.push((rv, "MODIFIED", object.clone()));
+        drop(s);
+        self.changed.send_replace(rv);
+        full(StatusCode::OK, &object)
     }
 
     fn list(&self, i: usize) -> Response<Body> {
