@@ -1539,6 +1539,7 @@ mod tests {
             request_id: Some("id-1".into()),
             details: Some("rbac_access_denied".into()),
             attempts: 2,
+            cors: None,
         };
         let expected = serde_json::json!({
             "start_time_ms": 1_700_000_000_123u64,
