@@ -102,43 +102,45 @@ pub struct Peers<'a> {
 }
 
 impl Peers<'_> {
+    /// Each label is made once, straight from the peers (called per request by the waypoint).
     pub fn labels(&self) -> TcpLabels {
-        let mut l = TcpLabels {
-            reporter: self.reporter.into(),
-            connection_security_policy: if self.mtls { "mutual_tls" } else { "none" }.into(),
-            ..Default::default()
+        let unknown = || "unknown".to_string();
+        let of = |w: Option<&Workload>, f: fn(&Workload) -> &str| {
+            w.map_or_else(unknown, |w| or_unknown(f(w)))
         };
-        if let Some(w) = self.source {
-            l.source_workload = or_unknown(workload_name(w));
-            l.source_canonical_service = or_unknown(&w.canonical_name);
-            l.source_canonical_revision = or_unknown(&w.canonical_revision);
-            l.source_workload_namespace = or_unknown(&w.namespace);
-            l.source_app = or_unknown(&w.canonical_name);
-            l.source_version = or_unknown(&w.canonical_revision);
-            l.source_cluster = or_unknown(&w.cluster_id);
+        let (src, dst, svc) = (self.source, self.destination, self.service);
+        let of_service = |f: fn(&Service) -> &str| svc.map_or_else(unknown, |s| or_unknown(f(s)));
+        TcpLabels {
+            reporter: self.reporter.into(),
+            source_workload: of(src, workload_name),
+            source_canonical_service: of(src, |w| &w.canonical_name),
+            source_canonical_revision: of(src, |w| &w.canonical_revision),
+            source_workload_namespace: match (src, self.source_identity) {
+                (Some(w), _) => or_unknown(&w.namespace),
+                (None, Some(id)) => id.namespace.clone(),
+                (None, None) => unknown(),
+            },
+            source_principal: self
+                .source_identity
+                .map_or_else(unknown, |id| id.to_string()),
+            source_app: of(src, |w| &w.canonical_name),
+            source_version: of(src, |w| &w.canonical_revision),
+            source_cluster: of(src, |w| &w.cluster_id),
+            destination_service: of_service(|s| &s.hostname),
+            destination_service_namespace: of_service(|s| &s.namespace),
+            destination_service_name: of_service(|s| &s.name),
+            destination_workload: of(dst, workload_name),
+            destination_canonical_service: of(dst, |w| &w.canonical_name),
+            destination_canonical_revision: of(dst, |w| &w.canonical_revision),
+            destination_workload_namespace: of(dst, |w| &w.namespace),
+            destination_principal: dst.map_or_else(unknown, |w| w.identity().to_string()),
+            destination_app: of(dst, |w| &w.canonical_name),
+            destination_version: of(dst, |w| &w.canonical_revision),
+            destination_cluster: of(dst, |w| &w.cluster_id),
+            request_protocol: "tcp".into(),
+            response_flags: "-".into(),
+            connection_security_policy: if self.mtls { "mutual_tls" } else { "none" }.into(),
         }
-        if let Some(id) = self.source_identity {
-            l.source_principal = id.to_string();
-            if self.source.is_none() {
-                l.source_workload_namespace = id.namespace.clone();
-            }
-        }
-        if let Some(w) = self.destination {
-            l.destination_workload = or_unknown(workload_name(w));
-            l.destination_canonical_service = or_unknown(&w.canonical_name);
-            l.destination_canonical_revision = or_unknown(&w.canonical_revision);
-            l.destination_workload_namespace = or_unknown(&w.namespace);
-            l.destination_principal = w.identity().to_string();
-            l.destination_app = or_unknown(&w.canonical_name);
-            l.destination_version = or_unknown(&w.canonical_revision);
-            l.destination_cluster = or_unknown(&w.cluster_id);
-        }
-        if let Some(s) = self.service {
-            l.destination_service = or_unknown(&s.hostname);
-            l.destination_service_namespace = or_unknown(&s.namespace);
-            l.destination_service_name = or_unknown(&s.name);
-        }
-        l
     }
 }
 
@@ -211,6 +213,92 @@ pub fn gauge(registry: &mut Registry, name: &str, help: &str) -> Gauge {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn labels_from_what_is_known_of_the_peers() {
+        let src = Workload {
+            name: "sleep-1".into(),
+            workload_name: "sleep".into(),
+            namespace: "test".into(),
+            canonical_name: "sleep-app".into(),
+            cluster_id: "Kubernetes".into(),
+            ..Default::default()
+        };
+        let dst = Workload {
+            name: "web-1".into(),
+            namespace: "shop".into(),
+            canonical_revision: "v2".into(),
+            trust_domain: "cluster.local".into(),
+            service_account: "web".into(),
+            ..Default::default()
+        };
+        let svc = Service {
+            name: "web".into(),
+            namespace: "shop".into(),
+            hostname: "web.shop.svc.cluster.local".into(),
+            ..Default::default()
+        };
+        let id = Identity::new("cluster.local", "test", "sleep");
+        let all = Peers {
+            reporter: "waypoint",
+            source: Some(&src),
+            source_identity: Some(&id),
+            destination: Some(&dst),
+            service: Some(&svc),
+            mtls: true,
+        }
+        .labels();
+        let u = || "unknown".to_string();
+        assert_eq!(
+            all,
+            TcpLabels {
+                reporter: "waypoint".into(),
+                source_workload: "sleep".into(),
+                source_canonical_service: "sleep-app".into(),
+                source_canonical_revision: u(),
+                source_workload_namespace: "test".into(),
+                source_principal: "spiffe://cluster.local/ns/test/sa/sleep".into(),
+                source_app: "sleep-app".into(),
+                source_version: u(),
+                source_cluster: "Kubernetes".into(),
+                destination_service: "web.shop.svc.cluster.local".into(),
+                destination_service_namespace: "shop".into(),
+                destination_service_name: "web".into(),
+                destination_workload: "web-1".into(),
+                destination_canonical_service: u(),
+                destination_canonical_revision: "v2".into(),
+                destination_workload_namespace: "shop".into(),
+                destination_principal: "spiffe://cluster.local/ns/shop/sa/web".into(),
+                destination_app: u(),
+                destination_version: "v2".into(),
+                // A workload's cluster defaults to Istio's `Kubernetes`.
+                destination_cluster: "Kubernetes".into(),
+                request_protocol: "tcp".into(),
+                response_flags: "-".into(),
+                connection_security_policy: "mutual_tls".into(),
+            }
+        );
+        // Only the client's certificate: its namespace still names the source.
+        let only_id = Peers {
+            reporter: "destination",
+            source: None,
+            source_identity: Some(&id),
+            destination: None,
+            service: None,
+            mtls: false,
+        }
+        .labels();
+        assert_eq!(
+            only_id,
+            TcpLabels {
+                reporter: "destination".into(),
+                source_workload_namespace: "test".into(),
+                source_principal: "spiffe://cluster.local/ns/test/sa/sleep".into(),
+                connection_security_policy: "none".into(),
+                ..Default::default()
+            }
+        );
+    }
 
     #[test]
     fn istio_names_in_output() {

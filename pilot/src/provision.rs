@@ -35,7 +35,7 @@ pub const DEFAULT_IMAGE: &str = "ghcr.io/example/mesh-waypoint:dev";
 /// The default pilot xDS address waypoints dial (pilot's Service in deploy/pilot).
 pub const DEFAULT_XDS_ADDRESS: &str = "https://pilot.istio-system.svc:15012";
 /// The ConfigMap (in the waypoint's namespace) holding the mesh root as `root-cert.pem`,
-/// under Istio's name. Pilot does not write it: it must exist for the pod to start.
+/// under Istio's name; `root_configmap` publishes it in every namespace.
 pub const ROOT_CERT_CONFIGMAP: &str = "istio-ca-root-cert";
 
 const TOKEN_DIR: &str = "/var/run/secrets/tokens";

@@ -223,6 +223,12 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
                 .changed()
                 .await
                 .context("the Kubernetes source stopped before its first snapshot")?;
+            // Every namespace gets the mesh root as istiod publishes it (waypoints mount it).
+            tokio::spawn(crate::root_configmap::publish(
+                k.client.clone(),
+                snap_rx.clone(),
+                ca.root_pem().to_string(),
+            ));
             if let Some(opts) = &k.waypoints {
                 tokio::spawn(crate::provision::provision(
                     k.client.clone(),

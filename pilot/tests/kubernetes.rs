@@ -841,6 +841,11 @@ fn rbac_matches_the_code() {
             needed.insert(format!("{group} {resource} {verb}"));
         }
     }
+    // The istio-ca-root-cert ConfigMaps: watched by name and server-side applied.
+    let (group, resource) = pilot::root_configmap::resource();
+    for verb in ["list", "watch", "get", "patch", "create"] {
+        needed.insert(format!("{group} {resource} {verb}"));
+    }
     assert_eq!(granted_by("ClusterRole"), needed);
     // The root's Secret: in pilot's own namespace only (a Role, not the ClusterRole).
     let secret: std::collections::BTreeSet<String> = pilot::ca::secret_access()
@@ -1272,4 +1277,96 @@ async fn route_crds_not_installed() {
     let snap = next(&mut rx, Duration::from_secs(10)).await;
     assert_eq!(snap.pods.len(), 8);
     assert!(snap.http_routes.is_empty() && snap.grpc_routes.is_empty());
+}
+
+fn namespace(name: &str) -> Value {
+    json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})
+}
+
+/// The `istio-ca-root-cert` ConfigMap of `ns` as the server holds it.
+fn root_configmap(server: &ApiServer, ns: &str) -> Option<Value> {
+    server.objects().into_iter().find(|o| {
+        o["kind"] == "ConfigMap"
+            && o["metadata"]["name"] == "istio-ca-root-cert"
+            && o["metadata"]["namespace"] == ns
+    })
+}
+
+/// Wait (20 s at most) until `ns`'s root ConfigMap holds `root`.
+async fn until_root_configmap(server: &ApiServer, ns: &str, root: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let cm = root_configmap(server, ns);
+        if cm
+            .as_ref()
+            .is_some_and(|c| c["data"]["root-cert.pem"] == root)
+        {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "istio-ca-root-cert in {ns} holds the root within 20 s; it is {cm:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Every namespace but the system ones gets `istio-ca-root-cert` with pilot's root (server-side
+/// applied, forced, Istio's label), a wrong one is corrected, and it stays current: recreated when
+/// deleted, restored when edited, published in a new namespace; once settled nothing is applied.
+#[tokio::test]
+async fn the_root_configmap_is_in_every_namespace_and_kept_current() {
+    const ROOT: &str = "-----BEGIN CERTIFICATE-----\nMIIBroot\n-----END CERTIFICATE-----\n";
+    let configmap = |ns: &str, name: &str, pem: &str| {
+        json!({"apiVersion": "v1", "kind": "ConfigMap",
+               "metadata": {"name": name, "namespace": ns},
+               "data": {"root-cert.pem": pem}})
+    };
+    let server = server_with(vec![
+        namespace("bookinfo"),
+        namespace("shop"),
+        namespace("kube-system"),
+        // Another ConfigMap is not pilot's business, whatever it holds.
+        configmap("shop", "other", "x"),
+        // One holding something else from before is corrected.
+        configmap("shop", "istio-ca-root-cert", "stale"),
+    ])
+    .await;
+    let rx = watch_cluster(&server);
+    tokio::spawn(pilot::root_configmap::publish(
+        server.client(),
+        rx,
+        ROOT.to_string(),
+    ));
+    until_root_configmap(&server, "bookinfo", ROOT).await;
+    until_root_configmap(&server, "shop", ROOT).await;
+    let applied = server.applied();
+    let bookinfo = &applied["/api/v1/namespaces/bookinfo/configmaps/istio-ca-root-cert"];
+    assert_eq!(bookinfo.field_manager, "pilot");
+    assert!(bookinfo.force);
+    assert_eq!(
+        bookinfo.object["metadata"]["labels"]["istio.io/config"],
+        "true"
+    );
+    assert!(root_configmap(&server, "kube-system").is_none());
+    let other = server
+        .objects()
+        .into_iter()
+        .find(|o| o["metadata"]["name"] == "other")
+        .unwrap();
+    assert_eq!(other["data"]["root-cert.pem"], "x");
+
+    // Settled: the watch echoing pilot's own applies starts nothing new.
+    let settled = server.apply_requests();
+    assert_eq!(settled, 2, "one apply per namespace: {:?}", applied.keys());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(server.apply_requests(), settled);
+
+    server.delete("v1", "ConfigMap", "bookinfo", "istio-ca-root-cert");
+    until_root_configmap(&server, "bookinfo", ROOT).await;
+    server.apply(configmap("shop", "istio-ca-root-cert", "edited"));
+    until_root_configmap(&server, "shop", ROOT).await;
+    server.apply(namespace("new"));
+    until_root_configmap(&server, "new", ROOT).await;
+    assert!(root_configmap(&server, "kube-system").is_none());
 }

@@ -10,6 +10,7 @@ pub mod config;
 pub mod cors;
 pub mod fault;
 pub mod inbound;
+pub mod log_writer;
 pub mod metrics;
 pub mod mirror;
 pub mod origination;

@@ -2,6 +2,9 @@
 //! `reporter="waypoint"`, the TCP metrics of `mesh::metrics` for TCP listeners, and the
 //! JSON access log line (tracing target `access`).
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
 use mesh::identity::Identity;
 use mesh::metrics::{TcpLabels, TcpMetrics};
 use mesh::state::{Service, Workload};
@@ -70,7 +73,23 @@ pub struct Metrics {
     pub retry_limit_exceeded: Family<ClusterLabel, Counter>,
     pub retry_or_shadow_abandoned: Family<ClusterLabel, Counter>,
     pub mirrors: Family<MirrorLabels, Counter>,
+    /// The four request metrics of each label set seen, found with one lookup per request
+    /// instead of one per family (the handles share their values with the families, whose
+    /// entries are never removed).
+    handles: Arc<Mutex<HashMap<HttpLabels, Handles>>>,
 }
+
+/// One label set's request metrics.
+struct Handles {
+    requests: Counter,
+    duration: Histogram,
+    request_bytes: Histogram,
+    response_bytes: Histogram,
+}
+
+/// Label sets kept in `Metrics::handles` before it is emptied (pods come and go; the families
+/// keep their series either way).
+const MAX_HANDLES: usize = 4096;
 
 /// Istio's default duration buckets, in milliseconds.
 fn duration_buckets() -> Histogram {
@@ -102,6 +121,7 @@ impl Default for Metrics {
             retry_limit_exceeded: Family::default(),
             retry_or_shadow_abandoned: Family::default(),
             mirrors: Family::default(),
+            handles: Arc::default(),
         }
     }
 }
@@ -226,14 +246,27 @@ impl Metrics {
         request_bytes: u64,
         response_bytes: u64,
     ) {
-        self.requests.get_or_create(labels).inc();
-        self.duration.get_or_create(labels).observe(millis);
-        self.request_bytes
-            .get_or_create(labels)
-            .observe(request_bytes as f64);
-        self.response_bytes
-            .get_or_create(labels)
-            .observe(response_bytes as f64);
+        let Ok(mut handles) = self.handles.lock() else {
+            return;
+        };
+        if !handles.contains_key(labels) {
+            if handles.len() >= MAX_HANDLES {
+                handles.clear();
+            }
+            let h = Handles {
+                requests: self.requests.get_or_create(labels).clone(),
+                duration: self.duration.get_or_create(labels).clone(),
+                request_bytes: self.request_bytes.get_or_create(labels).clone(),
+                response_bytes: self.response_bytes.get_or_create(labels).clone(),
+            };
+            handles.insert(labels.clone(), h);
+        }
+        if let Some(h) = handles.get(labels) {
+            h.requests.inc();
+            h.duration.observe(millis);
+            h.request_bytes.observe(request_bytes as f64);
+            h.response_bytes.observe(response_bytes as f64);
+        }
     }
 }
 
@@ -412,7 +445,14 @@ mod tests {
         }
         .http("http", 200, "-");
         m.request(&labels, 3.0, 10, 2000);
+        // The second goes through the handles kept for the labels: the same series.
+        m.request(&labels, 4.0, 10, 2000);
         let text = mesh::metrics::encode(&registry);
+        assert!(
+            text.contains("istio_request_duration_milliseconds_count{") && text.contains("} 2\n"),
+            "{text}"
+        );
+        assert_eq!(m.requests.get_or_create(&labels).get(), 2);
         assert!(
             text.contains("istio_requests_total{reporter=\"waypoint\",source_workload=\"sleep-1\""),
             "{text}"
@@ -422,5 +462,19 @@ mod tests {
         assert!(text.contains("istio_request_duration_milliseconds_bucket{"));
         assert!(text.contains("istio_response_bytes_sum{"));
         assert!(text.contains("istio_request_bytes_count{"));
+    }
+
+    #[test]
+    fn counts_survive_the_handles_being_emptied() {
+        let m = Metrics::default();
+        let labels = |code: usize| Peers::default().http("http", code as u16, "-");
+        m.request(&labels(0), 1.0, 0, 0);
+        for code in 1..=MAX_HANDLES {
+            m.request(&labels(code), 1.0, 0, 0);
+        }
+        assert!(m.handles.lock().unwrap().len() <= MAX_HANDLES);
+        m.request(&labels(0), 1.0, 0, 0);
+        assert_eq!(m.requests.get_or_create(&labels(0)).get(), 2);
+        assert_eq!(m.requests.get_or_create(&labels(MAX_HANDLES)).get(), 1);
     }
 }

@@ -1414,35 +1414,78 @@ struct Log {
 
 impl Log {
     fn write(&self, millis: f64, received: u64, sent: u64) {
+        info!(target: "access", "{}", self.line(millis, received, sent));
+    }
+
+    /// The JSON access-log line (keys in alphabetical order).
+    fn line(&self, millis: f64, received: u64, sent: u64) -> String {
         let start = self
             .started
             .duration_since(SystemTime::UNIX_EPOCH)
             .unwrap_or_default()
             .as_millis() as u64;
-        let line = serde_json::json!({
-            "start_time_ms": start,
-            "method": self.method,
-            "authority": self.authority,
-            "path": self.path,
-            "protocol": match self.protocol { Protocol::Http1 => "HTTP/1.1", Protocol::Http2 => "HTTP/2" },
-            "response_code": self.status,
-            "response_flags": self.flags,
-            "bytes_received": received,
-            "bytes_sent": sent,
-            "duration_ms": (millis * 1000.0).round() / 1000.0,
-            "downstream_remote_address": self.client.to_string(),
-            "downstream_peer_principal": self.peer,
-            "listener": self.listener,
-            "route_name": self.route,
-            "upstream_cluster": self.cluster,
-            "upstream_host": self.upstream.map(|u| u.to_string()),
-            "upstream_request_attempt_count": self.attempts,
-            "response_code_details": self.details,
-            "upstream_workload": self.upstream_workload.as_ref().map(|w| format!("{}/{}", w.namespace, w.name)),
-            "traceparent": self.traceparent,
-            "x_request_id": self.request_id,
-        });
-        info!(target: "access", "{line}");
+        let line = AccessLine {
+            authority: &self.authority,
+            bytes_received: received,
+            bytes_sent: sent,
+            downstream_peer_principal: &self.peer,
+            downstream_remote_address: self.client,
+            duration_ms: (millis * 1000.0).round() / 1000.0,
+            listener: &self.listener,
+            method: &self.method,
+            path: &self.path,
+            protocol: match self.protocol {
+                Protocol::Http1 => "HTTP/1.1",
+                Protocol::Http2 => "HTTP/2",
+            },
+            response_code: self.status,
+            response_code_details: self.details.as_deref(),
+            response_flags: self.flags,
+            route_name: &self.route,
+            start_time_ms: start,
+            traceparent: self.traceparent.as_deref(),
+            upstream_cluster: &self.cluster,
+            upstream_host: self.upstream,
+            upstream_request_attempt_count: self.attempts,
+            upstream_workload: self.upstream_workload.as_deref().map(WorkloadName),
+            x_request_id: self.request_id.as_deref(),
+        };
+        serde_json::to_string(&line).unwrap_or_default()
+    }
+}
+
+/// One access-log line, serialized straight from borrowed fields (no JSON tree per request).
+#[derive(serde::Serialize)]
+struct AccessLine<'a> {
+    authority: &'a str,
+    bytes_received: u64,
+    bytes_sent: u64,
+    downstream_peer_principal: &'a str,
+    downstream_remote_address: SocketAddr,
+    duration_ms: f64,
+    listener: &'a str,
+    method: &'a str,
+    path: &'a str,
+    protocol: &'static str,
+    response_code: u16,
+    response_code_details: Option<&'a str>,
+    response_flags: &'a str,
+    route_name: &'a str,
+    start_time_ms: u64,
+    traceparent: Option<&'a str>,
+    upstream_cluster: &'a str,
+    upstream_host: Option<SocketAddr>,
+    upstream_request_attempt_count: u32,
+    upstream_workload: Option<WorkloadName<'a>>,
+    x_request_id: Option<&'a str>,
+}
+
+/// `<namespace>/<name>` of a workload.
+struct WorkloadName<'a>(&'a Workload);
+
+impl serde::Serialize for WorkloadName<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&format_args!("{}/{}", self.0.namespace, self.0.name))
     }
 }
 
@@ -1466,6 +1509,67 @@ mod tests {
         assert_eq!(request_scheme(&req("/a", Some("ftp"))), "http");
         // HTTP/2's :scheme is the request's own.
         assert_eq!(request_scheme(&req("https://h/a", Some("http"))), "https");
+    }
+
+    #[test]
+    fn access_line_is_envoy_style_json_with_sorted_keys() {
+        let workload = Workload {
+            name: "web-1".into(),
+            namespace: "demo".into(),
+            ..Default::default()
+        };
+        let mut log = Log {
+            start: Instant::now(),
+            started: SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(1_700_000_000_123),
+            method: "GET".into(),
+            authority: "web:80".into(),
+            path: "/a?b=\"c\"".into(),
+            protocol: Protocol::Http2,
+            client: "10.0.0.1:4000".parse().unwrap(),
+            peer: "spiffe://cluster.local/ns/demo/sa/client".into(),
+            listener: "main_internal".into(),
+            route: "r1".into(),
+            cluster: "inbound-vip|80|http|web.demo.svc.cluster.local".into(),
+            upstream: Some("10.0.1.2:8080".parse().unwrap()),
+            upstream_workload: Some(Arc::new(workload)),
+            status: 200,
+            flags: "-",
+            request_bytes: Arc::default(),
+            traceparent: None,
+            request_id: Some("id-1".into()),
+            details: Some("rbac_access_denied".into()),
+            attempts: 2,
+            cors: None,
+        };
+        let expected = serde_json::json!({
+            "start_time_ms": 1_700_000_000_123u64,
+            "method": "GET",
+            "authority": "web:80",
+            "path": "/a?b=\"c\"",
+            "protocol": "HTTP/2",
+            "response_code": 200,
+            "response_flags": "-",
+            "bytes_received": 5,
+            "bytes_sent": 1024,
+            "duration_ms": 1.235,
+            "downstream_remote_address": "10.0.0.1:4000",
+            "downstream_peer_principal": "spiffe://cluster.local/ns/demo/sa/client",
+            "listener": "main_internal",
+            "route_name": "r1",
+            "upstream_cluster": "inbound-vip|80|http|web.demo.svc.cluster.local",
+            "upstream_host": "10.0.1.2:8080",
+            "upstream_workload": "demo/web-1",
+            "traceparent": null,
+            "x_request_id": "id-1",
+            "response_code_details": "rbac_access_denied",
+            "upstream_request_attempt_count": 2,
+        });
+        // serde_json's map keeps keys sorted: the same text, byte for byte.
+        assert_eq!(log.line(1.2345, 5, 1024), expected.to_string());
+        log.upstream = None;
+        log.upstream_workload = None;
+        let v: serde_json::Value = serde_json::from_str(&log.line(0.0, 0, 0)).unwrap();
+        assert!(v["upstream_host"].is_null() && v["upstream_workload"].is_null());
     }
 
     #[test]

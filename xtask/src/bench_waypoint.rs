@@ -50,6 +50,10 @@ struct Figures {
     waypoint_cores_per_1000: f64,
     /// Cores both ztunnels used per 1000 req/s (mesh paths only).
     ztunnel_cores_per_1000: f64,
+    /// The waypoint's CPU time per request with one connection and one request in flight
+    /// (MeshL7 only): every request pays its own wake-ups, so unlike the fixed-rate figure it
+    /// does not fall when a busy machine makes requests queue up and share them.
+    waypoint_cpu_us_per_request_1_connection: f64,
 }
 
 #[derive(Debug, Serialize)]
@@ -187,9 +191,20 @@ pub async fn run(bin: PathBuf, seconds: u64, rounds: usize) -> anyhow::Result<()
         for proto in [Proto::Http1, Proto::Http2] {
             // Interleaved: the three paths of one protocol one after another in each round.
             for (path, pod, dst) in targets {
+                let cpu0 = cpu_ns(waypoint_pid);
+                let started = Instant::now();
+                let rps_1_connection = closed_loop(&c, pod, dst, proto, 1, d, &pad).await?;
+                let requests = rps_1_connection * started.elapsed().as_secs_f64();
+                let cpu_1 = match (cpu0, cpu_ns(waypoint_pid)) {
+                    (Some(a), Some(b)) if path == Path::MeshL7 && requests > 0.0 => {
+                        (b - a) as f64 / 1000.0 / requests
+                    }
+                    _ => 0.0,
+                };
                 let mut f = Figures {
-                    rps_1_connection: closed_loop(&c, pod, dst, proto, 1, d, &pad).await?,
+                    rps_1_connection,
                     rps_16_connections: closed_loop(&c, pod, dst, proto, 16, d, &pad).await?,
+                    waypoint_cpu_us_per_request_1_connection: cpu_1,
                     ..Default::default()
                 };
                 let ztunnels = || {
@@ -334,6 +349,22 @@ async fn fixed_rate(
     Ok((all, n))
 }
 
+/// CPU time of every thread of `pid` in nanoseconds (`/proc/<pid>/task/*/schedstat`), finer
+/// than the clock ticks of `/proc/<pid>/stat`.
+fn cpu_ns(pid: Option<u32>) -> Option<u64> {
+    let tasks = std::fs::read_dir(format!("/proc/{}/task", pid?)).ok()?;
+    let mut total = 0;
+    for t in tasks.flatten() {
+        let text = std::fs::read_to_string(t.path().join("schedstat")).unwrap_or_default();
+        total += text
+            .split_whitespace()
+            .next()
+            .and_then(|n| n.parse::<u64>().ok())
+            .unwrap_or(0);
+    }
+    Some(total)
+}
+
 fn percentiles(mut v: Vec<Duration>) -> (f64, f64) {
     if v.is_empty() {
         return (0.0, 0.0);
@@ -358,6 +389,7 @@ fn median(v: &[Figures]) -> Figures {
         achieved_rate: m(|f| f.achieved_rate),
         waypoint_cores_per_1000: m(|f| f.waypoint_cores_per_1000),
         ztunnel_cores_per_1000: m(|f| f.ztunnel_cores_per_1000),
+        waypoint_cpu_us_per_request_1_connection: m(|f| f.waypoint_cpu_us_per_request_1_connection),
     }
 }
 
@@ -391,6 +423,12 @@ fn print_table(r: &Results) {
             } else {
                 format!("{:.3}", f.ztunnel_cores_per_1000)
             },
+        );
+    }
+    for row in r.rows.iter().filter(|x| x.path == Path::MeshL7) {
+        println!(
+            "{:?}: waypoint CPU per request, 1 connection: {:.0} µs",
+            row.proto, row.figures.waypoint_cpu_us_per_request_1_connection
         );
     }
     for proto in [Proto::Http1, Proto::Http2] {

@@ -6,6 +6,8 @@
 //! with their types) and stays open; a watch from a compacted version gets HTTP 200 and one
 //! `ERROR` event with a 410 `Status`; an unserved kind answers 404 with a `Status`. Limits
 //! (`limit`) are not implemented: every list is one page, which the API allows a server to do.
+//! Field selectors are not applied either (clients must check what they get). A server-side
+//! applied ConfigMap also lands in the ConfigMap collection, so watches see it.
 
 #![allow(dead_code)]
 
@@ -26,8 +28,9 @@ use tokio_stream::wrappers::ReceiverStream;
 type Body = BoxBody<Bytes, Infallible>;
 
 /// The kinds served: (apiVersion, kind, collection path across namespaces, namespaced).
-pub const KINDS: [(&str, &str, &str, bool); 9] = [
+pub const KINDS: [(&str, &str, &str, bool); 10] = [
     ("v1", "Namespace", "/api/v1/namespaces", false),
+    ("v1", "ConfigMap", "/api/v1/configmaps", true),
     ("v1", "Pod", "/api/v1/pods", true),
     ("v1", "Service", "/api/v1/services", true),
     (
@@ -129,8 +132,9 @@ pub struct Applied {
 
 /// The object paths server-side apply is served on: (collection segment after the namespace,
 /// API prefix, apiVersion, kind).
-const APPLIED_KINDS: [(&str, &str, &str, &str); 3] = [
+const APPLIED_KINDS: [(&str, &str, &str, &str); 4] = [
     ("serviceaccounts", "/api/v1", "v1", "ServiceAccount"),
+    ("configmaps", "/api/v1", "v1", "ConfigMap"),
     ("deployments", "/apis/apps/v1", "apps/v1", "Deployment"),
     ("services", "/api/v1", "v1", "Service"),
 ];
@@ -210,42 +214,8 @@ impl ApiServer {
 
     /// Create or replace an object (as `kubectl apply`): namespace defaulted, a uid given when
     /// it has none, a new resourceVersion.
-    pub fn apply(&self, mut object: Value) {
-        let api_version = object["apiVersion"].as_str().unwrap().to_string();
-        let kind = object["kind"].as_str().unwrap().to_string();
-        let i = Self::kind_index(&api_version, &kind);
-        let mut s = self.state.lock().unwrap();
-        s.rv += 1;
-        let rv = s.rv;
-        let meta = object["metadata"].as_object_mut().unwrap();
-        if KINDS[i].3 && !meta.contains_key("namespace") {
-            meta.insert("namespace".into(), "default".into());
-        }
-        let key = (
-            meta.get("namespace")
-                .and_then(Value::as_str)
-                .unwrap_or_default()
-                .to_string(),
-            meta["name"].as_str().unwrap().to_string(),
-        );
-        meta.insert("resourceVersion".into(), rv.to_string().into());
-        let c = &mut s.collections[i];
-        let old_uid = c.objects.get(&key).map(|o| o["metadata"]["uid"].clone());
-        let meta = object["metadata"].as_object_mut().unwrap();
-        if !meta.contains_key("uid") {
-            meta.insert(
-                "uid".into(),
-                old_uid.unwrap_or_else(|| format!("uid-{rv}").into()),
-            );
-        }
-        let kind = if c.objects.contains_key(&key) {
-            "MODIFIED"
-        } else {
-            "ADDED"
-        };
-        c.objects.insert(key, object.clone());
-        c.events.push((rv, kind, object));
-        drop(s);
+    pub fn apply(&self, object: Value) {
+        let rv = store(&mut self.state.lock().unwrap(), object);
         self.changed.send_replace(rv);
     }
 
@@ -383,6 +353,45 @@ struct Server {
     state: Arc<Mutex<State>>,
     changed: watch::Sender<u64>,
     hold_reviews: watch::Sender<bool>,
+}
+
+/// Create or replace `object` in its collection (namespace defaulted, uid kept or given, a new
+/// resourceVersion) and record the watch event; returns the resourceVersion.
+fn store(s: &mut State, mut object: Value) -> u64 {
+    let api_version = object["apiVersion"].as_str().unwrap().to_string();
+    let kind = object["kind"].as_str().unwrap().to_string();
+    let i = ApiServer::kind_index(&api_version, &kind);
+    s.rv += 1;
+    let rv = s.rv;
+    let meta = object["metadata"].as_object_mut().unwrap();
+    if KINDS[i].3 && !meta.contains_key("namespace") {
+        meta.insert("namespace".into(), "default".into());
+    }
+    let key = (
+        meta.get("namespace")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string(),
+        meta["name"].as_str().unwrap().to_string(),
+    );
+    meta.insert("resourceVersion".into(), rv.to_string().into());
+    let c = &mut s.collections[i];
+    let old_uid = c.objects.get(&key).map(|o| o["metadata"]["uid"].clone());
+    let meta = object["metadata"].as_object_mut().unwrap();
+    if !meta.contains_key("uid") {
+        meta.insert(
+            "uid".into(),
+            old_uid.unwrap_or_else(|| format!("uid-{rv}").into()),
+        );
+    }
+    let event = if c.objects.contains_key(&key) {
+        "MODIFIED"
+    } else {
+        "ADDED"
+    };
+    c.objects.insert(key, object.clone());
+    c.events.push((rv, event, object));
+    rv
 }
 
 fn full(status: StatusCode, body: &Value) -> Response<Body> {
@@ -589,6 +598,13 @@ impl Server {
             .unwrap_or_else(|| format!("uid-{rv}").into());
         meta.insert("uid".into(), uid);
         let created = previous.is_none();
+        if *kind == "ConfigMap" {
+            // Listed and watched too (by the ConfigMap's owner): stored there as well, with
+            // the uid given here. Applied Services stay out of the Service collection, as
+            // the tests of the model expect.
+            let rv = store(&mut s, object.clone());
+            self.changed.send_replace(rv);
+        }
         s.applied.insert(
             path.to_string(),
             Applied {
