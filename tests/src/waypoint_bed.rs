@@ -284,3 +284,17 @@ pub async fn until_problem(c: &Cluster, needle: &str) -> String {
     }
     panic!("no problem with {needle:?} on pilot's /debug/snapshot: {last}");
 }
+
+/// The waypoint pod `waypoint-a`'s log once it contains every one of `needles` (within 10 s;
+/// else what it holds then). The waypoint writes its log, access lines included, through a
+/// buffer flushed up to 100 ms after the event.
+pub async fn waypoint_log_with(c: &Cluster, needles: &[&str]) -> String {
+    let start = std::time::Instant::now();
+    loop {
+        let log = std::fs::read_to_string(c.waypoint_log("waypoint-a")).unwrap_or_default();
+        if needles.iter().all(|n| log.contains(n)) || start.elapsed() > Duration::from_secs(10) {
+            return log;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -199,7 +199,14 @@ async fn waypoint_enforces_authorization_policies() {
         ) >= 5.0,
         "{metrics}"
     );
-    let log = std::fs::read_to_string(c.waypoint_log("waypoint-a")).unwrap_or_default();
+    let log = waypoint_log_with(
+        &c,
+        &[
+            "rbac_access_denied_matched_policy[ns[demo]-policy[deny-admin]-rule[0]]",
+            "rbac_access_denied_matched_policy[none]",
+        ],
+    )
+    .await;
     assert!(
         log.contains("rbac_access_denied_matched_policy[ns[demo]-policy[deny-admin]-rule[0]]"),
         "{log}"

@@ -164,7 +164,7 @@ async fn hashing_pool_overflow_and_outlier_ejection_at_the_real_waypoint() {
         );
         assert_eq!(header(a, "x-envoy-overloaded"), Some("true"));
     }
-    let log = waypoint_log(&c);
+    let log = waypoint_log_with(&c, &["\"response_flags\":\"UO\""]).await;
     assert!(log.contains("\"response_flags\":\"UO\""), "{log}");
     let metrics = waypoint_metrics(&c).await;
     let line = metrics
