@@ -671,6 +671,28 @@ fn settled(pilot: &Running, node: &str, types: &[&str]) -> Result<(), String> {
     Ok(())
 }
 
+/// Until Envoy (clusters, endpoints, routes: its listener is static) and our waypoint (all
+/// four types) have ACKed what pilot holds for them.
+async fn wait_both_settled(pilot: &Running) {
+    wait_settled(
+        pilot,
+        ENVOY_NODE,
+        &[CLUSTER_TYPE_URL, ENDPOINT_TYPE_URL, ROUTE_TYPE_URL],
+    )
+    .await;
+    wait_settled(
+        pilot,
+        OURS_NODE,
+        &[
+            CLUSTER_TYPE_URL,
+            ENDPOINT_TYPE_URL,
+            LISTENER_TYPE_URL,
+            ROUTE_TYPE_URL,
+        ],
+    )
+    .await;
+}
+
 async fn wait_settled(pilot: &Running, node: &str, types: &[&str]) {
     let start = Instant::now();
     loop {
@@ -1366,23 +1388,7 @@ async fn waypoint_routes_as_envoy_does() {
     };
 
     let run = async {
-        wait_settled(
-            &pilot,
-            ENVOY_NODE,
-            &[CLUSTER_TYPE_URL, ENDPOINT_TYPE_URL, ROUTE_TYPE_URL],
-        )
-        .await;
-        wait_settled(
-            &pilot,
-            OURS_NODE,
-            &[
-                CLUSTER_TYPE_URL,
-                ENDPOINT_TYPE_URL,
-                LISTENER_TYPE_URL,
-                ROUTE_TYPE_URL,
-            ],
-        )
-        .await;
+        wait_both_settled(&pilot).await;
         // ACKed is not yet applied everywhere (Envoy warms clusters): both must answer.
         let probe = get("/exact");
         let start = Instant::now();
@@ -1922,23 +1928,7 @@ async fn waypoint_authorizes_as_envoy_does() {
     };
 
     let run = async {
-        wait_settled(
-            &pilot,
-            ENVOY_NODE,
-            &[CLUSTER_TYPE_URL, ENDPOINT_TYPE_URL, ROUTE_TYPE_URL],
-        )
-        .await;
-        wait_settled(
-            &pilot,
-            OURS_NODE,
-            &[
-                CLUSTER_TYPE_URL,
-                ENDPOINT_TYPE_URL,
-                LISTENER_TYPE_URL,
-                ROUTE_TYPE_URL,
-            ],
-        )
-        .await;
+        wait_both_settled(&pilot).await;
         let probe = as_(SLEEP, get("/exact"));
         let start = Instant::now();
         loop {

@@ -259,11 +259,7 @@ pub async fn handle(
                 rsp.headers_mut()
                     .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
             }
-            for ops in [
-                &route.response_headers,
-                &vhost.response_headers,
-                &table.response_headers,
-            ] {
+            for ops in response_ops {
                 ops.apply(rsp.headers_mut());
             }
             return finish(w, tunnel, log, rsp);
@@ -276,11 +272,7 @@ pub async fn handle(
             if let Ok(v) = HeaderValue::from_str(&location) {
                 rsp.headers_mut().insert(header::LOCATION, v);
             }
-            for ops in [
-                &route.response_headers,
-                &vhost.response_headers,
-                &table.response_headers,
-            ] {
+            for ops in response_ops {
                 ops.apply(rsp.headers_mut());
             }
             return finish(w, tunnel, log, rsp);
@@ -679,44 +671,29 @@ pub async fn handle(
                 if exceeded {
                     w.metrics.retry_limit_exceeded(&target.cluster);
                 }
-                return match (timed_out, exceeded) {
-                    (true, false) => route_reply(
-                        w,
-                        tunnel,
-                        log,
+                let (status, flags, body) = match (timed_out, exceeded) {
+                    (true, false) => (
                         StatusCode::GATEWAY_TIMEOUT,
                         "UT",
                         "upstream request timeout",
-                        response_ops,
                     ),
-                    (true, true) => route_reply(
-                        w,
-                        tunnel,
-                        log,
+                    (true, true) => (
                         StatusCode::GATEWAY_TIMEOUT,
                         "UT,URX",
                         "upstream request timeout",
-                        response_ops,
                     ),
-                    (false, false) => route_reply(
-                        w,
-                        tunnel,
-                        log,
+                    (false, false) => (
                         StatusCode::SERVICE_UNAVAILABLE,
                         "UF",
                         "upstream connect error\n",
-                        response_ops,
                     ),
-                    (false, true) => route_reply(
-                        w,
-                        tunnel,
-                        log,
+                    (false, true) => (
                         StatusCode::SERVICE_UNAVAILABLE,
                         "UF,URX",
                         "upstream connect error\n",
-                        response_ops,
                     ),
                 };
+                return route_reply(w, tunnel, log, status, flags, body, response_ops);
             }
         }
         // Another attempt, after the back-off (within the route timeout).
