@@ -1,6 +1,8 @@
 //! `cargo xtask bench waypoint`: HTTP requests direct, through the mesh at L4 (ztunnels only)
 //! and through the mesh at L7 (a waypoint), HTTP/1.1 keep-alive and HTTP/2, on one test bed in
-//! one run, so every figure has its baseline measured beside it.
+//! one run, so every figure has its baseline measured beside it. A fourth path goes through the
+//! same waypoint to a service with a realistic policy set (retries, outlier detection, one L7
+//! ALLOW policy, a header-hash load balancer), so the cost of policy is a ratio to plain routing.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -19,6 +21,7 @@ use crate::bench::{clock_ticks, cpu_ticks, rss_kib};
 
 const L4_VIP: [u8; 4] = [10, 96, 30, 1];
 const L7_VIP: [u8; 4] = [10, 96, 30, 2];
+const POLICY_VIP: [u8; 4] = [10, 96, 30, 3];
 const WAYPOINT_VIP: [u8; 4] = [10, 96, 30, 9];
 /// The request rate of the latency and CPU figures.
 const FIXED_RATE: f64 = 1000.0;
@@ -36,7 +39,49 @@ enum Path {
     Direct,
     MeshL4,
     MeshL7,
+    /// Through the waypoint, to the service with [`POLICY_YAML`].
+    MeshL7Policy,
 }
+
+impl Path {
+    fn through_waypoint(self) -> bool {
+        matches!(self, Path::MeshL7 | Path::MeshL7Policy)
+    }
+}
+
+/// The realistic policy set of the `MeshL7Policy` path: retries on 5xx and connect failures with
+/// a per-try timeout, outlier detection, a consistent hash on a header, and one L7 ALLOW policy
+/// matching the client's namespace, method and path (so every request is evaluated and allowed).
+const POLICY_YAML: &str = "apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: web-policy, namespace: demo}
+spec:
+  hosts: [web-policy]
+  http:
+  - route: [{destination: {host: web-policy}}]
+    timeout: 5s
+    retries: {attempts: 3, perTryTimeout: 2s, retryOn: 5xx,connect-failure,refused-stream}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: web-policy, namespace: demo}
+spec:
+  host: web-policy
+  trafficPolicy:
+    loadBalancer: {consistentHash: {httpHeaderName: x-user}}
+    outlierDetection: {consecutive5xxErrors: 5, interval: 10s, baseEjectionTime: 30s}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: web-policy-allow, namespace: demo}
+spec:
+  targetRefs: [{kind: Service, group: '', name: web-policy}]
+  action: ALLOW
+  rules:
+  - from: [{source: {namespaces: [demo]}}]
+    to: [{operation: {methods: [GET, HEAD], paths: [/bench, /healthz]}}]
+---
+";
 
 #[derive(Debug, Clone, Default, Serialize)]
 struct Figures {
@@ -118,6 +163,8 @@ impl Sender {
 fn request(authority: &str, pad: &str) -> anyhow::Result<Request<Empty<Bytes>>> {
     Ok(Request::get(format!("http://{authority}/bench"))
         .header("x-pad", pad)
+        // The policy path's hash key; the other paths carry it too, so the requests are alike.
+        .header("x-user", "bench-user")
         .body(Empty::new())?)
 }
 
@@ -140,6 +187,9 @@ pub async fn run(bin: PathBuf, seconds: u64, rounds: usize) -> anyhow::Result<()
     let mut l7 = l4.clone().use_waypoint("waypoint");
     l7.name = "web-l7".into();
     l7.vip = L7_VIP.into();
+    let mut policy = l7.clone();
+    policy.name = "web-policy".into();
+    policy.vip = POLICY_VIP.into();
     let spec = ClusterSpec {
         control_plane: ControlPlaneMode::Pilot,
         nodes: 2,
@@ -153,9 +203,10 @@ pub async fn run(bin: PathBuf, seconds: u64, rounds: usize) -> anyhow::Result<()
         services: vec![
             l4,
             l7,
+            policy,
             ServiceDef::waypoint("waypoint", WAYPOINT_VIP.into()),
         ],
-        pilot_yaml: waypoint_gateway_yaml("waypoint", "demo", "service"),
+        pilot_yaml: waypoint_gateway_yaml("waypoint", "demo", "service") + POLICY_YAML,
         start_waypoints: true,
         ..Default::default()
     };
@@ -171,6 +222,11 @@ pub async fn run(bin: PathBuf, seconds: u64, rounds: usize) -> anyhow::Result<()
         ),
         (Path::MeshL4, "client", SocketAddr::from((L4_VIP, 80))),
         (Path::MeshL7, "client", SocketAddr::from((L7_VIP, 80))),
+        (
+            Path::MeshL7Policy,
+            "client",
+            SocketAddr::from((POLICY_VIP, 80)),
+        ),
     ];
     // One request per path first: the config is there and the answer has the expected size.
     let mut response_bytes = 0;
@@ -189,14 +245,14 @@ pub async fn run(bin: PathBuf, seconds: u64, rounds: usize) -> anyhow::Result<()
     for round in 0..rounds {
         println!("round {}/{rounds}", round + 1);
         for proto in [Proto::Http1, Proto::Http2] {
-            // Interleaved: the three paths of one protocol one after another in each round.
+            // Interleaved: the four paths of one protocol one after another in each round.
             for (path, pod, dst) in targets {
                 let cpu0 = cpu_ns(waypoint_pid);
                 let started = Instant::now();
                 let rps_1_connection = closed_loop(&c, pod, dst, proto, 1, d, &pad).await?;
                 let requests = rps_1_connection * started.elapsed().as_secs_f64();
                 let cpu_1 = match (cpu0, cpu_ns(waypoint_pid)) {
-                    (Some(a), Some(b)) if path == Path::MeshL7 && requests > 0.0 => {
+                    (Some(a), Some(b)) if path.through_waypoint() && requests > 0.0 => {
                         (b - a) as f64 / 1000.0 / requests
                     }
                     _ => 0.0,
@@ -217,14 +273,14 @@ pub async fn run(bin: PathBuf, seconds: u64, rounds: usize) -> anyhow::Result<()
                 let (latencies, done) = fixed_rate(&c, pod, dst, proto, d, &pad).await?;
                 let elapsed = started.elapsed().as_secs_f64();
                 let (w1, z1) = (cpu_ticks(waypoint_pid).unwrap_or(0), ztunnels());
-                if path == Path::MeshL7 {
+                if path.through_waypoint() {
                     waypoint_load_rss_kib =
                         waypoint_load_rss_kib.max(rss_kib(waypoint_pid).unwrap_or(0));
                 }
                 let ticks = clock_ticks() as f64;
                 f.achieved_rate = done as f64 / elapsed;
                 let per_1000 = |t: u64| t as f64 / ticks / elapsed * 1000.0 / f.achieved_rate;
-                if path == Path::MeshL7 {
+                if path.through_waypoint() {
                     f.waypoint_cores_per_1000 = per_1000(w1 - w0);
                 }
                 if path != Path::Direct {
@@ -413,7 +469,7 @@ fn print_table(r: &Results) {
             f.p50_us_at_1000,
             f.p99_us_at_1000,
             f.achieved_rate,
-            if row.path == Path::MeshL7 {
+            if row.path.through_waypoint() {
                 format!("{:.3}", f.waypoint_cores_per_1000)
             } else {
                 "–".into()
@@ -425,10 +481,10 @@ fn print_table(r: &Results) {
             },
         );
     }
-    for row in r.rows.iter().filter(|x| x.path == Path::MeshL7) {
+    for row in r.rows.iter().filter(|x| x.path.through_waypoint()) {
         println!(
-            "{:?}: waypoint CPU per request, 1 connection: {:.0} µs",
-            row.proto, row.figures.waypoint_cpu_us_per_request_1_connection
+            "{:?} {:?}: waypoint CPU per request, 1 connection: {:.0} µs",
+            row.proto, row.path, row.figures.waypoint_cpu_us_per_request_1_connection
         );
     }
     for proto in [Proto::Http1, Proto::Http2] {
@@ -437,6 +493,14 @@ fn print_table(r: &Results) {
             println!(
                 "{proto:?}: p99 at 1000 req/s, L7 / L4 = {:.2} (goal ≤ 1.5)",
                 l7.figures.p99_us_at_1000 / l4.figures.p99_us_at_1000.max(1.0)
+            );
+        }
+        if let (Some(l7), Some(p)) = (get(Path::MeshL7), get(Path::MeshL7Policy)) {
+            let ratio = |f: fn(&Figures) -> f64| f(&p.figures) / f(&l7.figures).max(1e-9);
+            println!(
+                "{proto:?}: policy set / plain routing: waypoint cores per 1000 req/s {:.2}, CPU per request at 1 connection {:.2} (goal ≤ 1.2)",
+                ratio(|f| f.waypoint_cores_per_1000),
+                ratio(|f| f.waypoint_cpu_us_per_request_1_connection),
             );
         }
     }
