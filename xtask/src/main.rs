@@ -1,4 +1,4 @@
-//! `cargo xtask …`: the project's tasks (demo, exec, down, test, bench, build-ebpf, clean-testbed), runnable on a fresh
+//! `cargo xtask …`: the project's tasks (demo, exec, down, test, bench, build-ebpf, clean-testbed, fuzz), runnable on a fresh
 //! Debian machine as root.
 
 mod bench;
@@ -7,6 +7,7 @@ mod bench_waypoint;
 mod bench_xds;
 mod demo;
 mod ebpf;
+mod fuzz;
 mod kept_mesh;
 mod setup;
 mod test;
@@ -89,6 +90,17 @@ enum Task {
     },
     /// Remove test beds left behind by killed runs (namespaces, cgroups, processes).
     CleanTestbed,
+    /// Fuzz a target (hbone, xds, dns, ztunnel-config, pilot-yaml, or all) for a time; a crash
+    /// fails the run and its input is saved under target/fuzz/<target>/.
+    Fuzz {
+        target: String,
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// Seed of the mutator, to repeat a run.
+        #[arg(long)]
+        seed: Option<u64>,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -136,6 +148,11 @@ fn main() -> anyhow::Result<()> {
             }
         }
         Task::BenchClient { target, seconds } => bench_redirect::client(target, seconds),
+        Task::Fuzz {
+            target,
+            seconds,
+            seed,
+        } => fuzz::run(&target, seconds, seed),
         Task::CleanTestbed => {
             println!("{}", testbed::clean_leftovers()?);
             Ok(())

@@ -50,6 +50,8 @@ pub fn run(no_install: bool) -> anyhow::Result<()> {
             .env("WAYPOINT_BIN", setup::waypoint_beside(&bin))
             .env("ZTUNNEL_BIN", bin),
     )?;
+    println!("\n==> fuzzing, {} s per target", crate::fuzz::CI_SECONDS);
+    crate::fuzz::run("all", crate::fuzz::CI_SECONDS, None)?;
     println!("\nall checks passed");
     Ok(())
 }

@@ -247,7 +247,11 @@ impl Baggage {
                 "service.name" => b.service = v,
                 "service.version" => b.version = v,
                 k => {
+                    // A kind without a name (or the reverse) is not an attribute `encode` can
+                    // send on: keep only complete pairs, so that what we forward is what we read.
                     if let Some(kind) = k.strip_prefix("k8s.").and_then(|r| r.strip_suffix(".name"))
+                        && !kind.is_empty()
+                        && !v.is_empty()
                     {
                         b.workload_kind = kind.to_string();
                         b.workload_name = v;
@@ -330,6 +334,27 @@ mod tests {
         );
         assert_eq!(Baggage::parse(&text), b);
         assert_eq!(Baggage::default().encode(), "");
+    }
+
+    /// Found by `cargo xtask fuzz hbone`: a workload kind with an empty name (or an empty kind)
+    /// was kept on parse but dropped by `encode`, so a waypoint forwarded other baggage than it read.
+    #[test]
+    fn baggage_keeps_only_complete_workload_pairs() {
+        for text in [
+            "service.name=reviews,k8s.namesk8s.cluster.name=",
+            "k8s..name=reviews-v1",
+            "k8s.deployment.name= ;x=y",
+        ] {
+            let once = Baggage::parse(text);
+            assert_eq!(once.workload_kind, "", "{text}");
+            assert_eq!(once.workload_name, "", "{text}");
+            assert_eq!(Baggage::parse(&once.encode()), once, "{text}");
+        }
+        let full = Baggage::parse("k8s.deployment.name=reviews-v1");
+        assert_eq!(
+            (full.workload_kind.as_str(), full.workload_name.as_str()),
+            ("deployment", "reviews-v1")
+        );
     }
 
     #[test]
