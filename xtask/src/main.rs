@@ -1,4 +1,4 @@
-//! `cargo xtask …`: the project's tasks (demo, exec, down, test, bench, build-ebpf, clean-testbed, fuzz), runnable on a fresh
+//! `cargo xtask …`: the project's tasks (demo, exec, down, test, bench, build-ebpf, clean-testbed, fuzz, soak), runnable on a fresh
 //! Debian machine as root.
 
 mod bench;
@@ -10,6 +10,7 @@ mod ebpf;
 mod fuzz;
 mod kept_mesh;
 mod setup;
+mod soak;
 mod test;
 
 use clap::{Parser, Subcommand};
@@ -90,6 +91,23 @@ enum Task {
     },
     /// Remove test beds left behind by killed runs (namespaces, cgroups, processes).
     CleanTestbed,
+    /// Many concurrent connections through the mesh plus a steady request rate, in cycles;
+    /// fails on any error, on file descriptors not back to idle after a cycle, or on RSS growth
+    /// across cycles (target/bench/soak.json).
+    Soak {
+        /// Seconds of load in all (cycles of --cycle-seconds each).
+        #[arg(long, default_value_t = 1800)]
+        seconds: u64,
+        /// Connections held open at once.
+        #[arg(long, default_value_t = 10_000)]
+        connections: usize,
+        /// Requests per second over them, all together.
+        #[arg(long, default_value_t = 1000)]
+        rate: u64,
+        /// Seconds each cycle holds the connections (then closes them and lets ztunnel settle).
+        #[arg(long, default_value_t = 120)]
+        cycle_seconds: u64,
+    },
     /// Fuzz a target (hbone, xds, dns, ztunnel-config, pilot-yaml, or all) for a time; a crash
     /// fails the run and its input is saved under target/fuzz/<target>/.
     Fuzz {
@@ -148,6 +166,23 @@ fn main() -> anyhow::Result<()> {
             }
         }
         Task::BenchClient { target, seconds } => bench_redirect::client(target, seconds),
+        Task::Soak {
+            seconds,
+            connections,
+            rate,
+            cycle_seconds,
+        } => {
+            setup::system_packages()?;
+            ebpf::build()?;
+            let bin = setup::build_ztunnel(false)?;
+            let options = soak::Options {
+                seconds,
+                connections,
+                rate,
+                cycle_seconds: cycle_seconds.min(seconds),
+            };
+            runtime()?.block_on(soak::run(bin, options))
+        }
         Task::Fuzz {
             target,
             seconds,

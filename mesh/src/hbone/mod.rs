@@ -185,7 +185,9 @@ fn parse_forwarded(value: &str) -> (Option<SocketAddr>, Option<String>) {
         let Some((k, v)) = pair.trim().split_once('=') else {
             continue;
         };
-        let v = v.trim().trim_matches('"');
+        // Quotes and blanks in any order at either end (`" x"`), so that what `to_http`
+        // writes back parses to the same value.
+        let v = v.trim_matches(|c: char| c == '"' || c.is_whitespace());
         match k.trim().to_ascii_lowercase().as_str() {
             "for" => for_addr = v.parse().ok(),
             "host" => host = Some(v.to_string()),
@@ -354,6 +356,31 @@ mod tests {
         assert_eq!(
             (full.workload_kind.as_str(), full.workload_name.as_str()),
             ("deployment", "reviews-v1")
+        );
+    }
+
+    /// Found by `cargo xtask fuzz hbone`: a quoted host with a blank inside the quotes kept
+    /// the blank, which the next parse (of what `to_http` re-encodes) dropped.
+    #[test]
+    fn forwarded_host_is_a_fixed_point() {
+        for value in [
+            "host=\"7:4123\t\"",
+            "host=\" \"a\"",
+            "for=\"10.0.0.1:5\" ; host= \"b \" ",
+        ] {
+            let (for_addr, host) = parse_forwarded(value);
+            let mut req = ConnectRequest::new("10.0.0.2:80".parse().unwrap());
+            req.forwarded_for = for_addr;
+            req.host = host;
+            assert_eq!(
+                ConnectRequest::from_http(&req.to_http()).unwrap(),
+                req,
+                "{value}"
+            );
+        }
+        assert_eq!(
+            parse_forwarded("host=\"7:4123\t\"").1.as_deref(),
+            Some("7:4123")
         );
     }
 
