@@ -187,15 +187,8 @@ fn print_table(r: &Results, c: &Cluster) {
         r.connections, r.requests_per_s, r.cycle_seconds, r.settle_seconds
     );
     println!(
-        "{:<8} {:>7} {:>7} {:>9} {:>7} {:>9} {:>8}  {}",
-        "cycle",
-        "conns",
-        "errors",
-        "requests",
-        "errors",
-        "",
-        "",
-        "per ztunnel: RSS MiB peak/after, fds peak/after"
+        "{:<8} {:>7} {:>7} {:>9} {:>7}   per ztunnel: RSS MiB peak/after, fds peak/after",
+        "cycle", "conns", "errors", "requests", "errors"
     );
     for (node, s) in r.idle.iter().enumerate() {
         println!(
@@ -299,10 +292,10 @@ async fn hold_cycle(
                     }
                 }
             };
-            if let Err(e) = requests_until(stream, phase, period, &stop, &requests).await {
-                if request_errors.fetch_add(1, Ordering::Relaxed) < 3 {
-                    eprintln!("request: {e:#}");
-                }
+            if let Err(e) = requests_until(stream, phase, period, &stop, &requests).await
+                && request_errors.fetch_add(1, Ordering::Relaxed) < 3
+            {
+                eprintln!("request: {e:#}");
             }
         }));
     }
