@@ -107,6 +107,9 @@ enum Task {
         /// Seconds each cycle holds the connections (then closes them and lets ztunnel settle).
         #[arg(long, default_value_t = 120)]
         cycle_seconds: u64,
+        /// Soak release builds (the memory figures of a deployment) instead of debug builds.
+        #[arg(long)]
+        release: bool,
     },
     /// Fuzz a target (hbone, xds, dns, ztunnel-config, pilot-yaml, or all) for a time; a crash
     /// fails the run and its input is saved under target/fuzz/<target>/.
@@ -171,10 +174,11 @@ fn main() -> anyhow::Result<()> {
             connections,
             rate,
             cycle_seconds,
+            release,
         } => {
             setup::system_packages()?;
             ebpf::build()?;
-            let bin = setup::build_ztunnel(false)?;
+            let bin = setup::build_ztunnel(release)?;
             let options = soak::Options {
                 seconds,
                 connections,

@@ -296,6 +296,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
     );
     let (drain_trigger, drain_watch) = mesh::drain::channel();
     let (quit_tx, mut quit_rx) = mpsc::channel(1);
+    // Memory freed after a burst of connections goes back to the kernel (idle RSS target).
+    tokio::spawn(mesh::memory::trim_periodically(
+        mesh::memory::TRIM_PERIOD,
+        mesh::memory::TRIM_THRESHOLD,
+    ));
 
     let host = SocketFactory::host();
     let serve = |addr: SocketAddr, router| -> anyhow::Result<()> {

@@ -1,14 +1,16 @@
 //! Moving bytes between a TCP connection and an HBONE stream (or another TCP connection), each
 //! direction half-closing on its own, with read buffers that grow for bulk transfers.
 
-use std::future::poll_fn;
+use std::future::{Future, poll_fn};
 use std::io;
+use std::task::Poll;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use h2::{RecvStream, SendStream};
 use prometheus_client::metrics::counter::Counter;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::net::tcp::OwnedReadHalf;
 
 /// First read size: enough for request/response traffic without holding much per connection.
 const INITIAL_BUFFER: usize = 16 * 1024;
@@ -53,7 +55,21 @@ pub struct Progress {
     pub peer_to_tcp: Counter,
 }
 
-/// Read sizes that start small and grow while reads keep filling the buffer.
+/// A reader that can wait for data without a buffer: an idle connection then holds none
+/// (16 KiB per direction per idle connection was most of ztunnel's RSS under many open
+/// connections, and glibc kept it after they closed).
+pub(crate) trait WaitReadable: AsyncRead + Unpin {
+    fn readable(&self) -> impl Future<Output = io::Result<()>> + Send;
+}
+
+impl WaitReadable for OwnedReadHalf {
+    fn readable(&self) -> impl Future<Output = io::Result<()>> + Send {
+        OwnedReadHalf::readable(self)
+    }
+}
+
+/// Read sizes that start small and grow while reads keep filling the buffer; the buffer is
+/// given back whenever the reader has nothing to read.
 struct AdaptiveBuffer {
     buf: BytesMut,
     size: usize,
@@ -68,7 +84,20 @@ impl AdaptiveBuffer {
     }
 
     /// Read once; `None` at end of stream.
-    async fn read<R: AsyncRead + Unpin>(&mut self, r: &mut R) -> io::Result<Option<Bytes>> {
+    async fn read<R: WaitReadable>(&mut self, r: &mut R) -> io::Result<Option<Bytes>> {
+        {
+            let mut ready = std::pin::pin!(r.readable());
+            // Data already waiting (a bulk transfer): keep the buffer. Otherwise the
+            // connection is idle for now: free the buffer (and its growth) while it waits.
+            match poll_fn(|cx| Poll::Ready(ready.as_mut().poll(cx))).await {
+                Poll::Ready(result) => result?,
+                Poll::Pending => {
+                    self.buf = BytesMut::new();
+                    self.size = INITIAL_BUFFER;
+                    ready.await?;
+                }
+            }
+        }
         // Reuses the allocation once the previous chunk has been written out and dropped.
         self.buf.reserve(self.size);
         // The allocation may be larger than asked for; read no more than the current size so
@@ -111,7 +140,7 @@ pub async fn tcp_h2(
 /// stream, as an HTTP proxy does after a `Connection: close` answer): the client's late bytes or
 /// FIN have nowhere to go, and failing here would cut the other direction off before the
 /// peer's answer is delivered. A broken connection still shows in that other direction.
-async fn tcp_to_h2<R: AsyncRead + Unpin>(
+async fn tcp_to_h2<R: WaitReadable>(
     r: &mut R,
     mut send: SendStream<Bytes>,
     counter: &Counter,
@@ -177,7 +206,7 @@ pub async fn tcp_tcp(a: TcpStream, b: TcpStream, progress: &Progress) -> io::Res
 }
 
 /// One direction of [`tcp_tcp`], half-closing the writer at the end.
-async fn tcp_to_tcp<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
+async fn tcp_to_tcp<R: WaitReadable, W: AsyncWrite + Unpin>(
     r: &mut R,
     w: &mut W,
     counter: &Counter,
@@ -205,6 +234,7 @@ fn h2_io(e: h2::Error) -> io::Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use futures_util::FutureExt;
 
     /// The peer answers, ends its stream and resets ours (as an HTTP proxy does after a
     /// `Connection: close` answer) before the client's FIN: the copy still ends well, with
@@ -259,6 +289,34 @@ mod tests {
         assert_eq!(app.read(&mut buf).await.unwrap(), 0);
         let done = copy.await.unwrap().unwrap();
         assert_eq!((done.tcp_to_peer, done.peer_to_tcp), (7, 6));
+    }
+
+    /// In-memory readers always have their data (or their end) ready.
+    impl WaitReadable for &[u8] {
+        async fn readable(&self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// An idle connection holds no read buffer; one with data waiting keeps it.
+    #[tokio::test]
+    async fn idle_reader_holds_no_buffer() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut app = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (tcp, _) = listener.accept().await.unwrap();
+        let (mut r, _w) = tcp.into_split();
+        let mut buf = AdaptiveBuffer::new();
+        app.write_all(b"one").await.unwrap();
+        assert_eq!(&buf.read(&mut r).await.unwrap().unwrap()[..], b"one");
+        assert!(buf.buf.capacity() > 0, "kept until the reader is seen idle");
+        // Nothing to read: the read waits, and has given the buffer back meanwhile.
+        assert!(buf.read(&mut r).now_or_never().is_none());
+        assert_eq!(buf.buf.capacity(), 0);
+        assert_eq!(buf.size, INITIAL_BUFFER);
+        app.write_all(b"two").await.unwrap();
+        assert_eq!(&buf.read(&mut r).await.unwrap().unwrap()[..], b"two");
     }
 
     #[tokio::test]
