@@ -38,6 +38,18 @@ pub struct Options {
     pub cycle_seconds: u64,
 }
 
+impl Options {
+    /// The short soak of `cargo xtask test`: three cycles, about two minutes in all.
+    pub fn ci() -> Options {
+        Options {
+            seconds: 60,
+            connections: 2000,
+            rate: 500,
+            cycle_seconds: 20,
+        }
+    }
+}
+
 #[derive(Debug, Serialize, Clone, Copy, Default)]
 struct Sample {
     rss_kib: u64,

@@ -48,8 +48,18 @@ pub fn run(no_install: bool) -> anyhow::Result<()> {
             .args(["test", "--workspace", "--locked"])
             .env("PILOT_BIN", setup::pilot_beside(&bin))
             .env("WAYPOINT_BIN", setup::waypoint_beside(&bin))
-            .env("ZTUNNEL_BIN", bin),
+            .env("ZTUNNEL_BIN", &bin),
     )?;
+    if setup::is_root() {
+        let o = crate::soak::Options::ci();
+        println!(
+            "\n==> soak: {} connections, {} req/s, {} s",
+            o.connections, o.rate, o.seconds
+        );
+        crate::runtime()?.block_on(crate::soak::run(bin, o))?;
+    } else {
+        println!("\nnot root: soak skipped");
+    }
     println!("\n==> fuzzing, {} s per target", crate::fuzz::CI_SECONDS);
     crate::fuzz::run("all", crate::fuzz::CI_SECONDS, None)?;
     println!("\nall checks passed");

@@ -9,6 +9,7 @@ pub mod copy;
 pub mod io;
 pub mod pool;
 pub mod server;
+pub mod tls_socket;
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -37,14 +38,9 @@ pub const PING_TIMEOUT: Duration = Duration::from_secs(20);
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 
-/// Bytes read from the socket at once under TLS.
-const TLS_READ_BUFFER: usize = 64 * 1024;
-
-/// The socket under an HBONE connection's TLS. rustls asks for at most 4 KiB per read, which
-/// would cost four syscalls per full record; a buffer below it turns that into one read per
-/// 64 KiB. Writes pass straight through (vectored).
-pub(crate) fn buffered(tcp: tokio::net::TcpStream) -> tokio::io::BufReader<tokio::net::TcpStream> {
-    tokio::io::BufReader::with_capacity(TLS_READ_BUFFER, tcp)
+/// The socket under an HBONE connection's TLS (see [`tls_socket`]).
+pub(crate) fn buffered(tcp: tokio::net::TcpStream) -> tls_socket::TlsSocket {
+    tls_socket::TlsSocket::new(tcp)
 }
 
 /// A CONNECT request as HBONE defines it.
