@@ -13,6 +13,7 @@ pub mod model;
 pub mod provision;
 pub mod rbac;
 pub mod root_configmap;
+pub mod roots;
 pub mod route_policy;
 pub mod route_status;
 pub mod routing;

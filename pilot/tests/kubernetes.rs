@@ -644,6 +644,7 @@ async fn xds_and_ca_in_kubernetes_mode() {
         ControlPlane {
             address: format!("https://{}", pilot.addr),
             root_pem: pilot.root_pem.clone(),
+            root_file: None,
             server_name: "pilot.istio-system.svc".into(),
             token_file,
         }
@@ -1316,7 +1317,11 @@ async fn until_root_configmap(server: &ApiServer, ns: &str, root: &str) {
 /// deleted, restored when edited, published in a new namespace; once settled nothing is applied.
 #[tokio::test]
 async fn the_root_configmap_is_in_every_namespace_and_kept_current() {
-    const ROOT: &str = "-----BEGIN CERTIFICATE-----\nMIIBroot\n-----END CERTIFICATE-----\n";
+    let ca = mesh::ca::DevCa::generate("cluster.local").unwrap();
+    let (roots_tx, roots) =
+        tokio::sync::watch::channel(std::sync::Arc::new(pilot::roots::Roots::single(ca)));
+    let root = roots.borrow().bundle_pem().to_string();
+    let root = root.as_str();
     let configmap = |ns: &str, name: &str, pem: &str| {
         json!({"apiVersion": "v1", "kind": "ConfigMap",
                "metadata": {"name": name, "namespace": ns},
@@ -1333,13 +1338,9 @@ async fn the_root_configmap_is_in_every_namespace_and_kept_current() {
     ])
     .await;
     let rx = watch_cluster(&server);
-    tokio::spawn(pilot::root_configmap::publish(
-        server.client(),
-        rx,
-        ROOT.to_string(),
-    ));
-    until_root_configmap(&server, "bookinfo", ROOT).await;
-    until_root_configmap(&server, "shop", ROOT).await;
+    tokio::spawn(pilot::root_configmap::publish(server.client(), rx, roots));
+    until_root_configmap(&server, "bookinfo", root).await;
+    until_root_configmap(&server, "shop", root).await;
     let applied = server.applied();
     let bookinfo = &applied["/api/v1/namespaces/bookinfo/configmaps/istio-ca-root-cert"];
     assert_eq!(bookinfo.field_manager, "pilot");
@@ -1363,10 +1364,23 @@ async fn the_root_configmap_is_in_every_namespace_and_kept_current() {
     assert_eq!(server.apply_requests(), settled);
 
     server.delete("v1", "ConfigMap", "bookinfo", "istio-ca-root-cert");
-    until_root_configmap(&server, "bookinfo", ROOT).await;
+    until_root_configmap(&server, "bookinfo", root).await;
     server.apply(configmap("shop", "istio-ca-root-cert", "edited"));
-    until_root_configmap(&server, "shop", ROOT).await;
+    until_root_configmap(&server, "shop", root).await;
     server.apply(namespace("new"));
-    until_root_configmap(&server, "new", ROOT).await;
+    until_root_configmap(&server, "new", root).await;
+    // A rotation's bundle (the new root and the old one) reaches every ConfigMap.
+    let rotated = pilot::roots::Roots::new(
+        mesh::ca::DevCa::generate("cluster.local").unwrap(),
+        root,
+        "test",
+    )
+    .unwrap();
+    assert_eq!(rotated.count(), 2);
+    let bundle = rotated.bundle_pem().to_string();
+    roots_tx.send_replace(std::sync::Arc::new(rotated));
+    for ns in ["bookinfo", "shop", "new"] {
+        until_root_configmap(&server, ns, &bundle).await;
+    }
     assert!(root_configmap(&server, "kube-system").is_none());
 }
