@@ -22,8 +22,9 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime, pem
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
 use tracing::debug;
 
+use crate::pool::Limits;
 use crate::request::RequestBody;
-use crate::upstream::{Protocol, Upstream, UpstreamError};
+use crate::upstream::{Protocol, Upstream, UpstreamBody, UpstreamError};
 
 const TLS_SOCKET: &str = "envoy.transport_sockets.tls";
 const UPSTREAM_TLS_CONTEXT: &str =
@@ -255,12 +256,15 @@ pub async fn send(
     endpoint: SocketAddr,
     protocol: Protocol,
     timeout: Duration,
+    limits: &Limits,
     tls: &UpstreamTls,
     upgrade: Option<SocketAddr>,
     req: http::Request<RequestBody>,
-) -> Result<http::Response<hyper::body::Incoming>, UpstreamError> {
+) -> Result<http::Response<UpstreamBody>, UpstreamError> {
     let http_err = |source| UpstreamError::Http { endpoint, source };
-    let stream = upstream.connect(state, endpoint, upgrade, timeout).await?;
+    let stream = upstream
+        .connect(state, endpoint, upgrade, timeout, limits.keepalive)
+        .await?;
     let tls_stream = tokio::time::timeout(timeout, handshake(tls, H2Io::new(stream), endpoint))
         .await
         .map_err(|_| UpstreamError::Timeout(endpoint))?
@@ -277,7 +281,8 @@ pub async fn send(
                     debug!(%endpoint, "upstream TLS HTTP/1.1 connection: {e}");
                 }
             });
-            sender.send_request(req).await.map_err(http_err)
+            let rsp = sender.send_request(req).await.map_err(http_err)?;
+            Ok(rsp.map(UpstreamBody::unpooled))
         }
         Protocol::Http2 => {
             let (mut sender, conn) = http2::Builder::new(TokioExecutor::new())
@@ -289,7 +294,8 @@ pub async fn send(
                     debug!(%endpoint, "upstream TLS HTTP/2 connection: {e}");
                 }
             });
-            sender.send_request(req).await.map_err(http_err)
+            let rsp = sender.send_request(req).await.map_err(http_err)?;
+            Ok(rsp.map(UpstreamBody::unpooled))
         }
     }
 }

@@ -29,7 +29,7 @@ use crate::Waypoint;
 use crate::config::{Cluster, Config, Listener, ListenerKind, Routes, UpstreamProtocol};
 use crate::metrics::Peers;
 use crate::route::{self, Action};
-use crate::upstream::Protocol;
+use crate::upstream::{Protocol, UpstreamBody};
 use crate::{cors, fault, mirror, retry};
 
 /// Who is on the other end of a tunnel, worked out once when it was accepted.
@@ -577,6 +577,7 @@ pub async fn handle(
                         upstream_protocol
                     },
                     connect_timeout,
+                    &cluster.policy.pool,
                     tls,
                     client_upgrade.as_ref().map(|_| tunnel.client),
                     upstream_req,
@@ -589,6 +590,7 @@ pub async fn handle(
                         endpoint.address,
                         tunnel.client,
                         connect_timeout,
+                        cluster.policy.pool.keepalive,
                         upstream_req,
                     )
                     .await
@@ -599,6 +601,7 @@ pub async fn handle(
                         endpoint.address,
                         upstream_protocol,
                         connect_timeout,
+                        &cluster.policy.pool,
                         upstream_req,
                     )
                     .await
@@ -1001,15 +1004,16 @@ fn send_mirror(
         RequestBody::mirror(tee.add(outcome.dropped.clone()))
     };
     let req = Request::from_parts(copy, body);
-    let (w, state, address, connect_timeout) = (
+    let (w, state, address, connect_timeout, limits) = (
         w.clone(),
         config.state.clone(),
         endpoint.address,
         cluster.connect_timeout,
+        cluster.policy.pool,
     );
     let send = async move {
         w.upstream
-            .send(&state, address, protocol, connect_timeout, req)
+            .send(&state, address, protocol, connect_timeout, &limits, req)
             .await
     };
     mirror::spawn(
@@ -1258,7 +1262,7 @@ pub struct ResponseBody {
 
 enum Inner {
     /// The upstream's body, and when the route timeout ends it.
-    Upstream(Incoming, Option<Pin<Box<tokio::time::Sleep>>>),
+    Upstream(UpstreamBody, Option<Pin<Box<tokio::time::Sleep>>>),
     Bytes(Option<Bytes>),
 }
 
@@ -1280,7 +1284,7 @@ impl ResponseBody {
             held: None,
         }
     }
-    fn upstream(b: Incoming, deadline: Option<tokio::time::Instant>) -> Self {
+    fn upstream(b: UpstreamBody, deadline: Option<tokio::time::Instant>) -> Self {
         ResponseBody {
             inner: Inner::Upstream(b, deadline.map(|d| Box::pin(tokio::time::sleep_until(d)))),
             bytes: 0,

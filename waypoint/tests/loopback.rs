@@ -70,11 +70,16 @@ impl Net {
 
 struct Pod {
     name: &'static str,
+    /// Numbers the CONNECT streams (each one upstream HTTP connection of the waypoint).
+    streams: std::sync::atomic::AtomicU64,
 }
 
 impl Handler for Pod {
     async fn handle(&self, stream: InboundStream) {
         let connect_authority = stream.request.authority;
+        let conn = self
+            .streams
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let io = match stream.accept(None) {
             Ok(s) => H2Io::new(s),
             Err(_) => return,
@@ -89,7 +94,7 @@ impl Handler for Pod {
         }
         let name = self.name;
         let service = service_fn(move |req: Request<Incoming>| async move {
-            Ok::<_, Infallible>(echo(name, connect_authority, req).await)
+            Ok::<_, Infallible>(echo(name, connect_authority, conn, req).await)
         });
         let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
             .serve_connection_with_upgrades(TokioIo::new(io), service)
@@ -100,6 +105,7 @@ impl Handler for Pod {
 async fn echo(
     name: &str,
     connect: SocketAddr,
+    conn: u64,
     mut req: Request<Incoming>,
 ) -> Response<Full<Bytes>> {
     if req.headers().contains_key("upgrade") {
@@ -155,6 +161,7 @@ async fn echo(
     let answer = serde_json::json!({
         "name": name,
         "connect": connect.to_string(),
+        "conn": conn,
         "path": path,
         "version": version,
         "authority": authority,
@@ -613,7 +620,10 @@ async fn start_with(idle: Duration) -> Bed {
             .issue(&Identity::new(TD, "app", sa), Duration::from_secs(3600))
             .unwrap();
         let tls = cert.server_config();
-        let handler = Arc::new(Pod { name });
+        let handler = Arc::new(Pod {
+            name,
+            streams: Default::default(),
+        });
         let drain = drain.clone();
         tokio::spawn(async move {
             while let Ok((tcp, _)) = listener.accept().await {
@@ -992,4 +1002,163 @@ async fn idle_upstream_connections_are_closed() {
     // The next request opens a new one.
     assert_eq!(get(&mut c, "/api/b", &[]).await.json()["name"], "echo-v1");
     assert_eq!(bed.waypoint.upstream.http_connections(), 1);
+}
+
+/// Publish the bed's configuration with cluster `V1` (where `/api` goes) changed by `edit`, as
+/// a push of pilot's would.
+fn reconfigure_v1(bed: &Bed, edit: impl FnOnce(&mut cluster_pb::Cluster)) {
+    let (mut c, la) = eds(V1, &[(bed.net.ip(2), 8080, true)]);
+    edit(&mut c);
+    let (_, def) = config::cluster(&c.encode_to_vec(), V1).unwrap();
+    let (_, endpoints) = config::load_assignment(&la.encode_to_vec(), V1).unwrap();
+    let old = bed.config.borrow().clone();
+    let mut clusters = old.clusters.clone();
+    clusters.insert(
+        V1.into(),
+        Arc::new(
+            Cluster::new(V1.into(), def.connect_timeout, endpoints)
+                .with_protocol(def.protocol)
+                .with_policy(def.policy, None, Default::default()),
+        ),
+    );
+    bed.config.send_replace(Arc::new(Config::new(
+        old.listeners.clone(),
+        old.routes.clone(),
+        clusters,
+        old.state.clone(),
+    )));
+}
+
+/// Set `common_http_protocol_options` (and HTTP/2's `max_concurrent_streams`) in the cluster's
+/// HTTP protocol options, as pilot does from a DestinationRule's `connectionPool`.
+fn pool_options(
+    c: &mut cluster_pb::Cluster,
+    common: core::HttpProtocolOptions,
+    streams: Option<u32>,
+) {
+    use envoy_types::pb::envoy::extensions::upstreams::http::v3 as http_options;
+    use http_options::http_protocol_options::UpstreamProtocolOptions as U;
+    let any = c
+        .typed_extension_protocol_options
+        .get_mut(config::HTTP_PROTOCOL_OPTIONS)
+        .unwrap();
+    let mut o = http_options::HttpProtocolOptions::decode(&any.value[..]).unwrap();
+    o.common_http_protocol_options = Some(common);
+    if let Some(Some(U::UseDownstreamProtocolConfig(d))) =
+        streams.map(|_| &mut o.upstream_protocol_options)
+    {
+        d.http2_protocol_options = Some(core::Http2ProtocolOptions {
+            max_concurrent_streams: streams.map(|value| UInt32Value { value }),
+            ..Default::default()
+        });
+    }
+    any.value = o.encode_to_vec();
+}
+
+fn pb_duration(d: Duration) -> envoy_types::pb::google::protobuf::Duration {
+    envoy_types::pb::google::protobuf::Duration {
+        seconds: d.as_secs() as i64,
+        nanos: d.subsec_nanos() as i32,
+    }
+}
+
+#[tokio::test]
+async fn max_requests_per_connection_and_idle_timeout_of_the_cluster() {
+    let bed = start().await;
+    reconfigure_v1(&bed, |c| {
+        pool_options(
+            c,
+            core::HttpProtocolOptions {
+                max_requests_per_connection: Some(UInt32Value { value: 2 }),
+                idle_timeout: Some(pb_duration(Duration::from_millis(300))),
+                ..Default::default()
+            },
+            None,
+        )
+    });
+    let mut c = bed.http1().await;
+    let mut conns = Vec::new();
+    for _ in 0..5 {
+        let j = get(&mut c, "/api/a", &[]).await.json();
+        assert_eq!(j["name"], "echo-v1");
+        conns.push(j["conn"].as_u64().unwrap());
+    }
+    assert_eq!(conns[0], conns[1], "{conns:?}");
+    assert_ne!(conns[1], conns[2], "retired after 2 requests: {conns:?}");
+    assert_eq!(conns[2], conns[3], "{conns:?}");
+    assert_ne!(conns[3], conns[4], "{conns:?}");
+    // The fifth request's connection is kept, then closed after 300 ms unused (the bed's own
+    // idle timeout is 5 s).
+    assert_eq!(bed.waypoint.upstream.http_connections(), 1);
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(bed.waypoint.upstream.http_connections(), 0);
+    let j = get(&mut c, "/api/a", &[]).await.json();
+    assert_ne!(j["conn"].as_u64().unwrap(), conns[4]);
+}
+
+#[tokio::test]
+async fn max_connection_duration_of_the_cluster() {
+    let bed = start().await;
+    reconfigure_v1(&bed, |c| {
+        pool_options(
+            c,
+            core::HttpProtocolOptions {
+                max_connection_duration: Some(pb_duration(Duration::from_millis(400))),
+                ..Default::default()
+            },
+            None,
+        )
+    });
+    let mut c = bed.http1().await;
+    let first = get(&mut c, "/api/a", &[]).await.json()["conn"].clone();
+    assert_eq!(get(&mut c, "/api/a", &[]).await.json()["conn"], first);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let later = get(&mut c, "/api/a", &[]).await.json()["conn"].clone();
+    assert_ne!(
+        later, first,
+        "a connection past its lifetime takes no request"
+    );
+}
+
+#[tokio::test]
+async fn http2_max_concurrent_streams_opens_another_connection() {
+    let bed = start().await;
+    reconfigure_v1(&bed, |c| {
+        pool_options(c, core::HttpProtocolOptions::default(), Some(2))
+    });
+    let conn = bed.hbone().await;
+    let stream = conn.connect(&bed.connect_request(80)).await.unwrap();
+    let (sender, c) = hyper::client::conn::http2::handshake(
+        TokioExecutor::new(),
+        TokioIo::new(H2Io::new(stream)),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(c);
+    let send = |path: &'static str| {
+        let mut sender = sender.clone();
+        tokio::spawn(async move {
+            let req = Request::get(format!("http://{HOST}{path}"))
+                .body(Empty::<Bytes>::new())
+                .unwrap();
+            let rsp = sender.send_request(req).await.unwrap();
+            let body = rsp.into_body().collect().await.unwrap().to_bytes();
+            let j: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            assert_eq!(j["version"], "HTTP/2.0");
+            j["conn"].as_u64().unwrap()
+        })
+    };
+    // Three slow requests at once: the first two share a connection, the third opens another.
+    let a = send("/api/slow");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let b = send("/api/slow");
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let c = send("/api/slow");
+    let (a, b, c) = (a.await.unwrap(), b.await.unwrap(), c.await.unwrap());
+    assert_eq!(a, b);
+    assert_ne!(b, c);
+    assert_eq!(bed.waypoint.upstream.http_connections(), 2);
+    // Both free again: the next request takes one of them.
+    let d = send("/api/x").await.unwrap();
+    assert!(d == a || d == c, "{d} is a third connection");
 }
