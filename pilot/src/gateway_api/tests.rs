@@ -484,7 +484,7 @@ fn the_waypoint_translation_applies_gateway_api_semantics() {
     - {type: RequestHeaderModifier, requestHeaderModifier: {add: [{name: x-via, value: gw}]}}
     - {type: URLRewrite, urlRewrite: {hostname: rewritten.example, path: {type: ReplacePrefixMatch, replacePrefixMatch: /}}}
     backendRefs: [{name: web, port: 80, weight: 1}, {name: ghost, port: 80, weight: 1}]
-    timeouts: {request: 3s}
+    timeouts: {request: 3s, backendRequest: 1s}
   - matches: [{path: {value: /old}}]
     filters: [{type: RequestRedirect, requestRedirect: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /new}}}]
   - backendRefs: [{name: web-v2, port: 80}]
@@ -513,7 +513,17 @@ fn the_waypoint_translation_applies_gateway_api_semantics() {
         a.cluster_not_found_response_code,
         Nf::InternalServerError as i32
     );
-    assert_eq!(a.timeout.unwrap().seconds, 3);
+    assert_eq!(a.timeout.unwrap().seconds, 3, "request: the whole exchange");
+    // backendRequest: each try, with the mesh's default retries.
+    let retry = a.retry_policy.as_ref().unwrap();
+    assert_eq!(retry.per_try_timeout.unwrap().seconds, 1);
+    assert_eq!(retry.num_retries.unwrap().value, 2);
+    assert_eq!(retry.retry_on, crate::route_policy::DEFAULT_RETRY_ON);
+    assert_eq!(
+        retry.retry_host_predicate.len(),
+        1,
+        "previous hosts, as the default"
+    );
     let rw = a.regex_rewrite.as_ref().unwrap();
     assert_eq!(rw.pattern.as_ref().unwrap().regex, "^/api/*");
     assert_eq!(rw.substitution, "/");
