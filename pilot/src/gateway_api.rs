@@ -900,13 +900,20 @@ fn resolve(s: &Snapshot, route: &Route, b: &BackendRef, domain: &str) -> (String
             ),
         );
     }
-    if b.namespace != route.meta.namespace {
-        // A ReferenceGrant would allow it; pilot does not read ReferenceGrants yet.
+    let reference = crate::reference_grant::Reference {
+        from: (GROUP, route.kind.kind(), &route.meta.namespace),
+        to: ("", "Service", &b.namespace, &b.name),
+    };
+    if !crate::reference_grant::permitted(s.reference_grants.values(), &reference) {
         return invalid(
             "RefNotPermitted",
             format!(
-                "backend {}/{}: a Service in another namespace needs a ReferenceGrant, which is not supported",
-                b.namespace, b.name
+                "backend {}/{}: no ReferenceGrant in namespace {} lets {}s of namespace {} refer to it",
+                b.namespace,
+                b.name,
+                b.namespace,
+                route.kind.kind(),
+                route.meta.namespace
             ),
         );
     }

@@ -1,7 +1,8 @@
 //! End-to-end: Gateway API routes (HTTPRoute, GRPCRoute) attached to services bound to the
 //! real waypoint, on the test bed with pilot's folder source: header match, weighted backends,
-//! header modifiers, URL rewrite, a backend that does not resolve (500), a VirtualService for
-//! the same service reported (not merged), and gRPC routed by service/method.
+//! header modifiers, URL rewrite, a backend that does not resolve (500),
+//! `timeouts.backendRequest` (504 for a slow backend), a VirtualService for the same service
+//! reported (not merged), and gRPC routed by service/method.
 
 use std::net::SocketAddr;
 
@@ -40,6 +41,10 @@ spec:
   - name: broken
     matches: [{path: {type: Exact, value: /broken}}]
     backendRefs: [{name: ghost, port: 80}]
+  - name: slow
+    matches: [{path: {type: PathPrefix, value: /slow}}]
+    backendRefs: [{name: web-v1, port: 80}]
+    timeouts: {request: 5s, backendRequest: 300ms}
   - name: split
     backendRefs: [{name: web-v1, port: 80, weight: 3}, {name: web-v2, port: 80, weight: 1}]
 "#;
@@ -117,6 +122,16 @@ async fn gateway_api_routes_through_the_real_waypoint() {
     assert_eq!(a.status, 200, "{a:?}");
     assert_eq!(j["path"], "/oldish", "{j}");
     assert_eq!(j["authority"], "web", "{j}");
+
+    // timeouts.backendRequest bounds each request to the backend: Envoy's 504 for a slow one.
+    let (a, _) = get_web(&c, "client", "/slow/ok", &[]).await;
+    assert_eq!(a.status, 200, "{a:?}");
+    let start = std::time::Instant::now();
+    let (a, _) = get_web(&c, "client", "/slow/late?delay_ms=1500", &[]).await;
+    let took = start.elapsed();
+    assert_eq!(a.status, 504, "{a:?}");
+    assert_eq!(String::from_utf8_lossy(&a.body), "upstream request timeout");
+    assert!(took < std::time::Duration::from_millis(1200), "{took:?}");
 
     // Weighted backends, 3:1.
     let mut v1 = 0;
