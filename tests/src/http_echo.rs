@@ -482,11 +482,7 @@ mod tests {
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        assert_eq!(
-            listed,
-            [held_peer.clone()],
-            "the asking connection left out"
-        );
+        assert_eq!(listed, [held_peer], "the asking connection left out");
         drop(held);
         for _ in 0..50 {
             listed = open(get(addr, "/_open").await.1);
