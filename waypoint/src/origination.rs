@@ -1,7 +1,9 @@
 //! TLS origination to the endpoints inside the HBONE stream (DestinationRule `tls` SIMPLE /
 //! MUTUAL, sent by pilot as Envoy's `envoy.transport_sockets.tls` UpstreamTlsContext with the
-//! PEM inlined): the client config is built once per Cluster resource; each request on such a
-//! cluster opens its own CONNECT stream, TLS session and HTTP connection (no keep-alive pool).
+//! PEM inlined): the client config is built once per Cluster resource. Requests on such a
+//! cluster use kept-alive connections of the upstream pool (`upstream`, keyed by endpoint, these
+//! TLS settings and the cluster's limits); a request that switches protocols (WebSocket) opens
+//! its own CONNECT stream, TLS session and HTTP connection here.
 
 use std::hash::{Hash, Hasher};
 use std::net::SocketAddr;
@@ -48,6 +50,13 @@ impl std::fmt::Debug for UpstreamTls {
             .field("server_name", &self.server_name)
             .field("verified", &self.verified)
             .finish()
+    }
+}
+
+impl UpstreamTls {
+    /// Identifies the settings (two clusters with the same TLS resource share connections).
+    pub fn digest(&self) -> u64 {
+        self.digest
     }
 }
 
@@ -247,8 +256,8 @@ where
 }
 
 /// One request to `endpoint` over a CONNECT stream of its own, through TLS (`upgrade`: the
-/// client, for `forwarded`, when the request asks to switch protocols). The arguments are
-/// those of `Upstream::send` plus the TLS.
+/// client, for `forwarded`, when the request asks to switch protocols): for upgrades, whose
+/// connection then belongs to the two ends. The arguments are those of `Upstream::send`.
 #[allow(clippy::too_many_arguments)]
 pub async fn send(
     upstream: &Upstream,

@@ -566,20 +566,18 @@ pub async fn handle(
         };
         let per_try_is_shorter = per_try.is_some_and(|p| remaining.is_none_or(|r| p < r));
         let exchange = async {
-            if let Some(tls) = &cluster.policy.tls {
+            if let Some(tls) = &cluster.policy.tls
+                && client_upgrade.is_some()
+            {
                 crate::origination::send(
                     &w.upstream,
                     &state,
                     endpoint.address,
-                    if client_upgrade.is_some() {
-                        Protocol::Http1
-                    } else {
-                        upstream_protocol
-                    },
+                    Protocol::Http1,
                     connect_timeout,
                     &cluster.policy.pool,
                     tls,
-                    client_upgrade.as_ref().map(|_| tunnel.client),
+                    Some(tunnel.client),
                     upstream_req,
                 )
                 .await
@@ -602,6 +600,7 @@ pub async fn handle(
                         upstream_protocol,
                         connect_timeout,
                         &cluster.policy.pool,
+                        cluster.policy.tls.as_ref(),
                         upstream_req,
                     )
                     .await
@@ -1004,16 +1003,25 @@ fn send_mirror(
         RequestBody::mirror(tee.add(outcome.dropped.clone()))
     };
     let req = Request::from_parts(copy, body);
-    let (w, state, address, connect_timeout, limits) = (
+    let (w, state, address, connect_timeout, limits, tls) = (
         w.clone(),
         config.state.clone(),
         endpoint.address,
         cluster.connect_timeout,
         cluster.policy.pool,
+        cluster.policy.tls.clone(),
     );
     let send = async move {
         w.upstream
-            .send(&state, address, protocol, connect_timeout, &limits, req)
+            .send(
+                &state,
+                address,
+                protocol,
+                connect_timeout,
+                &limits,
+                tls.as_ref(),
+                req,
+            )
             .await
     };
     mirror::spawn(

@@ -25,6 +25,7 @@ use mesh::socket::SocketFactory;
 use mesh::state::State;
 use tracing::debug;
 
+use crate::origination::UpstreamTls;
 use crate::pool::{Conns, Keepalive, Lease, Limits, Sender, Usage};
 use crate::request::RequestBody;
 
@@ -66,11 +67,67 @@ pub enum Protocol {
     Http2,
 }
 
-/// The kept-alive HTTP connections: per endpoint and cluster limits (see `pool`).
+/// What a kept-alive HTTP connection may be reused for: the same endpoint, limits (see `pool`)
+/// and client TLS (the digest of the cluster's TLS settings; `None`: plain HTTP).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct ConnKey {
+    endpoint: SocketAddr,
+    limits: Limits,
+    tls: Option<u64>,
+}
+
+type ConnMap<T> = HashMap<ConnKey, Conns<T>>;
+
+/// The kept-alive HTTP connections.
 #[derive(Default)]
 struct HttpConns {
-    h1: HashMap<(SocketAddr, Limits), Conns<http1::SendRequest<RequestBody>>>,
-    h2: HashMap<(SocketAddr, Limits), Conns<http2::SendRequest<RequestBody>>>,
+    h1: ConnMap<http1::SendRequest<RequestBody>>,
+    h2: ConnMap<http2::SendRequest<RequestBody>>,
+}
+
+/// A new upstream connection's byte stream: the CONNECT stream, or TLS inside it.
+enum Io {
+    Plain(TokioIo<H2Io>),
+    Tls(Box<TokioIo<tokio_rustls::client::TlsStream<H2Io>>>),
+}
+
+/// An HTTP/1.1 client connection over `io`, driven by its own task.
+async fn http1_over<IO>(
+    io: IO,
+    endpoint: SocketAddr,
+) -> Result<http1::SendRequest<RequestBody>, UpstreamError>
+where
+    IO: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let (sender, conn) = http1::handshake(io)
+        .await
+        .map_err(|source| UpstreamError::Http { endpoint, source })?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            debug!(%endpoint, "upstream HTTP/1.1 connection: {e}");
+        }
+    });
+    Ok(sender)
+}
+
+/// An HTTP/2 client connection over `io`, driven by its own task.
+async fn http2_over<IO>(
+    io: IO,
+    endpoint: SocketAddr,
+) -> Result<http2::SendRequest<RequestBody>, UpstreamError>
+where
+    IO: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+        .handshake(io)
+        .await
+        .map_err(|source| UpstreamError::Http { endpoint, source })?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            debug!(%endpoint, "upstream HTTP/2 connection: {e}");
+        }
+    });
+    Ok(sender)
 }
 
 impl Sender for http1::SendRequest<RequestBody> {
@@ -273,9 +330,11 @@ impl Upstream {
     }
 
     /// Send a request to `endpoint` on a kept-alive HTTP connection of the client's protocol
-    /// under the cluster's `limits`, opening one (over a new CONNECT stream) when none takes
-    /// it. Those connections are shared by every client, so their CONNECT names none
-    /// (`forwarded` would be wrong for the next).
+    /// under the cluster's `limits` (and through its client `tls`, when it originates TLS),
+    /// opening one (over a new CONNECT stream) when none takes it. Those connections are
+    /// shared by every client, so their CONNECT names none (`forwarded` would be wrong for the
+    /// next).
+    #[allow(clippy::too_many_arguments)]
     pub async fn send(
         &self,
         state: &State,
@@ -283,13 +342,18 @@ impl Upstream {
         protocol: Protocol,
         timeout: Duration,
         limits: &Limits,
+        tls: Option<&UpstreamTls>,
         req: http::Request<RequestBody>,
     ) -> Result<http::Response<UpstreamBody>, UpstreamError> {
         let http_err = |source| UpstreamError::Http { endpoint, source };
-        let key = (endpoint, *limits);
+        let key = ConnKey {
+            endpoint,
+            limits: *limits,
+            tls: tls.map(UpstreamTls::digest),
+        };
         match protocol {
             Protocol::Http1 => {
-                let req = match self.checkout(key, |c| &mut c.h1) {
+                let req = match self.checkout(&key, |c| &mut c.h1) {
                     Some((mut sender, lease)) => match sender.try_send_request(req).await {
                         Ok(rsp) => {
                             self.put(
@@ -313,17 +377,10 @@ impl Upstream {
                     },
                     None => req,
                 };
-                let io = self
-                    .connect(state, endpoint, None, timeout, limits.keepalive)
-                    .await?;
-                let (mut sender, conn) = http1::handshake(TokioIo::new(H2Io::new(io)))
-                    .await
-                    .map_err(http_err)?;
-                tokio::spawn(async move {
-                    if let Err(e) = conn.await {
-                        debug!(%endpoint, "upstream HTTP/1.1 connection: {e}");
-                    }
-                });
+                let mut sender = match self.open(state, endpoint, timeout, limits, tls).await? {
+                    Io::Plain(io) => http1_over(io, endpoint).await?,
+                    Io::Tls(io) => http1_over(io, endpoint).await?,
+                };
                 let usage = Usage::new(Instant::now());
                 let lease = usage.lease();
                 let rsp = sender.send_request(req).await.map_err(http_err)?;
@@ -333,7 +390,7 @@ impl Upstream {
                 Ok(with_lease(rsp, Some(lease)))
             }
             Protocol::Http2 => {
-                let req = match self.checkout(key, |c| &mut c.h2) {
+                let req = match self.checkout(&key, |c| &mut c.h2) {
                     Some((mut sender, lease)) => match sender.try_send_request(req).await {
                         Ok(rsp) => return Ok(with_lease(rsp, Some(lease))),
                         // The shared connection went away (GOAWAY) before this request was
@@ -345,18 +402,10 @@ impl Upstream {
                     },
                     None => req,
                 };
-                let io = self
-                    .connect(state, endpoint, None, timeout, limits.keepalive)
-                    .await?;
-                let (mut sender, conn) = http2::Builder::new(TokioExecutor::new())
-                    .handshake(TokioIo::new(H2Io::new(io)))
-                    .await
-                    .map_err(http_err)?;
-                tokio::spawn(async move {
-                    if let Err(e) = conn.await {
-                        debug!(%endpoint, "upstream HTTP/2 connection: {e}");
-                    }
-                });
+                let mut sender = match self.open(state, endpoint, timeout, limits, tls).await? {
+                    Io::Plain(io) => http2_over(io, endpoint).await?,
+                    Io::Tls(io) => http2_over(io, endpoint).await?,
+                };
                 let usage = Usage::new(Instant::now());
                 let lease = usage.lease();
                 self.put(key, |c| &mut c.h2, sender.clone(), usage, usize::MAX);
@@ -364,6 +413,33 @@ impl Upstream {
                 Ok(with_lease(rsp, Some(lease)))
             }
         }
+    }
+
+    /// A new CONNECT stream to `endpoint`, through the cluster's TLS when it has one.
+    async fn open(
+        &self,
+        state: &State,
+        endpoint: SocketAddr,
+        timeout: Duration,
+        limits: &Limits,
+        tls: Option<&UpstreamTls>,
+    ) -> Result<Io, UpstreamError> {
+        let io = H2Io::new(
+            self.connect(state, endpoint, None, timeout, limits.keepalive)
+                .await?,
+        );
+        let Some(tls) = tls else {
+            return Ok(Io::Plain(TokioIo::new(io)));
+        };
+        let stream =
+            tokio::time::timeout(timeout, crate::origination::handshake(tls, io, endpoint))
+                .await
+                .map_err(|_| UpstreamError::Timeout(endpoint))?
+                .map_err(|e| UpstreamError::Tls {
+                    endpoint,
+                    reason: e.to_string(),
+                })?;
+        Ok(Io::Tls(Box::new(TokioIo::new(stream))))
     }
 
     /// An HTTP/1.1 request that asks to switch protocols (WebSocket) gets a connection of its
@@ -395,19 +471,19 @@ impl Upstream {
 
     fn checkout<T: Sender>(
         &self,
-        key: (SocketAddr, Limits),
-        map: impl FnOnce(&mut HttpConns) -> &mut HashMap<(SocketAddr, Limits), Conns<T>>,
+        key: &ConnKey,
+        map: impl FnOnce(&mut HttpConns) -> &mut ConnMap<T>,
     ) -> Option<(T, Lease)> {
         let mut c = self.http.lock().ok()?;
         map(&mut c)
-            .get_mut(&key)?
-            .checkout(&key.1, self.idle, Instant::now())
+            .get_mut(key)?
+            .checkout(&key.limits, self.idle, Instant::now())
     }
 
     fn put<T: Sender>(
         &self,
-        key: (SocketAddr, Limits),
-        map: impl FnOnce(&mut HttpConns) -> &mut HashMap<(SocketAddr, Limits), Conns<T>>,
+        key: ConnKey,
+        map: impl FnOnce(&mut HttpConns) -> &mut ConnMap<T>,
         sender: T,
         usage: Arc<Usage>,
         max: usize,
@@ -418,12 +494,12 @@ impl Upstream {
         if !m.contains_key(&key) {
             // Forget endpoints whose connections have all closed (pods come and go), so the
             // map does not grow with every address ever used.
-            m.retain(|k, conns| conns.reap(&k.1, self.idle, now));
+            m.retain(|k, conns| conns.reap(&k.limits, self.idle, now));
             self.new_limits.notify_one();
         }
         m.entry(key)
             .or_default()
-            .put(sender, usage, &key.1, self.idle, max, now);
+            .put(sender, usage, &key.limits, self.idle, max, now);
     }
 
     /// HTTP connections kept (for tests and the admin page).
@@ -453,12 +529,12 @@ async fn reap(http: Weak<Mutex<HttpConns>>, idle: Duration, new_limits: Arc<toki
         let now = Instant::now();
         period = Limits::default().check_period(idle);
         c.h1.retain(|k, conns| {
-            period = period.min(k.1.check_period(idle));
-            conns.reap(&k.1, idle, now)
+            period = period.min(k.limits.check_period(idle));
+            conns.reap(&k.limits, idle, now)
         });
         c.h2.retain(|k, conns| {
-            period = period.min(k.1.check_period(idle));
-            conns.reap(&k.1, idle, now)
+            period = period.min(k.limits.check_period(idle));
+            conns.reap(&k.limits, idle, now)
         });
     }
 }

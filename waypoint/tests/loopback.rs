@@ -72,7 +72,12 @@ struct Pod {
     name: &'static str,
     /// Numbers the CONNECT streams (each one upstream HTTP connection of the waypoint).
     streams: std::sync::atomic::AtomicU64,
+    /// TLS (certificate for `tls.example` from the test CA) served on port `TLS_PORT`.
+    tls: Arc<rustls::ServerConfig>,
 }
+
+/// The pods' port that speaks TLS (inside the CONNECT stream), then HTTP.
+const TLS_PORT: u16 = 8443;
 
 impl Handler for Pod {
     async fn handle(&self, stream: InboundStream) {
@@ -96,7 +101,20 @@ impl Handler for Pod {
         let service = service_fn(move |req: Request<Incoming>| async move {
             Ok::<_, Infallible>(echo(name, connect_authority, conn, req).await)
         });
-        let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+        let server = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+        if connect_authority.port() == TLS_PORT {
+            let Ok(tls) = tokio_rustls::TlsAcceptor::from(self.tls.clone())
+                .accept(io)
+                .await
+            else {
+                return;
+            };
+            let _ = server
+                .serve_connection_with_upgrades(TokioIo::new(tls), service)
+                .await;
+            return;
+        }
+        let _ = server
             .serve_connection_with_upgrades(TokioIo::new(io), service)
             .await;
     }
@@ -623,6 +641,7 @@ async fn start_with(idle: Duration) -> Bed {
         let handler = Arc::new(Pod {
             name,
             streams: Default::default(),
+            tls: pod_tls(&ca),
         });
         let drain = drain.clone();
         tokio::spawn(async move {
@@ -679,6 +698,25 @@ async fn start_with(idle: Duration) -> Bed {
         config: config_tx,
         _drain: trigger,
     }
+}
+
+fn pod_tls(ca: &DevCa) -> Arc<rustls::ServerConfig> {
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
+    let (cert, key) = ca
+        .issue_server_pem(&["tls.example".into()], Duration::from_secs(3600))
+        .unwrap();
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert.as_bytes())
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let key = PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap();
+    let mut config = rustls::ServerConfig::builder_with_provider(mesh::tls::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .unwrap();
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Arc::new(config)
 }
 
 /// The test CA, shared by the pods, the client and the waypoint's certificate cache.
@@ -1007,7 +1045,12 @@ async fn idle_upstream_connections_are_closed() {
 /// Publish the bed's configuration with cluster `V1` (where `/api` goes) changed by `edit`, as
 /// a push of pilot's would.
 fn reconfigure_v1(bed: &Bed, edit: impl FnOnce(&mut cluster_pb::Cluster)) {
-    let (mut c, la) = eds(V1, &[(bed.net.ip(2), 8080, true)]);
+    reconfigure_v1_port(bed, 8080, edit)
+}
+
+/// [`reconfigure_v1`] with the endpoint's port `port`.
+fn reconfigure_v1_port(bed: &Bed, port: u32, edit: impl FnOnce(&mut cluster_pb::Cluster)) {
+    let (mut c, la) = eds(V1, &[(bed.net.ip(2), port, true)]);
     edit(&mut c);
     let (_, def) = config::cluster(&c.encode_to_vec(), V1).unwrap();
     let (_, endpoints) = config::load_assignment(&la.encode_to_vec(), V1).unwrap();
@@ -1161,4 +1204,64 @@ async fn http2_max_concurrent_streams_opens_another_connection() {
     // Both free again: the next request takes one of them.
     let d = send("/api/x").await.unwrap();
     assert!(d == a || d == c, "{d} is a third connection");
+}
+
+/// TLS origination (a DestinationRule's `tls: SIMPLE`) on kept-alive connections: requests
+/// share one TLS session until the cluster's `max_requests_per_connection` retires it.
+#[tokio::test]
+async fn tls_origination_reuses_connections_within_the_limits() {
+    use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3 as tls_pb;
+    let bed = start().await;
+    let root = bed.ca.root_pem().to_string();
+    reconfigure_v1_port(&bed, u32::from(TLS_PORT), move |c| {
+        let ctx = tls_pb::UpstreamTlsContext {
+            sni: "tls.example".into(),
+            common_tls_context: Some(tls_pb::CommonTlsContext {
+                validation_context_type: Some(
+                    tls_pb::common_tls_context::ValidationContextType::ValidationContext(
+                        tls_pb::CertificateValidationContext {
+                            trusted_ca: Some(core::DataSource {
+                                specifier: Some(core::data_source::Specifier::InlineString(root)),
+                                ..Default::default()
+                            }),
+                            ..Default::default()
+                        },
+                    ),
+                ),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        c.transport_socket = Some(core::TransportSocket {
+            name: "envoy.transport_sockets.tls".into(),
+            config_type: Some(core::transport_socket::ConfigType::TypedConfig(Any {
+                type_url:
+                    "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
+                        .into(),
+                value: ctx.encode_to_vec(),
+            })),
+        });
+        pool_options(
+            c,
+            core::HttpProtocolOptions {
+                max_requests_per_connection: Some(UInt32Value { value: 3 }),
+                ..Default::default()
+            },
+            None,
+        );
+    });
+    let mut c = bed.http1().await;
+    let mut conns = Vec::new();
+    for _ in 0..4 {
+        let a = get(&mut c, "/api/tls", &[]).await;
+        assert_eq!(a.status, StatusCode::OK, "{}", a.body);
+        let j = a.json();
+        assert_eq!(j["name"], "echo-v1");
+        assert_eq!(j["connect"], format!("{}:{TLS_PORT}", bed.net.ip(2)));
+        conns.push(j["conn"].as_u64().unwrap());
+    }
+    assert_eq!(conns[0], conns[1], "{conns:?}");
+    assert_eq!(conns[1], conns[2], "{conns:?}");
+    assert_ne!(conns[2], conns[3], "retired after 3 requests: {conns:?}");
+    assert_eq!(bed.waypoint.upstream.http_connections(), 1);
 }
