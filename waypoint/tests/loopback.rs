@@ -600,6 +600,8 @@ struct Bed {
     net: Net,
     ca: Arc<DevCa>,
     waypoint_addr: SocketAddr,
+    /// The pods' HBONE port.
+    hbone_port: u16,
     waypoint_id: Identity,
     waypoint: Arc<waypoint::Waypoint>,
     registry: Registry,
@@ -692,6 +694,7 @@ async fn start_with(idle: Duration) -> Bed {
         net,
         ca,
         waypoint_addr,
+        hbone_port,
         waypoint_id,
         waypoint: wp,
         registry,
@@ -1050,16 +1053,22 @@ fn reconfigure_v1(bed: &Bed, edit: impl FnOnce(&mut cluster_pb::Cluster)) {
 
 /// [`reconfigure_v1`] with the endpoint's port `port`.
 fn reconfigure_v1_port(bed: &Bed, port: u32, edit: impl FnOnce(&mut cluster_pb::Cluster)) {
-    let (mut c, la) = eds(V1, &[(bed.net.ip(2), port, true)]);
+    reconfigure(bed, V1, port, edit)
+}
+
+/// Publish the bed's configuration with cluster `name` sent to `echo-v1` (port `port`) and
+/// changed by `edit`.
+fn reconfigure(bed: &Bed, name: &str, port: u32, edit: impl FnOnce(&mut cluster_pb::Cluster)) {
+    let (mut c, la) = eds(name, &[(bed.net.ip(2), port, true)]);
     edit(&mut c);
-    let (_, def) = config::cluster(&c.encode_to_vec(), V1).unwrap();
-    let (_, endpoints) = config::load_assignment(&la.encode_to_vec(), V1).unwrap();
+    let (_, def) = config::cluster(&c.encode_to_vec(), name).unwrap();
+    let (_, endpoints) = config::load_assignment(&la.encode_to_vec(), name).unwrap();
     let old = bed.config.borrow().clone();
     let mut clusters = old.clusters.clone();
     clusters.insert(
-        V1.into(),
+        name.into(),
         Arc::new(
-            Cluster::new(V1.into(), def.connect_timeout, endpoints)
+            Cluster::new(name.into(), def.connect_timeout, endpoints)
                 .with_protocol(def.protocol)
                 .with_policy(def.policy, None, Default::default()),
         ),
@@ -1264,4 +1273,64 @@ async fn tls_origination_reuses_connections_within_the_limits() {
     assert_eq!(conns[1], conns[2], "{conns:?}");
     assert_ne!(conns[2], conns[3], "retired after 3 requests: {conns:?}");
     assert_eq!(bed.waypoint.upstream.http_connections(), 1);
+}
+
+/// The keepalive timers of this process's established IPv4 TCP sockets to `remote`, in
+/// seconds until they fire (`/proc/self/net/tcp`, `tr` 2: the keepalive timer).
+fn keepalive_timers(remote: SocketAddr) -> Vec<f64> {
+    let IpAddr::V4(ip) = remote.ip() else {
+        return Vec::new();
+    };
+    let want = format!(
+        "{:08X}:{:04X}",
+        u32::from_ne_bytes(ip.octets()),
+        remote.port()
+    );
+    std::fs::read_to_string("/proc/self/net/tcp")
+        .unwrap()
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let (kind, when) = f.get(5)?.split_once(':')?;
+            (f.get(2) == Some(&want.as_str()) && f.get(3) == Some(&"01") && kind == "02")
+                .then(|| i64::from_str_radix(when, 16).ok())
+                .flatten()
+                // USER_HZ ticks.
+                .map(|t| t as f64 / 100.0)
+        })
+        .collect()
+}
+
+/// A cluster's TCP keepalive is set on the HBONE socket dialed for it; a cluster without one
+/// uses another HBONE connection (with the waypoint's defaults) to the same pod.
+#[tokio::test]
+async fn cluster_keepalive_is_set_on_its_hbone_socket() {
+    let bed = start().await;
+    reconfigure(&bed, V1, 8080, |c| {
+        c.upstream_connection_options = Some(cluster_pb::UpstreamConnectionOptions {
+            tcp_keepalive: Some(core::TcpKeepalive {
+                keepalive_probes: Some(UInt32Value { value: 4 }),
+                keepalive_time: Some(UInt32Value { value: 20 }),
+                keepalive_interval: Some(UInt32Value { value: 5 }),
+            }),
+            ..Default::default()
+        });
+    });
+    // V2 (`/labels`) to the same pod, without a keepalive of its own.
+    reconfigure(&bed, V2, 8080, |_| {});
+    let mut c = bed.http1().await;
+    assert_eq!(get(&mut c, "/api/k", &[]).await.json()["name"], "echo-v1");
+    assert_eq!(get(&mut c, "/labels", &[]).await.json()["name"], "echo-v1");
+    assert_eq!(
+        bed.waypoint.upstream.hbone_connections(),
+        2,
+        "one HBONE connection per keepalive setting"
+    );
+    let hbone = SocketAddr::new(bed.net.ip(2), bed.hbone_port);
+    let mut timers = keepalive_timers(hbone);
+    timers.sort_by(f64::total_cmp);
+    assert_eq!(timers.len(), 2, "{timers:?}");
+    assert!(timers[0] <= 20.0, "the cluster's 20 s: {timers:?}");
+    assert!(timers[1] > 100.0, "the waypoint's 180 s: {timers:?}");
 }
