@@ -12,6 +12,7 @@ pub mod k8s;
 pub mod model;
 pub mod provision;
 pub mod rbac;
+pub mod reference_grant;
 pub mod root_configmap;
 pub mod roots;
 pub mod route_policy;

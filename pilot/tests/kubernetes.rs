@@ -1268,6 +1268,75 @@ async fn gateway_api_routes_are_watched_and_get_status() {
     assert_eq!(patches_of(&server, &gw_path).len(), 1);
 }
 
+/// ReferenceGrants are watched: a route's backend in another namespace resolves only when a
+/// grant there allows it, and the route's status says RefNotPermitted otherwise.
+#[tokio::test]
+async fn reference_grants_allow_cross_namespace_backends() {
+    let service = |name: &str, ns: &str, ip: &str, labels: Value| {
+        json!({"apiVersion": "v1", "kind": "Service",
+               "metadata": {"name": name, "namespace": ns, "labels": labels},
+               "spec": {"clusterIP": ip, "ports": [{"name": "http", "port": 9080}]}})
+    };
+    let server = server_with(vec![
+        gateway("waypoint", "istio-waypoint"),
+        service(
+            "reviews",
+            "bookinfo",
+            "10.96.0.31",
+            json!({"istio.io/use-waypoint": "waypoint"}),
+        ),
+        service("ratings", "backend", "10.96.1.1", json!({})),
+        service("details", "backend", "10.96.1.2", json!({})),
+        json!({"apiVersion": "gateway.networking.k8s.io/v1beta1", "kind": "ReferenceGrant",
+               "metadata": {"name": "bookinfo-routes", "namespace": "backend"},
+               "spec": {"from": [{"group": "gateway.networking.k8s.io", "kind": "HTTPRoute",
+                                  "namespace": "bookinfo"}],
+                        "to": [{"group": "", "kind": "Service", "name": "ratings"}]}}),
+        route(
+            "HTTPRoute",
+            "granted",
+            json!({"parentRefs": [{"group": "", "kind": "Service", "name": "reviews"}],
+                   "rules": [{"matches": [{"path": {"value": "/ratings"}}],
+                              "backendRefs": [{"name": "ratings", "namespace": "backend", "port": 9080}]}]}),
+        ),
+        route(
+            "HTTPRoute",
+            "refused",
+            json!({"parentRefs": [{"group": "", "kind": "Service", "name": "reviews"}],
+                   "rules": [{"matches": [{"path": {"value": "/details"}}],
+                              "backendRefs": [{"name": "details", "namespace": "backend", "port": 9080}]}]}),
+        ),
+    ])
+    .await;
+    let rx = watch_cluster(&server);
+    let mut model = rx.clone();
+    let snap = until(&mut model, |s| {
+        s.reference_grants.len() == 1 && s.http_routes.len() == 2
+    })
+    .await;
+    assert!(snap.problems.is_empty(), "{:?}", snap.problems);
+    tokio::spawn(pilot::route_status::write_status(
+        server.client(),
+        rx,
+        "cluster.local".into(),
+    ));
+    let base = "/apis/gateway.networking.k8s.io/v1/namespaces/bookinfo/httproutes";
+    let condition = |patches: &[Value]| patches[0]["status"]["parents"][0]["conditions"][1].clone();
+    let granted = until_patches(&server, &format!("{base}/granted/status"), 1).await;
+    assert_eq!(condition(&granted)["status"], "True", "{granted:?}");
+    let refused = until_patches(&server, &format!("{base}/refused/status"), 1).await;
+    let c = condition(&refused);
+    assert_eq!(c["status"], "False", "{c}");
+    assert_eq!(c["reason"], "RefNotPermitted", "{c}");
+    assert!(
+        c["message"]
+            .as_str()
+            .unwrap()
+            .contains("no ReferenceGrant in namespace backend"),
+        "{c}"
+    );
+}
+
 /// Without the Gateway API route CRDs installed, pilot serves all the same.
 #[tokio::test]
 async fn route_crds_not_installed() {
