@@ -206,6 +206,7 @@ pub enum Object {
     Gateway(Gateway),
     HttpRoute(crate::gateway_api::Route),
     GrpcRoute(crate::gateway_api::Route),
+    ReferenceGrant(crate::reference_grant::ReferenceGrant),
 }
 
 impl Object {
@@ -219,6 +220,7 @@ impl Object {
             Object::DestinationRule(o) => &o.meta,
             Object::Gateway(o) => &o.meta,
             Object::HttpRoute(o) | Object::GrpcRoute(o) => &o.meta,
+            Object::ReferenceGrant(o) => &o.meta,
         }
     }
 
@@ -233,6 +235,7 @@ impl Object {
             Object::Gateway(_) => "Gateway",
             Object::HttpRoute(_) => "HTTPRoute",
             Object::GrpcRoute(_) => "GRPCRoute",
+            Object::ReferenceGrant(_) => "ReferenceGrant",
         }
     }
 }
@@ -317,7 +320,7 @@ pub fn parse_object(value: Value, origin: Origin) -> Result<Option<(Origin, Obje
             | ("networking.istio.io", "VirtualService" | "DestinationRule")
             | (
                 "gateway.networking.k8s.io",
-                "Gateway" | "HTTPRoute" | "GRPCRoute"
+                "Gateway" | "HTTPRoute" | "GRPCRoute" | "ReferenceGrant"
             )
     );
     if !known {
@@ -394,6 +397,9 @@ pub fn parse_object(value: Value, origin: Origin) -> Result<Option<(Origin, Obje
                 RouteKind::Grpc => Object::GrpcRoute(r),
             }
         }
+        "ReferenceGrant" => Object::ReferenceGrant(crate::reference_grant::reference_grant(
+            &origin, meta, spec,
+        )?),
         _ => return Ok(None),
     };
     Ok(Some((origin, object)))

@@ -34,6 +34,8 @@ pub struct Snapshot {
     pub http_routes: BTreeMap<Key, crate::gateway_api::Route>,
     #[serde(serialize_with = "by_name")]
     pub grpc_routes: BTreeMap<Key, crate::gateway_api::Route>,
+    #[serde(serialize_with = "by_name")]
+    pub reference_grants: BTreeMap<Key, crate::reference_grant::ReferenceGrant>,
     /// Invalid objects and conflicts, each naming file, object and field.
     pub problems: Vec<Problem>,
     /// Where each object came from, by kind and key: for problems found after parsing.
@@ -89,6 +91,9 @@ impl Snapshot {
                 Object::GrpcRoute(o) => {
                     s.grpc_routes.insert(key, o);
                 }
+                Object::ReferenceGrant(o) => {
+                    s.reference_grants.insert(key, o);
+                }
             }
         }
         // A route to a subset nobody defines would send traffic nowhere: leave the
@@ -143,6 +148,9 @@ impl Snapshot {
                 "Gateway" => restore(&mut self.gateways, &previous.gateways, &key),
                 "HTTPRoute" => restore(&mut self.http_routes, &previous.http_routes, &key),
                 "GRPCRoute" => restore(&mut self.grpc_routes, &previous.grpc_routes, &key),
+                "ReferenceGrant" => {
+                    restore(&mut self.reference_grants, &previous.reference_grants, &key)
+                }
                 _ => false,
             };
             if !restored {
@@ -210,7 +218,7 @@ const LEFT_OUT: &str = "; the VirtualService is left out";
 /// The kind and key a problem's object names (`Kind ns/name`, `Namespace name`); `None` for a
 /// document that never became an object (`document 3`).
 fn object_key(object: &str) -> Option<(&'static str, Key)> {
-    const KINDS: [&str; 9] = [
+    const KINDS: [&str; 10] = [
         "Namespace",
         "Pod",
         "Service",
@@ -220,6 +228,7 @@ fn object_key(object: &str) -> Option<(&'static str, Key)> {
         "Gateway",
         "HTTPRoute",
         "GRPCRoute",
+        "ReferenceGrant",
     ];
     let (kind, rest) = object.split_once(' ')?;
     let kind = KINDS.into_iter().find(|k| *k == kind)?;

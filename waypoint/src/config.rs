@@ -160,6 +160,8 @@ pub struct ClusterPolicy {
     pub http: CommonHttpOptions,
     /// Client TLS inside the HBONE stream (`transport_socket`).
     pub tls: Option<crate::origination::UpstreamTls>,
+    /// Upstream connection limits and TCP keepalive (see `pool`).
+    pub pool: crate::pool::Limits,
 }
 
 /// Envoy's `common_http_protocol_options` of the upstream HTTP options.
@@ -556,11 +558,13 @@ pub fn cluster(body: &[u8], name: &str) -> Result<(cluster_pb::Cluster, ClusterD
         _ => Vec::new(),
     };
     let protocol = upstream_protocol(&c)?;
+    let http = common_http_options(&c)?;
     let policy = ClusterPolicy {
         lb: balancer::lb_config(&c)?,
         limits: breaker::limits(&c)?,
         outlier: outlier::config(&c)?,
-        http: common_http_options(&c)?,
+        pool: crate::pool::limits(&c, &http)?,
+        http,
         tls: crate::origination::upstream_tls(&c)?,
     };
     let def = ClusterDef {

@@ -79,6 +79,7 @@ pub async fn proxy(
             endpoint.address,
             Some(tunnel.client),
             cluster.connect_timeout,
+            cluster.policy.pool.keepalive,
         )
         .await
     {
