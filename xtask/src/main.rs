@@ -81,6 +81,18 @@ enum Task {
         #[arg(long)]
         seconds: u64,
     },
+    /// The load generator of `soak`, run inside a pod (internal).
+    #[command(hide = true)]
+    SoakClient {
+        #[arg(long)]
+        target: std::net::SocketAddr,
+        #[arg(long)]
+        connections: usize,
+        #[arg(long)]
+        rate: u64,
+        #[arg(long)]
+        seconds: u64,
+    },
     /// One size of `bench xds`, in a fresh process (internal).
     #[command(hide = true)]
     BenchXdsSize {
@@ -107,7 +119,8 @@ enum Task {
         /// Seconds each cycle holds the connections (then closes them and lets ztunnel settle).
         #[arg(long, default_value_t = 120)]
         cycle_seconds: u64,
-        /// Soak release builds (the memory figures of a deployment) instead of debug builds.
+        /// Soak release builds (the memory figures of a deployment) instead of debug builds;
+        /// with ZTUNNEL_BIN set, that binary (and the pilot beside it) instead.
         #[arg(long)]
         release: bool,
     },
@@ -171,6 +184,12 @@ fn main() -> anyhow::Result<()> {
                 }
             }
         }
+        Task::SoakClient {
+            target,
+            connections,
+            rate,
+            seconds,
+        } => soak::client(target, connections, rate, seconds),
         Task::BenchClient { target, seconds } => bench_redirect::client(target, seconds),
         Task::Soak {
             seconds,
@@ -181,7 +200,11 @@ fn main() -> anyhow::Result<()> {
         } => {
             setup::system_packages()?;
             ebpf::build()?;
-            let bin = setup::build_ztunnel(release)?;
+            // A given build (to compare two) when ZTUNNEL_BIN is set, pilot beside it.
+            let bin = match std::env::var_os("ZTUNNEL_BIN") {
+                Some(bin) => std::path::PathBuf::from(bin),
+                None => setup::build_ztunnel(release)?,
+            };
             let options = soak::Options {
                 seconds,
                 connections,
