@@ -268,15 +268,16 @@ impl Node {
                     let (node, w) = (self.clone(), w.clone());
                     let uid = w.uid.clone();
                     let task = tokio::task::spawn_blocking(move || {
+                        let started = std::time::Instant::now();
                         let result = node.enroll(&w);
-                        (w, result)
+                        (w, result, started.elapsed())
                     });
                     (uid, task)
                 })
                 .collect();
             for (uid, task) in started {
                 match task.await {
-                    Ok((w, result)) => self.record(&w, result),
+                    Ok((w, result, took)) => self.record(&w, result, took),
                     Err(e) => {
                         error!(%uid, "enrolling the pod failed: {e}");
                         self.release(&uid);
@@ -311,7 +312,7 @@ impl Node {
 
     /// Record an enrollment's outcome and release the pod's claim, in one step so no pass sees
     /// the pod neither enrolled nor claimed.
-    fn record(&self, w: &Workload, result: Result<Enrolled, String>) {
+    fn record(&self, w: &Workload, result: Result<Enrolled, String>, took: Duration) {
         let (Ok(mut pods), Ok(mut pending), Ok(mut claims)) =
             (self.pods.lock(), self.pending.lock(), self.claims.lock())
         else {
@@ -319,7 +320,8 @@ impl Node {
         };
         match result {
             Ok(e) => {
-                info!(pod = %w.name, uid = %w.uid, netns = %e.netns.display(), capture = self.redirect.name(), "pod enrolled");
+                let took_ms = took.as_secs_f64() * 1e3;
+                info!(pod = %w.name, uid = %w.uid, netns = %e.netns.display(), capture = self.redirect.name(), took_ms, "pod enrolled");
                 pending.remove(&w.uid);
                 pods.insert(w.uid.clone(), e);
             }
