@@ -314,6 +314,44 @@ mod tests {
         assert_eq!(pick_port(|_| true, || 40000), None);
     }
 
+    /// Against the kernel (needs root): in a namespace of the test's own whose `lo` is down,
+    /// the IPv6 route is refused; the error says why and nothing is left half set up.
+    #[test]
+    fn a_failed_setup_names_the_cause_and_undoes_itself() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: needs root for a network namespace");
+            return;
+        }
+        std::thread::spawn(|| {
+            // SAFETY: unshare affects this thread only (CLONE_NEWNET), which ends with the test.
+            assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNET) }, 0);
+            let netns = Path::new("/proc/thread-self/ns/net");
+            let sockets = SocketFactory::open_netns(netns, None).unwrap();
+            let e = PodRouting::setup(netns, &sockets, true).unwrap_err();
+            assert!(
+                e.contains("IPv6 route") && e.contains("`lo` is down"),
+                "{e}"
+            );
+            for path in [FWMARK_ACCEPT, FWMARK_REFLECT[0], FWMARK_REFLECT[1]] {
+                let value = std::fs::read_to_string(path).unwrap();
+                assert_eq!(value.trim(), "0", "{path} put back");
+            }
+            let mut route = Route::open().unwrap();
+            for family in [Family::V4, Family::V6] {
+                let left = route.exchange(crate::netlink::rule_message(&rule(family), false));
+                assert!(left.is_err(), "{family} rule removed");
+            }
+            let left = route.exchange(crate::netlink::delete_default_route(
+                Family::V4,
+                ROUTE_TABLE,
+            ));
+            assert!(left.is_err(), "IPv4 route removed");
+        })
+        .join()
+        .unwrap();
+    }
+
     #[test]
     fn covers_same_family_real_clients_only() {
         let r = PodRouting {
