@@ -23,7 +23,7 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// The transport socket name of Envoy's TLS.
 pub const TLS_TRANSPORT_SOCKET: &str = "envoy.transport_sockets.tls";
 
-fn duration(d: Duration) -> pbw::Duration {
+pub(crate) fn duration(d: Duration) -> pbw::Duration {
     pbw::Duration {
         seconds: d.as_secs() as i64,
         nanos: d.subsec_nanos() as i32,

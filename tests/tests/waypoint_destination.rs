@@ -4,7 +4,10 @@
 //! 503 `UO`, and outlier detection ejecting the pod that answers 500s (traffic then avoids it,
 //! the admin page and the metrics show the ejection).
 
+use std::net::SocketAddr;
 use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use testbed::cluster::Cluster;
 use testbed::waypoint_bed::*;
@@ -382,4 +385,64 @@ async fn connection_pool_limits_at_the_real_waypoint() {
         assert!(!open.contains(p), "retired {p} still open: {open:?}");
     }
     assert_ne!(peer_of(&c, "idle").await, first);
+
+    // 3. tcp.idleTimeout on a TCP port (on the tcp_proxy, as Istio): a quiet connection through
+    // the waypoint is closed after it (Envoy's 1 h before the rule arrives).
+    c.write_pilot_file("dr-web-tcp-idle.yaml", TCP_IDLE_DR)
+        .unwrap();
+    let tcp = SocketAddr::new(WEB_TCP_VIP.into(), 80);
+    let start = std::time::Instant::now();
+    let mut first = true;
+    loop {
+        let mut s = c.connect_from("client", tcp).await.unwrap();
+        s.write_all(b"hello").await.unwrap();
+        let opened = std::time::Instant::now();
+        let mut got = Vec::new();
+        if std::mem::take(&mut first) {
+            // The bed's first TCP connection through the waypoint: its bytes are counted while
+            // it is open.
+            let mut buf = [0u8; 256];
+            while !String::from_utf8_lossy(&got).ends_with("hello") {
+                let n = s.read(&mut buf).await.unwrap();
+                assert!(n > 0, "closed before the echo");
+                got.extend_from_slice(&buf[..n]);
+            }
+            let m = waypoint_metrics(&c).await;
+            let web_tcp = [("destination_service_name", "web-tcp")];
+            let sent = testbed::cluster::sum_metric(&m, "istio_tcp_sent_bytes_total", &web_tcp);
+            let closed =
+                testbed::cluster::sum_metric(&m, "istio_tcp_connections_closed_total", &web_tcp);
+            assert!(sent >= 5.0 && closed == 0.0, "sent {sent}, closed {closed}");
+        }
+        let closed = tokio::time::timeout(Duration::from_secs(4), async {
+            let mut buf = [0u8; 256];
+            while let Ok(n) = s.read(&mut buf).await {
+                if n == 0 {
+                    break;
+                }
+                got.extend_from_slice(&buf[..n]);
+            }
+        })
+        .await
+        .is_ok();
+        if closed {
+            let text = String::from_utf8_lossy(&got);
+            assert!(text.ends_with("hello"), "echoed before the close: {text}");
+            println!("quiet TCP connection closed after {:?}", opened.elapsed());
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "a quiet TCP connection was never closed\n--- waypoint log ---\n{}",
+            waypoint_log(&c)
+        );
+    }
 }
+
+const TCP_IDLE_DR: &str = "apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: web-tcp-idle, namespace: demo}
+spec:
+  host: web-tcp
+  trafficPolicy: {connectionPool: {tcp: {idleTimeout: 1s}}}
+";
