@@ -19,7 +19,7 @@ use crate::ca::CaService;
 use crate::k8s::Problem;
 use crate::model::Snapshot;
 use crate::token_review::TokenReviewer;
-use crate::translate::{MeshOptions, Resources, translate};
+use crate::translate::{MeshOptions, ResourceMap, Resources};
 use crate::xds::server::{AdsService, Registry};
 
 /// DNS names on pilot's serving certificate; clients verify one of them.
@@ -40,6 +40,41 @@ pub struct Published {
     pub waypoints: BTreeMap<String, Arc<Resources>>,
     pub problems: Vec<Problem>,
     pub translate_time: Duration,
+    /// What changed from the previous publication's `resources`, for the connections that
+    /// were in step with it (`None`: the first, or not worked out).
+    pub changes: Option<Arc<Changes>>,
+    /// What the next translation reuses of this one.
+    pub reuse: crate::translate::Reuse,
+}
+
+/// The names a publication changed from the previous one: a connection that was served the
+/// previous `resources` diffs these alone.
+#[derive(Debug)]
+pub struct Changes {
+    /// The previous publication's `resources`, held weakly: only its address is compared (a
+    /// `Weak` keeps that address from being reused).
+    pub from: std::sync::Weak<Resources>,
+    pub names: crate::xds::session::Changed,
+}
+
+/// Give `new` the `Arc`s of `old` where the version is the same (so that unchanged resources
+/// stay one copy, shared by every snapshot and connection), and return the names that were
+/// added, changed or removed, in order.
+pub fn carry_over(old: &ResourceMap, new: &mut ResourceMap) -> Vec<String> {
+    let mut changed = Vec::new();
+    for (name, r) in new.iter_mut() {
+        match old.get(name) {
+            Some(o) if o.version == r.version => {
+                if !Arc::ptr_eq(o, r) {
+                    *r = o.clone();
+                }
+            }
+            _ => changed.push(name.clone()),
+        }
+    }
+    changed.extend(old.keys().filter(|k| !new.contains_key(*k)).cloned());
+    changed.sort_unstable();
+    changed
 }
 
 /// Where the mesh configuration comes from, and with it how callers are authenticated.
@@ -115,9 +150,27 @@ fn publish(
     snapshot: Arc<Snapshot>,
     mesh: &MeshOptions,
     logged: &mut BTreeSet<Problem>,
+    previous: Option<&Published>,
 ) -> Published {
     let start = Instant::now();
-    let t = translate(&snapshot, mesh);
+    let (mut t, reuse) =
+        crate::translate::translate_reusing(&snapshot, mesh, previous.map(|p| &p.reuse));
+    let changes = previous.map(|p| {
+        let old = &p.resources;
+        let mut names = crate::xds::session::Changed::new();
+        names.insert(
+            mesh::proto::ADDRESS_TYPE_URL.to_string(),
+            carry_over(&old.addresses, &mut t.resources.addresses),
+        );
+        names.insert(
+            mesh::proto::AUTHORIZATION_TYPE_URL.to_string(),
+            carry_over(&old.authorizations, &mut t.resources.authorizations),
+        );
+        Arc::new(Changes {
+            from: Arc::downgrade(old),
+            names,
+        })
+    });
     let w = crate::waypoint::translate(&snapshot, mesh);
     let translated: Vec<Problem> = t.problems.iter().chain(&w.problems).cloned().collect();
     for p in not_yet_logged(&translated, logged) {
@@ -137,6 +190,8 @@ fn publish(
         waypoints,
         problems,
         translate_time: start.elapsed(),
+        changes,
+        reuse,
     }
 }
 
@@ -146,9 +201,10 @@ async fn publish_blocking(
     snapshot: Arc<Snapshot>,
     mesh: Arc<MeshOptions>,
     mut logged: BTreeSet<Problem>,
+    previous: Option<Arc<Published>>,
 ) -> anyhow::Result<(Published, BTreeSet<Problem>)> {
     let p = tokio::task::spawn_blocking(move || {
-        let p = publish(snapshot, &mesh, &mut logged);
+        let p = publish(snapshot, &mesh, &mut logged, previous.as_deref());
         (p, logged)
     })
     .await?;
@@ -258,7 +314,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
     };
     let first = snap_rx.borrow_and_update().clone();
     let mesh = Arc::new(cfg.mesh.clone());
-    let (first, mut logged) = publish_blocking(first, mesh.clone(), BTreeSet::new())
+    let (first, mut logged) = publish_blocking(first, mesh.clone(), BTreeSet::new(), None)
         .await
         .context("translating the first snapshot")?;
     let (pub_tx, pub_rx) = watch::channel(Arc::new(first));
@@ -282,17 +338,24 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
                         }
                     }
                 }
-                let p =
-                    match publish_blocking(snap, mesh.clone(), std::mem::take(&mut logged)).await {
-                        Ok((p, l)) => {
-                            logged = l;
-                            p
-                        }
-                        Err(e) => {
-                            warn!("translation failed, the last translation stays: {e}");
-                            continue;
-                        }
-                    };
+                let previous = Some(pub_tx.borrow().clone());
+                let p = match publish_blocking(
+                    snap,
+                    mesh.clone(),
+                    std::mem::take(&mut logged),
+                    previous,
+                )
+                .await
+                {
+                    Ok((p, l)) => {
+                        logged = l;
+                        p
+                    }
+                    Err(e) => {
+                        warn!("translation failed, the last translation stays: {e}");
+                        continue;
+                    }
+                };
                 info!(
                     generation = p.snapshot.generation,
                     addresses = p.resources.addresses.len(),
