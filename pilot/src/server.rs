@@ -327,15 +327,24 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
                 }
                 let snap = snap_rx.borrow_and_update().clone();
                 if let Some(tokens) = &tokens {
-                    for node in snap.nodes() {
-                        if let Err(e) = tokens.node_token(&node) {
-                            warn!(%node, "writing node token: {e}");
+                    // Listing every pod's node and service account takes milliseconds at
+                    // scale: not on an async thread.
+                    let (tokens, snap) = (tokens.clone(), snap.clone());
+                    let written = tokio::task::spawn_blocking(move || {
+                        for node in snap.nodes() {
+                            if let Err(e) = tokens.node_token(&node) {
+                                warn!(%node, "writing node token: {e}");
+                            }
                         }
-                    }
-                    for (ns, sa) in snap.service_accounts() {
-                        if let Err(e) = tokens.workload_token(&ns, &sa) {
-                            warn!(%ns, %sa, "writing workload token: {e}");
+                        for (ns, sa) in snap.service_accounts() {
+                            if let Err(e) = tokens.workload_token(&ns, &sa) {
+                                warn!(%ns, %sa, "writing workload token: {e}");
+                            }
                         }
+                    })
+                    .await;
+                    if let Err(e) = written {
+                        warn!("writing tokens failed: {e}");
                     }
                 }
                 let previous = Some(pub_tx.borrow().clone());

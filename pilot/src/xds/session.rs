@@ -307,6 +307,8 @@ impl Session {
             return (None, Vec::new());
         };
         let mut reply = None;
+        // Names a NACK gave back: the only ones whose state changed for this client.
+        let mut rejected_names: Vec<String> = Vec::new();
         let first = !self.types.contains_key(&req.type_url);
         let t = self.types.entry(req.type_url.clone()).or_default();
         if !req.response_nonce.is_empty() {
@@ -331,6 +333,7 @@ impl Session {
                                 continue;
                             }
                             rejected += 1;
+                            rejected_names.push(name.name().to_string());
                             // The client keeps what it had, unless a later response already
                             // changed that name again.
                             if same(t.client.get(name.name()), after.as_ref()) {
@@ -424,12 +427,21 @@ impl Session {
             let client = &t.client;
             t.acked_diff.retain(|name, _| client.contains(name.name()));
         }
-        let pushes = self.diff(
-            &req.type_url,
-            current,
-            first || !req.resource_names_subscribe.is_empty(),
-            None,
-        );
+        let pushes = if first || dropped || !req.resource_names_subscribe.is_empty() {
+            self.diff(
+                &req.type_url,
+                current,
+                first || !req.resource_names_subscribe.is_empty(),
+                None,
+            )
+        } else {
+            // Only an ACK or NACK: the view is the one last diffed, so only what a NACK gave
+            // back can differ (and a rejected version is not sent again). Diffing the whole
+            // view here would cost O(view) per response, O(view²) over a chunked first push.
+            rejected_names.sort_unstable();
+            rejected_names.dedup();
+            self.diff(&req.type_url, current, false, Some(&rejected_names))
+        };
         (reply, pushes)
     }
 
