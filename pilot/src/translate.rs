@@ -279,7 +279,10 @@ fn translate_with(s: &Snapshot, o: &MeshOptions, previous: Option<&Reuse>) -> (T
     let mut services_out = Vec::with_capacity(s.services.len());
     let mut pods_out = Vec::with_capacity(s.pods.len());
 
-    let mut ip_owner: HashMap<IpAddr, String> = HashMap::new();
+    // Who has each address so far: kind and metadata (named only when there is a conflict).
+    let mut ip_owner: HashMap<IpAddr, (&str, &crate::k8s::Meta)> = HashMap::new();
+    let owner =
+        |(kind, m): &(&str, &crate::k8s::Meta)| format!("{kind} {}/{}", m.namespace, m.name);
     for (key, svc) in &s.services {
         let reused = step(&mut prev_services, key)
             .filter(|(prev, _)| *prev == svc)
@@ -287,8 +290,13 @@ fn translate_with(s: &Snapshot, o: &MeshOptions, previous: Option<&Reuse>) -> (T
         let mut ok = true;
         for ip in &svc.cluster_ips {
             if let Some(prev) = ip_owner.get(ip) {
-                t.problems
-                    .push(conflict("Service", &svc.meta, "spec.clusterIP", ip, prev));
+                t.problems.push(conflict(
+                    "Service",
+                    &svc.meta,
+                    "spec.clusterIP",
+                    ip,
+                    &owner(prev),
+                ));
                 ok = false;
             }
         }
@@ -297,10 +305,7 @@ fn translate_with(s: &Snapshot, o: &MeshOptions, previous: Option<&Reuse>) -> (T
             continue;
         }
         for ip in &svc.cluster_ips {
-            ip_owner.insert(
-                *ip,
-                format!("Service {}/{}", svc.meta.namespace, svc.meta.name),
-            );
+            ip_owner.insert(*ip, ("Service", &svc.meta));
         }
         let resource = reused.unwrap_or_else(|| {
             let msg = service(s, o, svc);
@@ -330,12 +335,12 @@ fn translate_with(s: &Snapshot, o: &MeshOptions, previous: Option<&Reuse>) -> (T
             .find_map(|ip| ip_owner.get(ip).map(|prev| (ip, prev)))
         {
             t.problems
-                .push(conflict("Pod", &pod.meta, "status.podIP", ip, prev));
+                .push(conflict("Pod", &pod.meta, "status.podIP", ip, &owner(prev)));
             pods_out.push(None);
             continue;
         }
         for ip in &pod.ips {
-            ip_owner.insert(*ip, format!("Pod {}/{}", pod.meta.namespace, pod.meta.name));
+            ip_owner.insert(*ip, ("Pod", &pod.meta));
         }
         let resource = reused.unwrap_or_else(|| {
             let w = workload(s, o, pod, &selecting, &label_keys);

@@ -31,6 +31,21 @@ const LARGE: usize = 1_000_000;
 const LARGE_SERVICES: usize = 66_000;
 const LARGE_CLIENTS: usize = 10;
 
+/// The sizes to run: `SIZES`, or the pod counts listed in `XDS_BENCH_PODS` (e.g. `1000,1000000`).
+pub fn sizes() -> anyhow::Result<Vec<usize>> {
+    match std::env::var("XDS_BENCH_PODS") {
+        Ok(list) => list
+            .split(',')
+            .map(|n| {
+                n.trim()
+                    .parse()
+                    .with_context(|| format!("XDS_BENCH_PODS: {n:?} is not a pod count"))
+            })
+            .collect(),
+        Err(_) => Ok(SIZES.to_vec()),
+    }
+}
+
 /// Services at this size.
 fn services_at(pods: usize) -> usize {
     if pods >= LARGE {

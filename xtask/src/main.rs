@@ -112,7 +112,7 @@ fn main() -> anyhow::Result<()> {
         Task::Test { no_install } => test::run(no_install),
         Task::Bench { which, .. } if which == "xds" => {
             let pilot = setup::build_pilot_release()?;
-            bench_xds::run(&pilot, bench_xds::SIZES)
+            bench_xds::run(&pilot, &bench_xds::sizes()?)
         }
         Task::BenchXdsSize { pods, pilot } => runtime()?.block_on(bench_xds::one_size(pilot, pods)),
         Task::Bench {

@@ -370,6 +370,13 @@ impl Session {
                 },
             });
         }
+        // A first push leaves these large and then empty: give the memory back.
+        if t.acked_diff.capacity() > 64 && t.acked_diff.len() * 4 < t.acked_diff.capacity() {
+            t.acked_diff.shrink_to_fit();
+        }
+        if t.pending.capacity() > 64 && t.pending.len() * 4 < t.pending.capacity() {
+            t.pending.shrink_to_fit();
+        }
         if first {
             // A reconnecting client says what it holds; only the difference is sent. The first
             // response goes out even when empty, so the client knows it is in sync.
