@@ -62,17 +62,30 @@ pub struct Changes {
 /// added, changed or removed, in order.
 pub fn carry_over(old: &ResourceMap, new: &mut ResourceMap) -> Vec<String> {
     let mut changed = Vec::new();
+    // Both maps are in name order: one walk over each.
+    let mut before = old.iter().peekable();
     for (name, r) in new.iter_mut() {
-        match old.get(name) {
-            Some(o) if o.version == r.version => {
-                if !Arc::ptr_eq(o, r) {
-                    *r = o.clone();
+        while let Some((gone, _)) = before.peek()
+            && gone.as_str() < name.as_str()
+        {
+            changed.push((*gone).clone());
+            before.next();
+        }
+        match before.peek() {
+            Some((o, prev)) if *o == name => {
+                if prev.version == r.version {
+                    if !Arc::ptr_eq(prev, r) {
+                        *r = (*prev).clone();
+                    }
+                } else {
+                    changed.push(name.clone());
                 }
+                before.next();
             }
             _ => changed.push(name.clone()),
         }
     }
-    changed.extend(old.keys().filter(|k| !new.contains_key(*k)).cloned());
+    changed.extend(before.map(|(gone, _)| gone.clone()));
     changed.sort_unstable();
     changed
 }
@@ -202,8 +215,10 @@ async fn publish_blocking(
     mesh: Arc<MeshOptions>,
     mut logged: BTreeSet<Problem>,
     previous: Option<Arc<Published>>,
+    retired: Option<Arc<Published>>,
 ) -> anyhow::Result<(Published, BTreeSet<Problem>)> {
     let p = tokio::task::spawn_blocking(move || {
+        drop(retired);
         let p = publish(snapshot, &mesh, &mut logged, previous.as_deref());
         (p, logged)
     })
@@ -314,13 +329,14 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
     };
     let first = snap_rx.borrow_and_update().clone();
     let mesh = Arc::new(cfg.mesh.clone());
-    let (first, mut logged) = publish_blocking(first, mesh.clone(), BTreeSet::new(), None)
+    let (first, mut logged) = publish_blocking(first, mesh.clone(), BTreeSet::new(), None, None)
         .await
         .context("translating the first snapshot")?;
     let (pub_tx, pub_rx) = watch::channel(Arc::new(first));
     {
         let tokens = auth.local().cloned();
         tokio::spawn(async move {
+            let mut retired: Option<Arc<Published>> = None;
             loop {
                 if snap_rx.changed().await.is_err() {
                     return;
@@ -331,13 +347,27 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
                     // scale: not on an async thread.
                     let (tokens, snap) = (tokens.clone(), snap.clone());
                     let written = tokio::task::spawn_blocking(move || {
-                        for node in snap.nodes() {
-                            if let Err(e) = tokens.node_token(&node) {
+                        // Borrowed, not copied: one pass over the pods.
+                        let mut nodes = BTreeSet::new();
+                        let mut accounts = BTreeSet::new();
+                        for p in snap.pods.values() {
+                            if !p.node_name.is_empty() {
+                                nodes.insert(p.node_name.as_str());
+                            }
+                            if !p.service_account.is_empty() {
+                                accounts.insert((
+                                    p.meta.namespace.as_str(),
+                                    p.service_account.as_str(),
+                                ));
+                            }
+                        }
+                        for node in nodes {
+                            if let Err(e) = tokens.node_token(node) {
                                 warn!(%node, "writing node token: {e}");
                             }
                         }
-                        for (ns, sa) in snap.service_accounts() {
-                            if let Err(e) = tokens.workload_token(&ns, &sa) {
+                        for (ns, sa) in accounts {
+                            if let Err(e) = tokens.workload_token(ns, sa) {
                                 warn!(%ns, %sa, "writing workload token: {e}");
                             }
                         }
@@ -348,11 +378,15 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
                     }
                 }
                 let previous = Some(pub_tx.borrow().clone());
+                // The publication before that one goes on the blocking thread too: freeing a
+                // large snapshot takes milliseconds.
+                let to_free = retired.take();
                 let p = match publish_blocking(
                     snap,
                     mesh.clone(),
                     std::mem::take(&mut logged),
                     previous,
+                    to_free,
                 )
                 .await
                 {
@@ -372,7 +406,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
                     took = ?p.translate_time,
                     "translated"
                 );
-                pub_tx.send_replace(Arc::new(p));
+                retired = Some(pub_tx.send_replace(Arc::new(p)));
             }
         });
     }
@@ -490,6 +524,25 @@ fn debug_router(published: watch::Receiver<Arc<Published>>, registry: Arc<Regist
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn carry_over_shares_unchanged_resources_and_lists_the_rest() {
+        let r = |name: &str, body: &str| {
+            crate::translate::Resource::new(name.to_string(), &body.to_string())
+        };
+        let old: ResourceMap = [("a", "1"), ("b", "1"), ("c", "1"), ("e", "1")]
+            .into_iter()
+            .map(|(n, b)| (n.to_string(), r(n, b)))
+            .collect();
+        let mut new: ResourceMap = [("b", "1"), ("c", "2"), ("d", "1"), ("e", "1")]
+            .into_iter()
+            .map(|(n, b)| (n.to_string(), r(n, b)))
+            .collect();
+        assert_eq!(carry_over(&old, &mut new), ["a", "c", "d"]);
+        assert!(Arc::ptr_eq(&new["b"], &old["b"]), "unchanged: the old copy");
+        assert!(Arc::ptr_eq(&new["e"], &old["e"]));
+        assert!(!Arc::ptr_eq(&new["c"], &old["c"]));
+    }
 
     #[test]
     fn translation_problems_are_logged_once_per_appearance() {
