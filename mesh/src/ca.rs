@@ -44,7 +44,13 @@ impl DevCa {
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
         dn.push(DnType::OrganizationName, trust_domain);
-        dn.push(DnType::CommonName, "mesh development root");
+        // A name of its own, so that a leaf's issuer says which root signed it while two are
+        // trusted during a rotation.
+        let stamp = time::OffsetDateTime::now_utc().unix_timestamp();
+        dn.push(
+            DnType::CommonName,
+            format!("mesh root {stamp}-{:04x}", fastrand::u16(..)),
+        );
         params.distinguished_name = dn;
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         params.key_usages = vec![
@@ -100,6 +106,18 @@ impl DevCa {
                 path: cert_origin.to_string(),
                 reason: e.to_string(),
             })?;
+        // A key that is not the certificate's would sign leaves nobody can verify.
+        let (_, parsed) =
+            x509_parser::parse_x509_certificate(root_der.as_ref()).map_err(|e| CaError::Pem {
+                path: cert_origin.to_string(),
+                reason: e.to_string(),
+            })?;
+        if parsed.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
+            return Err(CaError::Pem {
+                path: key_origin.to_string(),
+                reason: format!("this key is not the key of the certificate in {cert_origin}"),
+            });
+        }
         let issuer = Issuer::from_ca_cert_pem(&root_pem, key).map_err(|e| CaError::Pem {
             path: cert_origin.to_string(),
             reason: e.to_string(),
@@ -266,6 +284,21 @@ mod tests {
         assert!(eku.server_auth && eku.client_auth);
         let lifetime = cert.not_after.duration_since(cert.not_before).unwrap();
         assert_eq!(lifetime, Duration::from_secs(3660));
+    }
+
+    #[test]
+    fn a_key_that_is_not_the_roots_is_refused() {
+        let (a, b) = (
+            DevCa::generate("cluster.local").unwrap(),
+            DevCa::generate("cluster.local").unwrap(),
+        );
+        assert_ne!(a.root(), b.root(), "each root has a name of its own");
+        let err = DevCa::from_pem(a.root_pem().into(), &b.key_pem(), "a.pem", "b-key.pem")
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("b-key.pem") && err.contains("a.pem"), "{err}");
+        assert!(DevCa::from_pem(a.root_pem().into(), &a.key_pem(), "a", "k").is_ok());
     }
 
     #[test]

@@ -64,6 +64,20 @@ pub struct CertInfo {
     pub not_after: Option<u64>,
     pub refresh_at: Option<u64>,
     pub users: usize,
+    /// The leaf's issuer (which root signed it, while two are trusted during a rotation).
+    pub issuer: Option<String>,
+    /// The subject of every root this certificate's holder trusts.
+    pub roots: Vec<String>,
+}
+
+fn issuer(der: &rustls_pki_types::CertificateDer<'_>) -> Option<String> {
+    let (_, c) = x509_parser::parse_x509_certificate(der.as_ref()).ok()?;
+    Some(c.issuer().to_string())
+}
+
+fn subject(der: &rustls_pki_types::CertificateDer<'_>) -> Option<String> {
+    let (_, c) = x509_parser::parse_x509_certificate(der.as_ref()).ok()?;
+    Some(c.subject().to_string())
 }
 
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
@@ -191,6 +205,11 @@ impl CertCache {
                     not_after: cert.as_ref().and_then(|c| secs(c.not_after)),
                     refresh_at: cert.as_ref().and_then(|c| secs(c.refresh_at())),
                     users: e.users,
+                    issuer: cert.as_ref().and_then(|c| c.chain.first()).and_then(issuer),
+                    roots: cert
+                        .as_ref()
+                        .map(|c| c.roots.iter().filter_map(subject).collect())
+                        .unwrap_or_default(),
                 }
             })
             .collect();

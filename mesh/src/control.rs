@@ -1,4 +1,4 @@
-//! How a proxy reaches the control plane: TLS with the mesh root, the expected server name, and a bearer token read from a file on every connection (so it can be rotated). Several replicas may be named; a client that loses one moves to the next.
+//! How a proxy reaches the control plane: TLS with the mesh root(s) and a bearer token, both read from their files on every connection (so they can be rotated: kubelet updates a mounted ConfigMap or token in place), and the expected server name. Several replicas may be named; a client that loses one moves to the next.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -13,6 +13,9 @@ pub struct ControlPlane {
     pub address: String,
     /// PEM root(s) that sign the control plane's serving certificate.
     pub root_pem: String,
+    /// Where `root_pem` came from: read again on every connection, so that a root rotation
+    /// (the file then holds the old and the new root) reaches a running proxy.
+    pub root_file: Option<PathBuf>,
     /// The name the serving certificate must carry (no DNS here: we dial an address).
     pub server_name: String,
     pub token_file: PathBuf,
@@ -27,6 +30,8 @@ pub enum ControlError {
     },
     #[error("reading token {path}: {error}")]
     Token { path: String, error: std::io::Error },
+    #[error("reading the control plane's root {path}: {error}")]
+    Root { path: String, error: std::io::Error },
     #[error("token in {0} is not a valid header value")]
     BadToken(String),
 }
@@ -57,8 +62,15 @@ impl ControlPlane {
             address: address.to_string(),
             error,
         };
+        let root = match &self.root_file {
+            Some(path) => std::fs::read_to_string(path).map_err(|error| ControlError::Root {
+                path: path.display().to_string(),
+                error,
+            })?,
+            None => self.root_pem.clone(),
+        };
         let tls = ClientTlsConfig::new()
-            .ca_certificate(Certificate::from_pem(&self.root_pem))
+            .ca_certificate(Certificate::from_pem(root))
             .domain_name(&self.server_name);
         Ok(Endpoint::from_shared(address.to_string())
             .map_err(bad)?
@@ -94,6 +106,7 @@ mod tests {
         let cp = ControlPlane {
             address: "https://10.0.0.1:15012, https://10.0.0.2:15012".into(),
             root_pem: String::new(),
+            root_file: None,
             server_name: "pilot".into(),
             token_file: PathBuf::new(),
         };

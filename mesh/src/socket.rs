@@ -241,10 +241,25 @@ const CONNECT_TIMEOUT: Duration = crate::hbone::CONNECT_TIMEOUT;
 /// TCP_NODELAY and keepalive (180 s idle, 180 s interval, 9 probes) on an accepted or connected socket.
 pub fn tune(stream: &TcpStream) -> io::Result<()> {
     stream.set_nodelay(true)?;
+    set_keepalive(stream, None, None, None)
+}
+
+const KEEPALIVE_TIME: Duration = Duration::from_secs(180);
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(180);
+const KEEPALIVE_PROBES: u32 = 9;
+
+/// SO_KEEPALIVE with these settings (idle time before the first probe, interval between
+/// probes, probes before the connection is dropped), each `None` taking `tune`'s.
+pub fn set_keepalive(
+    stream: &TcpStream,
+    time: Option<Duration>,
+    interval: Option<Duration>,
+    probes: Option<u32>,
+) -> io::Result<()> {
     let keepalive = TcpKeepalive::new()
-        .with_time(Duration::from_secs(180))
-        .with_interval(Duration::from_secs(180))
-        .with_retries(9);
+        .with_time(time.unwrap_or(KEEPALIVE_TIME))
+        .with_interval(interval.unwrap_or(KEEPALIVE_INTERVAL))
+        .with_retries(probes.unwrap_or(KEEPALIVE_PROBES));
     SockRef::from(stream).set_tcp_keepalive(&keepalive)
 }
 
@@ -292,5 +307,26 @@ fn setns(fd: i32) -> io::Result<()> {
         Ok(())
     } else {
         Err(io::Error::last_os_error())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn keepalive_settings_reach_the_socket() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let stream = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        tune(&stream).unwrap();
+        let sock = SockRef::from(&stream);
+        assert!(sock.keepalive().unwrap());
+        assert_eq!(sock.tcp_keepalive_time().unwrap(), KEEPALIVE_TIME);
+        set_keepalive(&stream, Some(Duration::from_secs(20)), None, Some(3)).unwrap();
+        assert_eq!(sock.tcp_keepalive_time().unwrap(), Duration::from_secs(20));
+        assert_eq!(sock.tcp_keepalive_interval().unwrap(), KEEPALIVE_INTERVAL);
+        assert_eq!(sock.tcp_keepalive_retries().unwrap(), 3);
     }
 }

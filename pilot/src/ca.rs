@@ -13,6 +13,7 @@ use tonic::{Request, Response, Status};
 use tracing::{info, warn};
 
 use crate::auth::{Authenticator, Caller};
+use crate::roots::{Roots, Stored};
 use crate::server::Published;
 
 /// Metadata key with which a node agent asks for a pod's identity.
@@ -118,8 +119,65 @@ pub async fn root_from_secret(
     }
 }
 
+/// The data of the Secret `istio-ca-secret` in `namespace`, as text by key (for the roots and
+/// their rotation).
+pub async fn secret_stored(client: kube::Client, namespace: &str) -> anyhow::Result<Stored> {
+    use k8s_openapi::api::core::v1::Secret;
+    use kube::api::Api;
+    let api: Api<Secret> = Api::namespaced(client, namespace);
+    let s = api.get(ROOT_SECRET).await?;
+    let mut stored = Stored::new();
+    for (k, v) in s.data.unwrap_or_default() {
+        if let Ok(text) = String::from_utf8(v.0) {
+            stored.insert(k, text);
+        }
+    }
+    Ok(stored)
+}
+
+/// `pilot --source kubernetes rotate-root <step>`: the step applied to the Secret in one
+/// update (refused if the Secret changed meanwhile).
+pub async fn rotate_secret(
+    client: kube::Client,
+    namespace: &str,
+    trust_domain: &str,
+    step: crate::roots::Step,
+) -> anyhow::Result<String> {
+    use k8s_openapi::ByteString;
+    use k8s_openapi::api::core::v1::Secret;
+    use kube::api::{Api, PostParams};
+    let api: Api<Secret> = Api::namespaced(client, namespace);
+    let mut secret = api.get(ROOT_SECRET).await?;
+    let data = secret.data.get_or_insert_with(Default::default);
+    let stored: Stored = data
+        .iter()
+        .filter_map(|(k, v)| Some((k.clone(), String::from_utf8(v.0.clone()).ok()?)))
+        .collect();
+    let names = crate::roots::SECRET;
+    let writes = crate::roots::plan(step, &stored, &names, || Ok(DevCa::generate(trust_domain)?))?;
+    for w in writes {
+        match w {
+            crate::roots::Write::Put(k, text) => {
+                data.insert(k.to_string(), ByteString(text.into_bytes()));
+            }
+            crate::roots::Write::Remove(k) => {
+                data.remove(k);
+            }
+        }
+    }
+    // The resourceVersion read above makes the update fail if another writer came between.
+    api.replace(ROOT_SECRET, &PostParams::default(), &secret)
+        .await?;
+    let after = secret_stored(api.into_client(), namespace).await?;
+    let roots = crate::roots::load(&after, &names, &format!("Secret {namespace}/{ROOT_SECRET}"))?;
+    Ok(format!(
+        "{step:?} done: {} root(s) trusted in Secret {namespace}/{ROOT_SECRET}; wait at least one certificate lifetime before the next step",
+        roots.count()
+    ))
+}
+
 pub struct CaService {
-    pub ca: Arc<DevCa>,
+    pub roots: watch::Receiver<Arc<Roots>>,
     pub auth: Authenticator,
     pub published: watch::Receiver<Arc<Published>>,
     pub trust_domain: String,
@@ -242,13 +300,16 @@ impl IstioCertificateService for CaService {
             d => Duration::from_secs(d as u64),
         }
         .min(self.max_ttl);
-        let leaf = self
-            .ca
+        let roots = self.roots.borrow().clone();
+        let leaf = roots
+            .signing
             .sign_csr(&csr, &requested, ttl)
             .map_err(|e| Status::internal(e.to_string()))?;
         info!(identity = %requested, ?ttl, ?caller, "certificate issued");
+        // The leaf, then every trusted root in one element (during a rotation the old and the
+        // new one), as istiod answers.
         Ok(Response::new(IstioCertificateResponse {
-            cert_chain: vec![leaf, self.ca.root_pem().to_string()],
+            cert_chain: vec![leaf, roots.bundle_pem().to_string()],
         }))
     }
 }

@@ -36,7 +36,7 @@ pub const MAX_DELAY: Duration = Duration::from_secs(1);
 const WAITING_REPORT: Duration = Duration::from_secs(10);
 
 /// The kinds watched, in the order their stores are kept (and objects handed to the model).
-pub const KINDS: [&str; 9] = [
+pub const KINDS: [&str; 10] = [
     "Namespace",
     "Pod",
     "Service",
@@ -46,6 +46,7 @@ pub const KINDS: [&str; 9] = [
     "Gateway",
     "HTTPRoute",
     "GRPCRoute",
+    "ReferenceGrant",
 ];
 
 /// `(API group, resource)` of every kind watched, in `KINDS` order: what pilot's ClusterRole
@@ -64,6 +65,7 @@ pub fn watched_resources() -> Vec<(String, String)> {
         of::<crds::Gateway>(),
         of::<crds::HTTPRoute>(),
         of::<crds::GRPCRoute>(),
+        of::<crds::ReferenceGrant>(),
     ]
 }
 
@@ -132,8 +134,13 @@ pub async fn watch_cluster(client: Client, tx: watch::Sender<Arc<Snapshot>>) {
             updates_tx.clone(),
         )),
         tokio::spawn(watch_kind(
-            Api::<crds::GRPCRoute>::all(client),
+            Api::<crds::GRPCRoute>::all(client.clone()),
             8,
+            updates_tx.clone(),
+        )),
+        tokio::spawn(watch_kind(
+            Api::<crds::ReferenceGrant>::all(client),
+            9,
             updates_tx,
         )),
     ];

@@ -23,7 +23,7 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// The transport socket name of Envoy's TLS.
 pub const TLS_TRANSPORT_SOCKET: &str = "envoy.transport_sockets.tls";
 
-fn duration(d: Duration) -> pbw::Duration {
+pub(crate) fn duration(d: Duration) -> pbw::Duration {
     pbw::Duration {
         seconds: d.as_secs() as i64,
         nanos: d.subsec_nanos() as i32,
@@ -32,6 +32,12 @@ fn duration(d: Duration) -> pbw::Duration {
 
 fn u32_value(v: u32) -> Option<pbw::UInt32Value> {
     Some(pbw::UInt32Value { value: v })
+}
+
+/// Envoy's keepalive time and interval are whole seconds and 0 is not a valid socket option:
+/// a shorter duration becomes 1 s.
+fn keepalive_seconds(d: Duration) -> Option<pbw::UInt32Value> {
+    u32_value(u32::try_from(d.as_secs()).unwrap_or(u32::MAX).max(1))
 }
 
 /// Istio's thresholds for every cluster: everything unlimited (`u32::MAX`) unless the pool
@@ -83,8 +89,8 @@ fn apply_connection_pool(
         c.upstream_connection_options = Some(cluster::UpstreamConnectionOptions {
             tcp_keepalive: Some(core::TcpKeepalive {
                 keepalive_probes: k.probes.and_then(u32_value),
-                keepalive_time: k.time.and_then(|d| u32_value(d.as_secs() as u32)),
-                keepalive_interval: k.interval.and_then(|d| u32_value(d.as_secs() as u32)),
+                keepalive_time: k.time.and_then(keepalive_seconds),
+                keepalive_interval: k.interval.and_then(keepalive_seconds),
             }),
             ..Default::default()
         });
@@ -447,6 +453,11 @@ mod tests {
                     max_connections: 1,
                     connect_timeout: Some(Duration::from_millis(500)),
                     idle_timeout: Some(Duration::from_secs(9)),
+                    tcp_keepalive: Some(crate::routing::TcpKeepalive {
+                        probes: Some(3),
+                        time: Some(Duration::from_millis(300)),
+                        interval: Some(Duration::from_secs(20)),
+                    }),
                     ..Default::default()
                 }),
                 http: Some(HttpPool {
@@ -477,6 +488,18 @@ mod tests {
             "the TCP idle timeout when HTTP has none"
         );
         assert_eq!(common.max_requests_per_connection.unwrap().value, 4);
+        let k = c
+            .upstream_connection_options
+            .as_ref()
+            .and_then(|o| o.tcp_keepalive.as_ref())
+            .unwrap();
+        assert_eq!(k.keepalive_probes.as_ref().unwrap().value, 3);
+        assert_eq!(
+            k.keepalive_time.as_ref().unwrap().value,
+            1,
+            "whole seconds, at least 1"
+        );
+        assert_eq!(k.keepalive_interval.as_ref().unwrap().value, 20);
         let od = c.outlier_detection.as_ref().unwrap();
         assert_eq!(od.consecutive_5xx.as_ref().unwrap().value, 2);
         assert_eq!(od.enforcing_consecutive_5xx.as_ref().unwrap().value, 100);

@@ -115,6 +115,22 @@ pub struct GrpcRouteBody {
     pub spec: serde_json::Value,
 }
 
+/// `gateway.networking.k8s.io/v1beta1` ReferenceGrant.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[kube(
+    group = "gateway.networking.k8s.io",
+    version = "v1beta1",
+    kind = "ReferenceGrant",
+    plural = "referencegrants",
+    namespaced,
+    no_spec,
+    schema = "disabled"
+)]
+pub struct ReferenceGrantBody {
+    #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
+    pub spec: serde_json::Value,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

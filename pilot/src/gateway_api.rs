@@ -21,8 +21,8 @@ use crate::k8s::{Meta, Origin, Problem};
 use crate::model::{Key, Snapshot};
 use crate::routing::{
     At, DerivePort, Destination, DirectResponse, HeaderOperations, Headers, HttpMatch, HttpRoute,
-    Mirror, Redirect, Rewrite, RouteDestination, StringMatch, VirtualService, check_regex, join,
-    spec_at,
+    Mirror, Redirect, Retries, Rewrite, RouteDestination, StringMatch, VirtualService, check_regex,
+    join, spec_at,
 };
 
 /// The Gateway API's group.
@@ -900,13 +900,20 @@ fn resolve(s: &Snapshot, route: &Route, b: &BackendRef, domain: &str) -> (String
             ),
         );
     }
-    if b.namespace != route.meta.namespace {
-        // A ReferenceGrant would allow it; pilot does not read ReferenceGrants yet.
+    let reference = crate::reference_grant::Reference {
+        from: (GROUP, route.kind.kind(), &route.meta.namespace),
+        to: ("", "Service", &b.namespace, &b.name),
+    };
+    if !crate::reference_grant::permitted(s.reference_grants.values(), &reference) {
         return invalid(
             "RefNotPermitted",
             format!(
-                "backend {}/{}: a Service in another namespace needs a ReferenceGrant, which is not supported",
-                b.namespace, b.name
+                "backend {}/{}: no ReferenceGrant in namespace {} lets {}s of namespace {} refer to it",
+                b.namespace,
+                b.name,
+                b.namespace,
+                route.kind.kind(),
+                route.meta.namespace
             ),
         );
     }
@@ -1056,12 +1063,15 @@ fn model_rule(
         direct_response,
         rewrite: rewrite.filter(|r| *r != Rewrite::default()),
         headers: rule.headers.clone(),
-        // Without a retry stanza (not supported yet), `backendRequest` bounds the one
-        // request to the backend: the route's timeout, as Istio does.
-        timeout: match (rule.backend_timeout, rule.timeout) {
-            (Some(b), Some(r)) => Some(b.min(r)),
-            (b, r) => b.or(r),
-        },
+        // `request` bounds the whole exchange, `backendRequest` each request to a backend
+        // (Gateway API): the per-try timeout of the mesh's default retries (HTTPRoute's own
+        // `retry` stanza is not supported), which Envoy also answers 504 `UT`.
+        timeout: rule.timeout,
+        retries: rule.backend_timeout.map(|b| Retries {
+            attempts: crate::route_policy::DEFAULT_RETRY_ATTEMPTS,
+            per_try_timeout: Some(b),
+            ..Default::default()
+        }),
         mirrors,
         gateway_api: true,
         ..Default::default()

@@ -207,6 +207,7 @@ pub enum Object {
     Gateway(Gateway),
     HttpRoute(crate::gateway_api::Route),
     GrpcRoute(crate::gateway_api::Route),
+    ReferenceGrant(crate::reference_grant::ReferenceGrant),
 }
 
 /// Serialize what an `Arc` points to (serde's `rc` feature is not on).
@@ -228,6 +229,7 @@ impl Object {
             Object::DestinationRule(o) => &o.meta,
             Object::Gateway(o) => &o.meta,
             Object::HttpRoute(o) | Object::GrpcRoute(o) => &o.meta,
+            Object::ReferenceGrant(o) => &o.meta,
         }
     }
 
@@ -242,6 +244,7 @@ impl Object {
             Object::Gateway(_) => "Gateway",
             Object::HttpRoute(_) => "HTTPRoute",
             Object::GrpcRoute(_) => "GRPCRoute",
+            Object::ReferenceGrant(_) => "ReferenceGrant",
         }
     }
 }
@@ -326,7 +329,7 @@ pub fn parse_object(value: Value, origin: Origin) -> Result<Option<(Origin, Obje
             | ("networking.istio.io", "VirtualService" | "DestinationRule")
             | (
                 "gateway.networking.k8s.io",
-                "Gateway" | "HTTPRoute" | "GRPCRoute"
+                "Gateway" | "HTTPRoute" | "GRPCRoute" | "ReferenceGrant"
             )
     );
     if !known {
@@ -409,6 +412,9 @@ pub fn parse_object(value: Value, origin: Origin) -> Result<Option<(Origin, Obje
                 RouteKind::Grpc => Object::GrpcRoute(r),
             }
         }
+        "ReferenceGrant" => Object::ReferenceGrant(crate::reference_grant::reference_grant(
+            &origin, meta, spec,
+        )?),
         _ => return Ok(None),
     };
     Ok(Some((origin, object)))

@@ -25,7 +25,7 @@ struct Args {
     #[arg(long, value_enum, default_value_t = SourceKind::Folder)]
     source: SourceKind,
     /// Folder of Kubernetes YAML (Namespaces, Pods, Services, AuthorizationPolicies, …), watched.
-    #[arg(long, required_if_eq("source", "folder"))]
+    #[arg(long)]
     config_dir: Option<PathBuf>,
     /// Kubernetes source: the service account (`namespace/name`) of the node agents (ztunnel),
     /// whose tokens get certificates for the pods on their node.
@@ -68,6 +68,20 @@ struct Args {
     /// Kubernetes source: do not provision waypoint Deployments/Services/ServiceAccounts.
     #[arg(long)]
     no_waypoint_provisioning: bool,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum Command {
+    /// One step of a CA root rotation, on the state folder (`--state-dir`) or, with `--source
+    /// kubernetes`, on the Secret istio-system/istio-ca-secret; a running pilot applies it
+    /// within seconds. Steps, each at least one certificate lifetime after the one before:
+    /// prepare (a new root is trusted), activate (it signs), finish (the old one is dropped).
+    RotateRoot {
+        #[arg(value_enum)]
+        step: pilot::roots::Step,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -90,6 +104,23 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
+    if let Some(Command::RotateRoot { step }) = args.command {
+        let said = match args.source {
+            SourceKind::Folder => {
+                pilot::roots::rotate_folder(&args.state_dir, &args.trust_domain, step)?
+            }
+            SourceKind::Kubernetes => {
+                let config = kube::Config::infer().await.context(
+                    "no Kubernetes configuration (kubeconfig or in-cluster service account)",
+                )?;
+                let client = kube::Client::try_from(config).context("Kubernetes client")?;
+                let ns = MeshOptions::default().root_namespace;
+                pilot::ca::rotate_secret(client, &ns, &args.trust_domain, step).await?
+            }
+        };
+        println!("{said}");
+        return Ok(());
+    }
     let source = match (args.source, args.config_dir) {
         (SourceKind::Folder, Some(dir)) => Source::Folder(dir),
         (SourceKind::Folder, None) => anyhow::bail!("--source folder needs --config-dir"),

@@ -35,6 +35,8 @@ pub struct Snapshot {
     pub http_routes: BTreeMap<Key, crate::gateway_api::Route>,
     #[serde(serialize_with = "by_name")]
     pub grpc_routes: BTreeMap<Key, crate::gateway_api::Route>,
+    #[serde(serialize_with = "by_name")]
+    pub reference_grants: BTreeMap<Key, crate::reference_grant::ReferenceGrant>,
     /// Invalid objects and conflicts, each naming file, object and field.
     pub problems: Vec<Problem>,
     /// Where each object came from, by kind and key: for problems found after parsing.
@@ -90,6 +92,9 @@ impl Snapshot {
                 Object::GrpcRoute(o) => {
                     s.grpc_routes.insert(key, o);
                 }
+                Object::ReferenceGrant(o) => {
+                    s.reference_grants.insert(key, o);
+                }
             }
         }
         // A route to a subset nobody defines would send traffic nowhere: leave the
@@ -144,6 +149,9 @@ impl Snapshot {
                 "Gateway" => restore(&mut self.gateways, &previous.gateways, &key),
                 "HTTPRoute" => restore(&mut self.http_routes, &previous.http_routes, &key),
                 "GRPCRoute" => restore(&mut self.grpc_routes, &previous.grpc_routes, &key),
+                "ReferenceGrant" => {
+                    restore(&mut self.reference_grants, &previous.reference_grants, &key)
+                }
                 _ => false,
             };
             if !restored {
@@ -211,7 +219,7 @@ const LEFT_OUT: &str = "; the VirtualService is left out";
 /// The kind and key a problem's object names (`Kind ns/name`, `Namespace name`); `None` for a
 /// document that never became an object (`document 3`).
 fn object_key(object: &str) -> Option<(&'static str, Key)> {
-    const KINDS: [&str; 9] = [
+    const KINDS: [&str; 10] = [
         "Namespace",
         "Pod",
         "Service",
@@ -221,6 +229,7 @@ fn object_key(object: &str) -> Option<(&'static str, Key)> {
         "Gateway",
         "HTTPRoute",
         "GRPCRoute",
+        "ReferenceGrant",
     ];
     let (kind, rest) = object.split_once(' ')?;
     let kind = KINDS.into_iter().find(|k| *k == kind)?;

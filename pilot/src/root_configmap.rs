@@ -84,8 +84,10 @@ fn seen(cm: &ConfigMap) -> Option<(String, Option<String>)> {
 pub async fn publish(
     client: Client,
     mut snapshots: watch::Receiver<Arc<Snapshot>>,
-    root_pem: String,
+    mut roots: watch::Receiver<Arc<crate::roots::Roots>>,
 ) {
+    // Every trusted root: during a rotation the ConfigMaps carry the old and the new one.
+    let mut root_pem = roots.borrow_and_update().bundle_pem().to_string();
     let api: Api<ConfigMap> = Api::all(client.clone());
     let selector = format!("metadata.name={ROOT_CERT_CONFIGMAP}");
     let events =
@@ -157,6 +159,10 @@ pub async fn publish(
             changed = snapshots.changed() => if changed.is_err() {
                 debug!("snapshot source gone: {ROOT_CERT_CONFIGMAP} publishing stops");
                 return;
+            },
+            changed = roots.changed() => match changed {
+                Ok(()) => root_pem = roots.borrow_and_update().bundle_pem().to_string(),
+                Err(_) => return,
             },
             _ = tokio::time::sleep_until(retry_at.unwrap_or_else(Instant::now)), if retry_at.is_some() => {}
         }

@@ -31,6 +31,9 @@ const PREVIOUS_PRIORITIES: &str = "envoy.retry_priorities.previous_priorities";
 pub const DEFAULT_RETRY_ON: &str =
     "connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes";
 
+/// Retries of Istio's mesh default.
+pub const DEFAULT_RETRY_ATTEMPTS: u32 = 2;
+
 fn duration(d: Duration) -> pbw::Duration {
     pbw::Duration {
         seconds: d.as_secs() as i64,
@@ -42,7 +45,9 @@ fn duration(d: Duration) -> pbw::Duration {
 /// `cancelled` and 503, preferring hosts not tried yet (5 picks at most).
 fn default_policy(hash: bool) -> route::RetryPolicy {
     route::RetryPolicy {
-        num_retries: Some(pbw::UInt32Value { value: 2 }),
+        num_retries: Some(pbw::UInt32Value {
+            value: DEFAULT_RETRY_ATTEMPTS,
+        }),
         retry_on: DEFAULT_RETRY_ON.into(),
         retriable_status_codes: vec![503],
         host_selection_retry_max_attempts: 5,

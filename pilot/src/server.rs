@@ -238,19 +238,52 @@ fn not_yet_logged<'a>(problems: &'a [Problem], logged: &mut BTreeSet<Problem>) -
 /// source that waits for the first list of every kind: serving before would withdraw the
 /// workloads not listed yet from every proxy.
 pub async fn start(cfg: Config) -> anyhow::Result<Running> {
-    let ca = Arc::new(match &cfg.source {
+    // The roots, read again while pilot runs so that a rotation step applies without a
+    // restart (crate::roots).
+    let roots = match &cfg.source {
         Source::Folder(_) => {
-            crate::ca::load_or_create_root(&cfg.state_dir, &cfg.mesh.trust_domain)?
+            crate::ca::load_or_create_root(&cfg.state_dir, &cfg.mesh.trust_domain)?;
+            let dir = cfg.state_dir.clone();
+            let origin = dir.display().to_string();
+            let stored = crate::roots::read_folder(&dir, &crate::roots::FOLDER)?;
+            let roots = crate::roots::load(&stored, &crate::roots::FOLDER, &origin)?;
+            let (tx, rx) = watch::channel(Arc::new(roots));
+            tokio::spawn(crate::roots::watch_store(
+                crate::roots::FOLDER_POLL,
+                crate::roots::FOLDER,
+                origin,
+                async move || {
+                    let dir = dir.clone();
+                    tokio::task::spawn_blocking(move || {
+                        crate::roots::read_folder(&dir, &crate::roots::FOLDER)
+                    })
+                    .await?
+                },
+                tx,
+            ));
+            rx
         }
         // In a cluster the root outlives pilot's pod (and is shared by its replicas).
-        Source::Kubernetes(k) => crate::ca::root_from_secret(
-            k.client.clone(),
-            &cfg.mesh.root_namespace,
-            &cfg.mesh.trust_domain,
-        )
-        .await
-        .context("the CA root")?,
-    });
+        Source::Kubernetes(k) => {
+            let ns = cfg.mesh.root_namespace.clone();
+            crate::ca::root_from_secret(k.client.clone(), &ns, &cfg.mesh.trust_domain)
+                .await
+                .context("the CA root")?;
+            let origin = format!("Secret {ns}/{}", crate::ca::ROOT_SECRET);
+            let stored = crate::ca::secret_stored(k.client.clone(), &ns).await?;
+            let roots = crate::roots::load(&stored, &crate::roots::SECRET, &origin)?;
+            let (tx, rx) = watch::channel(Arc::new(roots));
+            let client = k.client.clone();
+            tokio::spawn(crate::roots::watch_store(
+                crate::roots::SECRET_POLL,
+                crate::roots::SECRET,
+                origin,
+                async move || crate::ca::secret_stored(client.clone(), &ns).await,
+                tx,
+            ));
+            rx
+        }
+    };
     let (mut snap_rx, auth, node_agent) = match &cfg.source {
         Source::Folder(folder) => {
             let tokens = Arc::new(
@@ -298,7 +331,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
             tokio::spawn(crate::root_configmap::publish(
                 k.client.clone(),
                 snap_rx.clone(),
-                ca.root_pem().to_string(),
+                roots.clone(),
             ));
             if let Some(opts) = &k.waypoints {
                 tokio::spawn(crate::provision::provision(
@@ -423,8 +456,9 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
     let names: Vec<String> = SERVER_NAMES.iter().map(|s| s.to_string()).collect();
     // pilot's own certificate lives as long as the longest one it issues, and is renewed at
     // half of that; each new connection gets the current one.
-    let serving = crate::serving::ServingCert::issue(&ca, &names, cfg.max_cert_ttl)?;
-    tokio::spawn(serving.clone().renew_forever(ca.clone()));
+    let serving =
+        crate::serving::ServingCert::issue(&roots.borrow().signing, &names, cfg.max_cert_ttl)?;
+    tokio::spawn(serving.clone().renew_forever(roots.clone()));
     let registry = Arc::new(Registry::default());
     let ads = AdsService {
         auth: auth.clone(),
@@ -432,7 +466,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         registry: registry.clone(),
     };
     let ca_service = CaService {
-        ca: ca.clone(),
+        roots: roots.clone(),
         auth: auth.clone(),
         published: pub_rx.clone(),
         trust_domain: cfg.mesh.trust_domain.clone(),
@@ -473,7 +507,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
     Ok(Running {
         addr,
         debug_addr,
-        root_pem: ca.root_pem().to_string(),
+        root_pem: roots.borrow().bundle_pem().to_string(),
         auth,
         registry,
         published: pub_rx,

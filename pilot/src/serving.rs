@@ -12,7 +12,9 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use tokio::net::TcpListener;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
+
+use crate::roots::Roots;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 use tracing::{debug, info, warn};
@@ -60,14 +62,29 @@ impl ServingCert {
     }
 
     /// Renew at half the lifetime, forever (a failure is retried a minute later).
-    pub async fn renew_forever(self: Arc<Self>, ca: Arc<DevCa>) {
+    /// Renew at half the lifetime, and at once when another root starts signing (a rotation's
+    /// `activate`), so that the serving certificate never outlives the trust in its root.
+    pub async fn renew_forever(self: Arc<Self>, mut roots: watch::Receiver<Arc<Roots>>) {
         let mut wait = self.ttl / 2;
+        let mut signing = roots.borrow_and_update().signing.root().clone();
         loop {
-            tokio::time::sleep(wait).await;
+            tokio::select! {
+                () = tokio::time::sleep(wait) => {}
+                changed = roots.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    let now = roots.borrow_and_update().signing.root().clone();
+                    if now == signing {
+                        continue;
+                    }
+                    signing = now;
+                }
+            }
             let this = self.clone();
-            let ca = ca.clone();
+            let current = roots.borrow().clone();
             // Key generation and signing: milliseconds of CPU, off the async threads.
-            match tokio::task::spawn_blocking(move || this.renew(&ca)).await {
+            match tokio::task::spawn_blocking(move || this.renew(&current.signing)).await {
                 Ok(Ok(())) => {
                     info!(ttl = ?self.ttl, "serving certificate renewed");
                     wait = self.ttl / 2;

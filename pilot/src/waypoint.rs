@@ -1192,9 +1192,21 @@ impl Builder<'_> {
                 }
             }
         };
+        // The destination's `connectionPool.tcp.idleTimeout`, which Istio puts on the
+        // tcp_proxy (unset: Envoy's 1 h).
+        let idle_timeout = match &spec {
+            tcp::tcp_proxy::ClusterSpecifier::Cluster(cluster) => self
+                .clusters
+                .get(cluster)
+                .map(|c| self.traffic_policy(c))
+                .and_then(|p| p.connection_pool?.tcp?.idle_timeout)
+                .map(cluster_policy::duration),
+            _ => None,
+        };
         tcp::TcpProxy {
             stat_prefix: name.to_string(),
             cluster_specifier: Some(spec),
+            idle_timeout,
             ..Default::default()
         }
     }
@@ -2167,6 +2179,28 @@ spec:
                 ("inbound-vip|5432|tcp/v2|web.shop.svc.cluster.local", 30)
             ]
         );
+    }
+
+    #[test]
+    fn a_tcp_idle_timeout_goes_on_the_tcp_proxy() {
+        let (w, _) = waypoint(
+            r#"
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: web-idle, namespace: shop}
+spec:
+  host: web
+  trafficPolicy: {connectionPool: {tcp: {idleTimeout: 90s}}}
+"#,
+        );
+        let l = listener::Listener::decode(w.listeners[WEB_TCP].body.clone()).unwrap();
+        let Some(listener::filter::ConfigType::TypedConfig(any)) =
+            &l.filter_chains[0].filters[0].config_type
+        else {
+            panic!()
+        };
+        let t = tcp::TcpProxy::decode(any.value.as_slice()).unwrap();
+        assert_eq!(t.idle_timeout.map(|d| d.seconds), Some(90), "{t:?}");
     }
 
     #[test]

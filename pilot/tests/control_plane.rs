@@ -45,6 +45,7 @@ impl Env {
         ControlPlane {
             address: format!("https://{}", self.pilot.addr),
             root_pem: self.pilot.root_pem.clone(),
+            root_file: None,
             server_name: "pilot.istio-system.svc".into(),
             token_file,
         }

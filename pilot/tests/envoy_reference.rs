@@ -818,6 +818,7 @@ async fn start_ours(
     let control = ControlPlane {
         address: format!("https://{}", pilot.addr),
         root_pem: pilot.root_pem.clone(),
+        root_file: None,
         server_name: "pilot.istio-system.svc".into(),
         token_file: dir.join("state/tokens/sa/shop.waypoint.token"),
     };

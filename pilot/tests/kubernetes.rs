@@ -644,6 +644,7 @@ async fn xds_and_ca_in_kubernetes_mode() {
         ControlPlane {
             address: format!("https://{}", pilot.addr),
             root_pem: pilot.root_pem.clone(),
+            root_file: None,
             server_name: "pilot.istio-system.svc".into(),
             token_file,
         }
@@ -1267,6 +1268,75 @@ async fn gateway_api_routes_are_watched_and_get_status() {
     assert_eq!(patches_of(&server, &gw_path).len(), 1);
 }
 
+/// ReferenceGrants are watched: a route's backend in another namespace resolves only when a
+/// grant there allows it, and the route's status says RefNotPermitted otherwise.
+#[tokio::test]
+async fn reference_grants_allow_cross_namespace_backends() {
+    let service = |name: &str, ns: &str, ip: &str, labels: Value| {
+        json!({"apiVersion": "v1", "kind": "Service",
+               "metadata": {"name": name, "namespace": ns, "labels": labels},
+               "spec": {"clusterIP": ip, "ports": [{"name": "http", "port": 9080}]}})
+    };
+    let server = server_with(vec![
+        gateway("waypoint", "istio-waypoint"),
+        service(
+            "reviews",
+            "bookinfo",
+            "10.96.0.31",
+            json!({"istio.io/use-waypoint": "waypoint"}),
+        ),
+        service("ratings", "backend", "10.96.1.1", json!({})),
+        service("details", "backend", "10.96.1.2", json!({})),
+        json!({"apiVersion": "gateway.networking.k8s.io/v1beta1", "kind": "ReferenceGrant",
+               "metadata": {"name": "bookinfo-routes", "namespace": "backend"},
+               "spec": {"from": [{"group": "gateway.networking.k8s.io", "kind": "HTTPRoute",
+                                  "namespace": "bookinfo"}],
+                        "to": [{"group": "", "kind": "Service", "name": "ratings"}]}}),
+        route(
+            "HTTPRoute",
+            "granted",
+            json!({"parentRefs": [{"group": "", "kind": "Service", "name": "reviews"}],
+                   "rules": [{"matches": [{"path": {"value": "/ratings"}}],
+                              "backendRefs": [{"name": "ratings", "namespace": "backend", "port": 9080}]}]}),
+        ),
+        route(
+            "HTTPRoute",
+            "refused",
+            json!({"parentRefs": [{"group": "", "kind": "Service", "name": "reviews"}],
+                   "rules": [{"matches": [{"path": {"value": "/details"}}],
+                              "backendRefs": [{"name": "details", "namespace": "backend", "port": 9080}]}]}),
+        ),
+    ])
+    .await;
+    let rx = watch_cluster(&server);
+    let mut model = rx.clone();
+    let snap = until(&mut model, |s| {
+        s.reference_grants.len() == 1 && s.http_routes.len() == 2
+    })
+    .await;
+    assert!(snap.problems.is_empty(), "{:?}", snap.problems);
+    tokio::spawn(pilot::route_status::write_status(
+        server.client(),
+        rx,
+        "cluster.local".into(),
+    ));
+    let base = "/apis/gateway.networking.k8s.io/v1/namespaces/bookinfo/httproutes";
+    let condition = |patches: &[Value]| patches[0]["status"]["parents"][0]["conditions"][1].clone();
+    let granted = until_patches(&server, &format!("{base}/granted/status"), 1).await;
+    assert_eq!(condition(&granted)["status"], "True", "{granted:?}");
+    let refused = until_patches(&server, &format!("{base}/refused/status"), 1).await;
+    let c = condition(&refused);
+    assert_eq!(c["status"], "False", "{c}");
+    assert_eq!(c["reason"], "RefNotPermitted", "{c}");
+    assert!(
+        c["message"]
+            .as_str()
+            .unwrap()
+            .contains("no ReferenceGrant in namespace backend"),
+        "{c}"
+    );
+}
+
 /// Without the Gateway API route CRDs installed, pilot serves all the same.
 #[tokio::test]
 async fn route_crds_not_installed() {
@@ -1316,7 +1386,11 @@ async fn until_root_configmap(server: &ApiServer, ns: &str, root: &str) {
 /// deleted, restored when edited, published in a new namespace; once settled nothing is applied.
 #[tokio::test]
 async fn the_root_configmap_is_in_every_namespace_and_kept_current() {
-    const ROOT: &str = "-----BEGIN CERTIFICATE-----\nMIIBroot\n-----END CERTIFICATE-----\n";
+    let ca = mesh::ca::DevCa::generate("cluster.local").unwrap();
+    let (roots_tx, roots) =
+        tokio::sync::watch::channel(std::sync::Arc::new(pilot::roots::Roots::single(ca)));
+    let root = roots.borrow().bundle_pem().to_string();
+    let root = root.as_str();
     let configmap = |ns: &str, name: &str, pem: &str| {
         json!({"apiVersion": "v1", "kind": "ConfigMap",
                "metadata": {"name": name, "namespace": ns},
@@ -1333,13 +1407,9 @@ async fn the_root_configmap_is_in_every_namespace_and_kept_current() {
     ])
     .await;
     let rx = watch_cluster(&server);
-    tokio::spawn(pilot::root_configmap::publish(
-        server.client(),
-        rx,
-        ROOT.to_string(),
-    ));
-    until_root_configmap(&server, "bookinfo", ROOT).await;
-    until_root_configmap(&server, "shop", ROOT).await;
+    tokio::spawn(pilot::root_configmap::publish(server.client(), rx, roots));
+    until_root_configmap(&server, "bookinfo", root).await;
+    until_root_configmap(&server, "shop", root).await;
     let applied = server.applied();
     let bookinfo = &applied["/api/v1/namespaces/bookinfo/configmaps/istio-ca-root-cert"];
     assert_eq!(bookinfo.field_manager, "pilot");
@@ -1363,10 +1433,23 @@ async fn the_root_configmap_is_in_every_namespace_and_kept_current() {
     assert_eq!(server.apply_requests(), settled);
 
     server.delete("v1", "ConfigMap", "bookinfo", "istio-ca-root-cert");
-    until_root_configmap(&server, "bookinfo", ROOT).await;
+    until_root_configmap(&server, "bookinfo", root).await;
     server.apply(configmap("shop", "istio-ca-root-cert", "edited"));
-    until_root_configmap(&server, "shop", ROOT).await;
+    until_root_configmap(&server, "shop", root).await;
     server.apply(namespace("new"));
-    until_root_configmap(&server, "new", ROOT).await;
+    until_root_configmap(&server, "new", root).await;
+    // A rotation's bundle (the new root and the old one) reaches every ConfigMap.
+    let rotated = pilot::roots::Roots::new(
+        mesh::ca::DevCa::generate("cluster.local").unwrap(),
+        root,
+        "test",
+    )
+    .unwrap();
+    assert_eq!(rotated.count(), 2);
+    let bundle = rotated.bundle_pem().to_string();
+    roots_tx.send_replace(std::sync::Arc::new(rotated));
+    for ns in ["bookinfo", "shop", "new"] {
+        until_root_configmap(&server, ns, &bundle).await;
+    }
     assert!(root_configmap(&server, "kube-system").is_none());
 }

@@ -306,6 +306,8 @@ pub struct ClusterSpec {
     /// A second pilot replica on node 1 (same folder and state directory, started after the
     /// first); ztunnels are given both addresses, node 0's first.
     pub second_pilot: bool,
+    /// Extra pilot flags (e.g. `--max-cert-ttl-secs`).
+    pub pilot_args: Vec<String>,
 }
 
 /// Source preservation's setup in one pod ([`Cluster::source_routing`]).
@@ -694,7 +696,8 @@ impl Cluster {
         self.dir.join("k8s")
     }
 
-    fn pilot_state(&self) -> PathBuf {
+    /// pilot's state folder (its CA root, tokens).
+    pub fn pilot_state(&self) -> PathBuf {
         self.dir.join("pilot")
     }
 
@@ -846,6 +849,7 @@ impl Cluster {
             .arg("127.0.0.1:15014")
             .arg("--nodes")
             .arg(nodes.join(","))
+            .args(&self.spec.pilot_args)
             .env(
                 "RUST_LOG",
                 std::env::var("PILOT_LOG").unwrap_or_else(|_| "info".into()),

@@ -9,7 +9,9 @@
 //! with `fail_every=<n>`, `status` applies to every n-th such request of the pod (the 1st, the
 //! n+1-th, …: `fail_every=2` fails half). `GET /_seen` answers the JSON list of the last 100
 //! requests the pod received (oldest first; `/_seen` itself not included), so a test can see
-//! what reached a pod whose answers nobody reads (a mirror target). A request with `Upgrade` (HTTP/1.1) is answered `101` with the same `Upgrade`
+//! what reached a pod whose answers nobody reads (a mirror target). `GET /_open` answers the
+//! JSON list of the peers of the pod's open connections (the asking one left out), so a test
+//! can see a proxy's upstream connections come and go. A request with `Upgrade` (HTTP/1.1) is answered `101` with the same `Upgrade`
 //! value, and the connection then echoes bytes until the client half-closes. A gRPC request
 //! (`content-type: application/grpc…`, any method path) is answered as a unary call: `200`, one
 //! length-prefixed message holding the same JSON, and trailers `grpc-status` (0, or the
@@ -52,6 +54,15 @@ pub struct Echo {
 /// Serve one accepted connection until the client closes it.
 pub async fn serve(tcp: TcpStream, pod: Arc<str>, peer: SocketAddr) {
     let _ = tcp.set_nodelay(true);
+    /// Takes the connection off the pod's open list however serving ends.
+    struct Open(Arc<str>, SocketAddr);
+    impl Drop for Open {
+        fn drop(&mut self) {
+            pod_log(&self.0, |log| log.open.remove(&self.1));
+        }
+    }
+    pod_log(&pod, |log| log.open.insert(peer));
+    let _open = Open(pod.clone(), peer);
     let service = hyper::service::service_fn(move |req| {
         let pod = pod.clone();
         async move { Ok::<_, Infallible>(answer(req, &pod, peer).await) }
@@ -75,6 +86,8 @@ const SEEN: usize = 100;
 struct PodLog {
     seen: VecDeque<Echo>,
     counted: u64,
+    /// Peers of the connections open now.
+    open: std::collections::BTreeSet<SocketAddr>,
 }
 
 /// Every pod's log; the pods of a test bed are served by one process.
@@ -121,6 +134,21 @@ async fn answer(mut req: Request<Incoming>, pod: &str, peer: SocketAddr) -> Resp
         .unwrap_or_default();
     let query = parts.uri.query().unwrap_or_default();
     let echo = describe(pod, &parts, peer, &body);
+    if parts.uri.path() == "/_open" {
+        let open: Vec<String> = pod_log(pod, |log| {
+            log.open
+                .iter()
+                .filter(|p| **p != peer)
+                .map(|p| p.to_string())
+                .collect()
+        });
+        let mut rsp = Response::new(full(serde_json::to_vec(&open).unwrap_or_default()));
+        rsp.headers_mut().insert(
+            header::CONTENT_TYPE,
+            header::HeaderValue::from_static("application/json"),
+        );
+        return rsp;
+    }
     if parts.uri.path() == "/_seen" {
         let seen = pod_log(pod, |log| serde_json::to_vec(&log.seen).unwrap_or_default());
         let mut rsp = Response::new(full(seen));
@@ -432,6 +460,38 @@ mod tests {
         assert_eq!(seen.len(), 5, "{seen:?}");
         assert_eq!(seen[0]["path"], "/a?status=500&status_pod=other");
         assert!(seen.iter().all(|e| e["pod"] == "pod-flaky"));
+    }
+
+    #[tokio::test]
+    async fn open_connections_are_listed() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((s, peer)) = listener.accept().await {
+                tokio::spawn(serve(s, Arc::from("pod-open"), peer));
+            }
+        });
+        let held = TcpStream::connect(addr).await.unwrap();
+        let held_peer = held.local_addr().unwrap().to_string();
+        let open = |body: String| serde_json::from_str::<Vec<String>>(&body).unwrap();
+        let mut listed = Vec::new();
+        for _ in 0..50 {
+            listed = open(get(addr, "/_open").await.1);
+            if !listed.is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(listed, [held_peer], "the asking connection left out");
+        drop(held);
+        for _ in 0..50 {
+            listed = open(get(addr, "/_open").await.1);
+            if listed.is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(listed.is_empty(), "{listed:?}");
     }
 
     async fn futures_statuses(addr: SocketAddr, path: &str, n: usize) -> Vec<u16> {

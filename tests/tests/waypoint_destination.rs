@@ -4,7 +4,10 @@
 //! 503 `UO`, and outlier detection ejecting the pod that answers 500s (traffic then avoids it,
 //! the admin page and the metrics show the ejection).
 
+use std::net::SocketAddr;
 use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use testbed::cluster::Cluster;
 use testbed::waypoint_bed::*;
@@ -247,3 +250,182 @@ async fn hashing_pool_overflow_and_outlier_ejection_at_the_real_waypoint() {
         assert_eq!(j["pod"], "web-v1", "the ejection survives the push");
     }
 }
+
+/// Connection-pool limits the waypoint applies to its upstream HTTP connections, seen from the
+/// pod: `once` (maxRequestsPerConnection: 1) gives every request a connection of its own;
+/// `idle` (idleTimeout: 1s, a TCP keepalive) reuses one connection, closed after a second
+/// without requests.
+const POOL_DR: &str = "apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: web, namespace: demo}
+spec:
+  host: web
+  subsets:
+  - name: once
+    labels: {version: v1}
+    trafficPolicy: {connectionPool: {http: {maxRequestsPerConnection: 1}}}
+  - name: idle
+    labels: {version: v1}
+    trafficPolicy:
+      connectionPool:
+        tcp: {tcpKeepalive: {time: 30s, interval: 5s, probes: 4}}
+        http: {idleTimeout: 1s}
+";
+
+const POOL_VS: &str = "apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: web, namespace: demo}
+spec:
+  hosts: [web]
+  http:
+  - match: [{headers: {x-case: {exact: once}}}]
+    headers: {response: {set: {x-subset: once}}}
+    route: [{destination: {host: web, subset: once}}]
+  - match: [{headers: {x-case: {exact: idle}}}]
+    headers: {response: {set: {x-subset: idle}}}
+    route: [{destination: {host: web, subset: idle}}]
+  - route: [{destination: {host: web}}]
+";
+
+const ONCE_CLUSTER: &str = "inbound-vip|80|http/once|web.demo.svc.cluster.local";
+const IDLE_CLUSTER: &str = "inbound-vip|80|http/idle|web.demo.svc.cluster.local";
+
+/// The peers of the connections open to `pod`'s HTTP app (the asking one left out).
+async fn open_connections(c: &Cluster, pod: &str) -> Vec<String> {
+    let (status, body) = c
+        .pod_http_get(pod, testbed::cluster::HTTP_PORT, "/_open")
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    serde_json::from_str(&body).unwrap()
+}
+
+/// The `peer` the app saw for one request through the waypoint with `x-case: case`.
+async fn peer_of(c: &Cluster, case: &str) -> String {
+    let (a, j) = get_web(c, "client", "/", &[("x-case", case)]).await;
+    assert_eq!(a.status, 200, "{a:?}");
+    assert_eq!(header(&a, "x-subset"), Some(case), "{a:?}");
+    assert_eq!(j["pod"], "web-v1");
+    j["peer"].as_str().unwrap().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn connection_pool_limits_at_the_real_waypoint() {
+    if !testbed::can_run() {
+        return;
+    }
+    let c = Cluster::start(real_spec_with(false)).await.unwrap();
+    c.write_pilot_file("dr-web.yaml", POOL_DR).unwrap();
+    c.write_pilot_file("vs-web.yaml", POOL_VS).unwrap();
+    // Both subsets' routes and clusters at the waypoint.
+    let start = std::time::Instant::now();
+    loop {
+        let mut ready = true;
+        for case in ["once", "idle"] {
+            let a = c
+                .http_get_from("client", web(), "web", "/", &[("x-case", case)])
+                .await;
+            ready &= a.is_ok_and(|a| a.status == 200 && header(&a, "x-subset") == Some(case));
+        }
+        if ready {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "the subsets never arrived\n--- waypoint log ---\n{}",
+            waypoint_log(&c)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // The limits in force, on the admin page.
+    let (status, clusters) = c
+        .pod_http_get("waypoint-a", 15000, "/clusters")
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    let clusters: serde_json::Value = serde_json::from_str(&clusters).unwrap();
+    let pool_of = |name: &str| {
+        clusters["clusters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == name)
+            .unwrap_or_else(|| panic!("no {name}: {clusters}"))["connection_pool"]
+            .clone()
+    };
+    assert_eq!(pool_of(ONCE_CLUSTER)["max_requests_per_connection"], 1);
+    let idle = pool_of(IDLE_CLUSTER);
+    assert_eq!(idle["idle_timeout"], "1s", "{idle}");
+    assert_eq!(
+        idle["tcp_keepalive"],
+        serde_json::json!({"keepalive_probes": 4, "keepalive_time": "30s", "keepalive_interval": "5s"})
+    );
+
+    // 1. maxRequestsPerConnection: 1: a connection per request.
+    let mut once = Vec::new();
+    for _ in 0..4 {
+        once.push(peer_of(&c, "once").await);
+    }
+    let distinct: std::collections::BTreeSet<_> = once.iter().collect();
+    assert_eq!(distinct.len(), 4, "{once:?}");
+
+    // 2. The idle subset keeps its connection between requests...
+    let first = peer_of(&c, "idle").await;
+    for _ in 0..3 {
+        assert_eq!(peer_of(&c, "idle").await, first);
+    }
+    let open = open_connections(&c, "web-v1").await;
+    assert!(open.contains(&first), "{first} not open: {open:?}");
+    // ...and closes it after a second without requests; the retired ones are closed too.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let open = open_connections(&c, "web-v1").await;
+    assert!(!open.contains(&first), "{first} still open: {open:?}");
+    for p in &once {
+        assert!(!open.contains(p), "retired {p} still open: {open:?}");
+    }
+    assert_ne!(peer_of(&c, "idle").await, first);
+
+    // 3. tcp.idleTimeout on a TCP port (on the tcp_proxy, as Istio): a quiet connection through
+    // the waypoint is closed after it (Envoy's 1 h before the rule arrives).
+    c.write_pilot_file("dr-web-tcp-idle.yaml", TCP_IDLE_DR)
+        .unwrap();
+    let tcp = SocketAddr::new(WEB_TCP_VIP.into(), 80);
+    let start = std::time::Instant::now();
+    loop {
+        let mut s = c.connect_from("client", tcp).await.unwrap();
+        s.write_all(b"hello").await.unwrap();
+        let opened = std::time::Instant::now();
+        let mut got = Vec::new();
+        let closed = tokio::time::timeout(Duration::from_secs(4), async {
+            let mut buf = [0u8; 256];
+            while let Ok(n) = s.read(&mut buf).await {
+                if n == 0 {
+                    break;
+                }
+                got.extend_from_slice(&buf[..n]);
+            }
+        })
+        .await
+        .is_ok();
+        if closed {
+            let text = String::from_utf8_lossy(&got);
+            assert!(text.ends_with("hello"), "echoed before the close: {text}");
+            println!("quiet TCP connection closed after {:?}", opened.elapsed());
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "a quiet TCP connection was never closed\n--- waypoint log ---\n{}",
+            waypoint_log(&c)
+        );
+    }
+}
+
+const TCP_IDLE_DR: &str = "apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: web-tcp-idle, namespace: demo}
+spec:
+  host: web-tcp
+  trafficPolicy: {connectionPool: {tcp: {idleTimeout: 1s}}}
+";

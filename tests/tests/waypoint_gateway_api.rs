@@ -1,11 +1,13 @@
 //! End-to-end: Gateway API routes (HTTPRoute, GRPCRoute) attached to services bound to the
 //! real waypoint, on the test bed with pilot's folder source: header match, weighted backends,
-//! header modifiers, URL rewrite, a backend that does not resolve (500), a VirtualService for
-//! the same service reported (not merged), and gRPC routed by service/method.
+//! header modifiers, URL rewrite, a backend that does not resolve (500),
+//! `timeouts.backendRequest` (504 for a slow backend), a backend in another namespace (500
+//! until a ReferenceGrant there allows it), a VirtualService for the same service reported (not
+//! merged), and gRPC routed by service/method.
 
 use std::net::SocketAddr;
 
-use testbed::cluster::{Cluster, HTTP_PORT};
+use testbed::cluster::{Cluster, HTTP_PORT, PodDef, ServiceDef};
 use testbed::waypoint_bed::*;
 
 /// `web-v1` / `web-v2`: one Service per version of the `web` pods (Gateway API backends are
@@ -40,8 +42,24 @@ spec:
   - name: broken
     matches: [{path: {type: Exact, value: /broken}}]
     backendRefs: [{name: ghost, port: 80}]
+  - name: cross
+    matches: [{path: {type: PathPrefix, value: /cross}}]
+    backendRefs: [{name: ratings, namespace: backend, port: 80}]
+  - name: slow
+    matches: [{path: {type: PathPrefix, value: /slow}}]
+    backendRefs: [{name: web-v1, port: 80}]
+    timeouts: {request: 5s, backendRequest: 300ms}
   - name: split
     backendRefs: [{name: web-v1, port: 80, weight: 3}, {name: web-v2, port: 80, weight: 1}]
+"#;
+
+/// Lets HTTPRoutes of `demo` send to Service `ratings` of namespace `backend`.
+const RATINGS_GRANT: &str = r#"apiVersion: gateway.networking.k8s.io/v1beta1
+kind: ReferenceGrant
+metadata: {name: demo-routes, namespace: backend}
+spec:
+  from: [{group: gateway.networking.k8s.io, kind: HTTPRoute, namespace: demo}]
+  to: [{group: "", kind: Service, name: ratings}]
 "#;
 
 const GRPC_ROUTE: &str = r#"apiVersion: gateway.networking.k8s.io/v1
@@ -85,6 +103,20 @@ async fn gateway_api_routes_through_the_real_waypoint() {
     }
     let mut spec = real_spec();
     spec.pilot_yaml += &version_services();
+    // A pod and its Service in namespace `backend`, for a cross-namespace backendRef.
+    let mut ratings = PodDef::new("ratings-1", "ratings", 1, true);
+    ratings.namespace = "backend".into();
+    spec.pods.push(ratings);
+    spec.services.push(ServiceDef {
+        name: "ratings".into(),
+        namespace: "backend".into(),
+        vip: std::net::Ipv4Addr::new(10, 96, 0, 60),
+        vip6: None,
+        target_port: HTTP_PORT,
+        app: "ratings".into(),
+        port_name: "http".into(),
+        ..ServiceDef::echo()
+    });
     let c = Cluster::start(spec).await.unwrap();
     c.write_pilot_file("route-web.yaml", WEB_ROUTE).unwrap();
     let took = until_status(&c, "/broken", 500).await;
@@ -117,6 +149,37 @@ async fn gateway_api_routes_through_the_real_waypoint() {
     assert_eq!(a.status, 200, "{a:?}");
     assert_eq!(j["path"], "/oldish", "{j}");
     assert_eq!(j["authority"], "web", "{j}");
+
+    // A backend in another namespace: refused (500) until a ReferenceGrant there allows it.
+    let (a, _) = get_web(&c, "client", "/cross", &[]).await;
+    assert_eq!(a.status, 500, "{a:?}");
+    let p = until_problem(&c, "no ReferenceGrant in namespace backend").await;
+    assert!(p.contains("spec.rules[3].backendRefs[0]"), "{p}");
+    c.write_pilot_file("grant-ratings.yaml", RATINGS_GRANT)
+        .unwrap();
+    let start = std::time::Instant::now();
+    loop {
+        let (a, j) = get_web(&c, "client", "/cross", &[]).await;
+        if a.status == 200 {
+            assert_eq!(j["pod"], "ratings-1", "{j}");
+            break;
+        }
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(20),
+            "the ReferenceGrant never applied: {a:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+
+    // timeouts.backendRequest bounds each request to the backend: Envoy's 504 for a slow one.
+    let (a, _) = get_web(&c, "client", "/slow/ok", &[]).await;
+    assert_eq!(a.status, 200, "{a:?}");
+    let start = std::time::Instant::now();
+    let (a, _) = get_web(&c, "client", "/slow/late?delay_ms=1500", &[]).await;
+    let took = start.elapsed();
+    assert_eq!(a.status, 504, "{a:?}");
+    assert_eq!(String::from_utf8_lossy(&a.body), "upstream request timeout");
+    assert!(took < std::time::Duration::from_millis(1200), "{took:?}");
 
     // Weighted backends, 3:1.
     let mut v1 = 0;

@@ -96,6 +96,7 @@ pub fn clusters(config: &Config) -> Value {
                     "max_retries": l.max_retries, "active_retries": retries,
                 },
                 "outlier_detection": c.policy.outlier.is_some(),
+                "connection_pool": connection_pool(&c.policy.pool),
                 "endpoints": c.endpoints.iter().enumerate().map(|(i, e)| {
                     let host = &c.hosts[i];
                     let o = host.outlier.snapshot();
@@ -119,6 +120,22 @@ pub fn clusters(config: &Config) -> Value {
         })
         .collect();
     json!({ "clusters": list })
+}
+
+/// The upstream connection limits in force (absent fields: none given by the cluster).
+fn connection_pool(l: &crate::pool::Limits) -> Value {
+    let secs = |d: Option<std::time::Duration>| d.map(|d| format!("{}s", d.as_secs_f64()));
+    json!({
+        "idle_timeout": secs(l.idle_timeout),
+        "max_requests_per_connection": l.max_requests_per_connection,
+        "max_connection_duration": secs(l.max_connection_duration),
+        "max_concurrent_streams": l.max_concurrent_streams,
+        "tcp_keepalive": l.keepalive.map(|k| json!({
+            "keepalive_probes": k.probes,
+            "keepalive_time": secs(k.time),
+            "keepalive_interval": secs(k.interval),
+        })),
+    })
 }
 
 fn listeners(config: &Config) -> Value {

@@ -103,6 +103,9 @@ pub enum ListenerKind {
     Tcp {
         clusters: Vec<(String, u32)>,
         rbac: Vec<crate::rbac::RbacFilter>,
+        /// The connection ends when neither side has sent for this long (Envoy's
+        /// `idle_timeout`: 1 h when not set, none when 0).
+        idle_timeout: Option<Duration>,
     },
 }
 
@@ -160,6 +163,8 @@ pub struct ClusterPolicy {
     pub http: CommonHttpOptions,
     /// Client TLS inside the HBONE stream (`transport_socket`).
     pub tls: Option<crate::origination::UpstreamTls>,
+    /// Upstream connection limits and TCP keepalive (see `pool`).
+    pub pool: crate::pool::Limits,
 }
 
 /// Envoy's `common_http_protocol_options` of the upstream HTTP options.
@@ -556,11 +561,13 @@ pub fn cluster(body: &[u8], name: &str) -> Result<(cluster_pb::Cluster, ClusterD
         _ => Vec::new(),
     };
     let protocol = upstream_protocol(&c)?;
+    let http = common_http_options(&c)?;
     let policy = ClusterPolicy {
         lb: balancer::lb_config(&c)?,
         limits: breaker::limits(&c)?,
         outlier: outlier::config(&c)?,
-        http: common_http_options(&c)?,
+        pool: crate::pool::limits(&c, &http)?,
+        http,
         tls: crate::origination::upstream_tls(&c)?,
     };
     let def = ClusterDef {
@@ -786,6 +793,9 @@ fn http_filters(list: &[hcm::HttpFilter]) -> Result<HttpFilters, String> {
     Ok(filters)
 }
 
+/// Envoy's tcp_proxy idle timeout when the resource sets none.
+pub const TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
+
 fn tcp_listener(body: &[u8], rbac: Vec<crate::rbac::RbacFilter>) -> Result<ListenerKind, String> {
     use tcp_proxy::tcp_proxy::ClusterSpecifier;
     let t = tcp_proxy::TcpProxy::decode(body).map_err(|e| format!("undecodable TcpProxy: {e}"))?;
@@ -808,7 +818,18 @@ fn tcp_listener(body: &[u8], rbac: Vec<crate::rbac::RbacFilter>) -> Result<Liste
     if t.tunneling_config.is_some() {
         return Err("tunneling_config: not supported".into());
     }
-    Ok(ListenerKind::Tcp { clusters, rbac })
+    let idle_timeout = match &t.idle_timeout {
+        None => Some(TCP_IDLE_TIMEOUT),
+        Some(d) => {
+            let d = crate::retry::proto_duration(d).map_err(|e| format!("idle_timeout: {e}"))?;
+            (!d.is_zero()).then_some(d)
+        }
+    };
+    Ok(ListenerKind::Tcp {
+        clusters,
+        rbac,
+        idle_timeout,
+    })
 }
 
 /// Weighted choice among TCP clusters for a random draw `r`.
@@ -988,7 +1009,12 @@ pub(crate) mod tests {
             &[("a", 1), ("b", 0)],
         );
         let (_, conv) = listener(&t.encode_to_vec(), &t.name).unwrap();
-        let ListenerKind::Tcp { clusters, .. } = &conv.kind else {
+        let ListenerKind::Tcp {
+            clusters,
+            idle_timeout,
+            ..
+        } = &conv.kind
+        else {
             panic!()
         };
         assert_eq!(
@@ -996,6 +1022,7 @@ pub(crate) mod tests {
             &[("a".to_string(), 1)],
             "weight-0 clusters dropped"
         );
+        assert_eq!(*idle_timeout, Some(TCP_IDLE_TIMEOUT), "Envoy's default");
 
         let config = Config::new(
             [("x".to_string(), Arc::new(conv))].into(),

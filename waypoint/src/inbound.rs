@@ -111,8 +111,22 @@ impl Handler for Inbound {
                 )
                 .await;
             }
-            ListenerKind::Tcp { clusters, rbac } => {
-                crate::tcp::proxy(&self.waypoint, &config, &tunnel, clusters, rbac, stream).await;
+            ListenerKind::Tcp {
+                clusters,
+                rbac,
+                idle_timeout,
+            } => {
+                let idle = *idle_timeout;
+                crate::tcp::proxy(
+                    &self.waypoint,
+                    &config,
+                    &tunnel,
+                    clusters,
+                    rbac,
+                    idle,
+                    stream,
+                )
+                .await;
             }
         }
     }

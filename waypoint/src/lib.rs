@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod mirror;
 pub mod origination;
 pub mod outlier;
+pub mod pool;
 pub mod rbac;
 pub mod request;
 pub mod retry;

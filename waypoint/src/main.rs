@@ -115,6 +115,7 @@ async fn run(args: Args, logs: waypoint::log_writer::LogWriter) -> anyhow::Resul
     let control = ControlPlane {
         address: args.xds_address.clone(),
         root_pem,
+        root_file: Some(args.xds_root_cert.clone()),
         server_name: args.xds_server_name.clone(),
         token_file: args.xds_token_file.clone(),
     };

@@ -203,7 +203,7 @@ impl Body for MirrorBody {
 /// how it went.
 pub fn spawn<F, E>(send: F, endpoint: SocketAddr, timeout: Duration, outcome: Outcome)
 where
-    F: std::future::Future<Output = Result<http::Response<hyper::body::Incoming>, E>>
+    F: std::future::Future<Output = Result<http::Response<crate::upstream::UpstreamBody>, E>>
         + Send
         + 'static,
     E: std::fmt::Display,

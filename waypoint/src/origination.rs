@@ -1,7 +1,9 @@
 //! TLS origination to the endpoints inside the HBONE stream (DestinationRule `tls` SIMPLE /
 //! MUTUAL, sent by pilot as Envoy's `envoy.transport_sockets.tls` UpstreamTlsContext with the
-//! PEM inlined): the client config is built once per Cluster resource; each request on such a
-//! cluster opens its own CONNECT stream, TLS session and HTTP connection (no keep-alive pool).
+//! PEM inlined): the client config is built once per Cluster resource. Requests on such a
+//! cluster use kept-alive connections of the upstream pool (`upstream`, keyed by endpoint, these
+//! TLS settings and the cluster's limits); a request that switches protocols (WebSocket) opens
+//! its own CONNECT stream, TLS session and HTTP connection here.
 
 use std::hash::{Hash, Hasher};
 use std::net::SocketAddr;
@@ -22,8 +24,9 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime, pem
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
 use tracing::debug;
 
+use crate::pool::Limits;
 use crate::request::RequestBody;
-use crate::upstream::{Protocol, Upstream, UpstreamError};
+use crate::upstream::{Protocol, Upstream, UpstreamBody, UpstreamError};
 
 const TLS_SOCKET: &str = "envoy.transport_sockets.tls";
 const UPSTREAM_TLS_CONTEXT: &str =
@@ -47,6 +50,13 @@ impl std::fmt::Debug for UpstreamTls {
             .field("server_name", &self.server_name)
             .field("verified", &self.verified)
             .finish()
+    }
+}
+
+impl UpstreamTls {
+    /// Identifies the settings (two clusters with the same TLS resource share connections).
+    pub fn digest(&self) -> u64 {
+        self.digest
     }
 }
 
@@ -246,8 +256,8 @@ where
 }
 
 /// One request to `endpoint` over a CONNECT stream of its own, through TLS (`upgrade`: the
-/// client, for `forwarded`, when the request asks to switch protocols). The arguments are
-/// those of `Upstream::send` plus the TLS.
+/// client, for `forwarded`, when the request asks to switch protocols): for upgrades, whose
+/// connection then belongs to the two ends. The arguments are those of `Upstream::send`.
 #[allow(clippy::too_many_arguments)]
 pub async fn send(
     upstream: &Upstream,
@@ -255,12 +265,15 @@ pub async fn send(
     endpoint: SocketAddr,
     protocol: Protocol,
     timeout: Duration,
+    limits: &Limits,
     tls: &UpstreamTls,
     upgrade: Option<SocketAddr>,
     req: http::Request<RequestBody>,
-) -> Result<http::Response<hyper::body::Incoming>, UpstreamError> {
+) -> Result<http::Response<UpstreamBody>, UpstreamError> {
     let http_err = |source| UpstreamError::Http { endpoint, source };
-    let stream = upstream.connect(state, endpoint, upgrade, timeout).await?;
+    let stream = upstream
+        .connect(state, endpoint, upgrade, timeout, limits.keepalive)
+        .await?;
     let tls_stream = tokio::time::timeout(timeout, handshake(tls, H2Io::new(stream), endpoint))
         .await
         .map_err(|_| UpstreamError::Timeout(endpoint))?
@@ -277,7 +290,8 @@ pub async fn send(
                     debug!(%endpoint, "upstream TLS HTTP/1.1 connection: {e}");
                 }
             });
-            sender.send_request(req).await.map_err(http_err)
+            let rsp = sender.send_request(req).await.map_err(http_err)?;
+            Ok(rsp.map(UpstreamBody::unpooled))
         }
         Protocol::Http2 => {
             let (mut sender, conn) = http2::Builder::new(TokioExecutor::new())
@@ -289,7 +303,8 @@ pub async fn send(
                     debug!(%endpoint, "upstream TLS HTTP/2 connection: {e}");
                 }
             });
-            sender.send_request(req).await.map_err(http_err)
+            let rsp = sender.send_request(req).await.map_err(http_err)?;
+            Ok(rsp.map(UpstreamBody::unpooled))
         }
     }
 }

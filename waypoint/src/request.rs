@@ -29,7 +29,7 @@ use crate::Waypoint;
 use crate::config::{Cluster, Config, Listener, ListenerKind, Routes, UpstreamProtocol};
 use crate::metrics::Peers;
 use crate::route::{self, Action};
-use crate::upstream::Protocol;
+use crate::upstream::{Protocol, UpstreamBody};
 use crate::{cors, fault, mirror, retry};
 
 /// Who is on the other end of a tunnel, worked out once when it was accepted.
@@ -566,19 +566,18 @@ pub async fn handle(
         };
         let per_try_is_shorter = per_try.is_some_and(|p| remaining.is_none_or(|r| p < r));
         let exchange = async {
-            if let Some(tls) = &cluster.policy.tls {
+            if let Some(tls) = &cluster.policy.tls
+                && client_upgrade.is_some()
+            {
                 crate::origination::send(
                     &w.upstream,
                     &state,
                     endpoint.address,
-                    if client_upgrade.is_some() {
-                        Protocol::Http1
-                    } else {
-                        upstream_protocol
-                    },
+                    Protocol::Http1,
                     connect_timeout,
+                    &cluster.policy.pool,
                     tls,
-                    client_upgrade.as_ref().map(|_| tunnel.client),
+                    Some(tunnel.client),
                     upstream_req,
                 )
                 .await
@@ -589,6 +588,7 @@ pub async fn handle(
                         endpoint.address,
                         tunnel.client,
                         connect_timeout,
+                        cluster.policy.pool.keepalive,
                         upstream_req,
                     )
                     .await
@@ -599,6 +599,8 @@ pub async fn handle(
                         endpoint.address,
                         upstream_protocol,
                         connect_timeout,
+                        &cluster.policy.pool,
+                        cluster.policy.tls.as_ref(),
                         upstream_req,
                     )
                     .await
@@ -1001,15 +1003,25 @@ fn send_mirror(
         RequestBody::mirror(tee.add(outcome.dropped.clone()))
     };
     let req = Request::from_parts(copy, body);
-    let (w, state, address, connect_timeout) = (
+    let (w, state, address, connect_timeout, limits, tls) = (
         w.clone(),
         config.state.clone(),
         endpoint.address,
         cluster.connect_timeout,
+        cluster.policy.pool,
+        cluster.policy.tls.clone(),
     );
     let send = async move {
         w.upstream
-            .send(&state, address, protocol, connect_timeout, req)
+            .send(
+                &state,
+                address,
+                protocol,
+                connect_timeout,
+                &limits,
+                tls.as_ref(),
+                req,
+            )
             .await
     };
     mirror::spawn(
@@ -1258,7 +1270,7 @@ pub struct ResponseBody {
 
 enum Inner {
     /// The upstream's body, and when the route timeout ends it.
-    Upstream(Incoming, Option<Pin<Box<tokio::time::Sleep>>>),
+    Upstream(UpstreamBody, Option<Pin<Box<tokio::time::Sleep>>>),
     Bytes(Option<Bytes>),
 }
 
@@ -1280,7 +1292,7 @@ impl ResponseBody {
             held: None,
         }
     }
-    fn upstream(b: Incoming, deadline: Option<tokio::time::Instant>) -> Self {
+    fn upstream(b: UpstreamBody, deadline: Option<tokio::time::Instant>) -> Self {
         ResponseBody {
             inner: Inner::Upstream(b, deadline.map(|d| Box::pin(tokio::time::sleep_until(d)))),
             bytes: 0,

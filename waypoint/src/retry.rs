@@ -72,7 +72,9 @@ pub enum Failure {
     PerTryTimeout,
 }
 
-fn proto_duration(d: &envoy_types::pb::google::protobuf::Duration) -> Result<Duration, String> {
+pub(crate) fn proto_duration(
+    d: &envoy_types::pb::google::protobuf::Duration,
+) -> Result<Duration, String> {
     Ok(Duration::new(
         u64::try_from(d.seconds).map_err(|_| "negative duration")?,
         u32::try_from(d.nanos).map_err(|_| "negative duration")?,

@@ -1,8 +1,15 @@
 //! TCP listeners: the tunnel's bytes go to one endpoint of a (weighted) cluster, over HBONE.
 //! The upstream is connected before the client's CONNECT is answered, so a failure is the
-//! client's 503 rather than a tunnel that closes at once.
+//! client's 503 rather than a tunnel that closes at once. A connection on which neither side
+//! sends for the listener's idle timeout is closed, as Envoy's tcp_proxy does.
 
-use std::time::Instant;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use mesh::hbone::Refusal;
 use mesh::hbone::io::H2Io;
@@ -20,6 +27,7 @@ pub async fn proxy(
     tunnel: &Tunnel,
     clusters: &[(String, u32)],
     rbac: &[crate::rbac::RbacFilter],
+    idle_timeout: Option<Duration>,
     stream: InboundStream,
 ) {
     let start = Instant::now();
@@ -79,6 +87,7 @@ pub async fn proxy(
             endpoint.address,
             Some(tunnel.client),
             cluster.connect_timeout,
+            cluster.policy.pool.keepalive,
         )
         .await
     {
@@ -122,15 +131,11 @@ pub async fn proxy(
         .connections_opened
         .get_or_create(&labels)
         .inc();
-    let mut client = H2Io::new(client);
-    let mut upstream = H2Io::new(upstream);
-    let (sent, received) = match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
-        Ok(t) => t,
-        Err(e) => {
-            debug!("TCP proxy: {e}");
-            (0, 0)
-        }
-    };
+    let (sent, received, ended) =
+        copy_until_idle(H2Io::new(client), H2Io::new(upstream), idle_timeout).await;
+    if let Some(why) = ended {
+        debug!(cluster = %cluster_name, "TCP proxy: {why}");
+    }
     w.metrics.tcp.closed(&labels, sent, received);
     log(
         tunnel,
@@ -166,4 +171,139 @@ fn log(
         "duration_ms": start.elapsed().as_millis() as u64,
     });
     info!(target: "access", "{line}");
+}
+
+/// One side of a proxied connection, counting what it reads and when it last read.
+struct Watched<T> {
+    inner: T,
+    read: u64,
+    /// Milliseconds since `since` of the last read of either side (shared by both).
+    last: Arc<AtomicU64>,
+    since: Instant,
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Watched<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        let n = (buf.filled().len() - before) as u64;
+        if n > 0 {
+            self.read += n;
+            let at = self.since.elapsed().as_millis() as u64;
+            self.last.store(at, Ordering::Relaxed);
+        }
+        r
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Watched<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Copy both ways until both sides are done, an error, or `idle` passes with no byte read
+/// from either side; bytes read from `client` and from `upstream`, and why it ended early.
+async fn copy_until_idle<A, B>(
+    client: A,
+    upstream: B,
+    idle: Option<Duration>,
+) -> (u64, u64, Option<String>)
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    let since = Instant::now();
+    let last = Arc::new(AtomicU64::new(0));
+    let mut a = Watched {
+        inner: client,
+        read: 0,
+        last: last.clone(),
+        since,
+    };
+    let mut b = Watched {
+        inner: upstream,
+        read: 0,
+        last: last.clone(),
+        since,
+    };
+    let ended = {
+        let copy = tokio::io::copy_bidirectional(&mut a, &mut b);
+        tokio::pin!(copy);
+        loop {
+            let Some(idle) = idle else {
+                break copy.await.err().map(|e| e.to_string());
+            };
+            // Sleep until the idle time after the last read; a read meanwhile moves it on.
+            let deadline = since + Duration::from_millis(last.load(Ordering::Relaxed)) + idle;
+            tokio::select! {
+                r = &mut copy => break r.err().map(|e| e.to_string()),
+                () = tokio::time::sleep_until(deadline.into()) => {
+                    let quiet = since.elapsed().saturating_sub(Duration::from_millis(last.load(Ordering::Relaxed)));
+                    if quiet >= idle {
+                        break Some(format!("idle for {idle:?}: closed"));
+                    }
+                }
+            }
+        }
+    };
+    (a.read, b.read, ended)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[tokio::test]
+    async fn a_quiet_connection_is_closed_after_the_idle_timeout_and_a_busy_one_is_not() {
+        let (client, mut app) = tokio::io::duplex(64);
+        let (upstream, mut server) = tokio::io::duplex(64);
+        let idle = Duration::from_secs(1);
+        let proxy = tokio::spawn(copy_until_idle(client, upstream, Some(idle)));
+        // Busy: a byte every 200 ms keeps it open well past the idle time.
+        let mut buf = [0u8; 1];
+        for _ in 0..8 {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            app.write_all(b"x").await.unwrap();
+            server.read_exact(&mut buf).await.unwrap();
+        }
+        assert!(!proxy.is_finished(), "closed while busy");
+        server.write_all(b"yz").await.unwrap();
+        // Then quiet: closed about the idle time after the last byte.
+        let started = Instant::now();
+        let (sent, received, why) = proxy.await.unwrap();
+        assert!(started.elapsed() >= idle / 2, "{:?}", started.elapsed());
+        assert_eq!((sent, received), (8, 2));
+        assert!(why.unwrap().contains("idle"));
+        assert_eq!(app.read(&mut [0u8; 8]).await.unwrap(), 2);
+    }
+
+    #[tokio::test]
+    async fn without_an_idle_timeout_the_copy_runs_to_the_end() {
+        let (client, mut app) = tokio::io::duplex(64);
+        let (upstream, mut server) = tokio::io::duplex(64);
+        let proxy = tokio::spawn(copy_until_idle(client, upstream, None));
+        app.write_all(b"data").await.unwrap();
+        app.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        server.read_to_end(&mut got).await.unwrap();
+        drop(server);
+        let (sent, _, why) = proxy.await.unwrap();
+        assert_eq!((got.as_slice(), sent, why), (&b"data"[..], 4, None));
+    }
 }

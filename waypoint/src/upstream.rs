@@ -1,12 +1,17 @@
 //! Upstream connections: HBONE to `<pod IP>:15008` with the waypoint's own identity, expecting
-//! the pod's (pooled by `mesh::hbone::pool`), and over those CONNECT streams HTTP client
-//! connections kept alive per endpoint and protocol, so requests do not pay a CONNECT each.
+//! the pod's (pooled by `mesh::hbone::pool`, one pool per TCP keepalive setting), and over those
+//! CONNECT streams HTTP client connections kept alive per endpoint, protocol and the cluster's
+//! connection limits (`pool`), so requests do not pay a CONNECT each.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::pin::Pin;
 use std::sync::{Arc, Mutex, Weak};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use mesh::certs::CertCache;
@@ -20,6 +25,8 @@ use mesh::socket::SocketFactory;
 use mesh::state::State;
 use tracing::debug;
 
+use crate::origination::UpstreamTls;
+use crate::pool::{Conns, Keepalive, Lease, Limits, Sender, Usage};
 use crate::request::RequestBody;
 
 /// Idle HTTP/1.1 connections kept per endpoint.
@@ -60,36 +67,160 @@ pub enum Protocol {
     Http2,
 }
 
-/// A kept connection and when it was last handed out.
-struct Kept<T> {
-    sender: T,
-    used: Instant,
+/// What a kept-alive HTTP connection may be reused for: the same endpoint, limits (see `pool`)
+/// and client TLS (the digest of the cluster's TLS settings; `None`: plain HTTP).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct ConnKey {
+    endpoint: SocketAddr,
+    limits: Limits,
+    tls: Option<u64>,
 }
 
-impl<T> Kept<T> {
-    fn new(sender: T) -> Self {
-        Kept {
-            sender,
-            used: Instant::now(),
+type ConnMap<T> = HashMap<ConnKey, Conns<T>>;
+
+/// The kept-alive HTTP connections.
+#[derive(Default)]
+struct HttpConns {
+    h1: ConnMap<http1::SendRequest<RequestBody>>,
+    h2: ConnMap<http2::SendRequest<RequestBody>>,
+}
+
+/// A new upstream connection's byte stream: the CONNECT stream, or TLS inside it.
+enum Io {
+    Plain(TokioIo<H2Io>),
+    Tls(Box<TokioIo<tokio_rustls::client::TlsStream<H2Io>>>),
+}
+
+/// An HTTP/1.1 client connection over `io`, driven by its own task.
+async fn http1_over<IO>(
+    io: IO,
+    endpoint: SocketAddr,
+) -> Result<http1::SendRequest<RequestBody>, UpstreamError>
+where
+    IO: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let (sender, conn) = http1::handshake(io)
+        .await
+        .map_err(|source| UpstreamError::Http { endpoint, source })?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            debug!(%endpoint, "upstream HTTP/1.1 connection: {e}");
         }
+    });
+    Ok(sender)
+}
+
+/// An HTTP/2 client connection over `io`, driven by its own task.
+async fn http2_over<IO>(
+    io: IO,
+    endpoint: SocketAddr,
+) -> Result<http2::SendRequest<RequestBody>, UpstreamError>
+where
+    IO: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+        .handshake(io)
+        .await
+        .map_err(|source| UpstreamError::Http { endpoint, source })?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            debug!(%endpoint, "upstream HTTP/2 connection: {e}");
+        }
+    });
+    Ok(sender)
+}
+
+impl Sender for http1::SendRequest<RequestBody> {
+    fn is_closed(&self) -> bool {
+        http1::SendRequest::is_closed(self)
+    }
+    fn is_ready(&self) -> bool {
+        http1::SendRequest::is_ready(self)
+    }
+    fn share(&self) -> Option<Self> {
+        None
+    }
+    fn streams(_: &Limits) -> u32 {
+        1
     }
 }
 
-enum Conns {
-    Http1(Vec<Kept<http1::SendRequest<RequestBody>>>),
-    Http2(Kept<http2::SendRequest<RequestBody>>),
+impl Sender for http2::SendRequest<RequestBody> {
+    fn is_closed(&self) -> bool {
+        http2::SendRequest::is_closed(self)
+    }
+    fn is_ready(&self) -> bool {
+        !http2::SendRequest::is_closed(self)
+    }
+    fn share(&self) -> Option<Self> {
+        Some(self.clone())
+    }
+    fn streams(limits: &Limits) -> u32 {
+        // Without a limit of ours, one connection carries them all: hyper queues requests
+        // past the peer's SETTINGS_MAX_CONCURRENT_STREAMS.
+        limits.max_concurrent_streams.unwrap_or(u32::MAX)
+    }
 }
 
-type ConnMap = HashMap<(SocketAddr, Protocol), Conns>;
+/// A response body from an upstream connection of the pool: the request holds its connection
+/// (for `max_concurrent_streams` and the idle timeout) until the body ends.
+pub struct UpstreamBody {
+    inner: Incoming,
+    lease: Option<Lease>,
+}
+
+impl UpstreamBody {
+    fn new(inner: Incoming, lease: Option<Lease>) -> Self {
+        UpstreamBody { inner, lease }
+    }
+
+    /// The body of a response on a connection of its own (not pooled).
+    pub fn unpooled(inner: Incoming) -> Self {
+        UpstreamBody { inner, lease: None }
+    }
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let r = Pin::new(&mut self.inner).poll_frame(cx);
+        if matches!(r, Poll::Ready(None | Some(Err(_)))) {
+            self.lease = None;
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+fn with_lease(rsp: http::Response<Incoming>, lease: Option<Lease>) -> http::Response<UpstreamBody> {
+    rsp.map(|b| UpstreamBody::new(b, lease))
+}
 
 pub struct Upstream {
     identity: Identity,
     certs: CertCache,
-    pool: Pool,
+    /// HBONE connections, one pool per TCP keepalive setting (see `pool`).
+    pools: Mutex<HashMap<Option<Keepalive>, Pool>>,
     sockets: SocketFactory,
     /// The port of the destination pods' HBONE listener (15008; tests use others).
     hbone_port: u16,
-    http: Arc<Mutex<ConnMap>>,
+    http: Arc<Mutex<HttpConns>>,
+    /// Kept-alive HTTP connections of clusters that give no idle timeout close after this.
+    idle: Duration,
+    /// Wakes the reaper when connections under new limits (maybe shorter timeouts) appear.
+    new_limits: Arc<tokio::sync::Notify>,
 }
 
 impl Upstream {
@@ -102,7 +233,8 @@ impl Upstream {
         Upstream::with_options(identity, certs, hbone_port, HTTP_IDLE_TIMEOUT)
     }
 
-    /// `idle`: how long a kept-alive upstream HTTP connection may stay unused.
+    /// `idle`: how long a kept-alive upstream HTTP connection may stay unused when its cluster
+    /// gives no idle timeout.
     pub fn with_options(
         identity: Identity,
         certs: CertCache,
@@ -110,15 +242,18 @@ impl Upstream {
         idle: Duration,
     ) -> Self {
         certs.track(&identity);
-        let http = Arc::new(Mutex::new(HashMap::new()));
-        tokio::spawn(reap(Arc::downgrade(&http), idle));
+        let http = Arc::new(Mutex::new(HttpConns::default()));
+        let new_limits = Arc::new(tokio::sync::Notify::new());
+        tokio::spawn(reap(Arc::downgrade(&http), idle, new_limits.clone()));
         Upstream {
             identity,
             certs,
-            pool: Pool::new(),
+            pools: Mutex::new(HashMap::from([(None, Pool::new())])),
             sockets: SocketFactory::host(),
             hbone_port,
             http,
+            idle,
+            new_limits,
         }
     }
 
@@ -128,10 +263,22 @@ impl Upstream {
 
     /// HBONE connections open (for tests and the admin page).
     pub fn hbone_connections(&self) -> usize {
-        self.pool.connections()
+        self.pools
+            .lock()
+            .map(|p| p.values().map(Pool::connections).sum())
+            .unwrap_or(0)
     }
 
-    /// One CONNECT stream to `endpoint` (pod IP and target port) through its HBONE listener.
+    /// The HBONE pool of connections with `keepalive` (a `Pool` is a shared handle).
+    fn pool(&self, keepalive: Option<Keepalive>) -> Pool {
+        match self.pools.lock() {
+            Ok(mut p) => p.entry(keepalive).or_default().clone(),
+            Err(_) => Pool::new(),
+        }
+    }
+
+    /// One CONNECT stream to `endpoint` (pod IP and target port) through its HBONE listener,
+    /// on an HBONE connection whose socket has `keepalive` (the cluster's).
     /// `client` goes into `forwarded: for=` when the stream carries one client's traffic only.
     pub async fn connect(
         &self,
@@ -139,6 +286,7 @@ impl Upstream {
         endpoint: SocketAddr,
         client: Option<SocketAddr>,
         timeout: Duration,
+        keepalive: Option<Keepalive>,
     ) -> Result<H2Stream, UpstreamError> {
         let workload = state
             .workload_by_ip(endpoint.ip())
@@ -166,34 +314,56 @@ impl Upstream {
                 .await
                 .map_err(|source| HboneError::Connect { addr: dst, source })?;
             let _ = mesh::socket::tune(&tcp);
+            if let Some(k) = keepalive
+                && let Err(e) = mesh::socket::set_keepalive(&tcp, k.time, k.interval, k.probes)
+            {
+                debug!(%dst, "setting the cluster's TCP keepalive: {e}");
+            }
             client::handshake(tcp, tls, dst).await
         };
-        match tokio::time::timeout(timeout, self.pool.connect(key, &req, dial)).await {
+        let pool = self.pool(keepalive);
+        match tokio::time::timeout(timeout, pool.connect(key, &req, dial)).await {
             Ok(Ok(stream)) => Ok(stream),
             Ok(Err(source)) => Err(UpstreamError::Hbone { endpoint, source }),
             Err(_) => Err(UpstreamError::Timeout(endpoint)),
         }
     }
 
-    /// Send a request to `endpoint` on a kept-alive HTTP connection of the client's protocol,
-    /// opening one (over a new CONNECT stream) when none is free. Those connections are shared
-    /// by every client, so their CONNECT names none (`forwarded` would be wrong for the next).
+    /// Send a request to `endpoint` on a kept-alive HTTP connection of the client's protocol
+    /// under the cluster's `limits` (and through its client `tls`, when it originates TLS),
+    /// opening one (over a new CONNECT stream) when none takes it. Those connections are
+    /// shared by every client, so their CONNECT names none (`forwarded` would be wrong for the
+    /// next).
+    #[allow(clippy::too_many_arguments)]
     pub async fn send(
         &self,
         state: &State,
         endpoint: SocketAddr,
         protocol: Protocol,
         timeout: Duration,
+        limits: &Limits,
+        tls: Option<&UpstreamTls>,
         req: http::Request<RequestBody>,
-    ) -> Result<http::Response<hyper::body::Incoming>, UpstreamError> {
+    ) -> Result<http::Response<UpstreamBody>, UpstreamError> {
         let http_err = |source| UpstreamError::Http { endpoint, source };
+        let key = ConnKey {
+            endpoint,
+            limits: *limits,
+            tls: tls.map(UpstreamTls::digest),
+        };
         match protocol {
             Protocol::Http1 => {
-                let req = match self.idle_h1(endpoint) {
-                    Some(mut sender) => match sender.try_send_request(req).await {
+                let req = match self.checkout(&key, |c| &mut c.h1) {
+                    Some((mut sender, lease)) => match sender.try_send_request(req).await {
                         Ok(rsp) => {
-                            self.put_h1(endpoint, sender);
-                            return Ok(rsp);
+                            self.put(
+                                key,
+                                |c| &mut c.h1,
+                                sender,
+                                lease.usage().clone(),
+                                MAX_IDLE_H1,
+                            );
+                            return Ok(with_lease(rsp, Some(lease)));
                         }
                         // The kept-alive connection closed before the request went out (the
                         // app's idle timeout): not the request's failure, send it on a new one.
@@ -207,24 +377,22 @@ impl Upstream {
                     },
                     None => req,
                 };
-                let io = self.connect(state, endpoint, None, timeout).await?;
-                let (mut sender, conn) = http1::handshake(TokioIo::new(H2Io::new(io)))
-                    .await
-                    .map_err(http_err)?;
-                tokio::spawn(async move {
-                    if let Err(e) = conn.await {
-                        debug!(%endpoint, "upstream HTTP/1.1 connection: {e}");
-                    }
-                });
+                let mut sender = match self.open(state, endpoint, timeout, limits, tls).await? {
+                    Io::Plain(io) => http1_over(io, endpoint).await?,
+                    Io::Tls(io) => http1_over(io, endpoint).await?,
+                };
+                let usage = Usage::new(Instant::now());
+                let lease = usage.lease();
                 let rsp = sender.send_request(req).await.map_err(http_err)?;
-                // Free again once the response body has been read (hyper tracks that).
-                self.put_h1(endpoint, sender);
-                Ok(rsp)
+                // Free again once the response body has been read (hyper tracks that); kept
+                // unless this request was its last.
+                self.put(key, |c| &mut c.h1, sender, usage, MAX_IDLE_H1);
+                Ok(with_lease(rsp, Some(lease)))
             }
             Protocol::Http2 => {
-                let req = match self.h2(endpoint) {
-                    Some(mut sender) => match sender.try_send_request(req).await {
-                        Ok(rsp) => return Ok(rsp),
+                let req = match self.checkout(&key, |c| &mut c.h2) {
+                    Some((mut sender, lease)) => match sender.try_send_request(req).await {
+                        Ok(rsp) => return Ok(with_lease(rsp, Some(lease))),
                         // The shared connection went away (GOAWAY) before this request was
                         // sent: open a new one.
                         Err(mut e) => match e.take_message() {
@@ -234,26 +402,44 @@ impl Upstream {
                     },
                     None => req,
                 };
-                let io = self.connect(state, endpoint, None, timeout).await?;
-                let (mut sender, conn) = http2::Builder::new(TokioExecutor::new())
-                    .handshake(TokioIo::new(H2Io::new(io)))
-                    .await
-                    .map_err(http_err)?;
-                tokio::spawn(async move {
-                    if let Err(e) = conn.await {
-                        debug!(%endpoint, "upstream HTTP/2 connection: {e}");
-                    }
-                });
-                if let Ok(mut m) = self.http.lock() {
-                    prune(&mut m);
-                    m.insert(
-                        (endpoint, Protocol::Http2),
-                        Conns::Http2(Kept::new(sender.clone())),
-                    );
-                }
-                sender.send_request(req).await.map_err(http_err)
+                let mut sender = match self.open(state, endpoint, timeout, limits, tls).await? {
+                    Io::Plain(io) => http2_over(io, endpoint).await?,
+                    Io::Tls(io) => http2_over(io, endpoint).await?,
+                };
+                let usage = Usage::new(Instant::now());
+                let lease = usage.lease();
+                self.put(key, |c| &mut c.h2, sender.clone(), usage, usize::MAX);
+                let rsp = sender.send_request(req).await.map_err(http_err)?;
+                Ok(with_lease(rsp, Some(lease)))
             }
         }
+    }
+
+    /// A new CONNECT stream to `endpoint`, through the cluster's TLS when it has one.
+    async fn open(
+        &self,
+        state: &State,
+        endpoint: SocketAddr,
+        timeout: Duration,
+        limits: &Limits,
+        tls: Option<&UpstreamTls>,
+    ) -> Result<Io, UpstreamError> {
+        let io = H2Io::new(
+            self.connect(state, endpoint, None, timeout, limits.keepalive)
+                .await?,
+        );
+        let Some(tls) = tls else {
+            return Ok(Io::Plain(TokioIo::new(io)));
+        };
+        let stream =
+            tokio::time::timeout(timeout, crate::origination::handshake(tls, io, endpoint))
+                .await
+                .map_err(|_| UpstreamError::Timeout(endpoint))?
+                .map_err(|e| UpstreamError::Tls {
+                    endpoint,
+                    reason: e.to_string(),
+                })?;
+        Ok(Io::Tls(Box::new(TokioIo::new(stream))))
     }
 
     /// An HTTP/1.1 request that asks to switch protocols (WebSocket) gets a connection of its
@@ -264,10 +450,13 @@ impl Upstream {
         endpoint: SocketAddr,
         client: SocketAddr,
         timeout: Duration,
+        keepalive: Option<Keepalive>,
         req: http::Request<RequestBody>,
-    ) -> Result<http::Response<hyper::body::Incoming>, UpstreamError> {
+    ) -> Result<http::Response<UpstreamBody>, UpstreamError> {
         let http_err = |source| UpstreamError::Http { endpoint, source };
-        let io = self.connect(state, endpoint, Some(client), timeout).await?;
+        let io = self
+            .connect(state, endpoint, Some(client), timeout, keepalive)
+            .await?;
         let (mut sender, conn) = http1::handshake(TokioIo::new(H2Io::new(io)))
             .await
             .map_err(http_err)?;
@@ -276,95 +465,76 @@ impl Upstream {
                 debug!(%endpoint, "upstream upgraded connection: {e}");
             }
         });
-        sender.send_request(req).await.map_err(http_err)
+        let rsp = sender.send_request(req).await.map_err(http_err)?;
+        Ok(rsp.map(UpstreamBody::unpooled))
     }
 
-    fn idle_h1(&self, endpoint: SocketAddr) -> Option<http1::SendRequest<RequestBody>> {
-        let mut m = self.http.lock().ok()?;
-        let Some(Conns::Http1(list)) = m.get_mut(&(endpoint, Protocol::Http1)) else {
-            return None;
-        };
-        list.retain(|k| !k.sender.is_closed());
-        let i = list.iter().position(|k| k.sender.is_ready())?;
-        Some(list.swap_remove(i).sender)
+    fn checkout<T: Sender>(
+        &self,
+        key: &ConnKey,
+        map: impl FnOnce(&mut HttpConns) -> &mut ConnMap<T>,
+    ) -> Option<(T, Lease)> {
+        let mut c = self.http.lock().ok()?;
+        map(&mut c)
+            .get_mut(key)?
+            .checkout(&key.limits, self.idle, Instant::now())
     }
 
-    fn put_h1(&self, endpoint: SocketAddr, sender: http1::SendRequest<RequestBody>) {
-        let Ok(mut m) = self.http.lock() else { return };
-        if !m.contains_key(&(endpoint, Protocol::Http1)) {
-            prune(&mut m);
+    fn put<T: Sender>(
+        &self,
+        key: ConnKey,
+        map: impl FnOnce(&mut HttpConns) -> &mut ConnMap<T>,
+        sender: T,
+        usage: Arc<Usage>,
+        max: usize,
+    ) {
+        let Ok(mut c) = self.http.lock() else { return };
+        let m = map(&mut c);
+        let now = Instant::now();
+        if !m.contains_key(&key) {
+            // Forget endpoints whose connections have all closed (pods come and go), so the
+            // map does not grow with every address ever used.
+            m.retain(|k, conns| conns.reap(&k.limits, self.idle, now));
+            self.new_limits.notify_one();
         }
-        let entry = m
-            .entry((endpoint, Protocol::Http1))
-            .or_insert_with(|| Conns::Http1(Vec::new()));
-        if let Conns::Http1(list) = entry
-            && list.len() < MAX_IDLE_H1
-        {
-            list.push(Kept::new(sender));
-        }
-    }
-
-    fn h2(&self, endpoint: SocketAddr) -> Option<http2::SendRequest<RequestBody>> {
-        let mut m = self.http.lock().ok()?;
-        match m.get_mut(&(endpoint, Protocol::Http2)) {
-            Some(Conns::Http2(k)) if !k.sender.is_closed() => {
-                k.used = Instant::now();
-                Some(k.sender.clone())
-            }
-            Some(_) => {
-                m.remove(&(endpoint, Protocol::Http2));
-                None
-            }
-            None => None,
-        }
+        m.entry(key)
+            .or_default()
+            .put(sender, usage, &key.limits, self.idle, max, now);
     }
 
     /// HTTP connections kept (for tests and the admin page).
     pub fn http_connections(&self) -> usize {
         self.http
             .lock()
-            .map(|m| {
-                m.values()
-                    .map(|c| match c {
-                        Conns::Http1(l) => l.iter().filter(|k| !k.sender.is_closed()).count(),
-                        Conns::Http2(k) => usize::from(!k.sender.is_closed()),
-                    })
-                    .sum()
+            .map(|c| {
+                c.h1.values().map(Conns::open).sum::<usize>()
+                    + c.h2.values().map(Conns::open).sum::<usize>()
             })
             .unwrap_or(0)
     }
 }
 
-/// Close kept connections unused for `idle`: dropping our handle ends an HTTP/1.1 connection
-/// once its exchange in flight (if any) is done, and an HTTP/2 one once its streams are.
-async fn reap(http: Weak<Mutex<ConnMap>>, idle: Duration) {
-    let period = (idle / 4).max(Duration::from_millis(10));
+/// Close kept connections that are idle past their timeout, retired or closed: dropping our
+/// handle ends an HTTP/1.1 connection once its exchange in flight (if any) is done, and an
+/// HTTP/2 one once its streams are. Runs as often as the shortest timeout needs.
+async fn reap(http: Weak<Mutex<HttpConns>>, idle: Duration, new_limits: Arc<tokio::sync::Notify>) {
+    let mut period = Limits::default().check_period(idle);
     loop {
-        tokio::time::sleep(period).await;
+        tokio::select! {
+            _ = tokio::time::sleep(period) => {}
+            _ = new_limits.notified() => {}
+        }
         let Some(http) = http.upgrade() else { return };
-        let Ok(mut m) = http.lock() else { return };
-        m.retain(|_, c| match c {
-            Conns::Http1(list) => {
-                list.retain(|k| {
-                    // Only an idle connection (no exchange in flight) expires.
-                    let expired = k.sender.is_ready() && k.used.elapsed() >= idle;
-                    !(k.sender.is_closed() || expired)
-                });
-                !list.is_empty()
-            }
-            Conns::Http2(k) => !k.sender.is_closed() && k.used.elapsed() < idle,
+        let Ok(mut c) = http.lock() else { return };
+        let now = Instant::now();
+        period = Limits::default().check_period(idle);
+        c.h1.retain(|k, conns| {
+            period = period.min(k.limits.check_period(idle));
+            conns.reap(&k.limits, idle, now)
+        });
+        c.h2.retain(|k, conns| {
+            period = period.min(k.limits.check_period(idle));
+            conns.reap(&k.limits, idle, now)
         });
     }
-}
-
-/// Forget endpoints whose connections have all closed (pods come and go), so the map does not
-/// grow with every address ever used. Called when a new endpoint is added.
-fn prune(m: &mut ConnMap) {
-    m.retain(|_, c| match c {
-        Conns::Http1(list) => {
-            list.retain(|k| !k.sender.is_closed());
-            !list.is_empty()
-        }
-        Conns::Http2(k) => !k.sender.is_closed(),
-    });
 }

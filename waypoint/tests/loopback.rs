@@ -70,11 +70,21 @@ impl Net {
 
 struct Pod {
     name: &'static str,
+    /// Numbers the CONNECT streams (each one upstream HTTP connection of the waypoint).
+    streams: std::sync::atomic::AtomicU64,
+    /// TLS (certificate for `tls.example` from the test CA) served on port `TLS_PORT`.
+    tls: Arc<rustls::ServerConfig>,
 }
+
+/// The pods' port that speaks TLS (inside the CONNECT stream), then HTTP.
+const TLS_PORT: u16 = 8443;
 
 impl Handler for Pod {
     async fn handle(&self, stream: InboundStream) {
         let connect_authority = stream.request.authority;
+        let conn = self
+            .streams
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let io = match stream.accept(None) {
             Ok(s) => H2Io::new(s),
             Err(_) => return,
@@ -89,9 +99,22 @@ impl Handler for Pod {
         }
         let name = self.name;
         let service = service_fn(move |req: Request<Incoming>| async move {
-            Ok::<_, Infallible>(echo(name, connect_authority, req).await)
+            Ok::<_, Infallible>(echo(name, connect_authority, conn, req).await)
         });
-        let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+        let server = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+        if connect_authority.port() == TLS_PORT {
+            let Ok(tls) = tokio_rustls::TlsAcceptor::from(self.tls.clone())
+                .accept(io)
+                .await
+            else {
+                return;
+            };
+            let _ = server
+                .serve_connection_with_upgrades(TokioIo::new(tls), service)
+                .await;
+            return;
+        }
+        let _ = server
             .serve_connection_with_upgrades(TokioIo::new(io), service)
             .await;
     }
@@ -100,6 +123,7 @@ impl Handler for Pod {
 async fn echo(
     name: &str,
     connect: SocketAddr,
+    conn: u64,
     mut req: Request<Incoming>,
 ) -> Response<Full<Bytes>> {
     if req.headers().contains_key("upgrade") {
@@ -155,6 +179,7 @@ async fn echo(
     let answer = serde_json::json!({
         "name": name,
         "connect": connect.to_string(),
+        "conn": conn,
         "path": path,
         "version": version,
         "authority": authority,
@@ -575,6 +600,8 @@ struct Bed {
     net: Net,
     ca: Arc<DevCa>,
     waypoint_addr: SocketAddr,
+    /// The pods' HBONE port.
+    hbone_port: u16,
     waypoint_id: Identity,
     waypoint: Arc<waypoint::Waypoint>,
     registry: Registry,
@@ -613,7 +640,11 @@ async fn start_with(idle: Duration) -> Bed {
             .issue(&Identity::new(TD, "app", sa), Duration::from_secs(3600))
             .unwrap();
         let tls = cert.server_config();
-        let handler = Arc::new(Pod { name });
+        let handler = Arc::new(Pod {
+            name,
+            streams: Default::default(),
+            tls: pod_tls(&ca),
+        });
         let drain = drain.clone();
         tokio::spawn(async move {
             while let Ok((tcp, _)) = listener.accept().await {
@@ -663,12 +694,32 @@ async fn start_with(idle: Duration) -> Bed {
         net,
         ca,
         waypoint_addr,
+        hbone_port,
         waypoint_id,
         waypoint: wp,
         registry,
         config: config_tx,
         _drain: trigger,
     }
+}
+
+fn pod_tls(ca: &DevCa) -> Arc<rustls::ServerConfig> {
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
+    let (cert, key) = ca
+        .issue_server_pem(&["tls.example".into()], Duration::from_secs(3600))
+        .unwrap();
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert.as_bytes())
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let key = PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap();
+    let mut config = rustls::ServerConfig::builder_with_provider(mesh::tls::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .unwrap();
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Arc::new(config)
 }
 
 /// The test CA, shared by the pods, the client and the waypoint's certificate cache.
@@ -992,4 +1043,294 @@ async fn idle_upstream_connections_are_closed() {
     // The next request opens a new one.
     assert_eq!(get(&mut c, "/api/b", &[]).await.json()["name"], "echo-v1");
     assert_eq!(bed.waypoint.upstream.http_connections(), 1);
+}
+
+/// Publish the bed's configuration with cluster `V1` (where `/api` goes) changed by `edit`, as
+/// a push of pilot's would.
+fn reconfigure_v1(bed: &Bed, edit: impl FnOnce(&mut cluster_pb::Cluster)) {
+    reconfigure_v1_port(bed, 8080, edit)
+}
+
+/// [`reconfigure_v1`] with the endpoint's port `port`.
+fn reconfigure_v1_port(bed: &Bed, port: u32, edit: impl FnOnce(&mut cluster_pb::Cluster)) {
+    reconfigure(bed, V1, port, edit)
+}
+
+/// Publish the bed's configuration with cluster `name` sent to `echo-v1` (port `port`) and
+/// changed by `edit`.
+fn reconfigure(bed: &Bed, name: &str, port: u32, edit: impl FnOnce(&mut cluster_pb::Cluster)) {
+    let (mut c, la) = eds(name, &[(bed.net.ip(2), port, true)]);
+    edit(&mut c);
+    let (_, def) = config::cluster(&c.encode_to_vec(), name).unwrap();
+    let (_, endpoints) = config::load_assignment(&la.encode_to_vec(), name).unwrap();
+    let old = bed.config.borrow().clone();
+    let mut clusters = old.clusters.clone();
+    clusters.insert(
+        name.into(),
+        Arc::new(
+            Cluster::new(name.into(), def.connect_timeout, endpoints)
+                .with_protocol(def.protocol)
+                .with_policy(def.policy, None, Default::default()),
+        ),
+    );
+    bed.config.send_replace(Arc::new(Config::new(
+        old.listeners.clone(),
+        old.routes.clone(),
+        clusters,
+        old.state.clone(),
+    )));
+}
+
+/// Set `common_http_protocol_options` (and HTTP/2's `max_concurrent_streams`) in the cluster's
+/// HTTP protocol options, as pilot does from a DestinationRule's `connectionPool`.
+fn pool_options(
+    c: &mut cluster_pb::Cluster,
+    common: core::HttpProtocolOptions,
+    streams: Option<u32>,
+) {
+    use envoy_types::pb::envoy::extensions::upstreams::http::v3 as http_options;
+    use http_options::http_protocol_options::UpstreamProtocolOptions as U;
+    let any = c
+        .typed_extension_protocol_options
+        .get_mut(config::HTTP_PROTOCOL_OPTIONS)
+        .unwrap();
+    let mut o = http_options::HttpProtocolOptions::decode(&any.value[..]).unwrap();
+    o.common_http_protocol_options = Some(common);
+    if let Some(Some(U::UseDownstreamProtocolConfig(d))) =
+        streams.map(|_| &mut o.upstream_protocol_options)
+    {
+        d.http2_protocol_options = Some(core::Http2ProtocolOptions {
+            max_concurrent_streams: streams.map(|value| UInt32Value { value }),
+            ..Default::default()
+        });
+    }
+    any.value = o.encode_to_vec();
+}
+
+fn pb_duration(d: Duration) -> envoy_types::pb::google::protobuf::Duration {
+    envoy_types::pb::google::protobuf::Duration {
+        seconds: d.as_secs() as i64,
+        nanos: d.subsec_nanos() as i32,
+    }
+}
+
+#[tokio::test]
+async fn max_requests_per_connection_and_idle_timeout_of_the_cluster() {
+    let bed = start().await;
+    reconfigure_v1(&bed, |c| {
+        pool_options(
+            c,
+            core::HttpProtocolOptions {
+                max_requests_per_connection: Some(UInt32Value { value: 2 }),
+                idle_timeout: Some(pb_duration(Duration::from_millis(300))),
+                ..Default::default()
+            },
+            None,
+        )
+    });
+    let mut c = bed.http1().await;
+    let mut conns = Vec::new();
+    for _ in 0..5 {
+        let j = get(&mut c, "/api/a", &[]).await.json();
+        assert_eq!(j["name"], "echo-v1");
+        conns.push(j["conn"].as_u64().unwrap());
+    }
+    assert_eq!(conns[0], conns[1], "{conns:?}");
+    assert_ne!(conns[1], conns[2], "retired after 2 requests: {conns:?}");
+    assert_eq!(conns[2], conns[3], "{conns:?}");
+    assert_ne!(conns[3], conns[4], "{conns:?}");
+    // The fifth request's connection is kept, then closed after 300 ms unused (the bed's own
+    // idle timeout is 5 s).
+    assert_eq!(bed.waypoint.upstream.http_connections(), 1);
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(bed.waypoint.upstream.http_connections(), 0);
+    let j = get(&mut c, "/api/a", &[]).await.json();
+    assert_ne!(j["conn"].as_u64().unwrap(), conns[4]);
+}
+
+#[tokio::test]
+async fn max_connection_duration_of_the_cluster() {
+    let bed = start().await;
+    reconfigure_v1(&bed, |c| {
+        pool_options(
+            c,
+            core::HttpProtocolOptions {
+                max_connection_duration: Some(pb_duration(Duration::from_millis(400))),
+                ..Default::default()
+            },
+            None,
+        )
+    });
+    let mut c = bed.http1().await;
+    let first = get(&mut c, "/api/a", &[]).await.json()["conn"].clone();
+    assert_eq!(get(&mut c, "/api/a", &[]).await.json()["conn"], first);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let later = get(&mut c, "/api/a", &[]).await.json()["conn"].clone();
+    assert_ne!(
+        later, first,
+        "a connection past its lifetime takes no request"
+    );
+}
+
+#[tokio::test]
+async fn http2_max_concurrent_streams_opens_another_connection() {
+    let bed = start().await;
+    reconfigure_v1(&bed, |c| {
+        pool_options(c, core::HttpProtocolOptions::default(), Some(2))
+    });
+    let conn = bed.hbone().await;
+    let stream = conn.connect(&bed.connect_request(80)).await.unwrap();
+    let (sender, c) = hyper::client::conn::http2::handshake(
+        TokioExecutor::new(),
+        TokioIo::new(H2Io::new(stream)),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(c);
+    let send = |path: &'static str| {
+        let mut sender = sender.clone();
+        tokio::spawn(async move {
+            let req = Request::get(format!("http://{HOST}{path}"))
+                .body(Empty::<Bytes>::new())
+                .unwrap();
+            let rsp = sender.send_request(req).await.unwrap();
+            let body = rsp.into_body().collect().await.unwrap().to_bytes();
+            let j: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            assert_eq!(j["version"], "HTTP/2.0");
+            j["conn"].as_u64().unwrap()
+        })
+    };
+    // Three slow requests at once: the first two share a connection, the third opens another.
+    let a = send("/api/slow");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let b = send("/api/slow");
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let c = send("/api/slow");
+    let (a, b, c) = (a.await.unwrap(), b.await.unwrap(), c.await.unwrap());
+    assert_eq!(a, b);
+    assert_ne!(b, c);
+    assert_eq!(bed.waypoint.upstream.http_connections(), 2);
+    // Both free again: the next request takes one of them.
+    let d = send("/api/x").await.unwrap();
+    assert!(d == a || d == c, "{d} is a third connection");
+}
+
+/// TLS origination (a DestinationRule's `tls: SIMPLE`) on kept-alive connections: requests
+/// share one TLS session until the cluster's `max_requests_per_connection` retires it.
+#[tokio::test]
+async fn tls_origination_reuses_connections_within_the_limits() {
+    use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3 as tls_pb;
+    let bed = start().await;
+    let root = bed.ca.root_pem().to_string();
+    reconfigure_v1_port(&bed, u32::from(TLS_PORT), move |c| {
+        let ctx = tls_pb::UpstreamTlsContext {
+            sni: "tls.example".into(),
+            common_tls_context: Some(tls_pb::CommonTlsContext {
+                validation_context_type: Some(
+                    tls_pb::common_tls_context::ValidationContextType::ValidationContext(
+                        tls_pb::CertificateValidationContext {
+                            trusted_ca: Some(core::DataSource {
+                                specifier: Some(core::data_source::Specifier::InlineString(root)),
+                                ..Default::default()
+                            }),
+                            ..Default::default()
+                        },
+                    ),
+                ),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        c.transport_socket = Some(core::TransportSocket {
+            name: "envoy.transport_sockets.tls".into(),
+            config_type: Some(core::transport_socket::ConfigType::TypedConfig(Any {
+                type_url:
+                    "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
+                        .into(),
+                value: ctx.encode_to_vec(),
+            })),
+        });
+        pool_options(
+            c,
+            core::HttpProtocolOptions {
+                max_requests_per_connection: Some(UInt32Value { value: 3 }),
+                ..Default::default()
+            },
+            None,
+        );
+    });
+    let mut c = bed.http1().await;
+    let mut conns = Vec::new();
+    for _ in 0..4 {
+        let a = get(&mut c, "/api/tls", &[]).await;
+        assert_eq!(a.status, StatusCode::OK, "{}", a.body);
+        let j = a.json();
+        assert_eq!(j["name"], "echo-v1");
+        assert_eq!(j["connect"], format!("{}:{TLS_PORT}", bed.net.ip(2)));
+        conns.push(j["conn"].as_u64().unwrap());
+    }
+    assert_eq!(conns[0], conns[1], "{conns:?}");
+    assert_eq!(conns[1], conns[2], "{conns:?}");
+    assert_ne!(conns[2], conns[3], "retired after 3 requests: {conns:?}");
+    assert_eq!(bed.waypoint.upstream.http_connections(), 1);
+}
+
+/// The keepalive timers of this process's established IPv4 TCP sockets to `remote`, in
+/// seconds until they fire (`/proc/self/net/tcp`, `tr` 2: the keepalive timer).
+fn keepalive_timers(remote: SocketAddr) -> Vec<f64> {
+    let IpAddr::V4(ip) = remote.ip() else {
+        return Vec::new();
+    };
+    let want = format!(
+        "{:08X}:{:04X}",
+        u32::from_ne_bytes(ip.octets()),
+        remote.port()
+    );
+    std::fs::read_to_string("/proc/self/net/tcp")
+        .unwrap()
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let (kind, when) = f.get(5)?.split_once(':')?;
+            (f.get(2) == Some(&want.as_str()) && f.get(3) == Some(&"01") && kind == "02")
+                .then(|| i64::from_str_radix(when, 16).ok())
+                .flatten()
+                // USER_HZ ticks.
+                .map(|t| t as f64 / 100.0)
+        })
+        .collect()
+}
+
+/// A cluster's TCP keepalive is set on the HBONE socket dialed for it; a cluster without one
+/// uses another HBONE connection (with the waypoint's defaults) to the same pod.
+#[tokio::test]
+async fn cluster_keepalive_is_set_on_its_hbone_socket() {
+    let bed = start().await;
+    reconfigure(&bed, V1, 8080, |c| {
+        c.upstream_connection_options = Some(cluster_pb::UpstreamConnectionOptions {
+            tcp_keepalive: Some(core::TcpKeepalive {
+                keepalive_probes: Some(UInt32Value { value: 4 }),
+                keepalive_time: Some(UInt32Value { value: 20 }),
+                keepalive_interval: Some(UInt32Value { value: 5 }),
+            }),
+            ..Default::default()
+        });
+    });
+    // V2 (`/labels`) to the same pod, without a keepalive of its own.
+    reconfigure(&bed, V2, 8080, |_| {});
+    let mut c = bed.http1().await;
+    assert_eq!(get(&mut c, "/api/k", &[]).await.json()["name"], "echo-v1");
+    assert_eq!(get(&mut c, "/labels", &[]).await.json()["name"], "echo-v1");
+    assert_eq!(
+        bed.waypoint.upstream.hbone_connections(),
+        2,
+        "one HBONE connection per keepalive setting"
+    );
+    let hbone = SocketAddr::new(bed.net.ip(2), bed.hbone_port);
+    let mut timers = keepalive_timers(hbone);
+    timers.sort_by(f64::total_cmp);
+    assert_eq!(timers.len(), 2, "{timers:?}");
+    assert!(timers[0] <= 20.0, "the cluster's 20 s: {timers:?}");
+    assert!(timers[1] > 100.0, "the waypoint's 180 s: {timers:?}");
 }

@@ -213,6 +213,7 @@ async fn subscribes_applies_acks_and_nacks() {
     let control = ControlPlane {
         address: format!("https://{addr}"),
         root_pem: ca.root_pem().to_string(),
+        root_file: None,
         server_name: "pilot.test".into(),
         token_file: dir.join("token"),
     };

@@ -539,6 +539,7 @@ async fn clients(
         let cp = ControlPlane {
             address: format!("https://{addr}"),
             root_pem: root_pem.clone(),
+            root_file: None,
             server_name: "pilot.istio-system.svc".into(),
             token_file: state.join("tokens").join(format!("node-{n}.token")),
         };

@@ -93,6 +93,9 @@ enum Task {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    if matches!(cli.task, Task::Bench { .. }) && cfg!(debug_assertions) {
+        std::process::exit(rerun_in_release()?);
+    }
     match cli.task {
         Task::BuildEbpf => {
             println!("{}", ebpf::build()?.display());
@@ -148,4 +151,25 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .worker_threads(2)
         .enable_all()
         .build()?)
+}
+
+/// Benchmarks measure the proxies, and this process is their load generator: as a debug build it
+/// would spend several times the CPU of the proxies per request, competing with them for the
+/// two cores and inflating their latency. So `cargo xtask bench …` (a debug build, by the
+/// alias) runs itself again as a release build with the same arguments.
+fn rerun_in_release() -> anyhow::Result<i32> {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let status = std::process::Command::new(cargo)
+        .args([
+            "run",
+            "--release",
+            "--locked",
+            "--quiet",
+            "--package",
+            "xtask",
+            "--",
+        ])
+        .args(std::env::args_os().skip(1))
+        .status()?;
+    Ok(status.code().unwrap_or(1))
 }

@@ -250,6 +250,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 address: address.clone(),
                 root_pem: std::fs::read_to_string(root)
                     .with_context(|| format!("reading {}", root.display()))?,
+                root_file: Some(root.clone()),
                 server_name: args.xds_server_name.clone(),
                 token_file,
             })

@@ -448,13 +448,108 @@ fn backends_that_do_not_resolve_and_zero_weights() {
     assert_eq!(*reason, "BackendNotFound");
     for part in [
         "backend Service shop/ghost not found",
-        "needs a ReferenceGrant",
+        "backend other/web: no ReferenceGrant in namespace other lets HTTPRoutes of namespace shop refer to it",
         "only Services are supported",
         "has no port 8",
     ] {
         assert!(message.contains(part), "{message}");
     }
     assert!(st[0].accepted.is_ok());
+}
+
+/// Services in namespace `backend`, and a ReferenceGrant there for HTTPRoutes of `shop` to
+/// Service `api` only.
+const BACKEND_NS: &str = r#"apiVersion: v1
+kind: Service
+metadata: {name: api, namespace: backend}
+spec: {clusterIP: 10.96.1.1, selector: {app: api}, ports: [{name: http, port: 8080}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: db, namespace: backend}
+spec: {clusterIP: 10.96.1.2, selector: {app: db}, ports: [{name: http, port: 8080}]}
+---
+"#;
+
+const GRANT: &str = r#"apiVersion: gateway.networking.k8s.io/v1beta1
+kind: ReferenceGrant
+metadata: {name: shop-to-api, namespace: backend}
+spec:
+  from: [{group: gateway.networking.k8s.io, kind: HTTPRoute, namespace: shop}]
+  to: [{group: "", kind: Service, name: api}]
+---
+"#;
+
+#[test]
+fn cross_namespace_backends_need_a_reference_grant() {
+    let route = http_route(
+        "r",
+        "",
+        "  parentRefs: [{group: \"\", kind: Service, name: web}]\n  rules:\n  - matches: [{path: {value: /api}}]\n    backendRefs: [{name: api, namespace: backend, port: 8080}]\n  - matches: [{path: {value: /db}}]\n    backendRefs: [{name: db, namespace: backend, port: 8080}]",
+    );
+    let host_of = |a: &Attached, p: &str| {
+        a.by_service[&("shop".to_string(), "web".to_string())]
+            .iter()
+            .map(|v| &v.http[0])
+            .find(|r| r.matches[0].uri == Some(StringMatch::Prefix(p.into())))
+            .map(|r| r.route[0].destination.host.clone())
+            .unwrap()
+    };
+    // Without a grant: neither resolves (500 at the waypoint), RefNotPermitted.
+    let s = snapshot(&format!("{BACKEND_NS}{route}"));
+    let a = attach(&s, "cluster.local");
+    assert_eq!(host_of(&a, "/api"), "api.backend.invalid-backend");
+    assert_eq!(host_of(&a, "/db"), "db.backend.invalid-backend");
+    let st = statuses(&a, "r");
+    let (reason, message) = st[0].resolved_refs.as_ref().unwrap_err();
+    assert_eq!(*reason, "RefNotPermitted");
+    assert!(
+        message.contains("backend backend/api: no ReferenceGrant in namespace backend lets HTTPRoutes of namespace shop refer to it"),
+        "{message}"
+    );
+    // The grant lets the route reach `api`, not `db`.
+    let s = snapshot(&format!("{BACKEND_NS}{GRANT}{route}"));
+    let a = attach(&s, "cluster.local");
+    assert_eq!(host_of(&a, "/api"), "api.backend.svc.cluster.local");
+    assert_eq!(host_of(&a, "/db"), "db.backend.invalid-backend");
+    let st = statuses(&a, "r");
+    let (reason, message) = st[0].resolved_refs.as_ref().unwrap_err();
+    assert_eq!(*reason, "RefNotPermitted");
+    assert!(
+        message.contains("backend/db") && !message.contains("backend/api"),
+        "{message}"
+    );
+    // Status written back: ResolvedRefs False, RefNotPermitted.
+    let status = route_status(
+        &s.http_routes[&("shop".to_string(), "r".to_string())],
+        &st,
+        "T1",
+    );
+    let conditions = &status["parents"][0]["conditions"];
+    assert_eq!(conditions[1]["type"], "ResolvedRefs");
+    assert_eq!(conditions[1]["status"], "False");
+    assert_eq!(conditions[1]["reason"], "RefNotPermitted");
+    // Translated: the refused backend's requests answered 500 (Envoy's cluster-not-found code).
+    let (routes, t) = translated(&format!("{BACKEND_NS}{GRANT}{route}"));
+    let db = routes.iter().find(|r| r.name == "shop.r.1").unwrap();
+    let Some(route::route::Action::Route(a)) = &db.action else {
+        panic!("{db:?}")
+    };
+    assert_eq!(
+        a.cluster_not_found_response_code,
+        route::route_action::ClusterNotFoundResponseCode::InternalServerError as i32
+    );
+    let problems: Vec<String> = t.problems.iter().map(|p| p.to_string()).collect();
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.contains("spec.rules[1].backendRefs[0]") && p.contains("no ReferenceGrant")),
+        "{problems:?}"
+    );
+    assert!(
+        !problems.iter().any(|p| p.contains("spec.rules[0]")),
+        "{problems:?}"
+    );
 }
 
 fn translated(extra: &str) -> (Vec<route::Route>, crate::waypoint::Translation) {
@@ -484,7 +579,7 @@ fn the_waypoint_translation_applies_gateway_api_semantics() {
     - {type: RequestHeaderModifier, requestHeaderModifier: {add: [{name: x-via, value: gw}]}}
     - {type: URLRewrite, urlRewrite: {hostname: rewritten.example, path: {type: ReplacePrefixMatch, replacePrefixMatch: /}}}
     backendRefs: [{name: web, port: 80, weight: 1}, {name: ghost, port: 80, weight: 1}]
-    timeouts: {request: 3s}
+    timeouts: {request: 3s, backendRequest: 1s}
   - matches: [{path: {value: /old}}]
     filters: [{type: RequestRedirect, requestRedirect: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /new}}}]
   - backendRefs: [{name: web-v2, port: 80}]
@@ -513,7 +608,17 @@ fn the_waypoint_translation_applies_gateway_api_semantics() {
         a.cluster_not_found_response_code,
         Nf::InternalServerError as i32
     );
-    assert_eq!(a.timeout.unwrap().seconds, 3);
+    assert_eq!(a.timeout.unwrap().seconds, 3, "request: the whole exchange");
+    // backendRequest: each try, with the mesh's default retries.
+    let retry = a.retry_policy.as_ref().unwrap();
+    assert_eq!(retry.per_try_timeout.unwrap().seconds, 1);
+    assert_eq!(retry.num_retries.unwrap().value, 2);
+    assert_eq!(retry.retry_on, crate::route_policy::DEFAULT_RETRY_ON);
+    assert_eq!(
+        retry.retry_host_predicate.len(),
+        1,
+        "previous hosts, as the default"
+    );
     let rw = a.regex_rewrite.as_ref().unwrap();
     assert_eq!(rw.pattern.as_ref().unwrap().regex, "^/api/*");
     assert_eq!(rw.substitution, "/");

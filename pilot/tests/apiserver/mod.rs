@@ -28,7 +28,7 @@ use tokio_stream::wrappers::ReceiverStream;
 type Body = BoxBody<Bytes, Infallible>;
 
 /// The kinds served: (apiVersion, kind, collection path across namespaces, namespaced).
-pub const KINDS: [(&str, &str, &str, bool); 10] = [
+pub const KINDS: [(&str, &str, &str, bool); 11] = [
     ("v1", "Namespace", "/api/v1/namespaces", false),
     ("v1", "ConfigMap", "/api/v1/configmaps", true),
     ("v1", "Pod", "/api/v1/pods", true),
@@ -67,6 +67,12 @@ pub const KINDS: [(&str, &str, &str, bool); 10] = [
         "gateway.networking.k8s.io/v1",
         "GRPCRoute",
         "/apis/gateway.networking.k8s.io/v1/grpcroutes",
+        true,
+    ),
+    (
+        "gateway.networking.k8s.io/v1beta1",
+        "ReferenceGrant",
+        "/apis/gateway.networking.k8s.io/v1beta1/referencegrants",
         true,
     ),
 ];
