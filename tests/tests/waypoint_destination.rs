@@ -392,11 +392,28 @@ async fn connection_pool_limits_at_the_real_waypoint() {
         .unwrap();
     let tcp = SocketAddr::new(WEB_TCP_VIP.into(), 80);
     let start = std::time::Instant::now();
+    let mut first = true;
     loop {
         let mut s = c.connect_from("client", tcp).await.unwrap();
         s.write_all(b"hello").await.unwrap();
         let opened = std::time::Instant::now();
         let mut got = Vec::new();
+        if std::mem::take(&mut first) {
+            // The bed's first TCP connection through the waypoint: its bytes are counted while
+            // it is open.
+            let mut buf = [0u8; 256];
+            while !String::from_utf8_lossy(&got).ends_with("hello") {
+                let n = s.read(&mut buf).await.unwrap();
+                assert!(n > 0, "closed before the echo");
+                got.extend_from_slice(&buf[..n]);
+            }
+            let m = waypoint_metrics(&c).await;
+            let web_tcp = [("destination_service_name", "web-tcp")];
+            let sent = testbed::cluster::sum_metric(&m, "istio_tcp_sent_bytes_total", &web_tcp);
+            let closed =
+                testbed::cluster::sum_metric(&m, "istio_tcp_connections_closed_total", &web_tcp);
+            assert!(sent >= 5.0 && closed == 0.0, "sent {sent}, closed {closed}");
+        }
         let closed = tokio::time::timeout(Duration::from_secs(4), async {
             let mut buf = [0u8; 256];
             while let Ok(n) = s.read(&mut buf).await {

@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use prometheus_client::metrics::counter::Counter;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use mesh::hbone::Refusal;
@@ -131,12 +132,24 @@ pub async fn proxy(
         .connections_opened
         .get_or_create(&labels)
         .inc();
-    let (sent, received, ended) =
-        copy_until_idle(H2Io::new(client), H2Io::new(upstream), idle_timeout).await;
+    // The byte counters move while the connection runs (as ztunnel's); the close is counted
+    // at the end.
+    let counters = w.metrics.tcp.live(&labels);
+    let (sent, received, ended) = copy_until_idle(
+        H2Io::new(client),
+        H2Io::new(upstream),
+        idle_timeout,
+        counters,
+    )
+    .await;
     if let Some(why) = ended {
         debug!(cluster = %cluster_name, "TCP proxy: {why}");
     }
-    w.metrics.tcp.closed(&labels, sent, received);
+    w.metrics
+        .tcp
+        .connections_closed
+        .get_or_create(&labels)
+        .inc();
     log(
         tunnel,
         cluster_name,
@@ -173,10 +186,12 @@ fn log(
     info!(target: "access", "{line}");
 }
 
-/// One side of a proxied connection, counting what it reads and when it last read.
+/// One side of a proxied connection, counting what it reads (also into its Istio byte counter)
+/// and when it last read.
 struct Watched<T> {
     inner: T,
     read: u64,
+    counter: Counter,
     /// Milliseconds since `since` of the last read of either side (shared by both).
     last: Arc<AtomicU64>,
     since: Instant,
@@ -193,6 +208,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for Watched<T> {
         let n = (buf.filled().len() - before) as u64;
         if n > 0 {
             self.read += n;
+            self.counter.inc_by(n);
             let at = self.since.elapsed().as_millis() as u64;
             self.last.store(at, Ordering::Relaxed);
         }
@@ -222,6 +238,7 @@ async fn copy_until_idle<A, B>(
     client: A,
     upstream: B,
     idle: Option<Duration>,
+    (sent, received): (Counter, Counter),
 ) -> (u64, u64, Option<String>)
 where
     A: AsyncRead + AsyncWrite + Unpin,
@@ -232,12 +249,14 @@ where
     let mut a = Watched {
         inner: client,
         read: 0,
+        counter: sent,
         last: last.clone(),
         since,
     };
     let mut b = Watched {
         inner: upstream,
         read: 0,
+        counter: received,
         last: last.clone(),
         since,
     };
@@ -274,7 +293,13 @@ mod tests {
         let (client, mut app) = tokio::io::duplex(64);
         let (upstream, mut server) = tokio::io::duplex(64);
         let idle = Duration::from_secs(1);
-        let proxy = tokio::spawn(copy_until_idle(client, upstream, Some(idle)));
+        let counters = (Counter::default(), Counter::default());
+        let proxy = tokio::spawn(copy_until_idle(
+            client,
+            upstream,
+            Some(idle),
+            counters.clone(),
+        ));
         // Busy: a byte every 200 ms keeps it open well past the idle time.
         let mut buf = [0u8; 1];
         for _ in 0..8 {
@@ -283,6 +308,7 @@ mod tests {
             server.read_exact(&mut buf).await.unwrap();
         }
         assert!(!proxy.is_finished(), "closed while busy");
+        assert_eq!(counters.0.get(), 8, "counted while the connection runs");
         server.write_all(b"yz").await.unwrap();
         // Then quiet: closed about the idle time after the last byte.
         let started = Instant::now();
@@ -297,7 +323,8 @@ mod tests {
     async fn without_an_idle_timeout_the_copy_runs_to_the_end() {
         let (client, mut app) = tokio::io::duplex(64);
         let (upstream, mut server) = tokio::io::duplex(64);
-        let proxy = tokio::spawn(copy_until_idle(client, upstream, None));
+        let counters = (Counter::default(), Counter::default());
+        let proxy = tokio::spawn(copy_until_idle(client, upstream, None, counters));
         app.write_all(b"data").await.unwrap();
         app.shutdown().await.unwrap();
         let mut got = Vec::new();

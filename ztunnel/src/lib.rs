@@ -3,11 +3,13 @@
 
 pub mod admin;
 pub mod authorization;
+pub mod claims;
 pub mod config_file;
 pub mod dns;
 pub mod inbound;
 pub mod inpod;
 pub mod metrics;
+pub mod netlink;
 pub mod node;
 pub mod outbound;
 pub mod redirect;

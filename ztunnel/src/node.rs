@@ -16,6 +16,7 @@ use mesh::socket::{PROXY_MARK, SocketFactory};
 use tokio::sync::watch;
 use tracing::{error, info, warn};
 
+use crate::claims::Claims;
 use crate::dns::proxy::{self as dns_proxy, DnsProxy};
 use crate::metrics::Metrics;
 use crate::redirect::{PodCapture, PodTarget, Redirector};
@@ -25,6 +26,8 @@ use mesh::state::{State, TunnelProtocol, Workload};
 
 pub const OUTBOUND_PORT: u16 = 15001;
 pub const INBOUND_PLAINTEXT_PORT: u16 = 15006;
+/// Pods enrolled in parallel by one pass (each on a blocking thread).
+const ENROLL_AT_ONCE: usize = 8;
 
 /// Everything shared by the proxies of all pods on this node.
 pub struct Node {
@@ -47,10 +50,14 @@ pub struct Node {
     /// False until the configuration source has delivered a first complete view (always true
     /// for the local file); readiness waits for it.
     synced: AtomicBool,
-    /// Held for a whole reconcile pass. Passes are started by config updates and by the retry
-    /// timer; two at once would both enroll a new pod, and the loser's listeners, dropped
-    /// after its capture entry was written, would leave the pod failing closed.
-    reconciling: tokio::sync::Mutex<()>,
+    /// The pods with enrollment work under way. Passes are started by config updates and by
+    /// the retry timer and may overlap; two enrolling one pod would leave the loser's
+    /// listeners, dropped after its capture entry was written, failing the pod closed. So a
+    /// pass claims its pods here, briefly, and does the slow work with no lock held.
+    /// Lock order: `pods`, then `pending`, then `claims`.
+    claims: Mutex<Claims>,
+    /// Signalled when the last claim is released (`drain` waits for it).
+    idle: tokio::sync::Notify,
     /// The admin, metrics and readiness listeners, in ztunnel's own namespace: never a
     /// destination a pod's connection may be forwarded to.
     admin_listeners: Vec<SocketAddr>,
@@ -167,7 +174,8 @@ impl Node {
             pods: Mutex::default(),
             pending: Mutex::default(),
             synced: AtomicBool::new(true),
-            reconciling: tokio::sync::Mutex::new(()),
+            claims: Mutex::default(),
+            idle: tokio::sync::Notify::new(),
             admin_listeners,
             draining: AtomicBool::new(false),
         })
@@ -215,83 +223,135 @@ impl Node {
     }
 
     /// Bring enrollment in line with the state: enroll new pods, unenroll gone ones. Pods that
-    /// cannot be enrolled yet (no process in their cgroup) are retried on the next pass.
+    /// cannot be enrolled yet (no process in their cgroup) are retried on the next pass. The
+    /// slow work (netns, sockets, routing, capture) runs on blocking threads, a few pods at a
+    /// time, with no lock held; pods another pass is working on are left to it.
     pub async fn reconcile(self: &Arc<Self>) {
-        let _turn = self.reconciling.lock().await;
-        // A draining ztunnel keeps its pods' capture for its successor and enrolls nothing:
-        // listeners opened now would accept connections that the exit then cuts.
-        if self.draining.load(Ordering::Acquire) {
-            return;
-        }
         let wanted = self.wanted();
         let keep: std::collections::HashSet<String> =
             wanted.iter().map(|w| w.uid.clone()).collect();
-        let stale: Vec<(String, Enrolled)> = {
-            let Ok(mut pods) = self.pods.lock() else {
+        let (stale, fresh) = {
+            let (Ok(mut pods), Ok(mut claims)) = (self.pods.lock(), self.claims.lock()) else {
                 return;
             };
-            let gone: Vec<String> = pods
-                .keys()
-                .filter(|uid| !keep.contains(*uid))
+            // A draining ztunnel keeps its pods' capture for its successor and enrolls nothing:
+            // listeners opened now would accept connections that the exit then cuts. Read under
+            // the claims lock, so `drain` sees every claim made before it.
+            if self.draining.load(Ordering::SeqCst) {
+                return;
+            }
+            let Some(plan) = claims.plan(
+                pods.keys().map(String::as_str),
+                wanted.iter().map(|w| w.uid.as_str()),
+            ) else {
+                return;
+            };
+            let stale: Vec<(String, Enrolled)> = plan
+                .stale
+                .into_iter()
+                .filter_map(|uid| pods.remove(&uid).map(|p| (uid, p)))
+                .collect();
+            let fresh: Vec<Arc<Workload>> = wanted
+                .iter()
+                .filter(|w| plan.fresh.contains(&w.uid))
                 .cloned()
                 .collect();
-            gone.into_iter()
-                .filter_map(|uid| pods.remove(&uid).map(|p| (uid, p)))
-                .collect()
+            (stale, fresh)
         };
         for (uid, pod) in stale {
-            self.unenroll(&uid, pod).await;
+            self.unenroll(uid, pod).await;
         }
-        for w in &wanted {
-            let known = self
-                .pods
-                .lock()
-                .map(|p| p.contains_key(&w.uid))
-                .unwrap_or(true);
-            if known {
-                continue;
+        for batch in fresh.chunks(ENROLL_AT_ONCE) {
+            let started: Vec<_> = batch
+                .iter()
+                .map(|w| {
+                    let (node, w) = (self.clone(), w.clone());
+                    let uid = w.uid.clone();
+                    let task = tokio::task::spawn_blocking(move || {
+                        let started = std::time::Instant::now();
+                        let result = node.enroll(&w);
+                        (w, result, started.elapsed())
+                    });
+                    (uid, task)
+                })
+                .collect();
+            for (uid, task) in started {
+                match task.await {
+                    Ok((w, result, took)) => self.record(&w, result, took),
+                    Err(e) => {
+                        error!(%uid, "enrolling the pod failed: {e}");
+                        self.release(&uid);
+                    }
+                }
             }
-            let result = self.enroll(w);
-            let Ok(mut pending) = self.pending.lock() else {
-                continue;
+        }
+        let swept = {
+            let (Ok(pods), Ok(mut pending), Ok(mut claims)) =
+                (self.pods.lock(), self.pending.lock(), self.claims.lock())
+            else {
+                return;
             };
-            match result {
-                Ok(e) => {
-                    info!(pod = %w.name, uid = %w.uid, netns = %e.netns.display(), capture = self.redirect.name(), "pod enrolled");
-                    pending.remove(&w.uid);
-                    if let Ok(mut pods) = self.pods.lock() {
-                        pods.insert(w.uid.clone(), e);
-                    }
-                }
-                Err(reason) => {
-                    // Retried every pass; say it once per new reason rather than every time.
-                    let changed = pending.get(&w.uid).is_none_or(|(_, r)| *r != reason);
-                    if changed {
-                        warn!(pod = %w.name, uid = %w.uid, "cannot enroll pod yet: {reason}");
-                    }
-                    pending.insert(w.uid.clone(), (w.name.clone(), reason));
-                }
-            }
-        }
-        let pending: Vec<String> = match self.pending.lock() {
-            Ok(mut pending) => {
-                pending.retain(|uid, _| keep.contains(uid));
-                pending.keys().cloned().collect()
-            }
-            Err(_) => vec![],
+            pending.retain(|uid, _| keep.contains(uid));
+            self.metrics.enrolled_pods.set(pods.len() as i64);
+            claims.begin_retain().then(|| {
+                (
+                    pods.keys().cloned().collect::<Vec<_>>(),
+                    pending.keys().cloned().collect::<Vec<_>>(),
+                )
+            })
         };
-        let enrolled: Vec<String> = self
-            .pods
-            .lock()
-            .map(|p| p.keys().cloned().collect())
-            .unwrap_or_default();
-        self.redirect.retain(&enrolled, &pending);
-        self.metrics
-            .enrolled_pods
-            .set(self.pods.lock().map(|p| p.len() as i64).unwrap_or(0));
+        if let Some((enrolled, pending)) = swept {
+            let redirect = self.redirect.clone();
+            let _ = tokio::task::spawn_blocking(move || redirect.retain(&enrolled, &pending)).await;
+            if let Ok(mut claims) = self.claims.lock() {
+                claims.end_retain();
+            }
+            self.idle.notify_waiters();
+        }
     }
 
-    /// Listeners first, capture last, so captured traffic always finds a listener.
+    /// Record an enrollment's outcome and release the pod's claim, in one step so no pass sees
+    /// the pod neither enrolled nor claimed.
+    fn record(&self, w: &Workload, result: Result<Enrolled, String>, took: Duration) {
+        let (Ok(mut pods), Ok(mut pending), Ok(mut claims)) =
+            (self.pods.lock(), self.pending.lock(), self.claims.lock())
+        else {
+            return;
+        };
+        match result {
+            Ok(e) => {
+                let took_ms = took.as_secs_f64() * 1e3;
+                info!(pod = %w.name, uid = %w.uid, netns = %e.netns.display(), capture = self.redirect.name(), took_ms, "pod enrolled");
+                pending.remove(&w.uid);
+                pods.insert(w.uid.clone(), e);
+            }
+            Err(reason) => {
+                // Retried every pass; say it once per new reason rather than every time.
+                let changed = pending.get(&w.uid).is_none_or(|(_, r)| *r != reason);
+                if changed {
+                    warn!(pod = %w.name, uid = %w.uid, "cannot enroll pod yet: {reason}");
+                }
+                pending.insert(w.uid.clone(), (w.name.clone(), reason));
+            }
+        }
+        if claims.release(&w.uid) {
+            self.idle.notify_waiters();
+        }
+    }
+
+    fn release(&self, uid: &str) {
+        if self
+            .claims
+            .lock()
+            .map(|mut c| c.release(uid))
+            .unwrap_or(true)
+        {
+            self.idle.notify_waiters();
+        }
+    }
+
+    /// Listeners first, capture last, so captured traffic always finds a listener. Blocking
+    /// (netns, routing, capture): runs on a blocking thread.
     fn enroll(self: &Arc<Self>, w: &Workload) -> Result<Enrolled, String> {
         let netns = crate::inpod::find_netns(&self.cgroup_root, &w.uid)?;
         let sockets = SocketFactory::open_netns(&netns, Some(PROXY_MARK))
@@ -403,33 +463,40 @@ impl Node {
     /// Capture first (new connections go direct), then the listeners drain.
     /// The routing for source preservation goes once the open connections are done (their
     /// replies need it), unless the pod was enrolled again meanwhile.
-    async fn unenroll(self: &Arc<Self>, uid: &str, pod: Enrolled) {
-        if let Err(e) = pod.capture.remove() {
+    async fn unenroll(self: &Arc<Self>, uid: String, pod: Enrolled) {
+        let capture = pod.capture.clone();
+        match tokio::task::spawn_blocking(move || capture.remove()).await {
+            Ok(Ok(())) => {}
             // The pod may already be gone along with its namespace.
-            warn!(%uid, "removing capture rules: {e}");
+            Ok(Err(e)) => warn!(%uid, "removing capture rules: {e}"),
+            Err(e) => warn!(%uid, "removing capture rules failed: {e}"),
         }
         self.certs.untrack(&pod.identity);
         info!(pod = %pod.name, %uid, "pod unenrolled");
+        self.release(&uid);
         let drained = pod.drain.drain(Duration::from_secs(30));
         let Some(routing) = pod.routing else {
             tokio::spawn(drained);
             return;
         };
         let node = self.clone();
-        let uid = uid.to_string();
         tokio::spawn(async move {
             drained.await;
-            // Within a pass, so the pod cannot be enrolled again between the check and the
-            // removal (which would take the new enrollment's routing away).
-            let _turn = node.reconciling.lock().await;
-            let again = node
-                .pods
-                .lock()
-                .map(|p| p.contains_key(&uid))
-                .unwrap_or(true);
-            if !again && let Err(e) = routing.remove() {
-                warn!(%uid, "removing the routing for source preservation: {e}");
+            // Claimed, so the pod cannot be enrolled again during the removal (which would
+            // take the new enrollment's routing away); skipped if it is enrolled again.
+            let claimed = match (node.pods.lock(), node.claims.lock()) {
+                (Ok(pods), Ok(mut claims)) => !pods.contains_key(&uid) && claims.claim(&uid),
+                _ => false,
+            };
+            if !claimed {
+                return;
             }
+            match tokio::task::spawn_blocking(move || routing.remove()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => warn!(%uid, "removing the routing for source preservation: {e}"),
+                Err(e) => warn!(%uid, "removing the routing for source preservation failed: {e}"),
+            }
+            node.release(&uid);
         });
     }
 
@@ -437,9 +504,16 @@ impl Node {
     /// (rules, or pinned eBPF state) stays: while no ztunnel runs, captured connections are refused rather than sent
     /// around the mesh.
     pub async fn drain(&self, deadline: Duration) -> bool {
-        self.draining.store(true, Ordering::Release);
-        // A pass under way finishes first (it may be enrolling a pod); none runs after.
-        drop(self.reconciling.lock().await);
+        self.draining.store(true, Ordering::SeqCst);
+        // Enrollments under way finish first (their pods are drained with the rest); none
+        // starts after.
+        loop {
+            let idle = self.idle.notified();
+            if self.claims.lock().map(|c| c.is_idle()).unwrap_or(true) {
+                break;
+            }
+            idle.await;
+        }
         let pods: Vec<Enrolled> = match self.pods.lock() {
             Ok(mut p) => p.drain().map(|(_, e)| e).collect(),
             Err(_) => vec![],

@@ -7,10 +7,13 @@
 //!
 //! - `net.ipv4.tcp_fwmark_accept=1`: the application's accepted socket takes the mark of the
 //!   SYN, so everything it sends on that connection carries it (IPv4 and IPv6);
-//! - `ip rule add fwmark 0x111 lookup 273` and `ip route add local default dev lo table 273`
-//!   (and their `-6` forms when the pod has an IPv6 address): the application's replies to the
-//!   client's address are delivered locally, to ztunnel's transparent socket, instead of being
-//!   routed out to the client.
+//! - the rule `fwmark 0x111 lookup 273 pref 32764` and the route `local default dev lo table 273`
+//!   (for IPv6 too when the pod has an IPv6 address), made over netlink ([`crate::netlink`]):
+//!   the application's replies to the client's address are delivered locally, to ztunnel's
+//!   transparent socket, instead of being routed out to the client.
+//!
+//! Setting up and removing are blocking (netlink, /proc/sys, brief `setns` of the calling
+//! thread): the node agent calls them on blocking threads, never on the runtime's workers.
 //!
 //! Capture must leave this traffic alone. eBPF: `connect4` passes connects to the pod's own IP;
 //! `sk_lookup` passes SYNs that arrive on loopback, which the device binding makes the delivery
@@ -23,12 +26,13 @@ use std::collections::HashSet;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use mesh::socket::{DELIVERY_MARK, SocketFactory};
 use tokio::net::TcpStream;
 use tracing::warn;
+
+use crate::netlink::{Family, FwmarkRule, Route};
 
 /// The pod-local routing table for the replies (0x111, as the mark).
 pub const ROUTE_TABLE: u32 = 273;
@@ -98,32 +102,19 @@ impl PodRouting {
                 }
             }
         }
-        let result = routing.families().try_for_each(|family| {
-            routing.delete_rules(family);
-            routing.ip(&[
-                family,
-                "rule",
-                "add",
-                "fwmark",
-                &mark(),
-                "lookup",
-                &table(),
-                "pref",
-                &pref(),
-            ])?;
-            let default = if family == "-6" { "::/0" } else { "0.0.0.0/0" };
-            routing.ip(&[
-                family,
-                "route",
-                "replace",
-                "local",
-                default,
-                "dev",
-                "lo",
-                "table",
-                &table(),
-            ])
-        });
+        let result = sockets
+            .run_in(|| Ok(Route::open()))
+            .map_err(|e| format!("entering the pod's network namespace: {e}"))
+            .and_then(|r| r.map_err(|e| format!("in the pod: {e}")))
+            .and_then(|mut route| {
+                let lo = sockets
+                    .run_in(loopback_index)
+                    .map_err(|e| format!("finding `lo` in the pod: {e}"))?;
+                routing.families().try_for_each(|family| {
+                    route.replace_rule(&rule(family))?;
+                    route.replace_local_default(family, lo, ROUTE_TABLE)
+                })
+            });
         if let Err(e) = result {
             let _ = routing.remove();
             return Err(e);
@@ -138,28 +129,40 @@ impl PodRouting {
     }
 
     /// Undo [`Self::setup`]. Errors are reported, not fatal: the pod may be gone already.
+    /// Blocking (netlink and /proc/sys in the pod): call it off the async threads.
     pub fn remove(&self) -> Result<(), String> {
         let mut errors = vec![];
-        for family in self.families() {
-            self.delete_rules(family);
-            if let Err(e) = self.ip(&[family, "route", "flush", "table", &table()]) {
-                errors.push(e);
-            }
-        }
-        let sysctls = self
-            .fwmark_accept_before
-            .iter()
-            .map(|before| (FWMARK_ACCEPT, before))
-            .chain(
-                self.reflect_before
+        match SocketFactory::open_netns(&self.netns, None) {
+            Err(e) => errors.push(format!("opening the pod's network namespace: {e}")),
+            Ok(sockets) => {
+                match sockets.run_in(|| Ok(Route::open())) {
+                    Err(e) => errors.push(format!("entering the pod's network namespace: {e}")),
+                    Ok(Err(e)) => errors.push(format!("in the pod: {e}")),
+                    Ok(Ok(mut route)) => {
+                        for family in self.families() {
+                            if let Err(e) = route.delete_rule(&rule(family)) {
+                                errors.push(e);
+                            }
+                            if let Err(e) = route.flush_defaults(family, ROUTE_TABLE) {
+                                errors.push(e);
+                            }
+                        }
+                    }
+                }
+                let sysctls = self
+                    .fwmark_accept_before
                     .iter()
-                    .map(|(path, before)| (*path, before)),
-            );
-        for (path, before) in sysctls {
-            let restored = SocketFactory::open_netns(&self.netns, None)
-                .and_then(|s| s.run_in(|| std::fs::write(path, before)));
-            if let Err(e) = restored {
-                errors.push(format!("restoring {path}: {e}"));
+                    .map(|before| (FWMARK_ACCEPT, before))
+                    .chain(
+                        self.reflect_before
+                            .iter()
+                            .map(|(path, before)| (*path, before)),
+                    );
+                for (path, before) in sysctls {
+                    if let Err(e) = sockets.run_in(|| std::fs::write(path, before)) {
+                        errors.push(format!("restoring {path}: {e}"));
+                    }
+                }
             }
         }
         if errors.is_empty() {
@@ -169,57 +172,30 @@ impl PodRouting {
         }
     }
 
-    fn families(&self) -> impl Iterator<Item = &'static str> {
-        ["-4", "-6"].into_iter().take(if self.ipv6 { 2 } else { 1 })
-    }
-
-    /// Delete our rule as many times as it is there (a crash could leave duplicates).
-    fn delete_rules(&self, family: &str) {
-        let (mark, table, pref) = (mark(), table(), pref());
-        let del: [&str; 9] = [
-            family, "rule", "del", "fwmark", &mark, "lookup", &table, "pref", &pref,
-        ];
-        for _ in 0..16 {
-            if self.ip(&del).is_err() {
-                break;
-            }
-        }
-    }
-
-    fn ip(&self, args: &[&str]) -> Result<(), String> {
-        let out = Command::new("nsenter")
-            .arg(format!("--net={}", self.netns.display()))
-            .arg("ip")
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .map_err(|e| format!("running nsenter/ip (is iproute2 installed?): {e}"))?;
-        if out.status.success() {
-            Ok(())
-        } else if out.status.code() == Some(127) {
-            // nsenter's exit status when it cannot find the command.
-            Err("`ip` not found (is iproute2 installed?)".to_string())
-        } else {
-            Err(format!(
-                "`ip {}` in {}: {}",
-                args.join(" "),
-                self.netns.display(),
-                String::from_utf8_lossy(&out.stderr).trim()
-            ))
-        }
+    fn families(&self) -> impl Iterator<Item = Family> {
+        [Family::V4, Family::V6]
+            .into_iter()
+            .take(if self.ipv6 { 2 } else { 1 })
     }
 }
 
-fn mark() -> String {
-    format!("{DELIVERY_MARK:#x}")
+/// Our rule for `family`: the delivery mark looks up the reply table.
+fn rule(family: Family) -> FwmarkRule {
+    FwmarkRule {
+        family,
+        mark: DELIVERY_MARK,
+        table: ROUTE_TABLE,
+        priority: RULE_PRIORITY,
+    }
 }
 
-fn table() -> String {
-    ROUTE_TABLE.to_string()
-}
-
-fn pref() -> String {
-    RULE_PRIORITY.to_string()
+/// The index of `lo` in the current thread's network namespace.
+fn loopback_index() -> io::Result<u32> {
+    // SAFETY: a NUL-terminated name; if_nametoindex only reads it.
+    match unsafe { libc::if_nametoindex(c"lo".as_ptr()) } {
+        0 => Err(io::Error::last_os_error()),
+        i => Ok(i),
+    }
 }
 
 /// The plaintext clients connected to a pod right now, by address and port. They reach the
@@ -336,6 +312,44 @@ mod tests {
         drop(guard);
         assert!(!live.taken(client, 40000));
         assert_eq!(pick_port(|_| true, || 40000), None);
+    }
+
+    /// Against the kernel (needs root): in a namespace of the test's own whose `lo` is down,
+    /// the IPv6 route is refused; the error says why and nothing is left half set up.
+    #[test]
+    fn a_failed_setup_names_the_cause_and_undoes_itself() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: needs root for a network namespace");
+            return;
+        }
+        std::thread::spawn(|| {
+            // SAFETY: unshare affects this thread only (CLONE_NEWNET), which ends with the test.
+            assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNET) }, 0);
+            let netns = Path::new("/proc/thread-self/ns/net");
+            let sockets = SocketFactory::open_netns(netns, None).unwrap();
+            let e = PodRouting::setup(netns, &sockets, true).unwrap_err();
+            assert!(
+                e.contains("IPv6 route") && e.contains("`lo` is down"),
+                "{e}"
+            );
+            for path in [FWMARK_ACCEPT, FWMARK_REFLECT[0], FWMARK_REFLECT[1]] {
+                let value = std::fs::read_to_string(path).unwrap();
+                assert_eq!(value.trim(), "0", "{path} put back");
+            }
+            let mut route = Route::open().unwrap();
+            for family in [Family::V4, Family::V6] {
+                let left = route.exchange(crate::netlink::rule_message(&rule(family), false));
+                assert!(left.is_err(), "{family} rule removed");
+            }
+            let left = route.exchange(crate::netlink::delete_default_route(
+                Family::V4,
+                ROUTE_TABLE,
+            ));
+            assert!(left.is_err(), "IPv4 route removed");
+        })
+        .join()
+        .unwrap();
     }
 
     #[test]

@@ -41,6 +41,7 @@ pub trait Redirector: Send + Sync {
     /// `ebpf`, `nftables` or `none`, for logs and the admin dump.
     fn name(&self) -> &'static str;
     /// Start capturing the pod's traffic into its (already listening) in-pod listeners.
+    /// May block (maps, processes): called on a blocking thread, as are `remove` and `retain`.
     fn enroll(&self, pod: &PodTarget<'_>) -> Result<Arc<dyn PodCapture>, String>;
     /// After a reconcile pass: drop capture state (e.g. pinned after a restart) of pods that
     /// are not in `enrolled` (uids) nor still `pending` (wanted but not found yet).

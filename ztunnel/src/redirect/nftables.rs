@@ -2,6 +2,16 @@
 //! outbound TCP → 15001, inbound TCP (except HBONE on 15008) → 15006, DNS (UDP and TCP to port
 //! 53, when DNS capture is on) → 15053, the proxy's own marked sockets untouched. The fallback
 //! for kernels without the eBPF features.
+//!
+//! Each pod's ruleset is one `nft -f -` transaction run in the pod's namespace (`nsenter`):
+//! the kernel applies the whole script atomically, replacing what a previous ztunnel left.
+//! A process rather than netlink because nftables' netlink messages are bytecode, not rules:
+//! the `nat` hooks, `redirect`, `fib daddr type local` and the set of exemptions would be
+//! hand-assembled expressions (no maintained Rust crate builds them from rule text; `nftnl`
+//! binds libnftnl and needs the C library), and the JSON API is the same `nft` program or
+//! libnftables. The node agent calls [`Redirector::enroll`] and [`PodCapture::remove`] on
+//! blocking threads with no lock held, so the process costs one enrollment its time (a few
+//! milliseconds) and nothing else.
 
 use std::io::{self, Write};
 use std::net::SocketAddr;
