@@ -10,7 +10,7 @@ use tonic::metadata::MetadataMap;
 use crate::token_review::TokenReviewer;
 
 /// An authenticated caller.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Caller {
     /// The node proxy of `node`: may get config, and certificates for the pods on its node.
     NodeAgent { node: String },
@@ -71,6 +71,9 @@ pub struct Tokens {
     /// Held while a node token is created, so that two callers (start-up and the snapshot
     /// task) neither write the same temporary file at once nor make two tokens for one node.
     creating: Mutex<()>,
+    /// Each caller's token: found without scanning every token (one per service account in
+    /// the mesh, tens of thousands at scale).
+    by_caller: RwLock<HashMap<Caller, String>>,
 }
 
 impl Tokens {
@@ -82,6 +85,7 @@ impl Tokens {
             dir: Some(dir.to_path_buf()),
             trust_domain: trust_domain.to_string(),
             by_token: RwLock::default(),
+            by_caller: RwLock::default(),
             creating: Mutex::default(),
         };
         for entry in std::fs::read_dir(dir.join("sa"))?.flatten() {
@@ -133,6 +137,9 @@ impl Tokens {
     }
 
     pub fn insert(&self, token: String, caller: Caller) {
+        if let Ok(mut m) = self.by_caller.write() {
+            m.entry(caller.clone()).or_insert_with(|| token.clone());
+        }
         if let Ok(mut m) = self.by_token.write() {
             m.insert(token, caller);
         }
@@ -211,8 +218,7 @@ impl Tokens {
     }
 
     fn existing(&self, caller: &Caller) -> Option<String> {
-        let m = self.by_token.read().ok()?;
-        m.iter().find(|(_, c)| *c == caller).map(|(t, _)| t.clone())
+        self.by_caller.read().ok()?.get(caller).cloned()
     }
 
     /// The caller `token` belongs to; an unknown token is refused.

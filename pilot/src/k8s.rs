@@ -198,7 +198,8 @@ pub use crate::routing::{DestinationRule, Gateway, VirtualService};
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub enum Object {
     Namespace(Namespace),
-    Pod(Pod),
+    /// Shared: the folder source's parse cache and every snapshot hold the same pod.
+    Pod(#[serde(serialize_with = "shared")] std::sync::Arc<Pod>),
     Service(Service),
     AuthorizationPolicy(AuthorizationPolicy),
     VirtualService(VirtualService),
@@ -207,6 +208,14 @@ pub enum Object {
     HttpRoute(crate::gateway_api::Route),
     GrpcRoute(crate::gateway_api::Route),
     ReferenceGrant(crate::reference_grant::ReferenceGrant),
+}
+
+/// Serialize what an `Arc` points to (serde's `rc` feature is not on).
+fn shared<S: serde::Serializer, T: serde::Serialize>(
+    v: &std::sync::Arc<T>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    (**v).serialize(s)
 }
 
 impl Object {
@@ -372,7 +381,13 @@ pub fn parse_object(value: Value, origin: Origin) -> Result<Option<(Origin, Obje
     let status = map.get("status").cloned().unwrap_or(Value::Null);
     let object = match kind.as_str() {
         "Namespace" => Object::Namespace(Namespace { meta }),
-        "Pod" => Object::Pod(pod(&origin, meta, spec, status, map.get("metadata"))?),
+        "Pod" => Object::Pod(std::sync::Arc::new(pod(
+            &origin,
+            meta,
+            spec,
+            status,
+            map.get("metadata"),
+        )?)),
         "Service" => Object::Service(service(&origin, meta, spec)?),
         "AuthorizationPolicy" => {
             Object::AuthorizationPolicy(authorization_policy(&origin, meta, spec)?)

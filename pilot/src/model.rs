@@ -18,8 +18,9 @@ pub struct Snapshot {
     /// Increases by one per snapshot published, for logs and the debug endpoint.
     pub generation: u64,
     pub namespaces: BTreeMap<String, Namespace>,
-    #[serde(serialize_with = "by_name")]
-    pub pods: BTreeMap<Key, Pod>,
+    /// Shared with the source (`Arc`): building a snapshot does not copy every pod.
+    #[serde(serialize_with = "arcs_by_name")]
+    pub pods: BTreeMap<Key, Arc<Pod>>,
     #[serde(serialize_with = "by_name")]
     pub services: BTreeMap<Key, Service>,
     #[serde(serialize_with = "by_name")]
@@ -260,6 +261,16 @@ fn restore<K: Ord + Clone, V: Clone>(
 
 /// A map keyed by `(namespace, name)` as one keyed by `namespace/name`: JSON keys are strings
 /// (the debug endpoint serves the model as JSON).
+fn arcs_by_name<S: serde::Serializer, V: serde::Serialize>(
+    map: &BTreeMap<Key, Arc<V>>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    s.collect_map(
+        map.iter()
+            .map(|((ns, name), v)| (format!("{ns}/{name}"), &**v)),
+    )
+}
+
 fn by_name<S: serde::Serializer, V: serde::Serialize>(
     map: &BTreeMap<Key, V>,
     s: S,

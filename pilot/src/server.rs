@@ -19,7 +19,7 @@ use crate::ca::CaService;
 use crate::k8s::Problem;
 use crate::model::Snapshot;
 use crate::token_review::TokenReviewer;
-use crate::translate::{MeshOptions, Resources, translate};
+use crate::translate::{MeshOptions, ResourceMap, Resources};
 use crate::xds::server::{AdsService, Registry};
 
 /// DNS names on pilot's serving certificate; clients verify one of them.
@@ -40,6 +40,54 @@ pub struct Published {
     pub waypoints: BTreeMap<String, Arc<Resources>>,
     pub problems: Vec<Problem>,
     pub translate_time: Duration,
+    /// What changed from the previous publication's `resources`, for the connections that
+    /// were in step with it (`None`: the first, or not worked out).
+    pub changes: Option<Arc<Changes>>,
+    /// What the next translation reuses of this one.
+    pub reuse: crate::translate::Reuse,
+}
+
+/// The names a publication changed from the previous one: a connection that was served the
+/// previous `resources` diffs these alone.
+#[derive(Debug)]
+pub struct Changes {
+    /// The previous publication's `resources`, held weakly: only its address is compared (a
+    /// `Weak` keeps that address from being reused).
+    pub from: std::sync::Weak<Resources>,
+    pub names: crate::xds::session::Changed,
+}
+
+/// Give `new` the `Arc`s of `old` where the version is the same (so that unchanged resources
+/// stay one copy, shared by every snapshot and connection), and return the names that were
+/// added, changed or removed, in order.
+pub fn carry_over(old: &ResourceMap, new: &mut ResourceMap) -> Vec<String> {
+    let mut changed = Vec::new();
+    // Both maps are in name order: one walk over each.
+    let mut before = old.iter().peekable();
+    for (name, r) in new.iter_mut() {
+        while let Some((gone, _)) = before.peek()
+            && gone.as_str() < name.as_str()
+        {
+            changed.push((*gone).clone());
+            before.next();
+        }
+        match before.peek() {
+            Some((o, prev)) if *o == name => {
+                if prev.version == r.version {
+                    if !Arc::ptr_eq(prev, r) {
+                        *r = (*prev).clone();
+                    }
+                } else {
+                    changed.push(name.clone());
+                }
+                before.next();
+            }
+            _ => changed.push(name.clone()),
+        }
+    }
+    changed.extend(before.map(|(gone, _)| gone.clone()));
+    changed.sort_unstable();
+    changed
 }
 
 /// Where the mesh configuration comes from, and with it how callers are authenticated.
@@ -115,9 +163,27 @@ fn publish(
     snapshot: Arc<Snapshot>,
     mesh: &MeshOptions,
     logged: &mut BTreeSet<Problem>,
+    previous: Option<&Published>,
 ) -> Published {
     let start = Instant::now();
-    let t = translate(&snapshot, mesh);
+    let (mut t, reuse) =
+        crate::translate::translate_reusing(&snapshot, mesh, previous.map(|p| &p.reuse));
+    let changes = previous.map(|p| {
+        let old = &p.resources;
+        let mut names = crate::xds::session::Changed::new();
+        names.insert(
+            mesh::proto::ADDRESS_TYPE_URL.to_string(),
+            carry_over(&old.addresses, &mut t.resources.addresses),
+        );
+        names.insert(
+            mesh::proto::AUTHORIZATION_TYPE_URL.to_string(),
+            carry_over(&old.authorizations, &mut t.resources.authorizations),
+        );
+        Arc::new(Changes {
+            from: Arc::downgrade(old),
+            names,
+        })
+    });
     let w = crate::waypoint::translate(&snapshot, mesh);
     let translated: Vec<Problem> = t.problems.iter().chain(&w.problems).cloned().collect();
     for p in not_yet_logged(&translated, logged) {
@@ -137,6 +203,8 @@ fn publish(
         waypoints,
         problems,
         translate_time: start.elapsed(),
+        changes,
+        reuse,
     }
 }
 
@@ -146,9 +214,12 @@ async fn publish_blocking(
     snapshot: Arc<Snapshot>,
     mesh: Arc<MeshOptions>,
     mut logged: BTreeSet<Problem>,
+    previous: Option<Arc<Published>>,
+    retired: Option<Arc<Published>>,
 ) -> anyhow::Result<(Published, BTreeSet<Problem>)> {
     let p = tokio::task::spawn_blocking(move || {
-        let p = publish(snapshot, &mesh, &mut logged);
+        drop(retired);
+        let p = publish(snapshot, &mesh, &mut logged, previous.as_deref());
         (p, logged)
     })
     .await?;
@@ -291,41 +362,76 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
     };
     let first = snap_rx.borrow_and_update().clone();
     let mesh = Arc::new(cfg.mesh.clone());
-    let (first, mut logged) = publish_blocking(first, mesh.clone(), BTreeSet::new())
+    let (first, mut logged) = publish_blocking(first, mesh.clone(), BTreeSet::new(), None, None)
         .await
         .context("translating the first snapshot")?;
     let (pub_tx, pub_rx) = watch::channel(Arc::new(first));
     {
         let tokens = auth.local().cloned();
         tokio::spawn(async move {
+            let mut retired: Option<Arc<Published>> = None;
             loop {
                 if snap_rx.changed().await.is_err() {
                     return;
                 }
                 let snap = snap_rx.borrow_and_update().clone();
                 if let Some(tokens) = &tokens {
-                    for node in snap.nodes() {
-                        if let Err(e) = tokens.node_token(&node) {
-                            warn!(%node, "writing node token: {e}");
+                    // Listing every pod's node and service account takes milliseconds at
+                    // scale: not on an async thread.
+                    let (tokens, snap) = (tokens.clone(), snap.clone());
+                    let written = tokio::task::spawn_blocking(move || {
+                        // Borrowed, not copied: one pass over the pods.
+                        let mut nodes = BTreeSet::new();
+                        let mut accounts = BTreeSet::new();
+                        for p in snap.pods.values() {
+                            if !p.node_name.is_empty() {
+                                nodes.insert(p.node_name.as_str());
+                            }
+                            if !p.service_account.is_empty() {
+                                accounts.insert((
+                                    p.meta.namespace.as_str(),
+                                    p.service_account.as_str(),
+                                ));
+                            }
                         }
-                    }
-                    for (ns, sa) in snap.service_accounts() {
-                        if let Err(e) = tokens.workload_token(&ns, &sa) {
-                            warn!(%ns, %sa, "writing workload token: {e}");
+                        for node in nodes {
+                            if let Err(e) = tokens.node_token(node) {
+                                warn!(%node, "writing node token: {e}");
+                            }
                         }
+                        for (ns, sa) in accounts {
+                            if let Err(e) = tokens.workload_token(ns, sa) {
+                                warn!(%ns, %sa, "writing workload token: {e}");
+                            }
+                        }
+                    })
+                    .await;
+                    if let Err(e) = written {
+                        warn!("writing tokens failed: {e}");
                     }
                 }
-                let p =
-                    match publish_blocking(snap, mesh.clone(), std::mem::take(&mut logged)).await {
-                        Ok((p, l)) => {
-                            logged = l;
-                            p
-                        }
-                        Err(e) => {
-                            warn!("translation failed, the last translation stays: {e}");
-                            continue;
-                        }
-                    };
+                let previous = Some(pub_tx.borrow().clone());
+                // The publication before that one goes on the blocking thread too: freeing a
+                // large snapshot takes milliseconds.
+                let to_free = retired.take();
+                let p = match publish_blocking(
+                    snap,
+                    mesh.clone(),
+                    std::mem::take(&mut logged),
+                    previous,
+                    to_free,
+                )
+                .await
+                {
+                    Ok((p, l)) => {
+                        logged = l;
+                        p
+                    }
+                    Err(e) => {
+                        warn!("translation failed, the last translation stays: {e}");
+                        continue;
+                    }
+                };
                 info!(
                     generation = p.snapshot.generation,
                     addresses = p.resources.addresses.len(),
@@ -333,7 +439,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
                     took = ?p.translate_time,
                     "translated"
                 );
-                pub_tx.send_replace(Arc::new(p));
+                retired = Some(pub_tx.send_replace(Arc::new(p)));
             }
         });
     }
@@ -452,6 +558,25 @@ fn debug_router(published: watch::Receiver<Arc<Published>>, registry: Arc<Regist
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn carry_over_shares_unchanged_resources_and_lists_the_rest() {
+        let r = |name: &str, body: &str| {
+            crate::translate::Resource::new(name.to_string(), &body.to_string())
+        };
+        let old: ResourceMap = [("a", "1"), ("b", "1"), ("c", "1"), ("e", "1")]
+            .into_iter()
+            .map(|(n, b)| (n.to_string(), r(n, b)))
+            .collect();
+        let mut new: ResourceMap = [("b", "1"), ("c", "2"), ("d", "1"), ("e", "1")]
+            .into_iter()
+            .map(|(n, b)| (n.to_string(), r(n, b)))
+            .collect();
+        assert_eq!(carry_over(&old, &mut new), ["a", "c", "d"]);
+        assert!(Arc::ptr_eq(&new["b"], &old["b"]), "unchanged: the old copy");
+        assert!(Arc::ptr_eq(&new["e"], &old["e"]));
+        assert!(!Arc::ptr_eq(&new["c"], &old["c"]));
+    }
 
     #[test]
     fn translation_problems_are_logged_once_per_appearance() {

@@ -193,6 +193,60 @@ fn fnv1a(bytes: &[u8]) -> u64 {
 }
 
 pub fn translate(s: &Snapshot, o: &MeshOptions) -> Translation {
+    translate_with(s, o, None).0
+}
+
+/// What one translation leaves for the next to reuse: its snapshot, and the Address of each
+/// pod and service in that snapshot's order (`None`: it had none).
+#[derive(Debug, Default)]
+pub struct Reuse {
+    snapshot: Arc<Snapshot>,
+    label_keys: BTreeSet<String>,
+    pods: Vec<Option<Arc<Resource>>>,
+    services: Vec<Option<Arc<Resource>>>,
+}
+
+/// The keys whose values differ between `a` and `b` (added, removed or changed).
+fn changed_keys<'a, K: Ord, V: PartialEq>(
+    a: &'a BTreeMap<K, V>,
+    b: &'a BTreeMap<K, V>,
+) -> impl Iterator<Item = &'a K> {
+    a.iter()
+        .filter(|(k, v)| b.get(*k) != Some(*v))
+        .map(|(k, _)| k)
+        .chain(b.keys().filter(|k| !a.contains_key(*k)))
+}
+
+/// The entry of `previous` (walked in key order alongside the new map) with this key.
+fn step<'a, K: Ord + 'a, V: 'a, R: 'a>(
+    previous: &mut Option<std::iter::Peekable<impl Iterator<Item = ((&'a K, &'a V), &'a R)>>>,
+    key: &K,
+) -> Option<(&'a V, &'a R)> {
+    let it = previous.as_mut()?;
+    while it.peek().is_some_and(|((k, _), _)| *k < key) {
+        it.next();
+    }
+    it.peek()
+        .filter(|((k, _), _)| *k == key)
+        .map(|((_, v), r)| (*v, *r))
+}
+
+/// As [`translate`], but re-translating only the pods and services whose inputs differ from
+/// `previous`'s snapshot: a pod is re-translated when it changed or when a service or policy
+/// of its namespace did; everything is when namespaces, gateways or the label keys that
+/// sources match on changed. IP conflicts and policies are worked out anew each time (they
+/// are cheap). The result equals `translate`'s (a randomized test checks it).
+pub fn translate_reusing(
+    s: &Arc<Snapshot>,
+    o: &MeshOptions,
+    previous: Option<&Reuse>,
+) -> (Translation, Reuse) {
+    let (t, mut reuse) = translate_with(s, o, previous);
+    reuse.snapshot = s.clone();
+    (t, reuse)
+}
+
+fn translate_with(s: &Snapshot, o: &MeshOptions, previous: Option<&Reuse>) -> (Translation, Reuse) {
     let mut t = Translation::default();
     let policies = translate_policies(s, o, &mut t.problems);
     let selecting: Vec<(&AuthorizationPolicy, String)> = s
@@ -203,37 +257,76 @@ pub fn translate(s: &Snapshot, o: &MeshOptions) -> Translation {
         .collect();
 
     let label_keys = source_label_keys(s);
-    let mut ip_owner: HashMap<IpAddr, String> = HashMap::new();
-    for svc in s.services.values() {
-        let msg = service(s, o, svc);
-        let name = format!("{}/{}", svc.meta.namespace, msg.hostname);
+    let previous = previous.filter(|p| {
+        p.snapshot.namespaces == s.namespaces
+            && p.snapshot.gateways == s.gateways
+            && p.label_keys == label_keys
+            && p.snapshot.pods.len() == p.pods.len()
+            && p.snapshot.services.len() == p.services.len()
+    });
+    // Namespaces where a service or policy changed: their pods are translated anew.
+    let dirty: BTreeSet<&str> = previous
+        .map(|p| {
+            changed_keys(&p.snapshot.services, &s.services)
+                .chain(changed_keys(&p.snapshot.policies, &s.policies))
+                .map(|(ns, _)| ns.as_str())
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut prev_services =
+        previous.map(|p| p.snapshot.services.iter().zip(&p.services).peekable());
+    let mut prev_pods = previous.map(|p| p.snapshot.pods.iter().zip(&p.pods).peekable());
+    let mut services_out = Vec::with_capacity(s.services.len());
+    let mut pods_out = Vec::with_capacity(s.pods.len());
+
+    // Who has each address so far: kind and metadata (named only when there is a conflict).
+    let mut ip_owner: HashMap<IpAddr, (&str, &crate::k8s::Meta)> = HashMap::new();
+    let owner =
+        |(kind, m): &(&str, &crate::k8s::Meta)| format!("{kind} {}/{}", m.namespace, m.name);
+    for (key, svc) in &s.services {
+        let reused = step(&mut prev_services, key)
+            .filter(|(prev, _)| *prev == svc)
+            .and_then(|(_, r)| r.clone());
         let mut ok = true;
         for ip in &svc.cluster_ips {
             if let Some(prev) = ip_owner.get(ip) {
-                t.problems
-                    .push(conflict("Service", &svc.meta, "spec.clusterIP", ip, prev));
+                t.problems.push(conflict(
+                    "Service",
+                    &svc.meta,
+                    "spec.clusterIP",
+                    ip,
+                    &owner(prev),
+                ));
                 ok = false;
             }
         }
         if !ok {
+            services_out.push(None);
             continue;
         }
         for ip in &svc.cluster_ips {
-            ip_owner.insert(
-                *ip,
-                format!("Service {}/{}", svc.meta.namespace, svc.meta.name),
-            );
+            ip_owner.insert(*ip, ("Service", &svc.meta));
         }
-        let address = pb::Address {
-            r#type: Some(pb::address::Type::Service(msg)),
-        };
+        let resource = reused.unwrap_or_else(|| {
+            let msg = service(s, o, svc);
+            let name = format!("{}/{}", svc.meta.namespace, msg.hostname);
+            let address = pb::Address {
+                r#type: Some(pb::address::Type::Service(msg)),
+            };
+            Resource::address(name, &address)
+        });
         t.resources
             .addresses
-            .insert(name.clone(), Resource::address(name, &address));
+            .insert(resource.name.clone(), resource.clone());
+        services_out.push(Some(resource));
     }
-    for pod in s.pods.values() {
+    for (key, pod) in &s.pods {
+        let reused = step(&mut prev_pods, key)
+            .filter(|(prev, _)| *prev == pod && !dirty.contains(pod.meta.namespace.as_str()))
+            .and_then(|(_, r)| r.clone());
         if pod.ips.is_empty() || pod.host_network {
             // No address of its own yet (or the node's): nothing a proxy could match on.
+            pods_out.push(None);
             continue;
         }
         if let Some((ip, prev)) = pod
@@ -242,27 +335,38 @@ pub fn translate(s: &Snapshot, o: &MeshOptions) -> Translation {
             .find_map(|ip| ip_owner.get(ip).map(|prev| (ip, prev)))
         {
             t.problems
-                .push(conflict("Pod", &pod.meta, "status.podIP", ip, prev));
+                .push(conflict("Pod", &pod.meta, "status.podIP", ip, &owner(prev)));
+            pods_out.push(None);
             continue;
         }
         for ip in &pod.ips {
-            ip_owner.insert(*ip, format!("Pod {}/{}", pod.meta.namespace, pod.meta.name));
+            ip_owner.insert(*ip, ("Pod", &pod.meta));
         }
-        let w = workload(s, o, pod, &selecting, &label_keys);
-        let name = w.uid.clone();
-        let address = pb::Address {
-            r#type: Some(pb::address::Type::Workload(w)),
-        };
+        let resource = reused.unwrap_or_else(|| {
+            let w = workload(s, o, pod, &selecting, &label_keys);
+            let name = w.uid.clone();
+            let address = pb::Address {
+                r#type: Some(pb::address::Type::Workload(w)),
+            };
+            Resource::address(name, &address)
+        });
         t.resources
             .addresses
-            .insert(name.clone(), Resource::address(name, &address));
+            .insert(resource.name.clone(), resource.clone());
+        pods_out.push(Some(resource));
     }
     for (name, p) in policies {
         t.resources
             .authorizations
             .insert(name.clone(), Resource::new(name, &p));
     }
-    t
+    let reuse = Reuse {
+        snapshot: Arc::new(Snapshot::default()),
+        label_keys,
+        pods: pods_out,
+        services: services_out,
+    };
+    (t, reuse)
 }
 
 fn conflict(kind: &str, meta: &crate::k8s::Meta, field: &str, ip: &IpAddr, prev: &str) -> Problem {
@@ -1142,5 +1246,171 @@ spec: {targetRefs: [{kind: Gateway, name: waypoint}]}
         assert_eq!(parse_cidr("10.0.0.1").unwrap().1, 32);
         assert!(parse_cidr("10.0.0.0/33").is_none());
         assert!(parse_cidr("x").is_none());
+    }
+
+    /// A small xorshift generator: the randomized tests below are the same on every run.
+    struct Rng(u64);
+
+    impl Rng {
+        fn below(&mut self, n: u64) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0 % n
+        }
+    }
+
+    /// One random version of object `i` of `kind`, as YAML. Small ranges make IP and uid
+    /// collisions, selectors that match and miss, and waypoints that come and go frequent.
+    fn random_object(r: &mut Rng, kind: usize, i: u64) -> String {
+        match kind {
+            0 => {
+                let mode = ["ambient", "none", "ambient"][r.below(3) as usize];
+                let wp = if r.below(3) == 0 {
+                    ", istio.io/use-waypoint: wp"
+                } else {
+                    ""
+                };
+                format!(
+                    "apiVersion: v1\nkind: Namespace\nmetadata: {{name: ns-{i}, labels: {{istio.io/dataplane-mode: {mode}{wp}}}}}\n"
+                )
+            }
+            1 => {
+                let for_ = ["service", "workload", "all"][r.below(3) as usize];
+                format!(
+                    "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {{name: wp, namespace: ns-{i}, labels: {{istio.io/waypoint-for: {for_}}}}}\nspec: {{gatewayClassName: istio-waypoint, listeners: [{{name: mesh, port: 15008, protocol: HBONE}}]}}\n"
+                )
+            }
+            2 => {
+                let label = if r.below(4) == 0 {
+                    "istio.io/use-waypoint: wp"
+                } else {
+                    "x: y"
+                };
+                format!(
+                    "apiVersion: v1\nkind: Service\nmetadata: {{name: svc-{i}, namespace: ns-{}, labels: {{{label}}}}}\nspec: {{clusterIP: 10.96.0.{}, selector: {{app: a{}}}, ports: [{{name: http, port: 80, targetPort: {}}}]}}\n",
+                    r.below(3),
+                    r.below(8),
+                    r.below(3),
+                    8080 + r.below(2)
+                )
+            }
+            3 => {
+                let uid = match r.below(5) {
+                    0 => String::new(),
+                    1 => format!(", uid: u{}", r.below(20)),
+                    _ => format!(", uid: pod-uid-{i}"),
+                };
+                let wp = if r.below(6) == 0 {
+                    ", istio.io/use-waypoint: wp"
+                } else {
+                    ""
+                };
+                format!(
+                    "apiVersion: v1\nkind: Pod\nmetadata: {{name: pod-{i}, namespace: ns-{}{uid}, labels: {{app: a{}, version: v{}{wp}}}}}\nspec: {{nodeName: n{}, serviceAccountName: sa{}}}\nstatus: {{phase: Running, podIP: 10.{}.0.{}}}\n",
+                    r.below(3),
+                    r.below(3),
+                    r.below(2),
+                    r.below(2),
+                    r.below(2),
+                    // Pods and services share some addresses now and then.
+                    if r.below(10) == 0 { 96 } else { 0 },
+                    r.below(30)
+                )
+            }
+            4 => {
+                let selector = if r.below(3) == 0 {
+                    String::new()
+                } else {
+                    format!("\n  selector: {{matchLabels: {{app: a{}}}}}", r.below(3))
+                };
+                let action = ["ALLOW", "DENY"][r.below(2) as usize];
+                format!(
+                    "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: pol-{i}, namespace: ns-{}}}\nspec:{selector}\n  action: {action}\n  rules:\n  - from: [{{source: {{principals: [\"cluster.local/ns/ns-0/sa/sa{}\"]}}}}]\n",
+                    r.below(3),
+                    r.below(2)
+                )
+            }
+            _ => format!(
+                "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: vs-{i}, namespace: ns-0}}\nspec:\n  hosts: [svc-0]\n  tcp:\n  - match: [{{sourceLabels: {{k{}: v}}}}]\n    route: [{{destination: {{host: svc-0}}}}]\n",
+                r.below(2)
+            ),
+        }
+    }
+
+    /// Random changes to a random model, each translated with what the previous translation
+    /// left: the result is always exactly the full translation's, and the unchanged pods'
+    /// Addresses are reused (the same `Arc`), not translated again.
+    #[test]
+    fn incremental_translation_equals_full_translation() {
+        // (kind, how many of it)
+        const KINDS: [(usize, u64); 6] = [(0, 3), (1, 3), (2, 8), (3, 40), (4, 5), (5, 2)];
+        let o = MeshOptions::default();
+        let mut r = Rng(0x9e37_79b9_7f4a_7c15);
+        let mut objects: BTreeMap<(usize, u64), String> = BTreeMap::new();
+        for (kind, n) in KINDS {
+            for i in 0..n {
+                if kind != 1 || i == 0 {
+                    objects.insert((kind, i), random_object(&mut r, kind, i));
+                }
+            }
+        }
+        let build = |objects: &BTreeMap<(usize, u64), String>| {
+            let text: Vec<&str> = objects.values().map(String::as_str).collect();
+            let p = parse_documents(&text.join("---\n"), "t.yaml");
+            Arc::new(Snapshot::build(p.objects, p.problems))
+        };
+        let (first, mut reuse) = translate_reusing(&build(&objects), &o, None);
+        let mut last = first.resources;
+        let (mut reused, mut retranslated) = (0, 0);
+        for step in 0..400 {
+            // One to three objects change, appear or go; mostly pods, as in a cluster.
+            for _ in 0..=r.below(3) {
+                let (kind, n) = if r.below(4) == 0 {
+                    KINDS[r.below(KINDS.len() as u64) as usize]
+                } else {
+                    KINDS[3]
+                };
+                let i = r.below(n);
+                if r.below(8) == 0 {
+                    objects.remove(&(kind, i));
+                } else {
+                    objects.insert((kind, i), random_object(&mut r, kind, i));
+                }
+            }
+            let s = build(&objects);
+            let (t, next) = translate_reusing(&s, &o, Some(&reuse));
+            let full = translate(&s, &o);
+            let differ: BTreeSet<String> =
+                changed(&t.resources.addresses, &full.resources.addresses)
+                    .into_iter()
+                    .chain(changed(&full.resources.addresses, &t.resources.addresses))
+                    .chain(changed(
+                        &t.resources.authorizations,
+                        &full.resources.authorizations,
+                    ))
+                    .chain(changed(
+                        &full.resources.authorizations,
+                        &t.resources.authorizations,
+                    ))
+                    .collect();
+            assert!(
+                t.resources == full.resources,
+                "step {step}: {differ:?} differ"
+            );
+            assert_eq!(t.problems, full.problems, "step {step}");
+            for (name, a) in &t.resources.addresses {
+                match last.addresses.get(name) {
+                    Some(b) if Arc::ptr_eq(a, b) => reused += 1,
+                    _ => retranslated += 1,
+                }
+            }
+            last = t.resources;
+            reuse = next;
+        }
+        assert!(
+            reused > 2 * retranslated,
+            "reused {reused}, translated again {retranslated}"
+        );
     }
 }

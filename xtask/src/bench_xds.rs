@@ -1,6 +1,7 @@
 //! `cargo xtask bench xds`: the control plane at scale. For each size, a folder of Kubernetes
-//! YAML (N pods, 1k services, 100 policies) is served by the release `pilot` binary (folder
-//! source, translation, delta ADS over TLS with node tokens) to 10 `mesh::xds` clients.
+//! YAML (N pods, 1k services, 100 policies; 66k services at 1M pods) is served by the release
+//! `pilot` binary (folder source, translation, delta ADS over TLS with node tokens) to 100
+//! `mesh::xds` clients (10 at 1M pods, see `LARGE_CLIENTS`).
 //!
 //! Each size runs in a child process of its own (`xtask bench-xds-size`), so that the clients'
 //! memory is measured as the RSS growth of a fresh process.
@@ -19,10 +20,54 @@ use mesh::proto::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL};
 use mesh::xds::{ClientState, Handler, Rejected, Update};
 use serde::{Deserialize, Serialize};
 
-pub const SIZES: &[usize] = &[1_000, 10_000, 100_000];
+pub const SIZES: &[usize] = &[1_000, 10_000, 100_000, 1_000_000];
 const SERVICES: usize = 1_000;
 const POLICIES: usize = 100;
-const CLIENTS: usize = 10;
+const CLIENTS: usize = 100;
+/// From this size on, Istio's reported case: 66k services. Each client of this process keeps
+/// every resource it receives (about 250 B per object), so 100 clients of 1M pods would need
+/// some 27 GB here: that size runs with fewer clients.
+const LARGE: usize = 1_000_000;
+const LARGE_SERVICES: usize = 66_000;
+const LARGE_CLIENTS: usize = 10;
+
+/// The sizes to run: `SIZES`, or the pod counts listed in `XDS_BENCH_PODS` (e.g. `1000,1000000`).
+pub fn sizes() -> anyhow::Result<Vec<usize>> {
+    match std::env::var("XDS_BENCH_PODS") {
+        Ok(list) => list
+            .split(',')
+            .map(|n| {
+                n.trim()
+                    .parse()
+                    .with_context(|| format!("XDS_BENCH_PODS: {n:?} is not a pod count"))
+            })
+            .collect(),
+        Err(_) => Ok(SIZES.to_vec()),
+    }
+}
+
+/// Services at this size.
+fn services_at(pods: usize) -> usize {
+    if pods >= LARGE {
+        LARGE_SERVICES
+    } else {
+        SERVICES
+    }
+}
+
+/// xDS clients at this size.
+fn clients_at(pods: usize) -> usize {
+    if pods >= LARGE {
+        LARGE_CLIENTS
+    } else {
+        CLIENTS
+    }
+}
+
+/// The issue's goals, printed beside the figures.
+const GOAL_POD_CHANGE_MS: f64 = 200.0;
+const GOAL_MIB_PER_CLIENT: f64 = 2.0;
+const GOAL_FIRST_PUSH_MS_AT_100K: f64 = 3_000.0;
 const NAMESPACES: usize = 10;
 const NODES: usize = 100;
 const PODS_PER_FILE: usize = 1_000;
@@ -52,6 +97,8 @@ pub struct SizeFigures {
     pod_change_samples_ms: Vec<f64>,
     pilot_rss_idle_mib: f64,
     pilot_rss_after_push_mib: f64,
+    /// (RSS after the pushes − RSS before any client) / clients.
+    pilot_mib_per_client: f64,
     pilot_peak_rss_mib: f64,
     pilot_bytes_per_pod: f64,
     /// RSS growth of the client process / (clients × objects).
@@ -78,7 +125,9 @@ pub fn run(pilot: &Path, sizes: &[usize]) -> anyhow::Result<()> {
     let mut not_completed = Vec::new();
     for &pods in sizes {
         println!(
-            "xds bench: {pods} pods, {SERVICES} services, {POLICIES} policies, {CLIENTS} clients ..."
+            "xds bench: {pods} pods, {} services, {POLICIES} policies, {} clients ...",
+            services_at(pods),
+            clients_at(pods)
         );
         match run_child(&exe, pilot, pods) {
             Ok(f) => figures.push(f),
@@ -117,6 +166,8 @@ fn run_child(exe: &Path, pilot: &Path, pods: usize) -> anyhow::Result<SizeFigure
         .spawn()
         .context("starting the bench process")?;
     let stdout = child.stdout.take().context("no stdout")?;
+    // Larger sizes take longer to write, parse and push.
+    let timeout = SIZE_TIMEOUT * (pods / 100_000).max(1) as u32;
     let reader = std::thread::spawn(move || {
         use std::io::BufRead;
         let mut result = None;
@@ -131,7 +182,7 @@ fn run_child(exe: &Path, pilot: &Path, pods: usize) -> anyhow::Result<SizeFigure
         }
         result
     });
-    let deadline = Instant::now() + SIZE_TIMEOUT;
+    let deadline = Instant::now() + timeout;
     let status = loop {
         if let Some(s) = child.try_wait()? {
             break s;
@@ -139,7 +190,7 @@ fn run_child(exe: &Path, pilot: &Path, pods: usize) -> anyhow::Result<SizeFigure
         if Instant::now() > deadline {
             let _ = child.kill();
             let _ = child.wait();
-            bail!("took longer than {SIZE_TIMEOUT:?}");
+            bail!("took longer than {timeout:?}");
         }
         std::thread::sleep(Duration::from_millis(100));
     };
@@ -155,13 +206,16 @@ fn table(sizes: &[SizeFigures]) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "\n{:>8} {:>9} {:>10} {:>11} {:>12} {:>10} {:>10} {:>11} {:>11} {:>10}",
+        "\n{:>8} {:>6} {:>7} {:>9} {:>10} {:>11} {:>12} {:>10} {:>10} {:>10} {:>11} {:>11} {:>10}",
         "pods",
+        "svcs",
+        "clients",
         "yaml MiB",
         "start ms",
         "1st push ms",
         "pod chg ms",
         "pilot MiB",
+        "MiB/client",
         "peak MiB",
         "pilot B/pod",
         "client B/obj",
@@ -170,17 +224,43 @@ fn table(sizes: &[SizeFigures]) -> String {
     for f in sizes {
         let _ = writeln!(
             s,
-            "{:>8} {:>9.1} {:>10.0} {:>11.0} {:>12.0} {:>10.1} {:>10.1} {:>11.0} {:>11.0} {:>10.0}",
+            "{:>8} {:>6} {:>7} {:>9.1} {:>10.0} {:>11.0} {:>12.0} {:>10.1} {:>10.2} {:>10.1} {:>11.0} {:>11.0} {:>10.0}",
             f.pods,
+            f.services,
+            f.clients,
             f.yaml_mib,
             f.pilot_start_ms,
             f.first_full_push_ms,
             f.pod_change_to_all_clients_ms,
             f.pilot_rss_after_push_mib,
+            f.pilot_mib_per_client,
             f.pilot_peak_rss_mib,
             f.pilot_bytes_per_pod,
             f.client_rss_bytes_per_object,
             f.client_stored_bytes_per_object,
+        );
+    }
+    let _ = writeln!(
+        s,
+        "goals: pod change <= {GOAL_POD_CHANGE_MS} ms at every size; <= {GOAL_MIB_PER_CLIENT} MiB per client; \
+         first push <= {GOAL_FIRST_PUSH_MS_AT_100K} ms at 100k pods; 1M pods + 66k services complete"
+    );
+    for f in sizes {
+        let met = |ok: bool| if ok { "met" } else { "NOT met" };
+        let _ = writeln!(
+            s,
+            "{:>8} pods: pod change {}, MiB/client {}{}",
+            f.pods,
+            met(f.pod_change_to_all_clients_ms <= GOAL_POD_CHANGE_MS),
+            met(f.pilot_mib_per_client <= GOAL_MIB_PER_CLIENT),
+            if f.pods == 100_000 {
+                format!(
+                    ", first push {}",
+                    met(f.first_full_push_ms <= GOAL_FIRST_PUSH_MS_AT_100K)
+                )
+            } else {
+                String::new()
+            }
         );
     }
     s
@@ -285,13 +365,14 @@ fn write_folder(dir: &Path, pods: usize) -> anyhow::Result<u64> {
     }
     put("namespaces.yaml", s)?;
     let mut s = String::new();
-    for j in 0..SERVICES {
+    let services = services_at(pods);
+    for j in 0..services {
         let _ = writeln!(
             s,
-            "---\napiVersion: v1\nkind: Service\nmetadata: {{name: svc-{j}, namespace: ns-{}}}\nspec: {{clusterIP: 10.96.{}.{}, selector: {{app: svc-{j}}}, ports: [{{name: http, port: 80, targetPort: 8080}}, {{name: grpc, port: 9090, targetPort: 9090}}]}}",
+            "---\napiVersion: v1\nkind: Service\nmetadata: {{name: svc-{j}, namespace: ns-{}}}\nspec: {{clusterIP: {}, selector: {{app: svc-{j}}}, ports: [{{name: http, port: 80, targetPort: 8080}}, {{name: grpc, port: 9090, targetPort: 9090}}]}}",
             j % NAMESPACES,
-            j / 256,
-            j % 256
+            // 10.96.0.0 onwards: 66k services reach into 10.97.
+            std::net::Ipv4Addr::from((10u32 << 24) | (96 << 16) | j as u32),
         );
     }
     put("services.yaml", s)?;
@@ -304,7 +385,7 @@ fn write_folder(dir: &Path, pods: usize) -> anyhow::Result<u64> {
             "---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: pol-{k}, namespace: ns-{}}}\nspec:\n  selector: {{matchLabels: {{app: svc-{app}}}}}\n  action: ALLOW\n  rules:\n  - from:\n    - source: {{principals: [\"cluster.local/ns/ns-{}/sa/svc-{}\"]}}\n    to:\n    - operation: {{ports: [\"8080\"]}}",
             k % NAMESPACES,
             (k + 1) % NAMESPACES,
-            (app + 1) % SERVICES
+            (app + 1) % services
         );
     }
     put("policies.yaml", s)?;
@@ -319,7 +400,7 @@ fn write_folder(dir: &Path, pods: usize) -> anyhow::Result<u64> {
 fn pods_file(file: usize, pods: usize, revision: usize) -> String {
     let mut s = String::new();
     for i in file * PODS_PER_FILE..((file + 1) * PODS_PER_FILE).min(pods) {
-        let app = i % SERVICES;
+        let app = i % services_at(pods);
         let ip = (10u32 << 24) | (128 << 16) | i as u32;
         let version = if i == 0 {
             format!(", version: v{revision}")
@@ -404,14 +485,15 @@ pub async fn one_size(pilot: PathBuf, pods: usize) -> anyhow::Result<()> {
     let _ = child.wait();
     let _ = std::fs::remove_dir_all(&base);
     let c = result?;
-    let objects = SERVICES + pods + POLICIES;
+    let (services, clients) = (services_at(pods), clients_at(pods));
+    let objects = services + pods + POLICIES;
     let mut samples = c.changes.clone();
     samples.sort_by(f64::total_cmp);
     let f = SizeFigures {
         pods,
-        services: SERVICES,
+        services,
         policies: POLICIES,
-        clients: CLIENTS,
+        clients,
         objects_per_client: objects,
         yaml_mib: yaml as f64 / (1024.0 * 1024.0),
         pilot_start_ms: ms(pilot_start),
@@ -420,12 +502,13 @@ pub async fn one_size(pilot: PathBuf, pods: usize) -> anyhow::Result<()> {
         pod_change_samples_ms: c.changes,
         pilot_rss_idle_mib: mib(pilot_idle),
         pilot_rss_after_push_mib: mib(pilot_after),
+        pilot_mib_per_client: mib(pilot_after.saturating_sub(pilot_idle)) / clients as f64,
         pilot_peak_rss_mib: mib(pilot_peak),
         pilot_bytes_per_pod: (pilot_idle * 1024) as f64 / pods as f64,
         client_rss_bytes_per_object: c.client_rss_growth_kib as f64 * 1024.0
-            / (CLIENTS * objects) as f64,
-        client_stored_bytes_per_object: c.stored_bytes as f64 / (CLIENTS * objects) as f64,
-        wire_bytes_per_object: c.wire_bytes_first as f64 / (CLIENTS * objects) as f64,
+            / (clients * objects) as f64,
+        client_stored_bytes_per_object: c.stored_bytes as f64 / (clients * objects) as f64,
+        wire_bytes_per_object: c.wire_bytes_first as f64 / (clients * objects) as f64,
     };
     println!("{RESULT_PREFIX}{}", serde_json::to_string(&f)?);
     Ok(())
@@ -451,7 +534,8 @@ async fn clients(
     let started = Instant::now();
     let mut tasks = Vec::new();
     let mut stats = Vec::new();
-    for n in 0..CLIENTS {
+    let (services, clients) = (services_at(pods), clients_at(pods));
+    for n in 0..clients {
         let cp = ControlPlane {
             address: format!("https://{addr}"),
             root_pem: root_pem.clone(),
@@ -476,12 +560,12 @@ async fn clients(
         tasks.push(tokio::spawn(mesh::xds::run(cp, st, Box::new(handler))));
     }
     let in_sync = |s: &Stats| {
-        s.addresses.load(Ordering::Relaxed) as usize == SERVICES + pods
+        s.addresses.load(Ordering::Relaxed) as usize == services + pods
             && s.authorizations.load(Ordering::Relaxed) as usize == POLICIES
     };
     let wait = |what: &str, cond: &dyn Fn() -> bool| {
         let what = what.to_string();
-        let deadline = Instant::now() + SIZE_TIMEOUT;
+        let deadline = Instant::now() + SIZE_TIMEOUT * (pods / 100_000).max(1) as u32;
         let ok = loop {
             if cond() {
                 break true;
@@ -502,7 +586,7 @@ async fn clients(
     let result = tokio::task::block_in_place(|| -> anyhow::Result<ClientFigures> {
         wait("first full push", &|| stats.iter().all(|s| in_sync(s)))?;
         let first_push = started.elapsed();
-        println!("{CLIENTS} clients in sync after {first_push:?}");
+        println!("{clients} clients in sync after {first_push:?}");
         let wire_bytes_first = stats
             .iter()
             .map(|s| s.wire_bytes.load(Ordering::Relaxed))

@@ -52,7 +52,7 @@ enum Task {
     },
     /// Benchmark direct TCP against the mesh on the test bed (target/bench/hbone.json); with
     /// `redirect`, no capture against eBPF and nftables capture (target/bench/redirect.json); with
-    /// `xds`, pilot pushing 1k/10k/100k pods to 10 xDS clients (target/bench/xds.json); with
+    /// `xds`, pilot pushing 1k/10k/100k/1M pods to 100 xDS clients (10 at 1M) (target/bench/xds.json); with
     /// `waypoint`, HTTP direct, through ztunnels (L4) and through a waypoint (L7)
     /// (target/bench/waypoint.json).
     Bench {
@@ -161,7 +161,7 @@ fn main() -> anyhow::Result<()> {
         Task::Test { no_install } => test::run(no_install),
         Task::Bench { which, .. } if which == "xds" => {
             let pilot = setup::build_pilot_release()?;
-            bench_xds::run(&pilot, bench_xds::SIZES)
+            bench_xds::run(&pilot, &bench_xds::sizes()?)
         }
         Task::BenchXdsSize { pods, pilot } => runtime()?.block_on(bench_xds::one_size(pilot, pods)),
         Task::Bench {

@@ -21,7 +21,7 @@ use crate::routing::GATEWAY_NAME;
 use crate::server::Published;
 use crate::translate::Resources;
 use crate::waypoint::ENVOY_TYPE_URLS;
-use crate::xds::session::{Reply, Session, TypeReport};
+use crate::xds::session::{Changed, Push, Reply, Session, TypeReport};
 
 /// Responses queued per connection. Small on purpose: a slow proxy holds its own task back,
 /// and the snapshots it misses meanwhile collapse into one diff against the latest.
@@ -225,22 +225,37 @@ fn rank(type_url: &str) -> usize {
 
 /// The pushes after a change from `old` to `new`, make before break: every update first
 /// (clusters, endpoints, listeners, routes), then the removals in the reverse order.
+/// `changed` lists the names that differ between `old` and `new` (see `Session::after_snapshot`).
 pub fn pushes(
     session: &mut Session,
     old: &Resources,
     new: &Resources,
-) -> Vec<DeltaDiscoveryResponse> {
+    changed: &Changed,
+) -> Vec<Push> {
     let Some(both) = new.keeping_removed_envoy(old) else {
-        let mut updates = session.on_resources(new);
+        let mut updates = session.after_snapshot(new, changed);
         updates.sort_by_key(|r| rank(&r.type_url));
         return updates;
     };
-    let mut updates = session.on_resources(&both);
+    let mut updates = session.after_snapshot(&both, &Changed::new());
     updates.sort_by_key(|r| rank(&r.type_url));
-    let mut removals = session.on_resources(new);
+    let mut removals = session.after_snapshot(new, &Changed::new());
     removals.sort_by_key(|r| std::cmp::Reverse(rank(&r.type_url)));
     updates.extend(removals);
     updates
+}
+
+/// Run `f` on the session on a blocking thread: a full diff of a large view (a first
+/// subscription, a snapshot without a list of changes) takes milliseconds of CPU that must
+/// not hold an async worker, and with it the other connections, back.
+async fn on_session<T: Send + 'static>(
+    connection: &Arc<Connection>,
+    f: impl FnOnce(&mut Session) -> T + Send + 'static,
+) -> Result<T, String> {
+    let c = connection.clone();
+    tokio::task::spawn_blocking(move || f(&mut lock(&c.session)))
+        .await
+        .map_err(|e| format!("session task failed: {e}"))
 }
 
 /// One connection until it ends; returns why it ended.
@@ -253,12 +268,11 @@ async fn serve(
     mut published: watch::Receiver<Arc<Published>>,
     registry: Arc<Registry>,
 ) -> String {
-    let session = &connection.session;
     let mut node_id = String::new();
     let mut current = published.borrow_and_update().clone();
     let mut served = current.resources.clone();
     loop {
-        let responses = tokio::select! {
+        let responses: Vec<Push> = tokio::select! {
             msg = inbound.message() => {
                 let req = match msg {
                     Ok(Some(r)) => r,
@@ -272,7 +286,12 @@ async fn serve(
                     let _ = connection.node_id.set(node_id.clone());
                     served = view(&node_id, &caller, &current, id);
                 }
-                let (reply, response) = lock(session).on_request(&req, &served);
+                let view = served.clone();
+                let (reply, response) =
+                    match on_session(&connection, move |s| s.request(&req, &view)).await {
+                        Ok(r) => r,
+                        Err(e) => return e,
+                    };
                 match reply {
                     Some(Reply::Nack { type_url, error, rejected, accepted }) => {
                         registry.nacks.fetch_add(1, Ordering::Relaxed);
@@ -284,7 +303,7 @@ async fn serve(
                     Some(Reply::Stale) => debug!(id, "reply to an unknown nonce"),
                     None => {}
                 }
-                response.into_iter().collect::<Vec<_>>()
+                response
             }
             changed = published.changed() => {
                 if changed.is_err() {
@@ -292,26 +311,46 @@ async fn serve(
                 }
                 current = published.borrow_and_update().clone();
                 let next = view(&node_id, &caller, &current, id);
-                let out = pushes(&mut lock(session), &served, &next);
+                // In step with the previous snapshot: only the names it changed are looked
+                // at, here and now. Otherwise a full diff, off the async threads.
+                let in_step = current.changes.as_ref().filter(|c| {
+                    Arc::ptr_eq(&next, &current.resources)
+                        && std::ptr::eq(c.from.as_ptr(), Arc::as_ptr(&served))
+                });
+                let out = match in_step {
+                    Some(c) => pushes(&mut lock(&connection.session), &served, &next, &c.names),
+                    None => {
+                        let (old, new) = (served.clone(), next.clone());
+                        match on_session(&connection, move |s| {
+                            pushes(s, &old, &new, &Changed::new())
+                        })
+                        .await
+                        {
+                            Ok(out) => out,
+                            Err(e) => return e,
+                        }
+                    }
+                };
                 served = next;
                 out
             }
         };
-        for r in responses {
+        for push in responses {
             debug!(
                 id,
-                type_url = %r.type_url,
-                updated = r.resources.len(),
-                removed = r.removed_resources.len(),
-                nonce = %r.nonce,
+                type_url = %push.type_url,
+                updated = push.updated(),
+                removed = push.removed.len(),
+                nonce = %push.nonce,
                 "push"
             );
             registry.pushes.fetch_add(1, Ordering::Relaxed);
             registry.resources.fetch_add(
-                (r.resources.len() + r.removed_resources.len()) as u64,
+                (push.updated() + push.removed.len()) as u64,
                 Ordering::Relaxed,
             );
-            if tx.send(Ok(r)).await.is_err() {
+            // Encoded only now: a connection holds at most the queue's few responses.
+            if tx.send(Ok(push.into_response())).await.is_err() {
                 return "proxy went away".into();
             }
         }

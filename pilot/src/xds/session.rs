@@ -15,8 +15,17 @@
 //! for that matches nothing is answered once in `removed_resources`, so the client stops
 //! waiting. On unsubscribing, the client forgets the resource: if it is still wanted (by `*`
 //! or its node) it is sent again.
+//!
+//! Cost: a session holds, per resource the client has, one pointer to the resource as the
+//! snapshot shares it (never a copy of its name, version or body); what it acknowledged is
+//! kept only where that differs from what it holds. After a snapshot that lists the names
+//! it changed, only those names are looked at. A large push is cut into responses of at most
+//! [`CHUNK`] resources, each encoded only when it is about to be sent.
 
+use std::borrow::Borrow;
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
 
 use envoy_types::pb::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource as XdsResource,
@@ -25,18 +34,91 @@ use envoy_types::pb::google::protobuf::Any;
 
 use crate::translate::{Resource, ResourceMap, Resources};
 
-/// One entry of a response awaiting its ACK: the name, what the client held before, and what
-/// we sent (`None`: a removal).
-type Sent = (String, Option<String>, Option<String>);
+/// Resources per response at most: a client's first push of a large mesh goes out as several
+/// responses, each encoded just before it is sent, so neither pilot's memory nor the other
+/// connections wait on one huge message.
+pub const CHUNK: usize = 2_000;
+
+/// One resource version as a client holds it: the snapshot's own `Arc` (or, for a version
+/// the client told us on reconnect, a body-less one). Hashed and compared by name, so a set
+/// of these is a map from name to version without a copy of either.
+#[derive(Clone)]
+struct Held(Arc<Resource>);
+
+impl Held {
+    fn told(name: String, version: String) -> Held {
+        Held(Arc::new(Resource {
+            name,
+            version,
+            body: bytes::Bytes::new(),
+            aliases: Vec::new(),
+            node: None,
+        }))
+    }
+
+    fn name(&self) -> &str {
+        &self.0.name
+    }
+
+    fn version(&self) -> &str {
+        &self.0.version
+    }
+}
+
+impl std::fmt::Debug for Held {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}@{}", self.0.name, self.0.version)
+    }
+}
+
+impl Hash for Held {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        // As `str` hashes, so that lookups by `&str` find it.
+        self.0.name.as_str().hash(state);
+    }
+}
+
+impl PartialEq for Held {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.name == other.0.name
+    }
+}
+
+impl Eq for Held {}
+
+impl Borrow<str> for Held {
+    fn borrow(&self) -> &str {
+        &self.0.name
+    }
+}
+
+/// The same version of the same name, or both absent.
+fn same(a: Option<&Held>, b: Option<&Held>) -> bool {
+    match (a, b) {
+        (None, None) => true,
+        (Some(a), Some(b)) => Arc::ptr_eq(&a.0, &b.0) || a.version() == b.version(),
+        _ => false,
+    }
+}
+
+/// One entry of a response awaiting its ACK: the name (carried by a resource of that name),
+/// what the client held before, and what we sent (`None`: a removal).
+#[derive(Debug)]
+struct Sent {
+    name: Held,
+    before: Option<Held>,
+    after: Option<Held>,
+}
 
 #[derive(Debug, Default)]
 struct TypeState {
     /// What the client holds, as far as we know: updated when we send, reverted on NACK.
-    client: HashMap<String, String>,
-    /// Versions the client acknowledged.
-    acked: HashMap<String, String>,
+    client: HashSet<Held>,
+    /// Where what the client acknowledged differs from `client`: the acknowledged version
+    /// (`None`: it acknowledged holding nothing by that name). Empty when all is acked.
+    acked_diff: HashMap<Held, Option<Held>>,
     /// Versions the client rejected: not sent again until the resource changes.
-    nacked: HashMap<String, String>,
+    nacked: HashSet<Held>,
     /// Removals the client rejected: it still holds these; the removal is sent again with the
     /// next snapshot, not at once (which could loop with a client that keeps refusing).
     removals_refused: HashSet<String>,
@@ -53,12 +135,40 @@ struct TypeState {
 }
 
 impl TypeState {
-    /// The client applied `version` of `name` (`None`: the removal).
-    fn ack(&mut self, name: String, version: Option<String>) {
-        match version {
-            Some(v) => self.acked.insert(name, v),
-            None => self.acked.remove(&name),
+    /// What the client acknowledged holding by `name`.
+    fn acked(&self, name: &str) -> Option<&Held> {
+        match self.acked_diff.get(name) {
+            Some(v) => v.as_ref(),
+            None => self.client.get(name),
+        }
+    }
+
+    /// The client holds `version` of `name` now (`None`: nothing by that name).
+    fn set_client(&mut self, name: &Held, version: Option<Held>) {
+        let before = match &version {
+            Some(v) => self.client.replace(v.clone()),
+            None => self.client.take(name.name()),
         };
+        if !self.acked_diff.contains_key(name.name()) {
+            // Until now the acknowledged version was the one held.
+            self.acked_diff.insert(name.clone(), before);
+        }
+        if self
+            .acked_diff
+            .get(name.name())
+            .is_some_and(|a| same(a.as_ref(), version.as_ref()))
+        {
+            self.acked_diff.remove(name.name());
+        }
+    }
+
+    /// The client applied `version` of `name` (`None`: the removal).
+    fn ack(&mut self, name: &Held, version: Option<Held>) {
+        if same(self.client.get(name.name()), version.as_ref()) {
+            self.acked_diff.remove(name.name());
+        } else {
+            self.acked_diff.insert(name.clone(), version);
+        }
     }
 }
 
@@ -99,6 +209,52 @@ pub enum Reply {
     Stale,
 }
 
+/// One response to send, not encoded yet: the resources are the snapshot's shared ones until
+/// [`Push::into_response`] copies their bodies into the message.
+#[derive(Debug)]
+pub struct Push {
+    pub type_url: String,
+    /// Each resource with the aliases the client asked for it by.
+    resources: Vec<(Arc<Resource>, Vec<String>)>,
+    pub removed: Vec<String>,
+    pub nonce: String,
+}
+
+impl Push {
+    /// Resources updated by this response.
+    pub fn updated(&self) -> usize {
+        self.resources.len()
+    }
+
+    pub fn into_response(self) -> DeltaDiscoveryResponse {
+        let type_url = self.type_url;
+        DeltaDiscoveryResponse {
+            resources: self
+                .resources
+                .into_iter()
+                .map(|(r, aliases)| XdsResource {
+                    name: r.name.clone(),
+                    version: r.version.clone(),
+                    resource: Some(Any {
+                        type_url: type_url.clone(),
+                        value: r.body.to_vec(),
+                    }),
+                    aliases,
+                    ..Default::default()
+                })
+                .collect(),
+            type_url,
+            removed_resources: self.removed,
+            nonce: self.nonce,
+            ..Default::default()
+        }
+    }
+}
+
+/// Names changed between two snapshots, by type URL: what a session diffs after a snapshot
+/// whose predecessor it was in step with. A type missing here is diffed in full.
+pub type Changed = BTreeMap<String, Vec<String>>;
+
 #[derive(Debug, Default)]
 pub struct Session {
     types: BTreeMap<String, TypeState>,
@@ -130,15 +286,29 @@ impl Session {
 
     /// Handle one request. Returns what the reply (if any) said and the response to send
     /// (if any). Unknown types are not subscribed.
+    #[cfg(test)]
     pub fn on_request(
         &mut self,
         req: &DeltaDiscoveryRequest,
         resources: &Resources,
     ) -> (Option<Reply>, Option<DeltaDiscoveryResponse>) {
+        let (reply, pushes) = self.request(req, resources);
+        (reply, pushes.into_iter().next().map(Push::into_response))
+    }
+
+    /// Handle one request. Returns what the reply (if any) said and the responses to send.
+    /// Unknown types are not subscribed.
+    pub fn request(
+        &mut self,
+        req: &DeltaDiscoveryRequest,
+        resources: &Resources,
+    ) -> (Option<Reply>, Vec<Push>) {
         let Some(current) = resources.of_type(&req.type_url) else {
-            return (None, None);
+            return (None, Vec::new());
         };
         let mut reply = None;
+        // Names a NACK gave back: the only ones whose state changed for this client.
+        let mut rejected_names: Vec<String> = Vec::new();
         let first = !self.types.contains_key(&req.type_url);
         let t = self.types.entry(req.type_url.clone()).or_default();
         if !req.response_nonce.is_empty() {
@@ -150,28 +320,31 @@ impl Session {
                             mesh::xds::rejected_names(&status.message)
                                 .map(|names| names.into_iter().collect());
                         let (mut rejected, mut accepted) = (0, 0);
-                        for (name, before, version) in sent {
-                            let refused = named.as_ref().is_none_or(|n| n.contains(name.as_str()));
+                        for Sent {
+                            name,
+                            before,
+                            after,
+                        } in sent
+                        {
+                            let refused = named.as_ref().is_none_or(|n| n.contains(name.name()));
                             if !refused {
                                 accepted += 1;
-                                t.ack(name, version);
+                                t.ack(&name, after);
                                 continue;
                             }
                             rejected += 1;
+                            rejected_names.push(name.name().to_string());
                             // The client keeps what it had, unless a later response already
                             // changed that name again.
-                            if t.client.get(&name) == version.as_ref() {
-                                match before {
-                                    Some(v) => t.client.insert(name.clone(), v),
-                                    None => t.client.remove(&name),
-                                };
+                            if same(t.client.get(name.name()), after.as_ref()) {
+                                t.set_client(&name, before);
                             }
-                            match version {
+                            match after {
                                 Some(v) => {
-                                    t.nacked.insert(name, v);
+                                    t.nacked.replace(v);
                                 }
                                 None => {
-                                    t.removals_refused.insert(name);
+                                    t.removals_refused.insert(name.name().to_string());
                                 }
                             }
                         }
@@ -186,8 +359,8 @@ impl Session {
                     }
                     None => {
                         let n = sent.len();
-                        for (name, _, version) in sent {
-                            t.ack(name, version);
+                        for Sent { name, after, .. } in sent {
+                            t.ack(&name, after);
                         }
                         Reply::Ack {
                             type_url: req.type_url.clone(),
@@ -197,11 +370,26 @@ impl Session {
                 },
             });
         }
+        // A first push leaves these large and then empty: give the memory back.
+        if t.acked_diff.capacity() > 64 && t.acked_diff.len() * 4 < t.acked_diff.capacity() {
+            t.acked_diff.shrink_to_fit();
+        }
+        if t.pending.capacity() > 64 && t.pending.len() * 4 < t.pending.capacity() {
+            t.pending.shrink_to_fit();
+        }
         if first {
             // A reconnecting client says what it holds; only the difference is sent. The first
             // response goes out even when empty, so the client knows it is in sync.
-            t.client = req.initial_resource_versions.clone().into_iter().collect();
-            t.acked = t.client.clone();
+            t.client = req
+                .initial_resource_versions
+                .iter()
+                .map(|(name, version)| match current.get(name) {
+                    // Shared with the snapshot when it is the version we have.
+                    Some(r) if &r.version == version => Held(r.clone()),
+                    _ => Held::told(name.clone(), version.clone()),
+                })
+                .collect();
+            t.acked_diff.clear();
             t.wildcard = req.resource_names_subscribe.is_empty();
         }
         for name in &req.resource_names_subscribe {
@@ -221,10 +409,10 @@ impl Session {
                 t.absent.remove(name);
                 // The client forgets it (and what it had under that alias); sent again
                 // below if it is still wanted.
-                t.client.retain(|held, _| {
-                    held != name
+                t.client.retain(|held| {
+                    held.name() != name
                         && !current
-                            .get(held)
+                            .get(held.name())
                             .is_some_and(|r| r.aliases.iter().any(|a| a == name))
                 });
             }
@@ -233,154 +421,269 @@ impl Session {
             // What the client no longer subscribes to, it no longer holds.
             let node = self.node.as_deref();
             let t = &mut *t;
-            let keep: Vec<String> = t
+            let keep: HashSet<Held> = t
                 .client
-                .keys()
-                .filter(|held| match current.get(*held) {
+                .iter()
+                .filter(|held| match current.get(held.name()) {
                     Some(r) => wants(t, node, r),
-                    None => t.wildcard || t.names.contains(*held),
+                    None => t.wildcard || t.names.contains(held.name()),
                 })
                 .cloned()
                 .collect();
-            t.client.retain(|held, _| keep.contains(held));
-            t.acked.retain(|held, _| t.client.contains_key(held));
+            t.client = keep;
+            let client = &t.client;
+            t.acked_diff.retain(|name, _| client.contains(name.name()));
         }
-        let response = self.diff(
-            &req.type_url,
-            current,
-            first || !req.resource_names_subscribe.is_empty(),
-        );
-        (reply, response)
+        let pushes = if first || dropped || !req.resource_names_subscribe.is_empty() {
+            self.diff(
+                &req.type_url,
+                current,
+                first || !req.resource_names_subscribe.is_empty(),
+                None,
+            )
+        } else {
+            // Only an ACK or NACK: the view is the one last diffed, so only what a NACK gave
+            // back can differ (and a rejected version is not sent again). Diffing the whole
+            // view here would cost O(view) per response, O(view²) over a chunked first push.
+            rejected_names.sort_unstable();
+            rejected_names.dedup();
+            self.diff(&req.type_url, current, false, Some(&rejected_names))
+        };
+        (reply, pushes)
     }
 
-    /// After a new snapshot: one response per subscribed type that changed for this client.
+    /// After a new snapshot: the responses for every subscribed type that changed for this
+    /// client, each type in full.
+    #[cfg(test)]
     pub fn on_resources(&mut self, resources: &Resources) -> Vec<DeltaDiscoveryResponse> {
-        let types: Vec<String> = self.types.keys().cloned().collect();
-        types
-            .iter()
-            .filter_map(|type_url| {
-                let current = resources.of_type(type_url)?;
-                if let Some(t) = self.types.get_mut(type_url) {
-                    // Refused removals are tried again, once per snapshot.
-                    t.removals_refused.clear();
-                }
-                self.diff(type_url, current, false)
-            })
+        self.after_snapshot(resources, &Changed::new())
+            .into_iter()
+            .map(Push::into_response)
             .collect()
     }
 
+    /// After a new snapshot: the responses for every subscribed type that changed for this
+    /// client. `changed` lists, for some types, every name that differs from the snapshot
+    /// this session last saw; those types are diffed over those names only.
+    pub fn after_snapshot(&mut self, resources: &Resources, changed: &Changed) -> Vec<Push> {
+        let types: Vec<String> = self.types.keys().cloned().collect();
+        let mut out = Vec::new();
+        for type_url in &types {
+            let Some(current) = resources.of_type(type_url) else {
+                continue;
+            };
+            let mut only = None;
+            if let Some(t) = self.types.get_mut(type_url) {
+                // Refused removals are tried again, once per snapshot.
+                let retry: Vec<String> = t.removals_refused.drain().collect();
+                // Names asked for one by one need the whole view (what matches them may be
+                // anywhere); so does a type with no list of changes.
+                if let Some(names) = changed.get(type_url).filter(|_| t.names.is_empty()) {
+                    let mut names: Vec<&str> = names
+                        .iter()
+                        .map(String::as_str)
+                        .chain(retry.iter().map(String::as_str))
+                        .collect();
+                    names.sort_unstable();
+                    names.dedup();
+                    only = Some(names.into_iter().map(str::to_string).collect::<Vec<_>>());
+                }
+            }
+            out.extend(self.diff(type_url, current, false, only.as_deref()));
+        }
+        out
+    }
+
+    /// What to send so that the client holds `current` as it wants it; with `only`, looking
+    /// at those names alone (the rest being as the client holds them already).
     fn diff(
         &mut self,
         type_url: &str,
         current: &ResourceMap,
         always: bool,
-    ) -> Option<DeltaDiscoveryResponse> {
-        let node = self.node.clone();
-        let t = self.types.get_mut(type_url)?;
-        // A rejected version stays rejected only while it is the current one.
-        t.nacked
-            .retain(|name, v| current.get(name).is_some_and(|r| &r.version == v));
-        let mut resources = Vec::new();
+        only: Option<&[String]>,
+    ) -> Vec<Push> {
+        let Session {
+            types,
+            next_nonce,
+            node,
+        } = self;
+        let node = node.as_deref();
+        let Some(t) = types.get_mut(type_url) else {
+            return Vec::new();
+        };
+        let mut resources: Vec<(Arc<Resource>, Vec<String>)> = Vec::new();
         let mut sent: Vec<Sent> = Vec::new();
-        // Names and aliases asked for one by one that some resource answers.
-        let mut found: HashSet<&str> = HashSet::new();
-        let mut wanted: HashSet<&str> = HashSet::new();
-        for (name, r) in current {
-            if !wants(t, node.as_deref(), r) {
-                continue;
+        let mut removed: Vec<Held> = Vec::new();
+        let mut absent: Vec<String> = Vec::new();
+        // One name of the view: sent if the client wants it and lacks this version, kept in
+        // step (shared) if it has it.
+        let mut consider = |t: &mut TypeState, r: &Arc<Resource>| {
+            if let Some(held) = t.client.get(r.name.as_str())
+                && held.version() == r.version
+            {
+                if !Arc::ptr_eq(&held.0, r) {
+                    // Same version from a newer snapshot: hold that one, so the old
+                    // snapshot's copy can go.
+                    t.client.replace(Held(r.clone()));
+                }
+                return;
             }
-            wanted.insert(name);
-            if !t.names.is_empty() {
-                found.insert(name);
-                found.extend(
-                    r.aliases
-                        .iter()
-                        .filter(|a| t.names.contains(*a))
-                        .map(String::as_str),
-                );
+            if t.nacked
+                .get(r.name.as_str())
+                .is_some_and(|n| n.version() == r.version)
+            {
+                return;
             }
-            if t.client.get(name) == Some(&r.version) || t.nacked.get(name) == Some(&r.version) {
-                continue;
-            }
-            resources.push(XdsResource {
-                name: name.clone(),
-                version: r.version.clone(),
-                resource: Some(Any {
-                    type_url: type_url.to_string(),
-                    value: r.body.to_vec(),
-                }),
-                aliases: r
-                    .aliases
-                    .iter()
-                    .filter(|a| t.names.contains(*a))
-                    .cloned()
-                    .collect(),
-                ..Default::default()
+            let aliases = r
+                .aliases
+                .iter()
+                .filter(|a| t.names.contains(*a))
+                .cloned()
+                .collect();
+            resources.push((r.clone(), aliases));
+            sent.push(Sent {
+                name: Held(r.clone()),
+                before: t.client.get(r.name.as_str()).cloned(),
+                after: Some(Held(r.clone())),
             });
-            sent.push((
-                name.clone(),
-                t.client.get(name).cloned(),
-                Some(r.version.clone()),
-            ));
+        };
+        match only {
+            None => {
+                // A rejected version stays rejected only while it is the current one.
+                t.nacked.retain(|n| {
+                    current
+                        .get(n.name())
+                        .is_some_and(|r| r.version == n.version())
+                });
+                // Names and aliases asked for one by one that some resource answers.
+                let mut found: HashSet<&str> = HashSet::new();
+                for (name, r) in current {
+                    if !wants(t, node, r) {
+                        continue;
+                    }
+                    if !t.names.is_empty() {
+                        found.insert(name);
+                        found.extend(
+                            r.aliases
+                                .iter()
+                                .filter(|a| t.names.contains(*a))
+                                .map(String::as_str),
+                        );
+                    }
+                    consider(t, r);
+                }
+                removed = t
+                    .client
+                    .iter()
+                    .filter(|held| {
+                        !current.get(held.name()).is_some_and(|r| wants(t, node, r))
+                            && !t.removals_refused.contains(held.name())
+                    })
+                    .cloned()
+                    .collect();
+                removed.sort_unstable_by(|a, b| a.name().cmp(b.name()));
+                // Asked for, matching nothing: said once, outside the ACK bookkeeping (the
+                // client holds nothing by that name).
+                t.absent.retain(|n| !found.contains(n.as_str()));
+                absent = t
+                    .names
+                    .iter()
+                    .filter(|n| {
+                        !found.contains(n.as_str())
+                            && !t.absent.contains(*n)
+                            && !t.client.contains(n.as_str())
+                    })
+                    .cloned()
+                    .collect();
+                absent.sort();
+                t.absent.extend(absent.iter().cloned());
+            }
+            Some(names) => {
+                for name in names {
+                    let r = current.get(name);
+                    if t.nacked
+                        .get(name.as_str())
+                        .is_some_and(|n| r.is_none_or(|r| r.version != n.version()))
+                    {
+                        t.nacked.remove(name.as_str());
+                    }
+                    match r.filter(|r| wants(t, node, r)) {
+                        Some(r) => consider(t, r),
+                        None => {
+                            if let Some(held) = t.client.get(name.as_str())
+                                && !t.removals_refused.contains(name.as_str())
+                            {
+                                removed.push(held.clone());
+                            }
+                        }
+                    }
+                }
+            }
         }
-        let mut removed: Vec<String> = t
-            .client
-            .keys()
-            .filter(|n| !wanted.contains(n.as_str()) && !t.removals_refused.contains(*n))
-            .cloned()
-            .collect();
-        removed.sort();
-        for name in &removed {
-            sent.push((name.clone(), t.client.get(name).cloned(), None));
+        if resources.is_empty() && removed.is_empty() && absent.is_empty() && !always {
+            return Vec::new();
         }
-        // Asked for, matching nothing: said once, outside the ACK bookkeeping (the client
-        // holds nothing by that name).
-        t.absent.retain(|n| !found.contains(n.as_str()));
-        let mut absent: Vec<String> = t
-            .names
-            .iter()
-            .filter(|n| {
-                !found.contains(n.as_str()) && !t.absent.contains(*n) && !t.client.contains_key(*n)
-            })
-            .cloned()
-            .collect();
-        absent.sort();
-        t.absent.extend(absent.iter().cloned());
-        let mut removed_resources = removed;
-        removed_resources.extend(absent);
-        if resources.is_empty() && removed_resources.is_empty() && !always {
-            return None;
+        for held in &removed {
+            sent.push(Sent {
+                name: held.clone(),
+                before: Some(held.clone()),
+                after: None,
+            });
         }
-        for (name, _, version) in &sent {
-            match version {
-                Some(v) => t.client.insert(name.clone(), v.clone()),
-                None => t.client.remove(name),
+        for s in &sent {
+            t.set_client(&s.name, s.after.clone());
+        }
+        // Cut into responses of at most CHUNK resources; removals go with the last one.
+        let mut removed_names: Vec<String> = removed.iter().map(|h| h.name().to_string()).collect();
+        removed_names.extend(absent);
+        let chunks = resources.len().div_ceil(CHUNK).max(1);
+        let mut out = Vec::with_capacity(chunks);
+        let mut resources = resources.into_iter();
+        let mut sent = sent.into_iter();
+        for i in 0..chunks {
+            let last = i + 1 == chunks;
+            let these: Vec<(Arc<Resource>, Vec<String>)> = resources.by_ref().take(CHUNK).collect();
+            let mut settled: Vec<Sent> = sent.by_ref().take(these.len()).collect();
+            let removed = if last {
+                settled.extend(sent.by_ref());
+                std::mem::take(&mut removed_names)
+            } else {
+                Vec::new()
             };
+            *next_nonce += 1;
+            let nonce = next_nonce.to_string();
+            t.pending.insert(nonce.clone(), settled);
+            t.responses += 1;
+            out.push(Push {
+                type_url: type_url.to_string(),
+                resources: these,
+                removed,
+                nonce,
+            });
         }
-        self.next_nonce += 1;
-        let nonce = self.next_nonce.to_string();
-        t.pending.insert(nonce.clone(), sent);
-        t.responses += 1;
-        Some(DeltaDiscoveryResponse {
-            type_url: type_url.to_string(),
-            resources,
-            removed_resources,
-            nonce,
-            ..Default::default()
-        })
+        out
     }
 
     pub fn report(&self) -> Vec<TypeReport> {
-        let sorted = |m: &HashMap<String, String>| -> BTreeMap<String, String> {
-            m.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+        let versions = |held: &mut dyn Iterator<Item = &Held>| -> BTreeMap<String, String> {
+            held.map(|h| (h.name().to_string(), h.version().to_string()))
+                .collect()
         };
         self.types
             .iter()
             .map(|(type_url, t)| TypeReport {
                 type_url: type_url.clone(),
-                sent: sorted(&t.client),
-                acked: sorted(&t.acked),
-                nacked: sorted(&t.nacked),
+                sent: versions(&mut t.client.iter()),
+                acked: versions(
+                    &mut t
+                        .client
+                        .iter()
+                        .map(|h| h.name())
+                        .chain(t.acked_diff.keys().map(|h| h.name()))
+                        .filter_map(|name| t.acked(name)),
+                ),
+                nacked: versions(&mut t.nacked.iter()),
                 refused_removals: {
                     let mut r: Vec<String> = t.removals_refused.iter().cloned().collect();
                     r.sort();
