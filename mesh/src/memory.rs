@@ -44,6 +44,14 @@ pub async fn trim_periodically(period: Duration, threshold: usize) {
     if free_heap_bytes().is_none() {
         return;
     }
+    // The trimming is done here, off the request path: `free` itself must not give pages back
+    // (a read buffer freed and taken again per burst would otherwise cost a `brk` each time
+    // the top of the heap crossed glibc's default 128 KiB threshold).
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets an allocator parameter.
+    unsafe {
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 64 * 1024 * 1024);
+    }
     let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {

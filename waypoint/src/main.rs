@@ -185,6 +185,11 @@ async fn run(args: Args, logs: waypoint::log_writer::LogWriter) -> anyhow::Resul
         }
     }
 
+    // Memory freed after a burst goes back to the kernel, as in ztunnel.
+    tokio::spawn(mesh::memory::trim_periodically(
+        mesh::memory::TRIM_PERIOD,
+        mesh::memory::TRIM_THRESHOLD,
+    ));
     tokio::spawn(mesh::xds::run(
         control,
         mesh::xds::ClientState::new(node_id.clone(), waypoint::xds::types()),
