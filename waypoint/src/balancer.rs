@@ -98,10 +98,8 @@ fn slow_start(
 ) -> Result<Option<SlowStart>, String> {
     let Some(s) = s else { return Ok(None) };
     let window = match &s.slow_start_window {
-        Some(d) if d.seconds >= 0 && d.nanos >= 0 => {
-            Duration::new(d.seconds as u64, d.nanos as u32)
-        }
-        Some(_) => return Err("slow_start_config.slow_start_window: negative".into()),
+        Some(d) => crate::config::proto_duration(d)
+            .map_err(|_| "slow_start_config.slow_start_window: negative")?,
         None => return Ok(None),
     };
     let aggression = s.aggression.as_ref().map_or(1.0, |a| a.default_value);
@@ -363,13 +361,12 @@ pub fn hash_policies(
                     if c.name.is_empty() {
                         return Err(format!("{at}.cookie.name: required"));
                     }
-                    let ttl = match &c.ttl {
-                        Some(d) if d.seconds >= 0 && d.nanos >= 0 => {
-                            Some(Duration::new(d.seconds as u64, d.nanos as u32))
-                        }
-                        Some(_) => return Err(format!("{at}.cookie.ttl: negative")),
-                        None => None,
-                    };
+                    let ttl = c
+                        .ttl
+                        .as_ref()
+                        .map(crate::config::proto_duration)
+                        .transpose()
+                        .map_err(|_| format!("{at}.cookie.ttl: negative"))?;
                     HashPolicy::Cookie {
                         name: c.name.clone(),
                         path: c.path.clone(),

@@ -499,12 +499,11 @@ fn common_http_options(c: &cluster_pb::Cluster) -> Result<CommonHttpOptions, Str
     let Some(common) = o.common_http_protocol_options else {
         return Ok(CommonHttpOptions::default());
     };
-    let d = |x: &Option<envoy_types::pb::google::protobuf::Duration>, field: &str| match x {
-        Some(d) if d.seconds >= 0 && d.nanos >= 0 => {
-            Ok(Some(Duration::new(d.seconds as u64, d.nanos as u32)))
-        }
-        Some(_) => Err(format!("common_http_protocol_options.{field}: negative")),
-        None => Ok(None),
+    let d = |x: &Option<envoy_types::pb::google::protobuf::Duration>, field: &str| {
+        x.as_ref()
+            .map(proto_duration)
+            .transpose()
+            .map_err(|_| format!("common_http_protocol_options.{field}: negative"))
     };
     Ok(CommonHttpOptions {
         idle_timeout: d(&common.idle_timeout, "idle_timeout")?,
@@ -793,6 +792,15 @@ fn http_filters(list: &[hcm::HttpFilter]) -> Result<HttpFilters, String> {
     Ok(filters)
 }
 
+/// A protobuf `Duration` as a `Duration`; negative parts are an error (the caller names the
+/// field).
+pub fn proto_duration(d: &envoy_types::pb::google::protobuf::Duration) -> Result<Duration, String> {
+    Ok(Duration::new(
+        u64::try_from(d.seconds).map_err(|_| "negative duration")?,
+        u32::try_from(d.nanos).map_err(|_| "negative duration")?,
+    ))
+}
+
 /// Envoy's tcp_proxy idle timeout when the resource sets none.
 pub const TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
 
@@ -821,7 +829,7 @@ fn tcp_listener(body: &[u8], rbac: Vec<crate::rbac::RbacFilter>) -> Result<Liste
     let idle_timeout = match &t.idle_timeout {
         None => Some(TCP_IDLE_TIMEOUT),
         Some(d) => {
-            let d = crate::retry::proto_duration(d).map_err(|e| format!("idle_timeout: {e}"))?;
+            let d = proto_duration(d).map_err(|e| format!("idle_timeout: {e}"))?;
             (!d.is_zero()).then_some(d)
         }
     };

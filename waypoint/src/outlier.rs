@@ -51,10 +51,8 @@ fn dur(
 ) -> Result<Duration, String> {
     match d {
         None => Ok(default),
-        Some(d) if d.seconds >= 0 && d.nanos >= 0 => {
-            Ok(Duration::new(d.seconds as u64, d.nanos as u32))
-        }
-        Some(_) => Err(format!("outlier_detection.{field}: negative")),
+        Some(d) => crate::config::proto_duration(d)
+            .map_err(|_| format!("outlier_detection.{field}: negative")),
     }
 }
 

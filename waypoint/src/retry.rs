@@ -72,15 +72,6 @@ pub enum Failure {
     PerTryTimeout,
 }
 
-pub(crate) fn proto_duration(
-    d: &envoy_types::pb::google::protobuf::Duration,
-) -> Result<Duration, String> {
-    Ok(Duration::new(
-        u64::try_from(d.seconds).map_err(|_| "negative duration")?,
-        u32::try_from(d.nanos).map_err(|_| "negative duration")?,
-    ))
-}
-
 impl RetryPolicy {
     /// Compile Envoy's `RetryPolicy`; an error names the field (the route is NACKed).
     pub fn compile(p: &pb::RetryPolicy) -> Result<RetryPolicy, String> {
@@ -167,7 +158,7 @@ impl RetryPolicy {
                 let base = b
                     .base_interval
                     .as_ref()
-                    .map(proto_duration)
+                    .map(crate::config::proto_duration)
                     .transpose()
                     .map_err(|e| format!("retry_back_off.base_interval: {e}"))?
                     .filter(|d| !d.is_zero())
@@ -175,7 +166,7 @@ impl RetryPolicy {
                 let max = b
                     .max_interval
                     .as_ref()
-                    .map(proto_duration)
+                    .map(crate::config::proto_duration)
                     .transpose()
                     .map_err(|e| format!("retry_back_off.max_interval: {e}"))?
                     .unwrap_or(base * 10);
@@ -193,7 +184,7 @@ impl RetryPolicy {
             per_try_timeout: p
                 .per_try_timeout
                 .as_ref()
-                .map(proto_duration)
+                .map(crate::config::proto_duration)
                 .transpose()
                 .map_err(|e| format!("per_try_timeout: {e}"))?
                 .filter(|d| !d.is_zero()),
