@@ -17,6 +17,9 @@ struct PathFigures {
     ztunnel_cpu_ms_per_gib: [f64; 2],
     /// CPU time of each ztunnel (client side, server side) per 1-byte round trip.
     ztunnel_cpu_us_per_round_trip: [f64; 2],
+    /// CPU time of each ztunnel (client side, server side) per new connection (with its
+    /// 1-byte exchange).
+    ztunnel_cpu_us_per_connection: [f64; 2],
     latency_p50_us: f64,
     latency_p99_us: f64,
     latency_samples: usize,
@@ -263,6 +266,14 @@ fn print_table(r: &Results) {
         &|p| p.connections_per_s,
         Cmp::Ratio,
     );
+    for (side, i) in [("client-side", 0), ("server-side", 1)] {
+        row(
+            &format!("  {side} ztunnel CPU per connection (µs)"),
+            None,
+            &|p| p.ztunnel_cpu_us_per_connection[i],
+            Cmp::None,
+        );
+    }
     println!("\nztunnel at 1000 req/s of 1 KiB ({}):", r.load);
     for z in &r.ztunnels {
         println!(
@@ -313,11 +324,19 @@ async fn measure_path(
     let lat = latency(c, client, SocketAddr::new(ip, ECHO_PORT), secs).await?;
     let after = cpu();
     let per_rtt = [0, 1].map(|n| (after[n] - before[n]) * 1e6 / lat.latency_samples.max(1) as f64);
+    let before = cpu();
+    let started = Instant::now();
+    let connections_per_s =
+        connection_rate(c, client, SocketAddr::new(ip, ECHO_PORT), secs).await?;
+    let connections = (connections_per_s * started.elapsed().as_secs_f64()).max(1.0);
+    let after = cpu();
+    let per_connection = [0, 1].map(|n| (after[n] - before[n]) * 1e6 / connections);
     Ok(PathFigures {
         throughput_gbit_s: gbit_s,
         ztunnel_cpu_ms_per_gib: per_gib,
         ztunnel_cpu_us_per_round_trip: per_rtt,
-        connections_per_s: connection_rate(c, client, SocketAddr::new(ip, ECHO_PORT), secs).await?,
+        ztunnel_cpu_us_per_connection: per_connection,
+        connections_per_s,
         ..lat
     })
 }
@@ -338,6 +357,10 @@ fn median(rounds: &[PathFigures]) -> PathFigures {
         ztunnel_cpu_us_per_round_trip: [
             mid(|p| p.ztunnel_cpu_us_per_round_trip[0]),
             mid(|p| p.ztunnel_cpu_us_per_round_trip[1]),
+        ],
+        ztunnel_cpu_us_per_connection: [
+            mid(|p| p.ztunnel_cpu_us_per_connection[0]),
+            mid(|p| p.ztunnel_cpu_us_per_connection[1]),
         ],
         latency_p50_us: mid(|p| p.latency_p50_us),
         latency_p99_us: mid(|p| p.latency_p99_us),
