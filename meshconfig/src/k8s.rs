@@ -15,6 +15,10 @@ pub const USE_WAYPOINT: &str = "istio.io/use-waypoint";
 pub const USE_WAYPOINT_NAMESPACE: &str = "istio.io/use-waypoint-namespace";
 /// Annotation that makes an AuthorizationPolicy dry-run.
 pub const DRY_RUN: &str = "istio.io/dry-run";
+/// Pod label saying the workload speaks HBONE itself (value `http`, Istio's
+/// `networking.istio.io/tunnel`): it is sent as an HBONE workload whether or not it is in
+/// ambient mode (e.g. a proxy of its own, on a node without ztunnel).
+pub const TUNNEL: &str = "networking.istio.io/tunnel";
 
 /// Where an object came from and which one it is, for problem reports.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]

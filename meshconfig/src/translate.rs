@@ -11,7 +11,7 @@ use prost::Message;
 
 use crate::k8s::{
     AuthorizationPolicy, DATAPLANE_MODE, Operation, Pod, PolicyAction, PolicyRule, Problem,
-    Service, ServicePort, Source, TargetPort, USE_WAYPOINT, USE_WAYPOINT_NAMESPACE,
+    Service, ServicePort, Source, TUNNEL, TargetPort, USE_WAYPOINT, USE_WAYPOINT_NAMESPACE,
 };
 use crate::model::Snapshot;
 
@@ -606,6 +606,8 @@ fn workload(
         .filter(|(p, _)| p.selector.as_ref().is_some_and(|sel| selects(sel, labels)))
         .map(|(_, k)| k.clone())
         .collect();
+    // As Istio: a pod that terminates HBONE itself says so with this label.
+    let native_tunnel = labels.get(TUNNEL).is_some_and(|v| v == "http");
     let healthy =
         pod.ready != Some(false) && pod.phase.as_deref().is_none_or(|phase| phase == "Running");
     let (workload_type, workload_name) = match &pod.owner {
@@ -653,7 +655,7 @@ fn workload(
         addresses: pod.ips.iter().map(ip_bytes).collect(),
         hostname: String::new(),
         network: String::new(),
-        tunnel_protocol: if in_ambient(s, pod) {
+        tunnel_protocol: if in_ambient(s, pod) || native_tunnel {
             pb::TunnelProtocol::Hbone
         } else {
             pb::TunnelProtocol::None
@@ -672,7 +674,7 @@ fn workload(
         canonical_revision,
         workload_type: workload_type as i32,
         workload_name,
-        native_tunnel: false,
+        native_tunnel,
         services,
         authorization_policies,
         status: if healthy {
@@ -1238,6 +1240,30 @@ spec: {targetRefs: [{kind: Gateway, name: waypoint}]}
                 ("version".to_string(), "v1".to_string())
             ]
         );
+    }
+
+    #[test]
+    fn tunnel_protocol_from_ambient_mode_or_the_tunnel_label() {
+        let text = "apiVersion: v1\nkind: Namespace\nmetadata: {name: a, labels: {istio.io/dataplane-mode: ambient}}\n---\n\
+            apiVersion: v1\nkind: Pod\nmetadata: {name: in, namespace: a}\nspec: {nodeName: n1}\nstatus: {podIP: 10.0.0.1}\n---\n\
+            apiVersion: v1\nkind: Pod\nmetadata: {name: out, namespace: a, labels: {istio.io/dataplane-mode: none}}\nstatus: {podIP: 10.0.0.2}\n---\n\
+            apiVersion: v1\nkind: Pod\nmetadata: {name: own, namespace: b, labels: {networking.istio.io/tunnel: http}}\nspec: {nodeName: vm}\nstatus: {podIP: 10.0.0.3}\n";
+        let t = translate(&snapshot(text), &MeshOptions::default());
+        let workload = |name: &str| {
+            let r = &t.resources.addresses[&format!("Kubernetes//Pod/{name}")];
+            let Some(pb::address::Type::Workload(w)) =
+                pb::Address::decode(r.body.clone()).unwrap().r#type
+            else {
+                panic!("{name} is not a workload")
+            };
+            (
+                pb::TunnelProtocol::try_from(w.tunnel_protocol).unwrap(),
+                w.native_tunnel,
+            )
+        };
+        assert_eq!(workload("a/in"), (pb::TunnelProtocol::Hbone, false));
+        assert_eq!(workload("a/out"), (pb::TunnelProtocol::None, false));
+        assert_eq!(workload("b/own"), (pb::TunnelProtocol::Hbone, true));
     }
 
     #[test]
