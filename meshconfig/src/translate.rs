@@ -539,7 +539,8 @@ pub fn source_label_keys(s: &Snapshot) -> BTreeSet<String> {
     keys
 }
 
-fn in_ambient(s: &Snapshot, pod: &Pod) -> bool {
+/// Whether `pod` is in ambient mode: its own `istio.io/dataplane-mode`, else its namespace's.
+pub fn in_ambient(s: &Snapshot, pod: &Pod) -> bool {
     match pod.meta.labels.get(DATAPLANE_MODE).map(String::as_str) {
         Some("none") => false,
         Some("ambient") => true,
