@@ -18,5 +18,6 @@ pub mod rbac;
 pub mod reference_grant;
 pub mod route_policy;
 pub mod routing;
+pub mod service_entry;
 pub mod translate;
 pub mod waypoint;

@@ -260,6 +260,7 @@ fn translate_with(s: &Snapshot, o: &MeshOptions, previous: Option<&Reuse>) -> (T
     let previous = previous.filter(|p| {
         p.snapshot.namespaces == s.namespaces
             && p.snapshot.gateways == s.gateways
+            && p.snapshot.service_entries == s.service_entries
             && p.label_keys == label_keys
             && p.snapshot.pods.len() == p.pods.len()
             && p.snapshot.services.len() == p.services.len()
@@ -291,6 +292,7 @@ fn translate_with(s: &Snapshot, o: &MeshOptions, previous: Option<&Reuse>) -> (T
         for ip in &svc.cluster_ips {
             if let Some(prev) = ip_owner.get(ip) {
                 t.problems.push(conflict(
+                    s,
                     "Service",
                     &svc.meta,
                     "spec.clusterIP",
@@ -320,6 +322,48 @@ fn translate_with(s: &Snapshot, o: &MeshOptions, previous: Option<&Reuse>) -> (T
             .insert(resource.name.clone(), resource.clone());
         services_out.push(Some(resource));
     }
+    // ServiceEntries after Services: a Kubernetes Service owns its hostname and VIPs.
+    for se in s.service_entries.values() {
+        if let Some(ip) = se.addresses.iter().find(|ip| ip_owner.contains_key(*ip)) {
+            let prev = owner(&ip_owner[ip]);
+            t.problems.push(conflict(
+                s,
+                "ServiceEntry",
+                &se.meta,
+                "spec.addresses",
+                ip,
+                &prev,
+            ));
+            continue;
+        }
+        for ip in &se.addresses {
+            ip_owner.insert(*ip, ("ServiceEntry", &se.meta));
+        }
+        for (i, host) in se.hosts.iter().enumerate() {
+            let name = format!("{}/{host}", se.meta.namespace);
+            if t.resources.addresses.contains_key(&name) {
+                t.problems.push(Problem {
+                    file: s
+                        .file_of(
+                            "ServiceEntry",
+                            &(se.meta.namespace.clone(), se.meta.name.clone()),
+                        )
+                        .to_string(),
+                    object: format!("ServiceEntry {}/{}", se.meta.namespace, se.meta.name),
+                    field: format!("spec.hosts[{i}]"),
+                    reason: format!("{host} is already a service of this namespace; left out"),
+                });
+                continue;
+            }
+            let address = pb::Address {
+                r#type: Some(pb::address::Type::Service(se.service(host))),
+            };
+            let resource = Resource::address(name, &address);
+            t.resources
+                .addresses
+                .insert(resource.name.clone(), resource);
+        }
+    }
     for (key, pod) in &s.pods {
         let reused = step(&mut prev_pods, key)
             .filter(|(prev, _)| *prev == pod && !dirty.contains(pod.meta.namespace.as_str()))
@@ -334,8 +378,14 @@ fn translate_with(s: &Snapshot, o: &MeshOptions, previous: Option<&Reuse>) -> (T
             .iter()
             .find_map(|ip| ip_owner.get(ip).map(|prev| (ip, prev)))
         {
-            t.problems
-                .push(conflict("Pod", &pod.meta, "status.podIP", ip, &owner(prev)));
+            t.problems.push(conflict(
+                s,
+                "Pod",
+                &pod.meta,
+                "status.podIP",
+                ip,
+                &owner(prev),
+            ));
             pods_out.push(None);
             continue;
         }
@@ -369,9 +419,18 @@ fn translate_with(s: &Snapshot, o: &MeshOptions, previous: Option<&Reuse>) -> (T
     (t, reuse)
 }
 
-fn conflict(kind: &str, meta: &crate::k8s::Meta, field: &str, ip: &IpAddr, prev: &str) -> Problem {
+fn conflict(
+    s: &Snapshot,
+    kind: &'static str,
+    meta: &crate::k8s::Meta,
+    field: &str,
+    ip: &IpAddr,
+    prev: &str,
+) -> Problem {
     Problem {
-        file: String::new(),
+        file: s
+            .file_of(kind, &(meta.namespace.clone(), meta.name.clone()))
+            .to_string(),
         object: format!("{kind} {}/{}", meta.namespace, meta.name),
         field: field.into(),
         reason: format!("{ip} is already used by {prev}; left out"),
@@ -600,6 +659,16 @@ fn workload(
             format!("{ns}/{}", hostname(o, ns, &svc.meta.name)),
             pb::PortList { ports },
         );
+    }
+    // The ServiceEntries of its namespace that select it.
+    for se in s
+        .service_entries
+        .range((ns.clone(), String::new())..)
+        .take_while(|((n, _), _)| n == ns)
+        .map(|(_, se)| se)
+        .filter(|se| se.selects(pod))
+    {
+        services.extend(se.endpoint_ports());
     }
     let authorization_policies: Vec<String> = selecting
         .iter()

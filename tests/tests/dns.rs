@@ -8,7 +8,7 @@ use std::os::fd::OwnedFd;
 use std::process::Stdio;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use testbed::Testbed;
 use testbed::cluster::{Cluster, ClusterSpec, ECHO_VIP, ECHO_VIP6, PodDef, ServiceDef};
@@ -391,8 +391,7 @@ async fn ebpf_dns_sockets_see_the_resolver_they_asked() {
         return;
     }
     let c = Cluster::start(spec("ebpf")).await.unwrap();
-    // Kept running: names the proxy does not know are forwarded to it.
-    let _up = Upstream::start(&c).await;
+    let up = Upstream::start(&c).await;
     let resolver = SocketAddr::new(ip(CLUSTER_DNS), 53);
 
     // Connected UDP (connect4): getpeername and every reply's source are the resolver.
@@ -455,10 +454,62 @@ async fn ebpf_dns_sockets_see_the_resolver_they_asked() {
         "TCP 53 did not go through the outbound proxy"
     );
 
-    // (Truncation of an answer too large for UDP, and glibc's retry over TCP, needs a name with
-    // more VIPs than a Kubernetes Service can have (one per family); the configuration is
-    // Kubernetes YAML only, so that is covered by the DNS proxy's unit tests:
-    // `too_many_addresses_for_udp_set_the_truncation_bit`.)
+    // Truncation: a ServiceEntry with 40 VIPs does not fit in 512 bytes; glibc gets TC over UDP,
+    // asks again over TCP and gets them all.
+    let many: Vec<String> = (1..=40).map(|i| format!("\"10.96.1.{i}\"")).collect();
+    c.write_pilot_file(
+        "many.yaml",
+        &format!(
+            "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: many, namespace: demo}}\nspec: {{hosts: [many.demo.svc.cluster.local], addresses: [{}], ports: [{{number: 80, targetPort: 8080}}], resolution: STATIC}}\n",
+            many.join(", ")
+        ),
+    )
+    .unwrap();
+    let start = Instant::now();
+    let truncated = loop {
+        s.send_to(&dns_query(0x7007, "many", 1), resolver)
+            .await
+            .unwrap();
+        let (resp, _) = recv_from(&s).await;
+        if resp[2] & 0x02 != 0 {
+            break resp;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the new service never appeared"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(answer_ips(&truncated).is_empty() && truncated.len() <= 512);
+    let tcp_before = dns_metric(
+        &c,
+        "istio_dns_requests_total",
+        &[("request_protocol", "tcp")],
+    )
+    .await;
+    let got = getent(
+        &c,
+        "client",
+        &resolv_conf(CLUSTER_DNS, false),
+        "ahostsv4",
+        "many.demo.svc.cluster.local",
+    )
+    .await
+    .unwrap();
+    assert_eq!(got.len(), 40, "{got:?}");
+    assert!(got.contains(&ip(Ipv4Addr::new(10, 96, 1, 40))));
+    let tcp_after = dns_metric(
+        &c,
+        "istio_dns_requests_total",
+        &[("request_protocol", "tcp")],
+    )
+    .await;
+    assert!(tcp_after > tcp_before, "glibc retried over TCP");
+    assert!(
+        up.seen()
+            .iter()
+            .all(|q| q.name != "many.demo.svc.cluster.local")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

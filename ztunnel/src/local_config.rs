@@ -192,7 +192,7 @@ pub async fn follow(source: Source, tx: watch::Sender<Arc<State>>, node: Arc<Nod
         fingerprint,
         cache,
         snapshot,
-        converter,
+        mut converter,
     } = source;
     let (snap_tx, mut snap_rx) = watch::channel(snapshot);
     snap_rx.borrow_and_update();
@@ -202,13 +202,12 @@ pub async fn follow(source: Source, tx: watch::Sender<Arc<State>>, node: Arc<Nod
         cache,
         snap_tx,
     ));
-    let mut converter = Some(converter);
+    let mesh = converter.mesh.clone();
     let mut logged: BTreeSet<Problem> = BTreeSet::new();
     while snap_rx.changed().await.is_ok() {
         let snapshot = snap_rx.borrow_and_update().clone();
-        let Some(mut c) = converter.take() else {
-            return;
-        };
+        // Moved to the blocking thread and back; a fresh one stands in meanwhile.
+        let mut c = std::mem::replace(&mut converter, Converter::new(mesh.clone()));
         let converted = tokio::task::spawn_blocking(move || {
             let r = c.convert(&snapshot);
             (c, r, snapshot.generation)
@@ -217,12 +216,16 @@ pub async fn follow(source: Source, tx: watch::Sender<Arc<State>>, node: Arc<Nod
         let (c, result, generation) = match converted {
             Ok(done) => done,
             Err(e) => {
-                // The converter went with the panicked task: nothing can follow any more.
-                error!("translating the configuration failed, no more changes are followed: {e}");
-                return;
+                // The converter went with the panicked task: the fresh one converts the next
+                // change from nothing; until then the state stays.
+                error!(
+                    path = %path.display(),
+                    "translating the configuration failed, keeping the previous state: {e}"
+                );
+                continue;
             }
         };
-        converter = Some(c);
+        converter = c;
         match result {
             Ok((state, problems)) => {
                 // Translation problems are logged once each, while they last.
@@ -411,6 +414,10 @@ spec:
             e.contains("mesh.yaml: Pod demo/echo-1: field \"status.podIP\": \"10.244.2\" is not an IP address"),
             "{e}"
         );
+        // An empty folder is an empty mesh; a missing one is an error.
+        std::fs::remove_file(dir.join("mesh.yaml")).unwrap();
+        let (empty, _) = load_blocking(&dir, mesh_options("cluster.local", "Kubernetes")).unwrap();
+        assert_eq!(empty.workloads().count(), 0);
         std::fs::remove_dir_all(&dir).unwrap();
         let e = load_blocking(&dir, mesh_options("cluster.local", "Kubernetes")).unwrap_err();
         assert!(e.contains("no such file or folder"), "{e}");
