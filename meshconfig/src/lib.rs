@@ -1,6 +1,7 @@
-//! The mesh's configuration: Kubernetes YAML (Pods, Services, Namespaces, Istio and Gateway API
-//! objects) → one validated model (`k8s`, `model`) → the xDS resources the proxies are served
-//! (`translate`: Istio's workload API for ztunnel; `waypoint`: Envoy types for waypoints).
+//! The mesh's configuration: Kubernetes YAML (Pods, Services, Namespaces, Istio objects such as
+//! AuthorizationPolicy and ServiceEntry, Gateway API objects) → one validated model (`k8s`,
+//! `model`) → the xDS resources the proxies are served (`translate`: Istio's workload API for
+//! ztunnel; `waypoint`: Envoy types for waypoints).
 //!
 //! pilot serves this translation over xDS; a standalone ztunnel runs the same reading,
 //! validation and translation in-process on a folder of the same YAML, so there is one format

@@ -43,9 +43,9 @@ struct Args {
     xds_server_name: String,
     /// Standalone configuration: a folder of Kubernetes YAML (every `*.yaml`/`*.yml` in it and
     /// its subfolders, hidden ones skipped), or one YAML file, the objects pilot's folder source
-    /// reads (Namespaces, Pods, Services, AuthorizationPolicies, waypoint Gateways, …),
-    /// translated in-process as pilot would. Changes are followed; an invalid object keeps its
-    /// last good version.
+    /// reads (Namespaces, Pods, Services, AuthorizationPolicies, ServiceEntries, waypoint
+    /// Gateways, …), translated in-process as pilot would. Changes are followed; an invalid
+    /// object keeps its last good version.
     #[arg(
         long,
         required_unless_present = "xds_address",
