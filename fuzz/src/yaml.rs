@@ -1,13 +1,14 @@
-//! The YAML loaders: ztunnel's local configuration file (`ztunnel::config_file`) and pilot's
-//! folder of Kubernetes YAML (`pilot::k8s::parse_documents`, then the snapshot and its
-//! translation to xDS). Any text loads or is refused with an error naming the file; what
-//! loads is consistent (every workload found by its address); and everything pilot
-//! translates is accepted by the proxies' xDS decoder, under the name pilot sends it.
+//! The Kubernetes-YAML loader (`meshconfig::k8s::parse_documents`, then the snapshot and its
+//! translation to xDS), as pilot serves it and as a standalone ztunnel (`--config`) converts it
+//! into its state. Any text loads or is refused with problems naming the file; everything
+//! pilot translates is accepted by the proxies' xDS decoder, under the name pilot sends it;
+//! and what ztunnel converts is consistent (every workload found by its address).
 
 use mesh::state::proto::{Converted, address, authorization};
-use pilot::model::Snapshot;
-use pilot::translate::{MeshOptions, translate};
-use ztunnel::config_file::ConfigError;
+use meshconfig::k8s::parse_documents;
+use meshconfig::model::Snapshot;
+use meshconfig::translate::{MeshOptions, translate};
+use ztunnel::local_config::{Converter, mesh_options};
 
 use crate::engine::{Features, Target, shape};
 
@@ -15,42 +16,48 @@ const ORIGIN: &str = "fuzz.yaml";
 
 pub const ZTUNNEL_CONFIG: Target = Target {
     name: "ztunnel-config",
-    about: "ztunnel's --config YAML file into its state",
+    about: "ztunnel's --config (Kubernetes YAML) through meshconfig's translation into its state",
     seeds: || {
+        let bookinfo = [
+            include_str!("../../deploy/examples/bookinfo/namespace.yaml"),
+            include_str!("../../deploy/examples/bookinfo/pods.yaml"),
+            include_str!("../../deploy/examples/bookinfo/services.yaml"),
+            include_str!("../../deploy/examples/bookinfo/policies.yaml"),
+        ];
         vec![
-            include_bytes!("../../ztunnel/testdata/example.yaml").to_vec(),
-            include_bytes!("../../ztunnel/testdata/bad/duplicate-address.yaml").to_vec(),
-            include_bytes!("../../ztunnel/testdata/bad/unknown-service.yaml").to_vec(),
+            bookinfo.join("\n---\n").into_bytes(),
+            bookinfo[1].as_bytes().to_vec(),
         ]
     },
     dictionary: &[
-        b"workloads:\n- ",
-        b"services:\n- ",
-        b"policies:\n- ",
-        b"uid: ",
-        b"addresses: [",
-        b"\"10.244.1.10\"",
-        b"\"fd00::1\"",
-        b"waypoint: {address: 10.244.1.50}",
-        b"waypoint: {hostname: w.default.svc.cluster.local, namespace: default, hboneMtlsPort: 15008}",
-        b"{9080: 9080}",
-        b"tunnelProtocol: HBONE",
-        b"status: UNHEALTHY",
-        b"scope: GLOBAL",
+        b"\n---\n",
+        b"apiVersion: v1\nkind: Pod\n",
+        b"apiVersion: v1\nkind: Service\n",
+        b"apiVersion: v1\nkind: Namespace\n",
+        b"apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n",
+        b"apiVersion: networking.istio.io/v1\nkind: ServiceEntry\n",
+        b"spec: {hosts: [a.example.com], addresses: [10.96.1.1], ports: [{number: 80}]}\n",
+        b"workloadSelector: {labels: {app: a}}",
+        b"metadata: {name: a, namespace: default, uid: u1, labels: {app: a}}\n",
+        b"istio.io/dataplane-mode: ambient",
+        b"networking.istio.io/tunnel: http",
+        b"istio.io/use-waypoint: waypoint",
+        b"spec: {nodeName: node1, serviceAccountName: a}\n",
+        b"status: {phase: Running, podIP: 10.244.1.10}\n",
+        b"podIPs: [{ip: \"fd00::1\"}]",
+        b"clusterIP: 10.96.0.10",
+        b"ports: [{port: 80, targetPort: 8080}]",
+        b"selector: {app: a}",
         b"action: DENY",
-        b"rules:\n- ",
-        b"sourceIps: [\"10.0.0.0/8\"]",
+        b"ipBlocks: [\"10.0.0.0/8\"]",
+        b"ports: [\"9090\"]",
         b": ",
         b"\n  ",
         b"- ",
         b"{}",
-        b"[]",
         b"~",
-        b"&a ",
-        b"*a",
-        b"!!binary ",
     ],
-    max_len: 8192,
+    max_len: 16384,
     run: ztunnel_config,
 };
 
@@ -95,82 +102,55 @@ pub const PILOT_YAML: Target = Target {
     run: pilot_yaml,
 };
 
-/// Kinds of YAML and serde errors, as features.
-const SYNTAX: [&str; 16] = [
-    "unknown field",
-    "missing field",
-    "duplicate field",
-    "invalid type",
-    "invalid value",
-    "invalid length",
-    "unknown variant",
-    "duplicate",
-    "did not find",
-    "found unexpected",
-    "found unknown",
-    "mapping values",
-    "unknown anchor",
-    "recursion limit",
-    "while parsing",
-    "while scanning",
-];
-
 fn ztunnel_config(data: &[u8], f: &mut Features) {
     let text = String::from_utf8_lossy(data);
-    match ztunnel::config_file::parse(&text, ORIGIN) {
-        Err(e) => {
-            let message = e.to_string();
-            assert!(
-                message.contains(ORIGIN),
-                "error without the file: {message}"
-            );
-            match &e {
-                ConfigError::Syntax { message, .. } => {
-                    // serde's message starts with the path of keys, which quotes the input.
-                    let kind = SYNTAX.iter().position(|p| message.contains(p));
-                    f.add(("syntax", kind))
-                }
-                ConfigError::Invalid { field, message, .. } => {
-                    // The field's path without indices or map keys (which quote the input).
-                    let field: String = field.split('[').next().unwrap_or_default().into();
-                    f.add(("invalid", field, shape(message)))
-                }
-                ConfigError::State { error, .. } => f.add(("state", shape(&error.to_string()))),
-                ConfigError::Read { .. } => f.add("read"),
-            }
-        }
-        Ok(state) => {
-            let mut count = 0;
-            for w in state.workloads() {
-                count += 1;
-                for ip in &w.addresses {
-                    let found = state
-                        .workload_by_ip(ip.to_canonical())
-                        .expect("every workload address resolves");
-                    assert_eq!(found.uid, w.uid);
-                }
-                f.add((
-                    "workload",
-                    w.tunnel_protocol,
-                    w.status,
-                    w.waypoint.is_some(),
-                ));
-            }
-            for s in state.services() {
-                f.add(("service", s.ports.len().min(4), s.waypoint.is_some()));
-            }
-            for p in state.policies() {
-                f.add(("policy", p.scope, p.action, p.rules.len().min(4)));
-            }
-            f.add(("loaded", count.min(8)));
-            serde_json::to_string(&state).expect("the config dump serializes");
-        }
+    let parsed = parse_documents(&text, ORIGIN);
+    for p in &parsed.problems {
+        assert_eq!(p.file, ORIGIN, "problem without its file: {p}");
+        f.add(("problem", p.field.split('[').next().map(str::to_string)));
     }
+    let snapshot = Snapshot::build(parsed.objects, parsed.problems);
+    let mut converter = Converter::new(mesh_options("cluster.local", "Kubernetes"));
+    // Whatever meshconfig lets through, ztunnel's conversion must make a state of.
+    let (state, problems) = match converter.convert(&snapshot) {
+        Ok(done) => done,
+        Err(e) => panic!("a translated configuration ztunnel cannot take: {e}"),
+    };
+    for p in &problems {
+        f.add((
+            "translation problem",
+            p.field.split('[').next().map(str::to_string),
+        ));
+    }
+    let mut count = 0;
+    for w in state.workloads() {
+        count += 1;
+        for ip in &w.addresses {
+            let found = state
+                .workload_by_ip(ip.to_canonical())
+                .expect("every workload address resolves");
+            assert_eq!(found.uid, w.uid);
+        }
+        f.add((
+            "workload",
+            w.tunnel_protocol,
+            w.status,
+            w.waypoint.is_some(),
+        ));
+    }
+    for s in state.services() {
+        f.add(("service", s.ports.len().min(4), s.waypoint.is_some()));
+    }
+    for p in state.policies() {
+        f.add(("policy", p.scope, p.action, p.rules.len().min(4)));
+    }
+    f.add(("loaded", count.min(8)));
+    serde_json::to_string(&state).expect("the config dump serializes");
 }
 
 fn pilot_yaml(data: &[u8], f: &mut Features) {
     let text = String::from_utf8_lossy(data);
-    let parsed = pilot::k8s::parse_documents(&text, ORIGIN);
+    let parsed = parse_documents(&text, ORIGIN);
     for p in &parsed.problems {
         assert_eq!(p.file, ORIGIN, "problem without its file: {p}");
         assert!(!p.reason.is_empty());

@@ -36,7 +36,7 @@ pub const MAX_DELAY: Duration = Duration::from_secs(1);
 const WAITING_REPORT: Duration = Duration::from_secs(10);
 
 /// The kinds watched, in the order their stores are kept (and objects handed to the model).
-pub const KINDS: [&str; 10] = [
+pub const KINDS: [&str; 11] = [
     "Namespace",
     "Pod",
     "Service",
@@ -47,6 +47,7 @@ pub const KINDS: [&str; 10] = [
     "HTTPRoute",
     "GRPCRoute",
     "ReferenceGrant",
+    "ServiceEntry",
 ];
 
 /// `(API group, resource)` of every kind watched, in `KINDS` order: what pilot's ClusterRole
@@ -66,6 +67,7 @@ pub fn watched_resources() -> Vec<(String, String)> {
         of::<crds::HTTPRoute>(),
         of::<crds::GRPCRoute>(),
         of::<crds::ReferenceGrant>(),
+        of::<crds::ServiceEntry>(),
     ]
 }
 
@@ -139,8 +141,13 @@ pub async fn watch_cluster(client: Client, tx: watch::Sender<Arc<Snapshot>>) {
             updates_tx.clone(),
         )),
         tokio::spawn(watch_kind(
-            Api::<crds::ReferenceGrant>::all(client),
+            Api::<crds::ReferenceGrant>::all(client.clone()),
             9,
+            updates_tx.clone(),
+        )),
+        tokio::spawn(watch_kind(
+            Api::<crds::ServiceEntry>::all(client),
+            10,
             updates_tx,
         )),
     ];

@@ -131,6 +131,22 @@ pub struct ReferenceGrantBody {
     pub spec: serde_json::Value,
 }
 
+/// `networking.istio.io/v1` ServiceEntry.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[kube(
+    group = "networking.istio.io",
+    version = "v1",
+    kind = "ServiceEntry",
+    plural = "serviceentries",
+    namespaced,
+    no_spec,
+    schema = "disabled"
+)]
+pub struct ServiceEntryBody {
+    #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
+    pub spec: serde_json::Value,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,5 +1,5 @@
-//! A running mesh on the test bed: a development CA, a local config file describing the pods,
-//! one ztunnel process per node, and an echo application in every pod (TCP on ECHO_PORT,
+//! A running mesh on the test bed: a development CA, a folder of Kubernetes YAML describing the
+//! pods (read by the standalone ztunnels or by pilot), one ztunnel process per node, and an echo application in every pod (TCP on ECHO_PORT,
 //! ALT_PORT and SINK_PORT, HTTP on HTTP_PORT). Pods are dual-stack: each workload carries its
 //! IPv4 and its IPv6 address, and the apps listen on both. With pilot, waypoint pods (labelled
 //! `gateway.networking.k8s.io/gateway-name`) can run the `waypoint` binary instead of an app.
@@ -18,7 +18,6 @@ use anyhow::{Context, bail};
 use mesh::ca::DevCa;
 use mesh::identity::Identity;
 use mesh::socket::SocketFactory;
-use serde::Deserialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -46,8 +45,9 @@ pub struct PodDef {
     pub app: String,
     pub node: usize,
     pub mesh: bool,
-    /// Speaks HBONE itself (its own server on 15008) instead of through a ztunnel: listed in the
-    /// config with `tunnelProtocol: HBONE` on a node no ztunnel serves.
+    /// Speaks HBONE itself (its own server on 15008) instead of through a ztunnel: its Pod has
+    /// Istio's `networking.istio.io/tunnel: http` label and `spec.nodeName: external` (a node
+    /// no ztunnel serves).
     pub own_hbone: bool,
     /// Pod UID, when a Kubernetes object written beforehand names it (else random).
     pub uid: Option<String>,
@@ -90,94 +90,71 @@ impl PodDef {
         self.labels.get(GATEWAY_NAME_LABEL).map(String::as_str)
     }
 
-    /// The Pods in a folder of Kubernetes YAML (as pilot reads it), as pods to create: name,
-    /// namespace, UID, `app` label, service account, node (`spec.nodeName` `nodeN` is node
-    /// index N-1) and address; in the mesh when their namespace is labelled
-    /// `istio.io/dataplane-mode: ambient` and the pod does not opt out.
+    /// The Pods in a folder of Kubernetes YAML, read by `meshconfig` as pilot and standalone
+    /// ztunnel read it, as pods to create: name, namespace, UID, `app` label, service account,
+    /// node (`spec.nodeName` `nodeN` is node index N-1) and IPv4 address; in the mesh when
+    /// ambient (the pod's or its namespace's `istio.io/dataplane-mode`). Any problem in the
+    /// folder is an error.
     pub fn from_folder(dir: &Path) -> anyhow::Result<Vec<PodDef>> {
-        let mut ambient = std::collections::BTreeSet::new();
+        if !dir.is_dir() {
+            bail!("{}: not a folder", dir.display());
+        }
+        let snapshot = meshconfig::folder::load(dir);
+        if !snapshot.problems.is_empty() {
+            let problems: Vec<String> = snapshot.problems.iter().map(|p| p.to_string()).collect();
+            bail!("{}:\n  {}", dir.display(), problems.join("\n  "));
+        }
         let mut pods = vec![];
-        let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-            .with_context(|| format!("reading {}", dir.display()))?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|e| e == "yaml" || e == "yml"))
-            .collect();
-        files.sort();
-        for file in files {
-            let text = std::fs::read_to_string(&file)?;
-            for doc in serde_yaml_ng::Deserializer::from_str(&text) {
-                let v = serde_yaml_ng::Value::deserialize(doc)
-                    .with_context(|| format!("{}: invalid YAML", file.display()))?;
-                let str_at = |path: &[&str]| -> Option<String> {
-                    let mut cur = &v;
-                    for k in path {
-                        cur = cur.get(*k)?;
-                    }
-                    cur.as_str().map(str::to_owned)
-                };
-                let label = |k: &str| str_at(&["metadata", "labels", k]);
-                match str_at(&["kind"]).as_deref() {
-                    Some("Namespace") if label(DATAPLANE_MODE).as_deref() == Some("ambient") => {
-                        ambient.insert(str_at(&["metadata", "name"]).unwrap_or_default());
-                    }
-                    Some("Pod") => {
-                        let name = str_at(&["metadata", "name"]).unwrap_or_default();
-                        let field = |path: &[&str]| {
-                            str_at(path).with_context(|| {
-                                format!(
-                                    "{}: Pod {name}: {} missing",
-                                    file.display(),
-                                    path.join(".")
-                                )
-                            })
-                        };
-                        let node_name = field(&["spec", "nodeName"])?;
-                        let node = node_name
-                            .strip_prefix("node")
-                            .and_then(|n| n.parse::<usize>().ok())
-                            .filter(|n| *n >= 1)
-                            .with_context(|| {
-                                format!(
-                                    "{}: Pod {name}: spec.nodeName {node_name:?} is not a test-bed node (node1, node2, …)",
-                                    file.display()
-                                )
-                            })?
-                            - 1;
-                        pods.push(PodDef {
-                            namespace: field(&["metadata", "namespace"])?,
-                            service_account: str_at(&["spec", "serviceAccountName"])
-                                .unwrap_or_else(|| "default".into()),
-                            app: label("app").unwrap_or_else(|| name.clone()),
-                            node,
-                            // Settled below, once every namespace is known.
-                            mesh: label(DATAPLANE_MODE).as_deref() != Some("none"),
-                            own_hbone: false,
-                            ipv6_only: false,
-                            labels: v
-                                .get("metadata")
-                                .and_then(|m| m.get("labels"))
-                                .and_then(|l| l.as_mapping())
-                                .into_iter()
-                                .flatten()
-                                .filter_map(|(k, v)| {
-                                    Some((k.as_str()?.to_owned(), v.as_str()?.to_owned()))
-                                })
-                                .filter(|(k, _)| k != "app" && k != "version")
-                                .collect(),
-                            uid: Some(field(&["metadata", "uid"])?),
-                            expected_ip: Some(field(&["status", "podIP"])?.parse().with_context(
-                                || format!("{}: Pod {name}: status.podIP", file.display()),
-                            )?),
-                            name,
-                        });
-                    }
-                    _ => {}
-                }
-            }
+        for pod in snapshot.pods.values() {
+            let m = &pod.meta;
+            let name = &m.name;
+            let node = pod
+                .node_name
+                .strip_prefix("node")
+                .and_then(|n| n.parse::<usize>().ok())
+                .filter(|n| *n >= 1)
+                .with_context(|| {
+                    format!(
+                        "{}: Pod {}/{name}: spec.nodeName {:?} is not a test-bed node (node1, node2, …)",
+                        snapshot.file_of("Pod", &(m.namespace.clone(), name.clone())),
+                        m.namespace,
+                        pod.node_name
+                    )
+                })?
+                - 1;
+            let uid = m
+                .uid
+                .clone()
+                .with_context(|| format!("Pod {}/{name}: metadata.uid missing", m.namespace))?;
+            let ip = pod
+                .ips
+                .iter()
+                .find_map(|ip| match ip {
+                    IpAddr::V4(v4) => Some(*v4),
+                    IpAddr::V6(_) => None,
+                })
+                .with_context(|| format!("Pod {}/{name}: no IPv4 status.podIP", m.namespace))?;
+            pods.push(PodDef {
+                name: name.clone(),
+                namespace: m.namespace.clone(),
+                service_account: pod.service_account.clone(),
+                app: m.labels.get("app").cloned().unwrap_or_else(|| name.clone()),
+                node,
+                mesh: meshconfig::translate::in_ambient(&snapshot, pod),
+                own_hbone: false,
+                ipv6_only: false,
+                labels: m
+                    .labels
+                    .iter()
+                    .filter(|(k, _)| *k != "app" && *k != "version")
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect(),
+                uid: Some(uid),
+                expected_ip: Some(ip),
+            });
         }
-        for p in &mut pods {
-            p.mesh &= ambient.contains(&p.namespace);
-        }
+        // The test bed gives each node's pods addresses from .10 upwards in the order listed.
+        pods.sort_by_key(|p| (p.node, p.expected_ip));
         Ok(pods)
     }
 }
@@ -268,7 +245,7 @@ pub fn waypoint_gateway_yaml(name: &str, namespace: &str, waypoint_for: &str) ->
 /// Where ztunnels get their configuration and certificates.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum ControlPlaneMode {
-    /// A local file and the development CA (standalone mode).
+    /// The folder of Kubernetes YAML and the development CA (standalone mode, `--config`).
     #[default]
     File,
     /// pilot, on node 0, from a folder of Kubernetes YAML.
@@ -283,7 +260,8 @@ pub struct ClusterSpec {
     pub nodes: usize,
     pub pods: Vec<PodDef>,
     pub services: Vec<ServiceDef>,
-    /// Extra YAML list items under `policies:` (indented by two spaces).
+    /// Extra Kubernetes objects (AuthorizationPolicies, …) for the ztunnels or pilot alike:
+    /// YAML documents each ending with `---`.
     pub policies: String,
     /// Extra ztunnel flags.
     pub ztunnel_args: Vec<String>,
@@ -296,8 +274,8 @@ pub struct ClusterSpec {
     pub ztunnel_env: Vec<(String, String)>,
     /// Ports the pods' HTTP echo app listens on besides HTTP_PORT.
     pub http_ports: Vec<u16>,
-    /// Extra Kubernetes objects for pilot (Gateways, VirtualServices, …), appended to those
-    /// made from the spec; YAML documents each ending with `---`.
+    /// Extra Kubernetes objects (Gateways, VirtualServices, …), appended to those made from the
+    /// spec, as `policies`; YAML documents each ending with `---`.
     pub pilot_yaml: String,
     /// Run the `waypoint` binary in every waypoint pod ([`PodDef::gateway`]) once pilot is up
     /// (with `PilotLater`, call [`Cluster::start_waypoints`] after `start_pilot`). Without it,
@@ -341,6 +319,8 @@ pub struct Cluster {
     pub bed: Testbed,
     pub spec: ClusterSpec,
     pub dir: PathBuf,
+    /// The folder of Kubernetes YAML (`--config` of the standalone ztunnels, pilot's
+    /// `--config-dir`): [`Cluster::pilot_config`].
     pub config_path: PathBuf,
     pub ca: DevCa,
     ztunnels: Vec<Option<Child>>,
@@ -484,7 +464,7 @@ impl Cluster {
         std::fs::create_dir_all(&dir)?;
         let ca = DevCa::generate(TRUST_DOMAIN)?;
         ca.save(&dir.join("root.pem"), &dir.join("root-key.pem"))?;
-        let config_path = dir.join("ztunnel.yaml");
+        let config_path = dir.join("k8s");
         let mut cluster = Cluster {
             bed,
             spec,
@@ -498,10 +478,6 @@ impl Cluster {
             apps: vec![],
             app_tasks: vec![],
         };
-        std::fs::write(
-            &cluster.config_path,
-            cluster.config_yaml(&cluster.spec.policies),
-        )?;
         let mode = cluster.spec.control_plane;
         if mode != ControlPlaneMode::File {
             // pilot loads the root it finds in its state directory.
@@ -510,21 +486,22 @@ impl Cluster {
                 &cluster.pilot_state().join("root-cert.pem"),
                 &cluster.pilot_state().join("root-key.pem"),
             )?;
-            std::fs::create_dir_all(cluster.pilot_config())?;
-            match &cluster.spec.pilot_folder {
-                Some(dir) => {
-                    for entry in std::fs::read_dir(dir)? {
-                        let path = entry?.path();
-                        if let Some(name) = path.file_name().filter(|_| path.is_file()) {
-                            std::fs::copy(&path, cluster.pilot_config().join(name))?;
-                        }
+        }
+        // One folder of Kubernetes YAML, read by pilot or by the standalone ztunnels.
+        std::fs::create_dir_all(cluster.pilot_config())?;
+        match &cluster.spec.pilot_folder {
+            Some(dir) => {
+                for entry in std::fs::read_dir(dir)? {
+                    let path = entry?.path();
+                    if let Some(name) = path.file_name().filter(|_| path.is_file()) {
+                        std::fs::copy(&path, cluster.pilot_config().join(name))?;
                     }
                 }
-                None => std::fs::write(
-                    cluster.pilot_config().join("mesh.yaml"),
-                    cluster.kubernetes_yaml(),
-                )?,
             }
+            None => std::fs::write(
+                cluster.pilot_config().join("mesh.yaml"),
+                cluster.kubernetes_yaml(),
+            )?,
         }
         cluster.start_apps()?;
         if mode == ControlPlaneMode::Pilot {
@@ -691,7 +668,7 @@ impl Cluster {
         .await
     }
 
-    /// pilot's folder of Kubernetes YAML.
+    /// The folder of Kubernetes YAML: pilot's, or the standalone ztunnels' (`--config`).
     pub fn pilot_config(&self) -> PathBuf {
         self.dir.join("k8s")
     }
@@ -725,7 +702,9 @@ impl Cluster {
     }
 
     /// The pods, services and namespace as Kubernetes objects (what `kubectl get -o yaml`
-    /// would show), for pilot.
+    /// would show), then the spec's `policies` and `pilot_yaml`: what pilot or the standalone
+    /// ztunnels read. A pod's workload is a Deployment `<app>-<version>` (its ReplicaSet owns
+    /// it).
     pub fn kubernetes_yaml(&self) -> String {
         let mut y = String::new();
         let mut namespaces: Vec<&str> = self
@@ -750,6 +729,9 @@ impl Cluster {
             } else {
                 ", istio.io/dataplane-mode: none".to_string()
             };
+            if def.own_hbone {
+                mode.push_str(", networking.istio.io/tunnel: http");
+            }
             for (k, v) in &def.labels {
                 if !matches!(k.as_str(), "app" | "version" | DATAPLANE_MODE) {
                     let _ = write!(mode, ", {k:?}: {v:?}");
@@ -757,13 +739,17 @@ impl Cluster {
             }
             let _ = writeln!(
                 y,
-                "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {ns}, uid: {uid}, labels: {{app: {app}, version: {version}{mode}}}}}\nspec: {{nodeName: {node}, serviceAccountName: {sa}}}\nstatus: {{phase: Running, podIP: \"{ip}\", podIPs: [{ips}]}}\n---",
+                "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {ns}, uid: {uid}, labels: {{app: {app}, version: {version}{mode}}}, ownerReferences: [{{apiVersion: apps/v1, kind: ReplicaSet, name: {app}-{version}-7c9d5, controller: true}}]}}\nspec: {{nodeName: {node}, serviceAccountName: {sa}}}\nstatus: {{phase: Running, podIP: \"{ip}\", podIPs: [{ips}]}}\n---",
                 name = def.name,
                 ns = def.namespace,
                 uid = pod.uid,
                 app = def.app,
                 version = def.labels.get("version").map_or("v1", String::as_str),
-                node = self.bed.node(def.node).name,
+                node = if def.own_hbone {
+                    "external"
+                } else {
+                    &self.bed.node(def.node).name
+                },
                 sa = def.service_account,
                 ip = addresses[0],
                 ips = addresses
@@ -809,11 +795,13 @@ impl Cluster {
                 s.target_port
             );
         }
+        y.push_str(&self.spec.policies);
         y.push_str(&self.spec.pilot_yaml);
         y
     }
 
-    /// Write (or replace) a file in pilot's folder, atomically.
+    /// Write (or replace) a file in the folder of Kubernetes YAML, atomically (pilot or the
+    /// standalone ztunnels pick it up within a second).
     pub fn write_pilot_file(&self, name: &str, yaml: &str) -> anyhow::Result<()> {
         let tmp = self.pilot_config().join(format!(".{name}.tmp"));
         std::fs::write(&tmp, yaml)?;
@@ -878,83 +866,6 @@ impl Cluster {
         Ok(())
     }
 
-    /// The local config file for the spec, with `policies` as the policy list.
-    pub fn config_yaml(&self, policies: &str) -> String {
-        let mut y = String::from("workloads:\n");
-        for def in &self.spec.pods {
-            let pod = self.bed.pod(&def.name);
-            let services: Vec<&ServiceDef> = self
-                .spec
-                .services
-                .iter()
-                .filter(|s| s.app == def.app)
-                .collect();
-            let _ = writeln!(
-                y,
-                "- uid: {uid}\n  name: {name}\n  namespace: {ns}\n  serviceAccount: {sa}\n  addresses: [{addresses}]\n  node: {node}\n  tunnelProtocol: {proto}\n  canonicalName: {app}\n  canonicalRevision: v1\n  workloadName: {app}-v1\n  workloadType: deployment",
-                uid = pod.uid,
-                name = def.name,
-                ns = def.namespace,
-                sa = def.service_account,
-                addresses = self
-                    .pod_addresses(&def.name)
-                    .iter()
-                    .map(|ip| format!("\"{ip}\""))
-                    .collect::<Vec<_>>()
-                    .join(", "),
-                node = if def.own_hbone {
-                    "external"
-                } else {
-                    &self.bed.node(def.node).name
-                },
-                proto = if def.mesh || def.own_hbone {
-                    "HBONE"
-                } else {
-                    "NONE"
-                },
-                app = def.app,
-            );
-            if !services.is_empty() {
-                y.push_str("  services:\n");
-                for s in services {
-                    let _ = writeln!(
-                        y,
-                        "    {}/{}: {{{}: {}}}",
-                        s.namespace,
-                        hostname(s),
-                        s.port,
-                        s.target_port
-                    );
-                }
-            }
-        }
-        y.push_str("services:\n");
-        for s in &self.spec.services {
-            let vips: Vec<String> = s.vips().iter().map(|ip| format!("\"{ip}\"")).collect();
-            let _ = writeln!(
-                y,
-                "- name: {}\n  namespace: {}\n  hostname: {}\n  addresses: [{}]\n  ports: [{{servicePort: {}, targetPort: {}}}]",
-                s.name,
-                s.namespace,
-                hostname(s),
-                vips.join(", "),
-                s.port,
-                s.target_port
-            );
-        }
-        y.push_str("policies:\n");
-        y.push_str(policies);
-        y
-    }
-
-    /// Replace the config file (ztunnel picks it up within a second).
-    pub fn write_config(&self, yaml: &str) -> anyhow::Result<()> {
-        let tmp = self.config_path.with_extension("tmp");
-        std::fs::write(&tmp, yaml)?;
-        std::fs::rename(&tmp, &self.config_path)?;
-        Ok(())
-    }
-
     fn spawn_ztunnel(&self, node: usize) -> anyhow::Result<Child> {
         let bin = ztunnel_binary()?;
         let log = std::fs::OpenOptions::new()
@@ -965,7 +876,7 @@ impl Cluster {
         cmd.arg("--node-name").arg(&self.bed.node(node).name);
         if self.spec.control_plane == ControlPlaneMode::File {
             cmd.arg("--config")
-                .arg(&self.config_path)
+                .arg(self.pilot_config())
                 .arg("--ca-cert")
                 .arg(self.dir.join("root.pem"))
                 .arg("--ca-key")
@@ -1335,10 +1246,6 @@ fn app_listener(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     Ok(listener)
 }
 
-fn hostname(s: &ServiceDef) -> String {
-    format!("{}.{}.svc.cluster.local", s.name, s.namespace)
-}
-
 async fn echo(mut s: TcpStream, greeting: String) {
     let _ = s.set_nodelay(true);
     if s.write_all(greeting.as_bytes()).await.is_err() {
@@ -1556,6 +1463,44 @@ mod tests {
             Some("all")
         );
         assert_eq!(v["spec"]["listeners"][0]["port"].as_u64(), Some(15008));
+    }
+
+    #[test]
+    fn pods_from_a_folder_in_address_order() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples/bookinfo");
+        let pods = PodDef::from_folder(&dir).unwrap();
+        let page = &pods[0];
+        assert_eq!(
+            (page.name.as_str(), page.namespace.as_str(), page.node),
+            ("productpage-v1-7f9d8", "bookinfo", 0)
+        );
+        assert_eq!(page.app, "productpage");
+        assert_eq!(page.service_account, "bookinfo-productpage");
+        assert_eq!(page.expected_ip, Some(Ipv4Addr::new(10, 244, 1, 10)));
+        assert!(page.mesh);
+        // Per node, from .10 upwards: the order the test bed assigns addresses in.
+        for node in 0..2 {
+            let ips: Vec<u8> = pods
+                .iter()
+                .filter(|p| p.node == node)
+                .map(|p| p.expected_ip.unwrap().octets()[3])
+                .collect();
+            let expected: Vec<u8> = (10..10 + ips.len() as u8).collect();
+            assert_eq!(ips, expected, "node {node}");
+        }
+        let bad = std::env::temp_dir().join(format!("testbed-folder-{}", fastrand::u64(..)));
+        std::fs::create_dir_all(&bad).unwrap();
+        std::fs::write(
+            bad.join("p.yaml"),
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: a, namespace: x, uid: u}\nspec: {nodeName: worker}\nstatus: {podIP: 10.244.1.10}\n",
+        )
+        .unwrap();
+        let e = PodDef::from_folder(&bad).unwrap_err().to_string();
+        assert!(
+            e.contains("p.yaml: Pod x/a: spec.nodeName \"worker\""),
+            "{e}"
+        );
+        std::fs::remove_dir_all(bad).unwrap();
     }
 
     #[test]

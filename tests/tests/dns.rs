@@ -454,17 +454,17 @@ async fn ebpf_dns_sockets_see_the_resolver_they_asked() {
         "TCP 53 did not go through the outbound proxy"
     );
 
-    // Truncation: a service with 40 VIPs does not fit in 512 bytes; glibc gets TC over UDP,
+    // Truncation: a ServiceEntry with 40 VIPs does not fit in 512 bytes; glibc gets TC over UDP,
     // asks again over TCP and gets them all.
     let many: Vec<String> = (1..=40).map(|i| format!("\"10.96.1.{i}\"")).collect();
-    let yaml = c.config_yaml("").replace(
-        "policies:\n",
+    c.write_pilot_file(
+        "many.yaml",
         &format!(
-            "- name: many\n  namespace: demo\n  hostname: many.demo.svc.cluster.local\n  addresses: [{}]\n  ports: [{{servicePort: 80, targetPort: 8080}}]\npolicies:\n",
+            "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: many, namespace: demo}}\nspec: {{hosts: [many.demo.svc.cluster.local], addresses: [{}], ports: [{{number: 80, targetPort: 8080}}], resolution: STATIC}}\n",
             many.join(", ")
         ),
-    );
-    c.write_config(&yaml).unwrap();
+    )
+    .unwrap();
     let start = Instant::now();
     let truncated = loop {
         s.send_to(&dns_query(0x7007, "many", 1), resolver)

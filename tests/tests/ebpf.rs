@@ -329,7 +329,8 @@ async fn unenrolled_pod_goes_direct() {
             p.mesh = false;
         }
     }
-    c.write_config(&c.config_yaml("")).unwrap();
+    c.write_pilot_file("mesh.yaml", &c.kubernetes_yaml())
+        .unwrap();
     let start = Instant::now();
     loop {
         let (_, body) = c.http_get(0, 15000, "/config_dump").await.unwrap();
@@ -410,7 +411,12 @@ fn refuses(bed: &Testbed, dir: &Path, extra: &[&str], wrap: &[&str]) -> String {
     let ca = mesh::ca::DevCa::generate("cluster.local").unwrap();
     ca.save(&dir.join("root.pem"), &dir.join("root-key.pem"))
         .unwrap();
-    std::fs::write(dir.join("z.yaml"), "workloads: []\n").unwrap();
+    // A mesh without pods.
+    std::fs::write(
+        dir.join("z.yaml"),
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: empty}\n",
+    )
+    .unwrap();
     let bin = ztunnel_binary().unwrap();
     let mut cmd =
         std::process::Command::new(wrap.first().copied().unwrap_or(bin.to_str().unwrap()));
@@ -848,8 +854,8 @@ async fn ipv6_only_pods_are_enrolled_and_meshed() {
     s.services = vec![testbed::cluster::ServiceDef::echo()];
     let c = Cluster::start(s).await.unwrap();
     assert!(
-        c.config_yaml("")
-            .contains(&format!("addresses: [\"{}\"]", c.pod_ip6("client")))
+        c.kubernetes_yaml()
+            .contains(&format!("podIPs: [{{ip: \"{}\"}}]", c.pod_ip6("client")))
     );
     let (_, dump) = c.http_get(0, 15000, "/config_dump").await.unwrap();
     let dump: serde_json::Value = serde_json::from_str(&dump).unwrap();

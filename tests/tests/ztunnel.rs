@@ -26,7 +26,8 @@ fn spec(policies: &str) -> ClusterSpec {
     }
 }
 
-const DENY_ALT_PORT: &str = "- name: deny-alt-port\n  namespace: demo\n  scope: NAMESPACE\n  action: DENY\n  rules:\n  - clauses:\n    - matches:\n      - destinationPorts: [9090]\n";
+/// Namespace-wide: no connection to port 9090 of demo's pods.
+const DENY_ALT_PORT: &str = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: deny-alt-port, namespace: demo}\nspec:\n  action: DENY\n  rules: [{to: [{operation: {ports: [\"9090\"]}}]}]\n---\n";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pod_to_pod_over_hbone_with_identity() {
@@ -249,15 +250,25 @@ async fn config_change_applies_without_restart_and_bad_config_is_kept_out() {
     let c = Cluster::start(spec("")).await.unwrap();
     let server = SocketAddr::new(c.pod_ip("server-a"), ALT_PORT);
     assert!(!c.exchange("client", server, b"x").await.unwrap().is_empty());
-    // An invalid file is rejected and the previous state stays in force.
-    c.write_config("workloads:\n- uid: x\n  addresses: [\"not-an-ip\"]\n")
+    // An invalid edit is rejected, named by file, object and field, and the last good version
+    // stays in force.
+    let good = c.kubernetes_yaml();
+    let ip = format!("podIP: \"{}\"", c.pod_ip("server-a"));
+    assert!(good.contains(&ip));
+    c.write_pilot_file("mesh.yaml", &good.replace(&ip, "podIP: \"not-an-ip\""))
         .unwrap();
     tokio::time::sleep(Duration::from_millis(1200)).await;
     assert!(!c.exchange("client", server, b"x").await.unwrap().is_empty());
     let log = std::fs::read_to_string(c.ztunnel_log(1)).unwrap();
-    assert!(log.contains("configuration rejected"), "{log}");
+    assert!(
+        log.contains(
+            "mesh.yaml: Pod demo/server-a: field \"status.podIP\": \"not-an-ip\" is not an IP address; the last good version stays"
+        ),
+        "{log}"
+    );
     // A DENY policy takes effect on the next connection.
-    c.write_config(&c.config_yaml(DENY_ALT_PORT)).unwrap();
+    c.write_pilot_file("mesh.yaml", &good).unwrap();
+    c.write_pilot_file("policy.yaml", DENY_ALT_PORT).unwrap();
     let mut denied = false;
     for _ in 0..40 {
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -395,11 +406,9 @@ async fn pod_without_process_is_pending_and_node_stays_ready() {
         return;
     }
     let c = Cluster::start(spec("")).await.unwrap();
-    let ghost = "- uid: 00000000-0000-4000-8000-00000000dead\n  name: ghost\n  namespace: demo\n  addresses: [\"10.244.2.99\"]\n  node: node2\n  tunnelProtocol: HBONE\n";
-    let yaml = c
-        .config_yaml("")
-        .replacen("workloads:\n", &format!("workloads:\n{ghost}"), 1);
-    c.write_config(&yaml).unwrap();
+    // A mesh pod on node2 that the test bed never made (no cgroup, no process).
+    let ghost = "apiVersion: v1\nkind: Pod\nmetadata: {name: ghost, namespace: demo, uid: 00000000-0000-4000-8000-00000000dead}\nspec: {nodeName: node2}\nstatus: {phase: Running, podIP: \"10.244.2.99\"}\n";
+    c.write_pilot_file("ghost.yaml", ghost).unwrap();
     let mut pending = serde_json::Value::Null;
     for _ in 0..30 {
         tokio::time::sleep(Duration::from_millis(100)).await;

@@ -4,10 +4,10 @@
 pub mod admin;
 pub mod authorization;
 pub mod claims;
-pub mod config_file;
 pub mod dns;
 pub mod inbound;
 pub mod inpod;
+pub mod local_config;
 pub mod metrics;
 pub mod netlink;
 pub mod node;

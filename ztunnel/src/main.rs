@@ -41,13 +41,23 @@ struct Args {
     /// The name the control plane's certificate must carry.
     #[arg(long, default_value = "pilot.istio-system.svc")]
     xds_server_name: String,
-    /// Local configuration: workloads, services and policies (the shape of Istio's workload API).
+    /// Standalone configuration: a folder of Kubernetes YAML (every `*.yaml`/`*.yml` in it and
+    /// its subfolders, hidden ones skipped), or one YAML file, the objects pilot's folder source
+    /// reads (Namespaces, Pods, Services, AuthorizationPolicies, ServiceEntries, waypoint
+    /// Gateways, …), translated in-process as pilot would. Changes are followed; an invalid
+    /// object keeps its last good version.
     #[arg(
         long,
         required_unless_present = "xds_address",
         conflicts_with = "xds_address"
     )]
     config: Option<PathBuf>,
+    /// With `--config`: the mesh's trust domain (`spiffe://<trust domain>/ns/…/sa/…`).
+    #[arg(long, default_value = "cluster.local", conflicts_with = "xds_address")]
+    trust_domain: String,
+    /// With `--config`: the cluster id the workloads carry.
+    #[arg(long, default_value = "Kubernetes", conflicts_with = "xds_address")]
+    cluster_id: String,
     /// Development CA root certificate (PEM).
     #[arg(
         long,
@@ -257,9 +267,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
         None => None,
     };
-    let (state, certs) = match (&control, &args.config, &args.ca_cert, &args.ca_key) {
+    let (state, local, certs) = match (&control, &args.config, &args.ca_cert, &args.ca_key) {
         (Some(cp), _, _, _) => (
             mesh::state::State::default(),
+            None,
             CertCache::new(Arc::new(CaClient {
                 control: cp.clone(),
                 ttl: args.cert_ttl,
@@ -267,8 +278,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
         ),
         (None, Some(config), Some(cert), Some(key)) => {
             let ca = mesh::ca::DevCa::load(cert, key).context("loading the development CA")?;
+            let mesh = ztunnel::local_config::mesh_options(&args.trust_domain, &args.cluster_id);
+            let (state, source) = ztunnel::local_config::load(config.clone(), mesh).await?;
             (
-                ztunnel::config_file::load(config)?,
+                state,
+                Some(source),
                 CertCache::new(Arc::new(DevCaSource {
                     ca,
                     ttl: args.cert_ttl,
@@ -318,7 +332,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     serve(args.metrics_addr, ztunnel::admin::metrics(node.clone()))?;
     serve(args.readiness_addr, ztunnel::admin::readiness(node.clone()))?;
 
-    match (&control, &args.config) {
+    match (&control, local) {
         (Some(cp), _) => {
             // Not ready until the first full view of the mesh has arrived.
             node.set_synced(false);
@@ -335,13 +349,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
             ));
             tokio::spawn(ztunnel::node::reconcile_periodically(node.clone()));
         }
-        (None, Some(config)) => {
+        (None, Some(source)) => {
             node.reconcile().await;
-            tokio::spawn(ztunnel::node::watch_config(
-                config.clone(),
+            tokio::spawn(ztunnel::local_config::follow(
+                source,
                 state_tx,
                 node.clone(),
             ));
+            tokio::spawn(ztunnel::node::reconcile_periodically(node.clone()));
         }
         (None, None) => anyhow::bail!("no configuration source"),
     }

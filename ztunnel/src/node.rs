@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
@@ -21,7 +21,7 @@ use crate::dns::proxy::{self as dns_proxy, DnsProxy};
 use crate::metrics::Metrics;
 use crate::redirect::{PodCapture, PodTarget, Redirector};
 use crate::source::PodRouting;
-use crate::{config_file, inbound, outbound};
+use crate::{inbound, outbound};
 use mesh::state::{State, TunnelProtocol, Workload};
 
 pub const OUTBOUND_PORT: u16 = 15001;
@@ -596,27 +596,6 @@ async fn futures_all(
     all
 }
 
-/// Follow the local config file: reload when it changes, keep the last good state on error.
-pub async fn watch_config(path: PathBuf, tx: watch::Sender<Arc<State>>, node: Arc<Node>) {
-    let mut last = modified(&path);
-    let mut tick = tokio::time::interval(Duration::from_millis(500));
-    loop {
-        tick.tick().await;
-        let now = modified(&path);
-        if now != last {
-            last = now;
-            match config_file::load(&path) {
-                Ok(state) => {
-                    info!(path = %path.display(), "configuration reloaded");
-                    tx.send_replace(Arc::new(state));
-                }
-                Err(e) => error!("configuration rejected, keeping the previous one: {e}"),
-            }
-        }
-        node.reconcile().await;
-    }
-}
-
 /// Retry enrollment of pods that could not be enrolled yet (no process in their cgroup).
 pub async fn reconcile_periodically(node: Arc<Node>) {
     let mut tick = tokio::time::interval(Duration::from_millis(500));
@@ -624,8 +603,4 @@ pub async fn reconcile_periodically(node: Arc<Node>) {
         tick.tick().await;
         node.reconcile().await;
     }
-}
-
-fn modified(path: &Path) -> Option<SystemTime> {
-    std::fs::metadata(path).and_then(|m| m.modified()).ok()
 }

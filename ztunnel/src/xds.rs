@@ -10,7 +10,7 @@ use tracing::info;
 
 use crate::node::Node;
 use mesh::state::proto::{apply_addresses, authorization};
-use mesh::state::{Authorization, Service, State, Workload};
+use mesh::state::{Authorization, Service, State, StateError, Workload};
 
 /// The types ztunnel subscribes to.
 pub fn types() -> Vec<String> {
@@ -20,13 +20,84 @@ pub fn types() -> Vec<String> {
     ]
 }
 
+/// The workload-API resources a proxy holds, by name, and the state they make: the one
+/// conversion into `State`, for what pilot pushes over xDS and for what the standalone mode
+/// translates in-process (`crate::local_config`).
+#[derive(Debug, Clone, Default)]
+pub struct Held {
+    workloads: HashMap<String, Arc<Workload>>,
+    services: HashMap<String, Arc<Service>>,
+    policies: HashMap<String, Arc<Authorization>>,
+}
+
+impl Held {
+    /// Apply one type's update. Resources that do not decode are added to `bad` (name, why)
+    /// and keep their previous version; a type we do not subscribe to rejects the whole update.
+    pub fn apply(
+        &mut self,
+        update: &Update,
+        bad: &mut Vec<(String, String)>,
+    ) -> Result<(), Rejected> {
+        match update.type_url.as_str() {
+            ADDRESS_TYPE_URL => apply_addresses(
+                &mut self.workloads,
+                &mut self.services,
+                &update.updated,
+                &update.removed,
+                bad,
+            ),
+            AUTHORIZATION_TYPE_URL => {
+                for r in &update.updated {
+                    match authorization(&r.name, &r.body) {
+                        Ok(p) => {
+                            self.policies.insert(r.name.clone(), Arc::new(p));
+                        }
+                        Err(e) => bad.push((r.name.clone(), e)),
+                    }
+                }
+                for name in &update.removed {
+                    self.policies.remove(name);
+                }
+            }
+            other => {
+                return Err(Rejected {
+                    names: all_names(update),
+                    message: format!("unexpected type {other}"),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The names held of `type_url` (Address: workloads and services).
+    pub fn names(&self, type_url: &str) -> Vec<String> {
+        match type_url {
+            ADDRESS_TYPE_URL => self
+                .workloads
+                .keys()
+                .chain(self.services.keys())
+                .cloned()
+                .collect(),
+            AUTHORIZATION_TYPE_URL => self.policies.keys().cloned().collect(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// The state these resources make; an error when they conflict with each other.
+    pub fn state(&self) -> Result<State, StateError> {
+        State::from_shared(
+            self.workloads.values().cloned().collect(),
+            self.services.values().cloned().collect(),
+            self.policies.values().cloned().collect(),
+        )
+    }
+}
+
 /// The resources currently held, by name; unchanged ones are carried into each new snapshot.
 pub struct XdsHandler {
     node: Arc<Node>,
     tx: watch::Sender<Arc<State>>,
-    workloads: HashMap<String, Arc<Workload>>,
-    services: HashMap<String, Arc<Service>>,
-    policies: HashMap<String, Arc<Authorization>>,
+    held: Held,
     synced: HashSet<String>,
 }
 
@@ -35,9 +106,7 @@ impl XdsHandler {
         XdsHandler {
             node,
             tx,
-            workloads: HashMap::new(),
-            services: HashMap::new(),
-            policies: HashMap::new(),
+            held: Held::default(),
             synced: HashSet::new(),
         }
     }
@@ -55,44 +124,10 @@ fn all_names(update: &Update) -> Vec<String> {
 
 impl Handler for XdsHandler {
     fn apply(&mut self, update: Update) -> Result<(), Rejected> {
-        let mut workloads = self.workloads.clone();
-        let mut services = self.services.clone();
-        let mut policies = self.policies.clone();
+        let mut held = self.held.clone();
         let mut bad: Vec<(String, String)> = Vec::new();
-        match update.type_url.as_str() {
-            ADDRESS_TYPE_URL => apply_addresses(
-                &mut workloads,
-                &mut services,
-                &update.updated,
-                &update.removed,
-                &mut bad,
-            ),
-            AUTHORIZATION_TYPE_URL => {
-                for r in &update.updated {
-                    match authorization(&r.name, &r.body) {
-                        Ok(p) => {
-                            policies.insert(r.name.clone(), Arc::new(p));
-                        }
-                        Err(e) => bad.push((r.name.clone(), e)),
-                    }
-                }
-                for name in &update.removed {
-                    policies.remove(name);
-                }
-            }
-            other => {
-                return Err(Rejected {
-                    names: all_names(&update),
-                    message: format!("unexpected type {other}"),
-                });
-            }
-        }
-        let state = State::from_shared(
-            workloads.values().cloned().collect(),
-            services.values().cloned().collect(),
-            policies.values().cloned().collect(),
-        );
-        let state = match state {
+        held.apply(&update, &mut bad)?;
+        let state = match held.state() {
             Ok(s) => s,
             Err(e) => {
                 // The resources conflict with each other: keep everything as it was, removals
@@ -103,9 +138,7 @@ impl Handler for XdsHandler {
                 });
             }
         };
-        self.workloads = workloads;
-        self.services = services;
-        self.policies = policies;
+        self.held = held;
         self.tx.send_replace(Arc::new(state));
         info!(
             type_url = %update.type_url,

@@ -28,7 +28,7 @@ use tokio_stream::wrappers::ReceiverStream;
 type Body = BoxBody<Bytes, Infallible>;
 
 /// The kinds served: (apiVersion, kind, collection path across namespaces, namespaced).
-pub const KINDS: [(&str, &str, &str, bool); 11] = [
+pub const KINDS: [(&str, &str, &str, bool); 12] = [
     ("v1", "Namespace", "/api/v1/namespaces", false),
     ("v1", "ConfigMap", "/api/v1/configmaps", true),
     ("v1", "Pod", "/api/v1/pods", true),
@@ -49,6 +49,12 @@ pub const KINDS: [(&str, &str, &str, bool); 11] = [
         "networking.istio.io/v1",
         "DestinationRule",
         "/apis/networking.istio.io/v1/destinationrules",
+        true,
+    ),
+    (
+        "networking.istio.io/v1",
+        "ServiceEntry",
+        "/apis/networking.istio.io/v1/serviceentries",
         true,
     ),
     (

@@ -37,6 +37,8 @@ pub struct Snapshot {
     pub grpc_routes: BTreeMap<Key, crate::gateway_api::Route>,
     #[serde(serialize_with = "by_name")]
     pub reference_grants: BTreeMap<Key, crate::reference_grant::ReferenceGrant>,
+    #[serde(serialize_with = "by_name")]
+    pub service_entries: BTreeMap<Key, crate::service_entry::ServiceEntry>,
     /// Invalid objects and conflicts, each naming file, object and field.
     pub problems: Vec<Problem>,
     /// Where each object came from, by kind and key: for problems found after parsing.
@@ -95,6 +97,9 @@ impl Snapshot {
                 Object::ReferenceGrant(o) => {
                     s.reference_grants.insert(key, o);
                 }
+                Object::ServiceEntry(o) => {
+                    s.service_entries.insert(key, o);
+                }
             }
         }
         // A route to a subset nobody defines would send traffic nowhere: leave the
@@ -151,6 +156,9 @@ impl Snapshot {
                 "GRPCRoute" => restore(&mut self.grpc_routes, &previous.grpc_routes, &key),
                 "ReferenceGrant" => {
                     restore(&mut self.reference_grants, &previous.reference_grants, &key)
+                }
+                "ServiceEntry" => {
+                    restore(&mut self.service_entries, &previous.service_entries, &key)
                 }
                 _ => false,
             };

@@ -15,6 +15,10 @@ pub const USE_WAYPOINT: &str = "istio.io/use-waypoint";
 pub const USE_WAYPOINT_NAMESPACE: &str = "istio.io/use-waypoint-namespace";
 /// Annotation that makes an AuthorizationPolicy dry-run.
 pub const DRY_RUN: &str = "istio.io/dry-run";
+/// Pod label saying the workload speaks HBONE itself (value `http`, Istio's
+/// `networking.istio.io/tunnel`): it is sent as an HBONE workload whether or not it is in
+/// ambient mode (e.g. a proxy of its own, on a node without ztunnel).
+pub const TUNNEL: &str = "networking.istio.io/tunnel";
 
 /// Where an object came from and which one it is, for problem reports.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
@@ -208,6 +212,7 @@ pub enum Object {
     HttpRoute(crate::gateway_api::Route),
     GrpcRoute(crate::gateway_api::Route),
     ReferenceGrant(crate::reference_grant::ReferenceGrant),
+    ServiceEntry(crate::service_entry::ServiceEntry),
 }
 
 /// Serialize what an `Arc` points to (serde's `rc` feature is not on).
@@ -230,6 +235,7 @@ impl Object {
             Object::Gateway(o) => &o.meta,
             Object::HttpRoute(o) | Object::GrpcRoute(o) => &o.meta,
             Object::ReferenceGrant(o) => &o.meta,
+            Object::ServiceEntry(o) => &o.meta,
         }
     }
 
@@ -245,6 +251,7 @@ impl Object {
             Object::HttpRoute(_) => "HTTPRoute",
             Object::GrpcRoute(_) => "GRPCRoute",
             Object::ReferenceGrant(_) => "ReferenceGrant",
+            Object::ServiceEntry(_) => "ServiceEntry",
         }
     }
 }
@@ -326,7 +333,10 @@ pub fn parse_object(value: Value, origin: Origin) -> Result<Option<(Origin, Obje
         (group, kind.as_str()),
         ("", "Namespace" | "Pod" | "Service")
             | ("security.istio.io", "AuthorizationPolicy")
-            | ("networking.istio.io", "VirtualService" | "DestinationRule")
+            | (
+                "networking.istio.io",
+                "VirtualService" | "DestinationRule" | "ServiceEntry"
+            )
             | (
                 "gateway.networking.k8s.io",
                 "Gateway" | "HTTPRoute" | "GRPCRoute" | "ReferenceGrant"
@@ -415,6 +425,9 @@ pub fn parse_object(value: Value, origin: Origin) -> Result<Option<(Origin, Obje
         "ReferenceGrant" => Object::ReferenceGrant(crate::reference_grant::reference_grant(
             &origin, meta, spec,
         )?),
+        "ServiceEntry" => {
+            Object::ServiceEntry(crate::service_entry::service_entry(&origin, meta, spec)?)
+        }
         _ => return Ok(None),
     };
     Ok(Some((origin, object)))
@@ -455,7 +468,7 @@ fn dns_label(origin: &Origin, field: &str, value: &str, strict: bool) -> Result<
 }
 
 /// Deserialize a part of an object, naming the field in errors.
-fn typed<T: serde::de::DeserializeOwned + Default>(
+pub(crate) fn typed<T: serde::de::DeserializeOwned + Default>(
     origin: &Origin,
     field: &str,
     value: Value,
@@ -466,13 +479,13 @@ fn typed<T: serde::de::DeserializeOwned + Default>(
     serde_yaml_ng::from_value(value).map_err(|e| origin.problem(field, e.to_string()))
 }
 
-fn ip(origin: &Origin, field: &str, value: &str) -> Result<IpAddr, Problem> {
+pub(crate) fn ip(origin: &Origin, field: &str, value: &str) -> Result<IpAddr, Problem> {
     value
         .parse()
         .map_err(|_| origin.problem(field, format!("{value:?} is not an IP address")))
 }
 
-fn port(origin: &Origin, field: &str, value: i64) -> Result<u16, Problem> {
+pub(crate) fn port(origin: &Origin, field: &str, value: i64) -> Result<u16, Problem> {
     match u16::try_from(value) {
         Ok(p) if p != 0 => Ok(p),
         _ => Err(origin.problem(field, format!("{value} is not a port (1-65535)"))),

@@ -11,7 +11,7 @@ use prost::Message;
 
 use crate::k8s::{
     AuthorizationPolicy, DATAPLANE_MODE, Operation, Pod, PolicyAction, PolicyRule, Problem,
-    Service, ServicePort, Source, TargetPort, USE_WAYPOINT, USE_WAYPOINT_NAMESPACE,
+    Service, ServicePort, Source, TUNNEL, TargetPort, USE_WAYPOINT, USE_WAYPOINT_NAMESPACE,
 };
 use crate::model::Snapshot;
 
@@ -260,6 +260,7 @@ fn translate_with(s: &Snapshot, o: &MeshOptions, previous: Option<&Reuse>) -> (T
     let previous = previous.filter(|p| {
         p.snapshot.namespaces == s.namespaces
             && p.snapshot.gateways == s.gateways
+            && p.snapshot.service_entries == s.service_entries
             && p.label_keys == label_keys
             && p.snapshot.pods.len() == p.pods.len()
             && p.snapshot.services.len() == p.services.len()
@@ -291,6 +292,7 @@ fn translate_with(s: &Snapshot, o: &MeshOptions, previous: Option<&Reuse>) -> (T
         for ip in &svc.cluster_ips {
             if let Some(prev) = ip_owner.get(ip) {
                 t.problems.push(conflict(
+                    s,
                     "Service",
                     &svc.meta,
                     "spec.clusterIP",
@@ -320,6 +322,48 @@ fn translate_with(s: &Snapshot, o: &MeshOptions, previous: Option<&Reuse>) -> (T
             .insert(resource.name.clone(), resource.clone());
         services_out.push(Some(resource));
     }
+    // ServiceEntries after Services: a Kubernetes Service owns its hostname and VIPs.
+    for se in s.service_entries.values() {
+        if let Some(ip) = se.addresses.iter().find(|ip| ip_owner.contains_key(*ip)) {
+            let prev = owner(&ip_owner[ip]);
+            t.problems.push(conflict(
+                s,
+                "ServiceEntry",
+                &se.meta,
+                "spec.addresses",
+                ip,
+                &prev,
+            ));
+            continue;
+        }
+        for ip in &se.addresses {
+            ip_owner.insert(*ip, ("ServiceEntry", &se.meta));
+        }
+        for (i, host) in se.hosts.iter().enumerate() {
+            let name = format!("{}/{host}", se.meta.namespace);
+            if t.resources.addresses.contains_key(&name) {
+                t.problems.push(Problem {
+                    file: s
+                        .file_of(
+                            "ServiceEntry",
+                            &(se.meta.namespace.clone(), se.meta.name.clone()),
+                        )
+                        .to_string(),
+                    object: format!("ServiceEntry {}/{}", se.meta.namespace, se.meta.name),
+                    field: format!("spec.hosts[{i}]"),
+                    reason: format!("{host} is already a service of this namespace; left out"),
+                });
+                continue;
+            }
+            let address = pb::Address {
+                r#type: Some(pb::address::Type::Service(se.service(host))),
+            };
+            let resource = Resource::address(name, &address);
+            t.resources
+                .addresses
+                .insert(resource.name.clone(), resource);
+        }
+    }
     for (key, pod) in &s.pods {
         let reused = step(&mut prev_pods, key)
             .filter(|(prev, _)| *prev == pod && !dirty.contains(pod.meta.namespace.as_str()))
@@ -334,8 +378,14 @@ fn translate_with(s: &Snapshot, o: &MeshOptions, previous: Option<&Reuse>) -> (T
             .iter()
             .find_map(|ip| ip_owner.get(ip).map(|prev| (ip, prev)))
         {
-            t.problems
-                .push(conflict("Pod", &pod.meta, "status.podIP", ip, &owner(prev)));
+            t.problems.push(conflict(
+                s,
+                "Pod",
+                &pod.meta,
+                "status.podIP",
+                ip,
+                &owner(prev),
+            ));
             pods_out.push(None);
             continue;
         }
@@ -369,9 +419,18 @@ fn translate_with(s: &Snapshot, o: &MeshOptions, previous: Option<&Reuse>) -> (T
     (t, reuse)
 }
 
-fn conflict(kind: &str, meta: &crate::k8s::Meta, field: &str, ip: &IpAddr, prev: &str) -> Problem {
+fn conflict(
+    s: &Snapshot,
+    kind: &'static str,
+    meta: &crate::k8s::Meta,
+    field: &str,
+    ip: &IpAddr,
+    prev: &str,
+) -> Problem {
     Problem {
-        file: String::new(),
+        file: s
+            .file_of(kind, &(meta.namespace.clone(), meta.name.clone()))
+            .to_string(),
         object: format!("{kind} {}/{}", meta.namespace, meta.name),
         field: field.into(),
         reason: format!("{ip} is already used by {prev}; left out"),
@@ -539,7 +598,8 @@ pub fn source_label_keys(s: &Snapshot) -> BTreeSet<String> {
     keys
 }
 
-fn in_ambient(s: &Snapshot, pod: &Pod) -> bool {
+/// Whether `pod` is in ambient mode: its own `istio.io/dataplane-mode`, else its namespace's.
+pub fn in_ambient(s: &Snapshot, pod: &Pod) -> bool {
     match pod.meta.labels.get(DATAPLANE_MODE).map(String::as_str) {
         Some("none") => false,
         Some("ambient") => true,
@@ -600,12 +660,24 @@ fn workload(
             pb::PortList { ports },
         );
     }
+    // The ServiceEntries of its namespace that select it.
+    for se in s
+        .service_entries
+        .range((ns.clone(), String::new())..)
+        .take_while(|((n, _), _)| n == ns)
+        .map(|(_, se)| se)
+        .filter(|se| se.selects(pod))
+    {
+        services.extend(se.endpoint_ports());
+    }
     let authorization_policies: Vec<String> = selecting
         .iter()
         .filter(|(p, _)| &p.meta.namespace == ns)
         .filter(|(p, _)| p.selector.as_ref().is_some_and(|sel| selects(sel, labels)))
         .map(|(_, k)| k.clone())
         .collect();
+    // As Istio: a pod that terminates HBONE itself says so with this label.
+    let native_tunnel = labels.get(TUNNEL).is_some_and(|v| v == "http");
     let healthy =
         pod.ready != Some(false) && pod.phase.as_deref().is_none_or(|phase| phase == "Running");
     let (workload_type, workload_name) = match &pod.owner {
@@ -653,7 +725,7 @@ fn workload(
         addresses: pod.ips.iter().map(ip_bytes).collect(),
         hostname: String::new(),
         network: String::new(),
-        tunnel_protocol: if in_ambient(s, pod) {
+        tunnel_protocol: if in_ambient(s, pod) || native_tunnel {
             pb::TunnelProtocol::Hbone
         } else {
             pb::TunnelProtocol::None
@@ -672,7 +744,7 @@ fn workload(
         canonical_revision,
         workload_type: workload_type as i32,
         workload_name,
-        native_tunnel: false,
+        native_tunnel,
         services,
         authorization_policies,
         status: if healthy {
@@ -1238,6 +1310,30 @@ spec: {targetRefs: [{kind: Gateway, name: waypoint}]}
                 ("version".to_string(), "v1".to_string())
             ]
         );
+    }
+
+    #[test]
+    fn tunnel_protocol_from_ambient_mode_or_the_tunnel_label() {
+        let text = "apiVersion: v1\nkind: Namespace\nmetadata: {name: a, labels: {istio.io/dataplane-mode: ambient}}\n---\n\
+            apiVersion: v1\nkind: Pod\nmetadata: {name: in, namespace: a}\nspec: {nodeName: n1}\nstatus: {podIP: 10.0.0.1}\n---\n\
+            apiVersion: v1\nkind: Pod\nmetadata: {name: out, namespace: a, labels: {istio.io/dataplane-mode: none}}\nstatus: {podIP: 10.0.0.2}\n---\n\
+            apiVersion: v1\nkind: Pod\nmetadata: {name: own, namespace: b, labels: {networking.istio.io/tunnel: http}}\nspec: {nodeName: vm}\nstatus: {podIP: 10.0.0.3}\n";
+        let t = translate(&snapshot(text), &MeshOptions::default());
+        let workload = |name: &str| {
+            let r = &t.resources.addresses[&format!("Kubernetes//Pod/{name}")];
+            let Some(pb::address::Type::Workload(w)) =
+                pb::Address::decode(r.body.clone()).unwrap().r#type
+            else {
+                panic!("{name} is not a workload")
+            };
+            (
+                pb::TunnelProtocol::try_from(w.tunnel_protocol).unwrap(),
+                w.native_tunnel,
+            )
+        };
+        assert_eq!(workload("a/in"), (pb::TunnelProtocol::Hbone, false));
+        assert_eq!(workload("a/out"), (pb::TunnelProtocol::None, false));
+        assert_eq!(workload("b/own"), (pb::TunnelProtocol::Hbone, true));
     }
 
     #[test]

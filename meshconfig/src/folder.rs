@@ -18,7 +18,8 @@ pub const POLL: Duration = Duration::from_millis(50);
 pub const DEBOUNCE: Duration = Duration::from_millis(100);
 
 /// Read every `*.yaml` / `*.yml` under `dir` (recursively, in path order) into a snapshot.
-/// Problems in one object never keep the others out.
+/// Problems in one object never keep the others out. A `dir` that is a file is read as the
+/// folder's only file, whatever its name.
 pub fn load(dir: &Path) -> Snapshot {
     ParseCache::default().load(dir)
 }
@@ -41,11 +42,11 @@ impl ParseCache {
         let mut present = HashSet::new();
         self.parsed_last = 0;
         for path in yaml_files(dir) {
-            let name = path
-                .strip_prefix(dir)
-                .unwrap_or(&path)
-                .display()
-                .to_string();
+            let name = match path.strip_prefix(dir) {
+                Ok(rel) if !rel.as_os_str().is_empty() => rel.display().to_string(),
+                // `dir` is the file itself: problems name it as given.
+                _ => path.display().to_string(),
+            };
             let meta = std::fs::metadata(&path).ok();
             let mtime = meta.as_ref().and_then(|m| m.modified().ok());
             let len = meta.map(|m| m.len()).unwrap_or(0);
@@ -85,6 +86,9 @@ impl ParseCache {
 }
 
 fn yaml_files(dir: &Path) -> Vec<PathBuf> {
+    if dir.is_file() {
+        return vec![dir.to_path_buf()];
+    }
     let mut out = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
@@ -247,6 +251,25 @@ mod tests {
         assert_eq!(snap.problems[0].file, "sub/b.yml");
         assert_eq!(snap.problems[0].object, "Pod default/B");
         task.abort();
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_file_is_a_folder_of_one() {
+        let dir = std::env::temp_dir().join(format!("pilot-folder-{}", fastrand::u64(..)));
+        std::fs::create_dir_all(&dir).unwrap();
+        // Any name: the file is what was given.
+        let file = dir.join("mesh.conf");
+        std::fs::write(
+            &file,
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: a}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: A}\n",
+        )
+        .unwrap();
+        let snap = load(&file);
+        assert_eq!(snap.pods.len(), 1);
+        assert_eq!(snap.problems.len(), 1, "{:?}", snap.problems);
+        assert_eq!(snap.problems[0].file, file.display().to_string());
+        assert_eq!(fingerprint(&file).len(), 1);
         std::fs::remove_dir_all(dir).unwrap();
     }
 
