@@ -6,6 +6,7 @@ pub mod authorization;
 pub mod claims;
 pub mod config_file;
 pub mod dns;
+pub mod handover;
 pub mod inbound;
 pub mod inpod;
 pub mod metrics;

@@ -69,6 +69,8 @@ struct Inner {
     pods_dir: PathBuf,
     /// Netns cookie of each pod enrolled by this process, by uid.
     cookies: Mutex<StdHashMap<String, u64>>,
+    /// The symlink naming the instance that owns the pinned state (see [`Owner`]).
+    owner: Owner,
 }
 
 impl Ebpf {
@@ -108,6 +110,8 @@ impl Ebpf {
         let pods_dir = pin_dir.join("pods");
         std::fs::create_dir_all(&pods_dir)
             .map_err(|e| format!("creating the pin directory {}: {e}", pods_dir.display()))?;
+        // From now on a predecessor still running (an upgrade) leaves the sweeping to us.
+        let owner = Owner::take(&pin_dir)?;
 
         // aya wants the object 4-byte aligned.
         let aligned: Vec<u32> = object
@@ -190,6 +194,7 @@ impl Ebpf {
                 config: Mutex::new(config),
                 pods_dir,
                 cookies: Mutex::default(),
+                owner,
             }),
         };
         ebpf.set_config_log_level(settings.log_level);
@@ -425,6 +430,11 @@ impl Redirector for Ebpf {
 
     fn retain(&self, enrolled: &[String], pending: &[String]) {
         let inner = &self.inner;
+        // A successor has started (an upgrade): its pods' pins and entries are its own, and
+        // this instance's view of the mesh may lag behind its view.
+        if !inner.owner.still_ours() {
+            return;
+        }
         let keep: HashSet<&str> = enrolled.iter().chain(pending).map(String::as_str).collect();
         if let Ok(entries) = std::fs::read_dir(&inner.pods_dir) {
             for e in entries.flatten() {
@@ -459,6 +469,59 @@ impl Redirector for Ebpf {
             debug!(cookie, "removing a stale enrolled-map entry");
             let _ = map.remove(&cookie);
         }
+    }
+}
+
+/// Which ztunnel owns the pinned state: the symlink `<pin dir>/owner`, pointing at a token of
+/// the instance that started last (bpffs holds directories and symlinks besides pins, no plain
+/// files). Two instances run side by side during an upgrade; only the owner sweeps state of
+/// pods it does not know, so the old one, draining or with a view of the mesh a moment
+/// behind, never removes what the new one set up.
+struct Owner {
+    link: PathBuf,
+    token: String,
+    /// Set once the owner link names someone else; never cleared (a newer instance does not
+    /// hand back).
+    superseded: std::sync::atomic::AtomicBool,
+}
+
+impl Owner {
+    /// Point `<pin_dir>/owner` at a token of this process, replacing any previous owner in one
+    /// step (a symlink made beside it, renamed over it).
+    fn take(pin_dir: &Path) -> Result<Owner, String> {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        let token = format!("{}-{nanos}", std::process::id());
+        let link = pin_dir.join("owner");
+        let tmp = pin_dir.join(format!("owner.{token}"));
+        let _ = std::fs::remove_file(&tmp);
+        std::os::unix::fs::symlink(&token, &tmp)
+            .and_then(|()| std::fs::rename(&tmp, &link))
+            .map_err(|e| format!("marking {} as this instance's: {e}", link.display()))?;
+        Ok(Owner {
+            link,
+            token,
+            superseded: Default::default(),
+        })
+    }
+
+    fn still_ours(&self) -> bool {
+        use std::sync::atomic::Ordering;
+        if self.superseded.load(Ordering::Relaxed) {
+            return false;
+        }
+        let current = std::fs::read_link(&self.link).ok();
+        if current.as_deref() == Some(Path::new(&self.token)) {
+            return true;
+        }
+        self.superseded.store(true, Ordering::Relaxed);
+        info!(
+            owner = ?current,
+            "a newer ztunnel owns the pinned eBPF state: this one no longer removes capture of pods it does not know"
+        );
+        false
     }
 }
 
@@ -576,6 +639,25 @@ mod tests {
         assert_eq!(orig_addr(&o), "[fd00::1]:8080".parse().unwrap());
         o.addr = "::ffff:10.244.2.10".parse::<Ipv6Addr>().unwrap().octets();
         assert_eq!(orig_addr(&o), "10.244.2.10:8080".parse().unwrap());
+    }
+
+    #[test]
+    fn the_instance_started_last_owns_the_pins() {
+        let dir = std::env::temp_dir().join(format!("pin-owner-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let old = Owner::take(&dir).unwrap();
+        assert!(old.still_ours());
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        let new = Owner::take(&dir).unwrap();
+        assert!(new.still_ours());
+        assert!(!old.still_ours(), "the predecessor stops sweeping");
+        // Only the link is left, no temporary one.
+        let names: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("owner")]);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
