@@ -472,37 +472,45 @@ impl Redirector for Ebpf {
     }
 }
 
-/// Which ztunnel owns the pinned state: the symlink `<pin dir>/owner`, pointing at a token of
-/// the instance that started last (bpffs holds directories and symlinks besides pins, no plain
-/// files). Two instances run side by side during an upgrade; only the owner sweeps state of
-/// pods it does not know, so the old one, draining or with a view of the mesh a moment
-/// behind, never removes what the new one set up.
+/// Which ztunnel owns the pinned state: the one whose directory `<pin dir>/owner-<token>`
+/// exists (bpffs holds directories besides pins, but no plain files nor symlinks). Each
+/// instance makes its own at start and removes the others', so the one started last owns it.
+/// Two instances run side by side during an upgrade; only the owner sweeps state of pods it
+/// does not know, so the old one, draining or with a view of the mesh a moment behind, never
+/// removes what the new one set up. (Two starting at the same moment may each remove the
+/// other's: then neither sweeps, which is safe; the sweep is only clean-up.)
 struct Owner {
-    link: PathBuf,
-    token: String,
-    /// Set once the owner link names someone else; never cleared (a newer instance does not
-    /// hand back).
+    dir: PathBuf,
+    /// Set once the directory is gone; never cleared (a newer instance does not hand back).
     superseded: std::sync::atomic::AtomicBool,
 }
 
+const OWNER_PREFIX: &str = "owner-";
+
 impl Owner {
-    /// Point `<pin_dir>/owner` at a token of this process, replacing any previous owner in one
-    /// step (a symlink made beside it, renamed over it).
     fn take(pin_dir: &Path) -> Result<Owner, String> {
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos())
             .unwrap_or(0);
-        let token = format!("{}-{nanos}", std::process::id());
-        let link = pin_dir.join("owner");
-        let tmp = pin_dir.join(format!("owner.{token}"));
-        let _ = std::fs::remove_file(&tmp);
-        std::os::unix::fs::symlink(&token, &tmp)
-            .and_then(|()| std::fs::rename(&tmp, &link))
-            .map_err(|e| format!("marking {} as this instance's: {e}", link.display()))?;
+        let name = format!("{OWNER_PREFIX}{}-{nanos}", std::process::id());
+        let dir = pin_dir.join(&name);
+        std::fs::create_dir(&dir).map_err(|e| {
+            format!(
+                "marking the pins as this instance's ({}): {e}",
+                dir.display()
+            )
+        })?;
+        let entries = std::fs::read_dir(pin_dir)
+            .map_err(|e| format!("reading {}: {e}", pin_dir.display()))?;
+        for e in entries.flatten() {
+            let other = e.file_name().to_string_lossy().to_string();
+            if other.starts_with(OWNER_PREFIX) && other != name {
+                let _ = std::fs::remove_dir(e.path());
+            }
+        }
         Ok(Owner {
-            link,
-            token,
+            dir,
             superseded: Default::default(),
         })
     }
@@ -512,13 +520,11 @@ impl Owner {
         if self.superseded.load(Ordering::Relaxed) {
             return false;
         }
-        let current = std::fs::read_link(&self.link).ok();
-        if current.as_deref() == Some(Path::new(&self.token)) {
+        if self.dir.is_dir() {
             return true;
         }
         self.superseded.store(true, Ordering::Relaxed);
         info!(
-            owner = ?current,
             "a newer ztunnel owns the pinned eBPF state: this one no longer removes capture of pods it does not know"
         );
         false
@@ -651,12 +657,12 @@ mod tests {
         let new = Owner::take(&dir).unwrap();
         assert!(new.still_ours());
         assert!(!old.still_ours(), "the predecessor stops sweeping");
-        // Only the link is left, no temporary one.
+        // Only the newest one's mark is left.
         let names: Vec<_> = std::fs::read_dir(&dir)
             .unwrap()
-            .map(|e| e.unwrap().file_name())
+            .map(|e| e.unwrap().path())
             .collect();
-        assert_eq!(names, vec![std::ffi::OsString::from("owner")]);
+        assert_eq!(names, vec![new.dir.clone()]);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -1,0 +1,367 @@
+//! Upgrading ztunnel without resetting a connection, end to end on the test bed: each node's
+//! ztunnel is replaced as a DaemonSet rolling update with `maxSurge: 1` does it (the new one
+//! starts beside the old one and becomes ready, then the old one gets SIGTERM) while mesh
+//! traffic runs both ways between the nodes: long-lived connections exchanging every 100 ms,
+//! 50 new connections a second and 10 HTTP requests a second. Nothing may fail.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use testbed::Testbed;
+use testbed::cluster::{
+    Cluster, ClusterSpec, ECHO_PORT, HTTP_PORT, HttpAnswer, PodDef, PodDialer, exchange_on,
+};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+
+fn root_or_skip() -> bool {
+    match Testbed::check_privileges() {
+        Ok(()) => true,
+        Err(e) => {
+            eprintln!("skipping: {e}");
+            false
+        }
+    }
+}
+
+/// Long-lived connections per direction.
+const LONG_LIVED: usize = 3;
+/// New short connections a second (both directions together).
+const SHORT_PER_SECOND: u64 = 50;
+/// HTTP requests a second (both directions together), each on a new connection.
+const HTTP_PER_SECOND: u64 = 10;
+
+/// What the traffic saw; every failure is kept with its reason.
+#[derive(Default)]
+struct Tally {
+    short_ok: AtomicU64,
+    http_ok: AtomicU64,
+    failures: Mutex<Vec<String>>,
+}
+
+impl Tally {
+    fn fail(&self, what: String) {
+        eprintln!("FAILED: {what}");
+        if let Ok(mut f) = self.failures.lock() {
+            f.push(what);
+        }
+    }
+}
+
+/// One long-lived connection: the echo's greeting, then 8 bytes out and back every 100 ms
+/// until `stop`, then a clean close. `exchanges` counts the round trips.
+async fn long_lived(
+    from: PodDialer,
+    dst: SocketAddr,
+    stop: Arc<AtomicBool>,
+    exchanges: Arc<AtomicU64>,
+) -> Result<(), String> {
+    let s = from
+        .connect(dst)
+        .await
+        .map_err(|e| format!("connecting: {e:#}"))?;
+    let mut s = BufReader::new(s);
+    let mut greeting = String::new();
+    s.read_line(&mut greeting)
+        .await
+        .map_err(|e| format!("greeting: {e}"))?;
+    if !greeting.starts_with("pod=") {
+        return Err(format!("unexpected greeting {greeting:?}"));
+    }
+    let mut n: u64 = 0;
+    while !stop.load(Ordering::Relaxed) {
+        let out = n.to_be_bytes();
+        s.get_mut()
+            .write_all(&out)
+            .await
+            .map_err(|e| format!("after {n} exchanges, writing: {e}"))?;
+        let mut back = [0u8; 8];
+        tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut back))
+            .await
+            .map_err(|_| format!("after {n} exchanges, no echo within 5 s"))?
+            .map_err(|e| format!("after {n} exchanges, reading: {e}"))?;
+        if back != out {
+            return Err(format!("after {n} exchanges, echoed {back:?} for {out:?}"));
+        }
+        n += 1;
+        exchanges.fetch_add(1, Ordering::Relaxed);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    s.get_mut()
+        .shutdown()
+        .await
+        .map_err(|e| format!("closing: {e}"))?;
+    let mut rest = vec![];
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest))
+        .await
+        .map_err(|_| "no end of stream within 5 s of closing".to_string())?
+        .map_err(|e| format!("reading the end of stream: {e}"))?;
+    if !rest.is_empty() {
+        return Err(format!("{} unexpected bytes at the end", rest.len()));
+    }
+    Ok(())
+}
+
+/// One short connection: greeting and echo of a payload, then closed.
+async fn short(from: &PodDialer, dst: SocketAddr, n: u64) -> Result<(), String> {
+    let payload = format!("short {n}");
+    let s = from.connect(dst).await.map_err(|e| format!("{e:#}"))?;
+    let answer = exchange_on(s, payload.as_bytes())
+        .await
+        .map_err(|e| format!("{e:#}"))?;
+    let text = String::from_utf8_lossy(&answer);
+    if text.starts_with("pod=") && text.ends_with(&payload) {
+        Ok(())
+    } else {
+        Err(format!("unexpected answer {text:?}"))
+    }
+}
+
+/// One HTTP/1.1 request on a new connection to the HTTP echo app.
+async fn http(from: &PodDialer, dst: SocketAddr) -> Result<(), String> {
+    let s = from.connect(dst).await.map_err(|e| format!("{e:#}"))?;
+    let req = format!("GET /upgrade HTTP/1.1\r\nHost: {dst}\r\nConnection: close\r\n\r\n");
+    let raw = exchange_on(s, req.as_bytes())
+        .await
+        .map_err(|e| format!("{e:#}"))?;
+    let answer = HttpAnswer::parse(&raw).map_err(|e| format!("{e:#}"))?;
+    match answer.status {
+        200 => Ok(()),
+        s => Err(format!("status {s}")),
+    }
+}
+
+/// Start `per_second` operations a second until `stop`, alternating over `routes`, each in a
+/// task of its own so a slow one does not slow the rate.
+fn steady<F, Fut>(
+    routes: Vec<(PodDialer, SocketAddr)>,
+    per_second: u64,
+    stop: Arc<AtomicBool>,
+    op: F,
+) -> tokio::task::JoinHandle<()>
+where
+    F: Fn(PodDialer, SocketAddr, u64) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / per_second));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut tasks = vec![];
+        let mut n = 0u64;
+        while !stop.load(Ordering::Relaxed) {
+            tick.tick().await;
+            let (from, dst) = routes[(n % routes.len() as u64) as usize].clone();
+            tasks.push(tokio::spawn(op(from, dst, n)));
+            n += 1;
+        }
+        for t in tasks {
+            let _ = t.await;
+        }
+    })
+}
+
+async fn opened(c: &Cluster, node: usize) -> f64 {
+    c.metric(node, "istio_tcp_connections_opened_total", &[])
+        .await
+        .unwrap()
+}
+
+async fn opened_by_predecessor(c: &Cluster, node: usize) -> f64 {
+    c.predecessor_metric(node, "istio_tcp_connections_opened_total", &[])
+        .await
+        .unwrap()
+}
+
+async fn upgrade_resets_nothing(redirect: &str) {
+    let spec = ClusterSpec {
+        nodes: 2,
+        pods: vec![
+            PodDef::new("left", "left", 0, true),
+            PodDef::new("right", "right", 1, true),
+        ],
+        // The old ztunnels keep the long-lived connections until the test closes them.
+        ztunnel_args: vec![
+            "--redirect".into(),
+            redirect.into(),
+            "--drain-timeout".into(),
+            "120s".into(),
+        ],
+        ..Default::default()
+    };
+    let mut c = Cluster::start(spec).await.unwrap();
+    let (left, right) = (c.dialer("left").unwrap(), c.dialer("right").unwrap());
+    let (left_ip, right_ip) = (c.pod_ip("left"), c.pod_ip("right"));
+    let to_left = move |port| SocketAddr::new(left_ip, port);
+    let to_right = move |port| SocketAddr::new(right_ip, port);
+    let echo_routes = vec![
+        (left.clone(), to_right(ECHO_PORT)),
+        (right.clone(), to_left(ECHO_PORT)),
+    ];
+    let http_routes = vec![
+        (left.clone(), to_right(HTTP_PORT)),
+        (right.clone(), to_left(HTTP_PORT)),
+    ];
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let tally = Arc::new(Tally::default());
+    let mut long = vec![];
+    for (from, dst) in echo_routes.iter().cycle().take(2 * LONG_LIVED) {
+        let exchanges = Arc::new(AtomicU64::new(0));
+        let task = tokio::spawn(long_lived(
+            from.clone(),
+            *dst,
+            stop.clone(),
+            exchanges.clone(),
+        ));
+        long.push((*dst, exchanges, task));
+    }
+    let t = tally.clone();
+    let shorts = steady(
+        echo_routes,
+        SHORT_PER_SECOND,
+        stop.clone(),
+        move |from, dst, n| {
+            let t = t.clone();
+            async move {
+                match short(&from, dst, n).await {
+                    Ok(()) => drop(t.short_ok.fetch_add(1, Ordering::Relaxed)),
+                    Err(e) => t.fail(format!("short connection {n} to {dst}: {e}")),
+                }
+            }
+        },
+    );
+    let t = tally.clone();
+    let https = steady(
+        http_routes,
+        HTTP_PER_SECOND,
+        stop.clone(),
+        move |from, dst, n| {
+            let t = t.clone();
+            async move {
+                match http(&from, dst).await {
+                    Ok(()) => drop(t.http_ok.fetch_add(1, Ordering::Relaxed)),
+                    Err(e) => t.fail(format!("HTTP request {n} to {dst}: {e}")),
+                }
+            }
+        },
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let started = Instant::now();
+
+    // Node 1 (right), then node 0 (left), as a DaemonSet rolling update goes node by node.
+    let mut checks = vec![];
+    for node in [1, 0] {
+        c.start_successor(node).await.unwrap();
+        eprintln!(
+            "node {node}: successor pid {:?} ready beside pid {:?} after {:?}",
+            c.ztunnel_pid(node),
+            c.predecessor_pid(node),
+            started.elapsed()
+        );
+        // Both serve the pods for a while, sharing the listeners.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        c.terminate_predecessor(node).unwrap();
+        // What the old one had accepted before SIGTERM is counted once its handshakes are done.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let old_after_term = opened_by_predecessor(&c, node).await;
+        let new_after_term = opened(&c, node).await;
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let old_later = opened_by_predecessor(&c, node).await;
+        let new_later = opened(&c, node).await;
+        eprintln!(
+            "node {node}: connections opened by the old ztunnel {old_after_term} → {old_later}, by the new one {new_after_term} → {new_later} in the 3 s after SIGTERM + 1 s"
+        );
+        checks.push((node, old_after_term, old_later, new_after_term, new_later));
+    }
+    // Every long-lived connection, opened through the old ztunnels of both nodes, still
+    // exchanges now that both nodes run the new ones.
+    let before: Vec<u64> = long
+        .iter()
+        .map(|(_, e, _)| e.load(Ordering::Relaxed))
+        .collect();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, Ordering::Relaxed);
+    shorts.await.unwrap();
+    https.await.unwrap();
+    let mut long_failed = vec![];
+    for ((dst, exchanges, task), before) in long.into_iter().zip(before) {
+        let total = exchanges.load(Ordering::Relaxed);
+        eprintln!(
+            "long-lived connection to {dst}: {total} exchanges, {} after both upgrades",
+            total - before
+        );
+        match task.await.unwrap() {
+            Ok(()) if total - before >= 10 => {}
+            Ok(()) => long_failed.push(format!(
+                "to {dst}: only {} exchanges after the upgrades",
+                total - before
+            )),
+            Err(e) => long_failed.push(format!("to {dst}: {e}")),
+        }
+    }
+    let failures = tally.failures.lock().unwrap().clone();
+    eprintln!(
+        "{redirect}: {} short connections and {} HTTP requests succeeded, {} failed; {} of {} long-lived connections failed",
+        tally.short_ok.load(Ordering::Relaxed),
+        tally.http_ok.load(Ordering::Relaxed),
+        failures.len(),
+        long_failed.len(),
+        2 * LONG_LIVED,
+    );
+    assert!(long_failed.is_empty(), "{long_failed:#?}");
+    assert!(failures.is_empty(), "{failures:#?}");
+    assert!(
+        tally.short_ok.load(Ordering::Relaxed) >= 10 * SHORT_PER_SECOND,
+        "the steady stream ran"
+    );
+    for (node, old_after_term, old_later, new_after_term, new_later) in checks {
+        assert_eq!(
+            old_after_term, old_later,
+            "node {node}: the old ztunnel took no new connection after SIGTERM"
+        );
+        assert!(
+            new_later - new_after_term >= 20.0,
+            "node {node}: the new ztunnel served the new connections"
+        );
+    }
+    // The old ones exit once the connections they served have ended, not at the deadline.
+    for node in [1, 0] {
+        let log = c.predecessor_log(node).unwrap();
+        let status = c
+            .wait_predecessor(node, Duration::from_secs(20))
+            .await
+            .unwrap();
+        let log = std::fs::read_to_string(log).unwrap();
+        assert!(status.success(), "node {node}: {status}\n{log}");
+        assert!(log.contains("all connections finished"), "{log}");
+        assert!(
+            !log.contains("removing pinned capture") && !log.contains("ERROR"),
+            "{log}"
+        );
+    }
+    // The new ones keep serving.
+    short(&c.dialer("left").unwrap(), to_right(ECHO_PORT), 0)
+        .await
+        .unwrap();
+    short(&c.dialer("right").unwrap(), to_left(ECHO_PORT), 1)
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgrade_with_ebpf_capture_resets_no_connection() {
+    if !root_or_skip() {
+        return;
+    }
+    upgrade_resets_nothing("ebpf").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgrade_with_nftables_capture_resets_no_connection() {
+    if !root_or_skip() {
+        return;
+    }
+    upgrade_resets_nothing("nftables").await;
+}
