@@ -376,14 +376,34 @@ pub struct PodDialer {
 impl PodDialer {
     /// Connect to `dst` from the pod (its capture applies), with a 10 s timeout.
     pub async fn connect(&self, dst: SocketAddr) -> anyhow::Result<TcpStream> {
-        let files = self.files.clone();
+        let dialer = self.clone();
         // A short-lived child process makes the socket: off the async threads.
-        let fd = tokio::task::spawn_blocking(move || {
-            crate::podsocket::create(&files.0, &files.1, dst.is_ipv6(), false, None)
+        let socket = tokio::task::spawn_blocking(move || dialer.socket(dst.is_ipv6())).await??;
+        socket.connect(dst).await
+    }
+
+    /// A socket of the pod, not connected yet (made by a short-lived child process: blocking),
+    /// so that many can be made ahead and connected at one moment.
+    pub fn socket(&self, v6: bool) -> anyhow::Result<PodSocket> {
+        let fd = crate::podsocket::create(&self.files.0, &self.files.1, v6, false, None)
+            .with_context(|| format!("cannot make a socket in pod {}", self.pod))?;
+        Ok(PodSocket {
+            fd,
+            pod: self.pod.clone(),
         })
-        .await?
-        .with_context(|| format!("cannot make a socket in pod {}", self.pod))?;
-        connect_pod_socket(fd, &self.pod, dst).await
+    }
+}
+
+/// A TCP socket made in a pod, not connected yet ([`PodDialer::socket`]).
+pub struct PodSocket {
+    fd: std::os::fd::OwnedFd,
+    pod: String,
+}
+
+impl PodSocket {
+    /// Connect to `dst`, with a 10 s timeout.
+    pub async fn connect(self, dst: SocketAddr) -> anyhow::Result<TcpStream> {
+        connect_pod_socket(self.fd, &self.pod, dst).await
     }
 }
 

@@ -2,7 +2,10 @@
 //! ztunnel is replaced as a DaemonSet rolling update with `maxSurge: 1` does it (the new one
 //! starts beside the old one and becomes ready, then the old one gets SIGTERM) while mesh
 //! traffic runs both ways between the nodes: long-lived connections exchanging every 100 ms,
-//! 50 new connections a second and 10 HTTP requests a second. Nothing may fail.
+//! 50 new connections a second (mesh to mesh, and from a pod outside the mesh into the mesh:
+//! inbound plaintext capture), 10 HTTP requests a second, and at each SIGTERM a burst of 200
+//! connections through the listeners the old ztunnel closes (its pod's 15001 and 15006), so
+//! some are queued on them when they close. Nothing may fail.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -32,12 +35,15 @@ const LONG_LIVED: usize = 3;
 const SHORT_PER_SECOND: u64 = 50;
 /// HTTP requests a second (both directions together), each on a new connection.
 const HTTP_PER_SECOND: u64 = 10;
+/// Connections started within ~20 ms around each SIGTERM.
+const BURST: usize = 200;
 
 /// What the traffic saw; every failure is kept with its reason.
 #[derive(Default)]
 struct Tally {
     short_ok: AtomicU64,
     http_ok: AtomicU64,
+    burst_ok: AtomicU64,
     failures: Mutex<Vec<String>>,
 }
 
@@ -106,8 +112,12 @@ async fn long_lived(
 
 /// One short connection: greeting and echo of a payload, then closed.
 async fn short(from: &PodDialer, dst: SocketAddr, n: u64) -> Result<(), String> {
-    let payload = format!("short {n}");
     let s = from.connect(dst).await.map_err(|e| format!("{e:#}"))?;
+    echoes(s, n).await
+}
+
+async fn echoes(s: tokio::net::TcpStream, n: u64) -> Result<(), String> {
+    let payload = format!("short {n}");
     let answer = exchange_on(s, payload.as_bytes())
         .await
         .map_err(|e| format!("{e:#}"))?;
@@ -162,6 +172,50 @@ where
     })
 }
 
+/// [`BURST`] connections over `routes` (sockets made ahead), SIGTERM to `node`'s old ztunnel a
+/// quarter of the way in; waits for them all.
+async fn burst_around_sigterm(
+    c: &Cluster,
+    node: usize,
+    routes: &[(PodDialer, SocketAddr)],
+    tally: &Arc<Tally>,
+) {
+    let routes = routes.to_vec();
+    let sockets = tokio::task::spawn_blocking(move || {
+        (0..BURST)
+            .map(|i| {
+                let (from, dst) = &routes[i % routes.len()];
+                (from.socket(false).unwrap(), *dst)
+            })
+            .collect::<Vec<_>>()
+    })
+    .await
+    .unwrap();
+    let mut tasks = vec![];
+    for (i, (socket, dst)) in sockets.into_iter().enumerate() {
+        if i == BURST / 4 {
+            c.terminate_predecessor(node).unwrap();
+        }
+        let tally = tally.clone();
+        tasks.push(tokio::spawn(async move {
+            let result = match socket.connect(dst).await {
+                Ok(s) => echoes(s, i as u64).await,
+                Err(e) => Err(format!("{e:#}")),
+            };
+            match result {
+                Ok(()) => drop(tally.burst_ok.fetch_add(1, Ordering::Relaxed)),
+                Err(e) => tally.fail(format!("burst connection {i} to {dst}: {e}")),
+            }
+        }));
+        if i % 10 == 9 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+}
+
 async fn opened(c: &Cluster, node: usize) -> f64 {
     c.metric(node, "istio_tcp_connections_opened_total", &[])
         .await
@@ -179,6 +233,7 @@ async fn upgrade_resets_nothing(redirect: &str) {
         nodes: 2,
         pods: vec![
             PodDef::new("left", "left", 0, true),
+            PodDef::new("outsider", "outsider", 0, false),
             PodDef::new("right", "right", 1, true),
         ],
         // The old ztunnels keep the long-lived connections until the test closes them.
@@ -192,12 +247,30 @@ async fn upgrade_resets_nothing(redirect: &str) {
     };
     let mut c = Cluster::start(spec).await.unwrap();
     let (left, right) = (c.dialer("left").unwrap(), c.dialer("right").unwrap());
+    let outsider = c.dialer("outsider").unwrap();
     let (left_ip, right_ip) = (c.pod_ip("left"), c.pod_ip("right"));
     let to_left = move |port| SocketAddr::new(left_ip, port);
     let to_right = move |port| SocketAddr::new(right_ip, port);
     let echo_routes = vec![
         (left.clone(), to_right(ECHO_PORT)),
         (right.clone(), to_left(ECHO_PORT)),
+    ];
+    // Outside the mesh into it: inbound plaintext capture (15006).
+    let plaintext_routes = vec![
+        (outsider.clone(), to_right(ECHO_PORT)),
+        (outsider.clone(), to_left(ECHO_PORT)),
+    ];
+    // Through the listeners of each node's pod that its old ztunnel closes at SIGTERM: the
+    // pod's outbound 15001, and its inbound 15006.
+    let burst_routes = [
+        vec![
+            (left.clone(), to_right(ECHO_PORT)),
+            (outsider.clone(), to_left(ECHO_PORT)),
+        ],
+        vec![
+            (right.clone(), to_left(ECHO_PORT)),
+            (outsider.clone(), to_right(ECHO_PORT)),
+        ],
     ];
     let http_routes = vec![
         (left.clone(), to_right(HTTP_PORT)),
@@ -219,7 +292,7 @@ async fn upgrade_resets_nothing(redirect: &str) {
     }
     let t = tally.clone();
     let shorts = steady(
-        echo_routes,
+        echo_routes.into_iter().chain(plaintext_routes).collect(),
         SHORT_PER_SECOND,
         stop.clone(),
         move |from, dst, n| {
@@ -262,7 +335,7 @@ async fn upgrade_resets_nothing(redirect: &str) {
         );
         // Both serve the pods for a while, sharing the listeners.
         tokio::time::sleep(Duration::from_secs(2)).await;
-        c.terminate_predecessor(node).unwrap();
+        burst_around_sigterm(&c, node, &burst_routes[node], &tally).await;
         // What the old one had accepted before SIGTERM is counted once its handshakes are done.
         tokio::time::sleep(Duration::from_secs(1)).await;
         let old_after_term = opened_by_predecessor(&c, node).await;
@@ -303,8 +376,9 @@ async fn upgrade_resets_nothing(redirect: &str) {
     }
     let failures = tally.failures.lock().unwrap().clone();
     eprintln!(
-        "{redirect}: {} short connections and {} HTTP requests succeeded, {} failed; {} of {} long-lived connections failed",
+        "{redirect}: {} short connections, {} burst connections and {} HTTP requests succeeded, {} failed; {} of {} long-lived connections failed",
         tally.short_ok.load(Ordering::Relaxed),
+        tally.burst_ok.load(Ordering::Relaxed),
         tally.http_ok.load(Ordering::Relaxed),
         failures.len(),
         long_failed.len(),
