@@ -394,6 +394,15 @@ impl PodDialer {
     }
 }
 
+impl PodDialer {
+    /// A UDP socket of the pod, unbound (made by a short-lived child process: blocking).
+    pub fn udp_socket(&self, v6: bool) -> anyhow::Result<std::net::UdpSocket> {
+        let fd = crate::podsocket::create(&self.files.0, &self.files.1, v6, true, None)
+            .with_context(|| format!("cannot make a UDP socket in pod {}", self.pod))?;
+        Ok(std::net::UdpSocket::from(fd))
+    }
+}
+
 /// A TCP socket made in a pod, not connected yet ([`PodDialer::socket`]).
 pub struct PodSocket {
     fd: std::os::fd::OwnedFd,

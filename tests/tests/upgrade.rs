@@ -3,11 +3,12 @@
 //! starts beside the old one and becomes ready, then the old one gets SIGTERM) while mesh
 //! traffic runs both ways between the nodes: long-lived connections exchanging every 100 ms,
 //! 50 new connections a second (mesh to mesh, and from a pod outside the mesh into the mesh:
-//! inbound plaintext capture), 10 HTTP requests a second, and at each SIGTERM a burst of 200
-//! connections through the listeners the old ztunnel closes (its pod's 15001 and 15006), so
-//! some are queued on them when they close. Nothing may fail.
+//! inbound plaintext capture), 10 HTTP requests a second, 20 DNS queries a second over UDP
+//! (captured into the pods' DNS proxies, one attempt each), and at each SIGTERM a burst of 200
+//! connections through the listeners the old ztunnel closes (its pod's 15001 and 15006) and of
+//! 100 DNS queries, so some are queued on them when they close. Nothing may fail.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -15,8 +16,8 @@ use std::time::{Duration, Instant};
 
 use testbed::Testbed;
 use testbed::cluster::{
-    Cluster, ClusterSpec, ControlPlaneMode, ECHO_PORT, HTTP_PORT, HttpAnswer, PodDef, PodDialer,
-    exchange_on,
+    Cluster, ClusterSpec, ControlPlaneMode, ECHO_PORT, ECHO_VIP, HTTP_PORT, HttpAnswer, PodDef,
+    PodDialer, ServiceDef, exchange_on,
 };
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 
@@ -38,6 +39,13 @@ const SHORT_PER_SECOND: u64 = 50;
 const HTTP_PER_SECOND: u64 = 10;
 /// Connections started within ~20 ms around each SIGTERM.
 const BURST: usize = 200;
+/// DNS queries a second (both pods together), and in each burst.
+const DNS_PER_SECOND: u64 = 20;
+const DNS_BURST: usize = 100;
+/// Any resolver address: the pods' DNS is captured into their ztunnel's proxy on 15053.
+const RESOLVER: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 96, 0, 53)), 53);
+/// A mesh hostname the proxy answers itself ([`ServiceDef::echo`]'s).
+const SERVICE_HOSTNAME: &str = "echo.demo.svc.cluster.local";
 
 /// What the traffic saw; every failure is kept with its reason.
 #[derive(Default)]
@@ -45,6 +53,7 @@ struct Tally {
     short_ok: AtomicU64,
     http_ok: AtomicU64,
     burst_ok: AtomicU64,
+    dns_ok: AtomicU64,
     failures: Mutex<Vec<String>>,
 }
 
@@ -173,6 +182,43 @@ where
     })
 }
 
+/// An A query for `name` with `id`.
+fn dns_query(id: u16, name: &str) -> Vec<u8> {
+    let mut m = id.to_be_bytes().to_vec();
+    m.extend_from_slice(&[0x01, 0, 0, 1, 0, 0, 0, 0, 0, 0]);
+    for label in name.split('.') {
+        m.push(label.len() as u8);
+        m.extend_from_slice(label.as_bytes());
+    }
+    m.extend_from_slice(&[0, 0, 1, 0, 1]);
+    m
+}
+
+/// One DNS query over UDP from a socket of its own, one attempt (a lost datagram fails it):
+/// the answer must carry the query's id, no error and the service's address.
+async fn resolve(socket: std::net::UdpSocket, id: u16) -> Result<(), String> {
+    socket.set_nonblocking(true).map_err(|e| e.to_string())?;
+    let socket = tokio::net::UdpSocket::from_std(socket).map_err(|e| e.to_string())?;
+    socket
+        .send_to(&dns_query(id, SERVICE_HOSTNAME), RESOLVER)
+        .await
+        .map_err(|e| format!("sending: {e}"))?;
+    let mut buf = [0u8; 512];
+    let (n, _) = tokio::time::timeout(Duration::from_secs(3), socket.recv_from(&mut buf))
+        .await
+        .map_err(|_| "no answer within 3 s".to_string())?
+        .map_err(|e| format!("receiving: {e}"))?;
+    let answer = &buf[..n];
+    let vip = ECHO_VIP.octets();
+    if n < 12 || answer[..2] != id.to_be_bytes() || answer[3] & 0x0f != 0 {
+        return Err(format!("bad answer {answer:?}"));
+    }
+    if !answer.windows(4).any(|w| w == vip) {
+        return Err(format!("answer without {ECHO_VIP}: {answer:?}"));
+    }
+    Ok(())
+}
+
 /// [`BURST`] connections over `routes` (sockets made ahead), SIGTERM to `node`'s old ztunnel a
 /// quarter of the way in; waits for them all.
 async fn burst_around_sigterm(
@@ -182,13 +228,19 @@ async fn burst_around_sigterm(
     tally: &Arc<Tally>,
 ) {
     let routes = routes.to_vec();
-    let sockets = tokio::task::spawn_blocking(move || {
-        (0..BURST)
+    // The DNS queries come from the pod the upgraded ztunnel serves (the first route's).
+    let resolver_pod = routes[0].0.clone();
+    let (sockets, mut udp) = tokio::task::spawn_blocking(move || {
+        let tcp = (0..BURST)
             .map(|i| {
                 let (from, dst) = &routes[i % routes.len()];
                 (from.socket(false).unwrap(), *dst)
             })
-            .collect::<Vec<_>>()
+            .collect::<Vec<_>>();
+        let udp = (0..DNS_BURST)
+            .map(|_| resolver_pod.udp_socket(false).unwrap())
+            .collect::<Vec<_>>();
+        (tcp, udp)
     })
     .await
     .unwrap();
@@ -196,6 +248,18 @@ async fn burst_around_sigterm(
     for (i, (socket, dst)) in sockets.into_iter().enumerate() {
         if i == BURST / 4 {
             c.terminate_predecessor(node).unwrap();
+        }
+        if i % (BURST / DNS_BURST) == 0
+            && let Some(udp) = udp.pop()
+        {
+            let tally = tally.clone();
+            let id = (node * BURST + i) as u16;
+            tasks.push(tokio::spawn(async move {
+                match resolve(udp, id).await {
+                    Ok(()) => drop(tally.dns_ok.fetch_add(1, Ordering::Relaxed)),
+                    Err(e) => tally.fail(format!("burst DNS query {id}: {e}")),
+                }
+            }));
         }
         let tally = tally.clone();
         tasks.push(tokio::spawn(async move {
@@ -239,6 +303,10 @@ async fn upgrade_resets_nothing(redirect: &str, control_plane: ControlPlaneMode)
             PodDef::new("right", "right", 1, true),
         ],
         // The old ztunnels keep the long-lived connections until the test closes them.
+        services: vec![ServiceDef {
+            app: "right".into(),
+            ..ServiceDef::echo()
+        }],
         ztunnel_args: vec![
             "--redirect".into(),
             redirect.into(),
@@ -322,6 +390,28 @@ async fn upgrade_resets_nothing(redirect: &str, control_plane: ControlPlaneMode)
             }
         },
     );
+    let t = tally.clone();
+    let dns = steady(
+        vec![(left.clone(), RESOLVER), (right.clone(), RESOLVER)],
+        DNS_PER_SECOND,
+        stop.clone(),
+        move |from, _, n| {
+            let t = t.clone();
+            async move {
+                let id = 0x8000 | (n as u16 & 0x7fff);
+                let result = match tokio::task::spawn_blocking(move || from.udp_socket(false)).await
+                {
+                    Ok(Ok(socket)) => resolve(socket, id).await,
+                    Ok(Err(e)) => Err(format!("{e:#}")),
+                    Err(e) => Err(e.to_string()),
+                };
+                match result {
+                    Ok(()) => drop(t.dns_ok.fetch_add(1, Ordering::Relaxed)),
+                    Err(e) => t.fail(format!("DNS query {n}: {e}")),
+                }
+            }
+        },
+    );
     tokio::time::sleep(Duration::from_secs(2)).await;
     let started = Instant::now();
 
@@ -360,6 +450,7 @@ async fn upgrade_resets_nothing(redirect: &str, control_plane: ControlPlaneMode)
     stop.store(true, Ordering::Relaxed);
     shorts.await.unwrap();
     https.await.unwrap();
+    dns.await.unwrap();
     let mut long_failed = vec![];
     for ((dst, exchanges, task), before) in long.into_iter().zip(before) {
         let total = exchanges.load(Ordering::Relaxed);
@@ -378,10 +469,11 @@ async fn upgrade_resets_nothing(redirect: &str, control_plane: ControlPlaneMode)
     }
     let failures = tally.failures.lock().unwrap().clone();
     eprintln!(
-        "{redirect}: {} short connections, {} burst connections and {} HTTP requests succeeded, {} failed; {} of {} long-lived connections failed",
+        "{redirect}: {} short connections, {} burst connections, {} HTTP requests and {} DNS queries succeeded, {} failed; {} of {} long-lived connections failed",
         tally.short_ok.load(Ordering::Relaxed),
         tally.burst_ok.load(Ordering::Relaxed),
         tally.http_ok.load(Ordering::Relaxed),
+        tally.dns_ok.load(Ordering::Relaxed),
         failures.len(),
         long_failed.len(),
         2 * LONG_LIVED,
