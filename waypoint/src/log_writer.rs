@@ -4,7 +4,7 @@
 //! on the proxy's thread, and a burst of lines costs one write.
 
 use std::io::Write;
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::Duration;
 
 use tracing_subscriber::fmt::MakeWriter;
@@ -90,6 +90,60 @@ impl LogWriter {
         // waits out the interval) or when the buffer is full.
         if was_empty || full {
             self.shared.wake.notify_all();
+        }
+    }
+}
+
+/// Where access-log lines go when the binary installed a writer (see [`access_line`]).
+static ACCESS: OnceLock<LogWriter> = OnceLock::new();
+
+impl LogWriter {
+    /// Send access-log lines straight to this writer's buffer (the `waypoint` binary does).
+    pub fn install_for_access_log(&self) {
+        let _ = ACCESS.set(self.clone());
+    }
+
+    /// Serialize one line into the buffer, under its lock (no intermediate string).
+    fn append_json(&self, line: &impl serde::Serialize) {
+        let Ok(mut p) = self.shared.pending.lock() else {
+            return;
+        };
+        if p.bytes.len() > MAX_BUFFERED {
+            p.dropped += 1;
+            return;
+        }
+        let was_empty = p.bytes.is_empty();
+        let len = p.bytes.len();
+        if serde_json::to_writer(&mut p.bytes, line).is_err() {
+            p.bytes.truncate(len);
+            return;
+        }
+        p.bytes.push(b'\n');
+        let full = p.bytes.len() >= FLUSH_BYTES;
+        if full {
+            p.urgent = true;
+        }
+        if was_empty || full {
+            self.shared.wake.notify_all();
+        }
+    }
+}
+
+/// Log one access-log line, a JSON object, if target `access` is enabled at INFO. With a writer
+/// installed the object is the whole line, as Envoy writes a JSON access log, serialized
+/// straight into the log buffer: going through `tracing`'s formatter cost a timestamp, a
+/// formatted prefix and a character-by-character escape pass over ~600 bytes per request
+/// (~5% of the waypoint's CPU in a profile). Without one (tests, embedding) it is a `tracing`
+/// event of target `access`.
+pub fn access_line(line: &impl serde::Serialize) {
+    if !tracing::enabled!(target: "access", tracing::Level::INFO) {
+        return;
+    }
+    match ACCESS.get() {
+        Some(w) => w.append_json(line),
+        None => {
+            let text = serde_json::to_string(line).unwrap_or_default();
+            tracing::info!(target: "access", "{text}");
         }
     }
 }
@@ -208,6 +262,19 @@ mod tests {
         assert_eq!(&*sink.0.lock().unwrap(), b"one\ntwo\nthree\n");
         // An empty flush returns at once.
         w.flush();
+    }
+
+    #[test]
+    fn access_lines_are_whole_json_objects() {
+        let sink = Sink::default();
+        let w = LogWriter::start(sink.clone()).unwrap();
+        w.append_json(&serde_json::json!({"a": "x\"y", "b": 2}));
+        w.append_json(&serde_json::json!({"c": null}));
+        w.flush();
+        assert_eq!(
+            &*sink.0.lock().unwrap(),
+            b"{\"a\":\"x\\\"y\",\"b\":2}\n{\"c\":null}\n"
+        );
     }
 
     #[test]

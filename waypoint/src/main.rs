@@ -94,6 +94,7 @@ fn main() -> anyhow::Result<()> {
     };
     // Logs go through a buffer written by a thread of its own; written out at exit.
     let logs = waypoint::log_writer::LogWriter::start(std::io::stdout())?;
+    logs.install_for_access_log();
     let _flush = waypoint::log_writer::FlushOnDrop(logs.clone());
     runtime.block_on(run(args, logs))
 }

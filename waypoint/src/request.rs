@@ -1403,11 +1403,25 @@ struct Log {
 
 impl Log {
     fn write(&self, millis: f64, received: u64, sent: u64) {
-        info!(target: "access", "{}", self.line(millis, received, sent));
+        self.with_line(millis, received, sent, |l| crate::log_writer::access_line(l));
     }
 
     /// The JSON access-log line (keys in alphabetical order).
+    #[cfg(test)]
     fn line(&self, millis: f64, received: u64, sent: u64) -> String {
+        self.with_line(millis, received, sent, |l| {
+            serde_json::to_string(l).unwrap_or_default()
+        })
+    }
+
+    /// Calls `f` with the access-log line, borrowed from this log.
+    fn with_line<T>(
+        &self,
+        millis: f64,
+        received: u64,
+        sent: u64,
+        f: impl FnOnce(&AccessLine<'_>) -> T,
+    ) -> T {
         let start = self
             .started
             .duration_since(SystemTime::UNIX_EPOCH)
@@ -1439,7 +1453,7 @@ impl Log {
             upstream_workload: self.upstream_workload.as_deref().map(WorkloadName),
             x_request_id: self.request_id.as_deref(),
         };
-        serde_json::to_string(&line).unwrap_or_default()
+        f(&line)
     }
 }
 

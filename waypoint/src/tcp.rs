@@ -183,7 +183,7 @@ fn log(
         "bytes_sent": received,
         "duration_ms": start.elapsed().as_millis() as u64,
     });
-    info!(target: "access", "{line}");
+    crate::log_writer::access_line(&line);
 }
 
 /// One side of a proxied connection, counting what it reads (also into its Istio byte counter)

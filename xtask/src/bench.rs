@@ -12,10 +12,11 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 #[derive(Debug, Serialize, Default, Clone)]
 struct PathFigures {
     throughput_gbit_s: f64,
-    /// CPU time of both ztunnels per GiB carried (zero on the direct path).
-    ztunnel_cpu_ms_per_gib: f64,
-    /// CPU time of both ztunnels per 1-byte round trip.
-    ztunnel_cpu_us_per_round_trip: f64,
+    /// CPU time of each ztunnel (client side, server side) per GiB carried (zero on the direct
+    /// path).
+    ztunnel_cpu_ms_per_gib: [f64; 2],
+    /// CPU time of each ztunnel (client side, server side) per 1-byte round trip.
+    ztunnel_cpu_us_per_round_trip: [f64; 2],
     latency_p50_us: f64,
     latency_p99_us: f64,
     latency_samples: usize,
@@ -37,6 +38,9 @@ struct Results {
     ztunnel_args: Vec<String>,
     direct: PathFigures,
     mesh: PathFigures,
+    /// The mesh again, with both ztunnels restarted with `--worker-threads=1` (absent when the
+    /// run's own ztunnel arguments choose the thread count).
+    mesh_one_thread: Option<PathFigures>,
     throughput_ratio: f64,
     added_latency_p50_us: f64,
     added_latency_p99_us: f64,
@@ -73,7 +77,7 @@ pub async fn run(
             .collect(),
         ..Default::default()
     };
-    let c = Cluster::start(spec).await?;
+    let mut c = Cluster::start(spec).await?;
     // Thousands of short connections per round from one pod to one destination: with the
     // defaults, TIME_WAIT holds each port for 60 s and later rounds measure port exhaustion.
     for pod in &c.bed.pods {
@@ -93,22 +97,40 @@ pub async fn run(
         .map(|n| rss_kib(c.ztunnel_pid(n)).unwrap_or(0))
         .collect();
 
-    // Direct and mesh alternate, round after round, and each figure is the median of its
-    // rounds: a ratio then compares measurements taken seconds apart, not minutes.
-    let mut rounds: [Vec<PathFigures>; 2] = [vec![], vec![]];
+    // Direct, mesh and mesh on one thread alternate, round after round, and each figure is
+    // the median of its rounds: a ratio then compares measurements taken seconds apart, not
+    // minutes. The one-thread variant restarts both ztunnels (their pods stay enrolled).
+    let default_args = c.spec.ztunnel_args.clone();
+    let mut variants = vec![("direct", None), ("mesh", Some(default_args.clone()))];
+    if !ztunnel_args
+        .iter()
+        .any(|a| a.starts_with("--worker-threads"))
+    {
+        let mut one = default_args.clone();
+        one.push("--worker-threads=1".into());
+        variants.push(("mesh, --worker-threads=1", Some(one)));
+    }
+    let mut rounds: Vec<Vec<PathFigures>> = vec![vec![]; variants.len()];
     for round in 1..=rounds_wanted {
-        for (i, (name, client, server)) in [
-            ("direct", "plain-client", "plain-server"),
-            ("mesh", "mesh-client", "mesh-server"),
-        ]
-        .into_iter()
-        .enumerate()
-        {
+        for (i, (name, args)) in variants.iter().enumerate() {
+            let (client, server) = match args {
+                None => ("plain-client", "plain-server"),
+                Some(args) => {
+                    use_ztunnel_args(&mut c, args).await?;
+                    ("mesh-client", "mesh-server")
+                }
+            };
             println!("round {round}/{rounds_wanted}: {name} ({client} -> {server}) ...");
             rounds[i].push(measure_path(&c, client, c.pod_ip(server), secs).await?);
         }
     }
-    let [direct, mesh] = rounds.map(|r| median(&r));
+    use_ztunnel_args(&mut c, &default_args).await?;
+    let mut medians = rounds.iter().map(|r| median(r));
+    let (direct, mesh) = (
+        medians.next().unwrap_or_default(),
+        medians.next().unwrap_or_default(),
+    );
+    let mesh_one_thread = medians.next();
 
     println!("measuring ztunnel CPU and memory at 1000 req/s of 1 KiB ...");
     let load_for = secs.max(Duration::from_secs(3));
@@ -148,6 +170,7 @@ pub async fn run(
         load: "4 connections x 250 req/s, 1 KiB request echoed".into(),
         direct,
         mesh,
+        mesh_one_thread,
         ztunnels,
     };
     print_table(&results);
@@ -160,45 +183,85 @@ pub async fn run(
 }
 
 fn print_table(r: &Results) {
-    println!(
-        "\n{:<44} {:>12} {:>12} {:>12}",
-        "pod -> pod across nodes (medians)", "direct", "mesh", "mesh/direct"
+    // One column per mesh variant, each followed by its ratio or difference to direct.
+    let mesh: Vec<(&str, &PathFigures)> = std::iter::once(("mesh", &r.mesh))
+        .chain(r.mesh_one_thread.iter().map(|m| ("1 thread", m)))
+        .collect();
+    let d = &r.direct;
+    print!(
+        "\n{:<46} {:>10}",
+        "pod -> pod across nodes (medians)", "direct"
     );
-    println!(
-        "{:<44} {:>12.2} {:>12.2} {:>11.0}%",
+    for (name, _) in &mesh {
+        print!(" {:>10} {:>10}", name, "vs direct");
+    }
+    println!();
+    let row = |label: &str, direct: Option<f64>, f: &dyn Fn(&PathFigures) -> f64, cmp: Cmp| {
+        match direct {
+            Some(v) => print!("{label:<46} {v:>10.1}"),
+            None => print!("{label:<46} {:>10}", "-"),
+        }
+        for (_, m) in &mesh {
+            let v = f(m);
+            match (cmp, direct) {
+                (Cmp::Ratio, Some(dv)) => print!(" {v:>10.1} {:>9.0}%", v / dv * 100.0),
+                (Cmp::Added, Some(dv)) => print!(" {v:>10.1} {:>+10.1}", v - dv),
+                _ => print!(" {v:>10.1} {:>10}", ""),
+            }
+        }
+        println!();
+    };
+    row(
         "single-stream throughput (Gbit/s)",
-        r.direct.throughput_gbit_s,
-        r.mesh.throughput_gbit_s,
-        r.throughput_ratio * 100.0
+        Some(d.throughput_gbit_s),
+        &|p| p.throughput_gbit_s,
+        Cmp::Ratio,
     );
-    println!(
-        "{:<44} {:>12} {:>12.0}",
-        "  ztunnel CPU per GiB carried (ms)", "-", r.mesh.ztunnel_cpu_ms_per_gib
+    for (side, i) in [("client-side", 0), ("server-side", 1)] {
+        row(
+            &format!("  {side} ztunnel CPU per GiB (ms)"),
+            None,
+            &|p| p.ztunnel_cpu_ms_per_gib[i],
+            Cmp::None,
+        );
+    }
+    row(
+        "  both ztunnels' CPU per GiB (ms)",
+        None,
+        &|p| p.ztunnel_cpu_ms_per_gib.iter().sum(),
+        Cmp::None,
     );
-    println!(
-        "{:<44} {:>12.1} {:>12.1} {:>+11.1}",
+    row(
         "1-byte round trip p50 (µs)  [added]",
-        r.direct.latency_p50_us,
-        r.mesh.latency_p50_us,
-        r.added_latency_p50_us
+        Some(d.latency_p50_us),
+        &|p| p.latency_p50_us,
+        Cmp::Added,
     );
-    println!(
-        "{:<44} {:>12.1} {:>12.1} {:>+11.1}",
+    row(
         "1-byte round trip p99 (µs)  [added]",
-        r.direct.latency_p99_us,
-        r.mesh.latency_p99_us,
-        r.added_latency_p99_us
+        Some(d.latency_p99_us),
+        &|p| p.latency_p99_us,
+        Cmp::Added,
     );
-    println!(
-        "{:<44} {:>12} {:>12.1}",
-        "  ztunnel CPU per round trip (µs)", "-", r.mesh.ztunnel_cpu_us_per_round_trip
+    for (side, i) in [("client-side", 0), ("server-side", 1)] {
+        row(
+            &format!("  {side} ztunnel CPU per round trip (µs)"),
+            None,
+            &|p| p.ztunnel_cpu_us_per_round_trip[i],
+            Cmp::None,
+        );
+    }
+    row(
+        "  both ztunnels' CPU per round trip (µs)",
+        None,
+        &|p| p.ztunnel_cpu_us_per_round_trip.iter().sum(),
+        Cmp::None,
     );
-    println!(
-        "{:<44} {:>12.0} {:>12.0} {:>11.0}%",
+    row(
         "new connection + 1-byte exchange per second",
-        r.direct.connections_per_s,
-        r.mesh.connections_per_s,
-        r.connection_rate_ratio * 100.0
+        Some(d.connections_per_s),
+        &|p| p.connections_per_s,
+        Cmp::Ratio,
     );
     println!("\nztunnel at 1000 req/s of 1 KiB ({}):", r.load);
     for z in &r.ztunnels {
@@ -212,6 +275,28 @@ fn print_table(r: &Results) {
     }
 }
 
+/// How a mesh figure is compared with direct's in the table.
+#[derive(Clone, Copy)]
+enum Cmp {
+    Ratio,
+    Added,
+    None,
+}
+
+/// Restart both ztunnels with `args` unless they already run with them.
+async fn use_ztunnel_args(c: &mut Cluster, args: &[String]) -> anyhow::Result<()> {
+    if c.spec.ztunnel_args == args {
+        return Ok(());
+    }
+    c.spec.ztunnel_args = args.to_vec();
+    for node in 0..2 {
+        c.restart_ztunnel(node).await?;
+    }
+    // Let the restarted ztunnels finish enrolling before anything is measured.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    Ok(())
+}
+
 async fn measure_path(
     c: &Cluster,
     client: &str,
@@ -221,10 +306,13 @@ async fn measure_path(
     let cpu = || ztunnel_cpu_seconds(c);
     let before = cpu();
     let (bytes, gbit_s) = throughput(c, client, SocketAddr::new(ip, SINK_PORT), secs).await?;
-    let per_gib = (cpu() - before) * 1e3 / (bytes as f64 / (1u64 << 30) as f64);
+    let gib = bytes as f64 / (1u64 << 30) as f64;
+    let after = cpu();
+    let per_gib = [0, 1].map(|n| (after[n] - before[n]) * 1e3 / gib);
     let before = cpu();
     let lat = latency(c, client, SocketAddr::new(ip, ECHO_PORT), secs).await?;
-    let per_rtt = (cpu() - before) * 1e6 / lat.latency_samples.max(1) as f64;
+    let after = cpu();
+    let per_rtt = [0, 1].map(|n| (after[n] - before[n]) * 1e6 / lat.latency_samples.max(1) as f64);
     Ok(PathFigures {
         throughput_gbit_s: gbit_s,
         ztunnel_cpu_ms_per_gib: per_gib,
@@ -243,8 +331,14 @@ fn median(rounds: &[PathFigures]) -> PathFigures {
     };
     PathFigures {
         throughput_gbit_s: mid(|p| p.throughput_gbit_s),
-        ztunnel_cpu_ms_per_gib: mid(|p| p.ztunnel_cpu_ms_per_gib),
-        ztunnel_cpu_us_per_round_trip: mid(|p| p.ztunnel_cpu_us_per_round_trip),
+        ztunnel_cpu_ms_per_gib: [
+            mid(|p| p.ztunnel_cpu_ms_per_gib[0]),
+            mid(|p| p.ztunnel_cpu_ms_per_gib[1]),
+        ],
+        ztunnel_cpu_us_per_round_trip: [
+            mid(|p| p.ztunnel_cpu_us_per_round_trip[0]),
+            mid(|p| p.ztunnel_cpu_us_per_round_trip[1]),
+        ],
         latency_p50_us: mid(|p| p.latency_p50_us),
         latency_p99_us: mid(|p| p.latency_p99_us),
         latency_samples: rounds.iter().map(|p| p.latency_samples).sum(),
@@ -252,10 +346,9 @@ fn median(rounds: &[PathFigures]) -> PathFigures {
     }
 }
 
-/// CPU seconds (user + system) both ztunnels have used so far.
-fn ztunnel_cpu_seconds(c: &Cluster) -> f64 {
-    let ticks: u64 = (0..2).filter_map(|n| cpu_ticks(c.ztunnel_pid(n))).sum();
-    ticks as f64 / clock_ticks() as f64
+/// CPU seconds (user + system) each ztunnel (node 0, node 1) has used so far.
+fn ztunnel_cpu_seconds(c: &Cluster) -> [f64; 2] {
+    [0, 1].map(|n| cpu_ticks(c.ztunnel_pid(n)).unwrap_or(0) as f64 / clock_ticks() as f64)
 }
 
 /// Stream as fast as possible for `d`; the sink answers with what it received.
