@@ -1403,7 +1403,9 @@ struct Log {
 
 impl Log {
     fn write(&self, millis: f64, received: u64, sent: u64) {
-        self.with_line(millis, received, sent, |l| crate::log_writer::access_line(l));
+        self.with_line(millis, received, sent, |l| {
+            crate::log_writer::access_line(l)
+        });
     }
 
     /// The JSON access-log line (keys in alphabetical order).

@@ -10,9 +10,14 @@
 //! sysctl since Linux 5.14) it moves to the other listener of the group instead, the
 //! successor's. That sysctl is set here at enrollment.
 //!
-//! Only the newest instance sweeps capture state left behind by others (see
-//! [`crate::redirect::ebpf`]'s owner token): an old instance whose view of the mesh lags must
-//! not remove what its successor set up.
+//! With eBPF capture, only the newest instance (the owner of the pinned state, see
+//! [`crate::redirect::ebpf`]) sweeps capture state of pods it does not know and puts its 15006
+//! listeners into the inbound sockmap: an old instance whose view of the mesh lags must not
+//! remove what its successor set up, nor leave in the sockmap a listener it is about to close.
+//! Neither instance re-asserts entries: each writes a pod's capture once, at enrollment. The
+//! fwmark rule of source preservation is added if missing, never deleted to be re-added (the old
+//! instance's deliveries need it at every moment). A reconcile pass sweeps nothing before the
+//! first complete view of the mesh (with pilot, an empty one at first).
 
 use mesh::socket::SocketFactory;
 

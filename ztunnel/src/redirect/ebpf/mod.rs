@@ -386,6 +386,19 @@ impl Redirector for Ebpf {
             ..PodInfo::default()
         };
         let mut keys = vec![];
+        // A successor owns the inbound sockmap: our listener put there would leave it when we
+        // drain and close it, and nothing would put the successor's back (it wrote its entry
+        // once, at its own enrollment). Our listeners still get their share through the
+        // reuseport group of the successor's. Until the successor has enrolled the pod too
+        // (moments later), captured inbound connections find no entry and are dropped: their
+        // SYN is retried, nothing is reset, nothing bypasses the mesh.
+        let owner = inner.owner.still_ours();
+        if !owner {
+            debug!(
+                uid = pod.uid,
+                "a successor owns the inbound sockmap; not adding this pod's listener"
+            );
+        }
         for ip in pod.addresses {
             let listener = pod
                 .plaintext
@@ -394,9 +407,11 @@ impl Redirector for Ebpf {
             let Some(listener) = listener else {
                 continue;
             };
-            let key = ip_key(*ip);
-            insert_listener(inner, &key, listener)?;
-            keys.push(key);
+            if owner {
+                let key = ip_key(*ip);
+                insert_listener(inner, &key, listener)?;
+                keys.push(key);
+            }
             match ip {
                 IpAddr::V4(v4) => info.ip4 = v4.octets(),
                 IpAddr::V6(v6) => info.ip6 = v6.octets(),
@@ -472,16 +487,16 @@ impl Redirector for Ebpf {
     }
 }
 
-/// Which ztunnel owns the pinned state: the one whose directory `<pin dir>/owner-<token>`
-/// exists (bpffs holds directories besides pins, but no plain files nor symlinks). Each
-/// instance makes its own at start and removes the others', so the one started last owns it.
-/// Two instances run side by side during an upgrade; only the owner sweeps state of pods it
-/// does not know, so the old one, draining or with a view of the mesh a moment behind, never
-/// removes what the new one set up. (Two starting at the same moment may each remove the
-/// other's: then neither sweeps, which is safe; the sweep is only clean-up.)
+/// Which ztunnel owns the shared capture state (sweeping pins of unknown pods, the inbound
+/// sockmap): the one with the greatest directory `<pin dir>/owner-<start time>-<pid>` (bpffs
+/// holds directories besides pins, but no plain files nor symlinks), the one started last.
+/// Each instance makes its own at start and removes older ones. Two instances run side by side
+/// during an upgrade; the old one, draining or with a view of the mesh a moment behind, must
+/// not remove or replace what the new one set up.
 struct Owner {
-    dir: PathBuf,
-    /// Set once the directory is gone; never cleared (a newer instance does not hand back).
+    pin_dir: PathBuf,
+    name: String,
+    /// Set once a newer instance is seen; never cleared (a newer instance does not hand back).
     superseded: std::sync::atomic::AtomicBool,
 }
 
@@ -493,7 +508,8 @@ impl Owner {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos())
             .unwrap_or(0);
-        let name = format!("{OWNER_PREFIX}{}-{nanos}", std::process::id());
+        // Fixed width: names order as start times do.
+        let name = format!("{OWNER_PREFIX}{nanos:024}-{}", std::process::id());
         let dir = pin_dir.join(&name);
         std::fs::create_dir(&dir).map_err(|e| {
             format!(
@@ -501,16 +517,14 @@ impl Owner {
                 dir.display()
             )
         })?;
-        let entries = std::fs::read_dir(pin_dir)
-            .map_err(|e| format!("reading {}: {e}", pin_dir.display()))?;
-        for e in entries.flatten() {
-            let other = e.file_name().to_string_lossy().to_string();
-            if other.starts_with(OWNER_PREFIX) && other != name {
-                let _ = std::fs::remove_dir(e.path());
+        for other in owner_names(pin_dir) {
+            if other < name {
+                let _ = std::fs::remove_dir(pin_dir.join(other));
             }
         }
         Ok(Owner {
-            dir,
+            pin_dir: pin_dir.to_path_buf(),
+            name,
             superseded: Default::default(),
         })
     }
@@ -520,15 +534,30 @@ impl Owner {
         if self.superseded.load(Ordering::Relaxed) {
             return false;
         }
-        if self.dir.is_dir() {
+        let newest = owner_names(&self.pin_dir).into_iter().max();
+        // Our own gone (removed by hand) yet nobody newer: still ours.
+        if newest.as_ref().is_none_or(|n| *n <= self.name) {
             return true;
         }
         self.superseded.store(true, Ordering::Relaxed);
         info!(
-            "a newer ztunnel owns the pinned eBPF state: this one no longer removes capture of pods it does not know"
+            successor = ?newest,
+            "a newer ztunnel owns the pinned eBPF state: this one leaves the inbound sockmap and the clean-up of unknown pods to it"
         );
         false
     }
+}
+
+fn owner_names(pin_dir: &Path) -> Vec<String> {
+    std::fs::read_dir(pin_dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with(OWNER_PREFIX))
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 fn lock<T>(m: &Mutex<T>) -> Result<std::sync::MutexGuard<'_, T>, String> {
@@ -593,7 +622,8 @@ impl PodCapture for EbpfPod {
         stream.local_addr()
     }
 
-    /// Reverse of enroll: the sk_lookup link, the enrolled-map entry, the sockmap entries.
+    /// Reverse of enroll: the sk_lookup link, the enrolled-map entry, the sockmap entries (none
+    /// when a successor owned the sockmap at enrollment: see [`Redirector::enroll`]).
     fn remove(&self) -> Result<(), String> {
         if self.link_pin.exists() {
             std::fs::remove_file(&self.link_pin)
@@ -658,11 +688,11 @@ mod tests {
         assert!(new.still_ours());
         assert!(!old.still_ours(), "the predecessor stops sweeping");
         // Only the newest one's mark is left.
-        let names: Vec<_> = std::fs::read_dir(&dir)
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .collect();
-        assert_eq!(names, vec![new.dir.clone()]);
+        assert_eq!(owner_names(&dir), vec![new.name.clone()]);
+        // One made a moment before the newest, but after it looked: not the owner either.
+        let late = format!("{OWNER_PREFIX}{:024}-1", 1);
+        std::fs::create_dir(dir.join(&late)).unwrap();
+        assert!(new.still_ours());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
