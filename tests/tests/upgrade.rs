@@ -1,12 +1,13 @@
 //! Upgrading ztunnel without resetting a connection, end to end on the test bed: each node's
 //! ztunnel is replaced as a DaemonSet rolling update with `maxSurge: 1` does it (the new one
 //! starts beside the old one and becomes ready, then the old one gets SIGTERM) while mesh
-//! traffic runs both ways between the nodes: long-lived connections exchanging every 100 ms,
-//! 50 new connections a second (mesh to mesh, and from a pod outside the mesh into the mesh:
-//! inbound plaintext capture), 10 HTTP requests a second, 20 DNS queries a second over UDP
-//! (captured into the pods' DNS proxies, one attempt each), and at each SIGTERM a burst of 200
-//! connections through the listeners the old ztunnel closes (its pod's 15001 and 15006) and of
-//! 100 DNS queries, so some are queued on them when they close. Nothing may fail.
+//! traffic runs both ways between the nodes, over IPv4 and IPv6: long-lived connections
+//! exchanging every 100 ms, 50 new connections a second (mesh to mesh, and from a pod outside
+//! the mesh into the mesh: inbound plaintext capture), 10 HTTP requests a second, 20 DNS
+//! queries a second over UDP (captured into the pods' DNS proxies, one attempt each), and at
+//! each SIGTERM a burst of 200 connections through the listeners the old ztunnel closes (its
+//! pod's 15001 and 15006) and of 100 DNS queries, so some are queued on them when they close.
+//! Nothing may fail.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
@@ -31,8 +32,8 @@ fn root_or_skip() -> bool {
     }
 }
 
-/// Long-lived connections per direction.
-const LONG_LIVED: usize = 3;
+/// Long-lived connections per direction (IPv4 and IPv6 alternately).
+const LONG_LIVED: usize = 4;
 /// New short connections a second (both directions together).
 const SHORT_PER_SECOND: u64 = 50;
 /// HTTP requests a second (both directions together), each on a new connection.
@@ -234,7 +235,7 @@ async fn burst_around_sigterm(
         let tcp = (0..BURST)
             .map(|i| {
                 let (from, dst) = &routes[i % routes.len()];
-                (from.socket(false).unwrap(), *dst)
+                (from.socket(dst.is_ipv6()).unwrap(), *dst)
             })
             .collect::<Vec<_>>();
         let udp = (0..DNS_BURST)
@@ -319,16 +320,25 @@ async fn upgrade_resets_nothing(redirect: &str, control_plane: ControlPlaneMode)
     let (left, right) = (c.dialer("left").unwrap(), c.dialer("right").unwrap());
     let outsider = c.dialer("outsider").unwrap();
     let (left_ip, right_ip) = (c.pod_ip("left"), c.pod_ip("right"));
+    let (left_ip6, right_ip6) = (c.pod_ip6("left"), c.pod_ip6("right"));
     let to_left = move |port| SocketAddr::new(left_ip, port);
     let to_right = move |port| SocketAddr::new(right_ip, port);
+    let to_left6 = move |port| SocketAddr::new(left_ip6, port);
+    let to_right6 = move |port| SocketAddr::new(right_ip6, port);
+    // Both ways, in both families (the pods are dual-stack: their IPv6 listeners form groups
+    // of their own).
     let echo_routes = vec![
         (left.clone(), to_right(ECHO_PORT)),
         (right.clone(), to_left(ECHO_PORT)),
+        (left.clone(), to_right6(ECHO_PORT)),
+        (right.clone(), to_left6(ECHO_PORT)),
     ];
     // Outside the mesh into it: inbound plaintext capture (15006).
     let plaintext_routes = vec![
         (outsider.clone(), to_right(ECHO_PORT)),
         (outsider.clone(), to_left(ECHO_PORT)),
+        (outsider.clone(), to_right6(ECHO_PORT)),
+        (outsider.clone(), to_left6(ECHO_PORT)),
     ];
     // Through the listeners of each node's pod that its old ztunnel closes at SIGTERM: the
     // pod's outbound 15001, and its inbound 15006.
@@ -336,10 +346,14 @@ async fn upgrade_resets_nothing(redirect: &str, control_plane: ControlPlaneMode)
         vec![
             (left.clone(), to_right(ECHO_PORT)),
             (outsider.clone(), to_left(ECHO_PORT)),
+            (left.clone(), to_right6(ECHO_PORT)),
+            (outsider.clone(), to_left6(ECHO_PORT)),
         ],
         vec![
             (right.clone(), to_left(ECHO_PORT)),
             (outsider.clone(), to_right(ECHO_PORT)),
+            (right.clone(), to_left6(ECHO_PORT)),
+            (outsider.clone(), to_right6(ECHO_PORT)),
         ],
     ];
     let http_routes = vec![
@@ -351,6 +365,8 @@ async fn upgrade_resets_nothing(redirect: &str, control_plane: ControlPlaneMode)
     let tally = Arc::new(Tally::default());
     let mut long = vec![];
     for (from, dst) in echo_routes.iter().cycle().take(2 * LONG_LIVED) {
+        // Spread over the run's first second, as connections come and go in a real one.
+        tokio::time::sleep(Duration::from_millis(100)).await;
         let exchanges = Arc::new(AtomicU64::new(0));
         let task = tokio::spawn(long_lived(
             from.clone(),

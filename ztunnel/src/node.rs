@@ -536,7 +536,8 @@ impl Node {
 
     /// Stop every pod's listeners and wait for open connections, up to `deadline`. Capture
     /// (rules, or pinned eBPF state) stays: while no ztunnel runs, captured connections are refused rather than sent
-    /// around the mesh.
+    /// around the mesh. With a successor running beside this one (an upgrade), the closed
+    /// listeners' queued connections move to its listeners and new ones go there (`handover`).
     pub async fn drain(&self, deadline: Duration) -> bool {
         self.draining.store(true, Ordering::SeqCst);
         // Enrollments under way finish first (their pods are drained with the rest); none
