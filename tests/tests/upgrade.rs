@@ -564,3 +564,132 @@ async fn upgrade_with_pilot_and_ebpf_capture_resets_no_connection() {
     }
     upgrade_resets_nothing("ebpf", ControlPlaneMode::Pilot).await;
 }
+
+/// The "pod enrolled" log lines' times (RFC 3339, as the log starts them) for `pod`.
+fn enrolled_at(log: &str, pod: &str) -> Option<String> {
+    log.lines()
+        .find(|l| l.contains("pod enrolled") && l.contains(&format!("pod={pod} ")))
+        .and_then(|l| l.split_whitespace().next())
+        .map(str::to_string)
+}
+
+/// A pod that joins the mesh while both ztunnels of its node run is enrolled by both, in
+/// either order; once the old one has drained and exited, the new one serves it in every
+/// direction, inbound plaintext (the eBPF sockmap entry) included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_joining_the_mesh_during_an_upgrade_is_served_after_it() {
+    if !root_or_skip() {
+        return;
+    }
+    let spec = ClusterSpec {
+        nodes: 2,
+        pods: vec![
+            PodDef::new("left", "left", 0, true),
+            PodDef::new("outsider", "outsider", 0, false),
+            PodDef::new("latecomer", "latecomer", 1, false),
+            PodDef::new("right", "right", 1, true),
+        ],
+        ztunnel_args: vec!["--redirect".into(), "ebpf".into()],
+        ..Default::default()
+    };
+    let mut c = Cluster::start(spec).await.unwrap();
+    c.start_successor(1).await.unwrap();
+    // Each ztunnel reads the file every 500 ms: a change at a varying moment within that period
+    // has either enroll the pod last (the order printed below).
+    let phase = u64::from(std::time::UNIX_EPOCH.elapsed().unwrap().subsec_millis() % 500);
+    tokio::time::sleep(Duration::from_millis(phase)).await;
+    for p in c.spec.pods.iter_mut() {
+        if p.name == "latecomer" {
+            p.mesh = true;
+        }
+    }
+    c.write_config(&c.config_yaml("")).unwrap();
+    let enrolled = "ztunnel_enrolled_pods";
+    let start = Instant::now();
+    loop {
+        let old = c.predecessor_metric(1, enrolled, &[]).await.unwrap();
+        let new = c.metric(1, enrolled, &[]).await.unwrap();
+        if old == 2.0 && new == 2.0 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "enrolled: old {old}, new {new}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Node 0's ztunnel must know it is in the mesh too, or `left` would reach it in plaintext.
+    loop {
+        let (_, body) = c.http_get(0, 15000, "/config_dump").await.unwrap();
+        let dump: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let meshed = dump["workloads"].as_array().is_some_and(|ws| {
+            ws.iter()
+                .any(|w| w["name"] == "latecomer" && w["tunnelProtocol"] == "HBONE")
+        });
+        if meshed {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "node 0 did not reload"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let old_log = std::fs::read_to_string(c.predecessor_log(1).unwrap()).unwrap();
+    let new_log = std::fs::read_to_string(c.ztunnel_log(1)).unwrap();
+    let (old_at, new_at) = (
+        enrolled_at(&old_log, "latecomer").unwrap(),
+        enrolled_at(&new_log, "latecomer").unwrap(),
+    );
+    eprintln!(
+        "latecomer enrolled by the old ztunnel at {old_at}, by the new one at {new_at} ({} last)",
+        if old_at > new_at { "old" } else { "new" }
+    );
+    c.terminate_predecessor(1).unwrap();
+    let status = c
+        .wait_predecessor(1, Duration::from_secs(20))
+        .await
+        .unwrap();
+    assert!(status.success());
+    let latecomer = SocketAddr::new(c.pod_ip("latecomer"), ECHO_PORT);
+    let left = SocketAddr::new(c.pod_ip("left"), ECHO_PORT);
+    let plaintext = [
+        ("reporter", "destination"),
+        ("connection_security_policy", "none"),
+    ];
+    let outbound = [("reporter", "source")];
+    let (plaintext_before, outbound_before) = (
+        c.metric(1, "istio_tcp_connections_opened_total", &plaintext)
+            .await
+            .unwrap(),
+        c.metric(1, "istio_tcp_connections_opened_total", &outbound)
+            .await
+            .unwrap(),
+    );
+    for (from, dst) in [
+        ("outsider", latecomer),
+        ("left", latecomer),
+        ("latecomer", left),
+    ] {
+        let answer = tokio::time::timeout(
+            Duration::from_secs(5),
+            short(&c.dialer(from).unwrap(), dst, 7),
+        )
+        .await
+        .unwrap_or_else(|_| Err("no answer within 5 s".into()));
+        assert!(answer.is_ok(), "{from} → {dst}: {answer:?}");
+    }
+    // Through the new ztunnel's listeners: captured inbound plaintext and outbound.
+    assert_eq!(
+        c.metric(1, "istio_tcp_connections_opened_total", &plaintext)
+            .await
+            .unwrap(),
+        plaintext_before + 1.0
+    );
+    assert_eq!(
+        c.metric(1, "istio_tcp_connections_opened_total", &outbound)
+            .await
+            .unwrap(),
+        outbound_before + 1.0
+    );
+}
