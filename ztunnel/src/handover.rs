@@ -11,9 +11,11 @@
 //! successor's. That sysctl is set here at enrollment.
 //!
 //! With eBPF capture, only the newest instance (the owner of the pinned state, see
-//! [`crate::redirect::ebpf`]) sweeps capture state of pods it does not know and puts its 15006
-//! listeners into the inbound sockmap: an old instance whose view of the mesh lags must not
-//! remove what its successor set up, nor leave in the sockmap a listener it is about to close.
+//! [`crate::redirect::ebpf`]) sweeps capture state of pods it does not know and replaces
+//! entries of the inbound sockmap (an older one adds its 15006 listener only where there is
+//! no entry): an old instance whose view of the mesh lags must not remove what its successor
+//! set up, nor leave in the sockmap, in place of the successor's, a listener it is about to
+//! close.
 //! Neither instance re-asserts entries: each writes a pod's capture once, at enrollment. The
 //! fwmark rule of source preservation is added if missing, never deleted to be re-added (the old
 //! instance's deliveries need it at every moment). A reconcile pass sweeps nothing before the

@@ -386,19 +386,13 @@ impl Redirector for Ebpf {
             ..PodInfo::default()
         };
         let mut keys = vec![];
-        // A successor owns the inbound sockmap: our listener put there would leave it when we
-        // drain and close it, and nothing would put the successor's back (it wrote its entry
-        // once, at its own enrollment). Our listeners still get their share through the
-        // reuseport group of the successor's. Until the successor has enrolled the pod too
-        // (moments later), captured inbound connections find no entry and are dropped: their
-        // SYN is retried, nothing is reset, nothing bypasses the mesh.
+        // A successor owns the inbound sockmap. Our listener must not replace its entry: ours
+        // leaves the map when we drain and close it, and nothing would put the successor's
+        // back (it writes a pod's entry once, at enrollment). Ours goes in only where there is
+        // none yet (the successor has not enrolled the pod yet), so the pod is served at once;
+        // the successor's replaces it when it enrolls the pod. Either way our listeners get
+        // their share through the reuseport group.
         let owner = inner.owner.still_ours();
-        if !owner {
-            debug!(
-                uid = pod.uid,
-                "a successor owns the inbound sockmap; not adding this pod's listener"
-            );
-        }
         for ip in pod.addresses {
             let listener = pod
                 .plaintext
@@ -407,10 +401,15 @@ impl Redirector for Ebpf {
             let Some(listener) = listener else {
                 continue;
             };
+            let key = ip_key(*ip);
             if owner {
-                let key = ip_key(*ip);
-                insert_listener(inner, &key, listener)?;
+                insert_listener(inner, &key, listener, 0)?;
                 keys.push(key);
+            } else if !insert_listener(inner, &key, listener, BPF_NOEXIST)? {
+                debug!(
+                    uid = pod.uid,
+                    "the successor's listener is in the inbound sockmap already"
+                );
             }
             match ip {
                 IpAddr::V4(v4) => info.ip4 = v4.octets(),
@@ -564,10 +563,26 @@ fn lock<T>(m: &Mutex<T>) -> Result<std::sync::MutexGuard<'_, T>, String> {
     m.lock().map_err(|_| "eBPF state lock poisoned".to_string())
 }
 
-fn insert_listener(inner: &Inner, key: &IpKey, listener: &TcpListener) -> Result<(), String> {
-    lock(&inner.inbound)?
-        .insert(key, listener.as_fd().as_raw_fd(), 0)
-        .map_err(|e| format!("adding the 15006 listener to the sockmap: {e}"))
+/// `BPF_NOEXIST`: add a map entry only where there is none.
+const BPF_NOEXIST: u64 = 1;
+
+/// Put `listener` in the inbound sockmap under `key`; false when `flags` has `BPF_NOEXIST` and
+/// an entry was there already.
+fn insert_listener(
+    inner: &Inner,
+    key: &IpKey,
+    listener: &TcpListener,
+    flags: u64,
+) -> Result<bool, String> {
+    match lock(&inner.inbound)?.insert(key, listener.as_fd().as_raw_fd(), flags) {
+        Ok(()) => Ok(true),
+        Err(aya::maps::MapError::SyscallError(e))
+            if flags & BPF_NOEXIST != 0 && e.io_error.raw_os_error() == Some(libc::EEXIST) =>
+        {
+            Ok(false)
+        }
+        Err(e) => Err(format!("adding the 15006 listener to the sockmap: {e}")),
+    }
 }
 
 fn attach_sk_lookup(inner: &Inner, netns: &Path, pin: &Path) -> Result<(), String> {
@@ -622,8 +637,9 @@ impl PodCapture for EbpfPod {
         stream.local_addr()
     }
 
-    /// Reverse of enroll: the sk_lookup link, the enrolled-map entry, the sockmap entries (none
-    /// when a successor owned the sockmap at enrollment: see [`Redirector::enroll`]).
+    /// Reverse of enroll: the sk_lookup link, the enrolled-map entry, the sockmap entries (not
+    /// when a successor owned the sockmap at enrollment: an entry we made then leaves it with
+    /// our listener, and the key may hold the successor's).
     fn remove(&self) -> Result<(), String> {
         if self.link_pin.exists() {
             std::fs::remove_file(&self.link_pin)
