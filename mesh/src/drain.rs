@@ -51,6 +51,10 @@ pub async fn accept(
 ) -> Option<(tokio::net::TcpStream, std::net::SocketAddr)> {
     loop {
         tokio::select! {
+            // Once draining, nothing more is accepted: what is still queued goes to a successor
+            // listening on the same address (SO_REUSEPORT with `tcp_migrate_req`) when there is one.
+            biased;
+            _ = drain.signaled() => return None,
             r = listener.accept() => match r {
                 Ok(c) => return Some(c),
                 Err(e) => {
@@ -59,7 +63,6 @@ pub async fn accept(
                     tokio::time::sleep(Duration::from_millis(10)).await;
                 }
             },
-            _ = drain.signaled() => return None,
         }
     }
 }

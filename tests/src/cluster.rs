@@ -331,6 +331,84 @@ pub struct Cluster {
     waypoints: Vec<(String, Child)>,
     apps: Vec<(String, Arc<AppStats>)>,
     app_tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// Per node, how far the running ztunnel's admin, metrics and readiness ports are moved
+    /// from 15000, 15020 and 15021 (0, or [`SUCCESSOR_PORT_SHIFT`] for a successor started
+    /// beside its predecessor: both run in the node's namespace).
+    ztunnel_port_shift: Vec<u16>,
+    /// ztunnels replaced by a successor ([`Cluster::start_successor`]), maybe still draining:
+    /// (node, port shift, process).
+    predecessors: Vec<(usize, u16, Child)>,
+}
+
+/// How far a successor ztunnel's admin, metrics and readiness ports are moved from its
+/// predecessor's, which still listens on the node while it drains.
+pub const SUCCESSOR_PORT_SHIFT: u16 = 10000;
+
+/// Makes sockets in one pod as its application would ([`Testbed::pod_socket`]), apart from the
+/// [`Cluster`]: traffic can run in tasks of its own while the test changes the cluster.
+#[derive(Clone)]
+pub struct PodDialer {
+    pod: String,
+    /// The pod's `cgroup.procs` (for writing) and network namespace.
+    files: Arc<(std::fs::File, std::fs::File)>,
+}
+
+impl PodDialer {
+    /// Connect to `dst` from the pod (its capture applies), with a 10 s timeout.
+    pub async fn connect(&self, dst: SocketAddr) -> anyhow::Result<TcpStream> {
+        let dialer = self.clone();
+        // A short-lived child process makes the socket: off the async threads.
+        let socket = tokio::task::spawn_blocking(move || dialer.socket(dst.is_ipv6())).await??;
+        socket.connect(dst).await
+    }
+
+    /// A socket of the pod, not connected yet (made by a short-lived child process: blocking),
+    /// so that many can be made ahead and connected at one moment.
+    pub fn socket(&self, v6: bool) -> anyhow::Result<PodSocket> {
+        let fd = crate::podsocket::create(&self.files.0, &self.files.1, v6, false, None)
+            .with_context(|| format!("cannot make a socket in pod {}", self.pod))?;
+        Ok(PodSocket {
+            fd,
+            pod: self.pod.clone(),
+        })
+    }
+}
+
+impl PodDialer {
+    /// A UDP socket of the pod, unbound (made by a short-lived child process: blocking).
+    pub fn udp_socket(&self, v6: bool) -> anyhow::Result<std::net::UdpSocket> {
+        let fd = crate::podsocket::create(&self.files.0, &self.files.1, v6, true, None)
+            .with_context(|| format!("cannot make a UDP socket in pod {}", self.pod))?;
+        Ok(std::net::UdpSocket::from(fd))
+    }
+}
+
+/// A TCP socket made in a pod, not connected yet ([`PodDialer::socket`]).
+pub struct PodSocket {
+    fd: std::os::fd::OwnedFd,
+    pod: String,
+}
+
+impl PodSocket {
+    /// Connect to `dst`, with a 10 s timeout.
+    pub async fn connect(self, dst: SocketAddr) -> anyhow::Result<TcpStream> {
+        connect_pod_socket(self.fd, &self.pod, dst).await
+    }
+}
+
+async fn connect_pod_socket(
+    fd: std::os::fd::OwnedFd,
+    pod: &str,
+    dst: SocketAddr,
+) -> anyhow::Result<TcpStream> {
+    let std = std::net::TcpStream::from(fd);
+    std.set_nonblocking(true)?;
+    let socket = tokio::net::TcpSocket::from_std_stream(std);
+    let s = tokio::time::timeout(Duration::from_secs(10), socket.connect(dst))
+        .await
+        .with_context(|| format!("connecting from {pod} to {dst} timed out"))??;
+    s.set_nodelay(true)?;
+    Ok(s)
 }
 
 /// Where the ztunnel binary is: `$ZTUNNEL_BIN` (what `cargo xtask` sets after building it),
@@ -477,7 +555,10 @@ impl Cluster {
             waypoints: vec![],
             apps: vec![],
             app_tasks: vec![],
+            ztunnel_port_shift: vec![],
+            predecessors: vec![],
         };
+        cluster.ztunnel_port_shift = vec![0; cluster.spec.nodes];
         let mode = cluster.spec.control_plane;
         if mode != ControlPlaneMode::File {
             // pilot loads the root it finds in its state directory.
@@ -895,9 +976,25 @@ impl Cluster {
         }
         cmd.arg("--cgroup-root")
             .arg(self.bed.cgroup_root())
-            .arg("--drain-timeout")
-            .arg("5s")
             .args(&self.spec.ztunnel_args);
+        if !self
+            .spec
+            .ztunnel_args
+            .iter()
+            .any(|a| a == "--drain-timeout")
+        {
+            cmd.arg("--drain-timeout").arg("5s");
+        }
+        let shift = self.ztunnel_port_shift[node];
+        if shift != 0 {
+            let gateway = IpAddr::from(self.bed.node(node).pod_gateway);
+            cmd.arg("--admin-addr")
+                .arg(SocketAddr::new(Ipv4Addr::LOCALHOST.into(), 15000 + shift).to_string())
+                .arg("--metrics-addr")
+                .arg(SocketAddr::new(gateway, 15020 + shift).to_string())
+                .arg("--readiness-addr")
+                .arg(SocketAddr::new(gateway, 15021 + shift).to_string());
+        }
         if !self.spec.ztunnel_args.iter().any(|a| a == "--bpf-pin-dir") {
             cmd.arg("--bpf-pin-dir").arg(self.pin_dir_name(node));
         }
@@ -930,8 +1027,16 @@ impl Cluster {
     }
 
     pub fn ztunnel_log(&self, node: usize) -> PathBuf {
-        self.dir
-            .join(format!("ztunnel-{}.log", self.bed.node(node).name))
+        self.ztunnel_log_shifted(node, self.ztunnel_port_shift[node])
+    }
+
+    /// The log of `node`'s ztunnel whose ports are moved by `shift` (a successor's is apart).
+    fn ztunnel_log_shifted(&self, node: usize, shift: u16) -> PathBuf {
+        let name = &self.bed.node(node).name;
+        match shift {
+            0 => self.dir.join(format!("ztunnel-{name}.log")),
+            _ => self.dir.join(format!("ztunnel-{name}-{shift}.log")),
+        }
     }
 
     pub fn ztunnel_pid(&self, node: usize) -> Option<u32> {
@@ -980,6 +1085,11 @@ impl Cluster {
             Ipv4Addr::LOCALHOST
         } else {
             self.bed.node(node).pod_gateway
+        };
+        // The node's current ztunnel, a successor's ports being moved.
+        let port = match port {
+            15000 | 15020 | 15021 => port + self.ztunnel_port_shift[node],
+            _ => port,
         };
         let factory = self.node_sockets(node)?;
         http_get_at(&factory, SocketAddr::new(addr.into(), port), path).await
@@ -1136,14 +1246,100 @@ impl Cluster {
     /// pod's application would (so either capture, eBPF or nftables, applies).
     pub async fn connect_from(&self, pod: &str, dst: SocketAddr) -> anyhow::Result<TcpStream> {
         let fd = self.bed.pod_socket(pod, dst.is_ipv6(), None)?;
-        let std = std::net::TcpStream::from(fd);
-        std.set_nonblocking(true)?;
-        let socket = tokio::net::TcpSocket::from_std_stream(std);
-        let s = tokio::time::timeout(Duration::from_secs(10), socket.connect(dst))
-            .await
-            .with_context(|| format!("connecting from {pod} to {dst} timed out"))??;
-        s.set_nodelay(true)?;
-        Ok(s)
+        connect_pod_socket(fd, pod, dst).await
+    }
+
+    /// A [`PodDialer`] for `pod`, to connect from it in tasks that do not borrow the cluster.
+    pub fn dialer(&self, pod: &str) -> anyhow::Result<PodDialer> {
+        let p = self.bed.pod(pod);
+        Ok(PodDialer {
+            pod: pod.to_string(),
+            files: Arc::new((
+                crate::cgroup::open_procs(&p.cgroup)?,
+                crate::netns::open(&p.netns)?,
+            )),
+        })
+    }
+
+    /// Start a second ztunnel for `node` beside the running one, as a DaemonSet rolling update
+    /// with `maxSurge: 1` does, and wait until it is ready. Its admin, metrics and readiness
+    /// ports are moved by [`SUCCESSOR_PORT_SHIFT`] from its predecessor's (both run in the
+    /// node's namespace); it becomes the node's ztunnel (`http_get`, `metric`, `ztunnel_pid`,
+    /// `ztunnel_log` reach it), and the predecessor keeps running until
+    /// [`Cluster::terminate_predecessor`].
+    pub async fn start_successor(&mut self, node: usize) -> anyhow::Result<()> {
+        let old = self.ztunnels[node]
+            .take()
+            .context("no ztunnel runs on the node")?;
+        let shift = self.ztunnel_port_shift[node];
+        self.predecessors.push((node, shift, old));
+        self.ztunnel_port_shift[node] = if shift == 0 { SUCCESSOR_PORT_SHIFT } else { 0 };
+        self.ztunnels[node] = Some(self.spawn_ztunnel(node)?);
+        self.wait_ready(node, Duration::from_secs(20)).await
+    }
+
+    fn predecessor(&self, node: usize) -> anyhow::Result<&(usize, u16, Child)> {
+        self.predecessors
+            .iter()
+            .rev()
+            .find(|(n, _, _)| *n == node)
+            .context("no predecessor ztunnel on the node")
+    }
+
+    /// The pid of the latest predecessor of `node`'s ztunnel ([`Cluster::start_successor`]).
+    pub fn predecessor_pid(&self, node: usize) -> Option<u32> {
+        self.predecessor(node).ok().map(|(_, _, c)| c.id())
+    }
+
+    /// SIGTERM the latest predecessor of `node`'s ztunnel; returns at once (it drains).
+    pub fn terminate_predecessor(&self, node: usize) -> anyhow::Result<()> {
+        let (_, _, child) = self.predecessor(node)?;
+        // SAFETY: plain kill(2) on our own child's pid.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        Ok(())
+    }
+
+    /// A metric of the latest predecessor of `node`'s ztunnel, as [`Cluster::metric`].
+    pub async fn predecessor_metric(
+        &self,
+        node: usize,
+        name: &str,
+        labels: &[(&str, &str)],
+    ) -> anyhow::Result<f64> {
+        let (_, shift, _) = self.predecessor(node)?;
+        let addr = SocketAddr::new(self.bed.node(node).pod_gateway.into(), 15020 + shift);
+        let (_, text) = http_get_at(&self.node_sockets(node)?, addr, "/metrics").await?;
+        Ok(sum_metric(&text, name, labels))
+    }
+
+    /// The log of the latest predecessor of `node`'s ztunnel.
+    pub fn predecessor_log(&self, node: usize) -> anyhow::Result<PathBuf> {
+        let (_, shift, _) = self.predecessor(node)?;
+        Ok(self.ztunnel_log_shifted(node, *shift))
+    }
+
+    /// Wait up to `timeout` for the latest predecessor of `node`'s ztunnel to exit; its status.
+    pub async fn wait_predecessor(
+        &mut self,
+        node: usize,
+        timeout: Duration,
+    ) -> anyhow::Result<std::process::ExitStatus> {
+        let start = Instant::now();
+        loop {
+            let i = self
+                .predecessors
+                .iter()
+                .rposition(|(n, _, _)| *n == node)
+                .context("no predecessor ztunnel on the node")?;
+            if let Some(status) = self.predecessors[i].2.try_wait()? {
+                self.predecessors.remove(i);
+                return Ok(status);
+            }
+            if start.elapsed() > timeout {
+                bail!("the predecessor ztunnel of node {node} still runs after {timeout:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// Echo servers on ECHO_PORT and ALT_PORT in every pod, each answering with a line naming
@@ -1218,7 +1414,12 @@ impl Drop for Cluster {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
         // Stop the ztunnels first: they would otherwise keep using the pins.
-        for z in self.ztunnels.iter_mut().flatten() {
+        for z in self
+            .ztunnels
+            .iter_mut()
+            .flatten()
+            .chain(self.predecessors.iter_mut().map(|(_, _, c)| c))
+        {
             let _ = z.kill();
             let _ = z.wait();
         }

@@ -164,6 +164,28 @@ fn flag<'a>(container: &'a serde_yaml_ng::Value, name: &str) -> &'a str {
         .unwrap_or_else(|| panic!("no --{name}"))
 }
 
+/// A rolling update starts the new ztunnel beside the old one (the upgrade without resets,
+/// `tests/tests/upgrade.rs`), and the old one may drain for its whole `--drain-timeout`.
+#[test]
+fn ztunnel_daemonset_upgrades_with_surge_and_a_full_drain() {
+    let ztunnel = documents(&deploy_dir().join("ztunnel.yaml"));
+    let ds = of_kind(&ztunnel, "DaemonSet");
+    let rolling = &ds["spec"]["updateStrategy"]["rollingUpdate"];
+    assert_eq!(rolling["maxSurge"].as_u64(), Some(1));
+    assert_eq!(rolling["maxUnavailable"].as_u64(), Some(0));
+    let pod = &ds["spec"]["template"]["spec"];
+    let drain = flag(&pod["containers"][0], "drain-timeout");
+    let drain: u64 = drain
+        .strip_suffix('s')
+        .and_then(|d| d.parse().ok())
+        .unwrap_or_else(|| panic!("--drain-timeout={drain}: expected seconds"));
+    let grace = pod["terminationGracePeriodSeconds"].as_u64().unwrap();
+    assert!(
+        grace > drain,
+        "terminationGracePeriodSeconds {grace} <= drain {drain}"
+    );
+}
+
 /// The DaemonSet makes ztunnel pilot's client, and everything it names agrees with pilot's
 /// manifests: the Service's name and port, the node-agent service account pilot trusts, the
 /// token audience pilot's TokenReview asks for, the root ConfigMap pilot publishes, and the

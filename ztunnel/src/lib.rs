@@ -5,6 +5,7 @@ pub mod admin;
 pub mod authorization;
 pub mod claims;
 pub mod dns;
+pub mod handover;
 pub mod inbound;
 pub mod inpod;
 pub mod local_config;

@@ -119,7 +119,9 @@ struct Args {
     metrics_addr: SocketAddr,
     #[arg(long, default_value = "0.0.0.0:15021")]
     readiness_addr: SocketAddr,
-    /// How long open connections may run after SIGTERM before the process exits.
+    /// How long open connections may run after SIGTERM before the process exits. The listeners
+    /// close at once; during an upgrade a new ztunnel started beside this one (DaemonSet
+    /// `maxSurge: 1`) takes the new connections and those still queued.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     drain_timeout: Duration,
     /// Log as JSON lines instead of text.

@@ -193,16 +193,21 @@ impl Route {
         }
     }
 
-    /// Add `rule` after deleting every copy of it already there (a crash could leave several).
-    pub fn replace_rule(&mut self, rule: &FwmarkRule) -> Result<(), String> {
-        self.delete_rule(rule)?;
-        self.exchange(rule_message(rule, true)).map_err(|e| {
-            explain(
+    /// Add `rule` unless it is there already. Never deleted first: a ztunnel still serving the
+    /// pod (the predecessor during an upgrade, or connections of a previous run) relies on it
+    /// at every moment, and a reply that missed it would leave the pod and have the client's
+    /// host reset the application's connection. Copies left by older versions (which added
+    /// without `NLM_F_EXCL`) are identical, so harmless; [`Self::delete_rule`] removes them all.
+    pub fn ensure_rule(&mut self, rule: &FwmarkRule) -> Result<(), String> {
+        match self.exchange(rule_message(rule, true)) {
+            Ok(()) => Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => Ok(()),
+            Err(e) => Err(explain(
                 e,
                 rule.family,
                 &format!("adding the {} rule {}", rule.family, describe(rule)),
-            )
-        })
+            )),
+        }
     }
 
     /// Delete every copy of `rule`; none there is no error.
@@ -411,18 +416,23 @@ mod tests {
             let mut route = Route::open().unwrap();
             for family in [Family::V4, Family::V6] {
                 let rule = FwmarkRule { family, ..RULE };
-                // Two copies, as a crash could leave: replacing leaves exactly one.
+                // Added once; ensuring again keeps it (never deleted in between).
+                route.ensure_rule(&rule).unwrap();
+                route.ensure_rule(&rule).unwrap();
+                let again = route.exchange(rule_message(&rule, true)).unwrap_err();
+                assert_eq!(again.raw_os_error(), Some(libc::EEXIST), "{again}");
+                route.exchange(rule_message(&rule, false)).unwrap();
+                let gone_now = route.exchange(rule_message(&rule, false)).unwrap_err();
+                assert!(gone(&gone_now), "one copy after ensuring twice: {gone_now}");
+                // Two copies, as an older version could leave: deleting removes both.
                 route.exchange(rule_message(&rule, true)).unwrap();
                 let mut dup = rule_message(&rule, true);
                 dup.header.flags = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE;
                 route.exchange(dup).unwrap();
-                route.replace_rule(&rule).unwrap();
-                let again = route.exchange(rule_message(&rule, true)).unwrap_err();
-                assert_eq!(again.raw_os_error(), Some(libc::EEXIST), "{again}");
+                route.ensure_rule(&rule).unwrap();
                 route.delete_rule(&rule).unwrap();
-                let gone_now = route.exchange(rule_message(&rule, false)).unwrap_err();
-                assert!(gone(&gone_now), "one copy left after replacing: {gone_now}");
-                route.delete_rule(&rule).unwrap();
+                let none = route.exchange(rule_message(&rule, false)).unwrap_err();
+                assert!(gone(&none), "{none}");
 
                 route.replace_local_default(family, 1, 273).unwrap();
                 route.replace_local_default(family, 1, 273).unwrap();

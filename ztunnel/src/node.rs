@@ -18,6 +18,7 @@ use tracing::{error, info, warn};
 
 use crate::claims::Claims;
 use crate::dns::proxy::{self as dns_proxy, DnsProxy};
+use crate::handover::ListenerMigration;
 use crate::metrics::Metrics;
 use crate::redirect::{PodCapture, PodTarget, Redirector};
 use crate::source::PodRouting;
@@ -119,6 +120,8 @@ struct Enrolled {
     capture: Arc<dyn PodCapture>,
     routing: Option<Arc<PodRouting>>,
     drain: drain::Trigger,
+    /// `tcp_migrate_req` set in the pod (`None`: could not be), put back after the drain.
+    migration: Option<ListenerMigration>,
 }
 
 /// A row of the admin dump.
@@ -293,7 +296,9 @@ impl Node {
             };
             pending.retain(|uid, _| keep.contains(uid));
             self.metrics.enrolled_pods.set(pods.len() as i64);
-            claims.begin_retain().then(|| {
+            // Not before the first complete view of the mesh: an empty or partial one would
+            // sweep away the capture a predecessor left for pods still here.
+            (self.synced() && claims.begin_retain()).then(|| {
                 (
                     pods.keys().cloned().collect::<Vec<_>>(),
                     pending.keys().cloned().collect::<Vec<_>>(),
@@ -356,6 +361,13 @@ impl Node {
         let netns = crate::inpod::find_netns(&self.cgroup_root, &w.uid)?;
         let sockets = SocketFactory::open_netns(&netns, Some(PROXY_MARK))
             .map_err(|e| format!("opening pod netns: {e}"))?;
+        // Before our listeners exist: when this ztunnel drains for its successor, what is queued
+        // on them moves to the successor's instead of being reset (`handover`).
+        let migration = ListenerMigration::enable(&sockets)
+            .inspect_err(|e| {
+                warn!(pod = %w.name, uid = %w.uid, "connections queued on this ztunnel's listeners will be reset when it hands over to a new one: {e}");
+            })
+            .ok();
         let listen = |ip: IpAddr, port| {
             sockets
                 .listen(SocketAddr::new(ip, port))
@@ -411,6 +423,9 @@ impl Node {
                 if let Some(Err(e)) = routing.as_ref().map(|r| r.remove()) {
                     warn!(pod = %w.name, uid = %w.uid, "removing the routing for source preservation: {e}");
                 }
+                if let Some(Err(e)) = migration.as_ref().map(|m| m.restore(&sockets)) {
+                    warn!(pod = %w.name, uid = %w.uid, "{e}");
+                }
             })?;
         let identity = w.identity();
         self.certs.track(&identity);
@@ -457,12 +472,14 @@ impl Node {
             capture,
             routing,
             drain: trigger,
+            migration,
         })
     }
 
     /// Capture first (new connections go direct), then the listeners drain.
     /// The routing for source preservation goes once the open connections are done (their
-    /// replies need it), unless the pod was enrolled again meanwhile.
+    /// replies need it), and `tcp_migrate_req` is put back, unless the pod was enrolled again
+    /// meanwhile.
     async fn unenroll(self: &Arc<Self>, uid: String, pod: Enrolled) {
         let capture = pod.capture.clone();
         match tokio::task::spawn_blocking(move || capture.remove()).await {
@@ -475,10 +492,11 @@ impl Node {
         info!(pod = %pod.name, %uid, "pod unenrolled");
         self.release(&uid);
         let drained = pod.drain.drain(Duration::from_secs(30));
-        let Some(routing) = pod.routing else {
+        if pod.routing.is_none() && pod.migration.is_none() {
             tokio::spawn(drained);
             return;
-        };
+        }
+        let (routing, migration, netns) = (pod.routing, pod.migration, pod.netns);
         let node = self.clone();
         tokio::spawn(async move {
             drained.await;
@@ -491,10 +509,26 @@ impl Node {
             if !claimed {
                 return;
             }
-            match tokio::task::spawn_blocking(move || routing.remove()).await {
+            let undo = move || -> Result<(), String> {
+                let routing = routing.map_or(Ok(()), |r| {
+                    r.remove()
+                        .map_err(|e| format!("removing the routing for source preservation: {e}"))
+                });
+                let migration = migration.map_or(Ok(()), |m| {
+                    SocketFactory::open_netns(&netns, None)
+                        .map_err(|e| format!("opening the pod's network namespace: {e}"))
+                        .and_then(|sockets| m.restore(&sockets))
+                });
+                match (routing, migration) {
+                    (Err(a), Err(b)) => Err(format!("{a}; {b}")),
+                    (r, m) => r.and(m),
+                }
+            };
+            match tokio::task::spawn_blocking(undo).await {
                 Ok(Ok(())) => {}
-                Ok(Err(e)) => warn!(%uid, "removing the routing for source preservation: {e}"),
-                Err(e) => warn!(%uid, "removing the routing for source preservation failed: {e}"),
+                // The pod may already be gone along with its namespace.
+                Ok(Err(e)) => warn!(%uid, "{e}"),
+                Err(e) => warn!(%uid, "undoing the pod's setup failed: {e}"),
             }
             node.release(&uid);
         });
@@ -502,7 +536,8 @@ impl Node {
 
     /// Stop every pod's listeners and wait for open connections, up to `deadline`. Capture
     /// (rules, or pinned eBPF state) stays: while no ztunnel runs, captured connections are refused rather than sent
-    /// around the mesh.
+    /// around the mesh. With a successor running beside this one (an upgrade), the closed
+    /// listeners' queued connections move to its listeners and new ones go there (`handover`).
     pub async fn drain(&self, deadline: Duration) -> bool {
         self.draining.store(true, Ordering::SeqCst);
         // Enrollments under way finish first (their pods are drained with the rest); none

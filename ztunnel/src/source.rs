@@ -111,7 +111,7 @@ impl PodRouting {
                     .run_in(loopback_index)
                     .map_err(|e| format!("finding `lo` in the pod: {e}"))?;
                 routing.families().try_for_each(|family| {
-                    route.replace_rule(&rule(family))?;
+                    route.ensure_rule(&rule(family))?;
                     route.replace_local_default(family, lo, ROUTE_TABLE)
                 })
             });

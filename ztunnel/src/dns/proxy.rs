@@ -100,7 +100,8 @@ pub fn listen(
     Ok((udp, tcp))
 }
 
-/// Answer the queries arriving on the pod's UDP socket until the pod drains.
+/// Answer the queries arriving on the pod's UDP socket until the pod drains, then those
+/// already queued on it ([`hand_over`]).
 pub async fn serve_udp(socket: UdpSocket, pod: Arc<Pod>, dns: Arc<DnsProxy>, drain: drain::Watch) {
     let socket = Arc::new(socket);
     let mut buf = vec![0u8; TCP_MAX];
@@ -114,22 +115,72 @@ pub async fn serve_udp(socket: UdpSocket, pod: Arc<Pod>, dns: Arc<DnsProxy>, dra
                     continue;
                 }
             },
-            _ = drain.signaled() => return,
+            _ = drain.signaled() => break,
         };
-        let Ok(permit) = dns.in_flight.clone().try_acquire_owned() else {
-            warn!(target: "dns", %client, "too many DNS queries in flight; dropping one");
-            continue;
-        };
-        let query = buf[..n].to_vec();
-        let (socket, pod, dns, drain) = (socket.clone(), pod.clone(), dns.clone(), drain.clone());
-        tokio::spawn(async move {
-            if let Some(resp) = handle(&pod, &dns, &query, Transport::Udp).await
-                && let Err(e) = socket.send_to(&resp, client).await
-            {
-                debug!(target: "dns", %client, "UDP reply: {e}");
+        answer_udp(&socket, &pod, &dns, &drain, &buf[..n], client);
+    }
+    hand_over(&socket, &mut buf, |query, client| {
+        answer_udp(&socket, &pod, &dns, &drain, query, client)
+    })
+    .await;
+}
+
+/// Answer one UDP query in a task of its own.
+fn answer_udp(
+    socket: &Arc<UdpSocket>,
+    pod: &Arc<Pod>,
+    dns: &Arc<DnsProxy>,
+    drain: &drain::Watch,
+    query: &[u8],
+    client: SocketAddr,
+) {
+    let Ok(permit) = dns.in_flight.clone().try_acquire_owned() else {
+        warn!(target: "dns", %client, "too many DNS queries in flight; dropping one");
+        return;
+    };
+    let query = query.to_vec();
+    let (socket, pod, dns, drain) = (socket.clone(), pod.clone(), dns.clone(), drain.clone());
+    tokio::spawn(async move {
+        if let Some(resp) = handle(&pod, &dns, &query, Transport::Udp).await
+            && let Err(e) = socket.send_to(&resp, client).await
+        {
+            debug!(target: "dns", %client, "UDP reply: {e}");
+        }
+        drop((permit, drain));
+    });
+}
+
+/// How long a draining UDP socket keeps reading what the kernel queued on it.
+const HAND_OVER_GRACE: Duration = Duration::from_millis(50);
+
+/// Stop taking new queries on a draining UDP socket without losing those already sent to it.
+/// UDP has no equivalent of TCP's `tcp_migrate_req`: closing the socket would drop what is
+/// queued on it, and leaving it open while not reading would drop what the kernel keeps
+/// choosing it for. Connected (to its own address, from which no query comes), it is no longer
+/// chosen among the sockets sharing the address (SO_REUSEPORT skips connected members), so new
+/// queries go to a successor ztunnel's socket; what was queued before is read and answered
+/// (`answer`), including datagrams the kernel chose it for just before, for a short grace.
+async fn hand_over(socket: &UdpSocket, buf: &mut [u8], mut answer: impl FnMut(&[u8], SocketAddr)) {
+    match socket.local_addr() {
+        Ok(own) => {
+            if let Err(e) = socket.connect(own).await {
+                debug!(target: "dns", "detaching the draining UDP socket: {e}");
             }
-            drop((permit, drain));
-        });
+        }
+        Err(e) => debug!(target: "dns", "detaching the draining UDP socket: {e}"),
+    }
+    let until = Instant::now() + HAND_OVER_GRACE;
+    loop {
+        match socket.try_recv_from(buf) {
+            Ok((n, client)) => answer(&buf[..n], client),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if Instant::now() >= until {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            Err(e) => debug!(target: "dns", "UDP receive while draining: {e}"),
+        }
     }
 }
 
@@ -339,4 +390,60 @@ async fn forward_tcp(
     tokio::time::timeout(TCP_UPSTREAM_TIMEOUT, exchange)
         .await
         .map_err(|_| format!("no answer within {TCP_UPSTREAM_TIMEOUT:?}"))?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reuseport_udp(addr: SocketAddr) -> UdpSocket {
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None).unwrap();
+        s.set_reuse_port(true).unwrap();
+        s.set_nonblocking(true).unwrap();
+        s.bind(&addr.into()).unwrap();
+        UdpSocket::from_std(s.into()).unwrap()
+    }
+
+    /// Datagrams from `n` clients (a socket, so a source port, each) to `to`.
+    async fn send_from_many(to: SocketAddr, n: usize, tag: u8) {
+        for i in 0..n {
+            let c = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+            c.send_to(&[tag, i as u8], to).await.unwrap();
+        }
+    }
+
+    /// Against the kernel: with two sockets sharing an address, the draining one answers what
+    /// was queued on it, and every datagram sent after it is detached reaches the other.
+    #[tokio::test]
+    async fn a_draining_udp_socket_hands_new_datagrams_to_its_sibling() {
+        let probe = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let addr = probe.local_addr().unwrap();
+        drop(probe);
+        let old = reuseport_udp(addr);
+        let new = reuseport_udp(addr);
+        const N: usize = 100;
+        send_from_many(addr, N, 1).await;
+        let mut buf = [0u8; 16];
+        let mut answered = vec![];
+        hand_over(&old, &mut buf, |d, _| answered.push(d.to_vec())).await;
+        send_from_many(addr, N, 2).await;
+        let mut at_new = vec![];
+        while let Ok((n, _)) = new.try_recv_from(&mut buf) {
+            at_new.push(buf[..n].to_vec());
+        }
+        assert!(
+            !answered.is_empty(),
+            "some of the first datagrams were queued on the old one"
+        );
+        assert!(answered.iter().all(|d| d[0] == 1));
+        let first_at_new = at_new.iter().filter(|d| d[0] == 1).count();
+        let second_at_new = at_new.iter().filter(|d| d[0] == 2).count();
+        assert_eq!(answered.len() + first_at_new, N, "none of the first lost");
+        assert_eq!(second_at_new, N, "every later one went to the sibling");
+        let mut rest = [0u8; 16];
+        assert!(
+            old.try_recv_from(&mut rest).is_err(),
+            "nothing more for the old one"
+        );
+    }
 }

@@ -69,6 +69,8 @@ struct Inner {
     pods_dir: PathBuf,
     /// Netns cookie of each pod enrolled by this process, by uid.
     cookies: Mutex<StdHashMap<String, u64>>,
+    /// The symlink naming the instance that owns the pinned state (see [`Owner`]).
+    owner: Owner,
 }
 
 impl Ebpf {
@@ -108,6 +110,8 @@ impl Ebpf {
         let pods_dir = pin_dir.join("pods");
         std::fs::create_dir_all(&pods_dir)
             .map_err(|e| format!("creating the pin directory {}: {e}", pods_dir.display()))?;
+        // From now on a predecessor still running (an upgrade) leaves the sweeping to us.
+        let owner = Owner::take(&pin_dir)?;
 
         // aya wants the object 4-byte aligned.
         let aligned: Vec<u32> = object
@@ -190,6 +194,7 @@ impl Ebpf {
                 config: Mutex::new(config),
                 pods_dir,
                 cookies: Mutex::default(),
+                owner,
             }),
         };
         ebpf.set_config_log_level(settings.log_level);
@@ -381,6 +386,13 @@ impl Redirector for Ebpf {
             ..PodInfo::default()
         };
         let mut keys = vec![];
+        // A successor owns the inbound sockmap. Our listener must not replace its entry: ours
+        // leaves the map when we drain and close it, and nothing would put the successor's
+        // back (it writes a pod's entry once, at enrollment). Ours goes in only where there is
+        // none yet (the successor has not enrolled the pod yet), so the pod is served at once;
+        // the successor's replaces it when it enrolls the pod. Either way our listeners get
+        // their share through the reuseport group.
+        let owner = inner.owner.still_ours();
         for ip in pod.addresses {
             let listener = pod
                 .plaintext
@@ -390,8 +402,15 @@ impl Redirector for Ebpf {
                 continue;
             };
             let key = ip_key(*ip);
-            insert_listener(inner, &key, listener)?;
-            keys.push(key);
+            if owner {
+                insert_listener(inner, &key, listener, 0)?;
+                keys.push(key);
+            } else if !insert_listener(inner, &key, listener, BPF_NOEXIST)? {
+                debug!(
+                    uid = pod.uid,
+                    "the successor's listener is in the inbound sockmap already"
+                );
+            }
             match ip {
                 IpAddr::V4(v4) => info.ip4 = v4.octets(),
                 IpAddr::V6(v6) => info.ip6 = v6.octets(),
@@ -425,6 +444,11 @@ impl Redirector for Ebpf {
 
     fn retain(&self, enrolled: &[String], pending: &[String]) {
         let inner = &self.inner;
+        // A successor has started (an upgrade): its pods' pins and entries are its own, and
+        // this instance's view of the mesh may lag behind its view.
+        if !inner.owner.still_ours() {
+            return;
+        }
         let keep: HashSet<&str> = enrolled.iter().chain(pending).map(String::as_str).collect();
         if let Ok(entries) = std::fs::read_dir(&inner.pods_dir) {
             for e in entries.flatten() {
@@ -462,14 +486,103 @@ impl Redirector for Ebpf {
     }
 }
 
+/// Which ztunnel owns the shared capture state (sweeping pins of unknown pods, the inbound
+/// sockmap): the one with the greatest directory `<pin dir>/owner-<start time>-<pid>` (bpffs
+/// holds directories besides pins, but no plain files nor symlinks), the one started last.
+/// Each instance makes its own at start and removes older ones. Two instances run side by side
+/// during an upgrade; the old one, draining or with a view of the mesh a moment behind, must
+/// not remove or replace what the new one set up.
+struct Owner {
+    pin_dir: PathBuf,
+    name: String,
+    /// Set once a newer instance is seen; never cleared (a newer instance does not hand back).
+    superseded: std::sync::atomic::AtomicBool,
+}
+
+const OWNER_PREFIX: &str = "owner-";
+
+impl Owner {
+    fn take(pin_dir: &Path) -> Result<Owner, String> {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        // Fixed width: names order as start times do.
+        let name = format!("{OWNER_PREFIX}{nanos:024}-{}", std::process::id());
+        let dir = pin_dir.join(&name);
+        std::fs::create_dir(&dir).map_err(|e| {
+            format!(
+                "marking the pins as this instance's ({}): {e}",
+                dir.display()
+            )
+        })?;
+        for other in owner_names(pin_dir) {
+            if other < name {
+                let _ = std::fs::remove_dir(pin_dir.join(other));
+            }
+        }
+        Ok(Owner {
+            pin_dir: pin_dir.to_path_buf(),
+            name,
+            superseded: Default::default(),
+        })
+    }
+
+    fn still_ours(&self) -> bool {
+        use std::sync::atomic::Ordering;
+        if self.superseded.load(Ordering::Relaxed) {
+            return false;
+        }
+        let newest = owner_names(&self.pin_dir).into_iter().max();
+        // Our own gone (removed by hand) yet nobody newer: still ours.
+        if newest.as_ref().is_none_or(|n| *n <= self.name) {
+            return true;
+        }
+        self.superseded.store(true, Ordering::Relaxed);
+        info!(
+            successor = ?newest,
+            "a newer ztunnel owns the pinned eBPF state: this one leaves the inbound sockmap and the clean-up of unknown pods to it"
+        );
+        false
+    }
+}
+
+fn owner_names(pin_dir: &Path) -> Vec<String> {
+    std::fs::read_dir(pin_dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with(OWNER_PREFIX))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 fn lock<T>(m: &Mutex<T>) -> Result<std::sync::MutexGuard<'_, T>, String> {
     m.lock().map_err(|_| "eBPF state lock poisoned".to_string())
 }
 
-fn insert_listener(inner: &Inner, key: &IpKey, listener: &TcpListener) -> Result<(), String> {
-    lock(&inner.inbound)?
-        .insert(key, listener.as_fd().as_raw_fd(), 0)
-        .map_err(|e| format!("adding the 15006 listener to the sockmap: {e}"))
+/// `BPF_NOEXIST`: add a map entry only where there is none.
+const BPF_NOEXIST: u64 = 1;
+
+/// Put `listener` in the inbound sockmap under `key`; false when `flags` has `BPF_NOEXIST` and
+/// an entry was there already.
+fn insert_listener(
+    inner: &Inner,
+    key: &IpKey,
+    listener: &TcpListener,
+    flags: u64,
+) -> Result<bool, String> {
+    match lock(&inner.inbound)?.insert(key, listener.as_fd().as_raw_fd(), flags) {
+        Ok(()) => Ok(true),
+        Err(aya::maps::MapError::SyscallError(e))
+            if flags & BPF_NOEXIST != 0 && e.io_error.raw_os_error() == Some(libc::EEXIST) =>
+        {
+            Ok(false)
+        }
+        Err(e) => Err(format!("adding the 15006 listener to the sockmap: {e}")),
+    }
 }
 
 fn attach_sk_lookup(inner: &Inner, netns: &Path, pin: &Path) -> Result<(), String> {
@@ -524,7 +637,9 @@ impl PodCapture for EbpfPod {
         stream.local_addr()
     }
 
-    /// Reverse of enroll: the sk_lookup link, the enrolled-map entry, the sockmap entries.
+    /// Reverse of enroll: the sk_lookup link, the enrolled-map entry, the sockmap entries (not
+    /// when a successor owned the sockmap at enrollment: an entry we made then leaves it with
+    /// our listener, and the key may hold the successor's).
     fn remove(&self) -> Result<(), String> {
         if self.link_pin.exists() {
             std::fs::remove_file(&self.link_pin)
@@ -576,6 +691,25 @@ mod tests {
         assert_eq!(orig_addr(&o), "[fd00::1]:8080".parse().unwrap());
         o.addr = "::ffff:10.244.2.10".parse::<Ipv6Addr>().unwrap().octets();
         assert_eq!(orig_addr(&o), "10.244.2.10:8080".parse().unwrap());
+    }
+
+    #[test]
+    fn the_instance_started_last_owns_the_pins() {
+        let dir = std::env::temp_dir().join(format!("pin-owner-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let old = Owner::take(&dir).unwrap();
+        assert!(old.still_ours());
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        let new = Owner::take(&dir).unwrap();
+        assert!(new.still_ours());
+        assert!(!old.still_ours(), "the predecessor stops sweeping");
+        // Only the newest one's mark is left.
+        assert_eq!(owner_names(&dir), vec![new.name.clone()]);
+        // One made a moment before the newest, but after it looked: not the owner either.
+        let late = format!("{OWNER_PREFIX}{:024}-1", 1);
+        std::fs::create_dir(dir.join(&late)).unwrap();
+        assert!(new.still_ours());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
