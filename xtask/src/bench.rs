@@ -44,6 +44,9 @@ struct Results {
     /// The mesh again, with both ztunnels restarted with `--worker-threads=1` (absent when the
     /// run's own ztunnel arguments choose the thread count).
     mesh_one_thread: Option<PathFigures>,
+    /// The mesh again, with both ztunnels restarted with `--runtime=per-core` (absent when the
+    /// run's own ztunnel arguments choose the runtime).
+    mesh_per_core: Option<PathFigures>,
     throughput_ratio: f64,
     added_latency_p50_us: f64,
     added_latency_p99_us: f64,
@@ -111,7 +114,15 @@ pub async fn run(
     {
         let mut one = default_args.clone();
         one.push("--worker-threads=1".into());
+        if !ztunnel_args.iter().any(|a| a.starts_with("--runtime")) {
+            one.push("--runtime=shared".into());
+        }
         variants.push(("mesh, --worker-threads=1", Some(one)));
+    }
+    if !ztunnel_args.iter().any(|a| a.starts_with("--runtime")) {
+        let mut per_core = default_args.clone();
+        per_core.push("--runtime=per-core".into());
+        variants.push(("mesh, --runtime=per-core", Some(per_core)));
     }
     let mut rounds: Vec<Vec<PathFigures>> = vec![vec![]; variants.len()];
     for round in 1..=rounds_wanted {
@@ -128,12 +139,23 @@ pub async fn run(
         }
     }
     use_ztunnel_args(&mut c, &default_args).await?;
-    let mut medians = rounds.iter().map(|r| median(r));
+    let medians: Vec<(&str, PathFigures)> = variants
+        .iter()
+        .zip(&rounds)
+        .map(|((name, _), r)| (*name, median(r)))
+        .collect();
+    let variant = |wanted: &str| {
+        medians
+            .iter()
+            .find(|(name, _)| *name == wanted)
+            .map(|(_, m)| m.clone())
+    };
     let (direct, mesh) = (
-        medians.next().unwrap_or_default(),
-        medians.next().unwrap_or_default(),
+        variant("direct").unwrap_or_default(),
+        variant("mesh").unwrap_or_default(),
     );
-    let mesh_one_thread = medians.next();
+    let mesh_one_thread = variant("mesh, --worker-threads=1");
+    let mesh_per_core = variant("mesh, --runtime=per-core");
 
     println!("measuring ztunnel CPU and memory at 1000 req/s of 1 KiB ...");
     let load_for = secs.max(Duration::from_secs(3));
@@ -174,6 +196,7 @@ pub async fn run(
         direct,
         mesh,
         mesh_one_thread,
+        mesh_per_core,
         ztunnels,
     };
     print_table(&results);
@@ -189,6 +212,7 @@ fn print_table(r: &Results) {
     // One column per mesh variant, each followed by its ratio or difference to direct.
     let mesh: Vec<(&str, &PathFigures)> = std::iter::once(("mesh", &r.mesh))
         .chain(r.mesh_one_thread.iter().map(|m| ("1 thread", m)))
+        .chain(r.mesh_per_core.iter().map(|m| ("per-core", m)))
         .collect();
     let d = &r.direct;
     print!(
