@@ -44,9 +44,10 @@ struct Results {
     /// The mesh again, with both ztunnels restarted with `--worker-threads=1` (absent when the
     /// run's own ztunnel arguments choose the thread count).
     mesh_one_thread: Option<PathFigures>,
-    /// The mesh again, with both ztunnels restarted with `--runtime=per-core` (absent when the
-    /// run's own ztunnel arguments choose the runtime).
-    mesh_per_core: Option<PathFigures>,
+    /// The mesh again, with both ztunnels restarted with `--runtime=shared` (the multi-thread
+    /// runtime; absent when the run's own ztunnel arguments choose the runtime). The default,
+    /// `mesh`, is thread-per-core.
+    mesh_shared: Option<PathFigures>,
     throughput_ratio: f64,
     added_latency_p50_us: f64,
     added_latency_p99_us: f64,
@@ -103,9 +104,10 @@ pub async fn run(
         .map(|n| rss_kib(c.ztunnel_pid(n)).unwrap_or(0))
         .collect();
 
-    // Direct, mesh and mesh on one thread alternate, round after round, and each figure is
-    // the median of its rounds: a ratio then compares measurements taken seconds apart, not
-    // minutes. The one-thread variant restarts both ztunnels (their pods stay enrolled).
+    // Direct, mesh (thread-per-core by default), mesh on one thread and mesh on tokio's
+    // multi-thread runtime alternate, round after round, and each figure is the median of its
+    // rounds: a ratio then compares measurements taken seconds apart, not minutes. The other
+    // variants restart both ztunnels (their pods stay enrolled).
     let default_args = c.spec.ztunnel_args.clone();
     let mut variants = vec![("direct", None), ("mesh", Some(default_args.clone()))];
     if !ztunnel_args
@@ -120,9 +122,9 @@ pub async fn run(
         variants.push(("mesh, --worker-threads=1", Some(one)));
     }
     if !ztunnel_args.iter().any(|a| a.starts_with("--runtime")) {
-        let mut per_core = default_args.clone();
-        per_core.push("--runtime=per-core".into());
-        variants.push(("mesh, --runtime=per-core", Some(per_core)));
+        let mut shared = default_args.clone();
+        shared.push("--runtime=shared".into());
+        variants.push(("mesh, --runtime=shared", Some(shared)));
     }
     let mut rounds: Vec<Vec<PathFigures>> = vec![vec![]; variants.len()];
     for round in 1..=rounds_wanted {
@@ -155,7 +157,7 @@ pub async fn run(
         variant("mesh").unwrap_or_default(),
     );
     let mesh_one_thread = variant("mesh, --worker-threads=1");
-    let mesh_per_core = variant("mesh, --runtime=per-core");
+    let mesh_shared = variant("mesh, --runtime=shared");
 
     println!("measuring ztunnel CPU and memory at 1000 req/s of 1 KiB ...");
     let load_for = secs.max(Duration::from_secs(3));
@@ -196,7 +198,7 @@ pub async fn run(
         direct,
         mesh,
         mesh_one_thread,
-        mesh_per_core,
+        mesh_shared,
         ztunnels,
     };
     print_table(&results);
@@ -212,7 +214,7 @@ fn print_table(r: &Results) {
     // One column per mesh variant, each followed by its ratio or difference to direct.
     let mesh: Vec<(&str, &PathFigures)> = std::iter::once(("mesh", &r.mesh))
         .chain(r.mesh_one_thread.iter().map(|m| ("1 thread", m)))
-        .chain(r.mesh_per_core.iter().map(|m| ("per-core", m)))
+        .chain(r.mesh_shared.iter().map(|m| ("multi-thr", m)))
         .collect();
     let d = &r.direct;
     print!(

@@ -143,10 +143,7 @@ mod tests {
         let b = cores.place();
         let c = cores.place();
         let d = cores.place();
-        assert_eq!(
-            [a.index(), b.index(), c.index(), d.index()],
-            [0, 1, 2, 0]
-        );
+        assert_eq!([a.index(), b.index(), c.index(), d.index()], [0, 1, 2, 0]);
         assert_eq!(cores.load(), vec![2, 1, 1]);
         drop(b);
         assert_eq!(cores.load(), vec![2, 0, 1]);
@@ -182,18 +179,16 @@ mod tests {
             tokio::spawn(async move {
                 let (_conn, _) = listener.accept().await.unwrap();
                 let accept_thread = std::thread::current().name().map(String::from);
-                let task_thread = tokio::spawn(async {
-                    std::thread::current().name().map(String::from)
-                })
-                .await
-                .unwrap();
+                let task_thread =
+                    tokio::spawn(async { std::thread::current().name().map(String::from) })
+                        .await
+                        .unwrap();
                 tx.send((accept_thread, task_thread)).unwrap();
             });
         }
         let _client = std::net::TcpStream::connect(addr).unwrap();
-        let (accept_thread, task_thread) = rx
-            .recv_timeout(std::time::Duration::from_secs(5))
-            .unwrap();
+        let (accept_thread, task_thread) =
+            rx.recv_timeout(std::time::Duration::from_secs(5)).unwrap();
         assert_eq!(accept_thread.as_deref(), Some("core-1"));
         assert_eq!(task_thread.as_deref(), Some("core-1"));
     }

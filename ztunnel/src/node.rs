@@ -646,7 +646,10 @@ impl Node {
 }
 
 /// Spawn on `core`'s runtime, or the current one.
-fn spawn_on(core: Option<&tokio::runtime::Handle>, task: impl Future<Output = ()> + Send + 'static) {
+fn spawn_on(
+    core: Option<&tokio::runtime::Handle>,
+    task: impl Future<Output = ()> + Send + 'static,
+) {
     match core {
         Some(h) => drop(h.spawn(task)),
         None => drop(tokio::spawn(task)),
