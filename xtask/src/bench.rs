@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
-use testbed::cluster::{Cluster, ClusterSpec, ECHO_PORT, PodDef, SINK_PORT};
+use testbed::cluster::{Cluster, ClusterSpec, ControlPlaneMode, ECHO_PORT, PodDef, SINK_PORT};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 
 #[derive(Debug, Serialize, Default, Clone)]
@@ -64,9 +64,14 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     testbed::Testbed::check_privileges()?;
     // SAFETY: set before any thread of ours reads the environment for it.
-    unsafe { std::env::set_var("ZTUNNEL_BIN", &bin) };
+    unsafe {
+        std::env::set_var("ZTUNNEL_BIN", &bin);
+        std::env::set_var("PILOT_BIN", crate::setup::pilot_beside(&bin));
+    }
     let spec = ClusterSpec {
-        control_plane: Default::default(),
+        // As deployed: ztunnels are pilot's xDS and CA clients (pilot runs on node 0 and idles
+        // once it has pushed).
+        control_plane: ControlPlaneMode::Pilot,
         nodes: 2,
         pods: vec![
             PodDef::new("mesh-client", "client", 0, true),
