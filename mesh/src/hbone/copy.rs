@@ -180,9 +180,11 @@ async fn h2_to_tcp<W: AsyncWrite + Unpin>(
     while let Some(chunk) = recv.data().await {
         let chunk = chunk.map_err(h2_io)?;
         let n = chunk.len();
+        // Counted when received, before the write: whoever reads the bytes at the other end
+        // then finds them counted.
+        counter.inc_by(n as u64);
         w.write_all(&chunk).await?;
         total += n as u64;
-        counter.inc_by(n as u64);
         // Give the window back only once written, so a slow reader slows the sender.
         recv.flow_control().release_capacity(n).map_err(h2_io)?;
     }
@@ -214,9 +216,9 @@ async fn tcp_to_tcp<R: WaitReadable, W: AsyncWrite + Unpin>(
     let mut buf = AdaptiveBuffer::new();
     let mut total = 0u64;
     while let Some(data) = buf.read(r).await? {
+        counter.inc_by(data.len() as u64);
         w.write_all(&data).await?;
         total += data.len() as u64;
-        counter.inc_by(data.len() as u64);
     }
     w.shutdown().await?;
     Ok(total)
