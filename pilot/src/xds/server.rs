@@ -56,8 +56,9 @@ pub struct Registry {
     pub pushes: AtomicU64,
     /// Resources those responses carried, updated plus removed.
     pub resources: AtomicU64,
-    /// Signalled after each push cut into several responses (a first full push of a large
-    /// view): the memory it took can be given back once such pushes stop.
+    /// Signalled when a connection has sent the last response of a push that took full
+    /// chunks (a first push of a large view): the memory it took is given back once such
+    /// pushes stop (`mesh::memory::trim_after_bursts`).
     pub large_pushes: Arc<tokio::sync::Notify>,
 }
 
