@@ -611,13 +611,23 @@ async fn ipv6_socket_dialing_an_ipv4_address_is_captured_as_ipv4() {
     // It reached ztunnel's IPv4 listener (127.0.0.1:15001, so the source shown is the pod's
     // IPv4 address), and the original destination is the plain IPv4 address.
     let client4 = c.pod_ip("client");
-    let log = std::fs::read_to_string(c.ztunnel_log(0)).unwrap();
-    assert!(
-        log.lines()
-            .any(|l| l.contains(&format!("dst={server4}:8080"))
-                && l.contains(&format!("src={client4}:"))),
-        "{log}"
-    );
+    // The access line is written when the connection's close reaches ztunnel, which may be
+    // just after the answer reached the client.
+    let logged = |log: &str| {
+        log.lines().any(|l| {
+            l.contains(&format!("dst={server4}:8080")) && l.contains(&format!("src={client4}:"))
+        })
+    };
+    let start = std::time::Instant::now();
+    let mut log = String::new();
+    while start.elapsed() < std::time::Duration::from_secs(5) {
+        log = std::fs::read_to_string(c.ztunnel_log(0)).unwrap();
+        if logged(&log) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(logged(&log), "{log}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
