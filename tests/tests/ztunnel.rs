@@ -374,6 +374,27 @@ async fn admin_config_dump_lists_pods_and_certificates() {
         .map(|p| p["name"].as_str().unwrap())
         .collect();
     assert_eq!(pods, vec!["server-a", "server-b"]);
+    // Thread-per-core (the default runtime, unless ZTUNNEL_RUNTIME says otherwise): each pod
+    // is placed on a core, two pods on two cores when there are two; the shared runtime has
+    // no cores to show.
+    let runtime = std::env::var("ZTUNNEL_RUNTIME").unwrap_or_else(|_| "per-core".into());
+    let cores: Vec<Option<u64>> = dump["enrolledPods"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["core"].as_u64())
+        .collect();
+    if runtime == "per-core" {
+        assert!(
+            cores.iter().all(Option::is_some),
+            "a core for each pod: {cores:?}"
+        );
+        if std::thread::available_parallelism().map_or(1, usize::from) >= 2 {
+            assert_ne!(cores[0], cores[1], "two pods on two cores: {cores:?}");
+        }
+    } else {
+        assert!(cores.iter().all(Option::is_none), "{cores:?}");
+    }
     let certs = dump["certificates"].as_array().unwrap();
     assert_eq!(certs.len(), 1, "one identity (sa echo) on node2: {certs:?}");
     assert_eq!(

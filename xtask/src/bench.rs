@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
-use testbed::cluster::{Cluster, ClusterSpec, ECHO_PORT, PodDef, SINK_PORT};
+use testbed::cluster::{Cluster, ClusterSpec, ControlPlaneMode, ECHO_PORT, PodDef, SINK_PORT};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 
 #[derive(Debug, Serialize, Default, Clone)]
@@ -44,6 +44,10 @@ struct Results {
     /// The mesh again, with both ztunnels restarted with `--worker-threads=1` (absent when the
     /// run's own ztunnel arguments choose the thread count).
     mesh_one_thread: Option<PathFigures>,
+    /// The mesh again, with both ztunnels restarted with `--runtime=shared` (the multi-thread
+    /// runtime; absent when the run's own ztunnel arguments choose the runtime). The default,
+    /// `mesh`, is thread-per-core.
+    mesh_shared: Option<PathFigures>,
     throughput_ratio: f64,
     added_latency_p50_us: f64,
     added_latency_p99_us: f64,
@@ -60,9 +64,14 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     testbed::Testbed::check_privileges()?;
     // SAFETY: set before any thread of ours reads the environment for it.
-    unsafe { std::env::set_var("ZTUNNEL_BIN", &bin) };
+    unsafe {
+        std::env::set_var("ZTUNNEL_BIN", &bin);
+        std::env::set_var("PILOT_BIN", crate::setup::pilot_beside(&bin));
+    }
     let spec = ClusterSpec {
-        control_plane: Default::default(),
+        // As deployed: ztunnels are pilot's xDS and CA clients (pilot runs on node 0 and idles
+        // once it has pushed).
+        control_plane: ControlPlaneMode::Pilot,
         nodes: 2,
         pods: vec![
             PodDef::new("mesh-client", "client", 0, true),
@@ -100,9 +109,10 @@ pub async fn run(
         .map(|n| rss_kib(c.ztunnel_pid(n)).unwrap_or(0))
         .collect();
 
-    // Direct, mesh and mesh on one thread alternate, round after round, and each figure is
-    // the median of its rounds: a ratio then compares measurements taken seconds apart, not
-    // minutes. The one-thread variant restarts both ztunnels (their pods stay enrolled).
+    // Direct, mesh (thread-per-core by default), mesh on one thread and mesh on tokio's
+    // multi-thread runtime alternate, round after round, and each figure is the median of its
+    // rounds: a ratio then compares measurements taken seconds apart, not minutes. The other
+    // variants restart both ztunnels (their pods stay enrolled).
     let default_args = c.spec.ztunnel_args.clone();
     let mut variants = vec![("direct", None), ("mesh", Some(default_args.clone()))];
     if !ztunnel_args
@@ -111,7 +121,15 @@ pub async fn run(
     {
         let mut one = default_args.clone();
         one.push("--worker-threads=1".into());
+        if !ztunnel_args.iter().any(|a| a.starts_with("--runtime")) {
+            one.push("--runtime=shared".into());
+        }
         variants.push(("mesh, --worker-threads=1", Some(one)));
+    }
+    if !ztunnel_args.iter().any(|a| a.starts_with("--runtime")) {
+        let mut shared = default_args.clone();
+        shared.push("--runtime=shared".into());
+        variants.push(("mesh, --runtime=shared", Some(shared)));
     }
     let mut rounds: Vec<Vec<PathFigures>> = vec![vec![]; variants.len()];
     for round in 1..=rounds_wanted {
@@ -128,12 +146,23 @@ pub async fn run(
         }
     }
     use_ztunnel_args(&mut c, &default_args).await?;
-    let mut medians = rounds.iter().map(|r| median(r));
+    let medians: Vec<(&str, PathFigures)> = variants
+        .iter()
+        .zip(&rounds)
+        .map(|((name, _), r)| (*name, median(r)))
+        .collect();
+    let variant = |wanted: &str| {
+        medians
+            .iter()
+            .find(|(name, _)| *name == wanted)
+            .map(|(_, m)| m.clone())
+    };
     let (direct, mesh) = (
-        medians.next().unwrap_or_default(),
-        medians.next().unwrap_or_default(),
+        variant("direct").unwrap_or_default(),
+        variant("mesh").unwrap_or_default(),
     );
-    let mesh_one_thread = medians.next();
+    let mesh_one_thread = variant("mesh, --worker-threads=1");
+    let mesh_shared = variant("mesh, --runtime=shared");
 
     println!("measuring ztunnel CPU and memory at 1000 req/s of 1 KiB ...");
     let load_for = secs.max(Duration::from_secs(3));
@@ -174,6 +203,7 @@ pub async fn run(
         direct,
         mesh,
         mesh_one_thread,
+        mesh_shared,
         ztunnels,
     };
     print_table(&results);
@@ -189,6 +219,7 @@ fn print_table(r: &Results) {
     // One column per mesh variant, each followed by its ratio or difference to direct.
     let mesh: Vec<(&str, &PathFigures)> = std::iter::once(("mesh", &r.mesh))
         .chain(r.mesh_one_thread.iter().map(|m| ("1 thread", m)))
+        .chain(r.mesh_shared.iter().map(|m| ("multi-thr", m)))
         .collect();
     let d = &r.direct;
     print!(

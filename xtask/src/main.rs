@@ -67,6 +67,8 @@ enum Task {
         #[arg(long, default_value_t = 3)]
         rounds: usize,
         /// Extra ztunnel flag for the run (repeatable), e.g. --ztunnel-arg=--worker-threads=1.
+        /// Without --worker-threads / --runtime among them, the mesh is also measured on one
+        /// thread and on the multi-thread runtime.
         #[arg(long = "ztunnel-arg", allow_hyphen_values = true)]
         ztunnel_args: Vec<String>,
     },

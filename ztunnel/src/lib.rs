@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod authorization;
 pub mod claims;
+pub mod cores;
 pub mod dns;
 pub mod handover;
 pub mod inbound;

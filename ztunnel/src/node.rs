@@ -17,6 +17,7 @@ use tokio::sync::watch;
 use tracing::{error, info, warn};
 
 use crate::claims::Claims;
+use crate::cores::{Cores, Placement};
 use crate::dns::proxy::{self as dns_proxy, DnsProxy};
 use crate::handover::ListenerMigration;
 use crate::metrics::Metrics;
@@ -64,6 +65,8 @@ pub struct Node {
     admin_listeners: Vec<SocketAddr>,
     /// Set by `drain`: no reconcile pass enrolls anything after it.
     draining: AtomicBool,
+    /// With `--runtime per-core`: the threads the pods' proxies run on (`None`: the main runtime).
+    cores: Option<Arc<Cores>>,
 }
 
 /// The proxy side of one enrolled pod, as its handlers see it.
@@ -80,6 +83,9 @@ pub struct Pod {
     pub routing: Option<Arc<PodRouting>>,
     /// Plaintext clients connected through 15006 now (their ports are not for deliveries).
     pub plaintext_clients: Arc<crate::source::LiveClients>,
+    /// The HBONE client pool of the pod's outbound: its core's own with `--runtime per-core`,
+    /// else the node's.
+    pub pool: Pool,
 }
 
 impl Pod {
@@ -122,6 +128,8 @@ struct Enrolled {
     drain: drain::Trigger,
     /// `tcp_migrate_req` set in the pod (`None`: could not be), put back after the drain.
     migration: Option<ListenerMigration>,
+    /// The core the pod's proxies run on (`--runtime per-core`); given back at unenrollment.
+    core: Option<Placement>,
 }
 
 /// A row of the admin dump.
@@ -135,6 +143,9 @@ pub struct PodInfo {
     pub enrolled_at: u64,
     /// Whether the application sees clients' addresses (source preservation set up).
     pub source_preserved: bool,
+    /// The core the pod's proxies run on, with `--runtime per-core`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub core: Option<usize>,
 }
 
 /// How the node proxies its pods, from ztunnel's flags.
@@ -147,6 +158,8 @@ pub struct NodeOptions {
     pub dns: Option<Arc<DnsProxy>>,
     /// The admin, metrics and readiness listeners (never a destination for a pod).
     pub admin_listeners: Vec<SocketAddr>,
+    /// With `--runtime per-core`: the threads to place pods' proxies on.
+    pub cores: Option<Arc<Cores>>,
 }
 
 impl Node {
@@ -162,6 +175,7 @@ impl Node {
             preserve_source,
             dns,
             admin_listeners,
+            cores,
         } = options;
         Arc::new(Node {
             name,
@@ -181,6 +195,7 @@ impl Node {
             idle: tokio::sync::Notify::new(),
             admin_listeners,
             draining: AtomicBool::new(false),
+            cores,
         })
     }
 
@@ -384,17 +399,24 @@ impl Node {
                 IpAddr::V6(Ipv6Addr::UNSPECIFIED),
             ));
         }
+        // The listeners are registered with the reactor of the runtime current when they are
+        // made: the pod's core's, with `--runtime per-core`.
+        let core = self.cores.as_ref().map(|c| c.place());
+        let on_core = core.as_ref().map(|c| c.handle().clone());
         let mut outbound_l = vec![];
         let mut plaintext_l = vec![];
         let mut hbone_l = vec![];
         let mut dns_l = vec![];
-        for (local, any) in families {
-            outbound_l.push(listen(local, OUTBOUND_PORT)?);
-            plaintext_l.push(listen(any, INBOUND_PLAINTEXT_PORT)?);
-            hbone_l.push(listen(any, mesh::hbone::HBONE_PORT)?);
-            if self.dns.is_some() {
-                // Captured DNS arrives on loopback only, as captured outbound TCP does.
-                dns_l.push(dns_proxy::listen(&sockets, local)?);
+        {
+            let _on_core = on_core.as_ref().map(|h| h.enter());
+            for (local, any) in families {
+                outbound_l.push(listen(local, OUTBOUND_PORT)?);
+                plaintext_l.push(listen(any, INBOUND_PLAINTEXT_PORT)?);
+                hbone_l.push(listen(any, mesh::hbone::HBONE_PORT)?);
+                if self.dns.is_some() {
+                    // Captured DNS arrives on loopback only, as captured outbound TCP does.
+                    dns_l.push(dns_proxy::listen(&sockets, local)?);
+                }
             }
         }
         // Before capture, so the first captured connection is delivered from its client.
@@ -437,31 +459,32 @@ impl Node {
             capture: capture.clone(),
             routing: routing.clone(),
             plaintext_clients: Default::default(),
+            pool: core
+                .as_ref()
+                .map_or_else(|| self.pool.clone(), |c| c.pool().clone()),
         });
         let (trigger, watch) = drain::channel();
+        // Accept loops on the pod's core: what they accept is spawned there by `tokio::spawn`.
+        let on = on_core.as_ref();
         for l in outbound_l {
-            tokio::spawn(outbound::serve(l, pod.clone(), watch.clone()));
+            spawn_on(on, outbound::serve(l, pod.clone(), watch.clone()));
         }
         for l in plaintext_l {
-            tokio::spawn(inbound::serve_plaintext(l, pod.clone(), watch.clone()));
+            spawn_on(on, inbound::serve_plaintext(l, pod.clone(), watch.clone()));
         }
         for l in hbone_l {
-            tokio::spawn(inbound::serve_hbone(l, pod.clone(), watch.clone()));
+            spawn_on(on, inbound::serve_hbone(l, pod.clone(), watch.clone()));
         }
         if let Some(dns) = &self.dns {
             for (udp, tcp) in dns_l {
-                tokio::spawn(dns_proxy::serve_udp(
-                    udp,
-                    pod.clone(),
-                    dns.clone(),
-                    watch.clone(),
-                ));
-                tokio::spawn(dns_proxy::serve_tcp(
-                    tcp,
-                    pod.clone(),
-                    dns.clone(),
-                    watch.clone(),
-                ));
+                spawn_on(
+                    on,
+                    dns_proxy::serve_udp(udp, pod.clone(), dns.clone(), watch.clone()),
+                );
+                spawn_on(
+                    on,
+                    dns_proxy::serve_tcp(tcp, pod.clone(), dns.clone(), watch.clone()),
+                );
             }
         }
         Ok(Enrolled {
@@ -473,6 +496,7 @@ impl Node {
             routing,
             drain: trigger,
             migration,
+            core,
         })
     }
 
@@ -613,10 +637,22 @@ impl Node {
                     .map(|d| d.as_secs())
                     .unwrap_or(0),
                 source_preserved: p.routing.is_some(),
+                core: p.core.as_ref().map(Placement::index),
             })
             .collect();
         rows.sort_by(|a, b| a.name.cmp(&b.name));
         rows
+    }
+}
+
+/// Spawn on `core`'s runtime, or the current one.
+fn spawn_on(
+    core: Option<&tokio::runtime::Handle>,
+    task: impl Future<Output = ()> + Send + 'static,
+) {
+    match core {
+        Some(h) => drop(h.spawn(task)),
+        None => drop(tokio::spawn(task)),
     }
 }
 

@@ -243,8 +243,7 @@ async fn open_hbone(
         debug!(%hbone_addr, "new HBONE connection");
         client::handshake(tcp, cert.client_config(expected)?, hbone_addr).await
     };
-    pod.node
-        .pool
+    pod.pool
         .connect(key, &req, dial)
         .await
         .map_err(|e| format!("HBONE to {}: {e}", route.target))
