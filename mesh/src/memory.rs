@@ -69,6 +69,36 @@ pub async fn trim_periodically(period: Duration, threshold: usize) {
     }
 }
 
+/// Trim once `quiet` has passed since the last of a burst of `notify` signals, if the
+/// allocator then holds more than `threshold` free. For a server whose large transient
+/// allocations come in bursts it can name (pilot's first full pushes: megabytes of encoded
+/// responses per connection, all freed once sent), so that the memory goes back when the burst
+/// ends rather than at the next periodic look. Runs until the runtime stops.
+pub async fn trim_after_bursts(
+    notify: std::sync::Arc<tokio::sync::Notify>,
+    quiet: Duration,
+    threshold: usize,
+) {
+    if free_heap_bytes().is_none() {
+        return;
+    }
+    loop {
+        notify.notified().await;
+        // Wait until the burst has been quiet for `quiet`.
+        while tokio::time::timeout(quiet, notify.notified()).await.is_ok() {}
+        let Some(free) = free_heap_bytes() else {
+            return;
+        };
+        if free < threshold {
+            continue;
+        }
+        match tokio::task::spawn_blocking(trim).await {
+            Ok(released) => debug!(free, released, "heap trimmed after a burst"),
+            Err(e) => debug!("heap trim did not run: {e}"),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

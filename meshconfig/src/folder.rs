@@ -175,6 +175,7 @@ pub async fn watch_folder(
             settled = again;
         }
         let mut taken = std::mem::take(&mut cache);
+        let reading = std::time::Instant::now();
         let Some((mut snap, parsed)) = or_log(
             blocking(&dir, move |d| {
                 let snap = taken.load(d);
@@ -200,6 +201,7 @@ pub async fn watch_folder(
             policies = snap.policies.len(),
             problems = snap.problems.len(),
             files_parsed = cache.parsed_last,
+            took = ?reading.elapsed(),
             "configuration folder changed"
         );
         tx.send_replace(Arc::new(snap));

@@ -1,6 +1,6 @@
 //! The tonic delta ADS service: authenticates each stream, then drives one `Session` per connection from its requests and from new snapshots.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
@@ -21,7 +21,7 @@ use crate::routing::GATEWAY_NAME;
 use crate::server::Published;
 use crate::translate::Resources;
 use crate::waypoint::ENVOY_TYPE_URLS;
-use crate::xds::session::{Changed, Push, Reply, Session, TypeReport};
+use crate::xds::session::{CHUNK, Changed, Push, Reply, Session, TypeReport};
 
 /// Responses queued per connection. Small on purpose: a slow proxy holds its own task back,
 /// and the snapshots it misses meanwhile collapse into one diff against the latest.
@@ -56,6 +56,10 @@ pub struct Registry {
     pub pushes: AtomicU64,
     /// Resources those responses carried, updated plus removed.
     pub resources: AtomicU64,
+    /// Signalled when a connection has sent the last response of a push that took full
+    /// chunks (a first push of a large view): the memory it took is given back once such
+    /// pushes stop (`mesh::memory::trim_after_bursts`).
+    pub large_pushes: Arc<tokio::sync::Notify>,
 }
 
 impl Registry {
@@ -226,20 +230,22 @@ fn rank(type_url: &str) -> usize {
 /// The pushes after a change from `old` to `new`, make before break: every update first
 /// (clusters, endpoints, listeners, routes), then the removals in the reverse order.
 /// `changed` lists the names that differ between `old` and `new` (see `Session::after_snapshot`).
+/// A full comparison of a view without Envoy removals is planned a chunk at a time (see
+/// `Session::resume`); with them, whole, as its two passes must each see the other's result.
 pub fn pushes(
     session: &mut Session,
     old: &Resources,
-    new: &Resources,
+    new: &Arc<Resources>,
     changed: &Changed,
 ) -> Vec<Push> {
     let Some(both) = new.keeping_removed_envoy(old) else {
-        let mut updates = session.after_snapshot(new, changed);
+        let mut updates = session.after_snapshot(new, changed, Some(new));
         updates.sort_by_key(|r| rank(&r.type_url));
         return updates;
     };
-    let mut updates = session.after_snapshot(&both, &Changed::new());
+    let mut updates = session.after_snapshot(&both, &Changed::new(), None);
     updates.sort_by_key(|r| rank(&r.type_url));
-    let mut removals = session.after_snapshot(new, &Changed::new());
+    let mut removals = session.after_snapshot(new, &Changed::new(), None);
     removals.sort_by_key(|r| std::cmp::Reverse(rank(&r.type_url)));
     updates.extend(removals);
     updates
@@ -271,6 +277,12 @@ async fn serve(
     let mut node_id = String::new();
     let mut current = published.borrow_and_update().clone();
     let mut served = current.resources.clone();
+    // Responses not sent yet. Requests (ACKs) are read while they go out, so that what a
+    // session keeps per response awaiting its ACK is settled as the client applies them; new
+    // snapshots wait until the queue is empty.
+    let mut queue: VecDeque<Push> = VecDeque::new();
+    // A push of full chunks is under way: the heap is trimmed once such pushes stop.
+    let mut large = false;
     loop {
         let responses: Vec<Push> = tokio::select! {
             msg = inbound.message() => {
@@ -305,7 +317,7 @@ async fn serve(
                 }
                 response
             }
-            changed = published.changed() => {
+            changed = published.changed(), if queue.is_empty() => {
                 if changed.is_err() {
                     return "control plane shutting down".into();
                 }
@@ -334,25 +346,47 @@ async fn serve(
                 served = next;
                 out
             }
-        };
-        for push in responses {
-            debug!(
-                id,
-                type_url = %push.type_url,
-                updated = push.updated(),
-                removed = push.removed.len(),
-                nonce = %push.nonce,
-                "push"
-            );
-            registry.pushes.fetch_add(1, Ordering::Relaxed);
-            registry.resources.fetch_add(
-                (push.updated() + push.removed.len()) as u64,
-                Ordering::Relaxed,
-            );
-            // Encoded only now: a connection holds at most the queue's few responses.
-            if tx.send(Ok(push.into_response())).await.is_err() {
-                return "proxy went away".into();
+            permit = tx.reserve(), if !queue.is_empty() => {
+                let Ok(permit) = permit else {
+                    return "proxy went away".into();
+                };
+                let Some(mut push) = queue.pop_front() else {
+                    continue;
+                };
+                let rest = push.rest.take();
+                debug!(
+                    id,
+                    type_url = %push.type_url,
+                    updated = push.updated(),
+                    removed = push.removed.len(),
+                    nonce = %push.nonce,
+                    "push"
+                );
+                registry.pushes.fetch_add(1, Ordering::Relaxed);
+                registry.resources.fetch_add(
+                    (push.updated() + push.removed.len()) as u64,
+                    Ordering::Relaxed,
+                );
+                large |= push.updated() >= CHUNK;
+                // Encoded only now: a connection holds at most the queue's few responses.
+                permit.send(Ok(push.into_response()));
+                if let Some(rest) = rest {
+                    // The next chunk, planned only now that this one has gone out.
+                    match on_session(&connection, move |s| s.resume(rest)).await {
+                        Ok(more) => {
+                            for p in more.into_iter().rev() {
+                                queue.push_front(p);
+                            }
+                        }
+                        Err(e) => return e,
+                    }
+                }
+                if queue.is_empty() && std::mem::take(&mut large) {
+                    registry.large_pushes.notify_one();
+                }
+                Vec::new()
             }
-        }
+        };
+        queue.extend(responses);
     }
 }

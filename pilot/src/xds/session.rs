@@ -20,11 +20,15 @@
 //! snapshot shares it (never a copy of its name, version or body); what it acknowledged is
 //! kept only where that differs from what it holds. After a snapshot that lists the names
 //! it changed, only those names are looked at. A large push is cut into responses of at most
-//! [`CHUNK`] resources, each encoded only when it is about to be sent.
+//! [`CHUNK`] resources, each encoded only when it is about to be sent; a full comparison (a
+//! first subscription) is also planned one response at a time, the next once the previous has
+//! gone out ([`Push::rest`], [`Session::resume`]), so a session never holds the plan of a
+//! whole large view at once.
 
 use std::borrow::Borrow;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::hash::{Hash, Hasher};
+use std::ops::Bound;
 use std::sync::Arc;
 
 use envoy_types::pb::envoy::service::discovery::v3::{
@@ -101,13 +105,20 @@ fn same(a: Option<&Held>, b: Option<&Held>) -> bool {
     }
 }
 
-/// One entry of a response awaiting its ACK: the name (carried by a resource of that name),
-/// what the client held before, and what we sent (`None`: a removal).
+/// One entry of a response awaiting its ACK: what the client held before, and what we sent
+/// (`None`: a removal). One of the two is always there, and carries the name: two pointers
+/// per resource in flight, which a first push of a large view holds for every resource.
 #[derive(Debug)]
 struct Sent {
-    name: Held,
     before: Option<Held>,
     after: Option<Held>,
+}
+
+impl Sent {
+    /// The resource this entry is about (either version carries its name).
+    fn name(&self) -> Option<&Held> {
+        self.after.as_ref().or(self.before.as_ref())
+    }
 }
 
 #[derive(Debug, Default)]
@@ -218,6 +229,18 @@ pub struct Push {
     resources: Vec<(Arc<Resource>, Vec<String>)>,
     pub removed: Vec<String>,
     pub nonce: String,
+    /// The rest of a comparison planned a chunk at a time: [`Session::resume`] it once this
+    /// response has gone out.
+    pub rest: Option<Rest>,
+}
+
+/// Where a full comparison of a large view stopped: the names of `view` after `after` are
+/// still to be compared.
+#[derive(Debug)]
+pub struct Rest {
+    view: Arc<Resources>,
+    type_url: String,
+    after: String,
 }
 
 impl Push {
@@ -227,6 +250,7 @@ impl Push {
     }
 
     pub fn into_response(self) -> DeltaDiscoveryResponse {
+        debug_assert!(self.rest.is_none(), "the rest of a push taken out first");
         let type_url = self.type_url;
         DeltaDiscoveryResponse {
             resources: self
@@ -292,8 +316,14 @@ impl Session {
         req: &DeltaDiscoveryRequest,
         resources: &Resources,
     ) -> (Option<Reply>, Option<DeltaDiscoveryResponse>) {
-        let (reply, pushes) = self.request(req, resources);
-        (reply, pushes.into_iter().next().map(Push::into_response))
+        let (reply, pushes) = self.request(req, &Arc::new(resources.clone()));
+        (
+            reply,
+            pushes.into_iter().next().map(|mut p| {
+                assert!(p.rest.take().is_none(), "a test view fits one chunk");
+                p.into_response()
+            }),
+        )
     }
 
     /// Handle one request. Returns what the reply (if any) said and the responses to send.
@@ -301,7 +331,7 @@ impl Session {
     pub fn request(
         &mut self,
         req: &DeltaDiscoveryRequest,
-        resources: &Resources,
+        resources: &Arc<Resources>,
     ) -> (Option<Reply>, Vec<Push>) {
         let Some(current) = resources.of_type(&req.type_url) else {
             return (None, Vec::new());
@@ -320,12 +350,11 @@ impl Session {
                             mesh::xds::rejected_names(&status.message)
                                 .map(|names| names.into_iter().collect());
                         let (mut rejected, mut accepted) = (0, 0);
-                        for Sent {
-                            name,
-                            before,
-                            after,
-                        } in sent
-                        {
+                        for entry in sent {
+                            let Some(name) = entry.name().cloned() else {
+                                continue;
+                            };
+                            let Sent { before, after } = entry;
                             let refused = named.as_ref().is_none_or(|n| n.contains(name.name()));
                             if !refused {
                                 accepted += 1;
@@ -359,8 +388,10 @@ impl Session {
                     }
                     None => {
                         let n = sent.len();
-                        for Sent { name, after, .. } in sent {
-                            t.ack(&name, after);
+                        for entry in sent {
+                            if let Some(name) = entry.name().cloned() {
+                                t.ack(&name, entry.after);
+                            }
                         }
                         Reply::Ack {
                             type_url: req.type_url.clone(),
@@ -440,6 +471,8 @@ impl Session {
                 current,
                 first || !req.resource_names_subscribe.is_empty(),
                 None,
+                Some(resources),
+                None,
             )
         } else {
             // Only an ACK or NACK: the view is the one last diffed, so only what a NACK gave
@@ -447,7 +480,14 @@ impl Session {
             // view here would cost O(view) per response, O(view²) over a chunked first push.
             rejected_names.sort_unstable();
             rejected_names.dedup();
-            self.diff(&req.type_url, current, false, Some(&rejected_names))
+            self.diff(
+                &req.type_url,
+                current,
+                false,
+                Some(&rejected_names),
+                None,
+                None,
+            )
         };
         (reply, pushes)
     }
@@ -456,16 +496,38 @@ impl Session {
     /// client, each type in full.
     #[cfg(test)]
     pub fn on_resources(&mut self, resources: &Resources) -> Vec<DeltaDiscoveryResponse> {
-        self.after_snapshot(resources, &Changed::new())
+        self.after_snapshot(resources, &Changed::new(), None)
             .into_iter()
             .map(Push::into_response)
             .collect()
     }
 
+    /// Go on with a comparison planned a chunk at a time: the next response (with the rest
+    /// after it, if any), or none when nothing more differs.
+    pub fn resume(&mut self, rest: Rest) -> Vec<Push> {
+        let Some(current) = rest.view.of_type(&rest.type_url) else {
+            return Vec::new();
+        };
+        self.diff(
+            &rest.type_url,
+            current,
+            false,
+            None,
+            Some(&rest.view),
+            Some(&rest.after),
+        )
+    }
+
     /// After a new snapshot: the responses for every subscribed type that changed for this
     /// client. `changed` lists, for some types, every name that differs from the snapshot
-    /// this session last saw; those types are diffed over those names only.
-    pub fn after_snapshot(&mut self, resources: &Resources, changed: &Changed) -> Vec<Push> {
+    /// this session last saw; those types are diffed over those names only. With `lazy` (the
+    /// shared view `resources` is), a full comparison is planned a chunk at a time.
+    pub fn after_snapshot(
+        &mut self,
+        resources: &Resources,
+        changed: &Changed,
+        lazy: Option<&Arc<Resources>>,
+    ) -> Vec<Push> {
         let types: Vec<String> = self.types.keys().cloned().collect();
         let mut out = Vec::new();
         for type_url in &types {
@@ -489,19 +551,27 @@ impl Session {
                     only = Some(names.into_iter().map(str::to_string).collect::<Vec<_>>());
                 }
             }
-            out.extend(self.diff(type_url, current, false, only.as_deref()));
+            let lazy = lazy.filter(|_| only.is_none());
+            out.extend(self.diff(type_url, current, false, only.as_deref(), lazy, None));
         }
         out
     }
 
     /// What to send so that the client holds `current` as it wants it; with `only`, looking
     /// at those names alone (the rest being as the client holds them already).
+    ///
+    /// With `lazy` (the view `current` is of) and no names asked for one by one, a full
+    /// comparison plans one response of [`CHUNK`] resources at most and leaves the rest (the
+    /// names after `from`) to [`Session::resume`], so that a first push of a large view is
+    /// never planned whole at once.
     fn diff(
         &mut self,
         type_url: &str,
         current: &ResourceMap,
         always: bool,
         only: Option<&[String]>,
+        lazy: Option<&Arc<Resources>>,
+        from: Option<&str>,
     ) -> Vec<Push> {
         let Session {
             types,
@@ -516,9 +586,11 @@ impl Session {
         let mut sent: Vec<Sent> = Vec::new();
         let mut removed: Vec<Held> = Vec::new();
         let mut absent: Vec<String> = Vec::new();
+        let mut stopped: Option<Rest> = None;
         // One name of the view: sent if the client wants it and lacks this version, kept in
         // step (shared) if it has it.
-        let mut consider = |t: &mut TypeState, r: &Arc<Resource>| {
+        // Returns whether it is sent.
+        let mut consider = |t: &mut TypeState, r: &Arc<Resource>| -> bool {
             if let Some(held) = t.client.get(r.name.as_str())
                 && held.version() == r.version
             {
@@ -527,13 +599,13 @@ impl Session {
                     // snapshot's copy can go.
                     t.client.replace(Held(r.clone()));
                 }
-                return;
+                return false;
             }
             if t.nacked
                 .get(r.name.as_str())
                 .is_some_and(|n| n.version() == r.version)
             {
-                return;
+                return false;
             }
             let aliases = r
                 .aliases
@@ -543,22 +615,47 @@ impl Session {
                 .collect();
             resources.push((r.clone(), aliases));
             sent.push(Sent {
-                name: Held(r.clone()),
                 before: t.client.get(r.name.as_str()).cloned(),
                 after: Some(Held(r.clone())),
             });
+            true
         };
         match only {
             None => {
-                // A rejected version stays rejected only while it is the current one.
-                t.nacked.retain(|n| {
-                    current
-                        .get(n.name())
-                        .is_some_and(|r| r.version == n.version())
-                });
+                if from.is_none() {
+                    // A rejected version stays rejected only while it is the current one.
+                    t.nacked.retain(|n| {
+                        current
+                            .get(n.name())
+                            .is_some_and(|r| r.version == n.version())
+                    });
+                }
+                // Names asked for one by one need the whole walk (for what matches nothing),
+                // so only a client without any is planned a chunk at a time.
+                let lazy = lazy.filter(|_| t.names.is_empty());
+                let walk: Box<dyn Iterator<Item = (&String, &Arc<Resource>)>> = match from {
+                    Some(after) => Box::new(
+                        current.range::<str, _>((Bound::Excluded(after), Bound::Unbounded)),
+                    ),
+                    None => Box::new(current.iter()),
+                };
                 // Names and aliases asked for one by one that some resource answers.
                 let mut found: HashSet<&str> = HashSet::new();
-                for (name, r) in current {
+                let mut planned = 0;
+                let mut last: Option<&String> = None;
+                for (name, r) in walk {
+                    if let (Some(view), Some(after)) = (lazy, last)
+                        && planned == CHUNK
+                    {
+                        // A full chunk: the rest is compared once it has gone out.
+                        stopped = Some(Rest {
+                            view: view.clone(),
+                            type_url: type_url.to_string(),
+                            after: after.clone(),
+                        });
+                        break;
+                    }
+                    last = Some(name);
                     if !wants(t, node, r) {
                         continue;
                     }
@@ -571,33 +668,37 @@ impl Session {
                                 .map(String::as_str),
                         );
                     }
-                    consider(t, r);
+                    if consider(t, r) {
+                        planned += 1;
+                    }
                 }
-                removed = t
-                    .client
-                    .iter()
-                    .filter(|held| {
-                        !current.get(held.name()).is_some_and(|r| wants(t, node, r))
-                            && !t.removals_refused.contains(held.name())
-                    })
-                    .cloned()
-                    .collect();
-                removed.sort_unstable_by(|a, b| a.name().cmp(b.name()));
-                // Asked for, matching nothing: said once, outside the ACK bookkeeping (the
-                // client holds nothing by that name).
-                t.absent.retain(|n| !found.contains(n.as_str()));
-                absent = t
-                    .names
-                    .iter()
-                    .filter(|n| {
-                        !found.contains(n.as_str())
-                            && !t.absent.contains(*n)
-                            && !t.client.contains(n.as_str())
-                    })
-                    .cloned()
-                    .collect();
-                absent.sort();
-                t.absent.extend(absent.iter().cloned());
+                if stopped.is_none() {
+                    removed = t
+                        .client
+                        .iter()
+                        .filter(|held| {
+                            !current.get(held.name()).is_some_and(|r| wants(t, node, r))
+                                && !t.removals_refused.contains(held.name())
+                        })
+                        .cloned()
+                        .collect();
+                    removed.sort_unstable_by(|a, b| a.name().cmp(b.name()));
+                    // Asked for, matching nothing: said once, outside the ACK bookkeeping (the
+                    // client holds nothing by that name).
+                    t.absent.retain(|n| !found.contains(n.as_str()));
+                    absent = t
+                        .names
+                        .iter()
+                        .filter(|n| {
+                            !found.contains(n.as_str())
+                                && !t.absent.contains(*n)
+                                && !t.client.contains(n.as_str())
+                        })
+                        .cloned()
+                        .collect();
+                    absent.sort();
+                    t.absent.extend(absent.iter().cloned());
+                }
             }
             Some(names) => {
                 for name in names {
@@ -609,7 +710,9 @@ impl Session {
                         t.nacked.remove(name.as_str());
                     }
                     match r.filter(|r| wants(t, node, r)) {
-                        Some(r) => consider(t, r),
+                        Some(r) => {
+                            consider(t, r);
+                        }
                         None => {
                             if let Some(held) = t.client.get(name.as_str())
                                 && !t.removals_refused.contains(name.as_str())
@@ -626,13 +729,14 @@ impl Session {
         }
         for held in &removed {
             sent.push(Sent {
-                name: held.clone(),
                 before: Some(held.clone()),
                 after: None,
             });
         }
         for s in &sent {
-            t.set_client(&s.name, s.after.clone());
+            if let Some(name) = s.name() {
+                t.set_client(name, s.after.clone());
+            }
         }
         // Cut into responses of at most CHUNK resources; removals go with the last one.
         let mut removed_names: Vec<String> = removed.iter().map(|h| h.name().to_string()).collect();
@@ -660,6 +764,7 @@ impl Session {
                 resources: these,
                 removed,
                 nonce,
+                rest: if last { stopped.take() } else { None },
             });
         }
         out
@@ -1088,5 +1193,57 @@ mod tests {
             ("w3", "1", "/10.0.0.3", None),
         ]);
         assert!(s.on_resources(&snap2).is_empty());
+    }
+
+    /// A view larger than a chunk goes out one chunk at a time, each planned once the one
+    /// before has gone out; the removals go with the last, and the client ends holding it all.
+    #[test]
+    fn a_large_view_is_planned_a_chunk_at_a_time() {
+        let n = 2 * CHUNK + 5;
+        let items: Vec<(String, &str)> = (0..n).map(|i| (format!("w{i:06}"), "1")).collect();
+        let refs: Vec<(&str, &str)> = items.iter().map(|(a, b)| (a.as_str(), *b)).collect();
+        let view = Arc::new(res(&refs));
+        let mut s = Session::new();
+        // The client says it holds a name the view no longer has.
+        let (_, mut pushes) = s.request(&subscribe(&[("gone", "1")]), &view);
+        let mut got = Vec::new();
+        while !pushes.is_empty() {
+            assert_eq!(pushes.len(), 1, "one response planned at a time");
+            let mut p = pushes.remove(0);
+            let rest = p.rest.take();
+            got.push(p.into_response());
+            if let Some(rest) = rest {
+                pushes = s.resume(rest);
+            }
+        }
+        let sizes: Vec<usize> = got.iter().map(|r| r.resources.len()).collect();
+        assert_eq!(sizes, [CHUNK, CHUNK, 5]);
+        let removed: Vec<&[String]> = got.iter().map(|r| r.removed_resources.as_slice()).collect();
+        assert_eq!(removed, [&[][..], &[][..], &["gone".to_string()][..]]);
+        let sent: Vec<&str> = got.iter().flat_map(names).collect();
+        assert_eq!(sent, refs.iter().map(|(n, _)| *n).collect::<Vec<_>>());
+        // Every nonce different; acking them all leaves nothing awaited, nothing to send.
+        let nonces: HashSet<&str> = got.iter().map(|r| r.nonce.as_str()).collect();
+        assert_eq!(nonces.len(), 3);
+        for r in &got {
+            let (reply, more) = s.request(&reply(&r.nonce, None), &view);
+            assert!(matches!(reply, Some(Reply::Ack { .. })));
+            assert!(more.is_empty());
+        }
+        let report = &s.report()[0];
+        assert_eq!((report.sent.len(), report.acked.len()), (n, n));
+        assert_eq!(report.awaiting_ack, 0);
+        assert!(
+            s.after_snapshot(&view, &Changed::new(), Some(&view))
+                .is_empty()
+        );
+        // A change to one name of a large view is one small response, not a walk in chunks.
+        let mut changed_items = refs.clone();
+        changed_items[CHUNK + 1].1 = "2";
+        let next = Arc::new(res(&changed_items));
+        let pushes = s.after_snapshot(&next, &Changed::new(), Some(&next));
+        assert_eq!(pushes.len(), 1);
+        assert!(pushes[0].rest.is_none());
+        assert_eq!(pushes[0].updated(), 1);
     }
 }
