@@ -56,16 +56,21 @@ pub async fn trim_periodically(period: Duration, threshold: usize) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        let Some(free) = free_heap_bytes() else {
-            return;
-        };
-        if free < threshold {
-            continue;
-        }
-        match tokio::task::spawn_blocking(trim).await {
-            Ok(released) => debug!(free, released, "heap trimmed"),
-            Err(e) => debug!("heap trim did not run: {e}"),
-        }
+        trim_if_worth_it(threshold).await;
+    }
+}
+
+/// Trim on a blocking thread if the allocator holds at least `threshold` free.
+async fn trim_if_worth_it(threshold: usize) {
+    let Some(free) = free_heap_bytes() else {
+        return;
+    };
+    if free < threshold {
+        return;
+    }
+    match tokio::task::spawn_blocking(trim).await {
+        Ok(released) => debug!(free, released, "heap trimmed"),
+        Err(e) => debug!("heap trim did not run: {e}"),
     }
 }
 
@@ -86,16 +91,7 @@ pub async fn trim_after_bursts(
         notify.notified().await;
         // Wait until the burst has been quiet for `quiet`.
         while tokio::time::timeout(quiet, notify.notified()).await.is_ok() {}
-        let Some(free) = free_heap_bytes() else {
-            return;
-        };
-        if free < threshold {
-            continue;
-        }
-        match tokio::task::spawn_blocking(trim).await {
-            Ok(released) => debug!(free, released, "heap trimmed after a burst"),
-            Err(e) => debug!("heap trim did not run: {e}"),
-        }
+        trim_if_worth_it(threshold).await;
     }
 }
 

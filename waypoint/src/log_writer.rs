@@ -73,15 +73,28 @@ impl LogWriter {
     }
 
     fn append(&self, line: &[u8]) {
+        self.append_with(line.len(), |bytes| {
+            bytes.extend_from_slice(line);
+            true
+        });
+    }
+
+    /// Add to the buffer with `write` (which returns false, having written nothing usable, on
+    /// failure), unless about `len` more bytes would pass the cap; wakes the writer thread.
+    fn append_with(&self, len: usize, write: impl FnOnce(&mut Vec<u8>) -> bool) {
         let Ok(mut p) = self.shared.pending.lock() else {
             return;
         };
-        if p.bytes.len() + line.len() > MAX_BUFFERED {
+        if p.bytes.len() + len > MAX_BUFFERED {
             p.dropped += 1;
             return;
         }
         let was_empty = p.bytes.is_empty();
-        p.bytes.extend_from_slice(line);
+        let before = p.bytes.len();
+        if !write(&mut p.bytes) {
+            p.bytes.truncate(before);
+            return;
+        }
         let full = p.bytes.len() >= FLUSH_BYTES;
         if full {
             p.urgent = true;
@@ -105,27 +118,11 @@ impl LogWriter {
 
     /// Serialize one line into the buffer, under its lock (no intermediate string).
     fn append_json(&self, line: &impl serde::Serialize) {
-        let Ok(mut p) = self.shared.pending.lock() else {
-            return;
-        };
-        if p.bytes.len() > MAX_BUFFERED {
-            p.dropped += 1;
-            return;
-        }
-        let was_empty = p.bytes.is_empty();
-        let len = p.bytes.len();
-        if serde_json::to_writer(&mut p.bytes, line).is_err() {
-            p.bytes.truncate(len);
-            return;
-        }
-        p.bytes.push(b'\n');
-        let full = p.bytes.len() >= FLUSH_BYTES;
-        if full {
-            p.urgent = true;
-        }
-        if was_empty || full {
-            self.shared.wake.notify_all();
-        }
+        self.append_with(0, |bytes| {
+            let ok = serde_json::to_writer(&mut *bytes, line).is_ok();
+            bytes.push(b'\n');
+            ok
+        });
     }
 }
 
