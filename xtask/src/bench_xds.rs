@@ -107,6 +107,16 @@ pub struct SizeFigures {
     client_stored_bytes_per_object: f64,
     /// Encoded bytes on the wire for one full push to one client, per object.
     wire_bytes_per_object: f64,
+    /// CPU time (user + system) pilot spent from the clients' start to the end of the first
+    /// full push, seconds.
+    #[serde(default)]
+    pilot_cpu_first_push_s: f64,
+    /// CPU time the bench process (the clients: TLS, decoding, storing) spent meanwhile.
+    #[serde(default)]
+    client_cpu_first_push_s: f64,
+    /// pilot's CPU time per pod change (median), milliseconds.
+    #[serde(default)]
+    pilot_cpu_pod_change_ms: f64,
 }
 
 #[derive(Debug, Serialize)]
@@ -336,6 +346,22 @@ fn rss_kib(pid: &str, field: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// User + system CPU time of a process so far, seconds (`/proc/<pid>/stat`, in clock ticks).
+fn cpu_s(pid: &str) -> f64 {
+    let ticks = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            // After the command name (which may hold spaces): state is field 3, utime 14, stime 15.
+            let rest = s.rsplit_once(')')?.1.to_string();
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+        })
+        .unwrap_or(0);
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1);
+    ticks as f64 / hz as f64
+}
+
 fn mib(kib: u64) -> f64 {
     kib as f64 / 1024.0
 }
@@ -489,6 +515,8 @@ pub async fn one_size(pilot: PathBuf, pods: usize) -> anyhow::Result<()> {
     let objects = services + pods + POLICIES;
     let mut samples = c.changes.clone();
     samples.sort_by(f64::total_cmp);
+    let mut change_cpu = c.pilot_cpu_changes_ms.clone();
+    change_cpu.sort_by(f64::total_cmp);
     let f = SizeFigures {
         pods,
         services,
@@ -509,6 +537,9 @@ pub async fn one_size(pilot: PathBuf, pods: usize) -> anyhow::Result<()> {
             / (clients * objects) as f64,
         client_stored_bytes_per_object: c.stored_bytes as f64 / (clients * objects) as f64,
         wire_bytes_per_object: c.wire_bytes_first as f64 / (clients * objects) as f64,
+        pilot_cpu_first_push_s: c.pilot_cpu_first_push_s,
+        client_cpu_first_push_s: c.client_cpu_first_push_s,
+        pilot_cpu_pod_change_ms: change_cpu[change_cpu.len() / 2],
     };
     println!("{RESULT_PREFIX}{}", serde_json::to_string(&f)?);
     Ok(())
@@ -520,6 +551,9 @@ struct ClientFigures {
     client_rss_growth_kib: u64,
     stored_bytes: u64,
     wire_bytes_first: u64,
+    pilot_cpu_first_push_s: f64,
+    client_cpu_first_push_s: f64,
+    pilot_cpu_changes_ms: Vec<f64>,
 }
 
 async fn clients(
@@ -531,6 +565,7 @@ async fn clients(
 ) -> anyhow::Result<ClientFigures> {
     let root_pem = std::fs::read_to_string(state.join("root-cert.pem"))?;
     let before = rss_kib("self", "VmRSS:");
+    let (pilot_cpu0, self_cpu0) = (cpu_s(pilot_pid), cpu_s("self"));
     let started = Instant::now();
     let mut tasks = Vec::new();
     let mut stats = Vec::new();
@@ -586,7 +621,11 @@ async fn clients(
     let result = tokio::task::block_in_place(|| -> anyhow::Result<ClientFigures> {
         wait("first full push", &|| stats.iter().all(|s| in_sync(s)))?;
         let first_push = started.elapsed();
-        println!("{clients} clients in sync after {first_push:?}");
+        let pilot_cpu_first_push_s = cpu_s(pilot_pid) - pilot_cpu0;
+        let client_cpu_first_push_s = cpu_s("self") - self_cpu0;
+        println!(
+            "{clients} clients in sync after {first_push:?} (CPU: pilot {pilot_cpu_first_push_s:.1} s, clients {client_cpu_first_push_s:.1} s)"
+        );
         let wire_bytes_first = stats
             .iter()
             .map(|s| s.wire_bytes.load(Ordering::Relaxed))
@@ -598,7 +637,9 @@ async fn clients(
             .map(|s| s.stored_bytes.load(Ordering::Relaxed))
             .sum();
         let mut changes = Vec::new();
+        let mut pilot_cpu_changes_ms = Vec::new();
         for revision in 1..=CHANGES {
+            let cpu0 = cpu_s(pilot_pid);
             let base: Vec<u64> = stats
                 .iter()
                 .map(|s| s.watched_updates.load(Ordering::Relaxed))
@@ -615,8 +656,12 @@ async fn clients(
                     .all(|(s, b)| s.watched_updates.load(Ordering::Relaxed) > *b)
             })?;
             let took = t0.elapsed();
-            println!("pod change {revision}/{CHANGES} at every client after {took:?}");
+            let cpu = (cpu_s(pilot_pid) - cpu0) * 1000.0;
+            println!(
+                "pod change {revision}/{CHANGES} at every client after {took:?} (pilot CPU {cpu:.0} ms)"
+            );
             changes.push(ms(took));
+            pilot_cpu_changes_ms.push(cpu);
             // Let the folder's modification time move on (its resolution may be coarse).
             std::thread::sleep(Duration::from_millis(200));
         }
@@ -626,6 +671,9 @@ async fn clients(
             client_rss_growth_kib: after.saturating_sub(before),
             stored_bytes,
             wire_bytes_first,
+            pilot_cpu_first_push_s,
+            client_cpu_first_push_s,
+            pilot_cpu_changes_ms,
         })
     });
     for t in tasks {
