@@ -42,8 +42,9 @@ pub struct Snapshot {
     /// Invalid objects and conflicts, each naming file, object and field.
     pub problems: Vec<Problem>,
     /// Where each object came from, by kind and key: for problems found after parsing.
+    /// Shared between snapshots while it stays the same (a changed pod keeps its origin).
     #[serde(skip)]
-    pub origins: BTreeMap<(&'static str, Key), Origin>,
+    pub origins: Arc<BTreeMap<(&'static str, Key), Origin>>,
 }
 
 impl Snapshot {
@@ -56,16 +57,20 @@ impl Snapshot {
             let meta = object.meta();
             let key = (meta.namespace.clone(), meta.name.clone());
             let kind = object.kind();
-            if let Some(first) = seen.get(&(kind, key.clone())) {
-                problems.push(Problem {
-                    file: origin.file.clone(),
-                    object: origin.object.clone(),
-                    field: "metadata.name".into(),
-                    reason: format!("already defined in {}", first.file),
-                });
-                continue;
+            match seen.entry((kind, key.clone())) {
+                std::collections::btree_map::Entry::Occupied(first) => {
+                    problems.push(Problem {
+                        file: origin.file.clone(),
+                        object: origin.object.clone(),
+                        field: "metadata.name".into(),
+                        reason: format!("already defined in {}", first.get().file),
+                    });
+                    continue;
+                }
+                std::collections::btree_map::Entry::Vacant(v) => {
+                    v.insert(origin);
+                }
             }
-            seen.insert((kind, key.clone()), origin);
             match object {
                 Object::Namespace(o) => {
                     s.namespaces.insert(key.1, o);
@@ -124,8 +129,83 @@ impl Snapshot {
         }
         problems.sort();
         s.problems = problems;
-        s.origins = seen;
+        s.origins = Arc::new(seen);
         s
+    }
+
+    /// What [`Snapshot::build`] would give if the pods of some files changed from `before` to
+    /// `after` (every other object the same), worked out from `self` (the snapshot of the
+    /// files before) without going through every object again; `problems` are the parse
+    /// problems of every file now. `None` when this cannot be done exactly, and the caller
+    /// builds in full: an object other than a Pod among them, or a snapshot with problems
+    /// (duplicates, VirtualServices left out, last good versions kept), or a pod defined
+    /// twice.
+    pub fn with_changed_pods(
+        &self,
+        before: &[&(Origin, Object)],
+        after: &[&(Origin, Object)],
+        mut problems: Vec<Problem>,
+    ) -> Option<Snapshot> {
+        if !self.problems.is_empty() {
+            return None;
+        }
+        let pod_key = |(_, o): &&(Origin, Object)| match o {
+            Object::Pod(p) => Some((p.meta.namespace.clone(), p.meta.name.clone())),
+            _ => None,
+        };
+        let gone: Vec<Key> = before.iter().map(pod_key).collect::<Option<_>>()?;
+        let mut pods = self.pods.clone();
+        for key in &gone {
+            pods.remove(key);
+        }
+        let mut origins_same = gone.len() == after.len();
+        let mut added = std::collections::BTreeSet::new();
+        for (i, entry) in after.iter().enumerate() {
+            let (origin, Object::Pod(pod)) = entry else {
+                return None;
+            };
+            let key = (pod.meta.namespace.clone(), pod.meta.name.clone());
+            if pods.contains_key(&key) || !added.insert(key.clone()) {
+                // Defined twice: which one wins depends on file order.
+                return None;
+            }
+            origins_same &= gone.get(i) == Some(&key)
+                && self.origins.get(&("Pod", key.clone())) == Some(origin);
+            pods.insert(key, pod.clone());
+        }
+        let origins = if origins_same {
+            self.origins.clone()
+        } else {
+            let mut o = (*self.origins).clone();
+            for key in gone {
+                o.remove(&("Pod", key));
+            }
+            for (origin, object) in after {
+                let meta = object.meta();
+                o.insert(
+                    ("Pod", (meta.namespace.clone(), meta.name.clone())),
+                    origin.clone(),
+                );
+            }
+            Arc::new(o)
+        };
+        problems.sort();
+        Some(Snapshot {
+            generation: self.generation,
+            namespaces: self.namespaces.clone(),
+            pods,
+            services: self.services.clone(),
+            policies: self.policies.clone(),
+            virtual_services: self.virtual_services.clone(),
+            destination_rules: self.destination_rules.clone(),
+            gateways: self.gateways.clone(),
+            http_routes: self.http_routes.clone(),
+            grpc_routes: self.grpc_routes.clone(),
+            reference_grants: self.reference_grants.clone(),
+            service_entries: self.service_entries.clone(),
+            problems,
+            origins,
+        })
     }
 
     /// Keep the last good version of each object that `previous` held and this snapshot lost
@@ -175,7 +255,9 @@ impl Snapshot {
                 .to_string();
             problem.reason = format!("{reason}; the last good version stays");
         }
-        self.origins.extend(kept);
+        if !kept.is_empty() {
+            Arc::make_mut(&mut self.origins).extend(kept);
+        }
     }
 
     /// The file `kind` `key` came from (empty when unknown).

@@ -169,8 +169,11 @@ fn publish(
     previous: Option<&Published>,
 ) -> Published {
     let start = Instant::now();
-    let (mut t, reuse) =
-        crate::translate::translate_reusing(&snapshot, mesh, previous.map(|p| &p.reuse));
+    let (mut t, reuse) = crate::translate::translate_after(
+        &snapshot,
+        mesh,
+        previous.map(|p| (&p.reuse, Some(&p.resources.addresses))),
+    );
     let changes = previous.map(|p| {
         let old = &p.resources;
         let mut names = crate::xds::session::Changed::new();
@@ -390,9 +393,16 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
                     // scale: not on an async thread.
                     let (tokens, snap) = (tokens.clone(), snap.clone());
                     writing = Some(tokio::task::spawn_blocking(move || {
-                        // Borrowed, not copied: one pass over the pods.
-                        let mut nodes = BTreeSet::new();
-                        let mut accounts = BTreeSet::new();
+                        // Borrowed, not copied: one pass over the pods, hashed (ordered
+                        // sets cost 10% of a pod change's CPU at 100k pods).
+                        let mut nodes: std::collections::HashSet<
+                            &str,
+                            foldhash::fast::RandomState,
+                        > = Default::default();
+                        let mut accounts: std::collections::HashSet<
+                            (&str, &str),
+                            foldhash::fast::RandomState,
+                        > = Default::default();
                         for p in snap.pods.values() {
                             if !p.node_name.is_empty() {
                                 nodes.insert(p.node_name.as_str());
