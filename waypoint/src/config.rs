@@ -97,6 +97,8 @@ pub enum ListenerKind {
     Http {
         routes: Routes,
         filters: HttpFilters,
+        /// What the connection manager does with `x-forwarded-client-cert`.
+        xfcc: crate::xfcc::Xfcc,
     },
     /// TCP proxy to one cluster or weighted clusters, after the network RBAC filters (in
     /// their order) admit the connection.
@@ -751,7 +753,12 @@ fn http_listener(body: &[u8]) -> Result<ListenerKind, String> {
             );
         }
     };
-    Ok(ListenerKind::Http { routes, filters })
+    let xfcc = crate::xfcc::Xfcc::from_hcm(&h)?;
+    Ok(ListenerKind::Http {
+        routes,
+        filters,
+        xfcc,
+    })
 }
 
 /// The connection manager's `http_filters`: the router last (an empty list means the router
