@@ -267,6 +267,13 @@ pub fn translate_after(
     (t, reuse)
 }
 
+/// What `pods_only` gives: the new Addresses, what `Reuse` keeps of each pod, and every IP.
+type PodsApplied = (
+    ResourceMap,
+    Vec<Option<Arc<Resource>>>,
+    std::collections::HashSet<IpAddr>,
+);
+
 /// A change of pods alone (services, policies and everything else as in `p`), applied to
 /// `addresses`, `p`'s Addresses: the new Addresses and what `Reuse` keeps of the pods, or
 /// `None` if a changed pod's IP or name is taken (then the full translation decides who
@@ -278,11 +285,7 @@ fn pods_only(
     addresses: &ResourceMap,
     selecting: &[(&AuthorizationPolicy, String)],
     label_keys: &BTreeSet<String>,
-) -> Option<(
-    ResourceMap,
-    Vec<Option<Arc<Resource>>>,
-    std::collections::HashSet<IpAddr>,
-)> {
+) -> Option<PodsApplied> {
     if !p.clean {
         return None;
     }

@@ -676,16 +676,16 @@ impl Session {
                 // Names asked for one by one need the whole walk (for what matches nothing),
                 // so only a client without any is planned a chunk at a time.
                 let lazy = lazy.filter(|_| t.names.is_empty());
-                let (walk, mut held): (Box<dyn Iterator<Item = (&String, &Arc<Resource>)>>, _) =
-                    match from {
-                        Some((after, held)) => (
-                            Box::new(
-                                current.range::<str, _>((Bound::Excluded(after), Bound::Unbounded)),
-                            ),
-                            held,
-                        ),
-                        None => (Box::new(current.iter()), Some(0)),
-                    };
+                let walk: Box<dyn Iterator<Item = (&String, &Arc<Resource>)>> = match from {
+                    Some((after, _)) => Box::new(
+                        current.range::<str, _>((Bound::Excluded(after), Bound::Unbounded)),
+                    ),
+                    None => Box::new(current.iter()),
+                };
+                let mut held = match from {
+                    Some((_, held)) => held,
+                    None => Some(0),
+                };
                 // Names and aliases asked for one by one that some resource answers.
                 let mut found: HashSet<&str> = HashSet::new();
                 let mut planned = 0;
