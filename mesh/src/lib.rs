@@ -9,6 +9,7 @@ pub mod control;
 pub mod drain;
 pub mod hbone;
 pub mod identity;
+pub mod log_writer;
 pub mod memory;
 pub mod metrics;
 pub mod proto;

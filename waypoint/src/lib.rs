@@ -10,7 +10,8 @@ pub mod config;
 pub mod cors;
 pub mod fault;
 pub mod inbound;
-pub mod log_writer;
+/// The process's log output (shared with ztunnel).
+pub use mesh::log_writer;
 pub mod metrics;
 pub mod mirror;
 pub mod origination;
