@@ -25,6 +25,10 @@ pub async fn serve_hbone(listener: TcpListener, pod: Arc<Pod>, drain: drain::Wat
     let options = Options {
         require_local_authority: true,
     };
+    // Accepted connections inherit the options: none is tuned on its own.
+    if let Err(e) = mesh::socket::tune_listener(&listener) {
+        info!("HBONE listener: setting TCP_NODELAY and keepalive: {e}");
+    }
     while let Some((tcp, peer)) = drain::accept(&listener, &drain).await {
         // Not authenticated yet: it takes a handshake slot or is closed at once.
         let admission = match pod.node.hbone_admission.admit(peer.ip()) {
@@ -35,7 +39,6 @@ pub async fn serve_hbone(listener: TcpListener, pod: Arc<Pod>, drain: drain::Wat
                 continue;
             }
         };
-        let _ = mesh::socket::tune(&tcp);
         let pod = pod.clone();
         let handler = handler.clone();
         let drain = drain.clone();
@@ -56,7 +59,7 @@ struct HboneInbound {
 }
 
 impl Handler for HboneInbound {
-    async fn handle(&self, stream: InboundStream) {
+    async fn handle(&self, mut stream: InboundStream) {
         let pod = &self.pod;
         let Some(workload) = pod.workload() else {
             stream.refuse(&Refusal::unavailable("pod is no longer in the mesh"));
@@ -92,7 +95,8 @@ impl Handler for HboneInbound {
             state.workload_by_ip(stream.peer_addr.ip()).cloned()
         };
         let client = stream.request.forwarded_for.unwrap_or(stream.peer_addr);
-        let their_baggage = stream.request.baggage.as_deref().map(Baggage::parse);
+        // Only its workload name is logged: read when the line is written.
+        let their_baggage = stream.request.baggage.take();
         let h2 = match stream.accept(Some(&our_baggage)) {
             Ok(s) => s,
             Err(e) => {
@@ -125,6 +129,9 @@ impl Handler for HboneInbound {
 
 /// Accept captured plaintext connections: authorized without a peer identity.
 pub async fn serve_plaintext(listener: TcpListener, pod: Arc<Pod>, drain: drain::Watch) {
+    if let Err(e) = mesh::socket::tune_listener(&listener) {
+        info!("plaintext inbound listener: setting TCP_NODELAY and keepalive: {e}");
+    }
     while let Some((tcp, peer)) = drain::accept(&listener, &drain).await {
         let pod = pod.clone();
         let drain = drain.clone();
@@ -138,7 +145,6 @@ pub async fn serve_plaintext(listener: TcpListener, pod: Arc<Pod>, drain: drain:
 }
 
 async fn plaintext(pod: &Pod, tcp: TcpStream, peer: SocketAddr) -> Result<(), String> {
-    let _ = mesh::socket::tune(&tcp);
     let target = pod
         .capture
         .inbound_original_dst(&tcp)
@@ -214,7 +220,7 @@ async fn run<F>(
     client: SocketAddr,
     target: SocketAddr,
     peer: Option<&Identity>,
-    peer_baggage: Option<Baggage>,
+    peer_baggage: Option<String>,
     proxy: impl FnOnce(copy::Progress) -> F,
 ) where
     F: Future<Output = std::io::Result<copy::Transferred>>,
@@ -270,7 +276,7 @@ async fn run<F>(
         src = %client,
         dst = %target,
         src_identity = peer.map(|p| p.to_string()),
-        src_workload = peer_baggage.map(|b| b.workload_name),
+        src_workload = peer_baggage.as_deref().and_then(Baggage::workload_name_in),
         mtls = peer.is_some(),
         sent = t.peer_to_tcp,
         received = t.tcp_to_peer,

@@ -20,6 +20,10 @@ use crate::node::Pod;
 use mesh::state::{Destination, Service, TunnelProtocol, Workload};
 
 pub async fn serve(listener: TcpListener, pod: Arc<Pod>, drain: drain::Watch) {
+    // Accepted connections inherit the options: none is tuned on its own.
+    if let Err(e) = mesh::socket::tune_listener(&listener) {
+        info!("outbound listener: setting TCP_NODELAY and keepalive: {e}");
+    }
     while let Some((tcp, peer)) = drain::accept(&listener, &drain).await {
         let pod = pod.clone();
         let drain = drain.clone();
@@ -114,7 +118,6 @@ enum Upstream {
 }
 
 async fn handle(pod: &Pod, tcp: TcpStream, peer: SocketAddr) -> Result<(), String> {
-    mesh::socket::tune(&tcp).map_err(|e| e.to_string())?;
     let dst = pod
         .capture
         .outbound_original_dst(&tcp)
@@ -197,12 +200,6 @@ async fn open_hbone(
     source: Option<&Arc<Workload>>,
 ) -> Result<mesh::hbone::copy::H2Stream, String> {
     let endpoint = route.endpoint.as_ref().ok_or("no endpoint")?;
-    let cert = pod
-        .node
-        .certs
-        .get(&pod.identity)
-        .await
-        .map_err(|e| e.to_string())?;
     let mut expected: Vec<Identity> = vec![endpoint.identity()];
     // The service's SANs name its endpoints, not its waypoint.
     if let Some(svc) = route.service.as_ref().filter(|_| route.waypoint.is_none()) {
@@ -230,7 +227,15 @@ async fn open_hbone(
         traceparent: Some(mesh::hbone::traceparent()),
     };
     let sockets = pod.sockets.clone();
+    // The certificate is needed only to dial: a connection carried by a pooled one does not
+    // look it up (a lock, a hash and a timer).
     let dial = || async move {
+        let cert = pod
+            .node
+            .certs
+            .get(&pod.identity)
+            .await
+            .map_err(|e| HboneError::Certificate(e.to_string()))?;
         let tcp = sockets
             .connect(hbone_addr)
             .await
