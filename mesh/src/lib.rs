@@ -9,7 +9,6 @@ pub mod control;
 pub mod drain;
 pub mod hbone;
 pub mod identity;
-pub mod log_writer;
 pub mod memory;
 pub mod metrics;
 pub mod proto;

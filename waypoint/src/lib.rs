@@ -10,8 +10,7 @@ pub mod config;
 pub mod cors;
 pub mod fault;
 pub mod inbound;
-/// The process's log output (shared with ztunnel).
-pub use mesh::log_writer;
+pub mod log_writer;
 pub mod metrics;
 pub mod mirror;
 pub mod origination;

@@ -230,14 +230,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let filter = EnvFilter::try_from_env("RUST_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     let initial_level = filter.max_level_hint();
     let (filter, reload) = tracing_subscriber::reload::Layer::new(filter);
-    // Lines (a connection's access line among them) are buffered and written by a thread of
-    // their own, not with a write(2) on the proxy's thread; what is left is written at exit.
-    let logs = mesh::log_writer::LogWriter::start(std::io::stdout())?;
-    let _flush = mesh::log_writer::FlushOnDrop(logs.clone());
     let fmt = tracing_subscriber::fmt::layer()
         .with_target(true)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
-        .with_writer(logs);
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()));
     let registry = tracing_subscriber::registry().with(filter);
     if args.log_json {
         registry.with(fmt.json()).init();

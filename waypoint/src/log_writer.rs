@@ -111,7 +111,7 @@ impl LogWriter {
 static ACCESS: OnceLock<LogWriter> = OnceLock::new();
 
 impl LogWriter {
-    /// Send access-log lines straight to this writer's buffer (the waypoint does).
+    /// Send access-log lines straight to this writer's buffer (the `waypoint` binary does).
     pub fn install_for_access_log(&self) {
         let _ = ACCESS.set(self.clone());
     }
