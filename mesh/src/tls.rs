@@ -211,6 +211,95 @@ impl LeafInfo {
     }
 }
 
+/// What Envoy's `x-forwarded-client-cert` header can tell about a client certificate: its
+/// SHA-256 (lower-case hex, of the DER), its subject as OpenSSL prints it in RFC 2253 form (the
+/// last RDN first, multi-valued RDNs joined by `+`), and its URI and DNS SANs in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientCertDetails {
+    pub sha256_hex: String,
+    pub subject: String,
+    pub uris: Vec<String>,
+    pub dns: Vec<String>,
+}
+
+impl ClientCertDetails {
+    pub fn parse(der: &[u8]) -> Result<ClientCertDetails, TlsError> {
+        use std::fmt::Write as _;
+        use x509_parser::extensions::GeneralName;
+        let (_, cert) =
+            x509_parser::parse_x509_certificate(der).map_err(|e| TlsError::Parse(e.to_string()))?;
+        let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, der);
+        let mut sha256_hex = String::with_capacity(64);
+        for b in digest.as_ref() {
+            let _ = write!(sha256_hex, "{b:02x}");
+        }
+        // OpenSSL's RFC 2253 printing (Envoy's) walks the attributes from the last to the
+        // first, members of a multi-valued RDN included, joining those with `+`.
+        let registry = x509_parser::objects::oid_registry();
+        let mut attributes = Vec::new();
+        for (rdn_index, rdn) in cert.subject().iter().enumerate() {
+            for atv in rdn.iter() {
+                let name = x509_parser::objects::oid2abbrev(atv.attr_type(), registry)
+                    .map(str::to_string)
+                    .unwrap_or_else(|_| atv.attr_type().to_id_string());
+                let value = match atv.as_str() {
+                    Ok(v) => rfc2253_escape(v),
+                    // Not a string type: RFC 2253's `#` and the DER of the value in hex.
+                    Err(_) => atv.as_slice().iter().fold(String::from("#"), |mut s, b| {
+                        let _ = write!(s, "{b:02x}");
+                        s
+                    }),
+                };
+                attributes.push((rdn_index, format!("{name}={value}")));
+            }
+        }
+        let mut subject = String::new();
+        let mut previous = None;
+        for (rdn_index, text) in attributes.into_iter().rev() {
+            match previous {
+                Some(p) if p == rdn_index => subject.push('+'),
+                Some(_) => subject.push(','),
+                None => {}
+            }
+            subject.push_str(&text);
+            previous = Some(rdn_index);
+        }
+        let (mut uris, mut dns) = (Vec::new(), Vec::new());
+        if let Ok(Some(san)) = cert.subject_alternative_name() {
+            for name in &san.value.general_names {
+                match name {
+                    GeneralName::URI(u) => uris.push(u.to_string()),
+                    GeneralName::DNSName(d) => dns.push(d.to_string()),
+                    _ => {}
+                }
+            }
+        }
+        Ok(ClientCertDetails {
+            sha256_hex,
+            subject,
+            uris,
+            dns,
+        })
+    }
+}
+
+/// An attribute value escaped as RFC 2253 says: `,+"\<>;` behind a backslash, and a leading
+/// `#` or space and a trailing space too.
+fn rfc2253_escape(v: &str) -> String {
+    let mut out = String::with_capacity(v.len());
+    let last = v.chars().count().saturating_sub(1);
+    for (i, c) in v.chars().enumerate() {
+        let special = matches!(c, ',' | '+' | '"' | '\\' | '<' | '>' | ';')
+            || (i == 0 && (c == '#' || c == ' '))
+            || (i == last && c == ' ');
+        if special {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
 /// The identity of a TLS peer, from the first SPIFFE URI SAN of its leaf.
 pub fn peer_identity(certs: Option<&[CertificateDer<'static>]>) -> Result<Identity, TlsError> {
     let leaf = certs.and_then(|c| c.first()).ok_or(TlsError::NoIdentity)?;
@@ -361,4 +450,81 @@ impl ClientCertVerifier for TrustDomainVerifier {
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.inner.supported_verify_schemes()
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rustls_pki_types::pem::PemObject;
+
+    fn der(pem: &str) -> Vec<u8> {
+        CertificateDer::from_pem_slice(pem.as_bytes())
+            .unwrap()
+            .as_ref()
+            .to_vec()
+    }
+
+    /// Certificates made with `openssl` and shown to Envoy 1.40 (a listener requiring client
+    /// certificates, `SANITIZE_SET` with subject, URI and DNS): what Envoy wrote in
+    /// `x-forwarded-client-cert` is what these details must be.
+    #[test]
+    fn client_details_as_envoy_reports_them() {
+        // Empty subject, one SPIFFE URI (Istio's workload certificates).
+        // Envoy: `Hash=dfdc72…;Subject="";URI=spiffe://cluster.local/ns/shop/sa/client`.
+        let istio_like = ClientCertDetails::parse(&der(ISTIO_LIKE)).unwrap();
+        assert_eq!(
+            istio_like,
+            ClientCertDetails {
+                sha256_hex: "dfdc7251b59e4e2c9aa00d66a40fe6a98a68d609052de4bed3cc1185b1371441"
+                    .into(),
+                subject: String::new(),
+                uris: vec!["spiffe://cluster.local/ns/shop/sa/client".into()],
+                dns: vec![],
+            }
+        );
+        // `/CN=c3/O=Acme+OU=Eng/C=US` with two URIs. Envoy: `Hash=86a296…;
+        // Subject="C=US,O=Acme+OU=Eng,CN=c3";URI=spiffe://…/sa/c3;URI=https://second.example/x`.
+        let multi = ClientCertDetails::parse(&der(MULTI_VALUED)).unwrap();
+        assert_eq!(
+            multi.sha256_hex,
+            "86a2965401f153fb1657d53979cfd8b377d01dec379bec9d2e36543d6fc7cfb4"
+        );
+        assert_eq!(multi.subject, "C=US,O=Acme+OU=Eng,CN=c3");
+        assert_eq!(
+            multi.uris,
+            [
+                "spiffe://cluster.local/ns/shop/sa/c3",
+                "https://second.example/x"
+            ]
+        );
+        assert_eq!(rfc2253_escape("Acme, Inc. #1 "), "Acme\\, Inc. #1\\ ");
+        assert_eq!(rfc2253_escape("#a+b"), "\\#a\\+b");
+    }
+
+    const ISTIO_LIKE: &str = "-----BEGIN CERTIFICATE-----
+MIIBsjCCAVigAwIBAgIUbZewwIo5qaCUpWSf8C3OByOrj/AwCgYIKoZIzj0EAwIw
+GDEWMBQGA1UECgwNY2x1c3Rlci5sb2NhbDAeFw0yNjExMjYyMTM3MTRaFw0yNjEx
+MjgyMTM3MTRaMAAwWTATBgcqhkjOPQIBBggqhkjOPQMBBwNCAAToMcoUXdBui8n0
+txA9HqzMsBoRnIrOEqSRZkpYlJYU8yDsrO1RNU/NoQZVkeeCQ7pQXwpjxpGriMuC
+P+8vtgPVo4GXMIGUMDMGA1UdEQQsMCqGKHNwaWZmZTovL2NsdXN0ZXIubG9jYWwv
+bnMvc2hvcC9zYS9jbGllbnQwHQYDVR0lBBYwFAYIKwYBBQUHAwEGCCsGAQUFBwMC
+MB0GA1UdDgQWBBQOCMbOi+MFA1HCB7kMcKPwVNY1WjAfBgNVHSMEGDAWgBRoqDcT
+/8xQ65arb93BRcM4OSauOjAKBggqhkjOPQQDAgNIADBFAiBdxCYrYe/vp/ep/lhu
+qmNBZWyVCvU3hxKS3GqW5hTDLgIhAP9v/nwsSGyBsiEEkHoE/X/ojKK9VhP0FPGD
+C5unOph7
+-----END CERTIFICATE-----";
+
+    const MULTI_VALUED: &str = "-----BEGIN CERTIFICATE-----
+MIIB9DCCAZmgAwIBAgIUbZewwIo5qaCUpWSf8C3OByOrj/IwCgYIKoZIzj0EAwIw
+GDEWMBQGA1UECgwNY2x1c3Rlci5sb2NhbDAeFw0yNjExMjYyMTM4MDdaFw0yNjEx
+MjgyMTM4MDdaMDUxCzAJBgNVBAMMAmMzMRkwCgYDVQQLDANFbmcwCwYDVQQKDARB
+Y21lMQswCQYDVQQGEwJVUzBZMBMGByqGSM49AgEGCCqGSM49AwEHA0IABPppNc/K
+T5OUlThnhedNmhL+j1siKjkh4Cz0ssUDumq/9IV4+J4rAFh0gP+mUIYVqvIDKWrw
+8X8s2WiTNWRGhZ+jgaMwgaAwSQYDVR0RBEIwQIYkc3BpZmZlOi8vY2x1c3Rlci5s
+b2NhbC9ucy9zaG9wL3NhL2MzhhhodHRwczovL3NlY29uZC5leGFtcGxlL3gwEwYD
+VR0lBAwwCgYIKwYBBQUHAwIwHQYDVR0OBBYEFBDQO+v12/XCLn0JsBdfHAN0HJCH
+MB8GA1UdIwQYMBaAFGioNxP/zFDrlqtv3cFFwzg5Jq46MAoGCCqGSM49BAMCA0kA
+MEYCIQDk3A+GKt1Q4F/KuwtCQp4lraCgEei8P4wsUJPcZJZ4mAIhANPk66aeBthA
+3PwBcg2bwN1kfDpBV84vY3Za4poGCN9L
+-----END CERTIFICATE-----";
 }

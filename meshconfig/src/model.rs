@@ -224,21 +224,26 @@ pub type SharedSnapshot = Arc<Snapshot>;
 /// How a problem that drops a VirtualService ends (replaced when its last good version stays).
 const LEFT_OUT: &str = "; the VirtualService is left out";
 
+/// Every kind the model reads, in the order pilot's Kubernetes source keeps its stores and hands
+/// objects to the model. One list: a kind missing here would be read but never kept at its last
+/// good version after a bad edit.
+pub const KINDS: [&str; 11] = [
+    "Namespace",
+    "Pod",
+    "Service",
+    "AuthorizationPolicy",
+    "VirtualService",
+    "DestinationRule",
+    "Gateway",
+    "HTTPRoute",
+    "GRPCRoute",
+    "ReferenceGrant",
+    "ServiceEntry",
+];
+
 /// The kind and key a problem's object names (`Kind ns/name`, `Namespace name`); `None` for a
 /// document that never became an object (`document 3`).
 fn object_key(object: &str) -> Option<(&'static str, Key)> {
-    const KINDS: [&str; 10] = [
-        "Namespace",
-        "Pod",
-        "Service",
-        "AuthorizationPolicy",
-        "VirtualService",
-        "DestinationRule",
-        "Gateway",
-        "HTTPRoute",
-        "GRPCRoute",
-        "ReferenceGrant",
-    ];
     let (kind, rest) = object.split_once(' ')?;
     let kind = KINDS.into_iter().find(|k| *k == kind)?;
     let key = match rest.split_once('/') {
@@ -377,6 +382,43 @@ spec: {host: reviews, subsets: [{name: v1, labels: {version: v1}}]}
             "{:?}",
             now.problems
         );
+    }
+
+    #[test]
+    fn every_kind_keeps_its_last_good_version() {
+        // A ServiceEntry made invalid (a wildcard host) keeps its last good version, as every
+        // other kind does: the list of kinds is one, so no kind can be forgotten.
+        let entry = |hosts: &str| {
+            parse_documents(
+                &format!(
+                    "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: ext, namespace: shop}}\nspec: {{hosts: {hosts}, addresses: [10.96.1.1], ports: [{{number: 80}}], workloadSelector: {{labels: {{app: ext}}}}}}\n"
+                ),
+                "ext.yaml",
+            )
+        };
+        let good = entry("[ext.example.com]");
+        let previous = Snapshot::build(good.objects, good.problems);
+        assert_eq!(previous.service_entries.len(), 1, "{:?}", previous.problems);
+        let bad = entry("[\"*.example.com\"]");
+        let mut now = Snapshot::build(bad.objects, bad.problems);
+        assert!(now.service_entries.is_empty(), "{:?}", now.problems);
+        now.keep_last_good(&previous);
+        let key = ("shop".to_string(), "ext".to_string());
+        assert_eq!(now.service_entries[&key].hosts, ["ext.example.com"]);
+        assert!(
+            now.problems[0]
+                .reason
+                .ends_with("; the last good version stays"),
+            "{:?}",
+            now.problems
+        );
+        for kind in KINDS {
+            assert_eq!(
+                object_key(&format!("{kind} a/b")).map(|k| k.0),
+                (kind != "Namespace").then_some(kind),
+                "{kind}"
+            );
+        }
     }
 
     #[test]

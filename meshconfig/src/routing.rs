@@ -12,6 +12,10 @@ pub use traffic_policy::*;
 
 /// Label on a waypoint Gateway saying which traffic it handles.
 pub const WAYPOINT_FOR: &str = "istio.io/waypoint-for";
+/// Annotation on a waypoint Gateway (Istio's): `"true"` makes the waypoint tell the app the
+/// client's identity in `x-forwarded-client-cert` (Envoy's `SANITIZE_SET` with the subject, URI
+/// and DNS names of the client's certificate); otherwise a client's XFCC is removed.
+pub const XFCC_CLIENT_IDENTITY: &str = "ambient.istio.io/xfcc-include-client-identity";
 /// The Gateway class of waypoints.
 pub const WAYPOINT_CLASS: &str = "istio-waypoint";
 /// Label on a waypoint's pods naming their Gateway.
@@ -278,6 +282,8 @@ pub struct Gateway {
     pub class: String,
     pub listeners: Vec<Listener>,
     pub waypoint_for: WaypointFor,
+    /// [`XFCC_CLIENT_IDENTITY`] is `"true"`.
+    pub xfcc_client_identity: bool,
 }
 
 impl Gateway {
@@ -1387,11 +1393,26 @@ pub fn gateway(origin: &Origin, meta: Meta, spec: Value) -> Result<Gateway, Prob
             });
         }
     };
+    let xfcc_client_identity = match meta
+        .annotations
+        .get(XFCC_CLIENT_IDENTITY)
+        .map(String::as_str)
+    {
+        None | Some("false") => false,
+        Some("true") => true,
+        Some(other) => {
+            return Err(Problem {
+                field: format!("metadata.annotations[{XFCC_CLIENT_IDENTITY}]"),
+                ..at.problem(format!("{other:?} is not \"true\" or \"false\""))
+            });
+        }
+    };
     Ok(Gateway {
         meta,
         class,
         listeners,
         waypoint_for,
+        xfcc_client_identity,
     })
 }
 

@@ -458,7 +458,12 @@ impl Builder<'_> {
                     self.http_routes(svc, p.port, &name);
                     let (rbac, problems) = crate::rbac::http_filters(self.s, &policies, p.port);
                     self.problems_once(problems);
-                    vec![http_filter(&name, rbac)]
+                    let xfcc = self
+                        .s
+                        .gateways
+                        .get(&self.gw)
+                        .is_some_and(|g| g.xfcc_client_identity);
+                    vec![http_filter(&name, rbac, xfcc)]
                 } else {
                     let (mut filters, problems) =
                         crate::rbac::network_filters(self.s, &policies, p.port);
@@ -1306,9 +1311,22 @@ fn merge_match(root: &HttpMatch, inner: Option<&HttpMatch>) -> HttpMatch {
 }
 
 /// The connection manager of an HTTP listener: `before_router` (the RBAC filters), CORS and
-/// fault injection, then the router.
-fn http_filter(name: &str, before_router: Vec<hcm::HttpFilter>) -> listener::Filter {
+/// fault injection, then the router. A client's `x-forwarded-client-cert` is removed (Envoy's
+/// default), or replaced with the client's identity when the Gateway asks (`xfcc`).
+fn http_filter(name: &str, before_router: Vec<hcm::HttpFilter>, xfcc: bool) -> listener::Filter {
+    use hcm::http_connection_manager::{ForwardClientCertDetails, SetCurrentClientCertDetails};
     let manager = hcm::HttpConnectionManager {
+        forward_client_cert_details: if xfcc {
+            ForwardClientCertDetails::SanitizeSet as i32
+        } else {
+            ForwardClientCertDetails::Sanitize as i32
+        },
+        set_current_client_cert_details: xfcc.then(|| SetCurrentClientCertDetails {
+            subject: Some(envoy_types::pb::google::protobuf::BoolValue { value: true }),
+            uri: true,
+            dns: true,
+            ..Default::default()
+        }),
         stat_prefix: name.to_string(),
         route_specifier: Some(hcm::http_connection_manager::RouteSpecifier::Rds(
             hcm::Rds {
@@ -2233,6 +2251,49 @@ spec:
             Some(tcp::tcp_proxy::ClusterSpecifier::Cluster(
                 "inbound-vip|5432|tcp/v2|web.shop.svc.cluster.local".into()
             ))
+        );
+    }
+
+    #[test]
+    fn the_gateway_annotation_sets_the_client_identity_in_xfcc() {
+        use hcm::http_connection_manager::ForwardClientCertDetails as F;
+        let manager = |text: &str| {
+            let p = parse_documents(text, "t.yaml");
+            let s = Snapshot::build(p.objects, p.problems);
+            let t = translate(&s, &MeshOptions::default());
+            let l = listener::Listener::decode(
+                t.waypoints["shop/waypoint"].listeners[WEB_HTTP]
+                    .body
+                    .clone(),
+            )
+            .unwrap();
+            let Some(listener::filter::ConfigType::TypedConfig(any)) =
+                &l.filter_chains[0].filters[0].config_type
+            else {
+                panic!()
+            };
+            (
+                hcm::HttpConnectionManager::decode(any.value.as_slice()).unwrap(),
+                s.problems,
+            )
+        };
+        // By default a client's XFCC is removed (Envoy's default, written out).
+        let (m, _) = manager(BASE);
+        assert_eq!(m.forward_client_cert_details, F::Sanitize as i32);
+        assert_eq!(m.set_current_client_cert_details, None);
+        let annotated = BASE.replace(
+            "metadata: {name: waypoint, namespace: shop}",
+            "metadata: {name: waypoint, namespace: shop, annotations: {ambient.istio.io/xfcc-include-client-identity: \"true\"}}",
+        );
+        let (m, _) = manager(&annotated);
+        assert_eq!(m.forward_client_cert_details, F::SanitizeSet as i32);
+        let d = m.set_current_client_cert_details.unwrap();
+        assert!(d.subject.unwrap().value && d.uri && d.dns && !d.cert && !d.chain);
+        // A value that is not a boolean is named, with the field.
+        let p = parse_documents(&annotated.replace("\"true\"", "yes"), "t.yaml");
+        assert_eq!(
+            p.problems[0].to_string(),
+            "t.yaml: Gateway shop/waypoint: field \"metadata.annotations[ambient.istio.io/xfcc-include-client-identity]\": \"yes\" is not \"true\" or \"false\""
         );
     }
 

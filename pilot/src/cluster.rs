@@ -36,19 +36,7 @@ pub const MAX_DELAY: Duration = Duration::from_secs(1);
 const WAITING_REPORT: Duration = Duration::from_secs(10);
 
 /// The kinds watched, in the order their stores are kept (and objects handed to the model).
-pub const KINDS: [&str; 11] = [
-    "Namespace",
-    "Pod",
-    "Service",
-    "AuthorizationPolicy",
-    "VirtualService",
-    "DestinationRule",
-    "Gateway",
-    "HTTPRoute",
-    "GRPCRoute",
-    "ReferenceGrant",
-    "ServiceEntry",
-];
+pub use meshconfig::model::KINDS;
 
 /// `(API group, resource)` of every kind watched, in `KINDS` order: what pilot's ClusterRole
 /// must let it list and watch (deploy/pilot/rbac.yaml).

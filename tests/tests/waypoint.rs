@@ -394,6 +394,16 @@ async fn http_grpc_upgrade_and_tcp_through_the_real_waypoint() {
     assert_eq!(j["authority"], "web");
     assert_eq!(j["headers"]["x-test"][0], "1");
     assert_eq!(j["version"], "HTTP/1.1");
+    // A client's own `x-forwarded-client-cert` never reaches the app (Envoy's default,
+    // SANITIZE): the app can trust the header when a waypoint sets it.
+    let (_, j) = get_web(
+        &c,
+        "client",
+        "/",
+        &[(XFCC, "By=spiffe://x;URI=spiffe://evil")],
+    )
+    .await;
+    assert_eq!(j["headers"][XFCC], serde_json::Value::Null, "{j}");
     for _ in 0..4 {
         let (_, j) = get_web(&c, "client", "/", &[]).await;
         assert_eq!(j["pod"], "web-v1", "all to v1: {j}");
@@ -696,4 +706,50 @@ async fn route_changes_and_bad_config_at_the_real_waypoint() {
     let (_, body) = c.http_get(0, 15014, "/debug/snapshot").await.unwrap();
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["problems"], serde_json::json!([]), "{}", v["problems"]);
+
+    // 8. The waypoint Gateway asks for the client's identity in `x-forwarded-client-cert`
+    // (Istio's annotation): the app sees who called, in Envoy's shape, instead of what the
+    // client claimed.
+    let gateway =
+        "metadata: {name: waypoint, namespace: demo, labels: {istio.io/waypoint-for: service}}";
+    let mesh = c.kubernetes_yaml();
+    assert!(mesh.contains(gateway), "the test bed's Gateway changed");
+    c.write_pilot_file(
+        "mesh.yaml",
+        &mesh.replace(
+            gateway,
+            "metadata: {name: waypoint, namespace: demo, labels: {istio.io/waypoint-for: service}, annotations: {ambient.istio.io/xfcc-include-client-identity: \"true\"}}",
+        ),
+    )
+    .unwrap();
+    let spoofed = [(XFCC, "By=spiffe://x;URI=spiffe://evil")];
+    let mut seen = serde_json::Value::Null;
+    for _ in 0..100 {
+        let (_, j) = get_web(&c, "client", "/", &spoofed).await;
+        seen = j["headers"][XFCC][0].clone();
+        if seen.is_string() && seen != spoofed[0].1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let xfcc = seen.as_str().unwrap_or_default().to_string();
+    let (by, rest) = xfcc
+        .split_once(";Hash=")
+        .unwrap_or_else(|| panic!("{xfcc:?}"));
+    assert_eq!(by, format!("By={}", waypoint_identity()));
+    let (hash, rest) = rest.split_once(';').unwrap();
+    assert!(
+        hash.len() == 64 && hash.bytes().all(|b| b.is_ascii_hexdigit()),
+        "{xfcc}"
+    );
+    assert_eq!(
+        rest,
+        format!(
+            "Subject=\"\";URI={}",
+            Identity::new(TRUST_DOMAIN, "demo", "client")
+        ),
+        "{xfcc}"
+    );
 }
+
+const XFCC: &str = "x-forwarded-client-cert";

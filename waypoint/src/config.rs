@@ -97,6 +97,8 @@ pub enum ListenerKind {
     Http {
         routes: Routes,
         filters: HttpFilters,
+        /// What the connection manager does with `x-forwarded-client-cert`.
+        xfcc: crate::xfcc::Xfcc,
     },
     /// TCP proxy to one cluster or weighted clusters, after the network RBAC filters (in
     /// their order) admit the connection.
@@ -751,7 +753,17 @@ fn http_listener(body: &[u8]) -> Result<ListenerKind, String> {
             );
         }
     };
-    Ok(ListenerKind::Http { routes, filters })
+    let xfcc = crate::xfcc::Xfcc::from_hcm(&h)?;
+    // Taking the remote address as the client's (appending it to `x-forwarded-for`, trusting
+    // hops of it) is not implemented; Istio's waypoint leaves it off.
+    if h.use_remote_address.as_ref().is_some_and(|b| b.value) || h.xff_num_trusted_hops != 0 {
+        return Err("use_remote_address and xff_num_trusted_hops are not supported".into());
+    }
+    Ok(ListenerKind::Http {
+        routes,
+        filters,
+        xfcc,
+    })
 }
 
 /// The connection manager's `http_filters`: the router last (an empty list means the router
@@ -1133,6 +1145,42 @@ pub(crate) mod tests {
         );
         let e = listener(&l.encode_to_vec(), "t").unwrap_err();
         assert!(e.contains("local_ratelimit"), "{e}");
+    }
+
+    #[test]
+    fn what_the_connection_manager_cannot_honour_is_refused() {
+        let with = |f: &dyn Fn(&mut hcm::HttpConnectionManager)| {
+            let mut l = http_listener_pb("h", &["10.96.0.9"], 80);
+            let Some(listener_pb::filter::ConfigType::TypedConfig(any)) =
+                &mut l.filter_chains[0].filters[0].config_type
+            else {
+                panic!()
+            };
+            let mut m = hcm::HttpConnectionManager::decode(any.value.as_slice()).unwrap();
+            f(&mut m);
+            any.value = m.encode_to_vec();
+            listener(&l.encode_to_vec(), "h").map(|(_, c)| c)
+        };
+        let e = with(&|m| {
+            m.use_remote_address =
+                Some(envoy_types::pb::google::protobuf::BoolValue { value: true })
+        })
+        .unwrap_err();
+        assert!(e.contains("use_remote_address"), "{e}");
+        let e = with(&|m| m.xff_num_trusted_hops = 1).unwrap_err();
+        assert!(e.contains("xff_num_trusted_hops"), "{e}");
+        let e = with(&|m| m.forward_client_cert_details = 7).unwrap_err();
+        assert!(e.contains("forward_client_cert_details"), "{e}");
+        let ok = with(&|m| {
+            m.forward_client_cert_details = 3;
+            m.use_remote_address =
+                Some(envoy_types::pb::google::protobuf::BoolValue { value: false })
+        })
+        .unwrap();
+        let ListenerKind::Http { xfcc, .. } = ok.kind else {
+            panic!("not HTTP")
+        };
+        assert_eq!(xfcc.mode, crate::xfcc::Mode::SanitizeSet);
     }
 
     #[test]

@@ -77,6 +77,21 @@ impl Handler for Inbound {
             return;
         };
         let client = stream.request.forwarded_for.unwrap_or(stream.peer_addr);
+        let xfcc_element = match &listener.kind {
+            ListenerKind::Http { xfcc, .. } if xfcc.needs_element() => {
+                match mesh::tls::ClientCertDetails::parse(&stream.peer_certificate) {
+                    Ok(details) => {
+                        let by = self.waypoint.upstream.identity().to_string();
+                        xfcc.element(&by, &details)
+                    }
+                    Err(e) => {
+                        debug!(peer = %stream.peer, "x-forwarded-client-cert: {e}");
+                        None
+                    }
+                }
+            }
+            _ => None,
+        };
         let source_workload = config.state.workload_by_ip(client.ip()).cloned();
         let tunnel = Tunnel {
             listener: listener.clone(),
@@ -93,6 +108,7 @@ impl Handler for Inbound {
             source_workload,
             service: config.state.service_by_vip(authority.ip()).cloned(),
             peer_principal: stream.peer.to_string(),
+            xfcc_element,
         };
         match &listener.kind {
             ListenerKind::Http { .. } => {

@@ -23,6 +23,7 @@ pub mod route;
 pub mod tcp;
 pub mod upstream;
 pub mod xds;
+pub mod xfcc;
 
 use std::sync::Arc;
 

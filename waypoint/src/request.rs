@@ -47,6 +47,8 @@ pub struct Tunnel {
     pub source: route::Source,
     /// The peer's SPIFFE identity as text, for authorization (RBAC) matchers.
     pub peer_principal: String,
+    /// This client's `x-forwarded-client-cert` element, when the listener adds one.
+    pub xfcc_element: Option<http::HeaderValue>,
 }
 
 /// Serve HTTP on an accepted tunnel until the client closes it or the drain ends it.
@@ -87,6 +89,9 @@ pub async fn handle(
     } else {
         Protocol::Http1
     };
+    if let ListenerKind::Http { xfcc, .. } = &tunnel.listener.kind {
+        xfcc.apply(req.headers_mut(), tunnel.xfcc_element.as_ref());
+    }
     let authority = request_authority(&req);
     let path = req
         .uri()

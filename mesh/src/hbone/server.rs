@@ -24,6 +24,9 @@ pub struct InboundStream {
     pub request: ConnectRequest,
     /// The client's identity, from its certificate.
     pub peer: Identity,
+    /// The client's leaf certificate (DER), for what a proxy forwards about it (the waypoint's
+    /// `x-forwarded-client-cert`); shared by the connection's streams.
+    pub peer_certificate: Arc<[u8]>,
     pub peer_addr: SocketAddr,
     /// Where the HBONE connection arrived.
     pub local_addr: SocketAddr,
@@ -120,6 +123,10 @@ async fn serve_inner<H: Handler>(
             return;
         }
     };
+    let peer_certificate: Arc<[u8]> = match tls.get_ref().1.peer_certificates() {
+        Some([leaf, ..]) => Arc::from(leaf.as_ref()),
+        _ => Arc::from(&[][..]),
+    };
     let handshake = h2::server::Builder::new()
         .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
@@ -153,6 +160,7 @@ async fn serve_inner<H: Handler>(
                     let stream = InboundStream {
                         request: ConnectRequest::new(local_addr),
                         peer: peer.clone(),
+                        peer_certificate: peer_certificate.clone(),
                         peer_addr,
                         local_addr,
                         respond,
