@@ -194,6 +194,31 @@ impl TcpMetrics {
     }
 }
 
+/// The four TCP counters of one label set, looked up in the families once: a proxy that keeps
+/// them per label set counts a connection without building or hashing its labels again.
+#[derive(Clone, Debug, Default)]
+pub struct TcpCounters {
+    pub opened: Counter,
+    pub closed: Counter,
+    /// Request direction.
+    pub sent: Counter,
+    /// Response direction.
+    pub received: Counter,
+}
+
+impl TcpMetrics {
+    /// The counters of `labels` (created at zero when new), sharing their values with the
+    /// families, so they are exported under `labels`.
+    pub fn counters(&self, labels: &TcpLabels) -> TcpCounters {
+        TcpCounters {
+            opened: self.connections_opened.get_or_create(labels).clone(),
+            closed: self.connections_closed.get_or_create(labels).clone(),
+            sent: self.sent_bytes.get_or_create(labels).clone(),
+            received: self.received_bytes.get_or_create(labels).clone(),
+        }
+    }
+}
+
 /// Render a registry in the Prometheus text format.
 pub fn encode(registry: &Registry) -> String {
     let mut out = String::new();
@@ -317,5 +342,29 @@ mod tests {
         assert!(text.contains("istio_tcp_sent_bytes_total{"));
         assert!(text.contains("connection_security_policy=\"mutual_tls\"} 10"));
         assert!(text.contains("istio_tcp_received_bytes_total{"));
+    }
+
+    #[test]
+    fn counters_of_a_label_set_are_the_exported_ones() {
+        let mut registry = Registry::default();
+        let tcp = TcpMetrics::default();
+        tcp.register(&mut registry);
+        let labels = TcpLabels {
+            reporter: "source".into(),
+            ..Default::default()
+        };
+        let c = tcp.counters(&labels);
+        c.opened.inc();
+        c.sent.inc_by(7);
+        c.received.inc_by(9);
+        c.closed.inc();
+        // A second lookup shares the values (and the families export them).
+        let again = tcp.counters(&labels);
+        assert_eq!(again.opened.get(), 1);
+        assert_eq!(again.sent.get(), 7);
+        let text = encode(&registry);
+        assert!(text.contains("istio_tcp_connections_opened_total{reporter=\"source\""));
+        assert!(text.contains("connection_security_policy=\"unknown\"} 9"));
+        assert!(text.contains("istio_tcp_connections_closed_total{reporter=\"source\""));
     }
 }

@@ -244,6 +244,26 @@ pub fn tune(stream: &TcpStream) -> io::Result<()> {
     set_keepalive(stream, None, None, None)
 }
 
+/// [`tune`]'s options set once on a listener: Linux copies them (TCP_NODELAY, SO_KEEPALIVE and
+/// the keepalive timings) to every connection it accepts, which then needs no `tune` of its own
+/// (five `setsockopt`s per accepted connection).
+pub fn tune_listener(listener: &TcpListener) -> io::Result<()> {
+    let sock = SockRef::from(listener);
+    sock.set_tcp_nodelay(true)?;
+    sock.set_tcp_keepalive(&keepalive(None, None, None))
+}
+
+fn keepalive(
+    time: Option<Duration>,
+    interval: Option<Duration>,
+    probes: Option<u32>,
+) -> TcpKeepalive {
+    TcpKeepalive::new()
+        .with_time(time.unwrap_or(KEEPALIVE_TIME))
+        .with_interval(interval.unwrap_or(KEEPALIVE_INTERVAL))
+        .with_retries(probes.unwrap_or(KEEPALIVE_PROBES))
+}
+
 const KEEPALIVE_TIME: Duration = Duration::from_secs(180);
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(180);
 const KEEPALIVE_PROBES: u32 = 9;
@@ -256,11 +276,7 @@ pub fn set_keepalive(
     interval: Option<Duration>,
     probes: Option<u32>,
 ) -> io::Result<()> {
-    let keepalive = TcpKeepalive::new()
-        .with_time(time.unwrap_or(KEEPALIVE_TIME))
-        .with_interval(interval.unwrap_or(KEEPALIVE_INTERVAL))
-        .with_retries(probes.unwrap_or(KEEPALIVE_PROBES));
-    SockRef::from(stream).set_tcp_keepalive(&keepalive)
+    SockRef::from(stream).set_tcp_keepalive(&keepalive(time, interval, probes))
 }
 
 /// The destination a connection had before netfilter redirected it (`SO_ORIGINAL_DST`).
@@ -328,5 +344,22 @@ mod tests {
         assert_eq!(sock.tcp_keepalive_time().unwrap(), Duration::from_secs(20));
         assert_eq!(sock.tcp_keepalive_interval().unwrap(), KEEPALIVE_INTERVAL);
         assert_eq!(sock.tcp_keepalive_retries().unwrap(), 3);
+    }
+
+    /// What `tune_listener` relies on: accepted connections inherit the listener's options.
+    #[tokio::test]
+    async fn accepted_connections_inherit_a_tuned_listeners_options() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        tune_listener(&listener).unwrap();
+        let _client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (accepted, _) = listener.accept().await.unwrap();
+        let sock = SockRef::from(&accepted);
+        assert!(accepted.nodelay().unwrap());
+        assert!(sock.keepalive().unwrap());
+        assert_eq!(sock.tcp_keepalive_time().unwrap(), KEEPALIVE_TIME);
+        assert_eq!(sock.tcp_keepalive_interval().unwrap(), KEEPALIVE_INTERVAL);
+        assert_eq!(sock.tcp_keepalive_retries().unwrap(), KEEPALIVE_PROBES);
     }
 }

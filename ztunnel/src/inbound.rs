@@ -14,9 +14,10 @@ use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, info, warn};
 
 use crate::authorization::{self, Connection, Decision};
-use crate::metrics::Peers;
+use crate::label_sets::PeerArcs;
 use crate::node::Pod;
-use mesh::state::Workload;
+use mesh::metrics::TcpCounters;
+use mesh::state::{State, Workload};
 
 /// Accept HBONE connections for the pod; each is served with the pod's current certificate.
 pub async fn serve_hbone(listener: TcpListener, pod: Arc<Pod>, drain: drain::Watch) {
@@ -24,6 +25,10 @@ pub async fn serve_hbone(listener: TcpListener, pod: Arc<Pod>, drain: drain::Wat
     let options = Options {
         require_local_authority: true,
     };
+    // Accepted connections inherit the options: none is tuned on its own.
+    if let Err(e) = mesh::socket::tune_listener(&listener) {
+        info!("HBONE listener: setting TCP_NODELAY and keepalive: {e}");
+    }
     while let Some((tcp, peer)) = drain::accept(&listener, &drain).await {
         // Not authenticated yet: it takes a handshake slot or is closed at once.
         let admission = match pod.node.hbone_admission.admit(peer.ip()) {
@@ -34,7 +39,6 @@ pub async fn serve_hbone(listener: TcpListener, pod: Arc<Pod>, drain: drain::Wat
                 continue;
             }
         };
-        let _ = mesh::socket::tune(&tcp);
         let pod = pod.clone();
         let handler = handler.clone();
         let drain = drain.clone();
@@ -55,7 +59,7 @@ struct HboneInbound {
 }
 
 impl Handler for HboneInbound {
-    async fn handle(&self, stream: InboundStream) {
+    async fn handle(&self, mut stream: InboundStream) {
         let pod = &self.pod;
         let Some(workload) = pod.workload() else {
             stream.refuse(&Refusal::unavailable("pod is no longer in the mesh"));
@@ -69,10 +73,13 @@ impl Handler for HboneInbound {
             dst_ip: target.ip(),
             dst_port: target.port(),
         };
-        if let Err(refusal) = authorize(pod, &workload, &conn) {
-            stream.refuse(&refusal);
-            return;
-        }
+        let checked = match authorize(pod, &workload, &conn) {
+            Ok(state) => state,
+            Err(refusal) => {
+                stream.refuse(&refusal);
+                return;
+            }
+        };
         // The TCP peer of the HBONE connection: the client pod's address (outbound sockets are
         // made in the client's netns), the address the policies were checked against.
         let app = match pod.connect_app(conn.src_ip, target).await {
@@ -82,13 +89,14 @@ impl Handler for HboneInbound {
                 return;
             }
         };
-        let our_baggage = crate::outbound::baggage(&workload).encode();
+        let our_baggage = pod.baggage.get(&workload);
         let source_workload = {
             let state = pod.node.state.borrow();
             state.workload_by_ip(stream.peer_addr.ip()).cloned()
         };
         let client = stream.request.forwarded_for.unwrap_or(stream.peer_addr);
-        let their_baggage = stream.request.baggage.as_deref().map(Baggage::parse);
+        // Only its workload name is logged: read when the line is written.
+        let their_baggage = stream.request.baggage.take();
         let h2 = match stream.accept(Some(&our_baggage)) {
             Ok(s) => s,
             Err(e) => {
@@ -96,19 +104,19 @@ impl Handler for HboneInbound {
                 return;
             }
         };
-        let labels = Peers {
+        let counters = pod.node.metrics.label_sets.counters(&PeerArcs {
             reporter: "destination",
-            source: source_workload.as_deref(),
+            source: source_workload.as_ref(),
             source_identity: Some(&peer_id),
             destination: Some(&workload),
             service: None,
             mtls: true,
-        }
-        .labels();
+        });
         run(
             pod,
-            &conn,
-            labels,
+            conn,
+            checked,
+            counters,
             client,
             target,
             Some(&peer_id),
@@ -121,6 +129,9 @@ impl Handler for HboneInbound {
 
 /// Accept captured plaintext connections: authorized without a peer identity.
 pub async fn serve_plaintext(listener: TcpListener, pod: Arc<Pod>, drain: drain::Watch) {
+    if let Err(e) = mesh::socket::tune_listener(&listener) {
+        info!("plaintext inbound listener: setting TCP_NODELAY and keepalive: {e}");
+    }
     while let Some((tcp, peer)) = drain::accept(&listener, &drain).await {
         let pod = pod.clone();
         let drain = drain.clone();
@@ -134,7 +145,6 @@ pub async fn serve_plaintext(listener: TcpListener, pod: Arc<Pod>, drain: drain:
 }
 
 async fn plaintext(pod: &Pod, tcp: TcpStream, peer: SocketAddr) -> Result<(), String> {
-    let _ = mesh::socket::tune(&tcp);
     let target = pod
         .capture
         .inbound_original_dst(&tcp)
@@ -149,26 +159,26 @@ async fn plaintext(pod: &Pod, tcp: TcpStream, peer: SocketAddr) -> Result<(), St
         dst_port: target.port(),
     };
     // Dropping the socket without a byte is how a plaintext client learns it was denied.
-    authorize(pod, &workload, &conn).map_err(|r| r.reason)?;
+    let checked = authorize(pod, &workload, &conn).map_err(|r| r.reason)?;
     let _live = pod.plaintext_clients.enter(peer);
     let app = pod
         .connect_app_plaintext(peer.ip(), target)
         .await
         .map_err(|e| format!("connecting to the application at {target}: {e}"))?;
     let source_workload = pod.node.state.borrow().workload_by_ip(peer.ip()).cloned();
-    let labels = Peers {
+    let counters = pod.node.metrics.label_sets.counters(&PeerArcs {
         reporter: "destination",
-        source: source_workload.as_deref(),
+        source: source_workload.as_ref(),
         source_identity: None,
         destination: Some(&workload),
         service: None,
         mtls: false,
-    }
-    .labels();
+    });
     run(
         pod,
-        &conn,
-        labels,
+        conn,
+        checked,
+        counters,
         peer,
         target,
         None,
@@ -179,10 +189,11 @@ async fn plaintext(pod: &Pod, tcp: TcpStream, peer: SocketAddr) -> Result<(), St
     Ok(())
 }
 
-fn authorize(pod: &Pod, workload: &Workload, conn: &Connection) -> Result<(), Refusal> {
-    let state = pod.node.state.borrow();
+/// Check `conn` against the current state; allowed, the state it was checked against.
+fn authorize(pod: &Pod, workload: &Workload, conn: &Connection) -> Result<Arc<State>, Refusal> {
+    let state = pod.node.state.borrow().clone();
     match authorization::check(&state, workload, conn) {
-        Decision::Allow => Ok(()),
+        Decision::Allow => Ok(state),
         Decision::Deny { policy } => {
             info!(
                 target: "access",
@@ -199,53 +210,49 @@ fn authorize(pod: &Pod, workload: &Workload, conn: &Connection) -> Result<(), Re
     }
 }
 
-/// Resolves when a new state denies `conn` (a policy added or changed while it is open):
-/// returns the policy that denies it.
-async fn denied_later(pod: &Pod, conn: &Connection) -> String {
-    let mut state = pod.node.state.clone();
-    state.borrow_and_update();
-    loop {
-        if state.changed().await.is_err() {
-            return std::future::pending().await;
-        }
-        let current = state.borrow_and_update().clone();
-        let Some(workload) = current.workload_by_uid(&pod.uid) else {
-            continue;
-        };
-        if let Decision::Deny { policy } = authorization::check(&current, workload, conn) {
-            return policy;
-        }
-    }
-}
-
 /// Count, proxy and log one accepted inbound connection; close it if policies change to deny it.
 #[allow(clippy::too_many_arguments)]
 async fn run<F>(
     pod: &Pod,
-    conn: &Connection,
-    labels: mesh::metrics::TcpLabels,
+    conn: Connection,
+    checked: Arc<State>,
+    counters: TcpCounters,
     client: SocketAddr,
     target: SocketAddr,
     peer: Option<&Identity>,
-    peer_baggage: Option<Baggage>,
+    peer_baggage: Option<String>,
     proxy: impl FnOnce(copy::Progress) -> F,
 ) where
     F: Future<Output = std::io::Result<copy::Transferred>>,
 {
-    let tcp = &pod.node.metrics.tcp;
-    tcp.connections_opened.get_or_create(&labels).inc();
+    // Policy changes from now on are checked by the node's sweep. One that came after `conn`
+    // was authorized may have been swept before it was registered: checked here.
+    let mut registration = pod.node.connections.register(&pod.shared_uid, conn);
+    let newer = {
+        let latest = pod.node.state.borrow();
+        (!Arc::ptr_eq(&latest, &checked)).then(|| latest.clone())
+    };
+    // Not held while the connection runs: it may be an old snapshot of the whole mesh.
+    drop(checked);
+    let denied_already = newer.and_then(|state| registration.check(&state));
+    counters.opened.inc();
     // From the application's side: what the client sent (to the app) is the request direction.
     // Counted as the bytes move, so an open connection shows, and one a policy change cuts
     // keeps what it carried.
-    let (sent, received) = tcp.live(&labels);
     let progress = copy::Progress {
-        tcp_to_peer: received,
-        peer_to_tcp: sent,
+        tcp_to_peer: counters.received.clone(),
+        peer_to_tcp: counters.sent.clone(),
+    };
+    let denied = async {
+        match denied_already {
+            Some(policy) => policy,
+            None => registration.denied().await,
+        }
     };
     let start = Instant::now();
     let result = tokio::select! {
-        r = proxy(progress) => r,
-        policy = denied_later(pod, conn) => {
+        biased;
+        policy = denied => {
             info!(
                 target: "access",
                 direction = "inbound",
@@ -259,16 +266,17 @@ async fn run<F>(
                 format!("denied by {policy} after a policy change"),
             ))
         }
+        r = proxy(progress) => r,
     };
     let t = result.as_ref().copied().unwrap_or_default();
-    tcp.connections_closed.get_or_create(&labels).inc();
+    counters.closed.inc();
     info!(
         target: "access",
         direction = "inbound",
         src = %client,
         dst = %target,
         src_identity = peer.map(|p| p.to_string()),
-        src_workload = peer_baggage.map(|b| b.workload_name),
+        src_workload = peer_baggage.as_deref().and_then(Baggage::workload_name_in),
         mtls = peer.is_some(),
         sent = t.peer_to_tcp,
         received = t.tcp_to_peer,

@@ -3,12 +3,15 @@
 
 pub mod admin;
 pub mod authorization;
+pub mod baggage;
 pub mod claims;
+pub mod connections;
 pub mod cores;
 pub mod dns;
 pub mod handover;
 pub mod inbound;
 pub mod inpod;
+pub mod label_sets;
 pub mod local_config;
 pub mod metrics;
 pub mod netlink;

@@ -18,6 +18,8 @@ pub struct Metrics {
     pub self_loops_refused: Counter,
     /// HBONE connections closed before TLS because the handshake caps were reached.
     pub hbone_handshakes_refused: Family<RefusedLabels, Counter>,
+    /// `tcp`'s label sets, interned per pair of peers.
+    pub label_sets: crate::label_sets::LabelSets,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -41,6 +43,7 @@ impl Default for Metrics {
         let mut registry = Registry::default();
         let tcp = TcpMetrics::default();
         tcp.register(&mut registry);
+        let label_sets = crate::label_sets::LabelSets::new(tcp.clone());
         let dns = DnsMetrics::default();
         dns.register(&mut registry);
         let enrolled_pods = mesh::metrics::gauge(
@@ -67,6 +70,7 @@ impl Default for Metrics {
             enrolled_pods,
             self_loops_refused,
             hbone_handshakes_refused,
+            label_sets,
         }
     }
 }

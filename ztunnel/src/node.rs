@@ -67,6 +67,8 @@ pub struct Node {
     draining: AtomicBool,
     /// With `--runtime per-core`: the threads the pods' proxies run on (`None`: the main runtime).
     cores: Option<Arc<Cores>>,
+    /// Open inbound connections, re-authorized in one sweep per state change.
+    pub connections: Arc<crate::connections::Connections>,
 }
 
 /// The proxy side of one enrolled pod, as its handlers see it.
@@ -86,6 +88,10 @@ pub struct Pod {
     /// The HBONE client pool of the pod's outbound: its core's own with `--runtime per-core`,
     /// else the node's.
     pub pool: Pool,
+    /// `uid`, shared by the pod's open connections in the node's registry.
+    pub shared_uid: Arc<str>,
+    /// The `baggage` the pod's proxies send about it.
+    pub baggage: crate::baggage::Cached,
 }
 
 impl Pod {
@@ -177,7 +183,7 @@ impl Node {
             admin_listeners,
             cores,
         } = options;
-        Arc::new(Node {
+        let node = Arc::new(Node {
             name,
             state,
             certs,
@@ -196,7 +202,17 @@ impl Node {
             admin_listeners,
             draining: AtomicBool::new(false),
             cores,
-        })
+            connections: Default::default(),
+        });
+        // Outside a runtime (some unit tests) there is no sweep: nothing is proxied there.
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(crate::connections::sweep_on_change(
+                node.state.clone(),
+                node.connections.clone(),
+                node.metrics.clone(),
+            ));
+        }
+        node
     }
 
     /// Refuses a captured connection aimed at one of our own listeners (see `selfloop`); the
@@ -462,6 +478,8 @@ impl Node {
             pool: core
                 .as_ref()
                 .map_or_else(|| self.pool.clone(), |c| c.pool().clone()),
+            shared_uid: Arc::from(w.uid.as_str()),
+            baggage: Default::default(),
         });
         let (trigger, watch) = drain::channel();
         // Accept loops on the pod's core: what they accept is spawned there by `tokio::spawn`.

@@ -10,16 +10,20 @@ use mesh::drain;
 use mesh::hbone::client::{self, HboneError};
 use mesh::hbone::copy;
 use mesh::hbone::pool::Key;
-use mesh::hbone::{Baggage, ConnectRequest, HBONE_PORT};
+use mesh::hbone::{ConnectRequest, HBONE_PORT};
 use mesh::identity::Identity;
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, info};
 
-use crate::metrics::Peers;
+use crate::label_sets::PeerArcs;
 use crate::node::Pod;
 use mesh::state::{Destination, Service, TunnelProtocol, Workload};
 
 pub async fn serve(listener: TcpListener, pod: Arc<Pod>, drain: drain::Watch) {
+    // Accepted connections inherit the options: none is tuned on its own.
+    if let Err(e) = mesh::socket::tune_listener(&listener) {
+        info!("outbound listener: setting TCP_NODELAY and keepalive: {e}");
+    }
     while let Some((tcp, peer)) = drain::accept(&listener, &drain).await {
         let pod = pod.clone();
         let drain = drain.clone();
@@ -114,7 +118,6 @@ enum Upstream {
 }
 
 async fn handle(pod: &Pod, tcp: TcpStream, peer: SocketAddr) -> Result<(), String> {
-    mesh::socket::tune(&tcp).map_err(|e| e.to_string())?;
     let dst = pod
         .capture
         .outbound_original_dst(&tcp)
@@ -143,7 +146,7 @@ async fn handle(pod: &Pod, tcp: TcpStream, peer: SocketAddr) -> Result<(), Strin
     };
     let start = Instant::now();
     let upstream = if route.hbone {
-        Upstream::Hbone(open_hbone(pod, peer, &route, source.as_deref()).await?)
+        Upstream::Hbone(open_hbone(pod, peer, &route, source.as_ref()).await?)
     } else {
         let up = pod
             .sockets
@@ -152,29 +155,26 @@ async fn handle(pod: &Pod, tcp: TcpStream, peer: SocketAddr) -> Result<(), Strin
             .map_err(|e| format!("connecting to {}: {e}", route.target))?;
         Upstream::Tcp(up)
     };
-    let labels = Peers {
+    let counters = pod.node.metrics.label_sets.counters(&PeerArcs {
         reporter: "source",
-        source: source.as_deref(),
+        source: source.as_ref(),
         source_identity: Some(&pod.identity),
-        destination: route.endpoint.as_deref(),
-        service: route.service.as_deref(),
+        destination: route.endpoint.as_ref(),
+        service: route.service.as_ref(),
         mtls: route.hbone,
-    }
-    .labels();
-    let tcp_metrics = &pod.node.metrics.tcp;
-    tcp_metrics.connections_opened.get_or_create(&labels).inc();
+    });
+    counters.opened.inc();
     // Bytes are counted as they move, so a long connection shows in the metrics while it runs.
-    let (sent, received) = tcp_metrics.live(&labels);
     let progress = copy::Progress {
-        tcp_to_peer: sent,
-        peer_to_tcp: received,
+        tcp_to_peer: counters.sent.clone(),
+        peer_to_tcp: counters.received.clone(),
     };
     let result = match upstream {
         Upstream::Hbone(stream) => copy::tcp_h2(tcp, stream, &progress).await,
         Upstream::Tcp(up) => copy::tcp_tcp(tcp, up, &progress).await,
     };
     let t = result.as_ref().copied().unwrap_or_default();
-    tcp_metrics.connections_closed.get_or_create(&labels).inc();
+    counters.closed.inc();
     info!(
         target: "access",
         direction = "outbound",
@@ -197,15 +197,9 @@ async fn open_hbone(
     pod: &Pod,
     peer: SocketAddr,
     route: &Route,
-    source: Option<&Workload>,
+    source: Option<&Arc<Workload>>,
 ) -> Result<mesh::hbone::copy::H2Stream, String> {
     let endpoint = route.endpoint.as_ref().ok_or("no endpoint")?;
-    let cert = pod
-        .node
-        .certs
-        .get(&pod.identity)
-        .await
-        .map_err(|e| e.to_string())?;
     let mut expected: Vec<Identity> = vec![endpoint.identity()];
     // The service's SANs name its endpoints, not its waypoint.
     if let Some(svc) = route.service.as_ref().filter(|_| route.waypoint.is_none()) {
@@ -227,12 +221,21 @@ async fn open_hbone(
         forwarded_for: Some(peer),
         host: route.service.as_ref().map(|s| s.hostname.clone()),
         baggage: source
-            .map(|w| baggage(w).encode())
-            .filter(|b| !b.is_empty()),
+            .map(|w| pod.baggage.get(w))
+            .filter(|b| !b.is_empty())
+            .map(|b| b.to_string()),
         traceparent: Some(mesh::hbone::traceparent()),
     };
     let sockets = pod.sockets.clone();
+    // The certificate is needed only to dial: a connection carried by a pooled one does not
+    // look it up (a lock, a hash and a timer).
     let dial = || async move {
+        let cert = pod
+            .node
+            .certs
+            .get(&pod.identity)
+            .await
+            .map_err(|e| HboneError::Certificate(e.to_string()))?;
         let tcp = sockets
             .connect(hbone_addr)
             .await
@@ -247,26 +250,6 @@ async fn open_hbone(
         .connect(key, &req, dial)
         .await
         .map_err(|e| format!("HBONE to {}: {e}", route.target))
-}
-
-/// Our workload's attributes for the peer's telemetry.
-pub fn baggage(w: &Workload) -> Baggage {
-    Baggage {
-        cluster: w.cluster_id.clone(),
-        namespace: w.namespace.clone(),
-        workload_kind: if w.workload_type.is_empty() {
-            "pod".into()
-        } else {
-            w.workload_type.clone()
-        },
-        workload_name: if w.workload_name.is_empty() {
-            w.name.clone()
-        } else {
-            w.workload_name.clone()
-        },
-        service: w.canonical_name.clone(),
-        version: w.canonical_revision.clone(),
-    }
 }
 
 #[cfg(test)]

@@ -50,6 +50,9 @@ pub enum HboneError {
     DialFailed { addr: SocketAddr, reason: String },
     #[error("building TLS configuration: {0}")]
     Config(#[from] crate::tls::TlsError),
+    /// The client's own certificate, needed to dial, is not available.
+    #[error("our certificate: {0}")]
+    Certificate(String),
 }
 
 impl HboneError {

@@ -231,6 +231,29 @@ impl Baggage {
         out
     }
 
+    /// The workload name `parse` would find in `value` (`k8s.<kind>.name`), read without
+    /// parsing the rest (an access log needs only that of each connection).
+    pub fn workload_name_in(value: &str) -> Option<&str> {
+        let mut found = None;
+        for item in value.split(',') {
+            let Some((k, v)) = item.split_once('=') else {
+                continue;
+            };
+            let k = k.trim();
+            if k == "k8s.cluster.name" || k == "k8s.namespace.name" {
+                continue;
+            }
+            let v = v.split(';').next().unwrap_or_default().trim();
+            if let Some(kind) = k.strip_prefix("k8s.").and_then(|r| r.strip_suffix(".name"))
+                && !kind.is_empty()
+                && !v.is_empty()
+            {
+                found = Some(v);
+            }
+        }
+        found
+    }
+
     pub fn parse(value: &str) -> Baggage {
         let mut b = Baggage::default();
         for item in value.split(',') {
@@ -347,6 +370,21 @@ mod tests {
             assert_eq!(once.workload_kind, "", "{text}");
             assert_eq!(once.workload_name, "", "{text}");
             assert_eq!(Baggage::parse(&once.encode()), once, "{text}");
+        }
+        for text in [
+            "service.name=reviews,k8s.namesk8s.cluster.name=",
+            "k8s..name=reviews-v1",
+            "k8s.deployment.name= ;x=y",
+            "k8s.cluster.name=c,k8s.deployment.name= reviews-v1 ;p,service.name=r",
+            "k8s.pod.name=a,k8s.deployment.name=b",
+            "",
+        ] {
+            let parsed = Baggage::parse(text).workload_name;
+            assert_eq!(
+                Baggage::workload_name_in(text),
+                Some(parsed.as_str()).filter(|n| !n.is_empty()),
+                "{text}"
+            );
         }
         let full = Baggage::parse("k8s.deployment.name=reviews-v1");
         assert_eq!(
