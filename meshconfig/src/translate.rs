@@ -371,6 +371,12 @@ fn translate_with(
         .filter(|p| p.selector.is_some() && policies.contains_key(&key_of(p)))
         .map(|p| (p, key_of(p)))
         .collect();
+    // Authorizations are translated whole on either path below.
+    for (name, p) in policies {
+        t.resources
+            .authorizations
+            .insert(name.clone(), Resource::new(name, &p));
+    }
 
     let label_keys = source_label_keys(s);
     let previous = previous.filter(|p| {
@@ -395,11 +401,6 @@ fn translate_with(
         && let Some((addresses, pods, ips)) = pods_only(s, o, p, addresses, &selecting, &label_keys)
     {
         t.resources.addresses = addresses;
-        for (name, p) in policies {
-            t.resources
-                .authorizations
-                .insert(name.clone(), Resource::new(name, &p));
-        }
         let reuse = Reuse {
             snapshot: Arc::new(Snapshot::default()),
             label_keys,
@@ -550,11 +551,6 @@ fn translate_with(
     }
     let clean = t.problems.len() == problems_before && t.resources.addresses.len() == named;
     let ips = clean.then(|| ip_owner.keys().copied().collect());
-    for (name, p) in policies {
-        t.resources
-            .authorizations
-            .insert(name.clone(), Resource::new(name, &p));
-    }
     let reuse = Reuse {
         snapshot: Arc::new(Snapshot::default()),
         label_keys,

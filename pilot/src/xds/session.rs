@@ -1267,12 +1267,17 @@ mod tests {
         assert!(s.on_resources(&snap2).is_empty());
     }
 
+    /// `n` names `w000000`… at version 1: a view larger than a chunk.
+    fn large_view_items(n: usize) -> Vec<(String, &'static str)> {
+        (0..n).map(|i| (format!("w{i:06}"), "1")).collect()
+    }
+
     /// A view larger than a chunk goes out one chunk at a time, each planned once the one
     /// before has gone out; the removals go with the last, and the client ends holding it all.
     #[test]
     fn a_large_view_is_planned_a_chunk_at_a_time() {
         let n = 2 * CHUNK + 5;
-        let items: Vec<(String, &str)> = (0..n).map(|i| (format!("w{i:06}"), "1")).collect();
+        let items = large_view_items(n);
         let refs: Vec<(&str, &str)> = items.iter().map(|(a, b)| (a.as_str(), *b)).collect();
         let view = Arc::new(res(&refs));
         let mut s = Session::new();
@@ -1326,7 +1331,7 @@ mod tests {
     #[test]
     fn a_chunk_rejected_during_a_chunked_push() {
         let n = 2 * CHUNK + 5;
-        let items: Vec<(String, &str)> = (0..n).map(|i| (format!("w{i:06}"), "1")).collect();
+        let items = large_view_items(n);
         let refs: Vec<(&str, &str)> = items.iter().map(|(a, b)| (a.as_str(), *b)).collect();
         let view = Arc::new(res(&refs));
         let mut s = Session::new();
